@@ -1,0 +1,72 @@
+# finetune-operator: the two commands are `make demo` and `make test`.
+# Every target installs what it needs; caches live outside the repo
+# (~/.cache/finetune-operator, or $FINETUNE_CACHE).
+
+SHELL := /bin/bash
+PYTHON_BOOTSTRAP ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+PYTEST_ARGS ?=
+
+.PHONY: help setup binaries lint test test-unit test-fast crds crds-check demo cluster-up cluster-down \
+        bench bench-trainer chart-docs clean
+
+help:
+	@echo "make demo          run a tiny fine-tune on a local control plane, end to end"
+	@echo "make test          lint, then every test (unit, cluster, trainer, end to end)"
+	@echo "make setup         create .venv (dependencies cached in ~/.cache/finetune-operator)"
+	@echo "make lint          ruff + mypy + hadolint"
+	@echo "make crds          regenerate crds/ and the chart's CRD from the API models"
+	@echo "make cluster-up    start the local control plane (KUBECONFIG=.cluster/kubeconfig)"
+	@echo "make cluster-down  stop it"
+	@echo "make bench         operator-at-scale benchmark (results in bench/results/)"
+	@echo "make bench-trainer trainer step benchmark (results in bench/results/)"
+
+setup: $(VENV)/.finetune-ready
+
+$(VENV)/.finetune-ready: pyproject.toml constraints.txt scripts/setup_env.py
+	$(PYTHON_BOOTSTRAP) scripts/setup_env.py
+	@touch $@
+
+binaries: setup
+	$(PY) -m finetune_operator.devcluster.binaries etcd kube-apiserver kube-controller-manager kube-scheduler helm
+
+lint: setup
+	$(VENV)/bin/ruff check operator trainer-image tests bench scripts
+	$(VENV)/bin/ruff format --check operator trainer-image tests bench scripts
+	$(VENV)/bin/mypy
+	$(VENV)/bin/hadolint --config trainer-image/.hadolint.yaml trainer-image/Dockerfile
+
+crds: setup
+	$(PY) -m finetune_operator.api.crd crds/finetunejobs.finetune.dev.yaml helm/finetune-operator/crds/finetunejobs.finetune.dev.yaml
+
+crds-check: setup
+	$(PY) -m finetune_operator.api.crd --check crds/finetunejobs.finetune.dev.yaml
+
+# Tests start the binaries they need; building them first keeps the build out
+# of the timed parts of the run.
+test: lint binaries
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: setup
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+demo: setup binaries
+	$(PY) -m finetune_operator.demo $(if $(KEEP),--keep,)
+
+cluster-up: setup binaries
+	$(PY) -m finetune_operator.devcluster up
+
+cluster-down: setup
+	$(PY) -m finetune_operator.devcluster down
+
+bench: setup
+	$(PY) bench/operator_scale.py
+
+bench-trainer: setup
+	$(PY) bench/trainer_step.py $(BENCH_ARGS)
+
+clean:
+	-$(PY) -m finetune_operator.devcluster down
+	rm -rf .cluster .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,85 @@
+"""What the trainer tells the operator: progress events (pushed over HTTP, also logged as JSON
+lines) and the final summary (the pod's termination message, under 4 KiB).
+
+Paths in these reports are what the trainer sees: a local path under a mount
+(``/mnt/outputs/nick/checkpoints/checkpoint-000100``) or an object-store URI.  The
+operator maps mount paths back to the ``pvc://CLAIM/path`` form a person can use.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum, StrEnum
+from typing import Literal
+
+from pydantic import Field
+
+from finetune_operator.api.v1alpha1 import CheckpointRef, OutputFile, Stage, _Model
+
+SUMMARY_LIMIT_BYTES = 4096
+MAX_REPORT_BYTES = 256 * 1024
+
+
+class ExitCode(IntEnum):
+    """The trainer's exit codes; the operator's podFailurePolicy keys on them."""
+
+    SUCCESS = 0
+    ERROR = 1  # anything unexpected: treated as transient, retried
+    BAD_INPUT = 2  # the job cannot succeed as written: not retried
+    OUT_OF_MEMORY = 3  # the GPU ran out of memory: not retried; the message names settings that fit
+
+
+class FailureReason(StrEnum):
+    BAD_INPUT = "BadInput"
+    OUT_OF_MEMORY = "OutOfMemory"
+    ERROR = "TrainerError"
+
+
+class Thumbnail(_Model):
+    """A small JPEG of a preview sample, carried in the report so the operator can show it."""
+
+    name: str = Field(description="File name of the full sample, e.g. step-000200-0.png.")
+    step: int = Field(ge=0)
+    prompt: str = ""
+    jpeg_base64: str = Field(max_length=48 * 1024, description="A JPEG of at most 128x128 pixels, base64.")
+
+
+class ProgressEvent(_Model):
+    """One progress report.  ``seq`` grows by one per event of one trainer process; with
+    ``attempt`` (the pod's name) it lets the operator drop stale or repeated events."""
+
+    seq: int = Field(ge=0)
+    attempt: str = Field(default="", max_length=253, description="The reporting pod (or host) name.")
+    time: str = Field(description="RFC 3339 time of the event.")
+    stage: Stage
+    step: int = Field(default=0, ge=0)
+    total_steps: int = Field(default=0, ge=0)
+    loss: float | None = None
+    learning_rate: float | None = None
+    steps_per_second: float | None = Field(default=None, ge=0)
+    eta_seconds: int | None = Field(default=None, ge=0)
+    peak_memory_bytes: int | None = Field(default=None, ge=0)
+    message: str = Field(default="", max_length=2000)
+    checkpoints: list[CheckpointRef] = Field(default_factory=list, max_length=1000)
+    output_uri: str | None = None
+    files: list[OutputFile] = Field(default_factory=list, max_length=10000)
+    samples: list[str] = Field(default_factory=list, max_length=1000)
+    thumbnails: list[Thumbnail] = Field(default_factory=list, max_length=16)
+    warnings: list[str] = Field(default_factory=list, max_length=50)
+    settings: dict[str, str] = Field(
+        default_factory=dict, description="Choices the trainer made (precision, attention, compile, ...)."
+    )
+
+
+class TrainerSummary(_Model):
+    """Written to the termination-message file at exit; the fallback when pushes were lost."""
+
+    phase: Literal["Succeeded", "Failed"]
+    reason: str = ""
+    message: str = ""
+    step: int = 0
+    total_steps: int = 0
+    output_uri: str | None = None
+    files: list[OutputFile] = Field(default_factory=list)
+    checkpoints: list[CheckpointRef] = Field(default_factory=list)
+    samples: list[str] = Field(default_factory=list)
+    warnings: list[str] = Field(default_factory=list)

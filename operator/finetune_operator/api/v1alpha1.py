@@ -1,0 +1,668 @@
+"""finetune.dev/v1alpha1 FineTuneJob.
+
+Field names are a contract (see the design's API section): add fields freely,
+rename or remove one only through an issue.  Each field's description ends up
+in the CRD, so ``kubectl explain ftj.spec.training`` reads from here.
+
+Cross-field rules are written twice on purpose: as CEL (``x-kubernetes-
+validations``) for the apiserver, and as pydantic validators for the trainer,
+which reads manifests that never went through an apiserver.  The unit tests
+run every bad spec through both.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+GROUP = "finetune.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "FineTuneJob"
+PLURAL = "finetunejobs"
+SINGULAR = "finetunejob"
+SHORT_NAME = "ftj"
+
+# One regular expression for pydantic and CEL (RE2 accepts it as written).
+URI_PATTERN = r"^((hf|pvc|s3|gs|https?|file)://[^\s]+|[^:\s][^:]*)$"
+PVC_PATTERN = r"^pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/.*)?$"
+URI_HELP = "hf://, pvc://CLAIM/path, s3://, gs://, https://, file:// or a plain path"
+QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$"
+
+
+def _cel(rule: str, message: str, **extra: str) -> Any:
+    return {"rule": rule, "message": message, **extra}
+
+
+def _uri_rules(path: str) -> Any:
+    return [
+        _cel(
+            f"self.matches('{URI_PATTERN}')",
+            f"{path} must be {URI_HELP}",
+        ),
+        _cel(
+            f"!self.startsWith('pvc://') || self.matches('{PVC_PATTERN}')",
+            f"{path}: a pvc:// URI is pvc://CLAIM/path where CLAIM is a PersistentVolumeClaim name",
+        ),
+    ]
+
+
+def check_uri(value: str, *, field: str) -> str:
+    """The pydantic twin of ``_uri_rules``; ``field`` names it in the message."""
+    if not re.match(URI_PATTERN, value):
+        raise ValueError(f"must be {URI_HELP}; got {value!r}")
+    if value.startswith("pvc://") and not re.match(PVC_PATTERN, value):
+        raise ValueError(f"a pvc:// URI is pvc://CLAIM/path where CLAIM is a PersistentVolumeClaim name; got {value!r}")
+    return value
+
+
+Uri = Annotated[str, Field(min_length=1, max_length=2048)]
+
+
+class _Model(BaseModel):
+    """camelCase on the wire, unknown fields refused (a typo is not silently ignored)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        populate_by_name=True,
+        use_enum_values=True,
+        validate_default=True,
+        alias_generator=lambda name: re.sub(r"_([a-z0-9])", lambda m: m.group(1).upper(), name),
+    )
+
+
+class Method(StrEnum):
+    DREAMBOOTH = "DreamBooth"
+    LORA = "LoRA"
+
+
+class ModelType(StrEnum):
+    V1X = "v1x"
+    V2X_512 = "v2x-512"
+    V2X = "v2x"
+    SDXL = "sdxl"
+
+
+class Optimizer(StrEnum):
+    ADAMW = "AdamW"
+    ADAMW8BIT = "AdamW8bit"
+
+
+class MixedPrecision(StrEnum):
+    NO = "no"
+    FP16 = "fp16"
+    BF16 = "bf16"
+
+
+class Attention(StrEnum):
+    XFORMERS = "xformers"
+    SDPA = "sdpa"
+    DEFAULT = "default"
+
+
+class LRScheduler(StrEnum):
+    CONSTANT = "constant"
+    CONSTANT_WITH_WARMUP = "constant_with_warmup"
+    COSINE = "cosine"
+    LINEAR = "linear"
+    POLYNOMIAL = "polynomial"
+
+
+class OutputFormat(StrEnum):
+    DIFFUSERS = "diffusers"
+    SAFETENSORS = "safetensors"
+
+
+class BaseModelSource(_Model):
+    """Where the model to fine-tune comes from."""
+
+    uri: Uri = Field(
+        description=(
+            "The base model: a diffusers folder, or one .safetensors/.ckpt file in the original "
+            f"Stable Diffusion layout. {URI_HELP}."
+        ),
+        json_schema_extra={"x-kubernetes-validations": _uri_rules("spec.baseModel.uri")},
+    )
+    type: ModelType = Field(
+        default=ModelType.V1X,
+        description=(
+            "Model family: v1x (SD 1.x, 512 px), v2x-512 (SD 2.x base, 512 px, epsilon), "
+            "v2x (SD 2.x, 768 px, v-prediction), sdxl (not yet supported by the trainer)."
+        ),
+    )
+    revision: str | None = Field(default=None, description="Branch, tag or commit of an hf:// model.")
+    credentials_secret: str | None = Field(
+        default=None,
+        description=(
+            "Name of a Secret in the job's namespace whose keys become the trainer's environment "
+            "(HF_TOKEN, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...)."
+        ),
+    )
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, value: str) -> str:
+        return check_uri(value, field="spec.baseModel.uri")
+
+
+class Dataset(_Model):
+    """The photos to learn from and the prompts that describe them."""
+
+    instance_images: Uri = Field(
+        description=(
+            "Folder of the subject's photos (.jpg, .jpeg, .png, .webp; an optional .txt caption "
+            f"beside each). {URI_HELP}."
+        ),
+        json_schema_extra={"x-kubernetes-validations": _uri_rules("spec.dataset.instanceImages")},
+    )
+    instance_prompt: str = Field(
+        min_length=1,
+        max_length=1000,
+        description="Prompt naming the subject with a unique token, e.g. 'a photo of nickxxxawesome'.",
+    )
+    class_prompt: str | None = Field(
+        default=None,
+        max_length=1000,
+        description="Prompt for the subject's class, e.g. 'a photo of a man' (prior preservation).",
+    )
+    class_images: Uri | None = Field(
+        default=None,
+        description=(
+            "Folder of class images. Missing images are generated with the base model and saved "
+            "here (or under the output) for reuse."
+        ),
+        json_schema_extra={"x-kubernetes-validations": _uri_rules("spec.dataset.classImages")},
+    )
+    prior_preservation: bool = Field(
+        default=False,
+        description="Train on class images too, so the model keeps what the class looks like.",
+    )
+    num_class_images: int = Field(
+        default=100, ge=1, le=10000, description="How many class images prior preservation uses."
+    )
+    prior_loss_weight: float = Field(
+        default=1.0, gt=0, le=100, description="Weight of the class-image loss against the instance loss."
+    )
+    resolution: int = Field(
+        default=512,
+        ge=64,
+        le=2048,
+        multiple_of=8,
+        description="Training resolution in pixels (square); images are resized and cropped to it.",
+    )
+    center_crop: bool = Field(
+        default=False, description="Crop the centre of each image (true) or a random square (false)."
+    )
+    random_flip: bool = Field(default=False, description="Flip images horizontally at random.")
+
+    @field_validator("instance_images", "class_images")
+    @classmethod
+    def _uris(cls, value: str | None) -> str | None:
+        return None if value is None else check_uri(value, field="dataset")
+
+    @model_validator(mode="after")
+    def _prior_needs_class_prompt(self) -> Dataset:
+        if self.prior_preservation and not self.class_prompt:
+            raise ValueError(
+                "priorPreservation needs classPrompt: set spec.dataset.classPrompt "
+                "(e.g. 'a photo of a man') or turn priorPreservation off"
+            )
+        return self
+
+
+class LoRASettings(_Model):
+    """Low-rank adapter settings (method LoRA)."""
+
+    rank: int = Field(default=4, ge=1, le=1024, description="Rank of the LoRA matrices.")
+    alpha: float = Field(default=4, gt=0, description="LoRA alpha; the update is scaled by alpha/rank.")
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout on the LoRA layers.")
+    train_text_encoder: bool = Field(default=False, description="Also put LoRA layers on the text encoder's attention.")
+
+
+class Training(_Model):
+    """How long and how to train."""
+
+    steps_per_image: int | None = Field(
+        default=None,
+        gt=0,
+        le=100000,
+        description="Training steps per instance image; total = stepsPerImage x images (the web UI's setting).",
+    )
+    max_steps: int | None = Field(
+        default=None, gt=0, le=10000000, description="Total training steps; overrides stepsPerImage."
+    )
+    batch_size: int = Field(default=1, ge=1, le=1024, description="Images per step and GPU.")
+    gradient_accumulation_steps: int = Field(
+        default=1, ge=1, le=1024, description="Steps whose gradients add up before one optimizer update."
+    )
+    learning_rate: float = Field(default=2.0e-6, gt=0, le=1, description="Peak learning rate.")
+    lr_scheduler: LRScheduler = Field(default=LRScheduler.CONSTANT, description="Learning-rate schedule.")
+    lr_warmup_steps: int = Field(default=0, ge=0, description="Steps of linear warm-up.")
+    optimizer: Optimizer = Field(
+        default=Optimizer.ADAMW8BIT,
+        description="AdamW, or AdamW8bit (bitsandbytes: optimizer state in 8 bits, about 75% less of it).",
+    )
+    mixed_precision: MixedPrecision = Field(
+        default=MixedPrecision.FP16,
+        description="no, fp16 or bf16. Where the device cannot, the trainer falls back and says so in status.",
+    )
+    attention: Attention = Field(
+        default=Attention.SDPA,
+        description=(
+            "Memory-efficient attention: xformers, sdpa (PyTorch's fused attention) or default. "
+            "xformers falls back to sdpa, with a warning on the resource, where it is missing."
+        ),
+    )
+    gradient_checkpointing: bool = Field(
+        default=True, description="Recompute activations in the backward pass: less memory, about 20% slower."
+    )
+    train_text_encoder: bool = Field(
+        default=False, description="Train the text encoder too (DreamBooth; needs about twice the memory)."
+    )
+    max_grad_norm: float = Field(default=1.0, gt=0, description="Gradient clipping norm.")
+    adam_beta1: float = Field(default=0.9, ge=0, lt=1, description="AdamW beta1.")
+    adam_beta2: float = Field(default=0.999, ge=0, lt=1, description="AdamW beta2.")
+    adam_weight_decay: float = Field(default=1.0e-2, ge=0, description="AdamW weight decay.")
+    adam_epsilon: float = Field(default=1.0e-8, gt=0, description="AdamW epsilon.")
+    noise_offset: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="Offset noise strength (0 = off); helps very dark or bright images.",
+    )
+    snr_gamma: float | None = Field(
+        default=None, gt=0, description="Min-SNR loss weighting gamma (5.0 is common); unset = plain MSE."
+    )
+    cache_latents: bool = Field(
+        default=True,
+        description="Encode each image with the VAE once instead of every step (exact; uses a little memory).",
+    )
+    compile: bool | None = Field(
+        default=None,
+        description="torch.compile the UNet. Unset: on for CUDA runs long enough to repay the compile time.",
+    )
+    seed: int = Field(default=1234, ge=0, le=2**32 - 1, description="Random seed; runs with one seed repeat.")
+    lora: LoRASettings | None = Field(default=None, description="LoRA settings; only with method LoRA.")
+
+    @model_validator(mode="after")
+    def _steps(self) -> Training:
+        if self.steps_per_image is None and self.max_steps is None:
+            raise ValueError("set spec.training.stepsPerImage (e.g. 150, as the web UI) or spec.training.maxSteps")
+        return self
+
+
+class Checkpoints(_Model):
+    """Intermediate checkpoints (full training state; a retried pod resumes from the newest)."""
+
+    every_steps: int = Field(default=0, ge=0, description="Save every N steps; 0 saves only the final model.")
+    keep_last: int = Field(default=1, ge=1, le=1000, description="How many checkpoints to keep.")
+
+
+class Output(_Model):
+    """Where the trained model goes and in which forms."""
+
+    uri: Uri = Field(
+        description=f"Folder for checkpoints, exports and samples. {URI_HELP}.",
+        json_schema_extra={"x-kubernetes-validations": _uri_rules("spec.output.uri")},
+    )
+    half_precision: bool = Field(
+        default=True,
+        description="Save the exported weights in fp16 (the web UI's 'Half Model'): half the size.",
+    )
+    formats: list[OutputFormat] = Field(
+        default_factory=lambda: [OutputFormat.DIFFUSERS, OutputFormat.SAFETENSORS],
+        min_length=1,
+        description=(
+            "diffusers (a folder for from_pretrained) and/or safetensors (one file in the original "
+            "SD key layout that the web UIs load)."
+        ),
+        json_schema_extra={"x-kubernetes-list-type": "set", "default": ["diffusers", "safetensors"]},
+    )
+    merge_lora: bool = Field(
+        default=False,
+        alias="mergeLoRA",
+        description="Method LoRA: also export a full model with the adapter merged in.",
+    )
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, value: str) -> str:
+        return check_uri(value, field="spec.output.uri")
+
+
+class Samples(_Model):
+    """Preview images rendered during training."""
+
+    prompts: list[Annotated[str, Field(max_length=1000)]] = Field(
+        default_factory=list, max_length=16, description="Prompts to render (up to 16)."
+    )
+    every_steps: int = Field(default=0, ge=0, description="Render every N steps (0: only at the end).")
+    num_inference_steps: int = Field(default=25, ge=1, le=500, description="Denoising steps per sample.")
+    guidance_scale: float = Field(default=7.5, ge=0, le=50, description="Classifier-free guidance scale.")
+    negative_prompt: str = Field(default="", max_length=1000, description="Negative prompt for all samples.")
+    seed: int = Field(default=0, ge=0, le=2**32 - 1, description="Seed of the sample noise (fixed across steps).")
+
+
+class Resources(_Model):
+    """What the training pod asks of the cluster."""
+
+    gpus: int = Field(default=1, ge=1, le=64, description="GPUs for the training pod (one process per GPU).")
+    gpu_resource: str = Field(
+        default="nvidia.com/gpu",
+        min_length=1,
+        max_length=253,
+        description="Extended resource name of a GPU on your nodes.",
+    )
+    cpu: str = Field(default="4", pattern=QUANTITY_PATTERN, description="CPU request of the training pod (a quantity).")
+    memory: str = Field(
+        default="32Gi", pattern=QUANTITY_PATTERN, description="Memory request and limit of the training pod."
+    )
+    shm_size: str = Field(default="8Gi", pattern=QUANTITY_PATTERN, description="Size of /dev/shm for the data loaders.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the pod must match.")
+    tolerations: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Tolerations of the pod (added to the operator's defaults).",
+        json_schema_extra={"items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},
+    )
+    affinity: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Affinity of the pod, as in a PodSpec.",
+        json_schema_extra={"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+    )
+    priority_class_name: str = Field(default="", max_length=253, description="PriorityClass of the pod.")
+
+
+class RunPolicy(_Model):
+    """Retries, deadlines and queueing of the underlying batch/v1 Job."""
+
+    backoff_limit: int = Field(default=3, ge=0, le=100, description="Retries after a transient failure.")
+    active_deadline_seconds: int | None = Field(
+        default=None, gt=0, description="Fail the job after this many seconds of running."
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        default=None,
+        ge=0,
+        description="Delete the Job (not the FineTuneJob, whose status stays) this long after it ends.",
+    )
+    suspend: bool = Field(default=False, description="Stop the pods now (true) and continue later (false).")
+    queue_name: str = Field(
+        default="", max_length=63, description="Kueue LocalQueue name; the Job waits to be admitted."
+    )
+
+
+_IMMUTABLE = "is immutable once the job exists: create a new FineTuneJob to change it"
+
+
+class FineTuneJobSpec(_Model):
+    """What to train, on what, and where the result goes."""
+
+    method: Method = Field(
+        default=Method.DREAMBOOTH,
+        description="DreamBooth (full UNet, optional text encoder) or LoRA (small adapter files).",
+        json_schema_extra={"x-kubernetes-validations": [_cel("self == oldSelf", f"spec.method {_IMMUTABLE}")]},
+    )
+    base_model: BaseModelSource = Field(
+        description="The model to fine-tune.",
+        json_schema_extra={"x-kubernetes-validations": [_cel("self == oldSelf", f"spec.baseModel {_IMMUTABLE}")]},
+    )
+    dataset: Dataset = Field(
+        description="Instance (and class) images and prompts.",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel("self == oldSelf", f"spec.dataset {_IMMUTABLE}"),
+                _cel(
+                    "!self.priorPreservation || has(self.classPrompt)",
+                    "spec.dataset.priorPreservation needs spec.dataset.classPrompt (e.g. 'a photo of a man')",
+                ),
+            ]
+        },
+    )
+    training: Training = Field(
+        description="Steps, optimizer, precision and memory settings.",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel(
+                    "has(self.stepsPerImage) || has(self.maxSteps)",
+                    "set spec.training.stepsPerImage (e.g. 150) or spec.training.maxSteps",
+                )
+            ]
+        },
+    )
+    checkpoints: Checkpoints = Field(
+        default_factory=Checkpoints, description="Intermediate checkpoints.", json_schema_extra={"default": {}}
+    )
+    output: Output = Field(description="Where the trained model is written.")
+    samples: Samples = Field(
+        default_factory=Samples, description="Preview images during training.", json_schema_extra={"default": {}}
+    )
+    resources: Resources = Field(
+        default_factory=Resources, description="GPUs, CPU, memory and placement.", json_schema_extra={"default": {}}
+    )
+    image: str = Field(default="", max_length=1024, description="Trainer image; empty: the operator's default.")
+    run_policy: RunPolicy = Field(
+        default_factory=RunPolicy, description="Retries, deadlines, suspend, queue.", json_schema_extra={"default": {}}
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel(
+                    "self.method == 'LoRA' || !has(self.training.lora)",
+                    "spec.training.lora is only for method LoRA: set spec.method: LoRA or remove it",
+                ),
+                _cel(
+                    "self.method == 'LoRA' || !self.output.mergeLoRA",
+                    "spec.output.mergeLoRA is only for method LoRA",
+                ),
+            ]
+        }
+    )
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> FineTuneJobSpec:
+        if self.method != Method.LORA and self.training.lora is not None:
+            raise ValueError("spec.training.lora is only for method LoRA: set spec.method: LoRA or remove it")
+        if self.method != Method.LORA and self.output.merge_lora:
+            raise ValueError("spec.output.mergeLoRA is only for method LoRA")
+        return self
+
+    @property
+    def lora(self) -> LoRASettings:
+        """The LoRA settings in effect (defaults when method LoRA leaves them out)."""
+        return self.training.lora or LoRASettings()
+
+
+# --- status ---------------------------------------------------------------------------------------
+
+
+class Phase(StrEnum):
+    PENDING = "Pending"
+    QUEUED = "Queued"
+    INITIALIZING = "Initializing"
+    TRAINING = "Training"
+    EXPORTING = "Exporting"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SUSPENDED = "Suspended"
+
+    @property
+    def final(self) -> bool:
+        return self in (Phase.SUCCEEDED, Phase.FAILED)
+
+
+class Stage(StrEnum):
+    """What the trainer is doing, finer than the phase."""
+
+    STARTING = "starting"
+    DOWNLOADING = "downloading"
+    CLASS_IMAGES = "class-images"
+    CACHING = "caching"
+    COMPILING = "compiling"
+    TRAINING = "training"
+    CHECKPOINTING = "checkpointing"
+    SAMPLING = "sampling"
+    EXPORTING = "exporting"
+    UPLOADING = "uploading"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class Condition(_Model):
+    type: str = Field(description="Created, Queued, Running, Suspended, Succeeded, Failed.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(default="", description="CamelCase reason.")
+    message: str = Field(default="", description="What happened, for a person.")
+    last_transition_time: str | None = Field(default=None, description="RFC 3339 time of the last change.")
+
+
+class Progress(_Model):
+    stage: Stage | None = Field(default=None, description="What the trainer is doing now.")
+    step: int | None = Field(default=None, ge=0, description="Optimizer steps done.")
+    total_steps: int | None = Field(default=None, ge=0, description="Optimizer steps in the whole run.")
+    percent: float | None = Field(default=None, ge=0, le=100, description="step / totalSteps in percent.")
+    loss: float | None = Field(default=None, description="Smoothed training loss.")
+    learning_rate: float | None = Field(default=None, description="Current learning rate.")
+    steps_per_second: float | None = Field(default=None, ge=0, description="Recent training speed.")
+    eta_seconds: int | None = Field(default=None, ge=0, description="Estimated seconds until training ends.")
+    peak_memory_bytes: int | None = Field(default=None, ge=0, description="Peak GPU memory allocated.")
+    update_time: str | None = Field(default=None, description="When the trainer reported this.")
+
+
+class CheckpointRef(_Model):
+    step: int = Field(ge=0, description="Step the checkpoint holds.")
+    uri: str = Field(description="Where it is (pvc://claim/path or an object-store URI).")
+    size_bytes: int | None = Field(default=None, ge=0, description="Total size.")
+    time: str | None = Field(default=None, description="When it was completed.")
+
+
+class OutputFile(_Model):
+    path: str = Field(description="Path relative to the output URI.")
+    size_bytes: int = Field(ge=0, description="Size in bytes.")
+    sha256: str = Field(description="SHA-256 of the content.")
+
+
+class OutputStatus(_Model):
+    uri: str | None = Field(default=None, description="The output folder.")
+    files: list[OutputFile] = Field(default_factory=list, description="Exported files.")
+    samples: list[str] = Field(default_factory=list, description="Preview image URIs, newest last.")
+
+
+class FineTuneJobStatus(_Model):
+    phase: Phase | None = Field(default=None, description="Where the job is in its life.")
+    reason: str | None = Field(default=None, description="Why it is in this phase (CamelCase).")
+    message: str | None = Field(default=None, description="One line a person can act on.")
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description="Standard conditions.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    observed_generation: int | None = Field(default=None, description="The spec generation acted on.")
+    job_name: str | None = Field(default=None, description="Name of the batch/v1 Job.")
+    attempts: int | None = Field(default=None, ge=0, description="Pods started so far (retries + 1).")
+    start_time: str | None = Field(default=None, description="When the first pod started.")
+    completion_time: str | None = Field(default=None, description="When the job ended.")
+    progress: Progress | None = Field(default=None, description="Live training progress.")
+    # Display-only twins of progress, so that `kubectl get ftj` shows
+    # "120/1500 (8%)" and "3m20s" rather than raw numbers.
+    progress_text: str | None = Field(default=None, description="Progress for display: step/total (percent).")
+    eta_text: str | None = Field(default=None, description="Time left for display, e.g. 3m20s.")
+    checkpoints: list[CheckpointRef] = Field(default_factory=list, description="Checkpoints on storage.")
+    output: OutputStatus | None = Field(default=None, description="The trained model's files.")
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="Settings the trainer could not honour and what it did instead.",
+    )
+
+
+class ObjectMeta(BaseModel):
+    """The parts of metadata the API cares about; everything else passes through."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str | None = None
+    namespace: str | None = None
+
+
+class FineTuneJob(_Model):
+    api_version: Literal["finetune.dev/v1alpha1"] = Field(default="finetune.dev/v1alpha1", alias="apiVersion")
+    kind: Literal["FineTuneJob"] = "FineTuneJob"
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+    spec: FineTuneJobSpec
+    status: FineTuneJobStatus | None = None
+
+
+# --- reading manifests ------------------------------------------------------------------------------
+
+
+class ManifestError(ValueError):
+    """A manifest that does not validate; ``str()`` lists each problem with its field path."""
+
+    def __init__(self, problems: list[str], *, source: str = "") -> None:
+        self.problems = problems
+        where = f"{source}: " if source else ""
+        super().__init__(where + "; ".join(problems))
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts[-1:] = [f"{parts[-1]}[{item}]"] if parts else [f"[{item}]"]
+        elif item in ("function-after[_uri(), str]",) or "[" in str(item):
+            continue
+        else:
+            parts.append(str(item))
+    return ".".join(parts)
+
+
+def describe_errors(exc: ValidationError) -> list[str]:
+    """One sentence per problem, each starting with the field path (``spec.training.batchSize``)."""
+    problems = []
+    for error in exc.errors():
+        path = _field_path(tuple(error["loc"]))
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown field (check the spelling; fields are camelCase, see `kubectl explain ftj.spec`)"
+        elif error["type"] == "missing":
+            message = "required field is missing"
+        problems.append(f"{path}: {message}" if path else message)
+    return problems
+
+
+def parse_manifest(data: Any, *, source: str = "") -> FineTuneJob:
+    """Validate a FineTuneJob already parsed from YAML/JSON."""
+    if not isinstance(data, dict):
+        raise ManifestError(["the manifest must be a FineTuneJob object"], source=source)
+    kind = data.get("kind")
+    if kind is not None and kind != KIND:
+        raise ManifestError([f"kind: expected {KIND}, got {kind!r}"], source=source)
+    api_version = data.get("apiVersion")
+    if api_version is not None and api_version != API_VERSION:
+        raise ManifestError([f"apiVersion: expected {API_VERSION}, got {api_version!r}"], source=source)
+    try:
+        return FineTuneJob.model_validate(data)
+    except ValidationError as exc:
+        raise ManifestError(describe_errors(exc), source=source) from None
+
+
+def load_manifest(path: str | Path) -> FineTuneJob:
+    """Read a FineTuneJob from a YAML file (the first FineTuneJob document in it)."""
+    text = Path(path).read_text()
+    try:
+        documents = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as exc:
+        raise ManifestError([f"not valid YAML: {exc}"], source=str(path)) from None
+    jobs = [d for d in documents if isinstance(d, dict) and d.get("kind", KIND) == KIND]
+    if not jobs:
+        raise ManifestError([f"no {KIND} document in the file"], source=str(path))
+    return parse_manifest(jobs[0], source=str(path))
+
+
+def dump_spec(job: FineTuneJob) -> dict[str, Any]:
+    """The wire form (camelCase), leaving out unset optional fields."""
+    return job.model_dump(mode="json", by_alias=True, exclude_none=True)

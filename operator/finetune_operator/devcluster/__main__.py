@@ -1,0 +1,42 @@
+"""``python -m finetune_operator.devcluster up|down|status``: the local control plane for people."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from finetune_operator.devcluster import cluster
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m finetune_operator.devcluster", description=__doc__)
+    parser.add_argument("command", choices=["up", "down", "status"])
+    parser.add_argument("--state-dir", type=Path, default=cluster.DEFAULT_STATE_DIR)
+    parser.add_argument("--no-agent", action="store_true", help="start no node agent (no GPU nodes)")
+    args = parser.parse_args(argv)
+    state = args.state_dir
+    if args.command == "up":
+        try:
+            local = cluster.LocalCluster(state_dir=state).start(agent=not args.no_agent)
+        except cluster.ClusterError as exc:
+            print(f"cluster-up failed: {exc}", file=sys.stderr)
+            return 1
+        print(f"export KUBECONFIG={local.kubeconfig}")
+        print("kubectl get nodes   # the GPU nodes; `make cluster-down` stops everything")
+        return 0
+    if not (state / "processes.json").is_file():
+        print(f"no cluster is running from {state}")
+        return 0
+    local = cluster.load(state)
+    if args.command == "down":
+        local.stop()
+        print("cluster stopped")
+        return 0
+    for proc in local.processes:
+        print(f"{proc.name:26} pid {proc.pid:<8} {'running' if cluster._pid_alive(proc.pid) else 'exited'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

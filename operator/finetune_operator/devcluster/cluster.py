@@ -1,0 +1,543 @@
+"""A real Kubernetes control plane on loopback: etcd, kube-apiserver, kube-controller-manager,
+kube-scheduler, and the local node agent that acts as the kubelet of a few GPU nodes.
+
+Everything lives in one state directory (``.cluster/`` by default): certificates,
+etcd data, logs, the admin kubeconfig, the volumes of PersistentVolumeClaims and a
+``processes.json`` that lets ``down`` stop what ``up`` started from another process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from finetune_operator.devcluster import binaries
+
+DEFAULT_STATE_DIR = Path(".cluster")
+SERVICE_CIDR = "10.96.0.0/16"
+
+# How long each component gets after SIGTERM before SIGKILL.  The apiserver
+# and etcd take 15 s and more to exit on SIGTERM; nothing here needs their
+# graceful shutdown (the state is thrown away or reused as is).
+STOP_GRACE_SECONDS = 2.0
+
+
+class ClusterError(RuntimeError):
+    """The control plane did not come up; the message names the log to read."""
+
+
+@dataclass
+class Ports:
+    etcd_client: int
+    etcd_peer: int
+    apiserver: int
+    controller_manager: int
+    scheduler: int
+
+    @classmethod
+    def free(cls) -> Ports:
+        return cls(*_free_ports(5))
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+@dataclass
+class Process:
+    name: str
+    pid: int
+    log: str
+
+
+@dataclass
+class LocalCluster:
+    """A started (or startable) control plane rooted at ``state_dir``."""
+
+    state_dir: Path = DEFAULT_STATE_DIR
+    ports: Ports = field(default_factory=Ports.free)
+    processes: list[Process] = field(default_factory=list)
+    admin_token: str = ""
+
+    # --- paths ---------------------------------------------------------------------------------
+
+    @property
+    def pki(self) -> Path:
+        return self.state_dir / "pki"
+
+    @property
+    def logs(self) -> Path:
+        return self.state_dir / "logs"
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.state_dir / "kubeconfig"
+
+    @property
+    def volumes(self) -> Path:
+        return self.state_dir / "volumes"
+
+    @property
+    def server(self) -> str:
+        return f"https://127.0.0.1:{self.ports.apiserver}"
+
+    @property
+    def ca_file(self) -> Path:
+        return self.pki / "ca.crt"
+
+    # --- life cycle ----------------------------------------------------------------------------
+
+    def start(self, *, agent: bool = True, timeout: float = 60) -> LocalCluster:
+        self.state_dir = self.state_dir.resolve()
+        if (self.state_dir / "processes.json").is_file():
+            existing = load(self.state_dir)
+            if existing.alive():
+                raise ClusterError(
+                    f"a cluster is already running from {self.state_dir}: `make cluster-down` stops it"
+                )
+            existing.stop()
+        found = binaries.ensure(list(binaries.CONTROL_PLANE))
+        for directory in (self.pki, self.logs, self.volumes):
+            directory.mkdir(parents=True, exist_ok=True)
+        self._write_pki()
+        started = time.monotonic()
+        try:
+            self._spawn("etcd", [str(found["etcd"]), *self._etcd_args()])
+            self._wait_http(f"http://127.0.0.1:{self.ports.etcd_client}/health", "etcd", timeout)
+            self._spawn("kube-apiserver", [str(found["kube-apiserver"]), *self._apiserver_args()])
+            self._wait_https("/readyz", "kube-apiserver", timeout)
+            self._write_kubeconfigs()
+            self._spawn(
+                "kube-controller-manager",
+                [str(found["kube-controller-manager"]), *self._controller_manager_args()],
+            )
+            self._spawn("kube-scheduler", [str(found["kube-scheduler"]), *self._scheduler_args()])
+            if agent:
+                self._spawn(
+                    "node-agent",
+                    [
+                        sys.executable,
+                        "-m",
+                        "finetune_operator.devcluster.agent",
+                        "--state-dir",
+                        str(self.state_dir),
+                    ],
+                )
+            self._save()
+            self._wait_ready(timeout, agent=agent)
+        except BaseException:
+            self.stop()
+            raise
+        _log(f"control plane ready in {time.monotonic() - started:.1f}s; KUBECONFIG={self.kubeconfig}")
+        return self
+
+    def stop(self) -> None:
+        """Stop every process, apiserver first (it hangs on exit when etcd is gone)."""
+        order = ["node-agent", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "etcd"]
+        procs = sorted(self.processes, key=lambda p: order.index(p.name) if p.name in order else 0)
+        for proc in procs:
+            _terminate_group(proc.pid, STOP_GRACE_SECONDS)
+        self.processes = []
+        with contextlib.suppress(FileNotFoundError):
+            (self.state_dir / "processes.json").unlink()
+
+    def alive(self) -> bool:
+        return any(_pid_alive(p.pid) for p in self.processes)
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # --- helpers for tests and the demo ----------------------------------------------------------
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
+
+    def kubectl(self, *args: str, check: bool = True, input: str | None = None) -> str:
+        result = subprocess.run(
+            ["kubectl", f"--kubeconfig={self.kubeconfig}", *args],
+            capture_output=True,
+            text=True,
+            input=input,
+            check=False,
+        )
+        if check and result.returncode != 0:
+            raise ClusterError(f"kubectl {' '.join(args)} failed: {result.stderr.strip()}")
+        return result.stdout if check else result.stdout + result.stderr
+
+    def log_tail(self, name: str, lines: int = 40) -> str:
+        path = self.logs / f"{name}.log"
+        if not path.is_file():
+            return ""
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    # --- internals -----------------------------------------------------------------------------
+
+    def _spawn(self, name: str, argv: Sequence[str]) -> None:
+        log_path = self.logs / f"{name}.log"
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                list(argv),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=self.state_dir,
+                start_new_session=True,
+            )
+        self.processes.append(Process(name, proc.pid, str(log_path)))
+        self._save()
+
+    def _save(self) -> None:
+        data = {
+            "ports": self.ports.__dict__,
+            "processes": [p.__dict__ for p in self.processes],
+            "admin_token": self.admin_token,
+        }
+        path = self.state_dir / "processes.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=2))
+        tmp.replace(path)
+
+    def _write_pki(self) -> None:
+        pki = self.pki
+        if not (pki / "ca.crt").is_file():
+            _openssl("genrsa", "-out", str(pki / "ca.key"), "2048")
+            _openssl(
+                "req",
+                "-x509",
+                "-new",
+                "-key",
+                str(pki / "ca.key"),
+                "-subj",
+                "/CN=finetune-local-ca",
+                "-days",
+                "3650",
+                "-out",
+                str(pki / "ca.crt"),
+            )
+            _openssl("genrsa", "-out", str(pki / "apiserver.key"), "2048")
+            ext = pki / "apiserver.ext"
+            ext.write_text(
+                "subjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,"
+                "DNS:kubernetes.default,DNS:kubernetes.default.svc\n"
+                "extendedKeyUsage=serverAuth\n"
+            )
+            _openssl(
+                "req",
+                "-new",
+                "-key",
+                str(pki / "apiserver.key"),
+                "-subj",
+                "/CN=kube-apiserver",
+                "-out",
+                str(pki / "apiserver.csr"),
+            )
+            _openssl(
+                "x509",
+                "-req",
+                "-in",
+                str(pki / "apiserver.csr"),
+                "-CA",
+                str(pki / "ca.crt"),
+                "-CAkey",
+                str(pki / "ca.key"),
+                "-CAcreateserial",
+                "-days",
+                "3650",
+                "-extfile",
+                str(ext),
+                "-out",
+                str(pki / "apiserver.crt"),
+            )
+            _openssl("genrsa", "-out", str(pki / "sa.key"), "2048")
+            _openssl("rsa", "-in", str(pki / "sa.key"), "-pubout", "-out", str(pki / "sa.pub"))
+        tokens = pki / "tokens.csv"
+        if not tokens.is_file():
+            rows = [
+                (secrets.token_hex(16), "admin", "admin", "system:masters"),
+                (secrets.token_hex(16), "system:kube-controller-manager", "kcm", "system:masters"),
+                (secrets.token_hex(16), "system:kube-scheduler", "scheduler", ""),
+                (secrets.token_hex(16), "system:node-agent", "node-agent", "system:masters"),
+            ]
+            tokens.write_text("".join(f'{t},{user},{uid},"{groups}"\n' for t, user, uid, groups in rows))
+            tokens.chmod(0o600)
+        self.admin_token = self._token("admin")
+
+    def _token(self, user: str) -> str:
+        for line in (self.pki / "tokens.csv").read_text().splitlines():
+            parts = line.split(",")
+            if parts[1] == user:
+                return parts[0]
+        raise ClusterError(f"no token for {user}")
+
+    def _etcd_args(self) -> list[str]:
+        p = self.ports
+        return [
+            "--name=local",
+            f"--data-dir={self.state_dir / 'etcd'}",
+            f"--listen-client-urls=http://127.0.0.1:{p.etcd_client}",
+            f"--advertise-client-urls=http://127.0.0.1:{p.etcd_client}",
+            f"--listen-peer-urls=http://127.0.0.1:{p.etcd_peer}",
+            f"--initial-advertise-peer-urls=http://127.0.0.1:{p.etcd_peer}",
+            f"--initial-cluster=local=http://127.0.0.1:{p.etcd_peer}",
+            # Tests throw the data away: fsync buys nothing and costs seconds.
+            "--unsafe-no-fsync",
+            "--quota-backend-bytes=4294967296",
+            "--log-level=warn",
+        ]
+
+    def _apiserver_args(self) -> list[str]:
+        pki = self.pki
+        return [
+            f"--etcd-servers=http://127.0.0.1:{self.ports.etcd_client}",
+            f"--etcd-prefix=/registry-{self.state_dir.name}",
+            f"--secure-port={self.ports.apiserver}",
+            "--bind-address=127.0.0.1",
+            "--advertise-address=127.0.0.1",
+            f"--tls-cert-file={pki / 'apiserver.crt'}",
+            f"--tls-private-key-file={pki / 'apiserver.key'}",
+            f"--client-ca-file={pki / 'ca.crt'}",
+            f"--token-auth-file={pki / 'tokens.csv'}",
+            "--authorization-mode=RBAC",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            f"--service-account-key-file={pki / 'sa.pub'}",
+            f"--service-account-signing-key-file={pki / 'sa.key'}",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            "--allow-privileged=true",
+            "--profiling=false",
+            "--enable-garbage-collector=true",
+            "--audit-log-path=",
+            "--v=1",
+        ]
+
+    def _component_kubeconfig(self, user: str) -> Path:
+        return self.state_dir / f"{user.replace(':', '-')}.kubeconfig"
+
+    def _controller_manager_args(self) -> list[str]:
+        kubeconfig = self._component_kubeconfig("system:kube-controller-manager")
+        return [
+            f"--kubeconfig={kubeconfig}",
+            f"--authentication-kubeconfig={kubeconfig}",
+            f"--authorization-kubeconfig={kubeconfig}",
+            f"--secure-port={self.ports.controller_manager}",
+            "--bind-address=127.0.0.1",
+            "--leader-elect=false",
+            "--controllers=*",
+            f"--service-account-private-key-file={self.pki / 'sa.key'}",
+            f"--root-ca-file={self.pki / 'ca.crt'}",
+            "--use-service-account-credentials=false",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            # Quicker reactions than production defaults: tests wait on them.
+            "--concurrent-job-syncs=10",
+            "--concurrent-gc-syncs=20",
+            "--node-monitor-grace-period=60s",
+            "--v=1",
+        ]
+
+    def _scheduler_args(self) -> list[str]:
+        kubeconfig = self._component_kubeconfig("system:kube-scheduler")
+        return [
+            f"--kubeconfig={kubeconfig}",
+            f"--authentication-kubeconfig={kubeconfig}",
+            f"--authorization-kubeconfig={kubeconfig}",
+            f"--secure-port={self.ports.scheduler}",
+            "--bind-address=127.0.0.1",
+            "--leader-elect=false",
+            "--v=1",
+        ]
+
+    def _write_kubeconfigs(self) -> None:
+        for user, path in [
+            ("admin", self.kubeconfig),
+            ("system:kube-controller-manager", self._component_kubeconfig("system:kube-controller-manager")),
+            ("system:kube-scheduler", self._component_kubeconfig("system:kube-scheduler")),
+            ("system:node-agent", self._component_kubeconfig("system:node-agent")),
+        ]:
+            write_kubeconfig(path, server=self.server, ca_file=self.ca_file, token=self._token(user), user=user)
+
+    def _wait_http(self, url: str, what: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_running()
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        return
+            time.sleep(0.1)
+        raise ClusterError(f"{what} not healthy after {timeout:.0f}s; see {self.logs / (what + '.log')}")
+
+    def _https_get(self, path: str) -> tuple[int, bytes]:
+        context = ssl.create_default_context(cafile=str(self.ca_file))
+        request = urllib.request.Request(self.server + path, headers={"Authorization": f"Bearer {self.admin_token}"})
+        try:
+            with urllib.request.urlopen(request, timeout=3, context=context) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    def _wait_https(self, path: str, what: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_running()
+            with contextlib.suppress(OSError):
+                status, _ = self._https_get(path)
+                if status == 200:
+                    return
+            time.sleep(0.2)
+        raise ClusterError(f"{what} not ready after {timeout:.0f}s; see {self.logs / (what + '.log')}")
+
+    def _wait_ready(self, timeout: float, *, agent: bool) -> None:
+        """Ready means: namespaces list, the default ServiceAccount exists, nodes are Ready."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_running()
+            status, _ = self._https_get("/api/v1/namespaces/default/serviceaccounts/default")
+            if status == 200 and (not agent or self._nodes_ready()):
+                return
+            time.sleep(0.25)
+        raise ClusterError(
+            f"cluster not ready after {timeout:.0f}s (default ServiceAccount or GPU nodes missing); "
+            f"see {self.logs}/kube-controller-manager.log and node-agent.log"
+        )
+
+    def _nodes_ready(self) -> bool:
+        status, body = self._https_get("/api/v1/nodes?labelSelector=finetune.dev%2Flocal-agent%3Dtrue")
+        if status != 200:
+            return False
+        items = json.loads(body).get("items", [])
+        if not items:
+            return False
+        for node in items:
+            conditions = {c["type"]: c["status"] for c in node.get("status", {}).get("conditions", [])}
+            if conditions.get("Ready") != "True":
+                return False
+        return True
+
+    def _check_running(self) -> None:
+        for proc in self.processes:
+            if not _pid_alive(proc.pid):
+                tail = self.log_tail(proc.name, 25)
+                raise ClusterError(f"{proc.name} exited during start-up; last lines of {proc.log}:\n{tail}")
+
+
+def write_kubeconfig(path: Path, *, server: str, ca_file: Path, token: str, user: str) -> None:
+    import base64
+
+    ca = base64.b64encode(ca_file.read_bytes()).decode()
+    text = f"""apiVersion: v1
+kind: Config
+clusters:
+- name: local
+  cluster:
+    server: {server}
+    certificate-authority-data: {ca}
+users:
+- name: {user}
+  user:
+    token: {token}
+contexts:
+- name: local
+  context:
+    cluster: local
+    user: {user}
+current-context: local
+"""
+    path.write_text(text)
+    path.chmod(0o600)
+
+
+def load(state_dir: Path = DEFAULT_STATE_DIR) -> LocalCluster:
+    """The cluster that ``up`` started from ``state_dir`` (for ``down`` and for tests)."""
+    data = json.loads((state_dir / "processes.json").read_text())
+    cluster = LocalCluster(state_dir=state_dir.resolve(), ports=Ports(**data["ports"]))
+    cluster.processes = [Process(**p) for p in data["processes"]]
+    cluster.admin_token = data.get("admin_token", "")
+    return cluster
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie is dead for our purposes.
+    with contextlib.suppress(OSError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+            return False
+    return True
+
+
+def _terminate_group(pid: int, grace: float) -> None:
+    """SIGTERM the process group, then SIGKILL what is left after ``grace`` seconds."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and _group_alive(pid):
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and _group_alive(pid):
+        time.sleep(0.05)
+
+
+def _group_alive(pgid: int) -> bool:
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pgid, os.WNOHANG)
+    return False
+
+
+def _log(message: str) -> None:
+    print(f"[cluster] {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def running(state_dir: Path = DEFAULT_STATE_DIR, *, agent: bool = True) -> Iterator[LocalCluster]:
+    cluster = LocalCluster(state_dir=state_dir)
+    cluster.start(agent=agent)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

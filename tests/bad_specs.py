@@ -1,0 +1,115 @@
+"""Bad FineTuneJob specs, shared by the model tests and the apiserver tests.
+
+Each case: an id, a change to a good spec, and the field path the error must name.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+def good_manifest(name: str = "good") -> dict[str, Any]:
+    return {
+        "apiVersion": "finetune.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": {
+            "baseModel": {"uri": "pvc://models/sd15", "type": "v1x"},
+            "dataset": {"instanceImages": "pvc://datasets/nick/", "instancePrompt": "a photo of sks"},
+            "training": {"stepsPerImage": 10},
+            "output": {"uri": "pvc://outputs/nick/"},
+        },
+    }
+
+
+@dataclass(frozen=True)
+class BadSpec:
+    id: str
+    change: Callable[[dict[str, Any]], None]
+    field: str  # the path the error message must name
+
+
+def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    def change(manifest: dict[str, Any]) -> None:
+        node = manifest["spec"]
+        *parents, leaf = path.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+
+    return change
+
+
+def _delete(path: str) -> Callable[[dict[str, Any]], None]:
+    def change(manifest: dict[str, Any]) -> None:
+        node = manifest["spec"]
+        *parents, leaf = path.split(".")
+        for part in parents:
+            node = node[part]
+        del node[leaf]
+
+    return change
+
+
+def _both(*changes: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
+    def change(manifest: dict[str, Any]) -> None:
+        for one in changes:
+            one(manifest)
+
+    return change
+
+
+BAD_SPECS = [
+    # enums
+    BadSpec("method-unknown", _set("method", "Textual"), "spec.method"),
+    BadSpec("model-type-unknown", _set("baseModel.type", "v3"), "spec.baseModel.type"),
+    BadSpec("optimizer-unknown", _set("training.optimizer", "SGD9000"), "spec.training.optimizer"),
+    BadSpec("precision-unknown", _set("training.mixedPrecision", "fp8"), "spec.training.mixedPrecision"),
+    BadSpec("attention-unknown", _set("training.attention", "flash3"), "spec.training.attention"),
+    BadSpec("scheduler-unknown", _set("training.lrScheduler", "warmup"), "spec.training.lrScheduler"),
+    # ranges
+    BadSpec("resolution-not-multiple-of-8", _set("dataset.resolution", 500), "spec.dataset.resolution"),
+    BadSpec("resolution-too-small", _set("dataset.resolution", 32), "spec.dataset.resolution"),
+    BadSpec("resolution-too-large", _set("dataset.resolution", 4096), "spec.dataset.resolution"),
+    BadSpec("steps-zero", _set("training.stepsPerImage", 0), "spec.training.stepsPerImage"),
+    BadSpec("max-steps-negative", _set("training.maxSteps", -5), "spec.training.maxSteps"),
+    BadSpec("learning-rate-zero", _set("training.learningRate", 0), "spec.training.learningRate"),
+    BadSpec("gpus-zero", _set("resources.gpus", 0), "spec.resources.gpus"),
+    BadSpec("batch-size-zero", _set("training.batchSize", 0), "spec.training.batchSize"),
+    BadSpec(
+        "lora-rank-zero",
+        _both(_set("method", "LoRA"), _set("training.lora", {"rank": 0})),
+        "spec.training.lora.rank",
+    ),
+    # URI schemes
+    BadSpec("base-model-ftp", _set("baseModel.uri", "ftp://example.com/model"), "spec.baseModel.uri"),
+    BadSpec(
+        "images-unknown-scheme",
+        _set("dataset.instanceImages", "smb://share/x"),
+        "spec.dataset.instanceImages",
+    ),
+    BadSpec("output-bad-pvc", _set("output.uri", "pvc://Not_A_Claim/x"), "spec.output.uri"),
+    BadSpec("class-images-colon", _set("dataset.classImages", "c:weird"), "spec.dataset.classImages"),
+    # cross-field rules
+    BadSpec(
+        "prior-without-class-prompt",
+        _set("dataset.priorPreservation", True),
+        "spec.dataset.classPrompt",
+    ),
+    BadSpec("lora-with-dreambooth", _set("training.lora", {"rank": 4}), "spec.training.lora"),
+    BadSpec("no-steps", _delete("training.stepsPerImage"), "spec.training.stepsPerImage"),
+    # required fields
+    BadSpec("no-base-model", _delete("baseModel"), "spec.baseModel"),
+    BadSpec("no-instance-prompt", _delete("dataset.instancePrompt"), "spec.dataset.instancePrompt"),
+    BadSpec("empty-instance-prompt", _set("dataset.instancePrompt", ""), "spec.dataset.instancePrompt"),
+    BadSpec("no-output", _delete("output"), "spec.output"),
+]
+
+
+def bad_manifest(case: BadSpec, name: str = "bad") -> dict[str, Any]:
+    manifest = copy.deepcopy(good_manifest(name))
+    case.change(manifest)
+    return manifest

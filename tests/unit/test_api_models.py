@@ -1,0 +1,122 @@
+"""The API models: good specs pass, each bad spec is refused naming its field."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from finetune_operator.api import FineTuneJob, ManifestError, load_manifest, parse_manifest
+from tests.bad_specs import BAD_SPECS, BadSpec, bad_manifest, good_manifest
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+
+
+def test_good_spec_gets_the_documented_defaults() -> None:
+    job = parse_manifest(good_manifest())
+    spec = job.spec
+    assert spec.method == "DreamBooth"
+    assert spec.training.optimizer == "AdamW8bit"
+    assert spec.training.mixed_precision == "fp16"
+    assert spec.training.gradient_checkpointing is True
+    assert spec.output.half_precision is True
+    assert spec.output.formats == ["diffusers", "safetensors"]
+    assert spec.resources.gpu_resource == "nvidia.com/gpu"
+    assert spec.run_policy.backoff_limit == 3
+    assert spec.checkpoints.every_steps == 0
+
+
+@pytest.mark.parametrize("case", BAD_SPECS, ids=lambda c: c.id)
+def test_bad_spec_is_refused_naming_the_field(case: BadSpec) -> None:
+    with pytest.raises(ManifestError) as info:
+        parse_manifest(bad_manifest(case))
+    assert case.field in str(info.value), f"{case.id}: {info.value}"
+
+
+def test_the_table_covers_every_rule() -> None:
+    assert len(BAD_SPECS) >= 15
+    assert len({c.id for c in BAD_SPECS}) == len(BAD_SPECS)
+
+
+def test_unknown_field_is_refused_not_ignored() -> None:
+    manifest = good_manifest()
+    manifest["spec"]["training"]["learningrate"] = 1e-5
+    with pytest.raises(ManifestError, match=r"spec\.training\.learningrate: unknown field"):
+        parse_manifest(manifest)
+
+
+def test_wrong_kind_is_refused() -> None:
+    manifest = good_manifest()
+    manifest["kind"] = "Job"
+    with pytest.raises(ManifestError, match="kind: expected FineTuneJob"):
+        parse_manifest(manifest)
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "hf://stabilityai/stable-diffusion-2-base",
+        "pvc://datasets/nick/",
+        "s3://bucket/key",
+        "gs://bucket/key",
+        "https://example.com/model.safetensors",
+        "http://127.0.0.1:9000/x",
+        "file:///data/model",
+        "/data/model",
+        "relative/dir",
+    ],
+)
+def test_every_documented_uri_scheme_is_accepted(uri: str) -> None:
+    manifest = good_manifest()
+    manifest["spec"]["baseModel"]["uri"] = uri
+    assert parse_manifest(manifest).spec.base_model.uri == uri
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_every_example_is_accepted(path: Path) -> None:
+    job = load_manifest(path)
+    assert isinstance(job, FineTuneJob)
+
+
+def test_portrait_example_matches_the_tutorial() -> None:
+    spec = load_manifest(ROOT / "examples" / "portrait.yaml").spec
+    assert spec.base_model.type == "v2x-512"
+    assert spec.training.steps_per_image == 150
+    assert spec.checkpoints.every_steps == 0
+    assert spec.training.optimizer == "AdamW8bit"
+    assert spec.training.mixed_precision == "fp16"
+    assert spec.training.attention == "xformers"
+    assert spec.output.half_precision is True
+    assert "nickxxxawesome" in spec.dataset.instance_prompt
+
+
+def test_yaml_that_is_not_a_job_says_so(tmp_path: Path) -> None:
+    path = tmp_path / "x.yaml"
+    path.write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "ConfigMap"}))
+    with pytest.raises(ManifestError, match="no FineTuneJob document"):
+        load_manifest(path)
+
+
+def test_models_import_neither_torch_nor_kopf() -> None:
+    code = (
+        "import sys; import finetune_operator.api, finetune_operator.api.crd; "
+        "bad = [m for m in ('torch', 'kopf', 'diffusers', 'kubernetes') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_stdlib_operator_module_is_not_shadowed() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", "import operator; print(operator.add(2, 3), operator.__file__)"],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    ).stdout
+    assert out.startswith("5 ")
+    assert "finetune" not in out.split()[1]
