@@ -42,11 +42,11 @@ def _cel(rule: str, message: str, **extra: str) -> Any:
 def _uri_rules(path: str) -> Any:
     return [
         _cel(
-            f"self.matches('{URI_PATTERN}')",
+            f"self.matches(r'{URI_PATTERN}')",
             f"{path} must be {URI_HELP}",
         ),
         _cel(
-            f"!self.startsWith('pvc://') || self.matches('{PVC_PATTERN}')",
+            f"!self.startsWith('pvc://') || self.matches(r'{PVC_PATTERN}')",
             f"{path}: a pvc:// URI is pvc://CLAIM/path where CLAIM is a PersistentVolumeClaim name",
         ),
     ]

@@ -465,7 +465,12 @@ class NodeAgent:
             "spec": {
                 "audiences": [source.audience] if source.audience else None,
                 "expirationSeconds": source.expiration_seconds or 3600,
-                "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": pod.metadata.name, "uid": pod.metadata.uid},
+                "boundObjectRef": {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "name": pod.metadata.name,
+                    "uid": pod.metadata.uid,
+                },
             },
         }
         try:
@@ -474,7 +479,9 @@ class NodeAgent:
             )
             (target / source.path).write_text(token.status.token)
         except ApiException as exc:
-            LOG.warning("event=token-request-failed pod=%s/%s status=%s", pod.metadata.namespace, pod.metadata.name, exc.status)
+            LOG.warning(
+                "event=token-request-failed pod=%s/%s status=%s", pod.metadata.namespace, pod.metadata.name, exc.status
+            )
 
     # --- pods ------------------------------------------------------------------------------------
 
@@ -533,7 +540,9 @@ class NodeAgent:
         )
         with self.lock:
             self.runs[uid] = run
-        run.thread = threading.Thread(target=self._run_pod, args=(pod, run), name=f"pod-{pod.metadata.name}", daemon=True)
+        run.thread = threading.Thread(
+            target=self._run_pod, args=(pod, run), name=f"pod-{pod.metadata.name}", daemon=True
+        )
         run.thread.start()
 
     def _on_pod_gone(self, pod: Any) -> None:
@@ -579,11 +588,18 @@ class NodeAgent:
     def _run_pod_inner(self, pod: Any, run: PodRun) -> None:
         run.directory.mkdir(parents=True, exist_ok=True)
         waiting = [
-            {"name": c.name, "ready": False, "restartCount": 0, "image": c.image, "imageID": "",
-             "started": False, "state": {"waiting": {"reason": "ContainerCreating"}}}
+            {
+                "name": c.name,
+                "ready": False,
+                "restartCount": 0,
+                "image": c.image,
+                "imageID": "",
+                "started": False,
+                "state": {"waiting": {"reason": "ContainerCreating"}},
+            }
             for c in pod.spec.containers
         ]
-        self._patch_status(pod, phase="Pending", container_statuses=waiting, ready=False, start=True)
+        self._patch_status(pod, phase="Pending", container_statuses=waiting, ready=False)
         volumes = self._materialise_volumes(pod, run)
         for init in pod.spec.init_containers or []:
             if run.terminating.is_set():
@@ -591,16 +607,23 @@ class NodeAgent:
             result = self._run_container(pod, run, init, volumes)
             if result.exit_code != 0:
                 statuses = [
-                    terminated_status(c.name, exit_code=1, reason="Error", message="init container failed", started=None)
+                    terminated_status(
+                        c.name, exit_code=1, reason="Error", message="init container failed", started=None
+                    )
                     for c in pod.spec.containers
                 ]
                 self._patch_status(pod, phase="Failed", container_statuses=statuses, ready=False)
                 return
         if run.terminating.is_set():
-            self._patch_status(pod, phase="Failed", container_statuses=[
-                terminated_status(c.name, exit_code=137, reason="Error", message="", started=None)
-                for c in pod.spec.containers
-            ], ready=False)
+            self._patch_status(
+                pod,
+                phase="Failed",
+                container_statuses=[
+                    terminated_status(c.name, exit_code=137, reason="Error", message="", started=None)
+                    for c in pod.spec.containers
+                ],
+                ready=False,
+            )
             return
         threads = []
         for container in pod.spec.containers:
@@ -615,10 +638,18 @@ class NodeAgent:
             r.started_at is None and r.exit_code is None for r in run.containers.values()
         ):
             time.sleep(0.02)
+        pids = {name: (r.process.pid if r.process else 0) for name, r in run.containers.items()}
         running = [
-            {"name": c.name, "ready": True, "restartCount": 0, "image": c.image, "imageID": "local://" + c.image,
-             "containerID": f"local://{run.containers[c.name].process.pid if run.containers[c.name].process else 0}",
-             "started": True, "state": {"running": {"startedAt": run.containers[c.name].started_at or now()}}}
+            {
+                "name": c.name,
+                "ready": True,
+                "restartCount": 0,
+                "image": c.image,
+                "imageID": "local://" + c.image,
+                "containerID": f"local://{pids.get(c.name, 0)}",
+                "started": True,
+                "state": {"running": {"startedAt": run.containers[c.name].started_at or now()}},
+            }
             for c in pod.spec.containers
         ]
         if all(r.exit_code is None for r in run.containers.values()):
@@ -629,7 +660,9 @@ class NodeAgent:
             terminated_status(
                 r.name,
                 exit_code=r.exit_code if r.exit_code is not None else 137,
-                reason="Completed" if r.exit_code == 0 else ("OOMKilled" if r.exit_code == 137 and r.message == "OOMKilled" else "Error"),
+                reason="Completed"
+                if r.exit_code == 0
+                else ("OOMKilled" if r.exit_code == 137 and r.message == "OOMKilled" else "Error"),
                 message=r.message,
                 started=r.started_at,
                 finished=r.finished_at,
@@ -640,7 +673,10 @@ class NodeAgent:
         self._patch_status(pod, phase=phase, container_statuses=statuses, ready=False)
         LOG.info(
             "event=pod-finished pod=%s/%s phase=%s exit_codes=%s",
-            run.namespace, run.name, phase, {r.name: r.exit_code for r in run.containers.values()},
+            run.namespace,
+            run.name,
+            phase,
+            {r.name: r.exit_code for r in run.containers.values()},
         )
 
     def _run_container(self, pod: Any, run: PodRun, container: Any, volumes: dict[str, Path]) -> ContainerRun:
@@ -689,7 +725,13 @@ class NodeAgent:
                 launcher, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
             )
         result.started_at = now()
-        LOG.info("event=container-started pod=%s/%s container=%s pid=%d", run.namespace, run.name, container.name, result.process.pid)
+        LOG.info(
+            "event=container-started pod=%s/%s container=%s pid=%d",
+            run.namespace,
+            run.name,
+            container.name,
+            result.process.pid,
+        )
         killed_at: float | None = None
         while True:
             try:
@@ -718,15 +760,16 @@ class NodeAgent:
         message = ""
         if result.termination_file and result.termination_file.is_file():
             message = result.termination_file.read_bytes()[:TERMINATION_MESSAGE_LIMIT].decode(errors="replace")
-        if not message.strip() and result.exit_code != 0 and container.termination_message_policy == "FallbackToLogsOnError":
-            if result.log and result.log.is_file():
-                lines = result.log.read_bytes().decode(errors="replace").splitlines()[-LOG_FALLBACK_LINES:]
-                message = "\n".join(lines)[-LOG_FALLBACK_BYTES:]
+        fallback = container.termination_message_policy == "FallbackToLogsOnError"
+        if not message.strip() and result.exit_code != 0 and fallback and result.log and result.log.is_file():
+            lines = result.log.read_bytes().decode(errors="replace").splitlines()[-LOG_FALLBACK_LINES:]
+            message = "\n".join(lines)[-LOG_FALLBACK_BYTES:]
         return message
 
     def _container_env(self, pod: Any, container: Any, termination_file: Path) -> dict[str, str]:
         env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            # The image is ignored: the pod runs this Python environment's tools.
+            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}",
             "HOME": os.environ.get("HOME", "/root"),
             "LANG": os.environ.get("LANG", "C.UTF-8"),
             "PYTHONUNBUFFERED": "1",
@@ -784,7 +827,6 @@ class NodeAgent:
         phase: str,
         container_statuses: list[dict[str, Any]],
         ready: bool,
-        start: bool = False,
     ) -> None:
         """Write the pod's status, merging our conditions into the ones others set (scheduler, eviction)."""
         try:
@@ -796,18 +838,16 @@ class NodeAgent:
         if current.metadata.uid != pod.metadata.uid:
             return
         stamp = now()
-        conditions = {
-            c.type: self.api_client.sanitize_for_serialization(c) for c in (current.status.conditions or [])
-        }
-        for kind, status in (
+        conditions = {c.type: self.api_client.sanitize_for_serialization(c) for c in (current.status.conditions or [])}
+        for kind, value in (
             ("PodReadyToStartContainers", "True"),
             ("Initialized", "True"),
             ("ContainersReady", "True" if ready else "False"),
             ("Ready", "True" if ready else "False"),
         ):
             previous = conditions.get(kind, {})
-            if previous.get("status") != status:
-                conditions[kind] = {"type": kind, "status": status, "lastTransitionTime": stamp}
+            if previous.get("status") != value:
+                conditions[kind] = {"type": kind, "status": value, "lastTransitionTime": stamp}
                 if kind in ("Ready", "ContainersReady") and phase in ("Succeeded", "Failed"):
                     conditions[kind]["reason"] = "PodCompleted"
         status: dict[str, Any] = {
@@ -819,10 +859,8 @@ class NodeAgent:
             "podIP": "127.0.0.1",
             "podIPs": [{"ip": "127.0.0.1"}],
         }
-        if start or current.status.start_time is None:
-            status["startTime"] = stamp if current.status.start_time is None else None
-            if status["startTime"] is None:
-                del status["startTime"]
+        if current.status.start_time is None:
+            status["startTime"] = stamp
         body = {"status": status}
         try:
             self.core.patch_namespaced_pod_status(pod.metadata.name, pod.metadata.namespace, body)
@@ -929,7 +967,9 @@ def expand(value: str, env: dict[str, str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--state-dir", type=Path, default=Path(".cluster"))
-    parser.add_argument("--nodes", default=os.environ.get("FINETUNE_AGENT_NODES", ""), help="e.g. gpu-node-1=1,gpu-node-2=2")
+    parser.add_argument(
+        "--nodes", default=os.environ.get("FINETUNE_AGENT_NODES", ""), help="e.g. gpu-node-1=1,gpu-node-2=2"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("kubernetes").setLevel(logging.WARNING)

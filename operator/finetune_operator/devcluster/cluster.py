@@ -113,9 +113,7 @@ class LocalCluster:
         if (self.state_dir / "processes.json").is_file():
             existing = load(self.state_dir)
             if existing.alive():
-                raise ClusterError(
-                    f"a cluster is already running from {self.state_dir}: `make cluster-down` stops it"
-                )
+                raise ClusterError(f"a cluster is already running from {self.state_dir}: `make cluster-down` stops it")
             existing.stop()
         found = binaries.ensure(list(binaries.CONTROL_PLANE))
         for directory in (self.pki, self.logs, self.volumes):
@@ -382,10 +380,9 @@ class LocalCluster:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self._check_running()
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    if response.status == 200:
-                        return
+            with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
             time.sleep(0.1)
         raise ClusterError(f"{what} not healthy after {timeout:.0f}s; see {self.logs / (what + '.log')}")
 

@@ -1,0 +1,126 @@
+"""Assemble and run the operator: API client, reconciler, kopf watches, HTTP endpoints,
+leader election, and a graceful stop on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+
+import kopf
+
+from finetune_operator.handlers import build_registry
+from finetune_operator.kubeapi import KubeAPI, load_client_config
+from finetune_operator.leader import LeaderElector
+from finetune_operator.metrics import Metrics
+from finetune_operator.reconciler import Reconciler
+from finetune_operator.reports import ProgressStore
+from finetune_operator.servers import Health, ProgressHandler, health_app, metrics_app, progress_app, serve, tls_context
+from finetune_operator.settings import OperatorSettings
+
+LOG = logging.getLogger("finetune_operator")
+
+
+async def run_operator(settings: OperatorSettings, *, stop: asyncio.Event | None = None) -> int:
+    """Run until ``stop`` is set or SIGTERM/SIGINT arrives; return the exit code."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signum, stop.set)
+
+    if settings.kubeconfig:
+        # kopf's own login reads KUBECONFIG; keep both clients on one cluster.
+        os.environ["KUBECONFIG"] = settings.kubeconfig
+    api = KubeAPI(load_client_config(settings.kubeconfig))
+    metrics = Metrics()
+    store = ProgressStore()
+    elector: LeaderElector | None = None
+    if settings.leader_election:
+        elector = LeaderElector(
+            api,
+            namespace=settings.lease_namespace or "default",
+            name=settings.lease_name,
+            identity=settings.identity,
+        )
+    is_leader = elector.is_leader if elector else (lambda: True)
+    reconciler = Reconciler(api, settings, progress=store, metrics=metrics, is_leader=is_leader)
+    store.on_update = lambda key, final: reconciler.enqueue(key)
+    metrics.bind_jobs(reconciler.job_views)
+    health = Health()
+
+    runners = [
+        await serve(
+            progress_app(
+                ProgressHandler(reconciler=reconciler, store=store, api=api, metrics=metrics, is_leader=is_leader)
+            ),
+            host=settings.bind_address,
+            port=settings.progress_port,
+            ssl_context=tls_context(settings),
+        ),
+        await serve(metrics_app(metrics), host=settings.bind_address, port=settings.metrics_port),
+        await serve(health_app(health, ready=is_leader), host=settings.bind_address, port=settings.health_port),
+    ]
+    registry = build_registry(reconciler)
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: object) -> kopf.ConnectionInfo | None:
+        if os.environ.get("KUBERNETES_SERVICE_HOST") and not settings.kubeconfig:
+            return kopf.login_with_service_account(**kwargs)  # type: ignore[arg-type]
+        return kopf.login_with_kubeconfig(**kwargs)  # type: ignore[arg-type]
+
+    tasks: list[asyncio.Task[object]] = []
+    exit_code = 0
+
+    def lost() -> None:
+        nonlocal exit_code
+        exit_code = 3
+        stop.set()
+
+    if elector is not None:
+        tasks.append(
+            asyncio.create_task(elector.run(on_started_leading=reconciler.enqueue_all, on_lost=lost), name="leader")
+        )
+    stop_flag: asyncio.Future[object] = loop.create_future()
+    ready_flag: asyncio.Event = asyncio.Event()
+    operator_task = asyncio.create_task(
+        kopf.operator(
+            registry=registry,
+            standalone=True,
+            clusterwide=settings.cluster_wide,
+            namespaces=list(settings.namespaces),
+            stop_flag=stop_flag,
+            ready_flag=ready_flag,
+        ),
+        name="kopf",
+    )
+    health.started = True
+    LOG.info(
+        "event=operator-started namespaces=%s leader_election=%s progress_port=%d metrics_port=%d",
+        ",".join(settings.namespaces) or "*",
+        settings.leader_election,
+        settings.progress_port,
+        settings.metrics_port,
+    )
+    stop_waiter = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({operator_task, stop_waiter}, return_when=asyncio.FIRST_COMPLETED)
+    if operator_task in done and operator_task.exception() is not None:
+        LOG.error("event=operator-crashed error=%r", operator_task.exception())
+        exit_code = 1
+    LOG.info("event=operator-stopping")
+    health.started = False
+    if not stop_flag.done():
+        stop_flag.set_result(None)
+    with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError, Exception):
+        await asyncio.wait_for(operator_task, timeout=10)
+    stop_waiter.cancel()
+    for task in tasks:
+        task.cancel()
+    await reconciler.stop()
+    for runner in runners:
+        await runner.cleanup()
+    api.close()
+    LOG.info("event=operator-stopped exit_code=%d", exit_code)
+    return exit_code

@@ -1,0 +1,39 @@
+"""``finetune-operator``: run the operator, or print the CRD it serves."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from finetune_operator import __version__, logs
+from finetune_operator.settings import add_arguments, from_arguments
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="finetune-operator", description=__doc__)
+    parser.add_argument("--version", action="version", version=__version__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run the operator (watches FineTuneJobs)")
+    add_arguments(run)
+    run.add_argument("--log-format", choices=["json", "text"], default="json")
+    run.add_argument("--verbose", "-v", action="store_true")
+    commands.add_parser("crd", help="print the FineTuneJob CustomResourceDefinition")
+    args = parser.parse_args(argv)
+
+    if args.command == "crd":
+        from finetune_operator.api.crd import render_crd
+
+        sys.stdout.write(render_crd())
+        return 0
+
+    logs.configure(logging.DEBUG if args.verbose else logging.INFO, json_output=args.log_format == "json")
+    from finetune_operator.app import run_operator
+
+    settings = from_arguments(args)
+    return asyncio.run(run_operator(settings))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""kopf wiring: three watches that fill in-memory indexes and wake the reconciler.
+
+The handlers do no work of their own.  Indexes keep slim copies of FineTuneJobs, of
+the Jobs and of the Pods the operator made (labelled ``managed-by:
+finetune-operator``), keyed by the owning FineTuneJob.  kopf fills the indexes
+before it calls any event handler, so the first reconcile already sees every Job
+and Pod that existed when the operator started: a restart adopts, never duplicates.
+
+Only event handlers are used: kopf then keeps no state of its own on our objects
+(no annotations, no finalizers, no ``status.kopf``), so it never fights the status
+the reconciler writes.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import kopf
+
+from finetune_operator.api.v1alpha1 import GROUP, PLURAL, VERSION
+from finetune_operator.reconciler import Reconciler
+from finetune_operator.render import ANNOTATION_FULL_NAME, LABEL_MANAGED_BY, MANAGED_BY
+
+OWNED = {LABEL_MANAGED_BY: MANAGED_BY}
+
+
+def _meta(body: kopf.Body, *keys: str) -> dict[str, Any]:
+    meta = body.get("metadata", {})
+    return {k: copy.deepcopy(meta[k]) for k in keys if k in meta}
+
+
+def slim_finetunejob(body: kopf.Body) -> dict[str, Any]:
+    return {
+        "apiVersion": body.get("apiVersion"),
+        "kind": body.get("kind"),
+        "metadata": _meta(
+            body, "name", "namespace", "uid", "generation", "resourceVersion", "creationTimestamp", "deletionTimestamp"
+        ),
+        "spec": copy.deepcopy(dict(body.get("spec", {}))),
+        "status": copy.deepcopy(dict(body.get("status", {}))),
+    }
+
+
+def slim_job(body: kopf.Body) -> dict[str, Any]:
+    spec = body.get("spec", {})
+    return {
+        "metadata": _meta(body, "name", "namespace", "uid", "resourceVersion", "creationTimestamp"),
+        "spec": {k: spec[k] for k in ("suspend", "activeDeadlineSeconds", "ttlSecondsAfterFinished") if k in spec},
+        "status": copy.deepcopy(dict(body.get("status", {}))),
+    }
+
+
+def slim_pod(body: kopf.Body) -> dict[str, Any]:
+    status = body.get("status", {})
+    return {
+        "metadata": _meta(body, "name", "namespace", "uid", "creationTimestamp", "deletionTimestamp"),
+        "spec": {"nodeName": body.get("spec", {}).get("nodeName")},
+        "status": {
+            k: copy.deepcopy(status[k])
+            for k in ("phase", "reason", "message", "conditions", "containerStatuses", "startTime")
+            if k in status
+        },
+    }
+
+
+def owner_key(namespace: str | None, body: kopf.Body) -> tuple[str, str] | None:
+    name = body.get("metadata", {}).get("annotations", {}).get(ANNOTATION_FULL_NAME)
+    if not name or not namespace:
+        return None
+    return (namespace, name)
+
+
+def build_registry(reconciler: Reconciler) -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+
+    @kopf.index(GROUP, VERSION, PLURAL, id="ftj_bodies", registry=registry)
+    async def ftj_bodies(*, namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+        return {(namespace, name): slim_finetunejob(body)}
+
+    @kopf.index("batch", "v1", "jobs", labels=OWNED, id="ftj_jobs", registry=registry)
+    async def ftj_jobs(*, namespace: str | None, body: kopf.Body, **_: Any) -> dict[Any, Any] | None:
+        key = owner_key(namespace, body)
+        return {key: slim_job(body)} if key else None
+
+    @kopf.index("", "v1", "pods", labels=OWNED, id="ftj_pods", registry=registry)
+    async def ftj_pods(*, namespace: str | None, body: kopf.Body, **_: Any) -> dict[Any, Any] | None:
+        key = owner_key(namespace, body)
+        return {key: slim_pod(body)} if key else None
+
+    @kopf.on.startup(registry=registry)
+    async def bind(*, settings: kopf.OperatorSettings, **kwargs: Any) -> None:
+        settings.peering.standalone = True
+        settings.posting.enabled = False
+        settings.scanning.disabled = True
+        settings.watching.server_timeout = 300
+        settings.watching.client_timeout = 330
+        settings.networking.request_timeout = 60
+        # The indexes arrive as kwargs named after their functions.
+        reconciler.bind(ftjs=kwargs["ftj_bodies"], jobs=kwargs["ftj_jobs"], pods=kwargs["ftj_pods"])
+        reconciler.start()
+
+    @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
+    async def finetunejob_changed(*, namespace: str | None, name: str, **_: Any) -> None:
+        if namespace:
+            reconciler.enqueue((namespace, name))
+
+    @kopf.on.event("batch", "v1", "jobs", labels=OWNED, registry=registry)
+    async def job_changed(*, namespace: str | None, body: kopf.Body, **_: Any) -> None:
+        key = owner_key(namespace, body)
+        if key:
+            reconciler.enqueue(key)
+
+    @kopf.on.event("", "v1", "pods", labels=OWNED, registry=registry)
+    async def pod_changed(*, namespace: str | None, body: kopf.Body, **_: Any) -> None:
+        key = owner_key(namespace, body)
+        if key:
+            reconciler.enqueue(key)
+
+    return registry

@@ -1,0 +1,158 @@
+"""Prometheus metrics of the operator (``/metrics``).
+
+Counters and histograms are updated as things happen.  Gauges that describe the
+jobs (by phase; step, loss and speed of each running job) are computed at scrape
+time from the reconciler's view, so a deleted job's series disappear with it and
+the number of series stays bounded by the number of FineTuneJobs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from finetune_operator.api.v1alpha1 import Phase
+
+DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800, 86400)
+
+
+@dataclass(frozen=True)
+class JobView:
+    """What the metrics need of one FineTuneJob."""
+
+    namespace: str
+    name: str
+    phase: str
+    step: int | None = None
+    total_steps: int | None = None
+    loss: float | None = None
+    steps_per_second: float | None = None
+    gpus: int = 0
+
+
+class _JobsCollector(Collector):
+    def __init__(self, jobs: Callable[[], Iterable[JobView]], gpu_seconds: Callable[[], dict[str, float]]) -> None:
+        self._jobs = jobs
+        self._gpu_seconds = gpu_seconds
+
+    def collect(self) -> Iterator[Metric]:
+        by_phase = GaugeMetricFamily("finetune_jobs", "FineTuneJobs by phase.", labels=["phase"])
+        step = GaugeMetricFamily("finetune_job_step", "Training steps done.", labels=["namespace", "name"])
+        total = GaugeMetricFamily(
+            "finetune_job_total_steps", "Training steps in the run.", labels=["namespace", "name"]
+        )
+        loss = GaugeMetricFamily("finetune_job_loss", "Smoothed training loss.", labels=["namespace", "name"])
+        speed = GaugeMetricFamily(
+            "finetune_job_steps_per_second", "Recent training speed.", labels=["namespace", "name"]
+        )
+        info = GaugeMetricFamily(
+            "finetune_job_info",
+            "One series per FineTuneJob, labelled with its phase.",
+            labels=["namespace", "name", "phase"],
+        )
+        counts = {phase.value: 0 for phase in Phase}
+        for job in self._jobs():
+            phase = job.phase or Phase.PENDING.value
+            counts[phase] = counts.get(phase, 0) + 1
+            labels = [job.namespace, job.name]
+            info.add_metric([*labels, phase], 1)
+            if job.step is not None:
+                step.add_metric(labels, job.step)
+            if job.total_steps:
+                total.add_metric(labels, job.total_steps)
+            if job.loss is not None:
+                loss.add_metric(labels, job.loss)
+            if job.steps_per_second is not None:
+                speed.add_metric(labels, job.steps_per_second)
+        for phase, count in counts.items():
+            by_phase.add_metric([phase], count)
+        gpu = CounterMetricFamily(
+            "finetune_gpu_seconds", "GPU-seconds held by training pods, by namespace.", labels=["namespace"]
+        )
+        for namespace, seconds in sorted(self._gpu_seconds().items()):
+            gpu.add_metric([namespace], seconds)
+        yield from (by_phase, info, step, total, loss, speed, gpu)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.transitions = Counter(
+            "finetune_phase_transitions", "Phase transitions of FineTuneJobs.", ["phase", "reason"], registry=r
+        )
+        self.queued_seconds = Histogram(
+            "finetune_queued_seconds",
+            "Time from creation until the training pod first ran.",
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.first_step_seconds = Histogram(
+            "finetune_time_to_first_step_seconds",
+            "Time from creation until the first training step was reported.",
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.job_duration = Histogram(
+            "finetune_job_duration_seconds",
+            "Time from creation until the job ended, by result.",
+            ["result"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.reconcile_seconds = Histogram(
+            "finetune_reconcile_duration_seconds",
+            "Time one reconcile of a FineTuneJob took.",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self.reconcile_errors = Counter(
+            "finetune_reconcile_errors", "Reconciles that raised an error.", ["kind"], registry=r
+        )
+        self.reports = Counter(
+            "finetune_progress_reports", "Progress reports received, by result.", ["result", "reason"], registry=r
+        )
+        self.status_patches = Counter("finetune_status_patches", "Status patches sent.", ["cause"], registry=r)
+        self.status_patch_errors = Counter("finetune_status_patch_errors", "Status patches that failed.", registry=r)
+        self._gpu_seconds: dict[str, float] = {}
+        self._gpu_running: dict[tuple[str, str], tuple[float, int]] = {}
+        self._jobs: Callable[[], Iterable[JobView]] = list
+        r.register(_JobsCollector(self._current_jobs, self._gpu_totals))
+
+    def _current_jobs(self) -> Iterable[JobView]:
+        return self._jobs()
+
+    def bind_jobs(self, jobs: Callable[[], Iterable[JobView]]) -> None:
+        self._jobs = jobs
+
+    # GPU-seconds accrue while a training pod runs; the open interval is added at scrape time.
+
+    def gpu_running(self, namespace: str, name: str, gpus: int, running: bool) -> None:
+        key = (namespace, name)
+        now = time.monotonic()
+        if key in self._gpu_running:
+            started, held = self._gpu_running.pop(key)
+            self._gpu_seconds[namespace] = self._gpu_seconds.get(namespace, 0.0) + (now - started) * held
+        if running:
+            self._gpu_running[key] = (now, gpus)
+
+    def _gpu_totals(self) -> dict[str, float]:
+        now = time.monotonic()
+        totals = dict(self._gpu_seconds)
+        for (namespace, _), (started, held) in self._gpu_running.items():
+            totals[namespace] = totals.get(namespace, 0.0) + (now - started) * held
+        return totals
+
+    def forget(self, namespace: str, name: str) -> None:
+        self.gpu_running(namespace, name, 0, False)
+
+
+def prometheus_text(metrics: Metrics) -> tuple[bytes, str]:
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    return generate_latest(metrics.registry), CONTENT_TYPE_LATEST

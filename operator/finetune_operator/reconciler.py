@@ -1,0 +1,498 @@
+"""The reconcile loop: a work queue of FineTuneJob keys and the one function that moves a job
+towards what its spec asks.
+
+kopf's watches fill three in-memory indexes (FineTuneJobs, their Jobs, their Pods)
+and enqueue the key of the FineTuneJob an event concerns.  Workers take keys off the
+queue, one at a time per key, and ``reconcile`` them: ensure the owned objects,
+keep the Job's suspension in step with the spec, compute the status from what the
+indexes hold and the newest progress report, and patch only what changed.
+
+Status writes are throttled per job: a change of phase is written at once, a change
+of progress alone at most once per ``status_interval``, always the newest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from finetune_operator import names
+from finetune_operator.api.v1alpha1 import FineTuneJob, ManifestError, Phase, parse_manifest
+from finetune_operator.kubeapi import KubeAPI, Outcome
+from finetune_operator.metrics import JobView, Metrics
+from finetune_operator.render import ClaimMount, claim_mounts, render
+from finetune_operator.reports import ProgressStore
+from finetune_operator.settings import OperatorSettings
+from finetune_operator.status import Observed, compute_status, status_patch
+
+LOG = logging.getLogger("finetune_operator.reconciler")
+Key = tuple[str, str]
+FINAL = {Phase.SUCCEEDED.value, Phase.FAILED.value}
+RUNNING_PHASES = {Phase.INITIALIZING.value, Phase.TRAINING.value, Phase.EXPORTING.value}
+MAX_BACKOFF = 60.0
+
+
+def _values(index: Mapping[Any, Any] | None, key: Key) -> list[dict[str, Any]]:
+    if index is None:
+        return []
+    try:
+        return list(index.get(key, []))
+    except KeyError:
+        return []
+
+
+def _rv(obj: Mapping[str, Any]) -> int:
+    try:
+        return int(obj.get("metadata", {}).get("resourceVersion") or 0)
+    except ValueError:
+        return 0
+
+
+@dataclass
+class JobMemory:
+    """What the reconciler remembers of one FineTuneJob between reconciles."""
+
+    status: dict[str, Any] | None = None
+    status_rv: int = 0
+    last_progress_patch: float = 0.0
+    seen_pods: set[str] = field(default_factory=set)
+    failures: int = 0
+    parsed: tuple[str, int, FineTuneJob] | None = None
+    mounts: tuple[ClaimMount, ...] = ()
+    created_at: float | None = None
+    counted_queue: bool = False
+    counted_first_step: bool = False
+
+
+class Reconciler:
+    def __init__(
+        self,
+        api: KubeAPI,
+        settings: OperatorSettings,
+        *,
+        progress: ProgressStore,
+        metrics: Metrics | None = None,
+        is_leader: Callable[[], bool] = lambda: True,
+        tokens: dict[Key, str] | None = None,
+    ) -> None:
+        self.api = api
+        self.settings = settings
+        self.progress = progress
+        self.metrics = metrics
+        self.is_leader = is_leader
+        self.tokens: dict[Key, str] = tokens if tokens is not None else {}
+        self.memory: dict[Key, JobMemory] = {}
+        self.ftj_index: Mapping[Any, Any] | None = None
+        self.job_index: Mapping[Any, Any] | None = None
+        self.pod_index: Mapping[Any, Any] | None = None
+        self._queue: asyncio.Queue[Key] = asyncio.Queue()
+        self._queued: set[Key] = set()
+        self._busy: set[Key] = set()
+        self._again: set[Key] = set()
+        self._timers: dict[Key, tuple[float, asyncio.TimerHandle]] = {}
+        self._workers: list[asyncio.Task[None]] = []
+        self.reconciles = 0
+
+    # --- wiring ----------------------------------------------------------------------------------
+
+    def bind(self, *, ftjs: Mapping[Any, Any], jobs: Mapping[Any, Any], pods: Mapping[Any, Any]) -> None:
+        self.ftj_index, self.job_index, self.pod_index = ftjs, jobs, pods
+
+    def keys(self) -> list[Key]:
+        return list(self.ftj_index.keys()) if self.ftj_index is not None else []
+
+    def ftj(self, key: Key) -> dict[str, Any] | None:
+        values = _values(self.ftj_index, key)
+        return values[0] if values else None
+
+    def start(self) -> None:
+        for number in range(max(1, self.settings.workers)):
+            self._workers.append(asyncio.create_task(self._worker(), name=f"reconcile-worker-{number}"))
+
+    async def stop(self) -> None:
+        for task in self._workers:
+            task.cancel()
+        for task in self._workers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for _, handle in self._timers.values():
+            handle.cancel()
+
+    # --- the queue -------------------------------------------------------------------------------
+
+    def enqueue(self, key: Key, *, delay: float = 0.0) -> None:
+        """Reconcile ``key`` soon (after ``delay`` seconds); repeated requests coalesce."""
+        if delay > 0:
+            loop = asyncio.get_running_loop()
+            due = loop.time() + delay
+            existing = self._timers.get(key)
+            if existing is not None and existing[0] <= due:
+                return
+            if existing is not None:
+                existing[1].cancel()
+            self._timers[key] = (due, loop.call_at(due, self._fire, key))
+            return
+        if key in self._busy:
+            self._again.add(key)
+            return
+        if key not in self._queued:
+            self._queued.add(key)
+            self._queue.put_nowait(key)
+
+    def _fire(self, key: Key) -> None:
+        self._timers.pop(key, None)
+        self.enqueue(key)
+
+    def enqueue_all(self) -> None:
+        for key in self.keys():
+            self.enqueue(key)
+
+    async def _worker(self) -> None:
+        while True:
+            key = await self._queue.get()
+            self._queued.discard(key)
+            if not self.is_leader():
+                # A follower keeps its caches warm but writes nothing; the new
+                # leader enqueues every key when it takes over.
+                continue
+            self._busy.add(key)
+            started = time.perf_counter()
+            try:
+                await self.reconcile(key)
+                memory = self.memory.get(key)
+                if memory is not None:
+                    memory.failures = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                memory = self.memory.setdefault(key, JobMemory())
+                memory.failures += 1
+                delay = min(MAX_BACKOFF, 0.5 * 2 ** min(memory.failures, 8)) * (0.8 + 0.4 * random.random())
+                LOG.warning(
+                    "event=reconcile-error namespace=%s name=%s error=%r retry_in=%.1fs",
+                    key[0],
+                    key[1],
+                    exc,
+                    delay,
+                )
+                if self.metrics:
+                    self.metrics.reconcile_errors.labels(type(exc).__name__).inc()
+                self.enqueue(key, delay=delay)
+            finally:
+                self._busy.discard(key)
+                self.reconciles += 1
+                if self.metrics:
+                    self.metrics.reconcile_seconds.observe(time.perf_counter() - started)
+                if key in self._again:
+                    self._again.discard(key)
+                    self.enqueue(key)
+
+    # --- reconcile -------------------------------------------------------------------------------
+
+    def _parse(self, key: Key, body: dict[str, Any], memory: JobMemory) -> FineTuneJob:
+        meta = body["metadata"]
+        stamp = (meta.get("uid", ""), int(meta.get("generation") or 0))
+        if memory.parsed is not None and memory.parsed[:2] == stamp:
+            return memory.parsed[2]
+        job = parse_manifest(
+            {
+                "apiVersion": body.get("apiVersion"),
+                "kind": body.get("kind"),
+                "metadata": {"name": meta["name"], "namespace": meta["namespace"]},
+                "spec": body.get("spec") or {},
+            },
+            source=f"{key[0]}/{key[1]}",
+        )
+        memory.parsed = (*stamp, job)
+        memory.mounts = claim_mounts(job)
+        return job
+
+    def _base_status(self, body: dict[str, Any], memory: JobMemory) -> dict[str, Any]:
+        """The status as the server has it: our last write, unless the cache has seen a newer one."""
+        cached = dict(body.get("status") or {})
+        if memory.status is not None and memory.status_rv > _rv(body):
+            return dict(memory.status)
+        return cached
+
+    async def reconcile(self, key: Key) -> None:
+        namespace, name = key
+        body = self.ftj(key)
+        if body is None:
+            self.forget(key)
+            return
+        if body.get("metadata", {}).get("deletionTimestamp"):
+            return
+        memory = self.memory.setdefault(key, JobMemory())
+        if memory.created_at is None:
+            memory.created_at = time.time()
+        previous = self._base_status(body, memory)
+        if previous.get("phase") in FINAL:
+            self._track_gpu(key, previous, memory)
+            return
+        try:
+            job_model = self._parse(key, body, memory)
+        except ManifestError as exc:
+            await self._write(
+                key,
+                body,
+                memory,
+                previous,
+                {**previous, "phase": "Failed", "reason": "InvalidSpec", "message": str(exc)[:1000]},
+                events=[("Warning", "InvalidSpec", str(exc))],
+                cause="phase",
+            )
+            return
+
+        job_name = names.job_name(name)
+        jobs = _values(self.job_index, key)
+        job = jobs[0] if jobs else None
+        missing_confirmed = False
+        if job is None:
+            if previous.get("jobName"):
+                # The index may lag behind a Job we just created: ask the API.
+                job = await self.api.read_job(namespace, job_name)
+                missing_confirmed = job is None
+            else:
+                job = await self._create(key, body, job_model, memory, previous)
+                if job is None:
+                    return
+        else:
+            await self._sync_job(key, job, job_model)
+
+        pods = _values(self.pod_index, key)
+        memory.seen_pods.update(p["metadata"]["uid"] for p in pods if p.get("metadata", {}).get("uid"))
+        observed = Observed(
+            job=job,
+            pods=pods,
+            progress=self.progress.latest(key),
+            job_missing_confirmed=missing_confirmed,
+            seen_pods=len(memory.seen_pods),
+        )
+        result = compute_status(
+            previous,
+            job_model.spec,
+            observed,
+            generation=body.get("metadata", {}).get("generation"),
+            job_name=job_name,
+            mounts=memory.mounts,
+        )
+        new = result.status
+        phase_changed = previous.get("phase") != new.get("phase") or previous.get("reason") != new.get("reason")
+        patch = status_patch(previous, new)
+        if not patch:
+            self._track_gpu(key, new, memory)
+            return
+        cause = "phase" if phase_changed else "progress"
+        if cause == "progress" and new.get("phase") not in FINAL:
+            wait = memory.last_progress_patch + self.settings.status_interval - time.monotonic()
+            if wait > 0:
+                self.enqueue(key, delay=wait)
+                return
+        await self._write(
+            key,
+            body,
+            memory,
+            previous,
+            new,
+            events=[(e.type, e.reason, e.message) for e in result.events],
+            cause=cause,
+        )
+
+    async def _write(
+        self,
+        key: Key,
+        body: dict[str, Any],
+        memory: JobMemory,
+        previous: dict[str, Any],
+        new: dict[str, Any],
+        *,
+        events: Iterable[tuple[str, str, str]],
+        cause: str,
+    ) -> None:
+        namespace, name = key
+        patch = status_patch(previous, new)
+        try:
+            result = await self.api.patch_status(namespace, name, patch)
+        except Exception:
+            if self.metrics:
+                self.metrics.status_patch_errors.inc()
+            raise
+        if result is None:
+            self.forget(key)
+            return
+        memory.status = dict(result.get("status") or new)
+        memory.status_rv = _rv(result)
+        memory.last_progress_patch = time.monotonic()
+        if self.metrics:
+            self.metrics.status_patches.labels(cause).inc()
+        old_phase, new_phase = previous.get("phase"), new.get("phase")
+        LOG.info(
+            "event=status namespace=%s name=%s phase=%s reason=%s cause=%s",
+            namespace,
+            name,
+            new_phase,
+            new.get("reason"),
+            cause,
+        )
+        for kind, reason, message in events:
+            await self.api.post_event(body, type=kind, reason=reason, message=message)
+        first_step = not memory.counted_first_step and (new.get("progress") or {}).get("step")
+        if old_phase != new_phase or first_step:
+            self._observe_transition(key, body, memory, new)
+        self._track_gpu(key, new, memory)
+
+    def _observe_transition(self, key: Key, body: dict[str, Any], memory: JobMemory, new: dict[str, Any]) -> None:
+        if self.metrics is None:
+            return
+        phase = new.get("phase") or ""
+        self.metrics.transitions.labels(phase, new.get("reason") or "").inc()
+        age = self._age(body)
+        if age is None:
+            return
+        if phase in RUNNING_PHASES and not memory.counted_queue:
+            memory.counted_queue = True
+            self.metrics.queued_seconds.observe(age)
+        if (new.get("progress") or {}).get("step") and not memory.counted_first_step:
+            memory.counted_first_step = True
+            self.metrics.first_step_seconds.observe(age)
+        if phase in FINAL:
+            self.metrics.job_duration.labels(phase).observe(age)
+
+    @staticmethod
+    def _age(body: dict[str, Any]) -> float | None:
+        import datetime as dt
+
+        created = body.get("metadata", {}).get("creationTimestamp")
+        if not created:
+            return None
+        try:
+            moment = dt.datetime.fromisoformat(str(created).replace("Z", "+00:00"))
+        except ValueError:
+            return None
+        return max(0.0, (dt.datetime.now(dt.UTC) - moment).total_seconds())
+
+    def _track_gpu(self, key: Key, status: dict[str, Any], memory: JobMemory) -> None:
+        if self.metrics is None or memory.parsed is None:
+            return
+        gpus = memory.parsed[2].spec.resources.gpus
+        self.metrics.gpu_running(key[0], key[1], gpus, status.get("phase") in RUNNING_PHASES)
+
+    async def _create(
+        self,
+        key: Key,
+        body: dict[str, Any],
+        job_model: FineTuneJob,
+        memory: JobMemory,
+        previous: dict[str, Any],
+    ) -> dict[str, Any] | None:
+        namespace, name = key
+        uid = body["metadata"]["uid"]
+        settings = self.settings
+        rendered = render(
+            body,
+            job_model,
+            trainer_image=settings.trainer_image,
+            gpu_resource=settings.gpu_resource,
+            default_tolerations=settings.default_tolerations,
+            report_base_url=settings.report_url,
+            image_pull_policy=settings.image_pull_policy,
+            trainer_uid=settings.trainer_uid,
+        )
+        for obj in (rendered.secret, rendered.config_map, rendered.job):
+            ensured = await self.api.ensure(obj, owner_uid=uid)
+            if ensured.outcome == Outcome.CONFLICT:
+                message = (
+                    f"a {obj['kind']} named {obj['metadata']['name']} already exists and is not owned by this "
+                    "FineTuneJob: delete or rename it"
+                )
+                await self._write(
+                    key,
+                    body,
+                    memory,
+                    previous,
+                    {**previous, "phase": "Pending", "reason": "NameConflict", "message": message},
+                    events=[("Warning", "NameConflict", message)] if previous.get("reason") != "NameConflict" else [],
+                    cause="phase",
+                )
+                self.enqueue(key, delay=30)
+                return None
+            if obj["kind"] == "Secret":
+                if ensured.outcome == Outcome.CREATED:
+                    self.tokens[key] = obj["stringData"]["token"]
+                else:
+                    self.tokens.pop(key, None)
+            if obj["kind"] == "Job":
+                LOG.info(
+                    "event=job-%s namespace=%s name=%s job=%s",
+                    ensured.outcome.value,
+                    namespace,
+                    name,
+                    obj["metadata"]["name"],
+                )
+                return ensured.obj
+        return None
+
+    async def _sync_job(self, key: Key, job: dict[str, Any], job_model: FineTuneJob) -> None:
+        """Apply the mutable settings: suspension (both ways) and the TTL."""
+        policy = job_model.spec.run_policy
+        spec = job.get("spec") or {}
+        finished = any(
+            c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
+            for c in (job.get("status") or {}).get("conditions") or []
+        )
+        if finished:
+            return
+        patch: dict[str, Any] = {}
+        suspended = bool(spec.get("suspend"))
+        if policy.suspend and not suspended:
+            patch["suspend"] = True
+        elif not policy.suspend and suspended and not policy.queue_name:
+            patch["suspend"] = False
+        ttl = policy.ttl_seconds_after_finished
+        if ttl is not None and spec.get("ttlSecondsAfterFinished") != ttl:
+            patch["ttlSecondsAfterFinished"] = ttl
+        if patch:
+            LOG.info("event=job-sync namespace=%s name=%s patch=%s", key[0], key[1], patch)
+            await self.api.patch_job(key[0], job["metadata"]["name"], {"spec": patch})
+
+    def forget(self, key: Key) -> None:
+        self.memory.pop(key, None)
+        self.progress.forget(key)
+        self.tokens.pop(key, None)
+        if self.metrics:
+            self.metrics.forget(*key)
+
+    # --- views -----------------------------------------------------------------------------------
+
+    def job_views(self) -> list[JobView]:
+        views = []
+        for key in self.keys():
+            body = self.ftj(key)
+            if body is None:
+                continue
+            memory = self.memory.get(key)
+            status = self._base_status(body, memory) if memory else dict(body.get("status") or {})
+            progress = status.get("progress") or {}
+            event = self.progress.latest(key)
+            gpus = 0
+            if memory and memory.parsed:
+                gpus = memory.parsed[2].spec.resources.gpus
+            views.append(
+                JobView(
+                    namespace=key[0],
+                    name=key[1],
+                    phase=status.get("phase") or Phase.PENDING.value,
+                    step=event.step if event else progress.get("step"),
+                    total_steps=event.total_steps if event else progress.get("totalSteps"),
+                    loss=event.loss if event and event.loss is not None else progress.get("loss"),
+                    steps_per_second=event.steps_per_second if event else progress.get("stepsPerSecond"),
+                    gpus=gpus,
+                )
+            )
+        return views

@@ -1,0 +1,337 @@
+"""FineTuneJob -> the objects that run it: a ConfigMap (the resolved job file), a Secret (the
+report token) and a batch/v1 Job.  Pure functions: no API calls, tested without a cluster.
+"""
+
+from __future__ import annotations
+
+import copy
+import secrets
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from finetune_operator import __version__, names
+from finetune_operator.api.report import ExitCode
+from finetune_operator.api.v1alpha1 import API_VERSION, KIND, FineTuneJob, dump_spec
+
+MANAGED_BY = "finetune-operator"
+LABEL_JOB_NAME = "finetune.dev/job-name"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+ANNOTATION_FULL_NAME = "finetune.dev/finetunejob"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+
+CONTAINER_NAME = "trainer"
+JOB_FILE_DIR = "/etc/finetune"
+JOB_FILE = f"{JOB_FILE_DIR}/job.yaml"
+TOKEN_DIR = "/var/run/finetune/report"
+TOKEN_FILE = f"{TOKEN_DIR}/token"
+DATA_ROOT = "/data"
+CACHE_DIR = "/cache"
+TRAINER_COMMAND = ["accelerate", "launch"]
+TRAINER_MODULE_ARGS = ["-m", "finetune_trainer", "run", JOB_FILE]
+
+
+@dataclass(frozen=True)
+class ClaimMount:
+    """One PersistentVolumeClaim the pod mounts, and whether it needs to write to it."""
+
+    claim: str
+    path: str
+    read_only: bool
+
+    @property
+    def volume(self) -> str:
+        return names.volume_name(self.claim)
+
+
+@dataclass(frozen=True)
+class Rendered:
+    config_map: dict[str, Any]
+    secret: dict[str, Any]
+    job: dict[str, Any]
+    mounts: tuple[ClaimMount, ...]
+
+
+def trainer_command(gpus: int) -> list[str]:
+    """The container command; the trainer image's entrypoint is the same (a test compares them)."""
+    return [
+        *TRAINER_COMMAND,
+        "--num_processes",
+        str(gpus),
+        "--num_machines",
+        "1",
+        "--dynamo_backend",
+        "no",
+        *TRAINER_MODULE_ARGS,
+    ]
+
+
+def split_pvc(uri: str) -> tuple[str, str]:
+    """``pvc://claim/some/path/`` -> (``claim``, ``some/path/``)."""
+    parts = urlsplit(uri)
+    return parts.netloc, parts.path.lstrip("/")
+
+
+def claim_mounts(job: FineTuneJob) -> tuple[ClaimMount, ...]:
+    """Every claim named by a pvc:// URI; read-write where the trainer writes (output, class images)."""
+    spec = job.spec
+    uses: list[tuple[str | None, bool]] = [
+        (spec.base_model.uri, False),
+        (spec.dataset.instance_images, False),
+        # Class images generated when missing are saved there for reuse.
+        (spec.dataset.class_images, True),
+        (spec.output.uri, True),
+    ]
+    writable: dict[str, bool] = {}
+    for uri, writes in uses:
+        if uri and uri.startswith("pvc://"):
+            claim, _ = split_pvc(uri)
+            writable[claim] = writable.get(claim, False) or writes
+    return tuple(
+        ClaimMount(claim=claim, path=f"{DATA_ROOT}/{claim}", read_only=not writes)
+        for claim, writes in sorted(writable.items())
+    )
+
+
+def resolve_uri(uri: str | None) -> str | None:
+    """pvc://claim/path -> the path where the pod sees it."""
+    if uri is None or not uri.startswith("pvc://"):
+        return uri
+    claim, path = split_pvc(uri)
+    return f"{DATA_ROOT}/{claim}/{path}" if path else f"{DATA_ROOT}/{claim}"
+
+
+def display_uri(path: str | None, mounts: tuple[ClaimMount, ...] | list[ClaimMount]) -> str | None:
+    """The inverse of ``resolve_uri``: a path in the pod -> the pvc:// URI a person can use."""
+    if path is None:
+        return None
+    for mount in mounts:
+        if path == mount.path or path.startswith(mount.path + "/"):
+            rest = path[len(mount.path) :].lstrip("/")
+            return f"pvc://{mount.claim}/{rest}"
+    return path
+
+
+def resolved_manifest(job: FineTuneJob, *, namespace: str, name: str, uid: str) -> dict[str, Any]:
+    """The job file the trainer reads: the same FineTuneJob, pvc:// URIs replaced by mount paths."""
+    resolved = job.model_copy(deep=True)
+    spec = resolved.spec
+    spec.base_model.uri = resolve_uri(spec.base_model.uri) or spec.base_model.uri
+    spec.dataset.instance_images = resolve_uri(spec.dataset.instance_images) or spec.dataset.instance_images
+    spec.dataset.class_images = resolve_uri(spec.dataset.class_images)
+    spec.output.uri = resolve_uri(spec.output.uri) or spec.output.uri
+    body = dump_spec(resolved)
+    body.pop("status", None)
+    body["apiVersion"] = API_VERSION
+    body["kind"] = KIND
+    body["metadata"] = {"name": name, "namespace": namespace, "uid": uid}
+    return body
+
+
+def labels_for(name: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "finetune-trainer",
+        "app.kubernetes.io/instance": names.label_value(name),
+        "app.kubernetes.io/component": "trainer",
+        "app.kubernetes.io/part-of": "finetune",
+        LABEL_MANAGED_BY: MANAGED_BY,
+        LABEL_JOB_NAME: names.label_value(name),
+    }
+
+
+def owner_reference(name: str, uid: str) -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": name,
+        "uid": uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(name: str, namespace: str, uid: str, object_name: str) -> dict[str, Any]:
+    return {
+        "name": object_name,
+        "namespace": namespace,
+        "labels": labels_for(name),
+        "annotations": {ANNOTATION_FULL_NAME: name},
+        "ownerReferences": [owner_reference(name, uid)],
+    }
+
+
+def new_report_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def report_url(base: str, namespace: str, name: str) -> str:
+    return f"{base.rstrip('/')}/v1alpha1/namespaces/{namespace}/finetunejobs/{name}/progress" if base else ""
+
+
+def render(
+    body: dict[str, Any],
+    job: FineTuneJob,
+    *,
+    trainer_image: str,
+    gpu_resource: str = "nvidia.com/gpu",
+    default_tolerations: tuple[dict[str, Any], ...] | list[dict[str, Any]] = (),
+    report_base_url: str = "",
+    token: str = "",
+    image_pull_policy: str = "IfNotPresent",
+    trainer_uid: int = 1000,
+) -> Rendered:
+    """Render the ConfigMap, Secret and Job of the FineTuneJob ``body`` (parsed as ``job``)."""
+    meta = body["metadata"]
+    name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
+    spec = job.spec
+    mounts = claim_mounts(job)
+    labels = labels_for(name)
+
+    config_map: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(name, namespace, uid, names.config_map_name(name)),
+        "data": {
+            "job.yaml": yaml.safe_dump(resolved_manifest(job, namespace=namespace, name=name, uid=uid), sort_keys=False)
+        },
+    }
+    secret: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _metadata(name, namespace, uid, names.secret_name(name)),
+        "type": "Opaque",
+        "stringData": {"token": token or new_report_token()},
+    }
+
+    resources = spec.resources
+    gpu_name = resources.gpu_resource if resources.gpu_resource != "nvidia.com/gpu" else gpu_resource
+    env: list[dict[str, Any]] = [
+        {"name": "FINETUNE_JOB", "value": f"{namespace}/{name}"},
+        {"name": "FINETUNE_ATTEMPT", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "FINETUNE_REPORT_TOKEN_FILE", "value": TOKEN_FILE},
+        {"name": "FINETUNE_TERMINATION_LOG", "value": "/dev/termination-log"},
+        {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
+        {"name": "FINETUNE_CACHE_DIR", "value": CACHE_DIR},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    url = report_url(report_base_url, namespace, name)
+    if url:
+        env.insert(0, {"name": "FINETUNE_REPORT_URL", "value": url})
+    env_from = []
+    if spec.base_model.credentials_secret:
+        env_from.append({"secretRef": {"name": spec.base_model.credentials_secret}})
+
+    volumes: list[dict[str, Any]] = [
+        {"name": "job", "configMap": {"name": config_map["metadata"]["name"]}},
+        {"name": "report-token", "secret": {"secretName": secret["metadata"]["name"], "defaultMode": 0o440}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": resources.shm_size}},
+        {"name": "cache", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    volume_mounts: list[dict[str, Any]] = [
+        {"name": "job", "mountPath": JOB_FILE_DIR, "readOnly": True},
+        {"name": "report-token", "mountPath": TOKEN_DIR, "readOnly": True},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "cache", "mountPath": CACHE_DIR},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    for mount in mounts:
+        volumes.append(
+            {
+                "name": mount.volume,
+                "persistentVolumeClaim": {"claimName": mount.claim, "readOnly": mount.read_only},
+            }
+        )
+        volume_mounts.append({"name": mount.volume, "mountPath": mount.path, "readOnly": mount.read_only})
+
+    limits: dict[str, str] = {gpu_name: str(resources.gpus), "memory": resources.memory}
+    container = {
+        "name": CONTAINER_NAME,
+        "image": spec.image or trainer_image,
+        "imagePullPolicy": image_pull_policy,
+        "command": trainer_command(resources.gpus),
+        "env": env,
+        "envFrom": env_from,
+        "resources": {"requests": {"cpu": resources.cpu, "memory": resources.memory}, "limits": limits},
+        "volumeMounts": volume_mounts,
+        "terminationMessagePath": "/dev/termination-log",
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    if not env_from:
+        del container["envFrom"]
+
+    tolerations = [copy.deepcopy(t) for t in default_tolerations]
+    tolerations += [t for t in resources.tolerations if t not in tolerations]
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        # Trainer pods talk to no Kubernetes API: progress goes to the operator.
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": trainer_uid,
+            "runAsGroup": trainer_uid,
+            "fsGroup": trainer_uid,
+            "fsGroupChangePolicy": "OnRootMismatch",
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": volumes,
+        "tolerations": tolerations,
+        "terminationGracePeriodSeconds": 60,
+    }
+    if resources.node_selector:
+        pod_spec["nodeSelector"] = dict(resources.node_selector)
+    if resources.affinity:
+        pod_spec["affinity"] = copy.deepcopy(resources.affinity)
+    if resources.priority_class_name:
+        pod_spec["priorityClassName"] = resources.priority_class_name
+
+    policy = spec.run_policy
+    job_labels = dict(labels)
+    if policy.queue_name:
+        job_labels[KUEUE_QUEUE_LABEL] = policy.queue_name
+    job_spec: dict[str, Any] = {
+        "completions": 1,
+        "parallelism": 1,
+        "backoffLimit": policy.backoff_limit,
+        # With Kueue the Job starts suspended and Kueue admits it.
+        "suspend": bool(policy.suspend or policy.queue_name),
+        "podFailurePolicy": {
+            "rules": [
+                {
+                    # Bad input and out-of-memory cannot succeed on a retry.
+                    "action": "FailJob",
+                    "onExitCodes": {
+                        "containerName": CONTAINER_NAME,
+                        "operator": "In",
+                        "values": [int(ExitCode.BAD_INPUT), int(ExitCode.OUT_OF_MEMORY)],
+                    },
+                },
+                {
+                    # Preemption, eviction, node drain: not the job's fault.
+                    "action": "Ignore",
+                    "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+                },
+            ]
+        },
+        "template": {
+            "metadata": {"labels": dict(labels), "annotations": {ANNOTATION_FULL_NAME: name}},
+            "spec": pod_spec,
+        },
+    }
+    if policy.active_deadline_seconds is not None:
+        job_spec["activeDeadlineSeconds"] = policy.active_deadline_seconds
+    if policy.ttl_seconds_after_finished is not None:
+        job_spec["ttlSecondsAfterFinished"] = policy.ttl_seconds_after_finished
+    job_meta = _metadata(name, namespace, uid, names.job_name(name))
+    job_meta["labels"] = job_labels
+    job_meta["annotations"]["finetune.dev/operator-version"] = __version__
+    batch_job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": job_meta, "spec": job_spec}
+    return Rendered(config_map=config_map, secret=secret, job=batch_job, mounts=mounts)

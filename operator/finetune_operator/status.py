@@ -1,0 +1,361 @@
+"""(FineTuneJob, its Job, its Pods, the newest progress report) -> the FineTuneJob's status.
+
+Pure functions.  The reconciler feeds them what its caches hold and patches the
+difference; nothing here talks to the API.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from finetune_operator.api.report import ProgressEvent, TrainerSummary
+from finetune_operator.api.v1alpha1 import FineTuneJobSpec, Phase, Stage
+from finetune_operator.failures import (
+    Failure,
+    classify_job_failure,
+    classify_pod,
+    has_condition,
+    summary_of,
+    unschedulable,
+    waiting_problem,
+)
+from finetune_operator.render import ClaimMount, display_uri
+
+INITIALIZING_STAGES = {Stage.STARTING, Stage.DOWNLOADING, Stage.CLASS_IMAGES, Stage.CACHING, Stage.COMPILING}
+TRAINING_STAGES = {Stage.TRAINING, Stage.CHECKPOINTING, Stage.SAMPLING}
+EXPORTING_STAGES = {Stage.EXPORTING, Stage.UPLOADING, Stage.DONE}
+CONDITION_TYPES = ("Created", "Queued", "Running", "Suspended", "Succeeded", "Failed")
+
+
+def rfc3339(moment: dt.datetime) -> str:
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What the operator knows about one FineTuneJob's running parts."""
+
+    job: dict[str, Any] | None
+    pods: Sequence[dict[str, Any]] = ()
+    progress: ProgressEvent | None = None
+    job_missing_confirmed: bool = False
+    seen_pods: int = 0
+
+
+@dataclass(frozen=True)
+class Decision:
+    phase: Phase
+    reason: str
+    message: str
+
+
+@dataclass
+class Transition:
+    """A phase change worth an Event."""
+
+    type: str
+    reason: str
+    message: str
+
+
+@dataclass
+class StatusResult:
+    status: dict[str, Any]
+    events: list[Transition] = field(default_factory=list)
+
+
+def _sorted_pods(pods: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(pods, key=lambda p: (p.get("metadata", {}).get("creationTimestamp") or "", p["metadata"]["name"]))
+
+
+def _active(pods: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        p
+        for p in pods
+        if p.get("status", {}).get("phase") in (None, "Pending", "Running")
+        and not p.get("metadata", {}).get("deletionTimestamp")
+    ]
+
+
+def format_duration(seconds: float | None) -> str | None:
+    if seconds is None:
+        return None
+    seconds = int(max(0, seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+def decide_phase(
+    spec: FineTuneJobSpec,
+    previous: dict[str, Any],
+    observed: Observed,
+) -> Decision:
+    """The phase, its reason and a one-line message."""
+    job = observed.job
+    pods = _sorted_pods(observed.pods)
+    if job is None:
+        if observed.job_missing_confirmed and previous.get("jobName"):
+            return Decision(
+                Phase.FAILED,
+                "JobDeleted",
+                f"the Job {previous['jobName']} was deleted before the training finished; outputs already "
+                "written stay in place; create a new FineTuneJob to train again",
+            )
+        return Decision(Phase.PENDING, "Creating", "creating the training Job")
+
+    if has_condition(job, "Complete") or has_condition(job, "SuccessCriteriaMet"):
+        return Decision(Phase.SUCCEEDED, "Completed", "training finished; the model is exported")
+    if has_condition(job, "Failed") or has_condition(job, "FailureTarget"):
+        failure = classify_job_failure(
+            job, list(pods), backoff_limit=spec.run_policy.backoff_limit, memory=spec.resources.memory
+        )
+        return Decision(Phase.FAILED, failure.reason, failure.message)
+
+    active = _active(pods)
+    suspended = bool(job.get("spec", {}).get("suspend"))
+    if spec.run_policy.suspend:
+        message = "suspended by spec.runPolicy.suspend; set it to false to continue from the newest checkpoint"
+        if active:
+            message = "stopping the training pod (spec.runPolicy.suspend is true)"
+        return Decision(Phase.SUSPENDED, "Suspended", message)
+    if suspended:
+        queue = spec.run_policy.queue_name
+        if queue:
+            return Decision(Phase.QUEUED, "WaitingForAdmission", f"waiting for Kueue to admit the Job (queue {queue})")
+        return Decision(Phase.QUEUED, "JobSuspended", "the Job is suspended")
+
+    if not active:
+        failed = [p for p in pods if p.get("status", {}).get("phase") == "Failed"]
+        if failed:
+            failure = classify_pod(failed[-1], memory=spec.resources.memory) or Failure("Retrying", "")
+            return Decision(Phase.PENDING, "Retrying", f"retrying after {failure.reason}: {failure.message}"[:1000])
+        previous_phase = previous.get("phase")
+        if previous_phase in (Phase.SUSPENDED, None, Phase.PENDING):
+            return Decision(Phase.PENDING, "Starting", "waiting for the training pod")
+        return Decision(Phase(previous_phase), previous.get("reason") or "", previous.get("message") or "")
+
+    pod = active[-1]
+    scheduler_message = unschedulable(pod)
+    if scheduler_message is not None:
+        return Decision(Phase.QUEUED, "Unschedulable", scheduler_message)
+    problem = waiting_problem(pod)
+    if problem is not None:
+        return Decision(Phase.INITIALIZING, problem.reason, problem.message)
+    pod_phase = pod.get("status", {}).get("phase")
+    node = pod.get("spec", {}).get("nodeName")
+    if not node:
+        return Decision(Phase.PENDING, "Scheduling", "waiting for the scheduler to place the training pod")
+    if pod_phase != "Running":
+        return Decision(Phase.INITIALIZING, "PodStarting", f"starting the trainer on {node}")
+    progress = observed.progress
+    pod_name = pod["metadata"]["name"]
+    if progress is None or (progress.attempt and progress.attempt != pod_name):
+        return Decision(Phase.INITIALIZING, "TrainerStarting", "the trainer is starting")
+    stage = Stage(progress.stage)
+    if stage in TRAINING_STAGES:
+        return Decision(Phase.TRAINING, "Training", progress.message or f"training ({stage.value})")
+    if stage in EXPORTING_STAGES:
+        return Decision(Phase.EXPORTING, "Exporting", progress.message or f"{stage.value}")
+    return Decision(Phase.INITIALIZING, stage.value.title().replace("-", ""), progress.message or stage.value)
+
+
+def _set_condition(
+    conditions: list[dict[str, Any]], kind: str, status: bool, *, reason: str, message: str, now: str
+) -> None:
+    value = "True" if status else "False"
+    for condition in conditions:
+        if condition["type"] == kind:
+            if condition["status"] != value:
+                condition["lastTransitionTime"] = now
+            condition.update({"status": value, "reason": reason, "message": message[:1000]})
+            return
+    if status:
+        conditions.append(
+            {"type": kind, "status": value, "reason": reason, "message": message[:1000], "lastTransitionTime": now}
+        )
+
+
+def _progress_fields(
+    event: ProgressEvent | TrainerSummary, mounts: Sequence[ClaimMount], *, final: bool
+) -> dict[str, Any]:
+    """status.progress / checkpoints / output / warnings from a report or the final summary."""
+    out: dict[str, Any] = {}
+    total = event.total_steps
+    step = event.step
+    progress: dict[str, Any] = {"step": step, "totalSteps": total}
+    if total:
+        progress["percent"] = round(100.0 * step / total, 1)
+    if isinstance(event, ProgressEvent):
+        progress["stage"] = event.stage
+        for key, value in (
+            ("loss", event.loss),
+            ("learningRate", event.learning_rate),
+            ("stepsPerSecond", event.steps_per_second),
+            ("etaSeconds", event.eta_seconds),
+            ("peakMemoryBytes", event.peak_memory_bytes),
+        ):
+            if value is not None:
+                progress[key] = round(value, 6) if isinstance(value, float) else value
+        progress["updateTime"] = event.time
+    else:
+        progress["stage"] = Stage.DONE if event.phase == "Succeeded" else Stage.FAILED
+    if final:
+        progress["etaSeconds"] = 0
+    out["progress"] = progress
+    if event.checkpoints:
+        out["checkpoints"] = [
+            {
+                **c.model_dump(mode="json", by_alias=True, exclude_none=True),
+                "uri": display_uri(c.uri, list(mounts)) or c.uri,
+            }
+            for c in event.checkpoints
+        ]
+    uri = event.output_uri
+    if uri or event.files or event.samples:
+        output: dict[str, Any] = {}
+        if uri:
+            output["uri"] = display_uri(uri, list(mounts)) or uri
+        if event.files:
+            output["files"] = [f.model_dump(mode="json", by_alias=True) for f in event.files]
+        if event.samples:
+            output["samples"] = [display_uri(s, list(mounts)) or s for s in event.samples]
+        out["output"] = output
+    if event.warnings:
+        out["warnings"] = list(event.warnings)
+    return out
+
+
+def compute_status(
+    previous: dict[str, Any] | None,
+    spec: FineTuneJobSpec,
+    observed: Observed,
+    *,
+    generation: int | None,
+    job_name: str,
+    mounts: Sequence[ClaimMount] = (),
+    now: dt.datetime | None = None,
+) -> StatusResult:
+    """The whole new status.  A final phase is kept as it is: nothing overwrites a result."""
+    previous = copy.deepcopy(previous or {})
+    stamp = rfc3339(now or dt.datetime.now(dt.UTC))
+    if previous.get("phase") in (Phase.SUCCEEDED, Phase.FAILED):
+        return StatusResult(previous)
+
+    decision = decide_phase(spec, previous, observed)
+    status = copy.deepcopy(previous)
+    status["phase"] = decision.phase.value
+    status["reason"] = decision.reason
+    status["message"] = decision.message[:1000]
+    status["observedGeneration"] = generation
+    if observed.job is not None or previous.get("jobName"):
+        status["jobName"] = job_name
+
+    job = observed.job or {}
+    job_status = job.get("status", {})
+    counted = int(job_status.get("active") or 0) + int(job_status.get("failed") or 0)
+    counted += int(job_status.get("succeeded") or 0)
+    attempts = max(int(previous.get("attempts") or 0), counted, observed.seen_pods)
+    if attempts:
+        status["attempts"] = attempts
+    if job_status.get("startTime") and not status.get("startTime"):
+        status["startTime"] = job_status["startTime"]
+
+    # Progress: the newest report of the current attempt; at the end, the trainer's
+    # summary (termination message) when no final report arrived.
+    final_summary: TrainerSummary | None = None
+    if decision.phase in (Phase.SUCCEEDED, Phase.FAILED):
+        for pod in reversed(_sorted_pods(observed.pods)):
+            raw = summary_of(pod)
+            if raw is not None:
+                try:
+                    final_summary = TrainerSummary.model_validate(raw)
+                except ValueError:
+                    final_summary = None
+                break
+    event = observed.progress
+    if event is not None and (decision.phase != Phase.SUCCEEDED or event.stage == Stage.DONE or final_summary is None):
+        status.update(_progress_fields(event, mounts, final=decision.phase == Phase.SUCCEEDED))
+    elif final_summary is not None:
+        status.update(_progress_fields(final_summary, mounts, final=True))
+    if decision.phase == Phase.SUCCEEDED and status.get("progress"):
+        total = status["progress"].get("totalSteps") or 0
+        if total:
+            status["progress"]["step"] = max(status["progress"].get("step") or 0, total)
+            status["progress"]["percent"] = 100.0
+        status["progress"]["stage"] = Stage.DONE.value
+        status["progress"]["etaSeconds"] = 0
+
+    progress = status.get("progress") or {}
+    if progress.get("totalSteps"):
+        status["progressText"] = (
+            f"{progress.get('step', 0)}/{progress['totalSteps']} ({progress.get('percent', 0):.0f}%)"
+        )
+    eta = progress.get("etaSeconds")
+    status["etaText"] = format_duration(eta) if decision.phase == Phase.TRAINING and eta is not None else None
+    if status["etaText"] is None:
+        status.pop("etaText")
+
+    if decision.phase in (Phase.SUCCEEDED, Phase.FAILED):
+        completion = job_status.get("completionTime")
+        for condition in job_status.get("conditions") or []:
+            if condition.get("type") in ("Failed", "Complete") and condition.get("status") == "True":
+                completion = completion or condition.get("lastTransitionTime")
+        status["completionTime"] = completion or stamp
+
+    conditions = [dict(c) for c in previous.get("conditions") or []]
+    phase = decision.phase
+    running = phase in (Phase.INITIALIZING, Phase.TRAINING, Phase.EXPORTING)
+    reason, message = decision.reason, decision.message
+    if observed.job is not None:
+        _set_condition(conditions, "Created", True, reason="JobCreated", message=f"created Job {job_name}", now=stamp)
+    for kind, active in (
+        ("Queued", phase == Phase.QUEUED),
+        ("Running", running),
+        ("Suspended", phase == Phase.SUSPENDED),
+        ("Succeeded", phase == Phase.SUCCEEDED),
+        ("Failed", phase == Phase.FAILED),
+    ):
+        _set_condition(conditions, kind, active, reason=reason if active else f"Not{kind}", message=message, now=stamp)
+    conditions.sort(key=lambda c: CONDITION_TYPES.index(c["type"]) if c["type"] in CONDITION_TYPES else 99)
+    status["conditions"] = conditions
+
+    events: list[Transition] = []
+    if previous.get("phase") != phase.value or (
+        previous.get("reason") != decision.reason and phase in (Phase.QUEUED, Phase.INITIALIZING)
+    ):
+        warning = phase == Phase.FAILED or decision.reason in ("Unschedulable", "ImagePullBackOff", "Retrying")
+        events.append(
+            Transition(
+                "Warning" if warning else "Normal",
+                decision.reason if phase == Phase.FAILED or not decision.reason else phase.value,
+                f"{phase.value}: {decision.message}" if decision.message else phase.value,
+            )
+        )
+    return StatusResult(status, events)
+
+
+def status_patch(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """A JSON merge patch (RFC 7396) from ``old`` to ``new``: changed keys, removed keys as null."""
+    old = old or {}
+    patch: dict[str, Any] = {}
+    for key, value in new.items():
+        before = old.get(key)
+        if before == value:
+            continue
+        if isinstance(value, dict) and isinstance(before, dict):
+            patch[key] = status_patch(before, value)
+        else:
+            patch[key] = value
+    for key in old:
+        if key not in new:
+            patch[key] = None
+    return patch
