@@ -176,7 +176,7 @@ class LocalCluster:
 
     def kubectl(self, *args: str, check: bool = True, input: str | None = None) -> str:
         result = subprocess.run(
-            ["kubectl", f"--kubeconfig={self.kubeconfig}", *args],
+            ["kubectl", f"--kubeconfig={self.kubeconfig}", f"--cache-dir={self.state_dir / 'kubectl-cache'}", *args],
             capture_output=True,
             text=True,
             input=input,
@@ -185,6 +185,23 @@ class LocalCluster:
         if check and result.returncode != 0:
             raise ClusterError(f"kubectl {' '.join(args)} failed: {result.stderr.strip()}")
         return result.stdout if check else result.stdout + result.stderr
+
+    def install_crds(self, directory: Path, *, timeout: float = 30) -> None:
+        """Apply CRDs and wait until kubectl can use them (discovery caches lag behind)."""
+        import shutil
+
+        self.kubectl("apply", "--server-side", "-f", str(directory))
+        deadline = time.monotonic() + timeout
+        while True:
+            shutil.rmtree(self.state_dir / "kubectl-cache", ignore_errors=True)
+            # Discovery and the OpenAPI document (kubectl explain) both lag behind a new CRD.
+            listed = self.kubectl("get", "finetunejobs", "-A", check=False).lower()
+            explained = self.kubectl("explain", "finetunejobs.spec", check=False).lower()
+            if "error" not in listed and "error" not in explained:
+                return
+            if time.monotonic() > deadline:
+                raise ClusterError("the FineTuneJob CRD did not become usable")
+            time.sleep(0.3)
 
     def log_tail(self, name: str, lines: int = 40) -> str:
         path = self.logs / f"{name}.log"

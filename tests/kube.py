@@ -1,0 +1,198 @@
+"""Test helpers for the real local control plane: clients, waits, and the operator as a process."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from finetune_operator.api.v1alpha1 import GROUP, PLURAL, VERSION
+from finetune_operator.devcluster.cluster import LocalCluster
+
+T = TypeVar("T")
+
+
+def wait_for(check: Callable[[], T | None], *, timeout: float = 60, interval: float = 0.25, what: str = "") -> T:
+    """Poll ``check`` until it returns something truthy; fail with ``what`` and the last value."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except ApiException as exc:
+            last = f"ApiException {exc.status}: {exc.reason}"
+        else:
+            if last:
+                return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what or check}: last saw {last!r}")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Kube:
+    cluster: LocalCluster
+    api_client: client.ApiClient = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.api_client = config.new_client_from_config(config_file=str(self.cluster.kubeconfig))
+        self.core = client.CoreV1Api(self.api_client)
+        self.batch = client.BatchV1Api(self.api_client)
+        self.custom = client.CustomObjectsApi(self.api_client)
+        self.rbac = client.RbacAuthorizationV1Api(self.api_client)
+        self.apps = client.AppsV1Api(self.api_client)
+
+    def kubectl(self, *args: str, check: bool = True, input: str | None = None) -> str:
+        return self.cluster.kubectl(*args, check=check, input=input)
+
+    def plain(self, obj: Any) -> dict[str, Any]:
+        return dict(self.api_client.sanitize_for_serialization(obj))
+
+    def ftj(self, namespace: str, name: str) -> dict[str, Any]:
+        return dict(self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name))
+
+    def status(self, namespace: str, name: str) -> dict[str, Any]:
+        return dict(self.ftj(namespace, name).get("status") or {})
+
+    def create_ftj(self, namespace: str, manifest: dict[str, Any]) -> dict[str, Any]:
+        return dict(self.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, manifest))
+
+    def patch_ftj(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        return dict(self.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, patch))
+
+    def wait_phase(self, namespace: str, name: str, *phases: str, timeout: float = 120) -> dict[str, Any]:
+        def check() -> dict[str, Any] | None:
+            status = self.status(namespace, name)
+            return status if status.get("phase") in phases else None
+
+        try:
+            return wait_for(check, timeout=timeout, what=f"{namespace}/{name} in phase {phases}")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\nstatus now: {json.dumps(self.status(namespace, name), indent=1)}") from None
+
+    def pods(self, namespace: str, selector: str = "") -> list[Any]:
+        return list(self.core.list_namespaced_pod(namespace, label_selector=selector).items)
+
+    def create_namespace(self, name: str) -> None:
+        self.core.create_namespace({"metadata": {"name": name, "labels": {"finetune.dev/test": "true"}}})
+        # Pods need the namespace's default ServiceAccount, made by a controller.
+        wait_for(
+            lambda: self.core.read_namespaced_service_account("default", name),
+            timeout=30,
+            what=f"default ServiceAccount in {name}",
+        )
+
+    def create_pvc(self, namespace: str, name: str, size: str = "1Gi") -> Path:
+        """A claim of the local StorageClass; returns the directory the node agent backs it with."""
+        self.core.create_namespaced_persistent_volume_claim(
+            namespace,
+            {
+                "metadata": {"name": name},
+                "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": size}}},
+            },
+        )
+        wait_for(
+            lambda: self.core.read_namespaced_persistent_volume_claim(name, namespace).status.phase == "Bound",
+            timeout=30,
+            what=f"claim {namespace}/{name} bound",
+        )
+        path = self.cluster.volumes / namespace / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+@dataclass
+class OperatorProcess:
+    """The operator as the separate process it is in production, on free loopback ports."""
+
+    kubeconfig: Path
+    log_dir: Path
+    extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    progress_port: int = field(default_factory=free_port)
+    metrics_port: int = field(default_factory=free_port)
+    health_port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+
+    @property
+    def report_url(self) -> str:
+        return f"http://127.0.0.1:{self.progress_port}"
+
+    @property
+    def log(self) -> Path:
+        return self.log_dir / "operator.log"
+
+    def start(self) -> OperatorProcess:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.starts += 1
+        args = [
+            sys.executable,
+            "-m",
+            "finetune_operator",
+            "run",
+            f"--kubeconfig={self.kubeconfig}",
+            "--bind-address=127.0.0.1",
+            f"--progress-port={self.progress_port}",
+            f"--metrics-port={self.metrics_port}",
+            f"--health-port={self.health_port}",
+            f"--report-url={self.report_url}",
+            "--status-interval=1",
+            *self.extra_args,
+        ]
+        with open(self.log, "ab") as log:
+            log.write(f"--- start {self.starts} ---\n".encode())
+            self.process = subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env}, start_new_session=True
+            )
+        wait_for(self.ready, timeout=60, what="operator /readyz")
+        return self
+
+    def ready(self) -> bool:
+        if self.process is None or self.process.poll() is not None:
+            raise AssertionError(f"the operator exited; see {self.log}:\n{self.log_tail()}")
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/readyz", timeout=1) as response:
+                return bool(response.status == 200)
+        return False
+
+    def stop(self, *, timeout: float = 20) -> int | None:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        code = self.process.returncode
+        self.process = None
+        return code
+
+    def log_tail(self, lines: int = 40) -> str:
+        if not self.log.is_file():
+            return ""
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
+            return str(response.read().decode())

@@ -1,0 +1,208 @@
+"""Rendering a FineTuneJob into its ConfigMap, Secret and Job: pure, no cluster."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from finetune_operator import names
+from finetune_operator.api import load_manifest, parse_manifest
+from finetune_operator.render import (
+    ANNOTATION_FULL_NAME,
+    KUEUE_QUEUE_LABEL,
+    display_uri,
+    render,
+    resolve_uri,
+    trainer_command,
+)
+from tests.bad_specs import good_manifest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _body(manifest: dict[str, Any], name: str = "nick-portrait", namespace: str = "team-a") -> dict[str, Any]:
+    body = dict(manifest)
+    body["metadata"] = {"name": name, "namespace": namespace, "uid": "1234-uid"}
+    return body
+
+
+def _render(manifest: dict[str, Any], **kwargs: Any) -> Any:
+    body = _body(manifest, **{k: kwargs.pop(k) for k in ("name", "namespace") if k in kwargs})
+    job = parse_manifest(body)
+    options = {"trainer_image": "trainer:1", "report_base_url": "http://op.svc:8081", "token": "t0ken"}
+    options.update(kwargs)
+    return render(body, job, **options)
+
+
+def portrait() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "examples" / "portrait.yaml").read_text())
+
+
+def test_portrait_job_asks_for_one_gpu_and_runs_the_trainer() -> None:
+    rendered = _render(portrait())
+    job = rendered.job
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert container["command"] == trainer_command(1)
+    assert container["command"][:2] == ["accelerate", "launch"]
+    assert container["command"][-3:] == ["finetune_trainer", "run", "/etc/finetune/job.yaml"]
+    assert "--num_processes" in container["command"]
+    assert container["image"] == "trainer:1"
+    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    assert pod["restartPolicy"] == "Never"
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["tolerations"] == []
+    gpu_toleration = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    tolerated = _render(portrait(), default_tolerations=[gpu_toleration]).job["spec"]["template"]["spec"]
+    assert tolerated["tolerations"] == [gpu_toleration]
+
+
+def test_failure_policy_fails_fast_on_bad_input_and_ignores_disruptions() -> None:
+    rules = _render(portrait()).job["spec"]["podFailurePolicy"]["rules"]
+    fail = next(r for r in rules if r["action"] == "FailJob")
+    assert fail["onExitCodes"]["values"] == [2, 3]
+    assert fail["onExitCodes"]["containerName"] == "trainer"
+    ignore = next(r for r in rules if r["action"] == "Ignore")
+    assert ignore["onPodConditions"] == [{"type": "DisruptionTarget", "status": "True"}]
+
+
+def test_pvc_inputs_mount_read_only_and_output_read_write() -> None:
+    rendered = _render(portrait())
+    pod = rendered.job["spec"]["template"]["spec"]
+    claims = {v["persistentVolumeClaim"]["claimName"]: v for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    assert claims["datasets"]["persistentVolumeClaim"]["readOnly"] is True
+    assert claims["outputs"]["persistentVolumeClaim"]["readOnly"] is False
+    mounts = {m["mountPath"]: m for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts["/data/datasets"]["readOnly"] is True
+    assert mounts["/data/outputs"]["readOnly"] is False
+    assert "/dev/shm" in mounts
+    resolved = yaml.safe_load(rendered.config_map["data"]["job.yaml"])
+    assert resolved["spec"]["dataset"]["instanceImages"] == "/data/datasets/nick/"
+    assert resolved["spec"]["output"]["uri"] == "/data/outputs/nick/"
+    # The trainer validates the resolved file with the same models.
+    assert parse_manifest(resolved).spec.training.steps_per_image == 150
+
+
+def test_same_claim_for_input_and_output_is_mounted_once_writable() -> None:
+    manifest = good_manifest()
+    manifest["spec"]["dataset"]["instanceImages"] = "pvc://shared/images"
+    manifest["spec"]["output"]["uri"] = "pvc://shared/out"
+    pod = _render(manifest).job["spec"]["template"]["spec"]
+    shared = [v for v in pod["volumes"] if v.get("persistentVolumeClaim", {}).get("claimName") == "shared"]
+    assert len(shared) == 1
+    assert shared[0]["persistentVolumeClaim"]["readOnly"] is False
+
+
+def test_everything_is_owned_and_labelled() -> None:
+    rendered = _render(portrait())
+    for obj in (rendered.config_map, rendered.secret, rendered.job):
+        owner = obj["metadata"]["ownerReferences"][0]
+        assert owner["kind"] == "FineTuneJob"
+        assert owner["uid"] == "1234-uid"
+        assert owner["controller"] is True
+        labels = obj["metadata"]["labels"]
+        assert labels["app.kubernetes.io/managed-by"] == "finetune-operator"
+        assert labels["finetune.dev/job-name"] == "nick-portrait"
+        assert obj["metadata"]["annotations"][ANNOTATION_FULL_NAME] == "nick-portrait"
+    template = rendered.job["spec"]["template"]["metadata"]
+    assert template["labels"]["finetune.dev/job-name"] == "nick-portrait"
+
+
+def test_credentials_secret_becomes_environment_and_report_url_is_per_job() -> None:
+    container = _render(portrait()).job["spec"]["template"]["spec"]["containers"][0]
+    assert container["envFrom"] == [{"secretRef": {"name": "hf-token"}}]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["FINETUNE_REPORT_URL"]["value"] == (
+        "http://op.svc:8081/v1alpha1/namespaces/team-a/finetunejobs/nick-portrait/progress"
+    )
+    assert env["FINETUNE_ATTEMPT"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert "t0ken" not in str(container)
+
+
+def test_secret_holds_the_token_and_default_tokens_differ() -> None:
+    assert _render(portrait()).secret["stringData"]["token"] == "t0ken"
+    first = _render(portrait(), token="").secret["stringData"]["token"]
+    second = _render(portrait(), token="").secret["stringData"]["token"]
+    assert len(first) >= 32 and first != second
+
+
+def test_run_policy_maps_onto_the_job() -> None:
+    manifest = good_manifest()
+    manifest["spec"]["runPolicy"] = {
+        "backoffLimit": 5,
+        "activeDeadlineSeconds": 3600,
+        "ttlSecondsAfterFinished": 600,
+        "suspend": True,
+    }
+    spec = _render(manifest).job["spec"]
+    assert spec["backoffLimit"] == 5
+    assert spec["activeDeadlineSeconds"] == 3600
+    assert spec["ttlSecondsAfterFinished"] == 600
+    assert spec["suspend"] is True
+
+
+def test_kueue_queue_label_and_job_created_suspended() -> None:
+    manifest = good_manifest()
+    manifest["spec"]["runPolicy"] = {"queueName": "gpu-queue"}
+    job = _render(manifest).job
+    assert job["metadata"]["labels"][KUEUE_QUEUE_LABEL] == "gpu-queue"
+    assert job["spec"]["suspend"] is True
+
+
+def test_placement_settings_reach_the_pod() -> None:
+    manifest = good_manifest()
+    manifest["spec"]["resources"] = {
+        "gpus": 2,
+        "gpuResource": "amd.com/gpu",
+        "nodeSelector": {"pool": "a100"},
+        "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}],
+        "affinity": {"nodeAffinity": {}},
+        "priorityClassName": "training",
+    }
+    pod = _render(manifest, default_tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists"}]).job["spec"][
+        "template"
+    ]["spec"]
+    assert pod["containers"][0]["resources"]["limits"]["amd.com/gpu"] == "2"
+    assert "--num_processes" in pod["containers"][0]["command"]
+    assert pod["containers"][0]["command"][pod["containers"][0]["command"].index("--num_processes") + 1] == "2"
+    assert pod["nodeSelector"] == {"pool": "a100"}
+    assert pod["priorityClassName"] == "training"
+    assert pod["affinity"] == {"nodeAffinity": {}}
+    keys = [t["key"] for t in pod["tolerations"]]
+    assert keys == ["nvidia.com/gpu", "dedicated"]
+
+
+@pytest.mark.parametrize("length", [63, 64, 100, 253])
+def test_long_names_fit_every_limit_and_stay_distinct(length: int) -> None:
+    name = ("a" * (length - 1)) + "b"
+    other = ("a" * (length - 1)) + "c"
+    assert len(names.job_name(name)) <= 63
+    assert len(names.label_value(name)) <= 63
+    assert len(names.config_map_name(name)) <= 253
+    assert len(names.secret_name(name)) <= 253
+    if length > 63:
+        assert names.job_name(name) != names.job_name(other)
+    assert names.job_name(name) == names.job_name(name)
+    rendered = _render(good_manifest(), name=name)
+    assert rendered.job["metadata"]["annotations"][ANNOTATION_FULL_NAME] == name
+
+
+def test_uris_round_trip_between_pvc_and_mount_paths() -> None:
+    rendered = _render(portrait())
+    path = resolve_uri("pvc://outputs/nick/checkpoints/checkpoint-000100")
+    assert path == "/data/outputs/nick/checkpoints/checkpoint-000100"
+    assert display_uri(path, rendered.mounts) == "pvc://outputs/nick/checkpoints/checkpoint-000100"
+    assert display_uri("s3://bucket/x", rendered.mounts) == "s3://bucket/x"
+
+
+def test_every_example_renders() -> None:
+    for path in sorted((ROOT / "examples").glob("*.yaml")):
+        job = load_manifest(path)
+        body = _body(job.model_dump(mode="json", by_alias=True, exclude_none=True))
+        rendered = render(body, job, trainer_image="t:1")
+        assert rendered.job["kind"] == "Job"

@@ -1,0 +1,242 @@
+"""(Job, Pods, progress) -> FineTuneJob status: pure, no cluster."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from finetune_operator.api import parse_manifest
+from finetune_operator.api.report import ProgressEvent
+from finetune_operator.render import ClaimMount
+from finetune_operator.status import Observed, compute_status, format_duration, status_patch
+from tests.bad_specs import good_manifest
+
+SPEC = parse_manifest(good_manifest()).spec
+MOUNTS = (ClaimMount("outputs", "/data/outputs", False),)
+
+
+def job(*, suspend: bool = False, conditions: list[dict[str, Any]] | None = None, **status: Any) -> dict[str, Any]:
+    return {
+        "metadata": {"name": "good"},
+        "spec": {"suspend": suspend, "activeDeadlineSeconds": 600},
+        "status": {"conditions": conditions or [], **status},
+    }
+
+
+def pod(
+    name: str = "good-abc",
+    *,
+    phase: str = "Running",
+    created: str = "2026-01-01T00:00:00Z",
+    node: str | None = "gpu-node-1",
+    state: dict[str, Any] | None = None,
+    conditions: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "uid": name + "-uid", "creationTimestamp": created},
+        "spec": {"nodeName": node},
+        "status": {
+            "phase": phase,
+            "conditions": conditions or [],
+            "containerStatuses": [{"name": "trainer", "state": state or {}}],
+        },
+    }
+
+
+def terminated(code: int, message: str = "", reason: str = "Error") -> dict[str, Any]:
+    return {"terminated": {"exitCode": code, "message": message, "reason": reason}}
+
+
+def event(stage: str = "training", step: int = 10, total: int = 100, attempt: str = "good-abc") -> ProgressEvent:
+    return ProgressEvent.model_validate(
+        {
+            "seq": step,
+            "attempt": attempt,
+            "time": "2026-01-01T00:01:00Z",
+            "stage": stage,
+            "step": step,
+            "totalSteps": total,
+            "loss": 0.1234567,
+            "learningRate": 2e-6,
+            "stepsPerSecond": 2.5,
+            "etaSeconds": 36,
+            "checkpoints": [{"step": 10, "uri": "/data/outputs/good/checkpoints/checkpoint-000010", "sizeBytes": 5}],
+        }
+    )
+
+
+def status_of(observed: Observed, previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    return compute_status(previous, SPEC, observed, generation=1, job_name="good", mounts=MOUNTS).status
+
+
+def test_new_job_is_pending_with_conditions() -> None:
+    status = status_of(Observed(job=job()))
+    assert status["phase"] == "Pending"
+    assert status["jobName"] == "good"
+    assert status["observedGeneration"] == 1
+    created = next(c for c in status["conditions"] if c["type"] == "Created")
+    assert created["status"] == "True"
+
+
+def test_unschedulable_pod_is_queued_with_the_schedulers_words() -> None:
+    message = "0/2 nodes are available: 2 Insufficient nvidia.com/gpu."
+    unschedulable = pod(
+        phase="Pending",
+        node=None,
+        conditions=[{"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message}],
+    )
+    status = status_of(Observed(job=job(active=1), pods=[unschedulable]))
+    assert status["phase"] == "Queued"
+    assert status["reason"] == "Unschedulable"
+    assert status["message"] == message
+
+
+def test_image_pull_problem_is_named() -> None:
+    stuck = pod(phase="Pending", state={"waiting": {"reason": "ImagePullBackOff", "message": "no such image x:1"}})
+    status = status_of(Observed(job=job(active=1), pods=[stuck]))
+    assert (status["phase"], status["reason"]) == ("Initializing", "ImagePullBackOff")
+    assert "no such image" in status["message"]
+
+
+def test_training_progress_fills_status_and_printer_columns() -> None:
+    status = status_of(Observed(job=job(active=1), pods=[pod()], progress=event()))
+    assert status["phase"] == "Training"
+    progress = status["progress"]
+    assert (progress["step"], progress["totalSteps"], progress["percent"]) == (10, 100, 10.0)
+    assert progress["loss"] == 0.123457
+    assert status["progressText"] == "10/100 (10%)"
+    assert status["etaText"] == "36s"
+    assert status["checkpoints"][0]["uri"] == "pvc://outputs/good/checkpoints/checkpoint-000010"
+
+
+def test_progress_of_an_earlier_attempt_is_not_the_current_state() -> None:
+    status = status_of(Observed(job=job(active=1), pods=[pod("good-new")], progress=event(attempt="good-old")))
+    assert status["phase"] == "Initializing"
+
+
+def test_success_uses_the_termination_summary_when_no_final_report_arrived() -> None:
+    summary = {
+        "phase": "Succeeded",
+        "step": 100,
+        "totalSteps": 100,
+        "outputUri": "/data/outputs/good",
+        "files": [{"path": "model.safetensors", "sizeBytes": 10, "sha256": "ab" * 32}],
+    }
+    done = pod(phase="Succeeded", state=terminated(0, json.dumps(summary), "Completed"))
+    complete = job(
+        succeeded=1,
+        completionTime="2026-01-01T01:00:00Z",
+        conditions=[{"type": "Complete", "status": "True"}],
+    )
+    status = status_of(Observed(job=complete, pods=[done], progress=event(step=40)))
+    assert status["phase"] == "Succeeded"
+    assert status["progress"]["step"] == 100
+    assert status["progress"]["percent"] == 100.0
+    assert status["output"]["uri"] == "pvc://outputs/good"
+    assert status["output"]["files"][0]["sha256"] == "ab" * 32
+    assert status["completionTime"] == "2026-01-01T01:00:00Z"
+    assert "etaText" not in status
+
+
+def test_bad_input_fails_with_the_trainers_message() -> None:
+    summary = {"phase": "Failed", "reason": "BadInput", "message": "spec.dataset.instanceImages: no images in /x"}
+    failed_pod = pod(phase="Failed", state=terminated(2, json.dumps(summary)))
+    failed = job(failed=1, conditions=[{"type": "Failed", "status": "True", "reason": "PodFailurePolicy"}])
+    status = status_of(Observed(job=failed, pods=[failed_pod]))
+    assert (status["phase"], status["reason"]) == ("Failed", "BadInput")
+    assert status["message"] == "spec.dataset.instanceImages: no images in /x"
+    assert status["attempts"] == 1
+
+
+def test_backoff_limit_names_the_setting_and_the_last_error() -> None:
+    pods = [
+        pod(f"good-{i}", phase="Failed", created=f"2026-01-01T00:0{i}:00Z", state=terminated(1, f"boom {i}"))
+        for i in range(4)
+    ]
+    failed = job(failed=4, conditions=[{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}])
+    status = status_of(Observed(job=failed, pods=pods))
+    assert status["reason"] == "BackoffLimit"
+    assert "backoffLimit=3" in status["message"]
+    assert "boom 3" in status["message"]
+    assert status["attempts"] == 4
+
+
+def test_deadline_exceeded_names_the_setting() -> None:
+    failed = job(conditions=[{"type": "Failed", "status": "True", "reason": "DeadlineExceeded"}])
+    status = status_of(Observed(job=failed, pods=[]))
+    assert status["reason"] == "DeadlineExceeded"
+    assert "activeDeadlineSeconds=600" in status["message"]
+
+
+def test_out_of_memory_is_its_own_reason() -> None:
+    summary = {"phase": "Failed", "reason": "OutOfMemory", "message": "CUDA out of memory: set gradientCheckpointing"}
+    failed_pod = pod(phase="Failed", state=terminated(3, json.dumps(summary)))
+    failed = job(conditions=[{"type": "Failed", "status": "True", "reason": "PodFailurePolicy"}])
+    assert status_of(Observed(job=failed, pods=[failed_pod]))["reason"] == "OutOfMemory"
+
+
+def test_disrupted_pod_is_retried_not_failed() -> None:
+    evicted = pod(
+        phase="Failed",
+        state=terminated(143),
+        conditions=[{"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}],
+    )
+    status = status_of(Observed(job=job(), pods=[evicted], seen_pods=1))
+    assert status["phase"] == "Pending"
+    assert status["reason"] == "Retrying"
+    assert "Evicted" in status["message"]
+
+
+def test_suspend_shows_suspended() -> None:
+    manifest = good_manifest()
+    manifest["spec"]["runPolicy"] = {"suspend": True}
+    spec = parse_manifest(manifest).spec
+    result = compute_status({"phase": "Training"}, spec, Observed(job=job(suspend=True)), generation=2, job_name="good")
+    assert result.status["phase"] == "Suspended"
+    assert [e.reason for e in result.events] == ["Suspended"]
+
+
+def test_resume_leaves_suspended_at_once() -> None:
+    previous = {
+        "phase": "Suspended",
+        "jobName": "good",
+        "conditions": [{"type": "Suspended", "status": "True", "reason": "Suspended", "message": ""}],
+    }
+    status = status_of(Observed(job=job(suspend=False)), previous=previous)
+    assert status["phase"] == "Pending"
+    suspended = next(c for c in status["conditions"] if c["type"] == "Suspended")
+    assert suspended["status"] == "False"
+
+
+def test_final_phase_is_never_overwritten() -> None:
+    final = {"phase": "Succeeded", "reason": "Completed", "jobName": "good"}
+    result = compute_status(final, SPEC, Observed(job=None, job_missing_confirmed=True), generation=1, job_name="good")
+    assert result.status == final
+    assert result.events == []
+
+
+def test_a_deleted_job_of_a_running_finetunejob_is_reported_not_recreated() -> None:
+    status = status_of(
+        Observed(job=None, job_missing_confirmed=True), previous={"phase": "Training", "jobName": "good"}
+    )
+    assert (status["phase"], status["reason"]) == ("Failed", "JobDeleted")
+
+
+def test_one_event_per_transition() -> None:
+    first = compute_status(None, SPEC, Observed(job=job()), generation=1, job_name="good")
+    assert len(first.events) == 1
+    again = compute_status(first.status, SPEC, Observed(job=job()), generation=1, job_name="good")
+    assert again.events == []
+
+
+def test_status_patch_is_a_merge_of_what_changed() -> None:
+    old = {"phase": "Training", "progress": {"step": 1, "etaSeconds": 9}, "jobName": "x"}
+    new = {"phase": "Training", "progress": {"step": 2}, "jobName": "x"}
+    assert status_patch(old, new) == {"progress": {"step": 2, "etaSeconds": None}}
+    assert status_patch(new, new) == {}
+
+
+def test_durations_read_like_kubectl() -> None:
+    assert format_duration(36) == "36s"
+    assert format_duration(200) == "3m20s"
+    assert format_duration(7300) == "2h01m"
