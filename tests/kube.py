@@ -169,9 +169,11 @@ class OperatorProcess:
     def ready(self) -> bool:
         if self.process is None or self.process.poll() is not None:
             raise AssertionError(f"the operator exited; see {self.log}:\n{self.log_tail()}")
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/readyz", timeout=1) as response:
-                return bool(response.status == 200)
+        with (
+            contextlib.suppress(OSError),
+            urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/readyz", timeout=1) as response,
+        ):
+            return bool(response.status == 200)
         return False
 
     def stop(self, *, timeout: float = 20) -> int | None:

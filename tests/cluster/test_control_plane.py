@@ -142,7 +142,7 @@ def test_pod_sees_its_volumes_at_their_mount_paths(kube: Kube, namespace: str) -
         {"name": "cfg", "mountPath": "/cfg-ro", "readOnly": True},
     ]
     kube.batch.create_namespaced_job(namespace, job)
-    wait_for(lambda: (data / "out.txt").is_file(), timeout=60, what="the pod to write through its claim")
+    wait_for((data / "out.txt").is_file, timeout=60, what="the pod to write through its claim")
     assert (data / "out.txt").read_text() == "hellofrom the claim"
     # A read-only mount refuses writes, so the command fails after writing out.txt.
     pods = wait_for(
@@ -198,7 +198,9 @@ def test_cluster_up_then_down_leaves_no_process(tmp_path: Path) -> None:
     state = tmp_path / "state"
     command = [sys.executable, "-m", "finetune_operator.devcluster"]
     started = time.monotonic()
-    up = subprocess.run([*command, "up", "--state-dir", str(state)], capture_output=True, text=True, timeout=120)
+    up = subprocess.run(
+        [*command, "up", "--state-dir", str(state)], capture_output=True, text=True, timeout=120, check=False
+    )
     took = time.monotonic() - started
     assert up.returncode == 0, up.stderr
     assert "KUBECONFIG" in up.stdout
@@ -207,7 +209,9 @@ def test_cluster_up_then_down_leaves_no_process(tmp_path: Path) -> None:
     ).stdout
     assert "gpu-node-1" in nodes
     assert _processes_mentioning(str(state)), "nothing was running"
-    down = subprocess.run([*command, "down", "--state-dir", str(state)], capture_output=True, text=True, timeout=120)
+    down = subprocess.run(
+        [*command, "down", "--state-dir", str(state)], capture_output=True, text=True, timeout=120, check=False
+    )
     assert down.returncode == 0, down.stderr
     assert _processes_mentioning(str(state)) == []
     print(f"control plane up in {took:.1f}s")
