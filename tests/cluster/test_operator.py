@@ -1,0 +1,164 @@
+"""The operator against the real control plane: objects, phases, suspension, names, deletion,
+restarts.  These jobs never need the trainer to succeed (see tests/e2e for that)."""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.bad_specs import good_manifest
+from tests.kube import Kube, OperatorProcess, wait_for
+
+pytestmark = pytest.mark.cluster
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def portrait(name: str = "nick-portrait") -> dict[str, Any]:
+    manifest = yaml.safe_load((ROOT / "examples" / "portrait.yaml").read_text())
+    manifest["metadata"] = {"name": name}
+    # No such Secret here: the pod would wait for it.  Keep the rest as the tutorial has it.
+    del manifest["spec"]["baseModel"]["credentialsSecret"]
+    return manifest
+
+
+def owned_by(obj: Any, uid: str) -> bool:
+    return any(ref.uid == uid and ref.controller for ref in obj.metadata.owner_references or [])
+
+
+def test_portrait_gets_its_objects_and_a_phase_at_once(kube: Kube, namespace: str, operator: OperatorProcess) -> None:
+    created = kube.create_ftj(namespace, portrait())
+    uid = created["metadata"]["uid"]
+    started = time.monotonic()
+    wait_for(lambda: kube.status(namespace, "nick-portrait").get("phase"), timeout=10, what="a phase")
+    assert time.monotonic() - started < 10
+    printed = kube.kubectl("-n", namespace, "get", "ftj")
+    assert "nick-portrait" in printed.splitlines()[1]
+    assert printed.splitlines()[0].split()[:5] == ["NAME", "PHASE", "PROGRESS", "ETA", "LOSS"]
+
+    job = wait_for(lambda: kube.batch.read_namespaced_job("nick-portrait", namespace), what="the Job")
+    config_map = kube.core.read_namespaced_config_map("nick-portrait-job", namespace)
+    secret = kube.core.read_namespaced_secret("nick-portrait-report", namespace)
+    for obj in (job, config_map, secret):
+        assert owned_by(obj, uid), obj.metadata.name
+    pod = job.spec.template.spec
+    assert pod.containers[0].resources.limits["nvidia.com/gpu"] == "1"
+    claims = sorted(v.persistent_volume_claim.claim_name for v in pod.volumes if v.persistent_volume_claim)
+    assert claims == ["datasets", "outputs"]
+    assert job.spec.pod_failure_policy.rules[0].action == "FailJob"
+    assert "job.yaml" in config_map.data
+    assert len(secret.data["token"]) > 20
+
+
+def test_more_gpus_than_any_node_is_queued_with_the_schedulers_reason(
+    kube: Kube, namespace: str, operator: OperatorProcess
+) -> None:
+    manifest = good_manifest("too-big")
+    manifest["spec"]["resources"] = {"gpus": 4, "cpu": "1", "memory": "1Gi"}
+    manifest["spec"]["baseModel"]["uri"] = "/nonexistent/model"
+    manifest["spec"]["dataset"]["instanceImages"] = "/nonexistent/images"
+    manifest["spec"]["output"]["uri"] = "/nonexistent/out"
+    kube.create_ftj(namespace, manifest)
+    status = kube.wait_phase(namespace, "too-big", "Queued", timeout=60)
+    assert status["reason"] == "Unschedulable"
+    assert "Insufficient nvidia.com/gpu" in status["message"]
+    described = kube.kubectl("-n", namespace, "describe", "ftj", "too-big")
+    assert "Insufficient nvidia.com/gpu" in described
+
+
+def test_a_100_character_name_works(kube: Kube, namespace: str, operator: OperatorProcess) -> None:
+    name = "a" * 90 + "-portraits"
+    assert len(name) == 100
+    manifest = good_manifest(name)
+    manifest["spec"]["resources"] = {"gpus": 4}
+    kube.create_ftj(namespace, manifest)
+    status = kube.wait_phase(namespace, name, "Queued", timeout=60)
+    job_name = status["jobName"]
+    assert len(job_name) <= 63 and job_name.startswith("aaaa")
+    job = kube.batch.read_namespaced_job(job_name, namespace)
+    assert job.metadata.annotations["finetune.dev/finetunejob"] == name
+
+
+def test_deleting_the_finetunejob_removes_everything_it_owns(
+    kube: Kube, namespace: str, operator: OperatorProcess
+) -> None:
+    manifest = good_manifest("doomed")
+    manifest["spec"]["resources"] = {"gpus": 4}
+    kube.create_ftj(namespace, manifest)
+    kube.wait_phase(namespace, "doomed", "Queued", timeout=60)
+    assert kube.pods(namespace, "finetune.dev/job-name=doomed")
+    kube.kubectl("-n", namespace, "delete", "ftj", "doomed", "--wait=true", "--timeout=30s")
+
+    def gone() -> bool:
+        selector = "finetune.dev/job-name=doomed"
+        return not (
+            kube.batch.list_namespaced_job(namespace, label_selector=selector).items
+            or kube.core.list_namespaced_config_map(namespace, label_selector=selector).items
+            or kube.core.list_namespaced_secret(namespace, label_selector=selector).items
+            or kube.pods(namespace, selector)
+        )
+
+    wait_for(gone, timeout=60, what="the garbage collector to remove the Job, pods, ConfigMap and Secret")
+
+
+def test_suspend_and_resume_follow_the_spec(kube: Kube, namespace: str, operator: OperatorProcess) -> None:
+    manifest = good_manifest("pausable")
+    manifest["spec"]["resources"] = {"gpus": 4}
+    kube.create_ftj(namespace, manifest)
+    kube.wait_phase(namespace, "pausable", "Queued", timeout=60)
+    kube.patch_ftj(namespace, "pausable", {"spec": {"runPolicy": {"suspend": True}}})
+    status = kube.wait_phase(namespace, "pausable", "Suspended", timeout=30)
+    assert "runPolicy.suspend" in status["message"]
+    assert kube.batch.read_namespaced_job("pausable", namespace).spec.suspend is True
+    wait_for(
+        lambda: not kube.pods(namespace, "finetune.dev/job-name=pausable"), timeout=60, what="the pod to be removed"
+    )
+    kube.patch_ftj(namespace, "pausable", {"spec": {"runPolicy": {"suspend": False}}})
+    status = kube.wait_phase(namespace, "pausable", "Queued", "Pending", timeout=30)
+    assert kube.batch.read_namespaced_job("pausable", namespace).spec.suspend is False
+    wait_for(lambda: kube.pods(namespace, "finetune.dev/job-name=pausable"), timeout=60, what="a new pod")
+    suspended = next(c for c in kube.status(namespace, "pausable")["conditions"] if c["type"] == "Suspended")
+    assert suspended["status"] == "False"
+
+
+def test_restarting_the_operator_changes_nothing(kube: Kube, namespace: str, operator: OperatorProcess) -> None:
+    manifest = good_manifest("steady")
+    manifest["spec"]["resources"] = {"gpus": 4}
+    kube.create_ftj(namespace, manifest)
+    before = kube.wait_phase(namespace, "steady", "Queued", timeout=60)
+    job_uid = kube.batch.read_namespaced_job("steady", namespace).metadata.uid
+    secret_token = kube.core.read_namespaced_secret("steady-report", namespace).data["token"]
+
+    operator.stop()
+    operator.start()
+    time.sleep(3)
+    after = kube.status(namespace, "steady")
+    assert after["phase"] == before["phase"] and after["reason"] == before["reason"]
+    jobs = kube.batch.list_namespaced_job(namespace).items
+    assert [j.metadata.uid for j in jobs] == [job_uid]
+    assert kube.core.read_namespaced_secret("steady-report", namespace).data["token"] == secret_token
+    ours = [e for e in kube.core.list_namespaced_event(namespace).items if e.source.component == "finetune-operator"]
+    assert len([e for e in ours if e.reason == "Queued"]) == 1
+
+
+def test_a_name_taken_by_someone_else_is_a_conflict_not_a_takeover(
+    kube: Kube, namespace: str, operator: OperatorProcess
+) -> None:
+    kube.core.create_namespaced_secret(
+        namespace, {"metadata": {"name": "clash-report"}, "stringData": {"token": "theirs"}}
+    )
+    kube.create_ftj(namespace, copy.deepcopy(good_manifest("clash")))
+
+    def conflicted() -> dict[str, Any] | None:
+        status = kube.status(namespace, "clash")
+        return status if status.get("reason") == "NameConflict" else None
+
+    status = wait_for(conflicted, timeout=30, what="a NameConflict")
+    assert "clash-report" in status["message"]
+    secret = kube.core.read_namespaced_secret("clash-report", namespace)
+    assert not secret.metadata.owner_references
+    assert not kube.batch.list_namespaced_job(namespace).items

@@ -1,0 +1,152 @@
+"""The progress endpoint: only the job's own token writes its progress, reports coalesce into
+a bounded number of status patches, and metrics carry progress."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import datetime as dt
+import json
+import re
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+import pytest
+
+from tests.bad_specs import good_manifest
+from tests.kube import Kube, OperatorProcess, wait_for
+
+pytestmark = pytest.mark.cluster
+
+
+def queued_job(kube: Kube, namespace: str, name: str) -> str:
+    """A FineTuneJob that never gets a GPU (so no trainer reports but ours); returns its token."""
+    manifest = good_manifest(name)
+    manifest["spec"]["resources"] = {"gpus": 8}
+    kube.create_ftj(namespace, manifest)
+    kube.wait_phase(namespace, name, "Queued", timeout=60)
+    secret = kube.core.read_namespaced_secret(f"{name}-report", namespace)
+    return base64.b64decode(secret.data["token"]).decode()
+
+
+def report(step: int, *, total: int = 100, stage: str = "training", attempt: str = "pod-a") -> dict[str, Any]:
+    return {
+        "seq": step,
+        "attempt": attempt,
+        "time": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        "stage": stage,
+        "step": step,
+        "totalSteps": total,
+        "loss": 0.5 - step / 1000,
+        "learningRate": 1e-5,
+        "stepsPerSecond": 4.0,
+        "etaSeconds": (total - step) // 4,
+    }
+
+
+def post(
+    operator: OperatorProcess, namespace: str, name: str, token: str | None, body: bytes | dict[str, Any]
+) -> tuple[int, dict[str, Any]]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(
+        f"{operator.report_url}/v1alpha1/namespaces/{namespace}/finetunejobs/{name}/progress",
+        data=data,
+        method="POST",
+        headers={"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def metric(text: str, name: str, labels: str = "") -> float:
+    total = 0.0
+    pattern = re.compile(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$")
+    for line in text.splitlines():
+        match = pattern.match(line)
+        if match and labels in (match.group(1) or ""):
+            total += float(match.group(2))
+    return total
+
+
+def test_a_report_with_the_right_token_reaches_status_and_metrics(
+    kube: Kube, namespace: str, operator: OperatorProcess
+) -> None:
+    token = queued_job(kube, namespace, "reported")
+    code, body = post(operator, namespace, "reported", token, report(42))
+    assert (code, body) == (202, {"accepted": True})
+    status = wait_for(
+        lambda: (s := kube.status(namespace, "reported")).get("progress", {}).get("step") == 42 and s,
+        timeout=15,
+        what="step 42 on the resource",
+    )
+    assert status["progress"]["totalSteps"] == 100
+    assert status["progressText"] == "42/100 (42%)"
+    text = operator.metrics()
+    assert metric(text, "finetune_job_step", f'name="reported",namespace="{namespace}"') == 42
+    assert metric(text, "finetune_job_loss", f'name="reported",namespace="{namespace}"') == pytest.approx(0.458)
+
+
+def test_wrong_tokens_unknown_jobs_and_huge_bodies_are_rejected(
+    kube: Kube, namespace: str, operator: OperatorProcess
+) -> None:
+    token = queued_job(kube, namespace, "guarded")
+    other_token = queued_job(kube, namespace, "neighbour")
+    before = kube.status(namespace, "guarded")
+    assert post(operator, namespace, "guarded", None, report(1))[0] == 401
+    assert post(operator, namespace, "guarded", "not-the-token", report(1))[0] == 403
+    assert post(operator, namespace, "guarded", other_token, report(1))[0] == 403
+    assert post(operator, namespace, "nobody", token, report(1))[0] == 404
+    assert post(operator, "other-namespace", "guarded", token, report(1))[0] == 404
+    huge = report(1)
+    huge["message"] = "x" * 300_000
+    assert post(operator, namespace, "guarded", token, json.dumps(huge).encode())[0] == 413
+    assert post(operator, namespace, "guarded", token, b"{not json")[0] == 422
+    time.sleep(2.5)
+    after = kube.status(namespace, "guarded")
+    assert "progress" not in after
+    assert after == before
+    assert metric(operator.metrics(), "finetune_progress_reports_total", 'result="rejected"') >= 6
+
+
+def test_a_flood_of_reports_yields_a_bounded_number_of_patches(
+    kube: Kube, namespace: str, operator: OperatorProcess
+) -> None:
+    token = queued_job(kube, namespace, "flooded")
+    time.sleep(1.5)
+    patches_before = metric(operator.metrics(), "finetune_status_patches_total")
+    started = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        codes = list(
+            pool.map(lambda i: post(operator, namespace, "flooded", token, report(i, total=1000))[0], range(1, 1001))
+        )
+    flood_seconds = time.monotonic() - started
+    assert codes.count(202) == 1000
+    status = wait_for(
+        lambda: (s := kube.status(namespace, "flooded")).get("progress", {}).get("step") == 1000 and s,
+        timeout=15,
+        what="the newest report (step 1000) on the resource",
+    )
+    assert status["progress"]["step"] == 1000
+    time.sleep(1.5)
+    patches = metric(operator.metrics(), "finetune_status_patches_total") - patches_before
+    # One patch per status interval (1 s in tests) while reports arrive, plus the last one;
+    # other jobs in the cluster may add a few of their own.
+    assert patches <= flood_seconds + 6, f"{patches} patches for 1000 reports in {flood_seconds:.1f}s"
+
+
+def test_stale_reports_do_not_overwrite_newer_ones(kube: Kube, namespace: str, operator: OperatorProcess) -> None:
+    token = queued_job(kube, namespace, "ordered")
+    assert post(operator, namespace, "ordered", token, report(50))[1] == {"accepted": True}
+    assert post(operator, namespace, "ordered", token, report(49))[1] == {"accepted": False}
+    wait_for(
+        lambda: kube.status(namespace, "ordered").get("progress", {}).get("step") == 50,
+        timeout=15,
+        what="step 50",
+    )
+    time.sleep(1.5)
+    assert kube.status(namespace, "ordered")["progress"]["step"] == 50
