@@ -84,12 +84,20 @@ def unet_key_map(keys: Iterable[str], config: Mapping[str, Any]) -> dict[str, st
                 mapping[key] = new + key[len(old) :]
                 break
         else:
-            mapping[key] = _unet_block_key(key, down_start, down_layers, up_start, up_layers, up_types)
+            mapping[key] = _unet_block_key(
+                key,
+                down_start=down_start,
+                down_layers=down_layers,
+                up_start=up_start,
+                up_layers=up_layers,
+                up_types=up_types,
+            )
     return mapping
 
 
 def _unet_block_key(
     key: str,
+    *,
     down_start: list[int],
     down_layers: list[int],
     up_start: list[int],
@@ -325,7 +333,9 @@ def from_original(
             else:
                 missing.append(key)
     else:
-        text = take([k for k in text_keys if not _QKV.fullmatch(_strip_text_model(k))], open_clip_key_map(text_keys), "")
+        text = take(
+            [k for k in text_keys if not _QKV.fullmatch(_strip_text_model(k))], open_clip_key_map(text_keys), ""
+        )
         width = next(v.shape[0] for k, v in text.items() if _strip_text_model(k) == "final_layer_norm.weight")
         for key in text_keys:
             m = _QKV.fullmatch(_strip_text_model(key))
@@ -340,11 +350,12 @@ def from_original(
             text[key] = checkpoint[source][part * width : (part + 1) * width]
     used |= {UNET_PREFIX + v for v in unet_key_map(unet_keys, unet_config).values()}
     used |= {VAE_PREFIX + v for v in vae_key_map(vae_keys, vae_config).values()}
-    used |= set(clip_key_map(text_keys).values()) if text_layout == "clip" else set(open_clip_key_map(text_keys).values())
+    used |= (
+        set(clip_key_map(text_keys).values()) if text_layout == "clip" else set(open_clip_key_map(text_keys).values())
+    )
     extras = {
         k: v
         for k, v in checkpoint.items()
         if k.startswith(OPEN_CLIP_PREFIX) and k not in used and text_layout == "open_clip"
     }
     return Converted(unet=unet, vae=vae, text_encoder=text, extras=extras, missing=missing)
-

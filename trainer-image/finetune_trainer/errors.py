@@ -16,7 +16,7 @@ class TrainerError(Exception):
     reason: FailureReason = FailureReason.ERROR
 
 
-class BadInput(TrainerError):
+class BadInput(TrainerError):  # noqa: N818 (the reason a person reads, not an error type name)
     """The job cannot succeed as written.  The message names the field or file and the fix."""
 
     exit_code = ExitCode.BAD_INPUT
@@ -27,12 +27,12 @@ class BadInput(TrainerError):
         super().__init__(f"{field}: {message}" if field and not message.startswith(field) else message)
 
 
-class OutOfMemory(TrainerError):
+class OutOfMemory(TrainerError):  # noqa: N818
     """The GPU ran out of memory; the message names the settings that would fit."""
 
     exit_code = ExitCode.OUT_OF_MEMORY
     reason = FailureReason.OUT_OF_MEMORY
 
 
-class Interrupted(TrainerError):
+class Interrupted(TrainerError):  # noqa: N818
     """SIGTERM or SIGINT (preemption, a deleted pod): transient, a retry resumes."""

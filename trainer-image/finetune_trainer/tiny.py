@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 # Words whose byte-pair merges are in the tiny vocabulary; anything else still tokenizes,
 # one byte-level symbol at a time.
@@ -70,7 +71,7 @@ def build_tiny_pipeline(dest: Path, *, seed: int = 0, prediction_type: str = "ep
     tokenizer_dir.mkdir(parents=True, exist_ok=True)
     (tokenizer_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (tokenizer_dir / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)  # type: ignore[arg-type]
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(vocab),
@@ -119,7 +120,7 @@ def build_tiny_pipeline(dest: Path, *, seed: int = 0, prediction_type: str = "ep
         steps_offset=1,
         prediction_type=prediction_type,
     )
-    pipeline = StableDiffusionPipeline(
+    pipeline: Any = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -161,4 +162,3 @@ def write_demo_images(dest: Path, count: int, size: int, *, seed: int = 0) -> li
         image.save(path, quality=95) if suffix == ".jpg" else image.save(path)
         paths.append(path)
     return paths
-

@@ -1,0 +1,127 @@
+"""Checkpoints: the full training state under ``<output>/checkpoints/checkpoint-NNNNNN/``.
+
+Each holds accelerate's state (models, optimizer, LR scheduler, RNG, gradient scaler) and
+``trainer_state.json`` (step, seed, how far through the data, a fingerprint of the settings
+that shape training).  It is written under a hidden temporary name and renamed when
+complete, so a directory named ``checkpoint-*`` is always whole; the state file is written
+last, as a second guard.  Older checkpoints are pruned only after a newer one is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from finetune_operator.api.v1alpha1 import CheckpointRef, FineTuneJobSpec
+from finetune_trainer import storage
+from finetune_trainer.errors import BadInput
+
+log = logging.getLogger("finetune_trainer")
+
+STATE_FILE = "trainer_state.json"
+_NAME = re.compile(r"checkpoint-(\d+)")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint-{step:06d}"
+
+
+def training_fingerprint(spec: FineTuneJobSpec) -> str:
+    """A hash of everything that decides what training computes.  Checkpoint frequency,
+    exports, resources and retries are left out: changing them does not change the result."""
+    shaping = spec.model_dump(mode="json", include={"method", "base_model", "dataset", "training"})
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    step: int
+    path: Path
+    state: dict[str, Any]
+
+    def ref(self) -> CheckpointRef:
+        size = sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+        return CheckpointRef(step=self.step, uri=str(self.path), size_bytes=size, time=self.state.get("time"))
+
+
+def complete_checkpoints(root: Path) -> list[Checkpoint]:
+    """The complete checkpoints under ``root``, oldest first."""
+    found: list[Checkpoint] = []
+    if not root.is_dir():
+        return found
+    for entry in root.iterdir():
+        match = _NAME.fullmatch(entry.name)
+        if not match or not entry.is_dir():
+            continue
+        try:
+            state = json.loads((entry / STATE_FILE).read_text())
+        except (OSError, ValueError):
+            log.warning(f"ignoring {entry}: it has no readable {STATE_FILE}", extra={"event": "checkpoint-incomplete"})
+            continue
+        found.append(Checkpoint(step=int(state.get("step", match[1])), path=entry, state=state))
+    return sorted(found, key=lambda c: c.step)
+
+
+def newest(root: Path) -> Checkpoint | None:
+    complete = complete_checkpoints(root)
+    return complete[-1] if complete else None
+
+
+def check_compatible(checkpoint: Checkpoint, *, fingerprint: str, output_field: str = "spec.output.uri") -> None:
+    """Refuse to continue someone else's run: the output folder holds checkpoints of a job
+    whose training settings differ."""
+    theirs = checkpoint.state.get("fingerprint")
+    if theirs != fingerprint:
+        raise BadInput(
+            f"{checkpoint.path.parent} holds checkpoints of a run with different training settings "
+            f"(fingerprint {theirs}, this job {fingerprint}); use a new output folder, or delete "
+            f"{checkpoint.path.parent} to start over",
+            field=output_field,
+        )
+
+
+def save(accelerator: Any, root: Path, *, step: int, state: dict[str, Any], keep_last: int) -> Checkpoint:
+    """Write a checkpoint for ``step`` (every process takes part) and prune the oldest."""
+    final = root / checkpoint_name(step)
+    # The same temporary name on every process: they all write into it.
+    tmp = root / f"{storage.TEMP_PREFIX}{final.name}"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    checkpoint = Checkpoint(step=step, path=final, state=state)
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
+        if final.exists():
+            aside = root / f"{storage.TEMP_PREFIX}{final.name}.old"
+            final.rename(aside)
+            tmp.rename(final)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            tmp.rename(final)
+        storage.make_readable(final)
+        prune(root, keep_last=keep_last)
+    accelerator.wait_for_everyone()
+    return checkpoint
+
+
+def prune(root: Path, *, keep_last: int) -> list[Path]:
+    complete = complete_checkpoints(root)
+    removed = [c.path for c in complete[: max(0, len(complete) - keep_last)]]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
+
+
+def load(accelerator: Any, checkpoint: Checkpoint) -> None:
+    accelerator.load_state(str(checkpoint.path))

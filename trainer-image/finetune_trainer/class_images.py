@@ -1,0 +1,126 @@
+"""Class images for prior preservation: reuse what is there, generate only what is missing.
+
+Generated images are written one by one under a temporary name and renamed, so a restarted
+job counts the complete ones and goes on from there: each image is generated once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from finetune_operator.api.v1alpha1 import FineTuneJobSpec
+from finetune_trainer import data, storage
+from finetune_trainer.export import scheduler_for
+from finetune_trainer.model import BaseModel
+from finetune_trainer.report import ProgressReporter
+
+log = logging.getLogger("finetune_trainer")
+
+FIELD = "spec.dataset.classImages"
+OUTPUT_SUBDIR = "class_images"
+INFERENCE_STEPS = 25
+GENERATION_BATCH = 4
+
+
+def count_images(folder: Path) -> int:
+    if not folder.is_dir():
+        return 0
+    return sum(1 for p in folder.iterdir() if p.is_file() and p.suffix.lower() in data.IMAGE_SUFFIXES)
+
+
+def _writable(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK)
+
+
+def plan_folders(spec: FineTuneJobSpec, output: Path) -> tuple[list[Path], Path | None, int]:
+    """(folders to read class images from, folder to generate into, how many to generate).
+
+    The user's ``classImages`` folder is used first; missing images are generated into it when
+    it is writable, else under the output.
+    """
+    wanted = spec.dataset.num_class_images
+    generated_dir = output / OUTPUT_SUBDIR
+    folders: list[Path] = []
+    have = 0
+    if spec.dataset.class_images is not None:
+        user_dir = storage.local_path(spec.dataset.class_images, field=FIELD)
+        assert user_dir is not None  # remote class images are refused by job.check_supported
+        folders.append(user_dir)
+        have = count_images(user_dir)
+        if have >= wanted:
+            return folders, None, 0
+        if _writable(user_dir):
+            return folders, user_dir, wanted - have
+    folders.append(generated_dir)
+    have += count_images(generated_dir)
+    missing = max(0, wanted - have)
+    return folders, (generated_dir if missing else None), missing
+
+
+def generate(
+    base: BaseModel,
+    dest: Path,
+    *,
+    count: int,
+    prompt: str,
+    resolution: int,
+    seed: int,
+    device: Any,
+    mixed_precision: str,
+    reporter: ProgressReporter,
+) -> list[Path]:
+    """Generate ``count`` class images into ``dest`` with the base model."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    dest.mkdir(parents=True, exist_ok=True)
+    pipeline: Any = StableDiffusionPipeline(
+        vae=base.vae,
+        text_encoder=base.text_encoder,
+        tokenizer=base.tokenizer,
+        unet=base.unet,
+        scheduler=scheduler_for(base),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline.to(device)
+    autocast: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    if torch.device(device).type == "cuda" and mixed_precision in ("fp16", "bf16"):
+        autocast = torch.autocast("cuda", dtype=torch.float16 if mixed_precision == "fp16" else torch.bfloat16)
+    written: list[Path] = []
+    index = 0
+    while len(written) < count:
+        batch = min(GENERATION_BATCH, count - len(written))
+        names: list[Path] = []
+        while len(names) < batch:
+            candidate = dest / f"class-{index:05d}.png"
+            index += 1
+            if not candidate.exists():
+                names.append(candidate)
+        generators = [
+            data.generator(seed, data.STREAM_CLASS_IMAGES, int(p.stem.split("-")[1]), device=device) for p in names
+        ]
+        with torch.no_grad(), autocast:
+            images = pipeline(
+                [prompt] * batch,
+                height=resolution,
+                width=resolution,
+                num_inference_steps=INFERENCE_STEPS,
+                generator=generators,
+            ).images
+        for image, path in zip(images, names, strict=True):
+            with storage.atomic_path(path) as tmp:
+                image.save(tmp, format="PNG")
+            written.append(path)
+        reporter.emit(message=f"generated {len(written)}/{count} class images in {dest}")
+    return written

@@ -1,0 +1,124 @@
+"""``finetune-trainer run JOB.yaml``: validate a FineTuneJob manifest and run it.
+
+Exit codes (the operator's podFailurePolicy keys on them): 0 success; 2 bad input (not
+retried); 3 out of GPU memory (not retried); anything else is transient and retried, and
+the retry resumes from the newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+
+from finetune_operator.api.report import ExitCode, FailureReason, TrainerSummary
+from finetune_operator.api.v1alpha1 import Stage
+from finetune_trainer import report
+from finetune_trainer.errors import BadInput, Interrupted, TrainerError
+
+log = logging.getLogger("finetune_trainer")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="finetune-trainer", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run a FineTuneJob manifest (the file you would kubectl apply)")
+    run.add_argument("job", type=Path, help="path of the FineTuneJob YAML")
+    tiny = commands.add_parser("tiny", help="write a tiny random Stable Diffusion pipeline and demo images")
+    tiny.add_argument("dest", type=Path, help="folder to write model/ and images/ into")
+    tiny.add_argument("--images", type=int, default=4, help="how many demo images (default 4)")
+    tiny.add_argument("--size", type=int, default=64, help="demo image size in pixels (default 64)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "tiny":
+        from finetune_trainer.tiny import build_tiny_pipeline, write_demo_images
+
+        build_tiny_pipeline(args.dest / "model")
+        write_demo_images(args.dest / "images", args.images, args.size)
+        print(f"wrote {args.dest / 'model'} and {args.dest / 'images'}")
+        return 0
+    return run(args.job)
+
+
+def _main_process() -> bool:
+    # Set by accelerate/torchrun for every worker of a multi-GPU run.
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted(f"stopped by {signal.Signals(signum).name}; a retry resumes from the newest checkpoint")
+
+
+def run(job_path: Path) -> int:
+    """Run one job; never raises.  Writes the termination summary on every way out."""
+    main_process = _main_process()
+    report.configure_logging(job_path.stem, main_process=main_process)
+    reporter = report.ProgressReporter(job=job_path.stem, enabled=main_process)
+    previous = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGTERM, signal.SIGINT)}
+    summary: TrainerSummary
+    code: int
+    try:
+        from finetune_trainer.job import load_job
+
+        job = load_job(job_path)
+        name = job.metadata.name or job_path.stem
+        report.configure_logging(name, main_process=main_process)
+        reporter.job = name
+        reporter.pusher = report.pusher_from_env() if main_process else None
+        reporter.emit(message=f"starting {name}")
+
+        from finetune_trainer.train import DreamBoothRecipe
+
+        result = DreamBoothRecipe(job, reporter=reporter).run()
+        code = ExitCode.SUCCESS
+        summary = TrainerSummary(
+            phase="Succeeded",
+            reason="Completed",
+            message=f"trained {result.step} steps; the model is in {result.output}",
+            step=result.step,
+            total_steps=result.total_steps,
+            output_uri=str(result.output),
+            files=result.files,
+        )
+        reporter.close(stage=Stage.DONE, message=summary.message)
+    except TrainerError as exc:
+        code, summary = _failed(reporter, exc.exit_code, str(exc.reason), str(exc))
+        log.error(str(exc), extra={"event": "failed"}, exc_info=not isinstance(exc, BadInput))
+    except Exception as exc:
+        message = f"{type(exc).__name__}: {exc}"
+        code, summary = _failed(reporter, ExitCode.ERROR, str(FailureReason.ERROR), message)
+        log.error(message, extra={"event": "failed"}, exc_info=True)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if main_process:
+        summary.checkpoints = reporter.checkpoints
+        summary.warnings = reporter.warnings
+        report.write_summary(summary)
+    return int(code)
+
+
+def _failed(reporter: report.ProgressReporter, code: int, reason: str, message: str) -> tuple[int, TrainerSummary]:
+    summary = TrainerSummary(
+        phase="Failed",
+        reason=reason,
+        message=message,
+        step=reporter.step,
+        total_steps=reporter.total_steps,
+    )
+    try:
+        reporter.close(stage=Stage.FAILED, message=message)
+    except Exception:  # the report must not hide the failure it reports
+        log.exception("could not send the final report", extra={"event": "report-failed"})
+    return code, summary
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""The trained model, as people use it: a diffusers folder, one ``.safetensors`` in the
+original SD layout (what the web UIs load), and ``manifest.json`` listing every exported
+file with its size and SHA-256.
+
+Each export is written under a temporary name and renamed into place when complete; the
+manifest is written last, so a manifest on disk means the exports it lists are whole.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from finetune_operator.api.v1alpha1 import FineTuneJob, ModelType, OutputFile, OutputFormat
+from finetune_trainer import convert, storage
+from finetune_trainer.model import CONFIG_METADATA_KEY, BaseModel
+from finetune_trainer.report import now_rfc3339
+
+log = logging.getLogger("finetune_trainer")
+
+DIFFUSERS_DIR = "diffusers"
+MANIFEST = "manifest.json"
+# The "modelspec" architecture names that model browsers and web UIs read from the header.
+_ARCHITECTURES = {
+    ModelType.V1X: "stable-diffusion-v1",
+    ModelType.V2X_512: "stable-diffusion-v2-512",
+    ModelType.V2X: "stable-diffusion-v2-768-v",
+}
+
+
+@dataclass
+class Trained:
+    """The models as training left them, and where they came from."""
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    base: BaseModel
+
+
+def single_file_name(job: FineTuneJob) -> str:
+    return f"{job.metadata.name or 'model'}.safetensors"
+
+
+def export_all(
+    trained: Trained,
+    output: Path,
+    *,
+    job: FineTuneJob,
+    step: int,
+    settings: dict[str, str],
+) -> list[OutputFile]:
+    """Write every requested format and the manifest; return the files for the report."""
+    import torch
+
+    dtype = torch.float16 if job.spec.output.half_precision else torch.float32
+    # Training is over (its final state is in the last checkpoint), so the models are cast
+    # in place rather than copied: a copy of an SD UNet would cost gigabytes.
+    for module in (trained.unet, trained.vae, trained.text_encoder):
+        module.to(dtype)
+    formats = set(job.spec.output.formats)
+    written: list[Path] = []
+    if OutputFormat.DIFFUSERS in formats:
+        written.append(export_diffusers(trained, output / DIFFUSERS_DIR))
+    if OutputFormat.SAFETENSORS in formats:
+        written.append(export_single_file(trained, output / single_file_name(job), title=job.metadata.name, step=step))
+    files = list_files(output, written)
+    write_manifest(output, files=files, job=job, step=step, settings=settings, base=trained.base)
+    return [*files, describe(output, output / MANIFEST)]
+
+
+def scheduler_for(base: BaseModel) -> Any:
+    import diffusers
+
+    config = {**base.scheduler_config, "prediction_type": base.prediction_type}
+    scheduler_class = getattr(diffusers, str(config.get("_class_name", "PNDMScheduler")), diffusers.PNDMScheduler)
+    return scheduler_class.from_config(config)
+
+
+def export_diffusers(trained: Trained, dest: Path) -> Path:
+    from diffusers import StableDiffusionPipeline
+
+    pipeline: Any = StableDiffusionPipeline(
+        vae=trained.vae,
+        text_encoder=trained.text_encoder,
+        tokenizer=trained.base.tokenizer,
+        unet=trained.unet,
+        scheduler=scheduler_for(trained.base),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    with storage.atomic_path(dest) as tmp:
+        pipeline.save_pretrained(tmp, safe_serialization=True)
+        storage.make_readable(tmp)
+    return dest
+
+
+def original_state_dict(trained: Trained) -> dict[str, Any]:
+    components = convert.Components(
+        unet=trained.unet.state_dict(),
+        vae=trained.vae.state_dict(),
+        text_encoder=trained.text_encoder.state_dict(),
+        unet_config=trained.unet.config,
+        vae_config=trained.vae.config,
+        text_layout=trained.base.text_layout,
+        extras=trained.base.extras,
+    )
+    return convert.to_original(components)
+
+
+def export_single_file(trained: Trained, dest: Path, *, title: str | None, step: int) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    dtype = next(trained.unet.parameters()).dtype
+    tensors = {
+        key: (value.to(dtype) if value.is_floating_point() else value).detach().cpu().contiguous()
+        for key, value in original_state_dict(trained).items()
+    }
+    base = trained.base
+    metadata = {
+        "format": "pt",
+        "modelspec.architecture": _ARCHITECTURES[base.model_type],
+        "modelspec.title": title or "model",
+        "modelspec.prediction_type": base.prediction_type,
+        "finetune.step": str(step),
+        # The exact architecture, so that this file can be the base model of another run
+        # offline whatever its size (see model.load_single_file).
+        CONFIG_METADATA_KEY: json.dumps(base_configs(trained), default=str),
+    }
+    with storage.atomic_path(dest) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+        storage.make_readable(tmp)
+    del tensors
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return dest
+
+
+def _plain(config: Any) -> dict[str, Any]:
+    # Where a model was read from is not part of its architecture.
+    return {k: v for k, v in dict(config).items() if k not in ("_name_or_path", "_commit_hash")}
+
+
+def base_configs(trained: Trained) -> dict[str, Any]:
+    return {
+        "unet": _plain(trained.unet.config),
+        "vae": _plain(trained.vae.config),
+        "text_encoder": _plain(trained.text_encoder.config.to_dict()),
+        "scheduler": {**trained.base.scheduler_config, "prediction_type": trained.base.prediction_type},
+        "model_type": str(trained.base.model_type),
+    }
+
+
+def describe(output: Path, path: Path) -> OutputFile:
+    return OutputFile(
+        path=path.relative_to(output).as_posix(), size_bytes=path.stat().st_size, sha256=storage.sha256_file(path)
+    )
+
+
+def list_files(output: Path, exports: list[Path]) -> list[OutputFile]:
+    files: list[OutputFile] = []
+    for export in exports:
+        paths = sorted(p for p in export.rglob("*") if p.is_file()) if export.is_dir() else [export]
+        files.extend(describe(output, p) for p in paths)
+    return files
+
+
+def write_manifest(
+    output: Path,
+    *,
+    files: list[OutputFile],
+    job: FineTuneJob,
+    step: int,
+    settings: dict[str, str],
+    base: BaseModel,
+) -> Path:
+    manifest = {
+        "job": job.metadata.name,
+        "time": now_rfc3339(),
+        "step": step,
+        "baseModel": {"uri": job.spec.base_model.uri, "type": str(base.model_type), "readFrom": base.source},
+        "settings": settings,
+        "spec": job.spec.model_dump(mode="json", by_alias=True, exclude_none=True),
+        "files": [f.model_dump(mode="json", by_alias=True) for f in files],
+    }
+    path = output / MANIFEST
+    storage.write_text_atomic(path, json.dumps(manifest, indent=2) + "\n")
+    storage.make_readable(path)
+    return path

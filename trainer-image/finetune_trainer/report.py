@@ -1,0 +1,391 @@
+"""What the trainer tells the world: JSON log lines, progress pushed to the operator, and the
+summary in the termination message.
+
+Every progress event is one JSON line on stdout (``"event": "progress"``) and, when
+``FINETUNE_REPORT_URL`` is set, a POST to the operator from a background thread that never
+holds up training: it keeps only the newest pending event, gives up on an unreachable
+operator quickly, and gives the final event a few seconds at exit.  The summary written to
+``FINETUNE_TERMINATION_LOG`` (default ``/dev/termination-log``) is the fallback when pushes
+were lost; Kubernetes keeps at most 4 KiB of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import socket
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import deque
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+from finetune_operator.api.report import SUMMARY_LIMIT_BYTES, ProgressEvent, TrainerSummary
+from finetune_operator.api.v1alpha1 import CheckpointRef, OutputFile, Stage
+
+log = logging.getLogger("finetune_trainer")
+
+DEFAULT_TERMINATION_LOG = "/dev/termination-log"
+DEFAULT_TOKEN_FILE = "/etc/finetune/report/token"
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def wire(model: ProgressEvent | TrainerSummary) -> dict[str, Any]:
+    return model.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+# --- JSON log lines -----------------------------------------------------------------------------
+
+
+class JsonLines(logging.Formatter):
+    """One JSON object a line, with the job's name on every line."""
+
+    def __init__(self, job: str) -> None:
+        super().__init__()
+        self.job = job
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "job": self.job,
+            "event": getattr(record, "event", "log"),
+        }
+        fields = getattr(record, "fields", None)
+        if fields:
+            line.update(fields)
+        else:
+            line["message"] = record.getMessage()
+        if record.exc_info and record.levelno >= logging.ERROR:
+            line["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+def configure_logging(job: str, *, stream: IO[str] | None = None, main_process: bool = True) -> None:
+    handler = logging.StreamHandler(stream or sys.stdout)
+    handler.setFormatter(JsonLines(job))
+    log.handlers[:] = [handler]
+    log.propagate = False
+    # Other processes of a multi-GPU run say only what goes wrong.
+    log.setLevel(logging.INFO if main_process else logging.WARNING)
+
+
+# --- HTTP push ----------------------------------------------------------------------------------
+
+
+def report_token() -> str | None:
+    token = os.environ.get("FINETUNE_REPORT_TOKEN")
+    if token:
+        return token.strip()
+    path = Path(os.environ.get("FINETUNE_REPORT_TOKEN_FILE", DEFAULT_TOKEN_FILE))
+    with contextlib.suppress(OSError):
+        return path.read_text().strip() or None
+    return None
+
+
+class ReportPusher:
+    """POSTs progress events to the operator from a daemon thread.
+
+    Only the newest pending event is kept: a newer one says everything an older one did.
+    The final event is never dropped, and ``close`` waits a few seconds for it.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: str | None,
+        timeout_s: float = 2.0,
+        max_backoff_s: float = 10.0,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.url = url
+        self.token = token
+        self.timeout_s = timeout_s
+        self.max_backoff_s = max_backoff_s
+        self.sent = 0
+        self.failures = 0
+        self._sleep = sleep
+        self._pending: ProgressEvent | None = None
+        self._final = False
+        self._closing = False
+        self._delivered_final = threading.Event()
+        self._wake = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="report-push", daemon=True)
+        self._thread.start()
+
+    def submit(self, event: ProgressEvent, *, final: bool = False) -> None:
+        with self._wake:
+            if self._final and not final:
+                return
+            self._pending = event
+            self._final = self._final or final
+            self._wake.notify()
+
+    def close(self, *, timeout_s: float = 5.0) -> bool:
+        """Stop; wait up to ``timeout_s`` for a submitted final event.  True if it was delivered."""
+        with self._wake:
+            waiting_for_final = self._final
+            self._closing = True
+            self._wake.notify()
+        delivered = self._delivered_final.wait(timeout_s) if waiting_for_final else True
+        self._thread.join(timeout=0.1)
+        return delivered
+
+    def _run(self) -> None:
+        backoff = 0.5
+        while True:
+            with self._wake:
+                while self._pending is None and not self._closing:
+                    self._wake.wait()
+                if self._pending is None:
+                    return
+                event, final = self._pending, self._final
+                self._pending = None
+            outcome = self._post(event)
+            if outcome == "sent":
+                self.sent += 1
+                backoff = 0.5
+                if final:
+                    self._delivered_final.set()
+                    return
+                continue
+            if outcome == "rejected":
+                # The operator read it and said no (a stale attempt, say): sending it
+                # again will not change that.  A final event still stops here.
+                if final:
+                    self._delivered_final.set()
+                    return
+                continue
+            self.failures += 1
+            with self._wake:
+                if self._pending is None:
+                    self._pending = event  # retry it unless something newer came
+                if self._closing and not final:
+                    return
+            self._sleep(backoff)
+            backoff = min(backoff * 2, self.max_backoff_s)
+
+    def _post(self, event: ProgressEvent) -> str:
+        body = json.dumps(wire(event)).encode()
+        request = urllib.request.Request(self.url, data=body, method="POST")
+        request.add_header("Content-Type", "application/json")
+        if self.token:
+            request.add_header("Authorization", f"Bearer {self.token}")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                response.read()
+            return "sent"
+        except urllib.error.HTTPError as exc:
+            if 400 <= exc.code < 500 and exc.code not in (408, 429):
+                log.warning(
+                    "the operator refused a progress report",
+                    extra={"event": "report-refused", "fields": {"status": exc.code, "seq": event.seq}},
+                )
+                return "rejected"
+            return "failed"
+        except (OSError, TimeoutError):
+            return "failed"
+
+
+# --- progress -----------------------------------------------------------------------------------
+
+
+class TrainingClock:
+    """Smoothed loss, recent speed and the time left."""
+
+    def __init__(self, *, beta: float = 0.9, window_s: float = 30.0) -> None:
+        self.beta = beta
+        self.window_s = window_s
+        self._ema = 0.0
+        self._count = 0
+        self._marks: deque[tuple[float, int]] = deque()
+
+    def update(self, step: int, loss: float | None, *, at: float | None = None) -> None:
+        if loss is not None and math.isfinite(loss):
+            self._ema = self.beta * self._ema + (1 - self.beta) * loss
+            self._count += 1
+        now = time.monotonic() if at is None else at
+        self._marks.append((now, step))
+        while len(self._marks) > 2 and now - self._marks[0][0] > self.window_s:
+            self._marks.popleft()
+
+    @property
+    def loss(self) -> float | None:
+        return self._ema / (1 - self.beta**self._count) if self._count else None
+
+    @property
+    def steps_per_second(self) -> float | None:
+        if len(self._marks) < 2:
+            return None
+        (t0, s0), (t1, s1) = self._marks[0], self._marks[-1]
+        return (s1 - s0) / (t1 - t0) if t1 > t0 and s1 > s0 else None
+
+    def eta_seconds(self, step: int, total: int) -> int | None:
+        speed = self.steps_per_second
+        return max(0, math.ceil((total - step) / speed)) if speed else None
+
+
+class ProgressReporter:
+    """Builds progress events, logs each as a JSON line, and hands them to the pusher.
+
+    Events go out at every stage change and at most every ``interval_s`` while training.
+    On processes other than the main one of a multi-GPU run it stays silent.
+    """
+
+    def __init__(
+        self,
+        *,
+        job: str,
+        attempt: str | None = None,
+        pusher: ReportPusher | None = None,
+        interval_s: float = 3.0,
+        enabled: bool = True,
+        peak_memory: Callable[[], int | None] | None = None,
+    ) -> None:
+        self.job = job
+        self.attempt = attempt or os.environ.get("FINETUNE_ATTEMPT") or socket.gethostname()
+        self.pusher = pusher
+        self.interval_s = interval_s
+        self.enabled = enabled
+        self.peak_memory = peak_memory or (lambda: None)
+        self.clock = TrainingClock()
+        self.stage = Stage.STARTING
+        self.step = 0
+        self.total_steps = 0
+        self.learning_rate: float | None = None
+        self.warnings: list[str] = []
+        self.settings: dict[str, str] = {}
+        self.checkpoints: list[CheckpointRef] = []
+        self.output_uri: str | None = None
+        self.files: list[OutputFile] = []
+        self.events: list[ProgressEvent] = []  # what was emitted, for tests and the summary
+        self._seq = 0
+        self._last_emit = 0.0
+
+    def warn(self, message: str) -> None:
+        """A setting that could not be honoured, or input that was skipped: logged, and carried
+        on every later event and in the summary, so that it reaches the resource."""
+        if message in self.warnings:
+            return
+        self.warnings.append(message)
+        log.warning(message, extra={"event": "warning"})
+
+    def set_stage(self, stage: Stage, *, message: str = "") -> None:
+        self.stage = stage
+        self.emit(message=message)
+
+    def training_step(self, step: int, *, loss: float | None, learning_rate: float | None) -> None:
+        self.step = step
+        self.learning_rate = learning_rate
+        self.clock.update(step, loss)
+        if time.monotonic() - self._last_emit >= self.interval_s or step >= self.total_steps:
+            self.emit()
+
+    def emit(self, *, message: str = "", final: bool = False) -> ProgressEvent | None:
+        if not self.enabled:
+            return None
+        event = ProgressEvent(
+            seq=self._seq,
+            attempt=self.attempt[:253],
+            time=now_rfc3339(),
+            stage=self.stage,
+            step=self.step,
+            total_steps=self.total_steps,
+            loss=_finite(self.clock.loss),
+            learning_rate=self.learning_rate,
+            steps_per_second=self.clock.steps_per_second,
+            eta_seconds=self.clock.eta_seconds(self.step, self.total_steps) if self.stage == Stage.TRAINING else None,
+            peak_memory_bytes=self.peak_memory(),
+            message=message[:2000],
+            checkpoints=list(self.checkpoints),
+            output_uri=self.output_uri,
+            files=list(self.files),
+            warnings=self.warnings[:50],
+            settings=dict(self.settings),
+        )
+        self._seq += 1
+        self._last_emit = time.monotonic()
+        self.events.append(event)
+        log.info("progress", extra={"event": "progress", "fields": wire(event)})
+        if self.pusher is not None:
+            self.pusher.submit(event, final=final)
+        return event
+
+    def close(self, *, stage: Stage, message: str = "", final_timeout_s: float = 5.0) -> None:
+        self.stage = stage
+        self.emit(message=message, final=True)
+        if self.pusher is not None:
+            delivered = self.pusher.close(timeout_s=final_timeout_s)
+            if not delivered:
+                log.warning(
+                    "the final progress report did not reach the operator; the termination message carries it",
+                    extra={"event": "report-undelivered"},
+                )
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is None or math.isfinite(value) else None
+
+
+def pusher_from_env() -> ReportPusher | None:
+    url = os.environ.get("FINETUNE_REPORT_URL")
+    return ReportPusher(url, token=report_token()) if url else None
+
+
+# --- termination summary ------------------------------------------------------------------------
+
+
+def fit_summary(summary: TrainerSummary, *, limit: int = SUMMARY_LIMIT_BYTES) -> bytes:
+    """The summary as JSON of at most ``limit`` bytes, dropping detail in order of least use:
+    older checkpoints, files inside the diffusers folder, then the rest, and finally shortening
+    the message."""
+    data = summary.model_copy(deep=True)
+
+    def encoded() -> bytes:
+        return json.dumps(wire(data), separators=(",", ":")).encode()
+
+    steps: list[Callable[[], None]] = [
+        lambda: setattr(data, "checkpoints", data.checkpoints[-1:]),
+        lambda: setattr(data, "samples", data.samples[-1:]),
+        lambda: setattr(data, "files", [f for f in data.files if "/" not in f.path]),
+        lambda: setattr(data, "warnings", [w[:200] for w in data.warnings[:5]]),
+        lambda: setattr(data, "files", []),
+        lambda: setattr(data, "samples", []),
+        lambda: setattr(data, "warnings", []),
+    ]
+    body = encoded()
+    for step in steps:
+        if len(body) <= limit:
+            return body
+        step()
+        body = encoded()
+    while len(body) > limit and data.message:
+        data.message = data.message[: max(0, len(data.message) - (len(body) - limit) - 16)] + "..."
+        body = encoded()
+    return body
+
+
+def write_summary(summary: TrainerSummary) -> Path | None:
+    path = Path(os.environ.get("FINETUNE_TERMINATION_LOG", DEFAULT_TERMINATION_LOG))
+    body = fit_summary(summary)
+    log.info("summary", extra={"event": "summary", "fields": json.loads(body)})
+    try:
+        # Not atomic on purpose: the kubelet mounts this one file, so it cannot be
+        # replaced by a rename; it is read only after the process exits.
+        path.write_bytes(body)
+    except OSError as exc:
+        log.info(f"no termination message written to {path}: {exc}", extra={"event": "summary-skipped"})
+        return None
+    return path

@@ -1,0 +1,526 @@
+"""The DreamBooth recipe: ``setup``, ``train``, ``save_checkpoint``, ``export``, ``cleanup``.
+
+Read top to bottom, it is diffusers' ``train_dreambooth.py`` with the data, checkpoint and
+export parts moved to their own modules.  What each setting costs:
+
+- ``mixedPrecision`` fp16/bf16: about half the activation memory and faster on GPUs; the
+  trained weights stay fp32 (the frozen VAE and text encoder run in the low precision).
+- ``optimizer`` AdamW8bit: optimizer state in 8 bits, about 75% less of it (for an SD UNet
+  about 5 GB less); the same algorithm as AdamW up to rounding.
+- ``gradientCheckpointing``: recompute activations in the backward pass; much less memory,
+  about 20% slower.
+- ``attention`` xformers/sdpa: fused attention; less memory and faster than ``default``.
+- ``trainTextEncoder``: better likeness for some subjects; about twice the memory, and the
+  prompt embeddings can no longer be computed once.
+- ``cacheLatents``: encode each image with the VAE once; exact (the latent distribution is
+  cached and sampled each step) and faster.
+- prior preservation: a class image beside every instance image; twice the work per step.
+
+Randomness (data order, crops, flips, noise, timesteps) comes from the seed and the position
+in the run, so a run resumed from a checkpoint computes what the uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from finetune_operator.api.v1alpha1 import FineTuneJob, Stage
+from finetune_trainer import checkpoints, class_images, data, export, storage
+from finetune_trainer.errors import OutOfMemory
+from finetune_trainer.job import Device, Settings, detect_device, resolve_settings, total_steps
+from finetune_trainer.model import load_base_model
+from finetune_trainer.report import ProgressReporter
+
+log = logging.getLogger("finetune_trainer")
+
+CHECKPOINTS_DIR = "checkpoints"
+CACHE_DIR = ".cache"
+
+
+@dataclass
+class RunResult:
+    step: int
+    total_steps: int
+    output: Path
+    files: list[Any]
+
+
+class DreamBoothRecipe:
+    """DreamBooth fine-tuning of a Stable Diffusion UNet (and optionally its text encoder)."""
+
+    def __init__(self, job: FineTuneJob, *, reporter: ProgressReporter, device: Device | None = None) -> None:
+        self.job = job
+        self.spec = job.spec
+        self.reporter = reporter
+        self.device_info = device or detect_device()
+        self.output = storage.output_dir(self.spec.output.uri)
+        self.checkpoint_dir = self.output / CHECKPOINTS_DIR
+        self.step = 0
+        self.total_steps = 0
+        self.settings: Settings
+        self.accelerator: Any = None
+
+    # --- setup ----------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        import torch
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration, set_seed
+
+        spec, training = self.spec, self.spec.training
+        self.settings, warnings = resolve_settings(spec, self.device_info)
+        self.accelerator = Accelerator(
+            mixed_precision=self.settings.mixed_precision,
+            gradient_accumulation_steps=training.gradient_accumulation_steps,
+            cpu=self.device_info.type == "cpu",
+            project_config=ProjectConfiguration(project_dir=str(self.output), automatic_checkpoint_naming=False),
+        )
+        accelerator = self.accelerator
+        self.reporter.enabled = accelerator.is_main_process
+        if self.device_info.type == "cuda":
+            self.reporter.peak_memory = lambda: int(torch.cuda.max_memory_allocated())
+        self.reporter.settings = self.settings.as_report()
+        for warning in warnings:
+            self.reporter.warn(warning)
+        set_seed(training.seed)
+        if accelerator.is_main_process:
+            self.output.mkdir(parents=True, exist_ok=True)
+            for folder in (self.output, self.checkpoint_dir):
+                for path in storage.remove_temporaries(folder):
+                    log.info(f"removed {path}, left by an interrupted run", extra={"event": "cleanup"})
+        accelerator.wait_for_everyone()
+
+        self.reporter.set_stage(Stage.DOWNLOADING, message=f"reading the base model {spec.base_model.uri}")
+        self.base = load_base_model(spec.base_model, cache_dir=self.output / CACHE_DIR)
+        self.instance = self._load_instance_images()
+        self.class_examples = self._class_examples() if spec.dataset.prior_preservation else []
+
+        self.total_steps = total_steps(spec, len(self.instance))
+        self.reporter.total_steps = self.total_steps
+        self.fingerprint = checkpoints.training_fingerprint(spec)
+        resume = checkpoints.newest(self.checkpoint_dir)
+        if resume is not None:
+            checkpoints.check_compatible(resume, fingerprint=self.fingerprint)
+            self.reporter.checkpoints = [c.ref() for c in checkpoints.complete_checkpoints(self.checkpoint_dir)]
+
+        self._configure_models()
+        self._build_optimizer()
+        self._prepare_data()
+        if resume is not None:
+            checkpoints.load(accelerator, resume)
+            self.step = resume.step
+            self.reporter.step = self.step
+            log.info(f"resuming from {resume.path} at step {resume.step}", extra={"event": "resume"})
+
+    def _load_instance_images(self) -> list[data.Example]:
+        dataset = self.spec.dataset
+        field = "spec.dataset.instanceImages"
+        folder = storage.fetch(dataset.instance_images, field=field, cache_dir=self.output / CACHE_DIR)
+        loaded = data.load_folder(
+            folder, prompt=dataset.instance_prompt, resolution=dataset.resolution, field_name=field
+        )
+        if (warning := loaded.skipped_warning(field)) is not None:
+            self.reporter.warn(warning)
+        return loaded.examples
+
+    def _class_examples(self) -> list[data.Example]:
+        dataset = self.spec.dataset
+        assert dataset.class_prompt is not None  # the spec's validator requires it with prior preservation
+        accelerator = self.accelerator
+        folders, target, missing = class_images.plan_folders(self.spec, self.output)
+        if missing and target is not None:
+            self.reporter.set_stage(
+                Stage.CLASS_IMAGES, message=f"generating {missing} class images with the base model into {target}"
+            )
+            if accelerator.is_main_process:
+                class_images.generate(
+                    self.base,
+                    target,
+                    count=missing,
+                    prompt=dataset.class_prompt,
+                    resolution=dataset.resolution,
+                    seed=self.spec.training.seed,
+                    device=accelerator.device,
+                    mixed_precision=self.settings.mixed_precision,
+                    reporter=self.reporter,
+                )
+            accelerator.wait_for_everyone()
+        else:
+            log.info(
+                f"reusing {dataset.num_class_images} class images from {', '.join(map(str, folders))}",
+                extra={"event": "class-images-reused"},
+            )
+        examples: list[data.Example] = []
+        for folder in folders:
+            if not folder.is_dir():
+                continue
+            loaded = data.load_folder(
+                folder, prompt=dataset.class_prompt, resolution=dataset.resolution, field_name=class_images.FIELD
+            )
+            if (warning := loaded.skipped_warning(class_images.FIELD)) is not None:
+                self.reporter.warn(warning)
+            examples.extend(loaded.examples)
+        return examples[: dataset.num_class_images]
+
+    def _configure_models(self) -> None:
+        import torch
+
+        training = self.spec.training
+        base = self.base
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+            self.settings.mixed_precision, torch.float32
+        )
+        device = self.accelerator.device
+        base.vae.requires_grad_(False)
+        base.text_encoder.requires_grad_(training.train_text_encoder)
+        base.unet.requires_grad_(True)
+        base.unet.train()
+        base.text_encoder.train(training.train_text_encoder)
+        base.vae.eval()
+        # The frozen parts never need fp32: running them in the low precision is what the
+        # memory figures in the docs assume.
+        base.vae.to(device, dtype=self.weight_dtype)
+        if not training.train_text_encoder:
+            base.text_encoder.to(device, dtype=self.weight_dtype)
+        self._set_attention()
+        if self.settings.gradient_checkpointing:
+            base.unet.enable_gradient_checkpointing()
+            if training.train_text_encoder:
+                base.text_encoder.gradient_checkpointing_enable()
+        from diffusers import DDPMScheduler
+
+        self.noise_scheduler = DDPMScheduler.from_config(
+            {**base.scheduler_config, "prediction_type": self.settings.prediction_type}
+        )
+
+    def _set_attention(self) -> None:
+        from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+        unet = self.base.unet
+        if self.settings.attention == "xformers":
+            unet.enable_xformers_memory_efficient_attention()
+        elif self.settings.attention == "sdpa":
+            unet.set_attn_processor(AttnProcessor2_0())
+        else:
+            unet.set_attn_processor(AttnProcessor())
+
+    def _build_optimizer(self) -> None:
+        import itertools
+
+        import torch
+        from diffusers.optimization import get_scheduler
+
+        training = self.spec.training
+        accelerator = self.accelerator
+        params = (
+            list(itertools.chain(self.base.unet.parameters(), self.base.text_encoder.parameters()))
+            if training.train_text_encoder
+            else list(self.base.unet.parameters())
+        )
+        optimizer: Any
+        options: dict[str, Any] = {
+            "lr": training.learning_rate,
+            "betas": (training.adam_beta1, training.adam_beta2),
+            "weight_decay": training.adam_weight_decay,
+            "eps": training.adam_epsilon,
+        }
+        if self.settings.optimizer == "AdamW8bit":
+            import bitsandbytes
+
+            optimizer = bitsandbytes.optim.AdamW8bit(params, **options)
+        else:
+            optimizer = torch.optim.AdamW(params, **options)
+        # The prepared scheduler steps once per process for every optimizer step, as in
+        # diffusers' examples; the counts are scaled to match.
+        scheduler = get_scheduler(
+            str(training.lr_scheduler),
+            optimizer=optimizer,
+            num_warmup_steps=training.lr_warmup_steps * accelerator.num_processes,
+            num_training_steps=self.total_steps * accelerator.num_processes,
+        )
+        if training.train_text_encoder:
+            self.unet, self.text_encoder, self.optimizer, self.lr_scheduler = accelerator.prepare(
+                self.base.unet, self.base.text_encoder, optimizer, scheduler
+            )
+        else:
+            self.unet, self.optimizer, self.lr_scheduler = accelerator.prepare(self.base.unet, optimizer, scheduler)
+            self.text_encoder = self.base.text_encoder
+        self.trainable = params
+        if self.settings.compile:
+            import torch
+
+            self.unet = torch.compile(self.unet)
+
+    def _prepare_data(self) -> None:
+        import torch
+
+        dataset, training = self.spec.dataset, self.spec.training
+        n = max(len(self.instance), len(self.class_examples))
+        self.plan = data.BatchPlan(num_examples=n, batch_size=training.batch_size, seed=training.seed)
+        self.latents: list[data.LatentCache] = []
+        self.prompt_cache: dict[str, torch.Tensor] = {}
+        needs_cache = self.settings.cache_latents or not training.train_text_encoder
+        if needs_cache:
+            self.reporter.set_stage(Stage.CACHING, message="encoding images and prompts once")
+        if self.settings.cache_latents:
+            if not dataset.center_crop and not all(map(data.is_square, [*self.instance, *self.class_examples])):
+                self.reporter.warn(
+                    "spec.training.cacheLatents: some images are not square and spec.dataset.centerCrop is false; "
+                    "their random crop is drawn once and cached instead of anew each epoch (set centerCrop: true, "
+                    "or cacheLatents: false for a new crop every epoch)"
+                )
+            for stream, examples in enumerate((self.instance, self.class_examples)):
+                if examples:
+                    self.latents.append(
+                        data.LatentCache.build(
+                            self.base.vae,
+                            examples,
+                            resolution=dataset.resolution,
+                            center_crop=dataset.center_crop,
+                            random_flip=dataset.random_flip,
+                            seed=training.seed,
+                            stream=stream,
+                            device=self.accelerator.device,
+                            dtype=self.weight_dtype,
+                        )
+                    )
+        if not training.train_text_encoder:
+            prompts = sorted({e.prompt for e in (*self.instance, *self.class_examples)})
+            with torch.no_grad():
+                for prompt in prompts:
+                    ids = self._tokenize([prompt]).to(self.accelerator.device)
+                    self.prompt_cache[prompt] = self.text_encoder(ids)[0][0]
+
+    def _tokenize(self, prompts: list[str]) -> Any:
+        tokenizer = self.base.tokenizer
+        return tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+
+    # --- train ----------------------------------------------------------------------------------
+
+    def train(self) -> None:
+        accelerator = self.accelerator
+        training = self.spec.training
+        every = self.spec.checkpoints.every_steps
+        accumulation = training.gradient_accumulation_steps
+        models = [self.unet, self.text_encoder] if training.train_text_encoder else [self.unet]
+        if self.step >= self.total_steps:
+            log.info("training already complete in the newest checkpoint", extra={"event": "resume-complete"})
+            return
+        self.reporter.set_stage(Stage.TRAINING, message=f"training from step {self.step} to {self.total_steps}")
+        while self.step < self.total_steps:
+            loss_sum = 0.0
+            for micro in range(accumulation):
+                micro_batch = ((self.step * accumulation) + micro) * accelerator.num_processes
+                micro_batch += accelerator.process_index
+                with accelerator.accumulate(*models):
+                    loss = self.loss(micro_batch)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(self.trainable, training.max_grad_norm)
+                    self.optimizer.step()
+                    self.lr_scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                loss_sum += float(loss.detach())
+            self.step += 1
+            self.reporter.training_step(
+                self.step, loss=loss_sum / accumulation, learning_rate=float(self.lr_scheduler.get_last_lr()[0])
+            )
+            if every and self.step % every == 0 and self.step < self.total_steps:
+                self.save_checkpoint()
+
+    def loss(self, micro_batch: int) -> Any:
+        """The DreamBooth loss of one micro-batch (instance images, then class images)."""
+        import torch
+        import torch.nn.functional as F  # noqa: N812
+
+        dataset, training = self.spec.dataset, self.spec.training
+        _, indices = self.plan.indices(micro_batch)
+        gen = data.generator(training.seed, data.STREAM_NOISE, micro_batch)
+        groups: list[tuple[list[data.Example], list[int]]] = [
+            (self.instance, [i % len(self.instance) for i in indices])
+        ]
+        if self.class_examples:
+            groups.append((self.class_examples, [i % len(self.class_examples) for i in indices]))
+
+        device = self.accelerator.device
+        latents_parts = []
+        prompts: list[str] = []
+        for group, (examples, picks) in enumerate(groups):
+            flips = (
+                (torch.rand(len(picks), generator=gen) < 0.5).tolist() if dataset.random_flip else [False] * len(picks)
+            )
+            if self.latents:
+                latents_parts.append(self.latents[group].sample(picks, flips, gen).to(device))
+            else:
+                pixels = torch.stack(
+                    [
+                        data.crop_and_flip(
+                            examples[i].pixels, dataset.resolution, center=dataset.center_crop, flip=f, gen=gen
+                        )
+                        for i, f in zip(picks, flips, strict=True)
+                    ]
+                ).to(device, dtype=self.weight_dtype)
+                with torch.no_grad():
+                    dist = self.base.vae.encode(pixels).latent_dist
+                    latents_parts.append(
+                        (dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen).to(device)).float()
+                    )
+            prompts += [examples[i].prompt for i in picks]
+        latents = torch.cat(latents_parts) * self.base.vae.config.scaling_factor
+
+        noise = torch.randn(latents.shape, generator=gen).to(device)
+        if training.noise_offset:
+            noise += training.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=gen).to(device)
+        steps = self.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, steps, (latents.shape[0],), generator=gen).to(device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+
+        if training.train_text_encoder:
+            hidden = self.text_encoder(self._tokenize(prompts).to(device))[0]
+        else:
+            hidden = torch.stack([self.prompt_cache[p] for p in prompts])
+        prediction = self.unet(noisy, timesteps, hidden).sample
+        if self.settings.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+
+        half = len(indices)
+        instance_pred, instance_target = prediction[:half].float(), target[:half].float()
+        if training.snr_gamma is None:
+            loss = F.mse_loss(instance_pred, instance_target)
+        else:
+            from diffusers.training_utils import compute_snr
+
+            snr = compute_snr(self.noise_scheduler, timesteps[:half])
+            weights = torch.minimum(snr, torch.full_like(snr, training.snr_gamma))
+            weights = weights / (snr + 1 if self.settings.prediction_type == "v_prediction" else snr)
+            per_item = F.mse_loss(instance_pred, instance_target, reduction="none").mean(dim=(1, 2, 3))
+            loss = (per_item * weights).mean()
+        if self.class_examples:
+            prior = F.mse_loss(prediction[half:].float(), target[half:].float())
+            loss = loss + dataset.prior_loss_weight * prior
+        return loss
+
+    # --- checkpoints and export -------------------------------------------------------------------
+
+    def save_checkpoint(self) -> None:
+        accelerator = self.accelerator
+        self.reporter.set_stage(Stage.CHECKPOINTING, message=f"saving checkpoint at step {self.step}")
+        accumulation = self.spec.training.gradient_accumulation_steps
+        state = {
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "seed": self.spec.training.seed,
+            "fingerprint": self.fingerprint,
+            "micro_batches": self.step * accumulation * accelerator.num_processes,
+            "epoch": (self.step * accumulation * accelerator.num_processes) // self.plan.per_epoch,
+            "examples_per_epoch": self.plan.num_examples,
+            "batch_size": self.plan.batch_size,
+            "num_processes": accelerator.num_processes,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        checkpoints.save(
+            accelerator,
+            self.checkpoint_dir,
+            step=self.step,
+            state=state,
+            keep_last=self.spec.checkpoints.keep_last,
+        )
+        self.reporter.checkpoints = [c.ref() for c in checkpoints.complete_checkpoints(self.checkpoint_dir)]
+        stage = Stage.TRAINING if self.step < self.total_steps else Stage.CHECKPOINTING
+        self.reporter.set_stage(stage, message=f"checkpoint at step {self.step} saved")
+
+    def finish(self) -> RunResult:
+        """The final checkpoint (unless the newest one is it) and the exports."""
+        newest = checkpoints.newest(self.checkpoint_dir)
+        if newest is None or newest.step != self.step:
+            self.save_checkpoint()
+        files: list[Any] = []
+        accelerator = self.accelerator
+        if accelerator.is_main_process:
+            self.reporter.set_stage(Stage.EXPORTING, message=f"exporting to {self.output}")
+            trained = export.Trained(
+                unet=accelerator.unwrap_model(self.unet),
+                vae=self.base.vae,
+                text_encoder=accelerator.unwrap_model(self.text_encoder),
+                base=self.base,
+            )
+            files = export.export_all(
+                trained, self.output, job=self.job, step=self.step, settings=self.reporter.settings
+            )
+            self.reporter.output_uri = str(self.output)
+            self.reporter.files = files
+        accelerator.wait_for_everyone()
+        return RunResult(step=self.step, total_steps=self.total_steps, output=self.output, files=files)
+
+    def cleanup(self) -> None:
+        accelerator = self.accelerator
+        if accelerator is None:
+            return
+        accelerator.end_training()
+        if accelerator.num_processes == 1:
+            # A second run in the same process (tests, a notebook) must be free to choose
+            # another precision; accelerate keeps its state process-wide otherwise.
+            from accelerate.state import AcceleratorState, GradientState
+
+            AcceleratorState._reset_state(reset_partial_state=True)
+            GradientState._reset_state()
+
+    # --- all of it --------------------------------------------------------------------------------
+
+    def run(self) -> RunResult:
+        try:
+            self.setup()
+            self.train()
+            return self.finish()
+        except Exception as exc:
+            if _is_out_of_memory(exc):
+                raise OutOfMemory(self.out_of_memory_message()) from exc
+            raise
+        finally:
+            self.cleanup()
+
+    def out_of_memory_message(self) -> str:
+        import torch
+
+        training, dataset = self.spec.training, self.spec.dataset
+        fixes = []
+        if not training.gradient_checkpointing:
+            fixes.append("spec.training.gradientCheckpointing: true")
+        if str(training.optimizer) == "AdamW":
+            fixes.append("spec.training.optimizer: AdamW8bit")
+        if training.batch_size > 1:
+            fixes.append(
+                f"a smaller spec.training.batchSize (e.g. {training.batch_size // 2}, with "
+                f"gradientAccumulationSteps: {training.gradient_accumulation_steps * 2} for the same effective batch)"
+            )
+        if str(training.mixed_precision) == "no":
+            fixes.append("spec.training.mixedPrecision: fp16 (or bf16)")
+        if str(training.attention) == "default":
+            fixes.append("spec.training.attention: sdpa")
+        if training.train_text_encoder:
+            fixes.append("spec.training.trainTextEncoder: false")
+        if not fixes:
+            fixes.append(f"a smaller spec.dataset.resolution (now {dataset.resolution}) or a GPU with more memory")
+        peak = ""
+        if torch.cuda.is_available():
+            total = torch.cuda.get_device_properties(0).total_memory
+            peak = f" (peak {torch.cuda.max_memory_allocated() / 2**30:.1f} of {total / 2**30:.1f} GiB)"
+        return f"the GPU ran out of memory at step {self.step}{peak}; settings that use less: " + "; ".join(fixes)
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError)
