@@ -70,3 +70,6 @@ bench-trainer: setup
 clean:
 	-$(PY) -m finetune_operator.devcluster down
 	rm -rf .cluster .pytest_cache .mypy_cache .ruff_cache
+
+chart-docs: setup
+	$(PY) scripts/chart_docs.py

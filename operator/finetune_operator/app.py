@@ -61,7 +61,9 @@ async def run_operator(settings: OperatorSettings, *, stop: asyncio.Event | None
             ssl_context=tls_context(settings),
         ),
         await serve(metrics_app(metrics), host=settings.bind_address, port=settings.metrics_port),
-        await serve(health_app(health, ready=is_leader), host=settings.bind_address, port=settings.health_port),
+        # Followers are ready too: they keep caches warm and answer reports with 503, which
+        # trainers retry (the Service then reaches the leader).
+        await serve(health_app(health, ready=lambda: True), host=settings.bind_address, port=settings.health_port),
     ]
     registry = build_registry(reconciler)
 

@@ -98,6 +98,11 @@ class Reconciler:
         self._timers: dict[Key, tuple[float, asyncio.TimerHandle]] = {}
         self._workers: list[asyncio.Task[None]] = []
         self.reconciles = 0
+        self.report_ca = ""
+        if settings.tls_ca_file:
+            from pathlib import Path
+
+            self.report_ca = Path(settings.tls_ca_file).read_text()
 
     # --- wiring ----------------------------------------------------------------------------------
 
@@ -403,6 +408,7 @@ class Reconciler:
             report_base_url=settings.report_url,
             image_pull_policy=settings.image_pull_policy,
             trainer_uid=settings.trainer_uid,
+            report_ca=self.report_ca,
         )
         for obj in (rendered.secret, rendered.config_map, rendered.job):
             ensured = await self.api.ensure(obj, owner_uid=uid)

@@ -181,6 +181,7 @@ def render(
     token: str = "",
     image_pull_policy: str = "IfNotPresent",
     trainer_uid: int = 1000,
+    report_ca: str = "",
 ) -> Rendered:
     """Render the ConfigMap, Secret and Job of the FineTuneJob ``body`` (parsed as ``job``)."""
     meta = body["metadata"]
@@ -204,6 +205,9 @@ def render(
         "type": "Opaque",
         "stringData": {"token": token or new_report_token()},
     }
+    if report_ca:
+        # Trainers verify the operator's TLS certificate against this bundle.
+        secret["stringData"]["ca.crt"] = report_ca
 
     resources = spec.resources
     gpu_name = resources.gpu_resource if resources.gpu_resource != "nvidia.com/gpu" else gpu_resource
@@ -219,6 +223,8 @@ def render(
     url = report_url(report_base_url, namespace, name)
     if url:
         env.insert(0, {"name": "FINETUNE_REPORT_URL", "value": url})
+    if report_ca:
+        env.append({"name": "FINETUNE_REPORT_CA_FILE", "value": f"{TOKEN_DIR}/ca.crt"})
     env_from = []
     if spec.base_model.credentials_secret:
         env_from.append({"secretRef": {"name": spec.base_model.credentials_secret}})

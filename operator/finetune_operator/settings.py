@@ -35,7 +35,9 @@ class OperatorSettings:
     identity: str = field(default_factory=lambda: os.environ.get("POD_NAME") or os.uname().nodename)
     tls_cert_file: str = ""
     tls_key_file: str = ""
+    tls_ca_file: str = ""
     web: bool = False
+    web_port: int = 8083
     workers: int = 4
     kubeconfig: str = ""
     trainer_uid: int = 1000
@@ -94,7 +96,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lease-namespace", default=env("FINETUNE_LEASE_NAMESPACE", env("POD_NAMESPACE", "")))
     parser.add_argument("--tls-cert-file", default=env("FINETUNE_TLS_CERT_FILE", ""))
     parser.add_argument("--tls-key-file", default=env("FINETUNE_TLS_KEY_FILE", ""))
+    parser.add_argument(
+        "--tls-ca-file",
+        default=env("FINETUNE_TLS_CA_FILE", ""),
+        help="CA bundle trainers verify the progress endpoint's certificate against (copied into each job's Secret)",
+    )
     parser.add_argument("--web", action=argparse.BooleanOptionalAction, default=_env_bool("FINETUNE_WEB", False))
+    parser.add_argument("--web-port", type=int, default=int(env("FINETUNE_WEB_PORT", "8083")))
     parser.add_argument("--workers", type=int, default=int(env("FINETUNE_WORKERS", "4")))
     parser.add_argument("--kubeconfig", default=env("KUBECONFIG", ""))
     parser.add_argument("--trainer-uid", type=int, default=int(env("FINETUNE_TRAINER_UID", "1000")))
@@ -124,7 +132,9 @@ def from_arguments(args: argparse.Namespace) -> OperatorSettings:
         lease_namespace=args.lease_namespace,
         tls_cert_file=args.tls_cert_file,
         tls_key_file=args.tls_key_file,
+        tls_ca_file=args.tls_ca_file,
         web=args.web,
+        web_port=args.web_port,
         workers=args.workers,
         kubeconfig=args.kubeconfig,
         trainer_uid=args.trainer_uid,

@@ -336,7 +336,9 @@ def compute_status(
         events.append(
             Transition(
                 "Warning" if warning else "Normal",
-                decision.reason if phase == Phase.FAILED or not decision.reason else phase.value,
+                decision.reason
+                if phase == Phase.FAILED or (previous.get("phase") == phase.value and decision.reason)
+                else phase.value,
                 f"{phase.value}: {decision.message}" if decision.message else phase.value,
             )
         )

@@ -1,0 +1,253 @@
+"""``make demo``: the whole system on this machine, end to end.
+
+A local control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler and
+the node agent with two GPU nodes), the CRD, the operator, three PersistentVolumeClaims,
+a tiny Stable Diffusion pipeline with random weights and four synthetic pictures, and
+``examples/demo.yaml`` applied with kubectl.  It prints ``kubectl get ftj -w`` lines until
+the job ends, then where the results are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from finetune_operator.devcluster import cluster as devcluster
+
+ROOT = Path(__file__).resolve().parents[2]
+NAMESPACE = "demo"
+CLAIMS = ("models", "datasets", "outputs")
+DEMO_NOTE = (
+    "DEMO DATA: a tiny Stable Diffusion pipeline with random weights and synthetic pictures, built by\n"
+    "`make demo` so that nothing is downloaded. Pictures made with it are noise by design.\n"
+)
+
+
+def say(message: str) -> None:
+    print(f"==> {message}", flush=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Demo:
+    def __init__(self, *, state_dir: Path, keep: bool, timeout: float) -> None:
+        self.state_dir = state_dir
+        self.keep = keep
+        self.timeout = timeout
+        self.cluster: devcluster.LocalCluster | None = None
+        self.started_cluster = False
+        self.operator: subprocess.Popen[bytes] | None = None
+        self.ports = {"progress": _free_port(), "metrics": _free_port(), "health": _free_port()}
+
+    def kubectl(self, *args: str, check: bool = True, input: str | None = None) -> str:
+        assert self.cluster is not None
+        return self.cluster.kubectl(*args, check=check, input=input)
+
+    # --- steps -----------------------------------------------------------------------------------
+
+    def start_cluster(self) -> None:
+        if (self.state_dir / "processes.json").is_file():
+            existing = devcluster.load(self.state_dir)
+            if existing.alive():
+                say(f"using the control plane already running from {self.state_dir} (make cluster-up)")
+                self.cluster = existing
+                return
+        say("starting a local control plane: etcd, kube-apiserver, kube-controller-manager, kube-scheduler, node agent")
+        self.cluster = devcluster.LocalCluster(state_dir=self.state_dir).start(agent=True, timeout=90)
+        self.started_cluster = True
+        print(self.kubectl("get", "nodes", "-L", "nvidia.com/gpu.count"), flush=True)
+
+    def install_crd(self) -> None:
+        assert self.cluster is not None
+        say("installing the FineTuneJob CRD (crds/finetunejobs.finetune.dev.yaml)")
+        self.cluster.install_crds(ROOT / "crds")
+
+    def start_operator(self) -> None:
+        assert self.cluster is not None
+        log = self.cluster.logs / "operator.log"
+        say(f"starting the operator (log: {log})")
+        with open(log, "ab") as handle:
+            self.operator = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "finetune_operator",
+                    "run",
+                    f"--kubeconfig={self.cluster.kubeconfig}",
+                    "--bind-address=127.0.0.1",
+                    f"--progress-port={self.ports['progress']}",
+                    f"--metrics-port={self.ports['metrics']}",
+                    f"--health-port={self.ports['health']}",
+                    f"--report-url=http://127.0.0.1:{self.ports['progress']}",
+                    "--status-interval=1",
+                ],
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.operator.poll() is not None:
+                raise SystemExit(f"the operator exited; see {log}")
+            with contextlib.suppress(OSError):
+                url = f"http://127.0.0.1:{self.ports['health']}/readyz"
+                with urllib.request.urlopen(url, timeout=1) as response:
+                    if response.status == 200:
+                        return
+            time.sleep(0.2)
+        raise SystemExit(f"the operator did not become ready; see {log}")
+
+    def prepare_data(self) -> dict[str, Path]:
+        assert self.cluster is not None
+        say(f"namespace {NAMESPACE}: claims {', '.join(CLAIMS)} (the node agent backs each with a directory)")
+        self.kubectl("create", "namespace", NAMESPACE, check=False)
+        for claim in CLAIMS:
+            manifest = {
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "metadata": {"name": claim, "namespace": NAMESPACE},
+                "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+            }
+            self.kubectl("apply", "-f", "-", input=json.dumps(manifest))
+        self.kubectl("-n", NAMESPACE, "wait", "--for=jsonpath={.status.phase}=Bound", "pvc", "--all", "--timeout=60s")
+        paths = {claim: self.cluster.volumes / NAMESPACE / claim for claim in CLAIMS}
+        model = paths["models"] / "tiny-sd"
+        images = paths["datasets"] / "subject"
+        if not (model / "model_index.json").is_file():
+            say("building the tiny demo pipeline (random weights) and four synthetic pictures")
+            from finetune_trainer.tiny import build_tiny_pipeline, write_demo_images
+
+            build_tiny_pipeline(model, seed=0)
+            write_demo_images(images, 4, 64)
+            for folder in (model, images):
+                (folder / "DEMO-README.txt").write_text(DEMO_NOTE)
+        return paths
+
+    def run_job(self) -> dict[str, Any]:
+        say("kubectl apply -f examples/demo.yaml")
+        self.kubectl("-n", NAMESPACE, "delete", "ftj", "demo", "--ignore-not-found", "--wait=true")
+        print(self.kubectl("apply", "-f", str(ROOT / "examples" / "demo.yaml")).strip(), flush=True)
+        say("kubectl -n demo get ftj -w")
+        assert self.cluster is not None
+        watch = subprocess.Popen(
+            [
+                "kubectl",
+                f"--kubeconfig={self.cluster.kubeconfig}",
+                f"--cache-dir={self.state_dir / 'kubectl-cache'}",
+                "-n",
+                NAMESPACE,
+                "get",
+                "ftj",
+                "-w",
+            ],
+            stdout=sys.stdout,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + self.timeout
+        status: dict[str, Any] = {}
+        try:
+            while time.monotonic() < deadline:
+                raw = self.kubectl("-n", NAMESPACE, "get", "ftj", "demo", "-o", "json", check=False)
+                with contextlib.suppress(ValueError):
+                    status = json.loads(raw).get("status") or {}
+                if status.get("phase") in ("Succeeded", "Failed"):
+                    time.sleep(1.0)  # let the watch print the last line
+                    break
+                time.sleep(0.5)
+        finally:
+            watch.terminate()
+            watch.wait(timeout=5)
+        return status
+
+    def report(self, status: dict[str, Any], paths: dict[str, Path]) -> int:
+        phase = status.get("phase")
+        if phase != "Succeeded":
+            say(f"the job ended {phase or 'without finishing'}: {status.get('reason')}: {status.get('message')}")
+            print(self.kubectl("-n", NAMESPACE, "describe", "ftj", "demo"), flush=True)
+            return 1
+        output = status.get("output") or {}
+        files = [f["path"] for f in output.get("files") or []]
+        single = next((f for f in files if f.endswith(".safetensors") and "/" not in f), None)
+        local_output = paths["outputs"] / "demo"
+        say("done. Where things are (pvc://CLAIM/path on the resource; the local directory beside it):")
+        checkpoints = status.get("checkpoints") or []
+        if checkpoints:
+            newest = checkpoints[-1]
+            print(f"  checkpoint (step {newest['step']}): {newest['uri']}")
+        print(f"  output folder:        {output.get('uri')}  ->  {local_output}")
+        if single:
+            print(f"  single-file model:    {output.get('uri')}/{single}  ->  {local_output / single}")
+        samples = output.get("samples") or []
+        if samples:
+            print(f"  newest sample image:  {samples[-1]}")
+        sample_files = sorted((local_output / "samples").glob("*.png")) if (local_output / "samples").is_dir() else []
+        if sample_files:
+            print(f"                        ->  {sample_files[-1]}")
+        print("  look at it with kubectl:")
+        print(f"    export KUBECONFIG={self.state_dir / 'kubeconfig'}")
+        print("    kubectl -n demo get ftj demo")
+        print("    kubectl -n demo describe ftj demo")
+        print("    kubectl -n demo get ftj demo -o jsonpath='{.status.output.files[*].path}'")
+        return 0
+
+    def stop(self) -> None:
+        if self.keep:
+            say(
+                f"left running (KEEP=1): export KUBECONFIG={self.state_dir / 'kubeconfig'}; "
+                f"stop it with `make cluster-down` (operator pid {self.operator.pid if self.operator else '-'})"
+            )
+            if self.operator is not None and self.cluster is not None:
+                extra = json.loads((self.state_dir / "processes.json").read_text())
+                extra["processes"].append(
+                    {"name": "operator", "pid": self.operator.pid, "log": str(self.cluster.logs / "operator.log")}
+                )
+                (self.state_dir / "processes.json").write_text(json.dumps(extra, indent=2))
+            return
+        if self.operator is not None and self.operator.poll() is None:
+            self.operator.send_signal(signal.SIGTERM)
+            try:
+                self.operator.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.operator.kill()
+        if self.cluster is not None and self.started_cluster:
+            say("stopping the control plane (KEEP=1 leaves it running)")
+            self.cluster.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="make demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--keep", action="store_true", default=os.environ.get("KEEP") == "1")
+    parser.add_argument("--state-dir", type=Path, default=ROOT / ".cluster")
+    parser.add_argument("--timeout", type=float, default=600)
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    demo = Demo(state_dir=args.state_dir.resolve(), keep=args.keep, timeout=args.timeout)
+    try:
+        demo.start_cluster()
+        demo.install_crd()
+        demo.start_operator()
+        paths = demo.prepare_data()
+        status = demo.run_job()
+        code = demo.report(status, paths)
+    finally:
+        demo.stop()
+    say(f"demo finished in {time.monotonic() - started:.0f}s")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
