@@ -174,7 +174,7 @@ class BatchPlan:
 
 
 def crop_and_flip(
-    pixels: torch.Tensor, resolution: int, *, center: bool, flip: bool, gen: torch.Generator
+    pixels: torch.Tensor, resolution: int, *, center: bool, flip: bool, gen: torch.Generator | None = None
 ) -> torch.Tensor:
     """A ``resolution`` square of the image as floats in [-1, 1]."""
     import torch

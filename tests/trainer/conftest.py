@@ -1,0 +1,78 @@
+"""Fixtures for the trainer tests: a tiny random pipeline and a few photos, built offline once
+per session, and a helper that writes a FineTuneJob manifest the way a user would."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _threads() -> None:
+    import torch
+
+    # The tiny model gains nothing from more threads, and the machine is shared.
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from finetune_trainer.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from finetune_trainer.tiny import write_demo_images
+
+    folder = tmp_path_factory.mktemp("photos") / "subject"
+    write_demo_images(folder, 4, 72)
+    return folder
+
+
+def manifest(path: Path, *, name: str = "tiny", **spec: Any) -> Path:
+    """Write a FineTuneJob manifest (camelCase, as a user writes it) and return its path."""
+    path.write_text(
+        yaml.safe_dump(
+            {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name}, "spec": spec}
+        )
+    )
+    return path
+
+
+def base_spec(model: Path, photos: Path, output: Path, **training: Any) -> dict[str, Any]:
+    return {
+        "baseModel": {"uri": model.as_uri(), "type": "v1x"},
+        "dataset": {"instanceImages": photos.as_uri(), "instancePrompt": "a photo of sks ball", "resolution": 64},
+        "training": {"maxSteps": 2, "learningRate": 1.0e-3, "optimizer": "AdamW", "mixedPrecision": "no", **training},
+        "output": {"uri": output.as_uri(), "halfPrecision": False},
+    }
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    lines = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            try:
+                lines.append(json.loads(line))
+            except ValueError:
+                continue
+    return lines
+
+
+@pytest.fixture
+def termination_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    path = tmp_path / "termination-log"
+    monkeypatch.setenv("FINETUNE_TERMINATION_LOG", str(path))
+    monkeypatch.delenv("FINETUNE_REPORT_URL", raising=False)
+    yield path

@@ -1,0 +1,42 @@
+"""A stand-in for the operator's progress endpoint, on loopback."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+class Operator:
+    """A stand-in for the operator's progress endpoint on loopback."""
+
+    def __init__(self, *, delay_s: float = 0.0, status: int = 200) -> None:
+        self.received: list[tuple[dict[str, Any], str | None]] = []
+        self.delay_s = delay_s
+        self.status = status
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                time.sleep(outer.delay_s)
+                outer.received.append((body, self.headers.get("Authorization")))
+                self.send_response(outer.status)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/report"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -1,0 +1,91 @@
+"""Checkpoints are whole or invisible, the newest complete one wins, old ones are pruned."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from finetune_operator.api.v1alpha1 import parse_manifest
+from finetune_trainer import checkpoints, storage
+from finetune_trainer.errors import BadInput
+
+pytestmark = pytest.mark.trainer
+
+
+class FakeAccelerator:
+    """What checkpoints.save needs from accelerate: a state that lands in a folder."""
+
+    is_main_process = True
+
+    def __init__(self, *, fail: bool = False) -> None:
+        self.fail = fail
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+    def save_state(self, folder: str) -> None:
+        (Path(folder) / "model.safetensors").write_bytes(b"weights")
+        if self.fail:
+            raise OSError("disk full")
+
+
+def _save(root: Path, step: int, *, keep_last: int = 2, fail: bool = False) -> checkpoints.Checkpoint:
+    return checkpoints.save(
+        FakeAccelerator(fail=fail), root, step=step, state={"step": step, "fingerprint": "f"}, keep_last=keep_last
+    )
+
+
+def test_newest_complete_checkpoint_wins_and_old_ones_are_pruned(tmp_path: Path) -> None:
+    for step in (100, 200, 300):
+        _save(tmp_path, step)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-000200", "checkpoint-000300"]
+    newest = checkpoints.newest(tmp_path)
+    assert newest is not None
+    assert newest.step == 300
+    assert json.loads((newest.path / checkpoints.STATE_FILE).read_text())["step"] == 300
+
+
+def test_a_failed_save_leaves_no_checkpoint_and_keeps_the_old_one(tmp_path: Path) -> None:
+    _save(tmp_path, 100, keep_last=1)
+    with pytest.raises(OSError, match="disk full"):
+        _save(tmp_path, 200, keep_last=1, fail=True)
+    newest = checkpoints.newest(tmp_path)
+    assert newest is not None
+    assert newest.step == 100
+    assert not (tmp_path / "checkpoint-000200").exists()
+    # What the failed save left is hidden, and removed by the next start.
+    leftovers = storage.remove_temporaries(tmp_path)
+    assert [p.name for p in leftovers] == [".tmp-checkpoint-000200"]
+
+
+def test_a_folder_without_its_state_file_is_not_a_checkpoint(tmp_path: Path) -> None:
+    _save(tmp_path, 100)
+    (tmp_path / "checkpoint-000500").mkdir()
+    (tmp_path / "checkpoint-000500" / "model.safetensors").write_bytes(b"half")
+    newest = checkpoints.newest(tmp_path)
+    assert newest is not None
+    assert newest.step == 100
+
+
+def test_checkpoints_of_another_run_are_refused() -> None:
+    def spec(seed: int, every: int) -> object:
+        return parse_manifest(
+            {
+                "spec": {
+                    "baseModel": {"uri": "/m"},
+                    "dataset": {"instanceImages": "/d", "instancePrompt": "p"},
+                    "training": {"maxSteps": 10, "seed": seed},
+                    "checkpoints": {"everySteps": every},
+                    "output": {"uri": "/o"},
+                }
+            }
+        ).spec
+
+    same = checkpoints.training_fingerprint(spec(1, 5))  # type: ignore[arg-type]
+    assert checkpoints.training_fingerprint(spec(1, 50)) == same  # type: ignore[arg-type]
+    other = checkpoints.training_fingerprint(spec(2, 5))  # type: ignore[arg-type]
+    theirs = checkpoints.Checkpoint(step=5, path=Path("/o/checkpoints/checkpoint-000005"), state={"fingerprint": other})
+    with pytest.raises(BadInput, match=r"^spec\.output\.uri: .* different training settings"):
+        checkpoints.check_compatible(theirs, fingerprint=same)

@@ -1,0 +1,103 @@
+"""Reading a user's photo folder: what is used, what is skipped and said so, what is refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from finetune_trainer import data
+from finetune_trainer.errors import BadInput
+
+pytestmark = pytest.mark.trainer
+
+
+def _load(folder: Path, resolution: int = 64) -> data.ImageFolder:
+    return data.load_folder(folder, prompt="a photo of sks dog", resolution=resolution, field_name="spec.x")
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    # Stored 80 wide x 40 high with "rotate 90" in EXIF: a person sees it 40 wide x 80 high.
+    image = Image.new("RGB", (80, 40), (200, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    image.save(tmp_path / "rotated.JPG", exif=exif.tobytes())
+    (example,) = _load(tmp_path).examples
+    _, height, width = example.pixels.shape
+    assert (width, height) == (64, 128)  # shorter side to 64, portrait kept
+
+
+def test_transparency_is_composited_on_white(tmp_path: Path) -> None:
+    image = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    image.paste((0, 0, 255, 255), (0, 0, 32, 64))
+    image.save(tmp_path / "cutout.PNG")
+    (example,) = _load(tmp_path).examples
+    assert example.pixels[:, 10, 50].tolist() == [255, 255, 255]
+    assert example.pixels[:, 10, 10].tolist() == [0, 0, 255]
+
+
+def test_any_case_suffixes_captions_and_skipped_files(tmp_path: Path) -> None:
+    for name in ("a.jpg", "b.JPEG", "c.Png", "d.webp"):
+        Image.new("RGB", (70, 90), (10, 20, 30)).save(tmp_path / name)
+    (tmp_path / "b.txt").write_text("sks dog on a beach\n")
+    (tmp_path / "notes.md").write_text("not an image")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    loaded = _load(tmp_path)
+    assert [e.path.name for e in loaded.examples] == ["a.jpg", "b.JPEG", "c.Png", "d.webp"]
+    prompts = {e.path.name: e.prompt for e in loaded.examples}
+    assert prompts["b.JPEG"] == "sks dog on a beach"
+    assert prompts["a.jpg"] == "a photo of sks dog"
+    warning = loaded.skipped_warning("spec.dataset.instanceImages")
+    assert warning is not None
+    assert warning.startswith("spec.dataset.instanceImages: skipped 2 file(s)")
+    assert "broken.png" in warning
+    assert "notes.md" in warning
+
+
+def test_filewords_in_the_prompt_takes_the_caption() -> None:
+    assert data.prompt_for("on a beach", "a photo of sks dog, [filewords]") == "a photo of sks dog, on a beach"
+    assert data.prompt_for(None, "a photo of sks dog [filewords]") == "a photo of sks dog"
+
+
+def test_a_folder_of_only_corrupt_files_is_bad_input(tmp_path: Path) -> None:
+    (tmp_path / "one.jpg").write_bytes(b"garbage")
+    (tmp_path / "two.png").write_bytes(b"")
+    with pytest.raises(BadInput) as caught:
+        _load(tmp_path)
+    message = str(caught.value)
+    assert message.startswith("spec.x:")
+    assert "no usable images" in message
+    assert "one.jpg" in message
+    assert "two.png" in message
+
+
+def test_missing_and_empty_folders_are_bad_input(tmp_path: Path) -> None:
+    with pytest.raises(BadInput, match="does not exist"):
+        _load(tmp_path / "nope")
+    with pytest.raises(BadInput, match=r"no usable images \(looked for \.jpg, \.jpeg, \.png, \.webp\)"):
+        _load(tmp_path)
+
+
+def test_crops_are_square_at_the_resolution_and_repeatable(tmp_path: Path) -> None:
+    Image.new("RGB", (160, 90), (1, 2, 3)).save(tmp_path / "wide.png")
+    (example,) = _load(tmp_path).examples
+    assert example.pixels.shape == (3, 64, 114)
+    first = data.crop_and_flip(example.pixels, 64, center=False, flip=True, gen=data.generator(1, 2))
+    again = data.crop_and_flip(example.pixels, 64, center=False, flip=True, gen=data.generator(1, 2))
+    assert first.shape == (3, 64, 64)
+    assert torch.equal(first, again)
+    assert float(first.min()) >= -1.0
+    assert float(first.max()) <= 1.0
+
+
+def test_batch_plan_visits_every_example_each_epoch_in_a_seeded_order() -> None:
+    plan = data.BatchPlan(num_examples=5, batch_size=2, seed=7)
+    assert plan.per_epoch == 3
+    epoch0 = [plan.indices(g) for g in range(3)]
+    assert {e for e, _ in epoch0} == {0}
+    assert sorted(i for _, batch in epoch0 for i in batch) == [0, 1, 2, 3, 4]
+    assert plan.indices(4) == data.BatchPlan(num_examples=5, batch_size=2, seed=7).indices(4)
+    orders = {tuple(i for g in range(e * 3, e * 3 + 3) for i in plan.indices(g)[1]) for e in range(4)}
+    assert len(orders) > 1  # reshuffled between epochs

@@ -1,0 +1,132 @@
+"""Progress reaches the operator without ever holding training up; the summary fits 4 KiB."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from finetune_operator.api.report import SUMMARY_LIMIT_BYTES, ProgressEvent, TrainerSummary
+from finetune_operator.api.v1alpha1 import OutputFile, Stage
+from finetune_trainer import report
+from tests.trainer.operator_stub import Operator
+
+pytestmark = pytest.mark.trainer
+
+
+@pytest.fixture
+def operator() -> Iterator[Operator]:
+    server = Operator()
+    yield server
+    server.close()
+
+
+def _event(seq: int, stage: Stage = Stage.TRAINING) -> ProgressEvent:
+    return ProgressEvent(seq=seq, time=report.now_rfc3339(), stage=stage, step=seq, total_steps=100)
+
+
+def test_events_are_posted_in_camel_case_with_the_token(operator: Operator) -> None:
+    pusher = report.ReportPusher(operator.url, token="s3cret")
+    pusher.submit(_event(1))
+    pusher.submit(_event(2, Stage.DONE), final=True)
+    assert pusher.close(timeout_s=5)
+    body, auth = operator.received[-1]
+    assert auth == "Bearer s3cret"
+    assert body["stage"] == "done"
+    assert body["totalSteps"] == 100
+    assert "total_steps" not in body
+
+
+def test_token_comes_from_the_env_or_the_mounted_file(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FINETUNE_REPORT_TOKEN", raising=False)
+    token_file = tmp_path / "token"
+    token_file.write_text("from-file\n")
+    monkeypatch.setenv("FINETUNE_REPORT_TOKEN_FILE", str(token_file))
+    assert report.report_token() == "from-file"
+    monkeypatch.setenv("FINETUNE_REPORT_TOKEN", "from-env")
+    assert report.report_token() == "from-env"
+
+
+def test_only_the_newest_pending_event_is_kept_and_the_final_one_arrives() -> None:
+    slow = Operator(delay_s=0.3)
+    try:
+        pusher = report.ReportPusher(slow.url, token=None)
+        started = time.monotonic()
+        for seq in range(50):
+            pusher.submit(_event(seq))
+        pusher.submit(_event(50, Stage.DONE), final=True)
+        assert time.monotonic() - started < 0.2  # submitting never waits for the network
+        assert pusher.close(timeout_s=5)
+        seqs = [body["seq"] for body, _ in slow.received]
+        assert seqs[-1] == 50
+        assert len(seqs) < 5  # the 49 superseded events in between were never sent
+    finally:
+        slow.close()
+
+
+def test_an_absent_operator_never_blocks_training() -> None:
+    import socket
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}/report"
+    pusher = report.ReportPusher(url, token=None, timeout_s=0.2)
+    started = time.monotonic()
+    for seq in range(100):
+        pusher.submit(_event(seq))
+    pusher.submit(_event(100, Stage.DONE), final=True)
+    assert time.monotonic() - started < 0.2
+    assert pusher.close(timeout_s=1.0) is False
+    assert time.monotonic() - started < 3
+    assert pusher.failures >= 1
+
+
+def test_reporter_logs_json_lines_with_the_job_name_and_throttles(operator: Operator) -> None:
+    stream = io.StringIO()
+    report.configure_logging("nick-portrait", stream=stream)
+    reporter = report.ProgressReporter(
+        job="nick-portrait", attempt="pod-1", pusher=report.ReportPusher(operator.url, token="t"), interval_s=60
+    )
+    reporter.total_steps = 100
+    reporter.set_stage(Stage.TRAINING)
+    for step in range(1, 51):
+        reporter.training_step(step, loss=1.0 / step, learning_rate=1e-4)
+    reporter.warn("spec.training.attention: xformers needs a CUDA GPU; using sdpa instead")
+    reporter.close(stage=Stage.DONE)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert all(line["job"] == "nick-portrait" for line in lines)
+    progress = [line for line in lines if line["event"] == "progress"]
+    assert [p["stage"] for p in progress] == ["training", "done"]  # throttled: no event per step
+    assert progress[-1]["attempt"] == "pod-1"
+    assert progress[-1]["warnings"] == ["spec.training.attention: xformers needs a CUDA GPU; using sdpa instead"]
+    assert 0 < progress[-1]["loss"] < 1.0
+    assert progress[-1]["step"] == 50
+    assert operator.received[-1][0]["stage"] == "done"
+
+
+def test_smoothed_loss_speed_and_eta() -> None:
+    clock = report.TrainingClock()
+    for step in range(1, 11):
+        clock.update(step, 2.0, at=float(step))
+    assert clock.loss == pytest.approx(2.0)
+    assert clock.steps_per_second == pytest.approx(1.0)
+    assert clock.eta_seconds(10, 100) == 90
+
+
+def test_summary_fits_the_termination_message_limit() -> None:
+    files = [
+        OutputFile(path=f"diffusers/unet/shard-{i:03d}.safetensors", size_bytes=i, sha256="a" * 64) for i in range(200)
+    ]
+    files.append(OutputFile(path="nick.safetensors", size_bytes=1, sha256="b" * 64))
+    summary = TrainerSummary(phase="Succeeded", reason="Completed", message="m" * 5000, step=10, files=files)
+    body = report.fit_summary(summary)
+    assert len(body) <= SUMMARY_LIMIT_BYTES
+    decoded = json.loads(body)
+    assert decoded["phase"] == "Succeeded"
+    assert decoded["step"] == 10
+    small = TrainerSummary(phase="Failed", reason="BadInput", message="spec.x: nope", files=files[-1:])
+    assert json.loads(report.fit_summary(small))["files"][0]["path"] == "nick.safetensors"
