@@ -182,7 +182,7 @@ def test_the_single_file_can_be_the_next_base_model(straight: Run) -> None:
     from finetune_trainer.model import load_base_model
 
     single = straight.output / f"{NAME}.safetensors"
-    base = load_base_model(BaseModelSource(uri=str(single), type="v1x"), cache_dir=straight.output / ".cache")
+    base = load_base_model(BaseModelSource(uri=str(single), type="v1x"), cache_dir=straight.output.parent / "cache")
     trained = UNet2DConditionModel.from_pretrained(straight.output / "diffusers", subfolder="unet")
     expected = trained.state_dict()
     assert all(torch.equal(v.half().float(), expected[k].float()) for k, v in base.unet.state_dict().items())

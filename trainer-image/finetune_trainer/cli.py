@@ -1,5 +1,9 @@
 """``finetune-trainer run JOB.yaml``: validate a FineTuneJob manifest and run it.
 
+With ``spec.resources.gpus`` > 1 it starts one worker per GPU itself (see launch.py), so
+this one command serves every pod: no ``accelerate launch`` in front of it, which would
+turn every failure into exit code 1.
+
 Exit codes (the operator's podFailurePolicy keys on them): 0 success; 2 bad input (not
 retried); 3 out of GPU memory (not retried); anything else is transient and retried, and
 the retry resumes from the newest checkpoint.
@@ -17,7 +21,7 @@ from types import FrameType
 
 from finetune_operator.api.report import ExitCode, FailureReason, TrainerSummary
 from finetune_operator.api.v1alpha1 import Stage
-from finetune_trainer import report
+from finetune_trainer import launch, report
 from finetune_trainer.errors import BadInput, Interrupted, TrainerError
 
 log = logging.getLogger("finetune_trainer")
@@ -62,6 +66,11 @@ def run(job_path: Path) -> int:
     report.configure_logging(job_path.stem, main_process=main_process)
     reporter = report.ProgressReporter(job=job_path.stem, enabled=main_process)
     previous = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore_signals() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
     summary: TrainerSummary
     code: int
     try:
@@ -72,6 +81,14 @@ def run(job_path: Path) -> int:
         report.configure_logging(name, main_process=main_process)
         reporter.job = name
         reporter.pusher = report.pusher_from_env() if main_process else None
+        gpus = job.spec.resources.gpus
+        if not launch.is_worker() and gpus > 1:
+            workers = launch.processes_for(gpus)
+            if workers > 1:
+                log.info(f"starting {workers} worker processes", extra={"event": "launch"})
+                restore_signals()
+                return launch.launch_workers(job_path, workers)
+            reporter.warn(f"spec.resources.gpus: {gpus} GPUs asked for, {workers} usable here; training in one process")
         reporter.emit(message=f"starting {name}")
 
         from finetune_trainer.train import DreamBoothRecipe
@@ -96,12 +113,12 @@ def run(job_path: Path) -> int:
         code, summary = _failed(reporter, ExitCode.ERROR, str(FailureReason.ERROR), message)
         log.error(message, extra={"event": "failed"}, exc_info=True)
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        restore_signals()
     if main_process:
         summary.checkpoints = reporter.checkpoints
         summary.warnings = reporter.warnings
         report.write_summary(summary)
+    launch.record_exit_code(code)
     return int(code)
 
 

@@ -56,7 +56,7 @@ def build_tiny_pipeline(dest: Path, *, seed: int = 0, prediction_type: str = "ep
     """Write a tiny diffusers StableDiffusionPipeline folder to ``dest`` and return it.
 
     Shapes follow SD 1.x (a CLIP text encoder, cross-attention in all but the deepest UNet
-    block, a 4-channel latent VAE) with two blocks each, so layout conversions meet the same
+    block, a 4-channel latent VAE) with two or three blocks each, so layout conversions meet the same
     structure as on a real model, only smaller.
     """
     import torch

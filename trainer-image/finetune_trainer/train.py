@@ -23,6 +23,7 @@ in the run, so a run resumed from a checkpoint computes what the uninterrupted r
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,11 @@ from finetune_trainer.report import ProgressReporter
 log = logging.getLogger("finetune_trainer")
 
 CHECKPOINTS_DIR = "checkpoints"
-CACHE_DIR = ".cache"
+
+
+def cache_dir() -> Path:
+    """Downloads (remote models and images): ``FINETUNE_CACHE_DIR``, else the user's cache."""
+    return Path(os.environ.get("FINETUNE_CACHE_DIR") or Path.home() / ".cache" / "finetune-trainer")
 
 
 @dataclass
@@ -95,7 +100,7 @@ class DreamBoothRecipe:
         accelerator.wait_for_everyone()
 
         self.reporter.set_stage(Stage.DOWNLOADING, message=f"reading the base model {spec.base_model.uri}")
-        self.base = load_base_model(spec.base_model, cache_dir=self.output / CACHE_DIR)
+        self.base = load_base_model(spec.base_model, cache_dir=cache_dir())
         self.instance = self._load_instance_images()
         self.class_examples = self._class_examples() if spec.dataset.prior_preservation else []
 
@@ -119,7 +124,7 @@ class DreamBoothRecipe:
     def _load_instance_images(self) -> list[data.Example]:
         dataset = self.spec.dataset
         field = "spec.dataset.instanceImages"
-        folder = storage.fetch(dataset.instance_images, field=field, cache_dir=self.output / CACHE_DIR)
+        folder = storage.fetch(dataset.instance_images, field=field, cache_dir=cache_dir())
         loaded = data.load_folder(
             folder, prompt=dataset.instance_prompt, resolution=dataset.resolution, field_name=field
         )
