@@ -89,6 +89,11 @@ def run(job_path: Path) -> int:
                 restore_signals()
                 return launch.launch_workers(job_path, workers)
             reporter.warn(f"spec.resources.gpus: {gpus} GPUs asked for, {workers} usable here; training in one process")
+        elif launch.is_worker() and 0 < launch.world_size() < gpus:
+            reporter.warn(
+                f"spec.resources.gpus: {gpus} GPUs asked for, {launch.world_size()} usable here; "
+                f"training in {launch.world_size()} processes"
+            )
         reporter.emit(message=f"starting {name}")
 
         from finetune_trainer.train import DreamBoothRecipe

@@ -27,6 +27,13 @@ def is_worker() -> bool:
     return "LOCAL_RANK" in os.environ or "WORLD_SIZE" in os.environ
 
 
+def world_size() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
 def record_exit_code(code: int) -> None:
     folder = os.environ.get(EXIT_CODE_DIR)
     if folder:
