@@ -3,14 +3,19 @@ per session, and a helper that writes a FineTuneJob manifest the way a user woul
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+from finetune_trainer import cli
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -76,3 +81,28 @@ def termination_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator
     monkeypatch.setenv("FINETUNE_TERMINATION_LOG", str(path))
     monkeypatch.delenv("FINETUNE_REPORT_URL", raising=False)
     yield path
+
+
+@dataclass
+class Run:
+    code: int
+    output: Path
+    lines: list[dict[str, Any]]
+    summary: dict[str, Any]
+
+    def events(self) -> list[dict[str, Any]]:
+        return [line for line in self.lines if line.get("event") == "progress"]
+
+
+def run_cli(job: Path, output: Path, termination_log: Path, **env: str) -> Run:
+    """``finetune-trainer run JOB`` in this process, its JSON log lines captured."""
+    stdout = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FINETUNE_TERMINATION_LOG", str(termination_log))
+        patch.delenv("FINETUNE_REPORT_URL", raising=False)
+        for key, value in env.items():
+            patch.setenv(key, value)
+        with contextlib.redirect_stdout(stdout):
+            code = cli.main(["run", str(job)])
+    summary = json.loads(termination_log.read_text()) if termination_log.exists() else {}
+    return Run(code=code, output=output, lines=json_lines(stdout.getvalue()), summary=summary)

@@ -7,15 +7,12 @@ export, report and resume tests; a second, longer run checks that training learn
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,40 +23,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from finetune_operator.api.report import ExitCode
-from finetune_trainer import cli
 from finetune_trainer.storage import sha256_file
-from tests.trainer.conftest import base_spec, json_lines, manifest
+from tests.trainer.conftest import Run, base_spec, manifest, run_cli
 from tests.trainer.operator_stub import Operator
 
 pytestmark = pytest.mark.trainer
 
 STEPS, EVERY = 8, 4
 NAME = "tiny-db"
-
-
-@dataclass
-class Run:
-    code: int
-    output: Path
-    lines: list[dict[str, Any]]
-    summary: dict[str, Any]
-
-    def events(self) -> list[dict[str, Any]]:
-        return [line for line in self.lines if line.get("event") == "progress"]
-
-
-def run_cli(job: Path, output: Path, termination_log: Path, **env: str) -> Run:
-    """``finetune-trainer run JOB`` in this process, its JSON log lines captured."""
-    stdout = io.StringIO()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("FINETUNE_TERMINATION_LOG", str(termination_log))
-        patch.delenv("FINETUNE_REPORT_URL", raising=False)
-        for key, value in env.items():
-            patch.setenv(key, value)
-        with contextlib.redirect_stdout(stdout):
-            code = cli.main(["run", str(job)])
-    summary = json.loads(termination_log.read_text()) if termination_log.exists() else {}
-    return Run(code=code, output=output, lines=json_lines(stdout.getvalue()), summary=summary)
 
 
 def straight_spec(model: Path, photos: Path, output: Path) -> dict[str, Any]:
@@ -447,3 +418,32 @@ def test_out_of_gpu_memory_exits_3_naming_settings_that_fit(
         "spec.training.mixedPrecision: fp16",
     ):
         assert fix in message
+
+
+def test_sigterm_is_transient_and_reported(tiny_model: Path, photos: Path, tmp_path: Path) -> None:
+    """A pod stopped by the cluster: exit code for a retry, a summary that says why."""
+    import signal
+
+    spec = base_spec(tiny_model, photos, tmp_path / "out", maxSteps=100000)
+    job = manifest(tmp_path / "job.yaml", **spec)
+    log = tmp_path / "termination-log"
+    env = {**os.environ, "FINETUNE_TERMINATION_LOG": str(log)}
+    env.pop("FINETUNE_REPORT_URL", None)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "finetune_trainer", "run", str(job)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert process.stdout is not None
+    for line in process.stdout:
+        if '"stage": "training"' in line:
+            break
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=120)
+    assert process.returncode == ExitCode.ERROR
+    summary = json.loads(log.read_text())
+    assert summary["phase"] == "Failed"
+    assert summary["reason"] == "TrainerError"
+    assert summary["message"].startswith("stopped by SIGTERM")
