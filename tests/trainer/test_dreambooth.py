@@ -275,7 +275,7 @@ def test_a_killed_run_resumes_to_the_same_weights(
     job = manifest(tmp_path / "job.yaml", name=NAME, **straight_spec(tiny_model, photos, output))
     killer = tmp_path / "killer.py"
     killer.write_text(KILLER)
-    env = {**os.environ, "FINETUNE_TERMINATION_LOG": str(tmp_path / "killed-log"), "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "FINETUNE_TERMINATION_LOG": str(tmp_path / "killed-log"), "OMP_NUM_THREADS": "1"}
     env.pop("FINETUNE_REPORT_URL", None)
     killed = subprocess.run(
         [sys.executable, str(killer), str(STEPS), "run", str(job)],
@@ -427,7 +427,7 @@ def test_sigterm_is_transient_and_reported(tiny_model: Path, photos: Path, tmp_p
     spec = base_spec(tiny_model, photos, tmp_path / "out", maxSteps=100000)
     job = manifest(tmp_path / "job.yaml", **spec)
     log = tmp_path / "termination-log"
-    env = {**os.environ, "FINETUNE_TERMINATION_LOG": str(log)}
+    env = {**os.environ, "FINETUNE_TERMINATION_LOG": str(log), "OMP_NUM_THREADS": "1"}
     env.pop("FINETUNE_REPORT_URL", None)
     process = subprocess.Popen(
         [sys.executable, "-m", "finetune_trainer", "run", str(job)],

@@ -22,7 +22,7 @@ from types import FrameType
 from finetune_operator.api.report import ExitCode, FailureReason, TrainerSummary
 from finetune_operator.api.v1alpha1 import Stage
 from finetune_trainer import launch, report
-from finetune_trainer.errors import BadInput, Interrupted, TrainerError
+from finetune_trainer.errors import BadInput, Stopped, TrainerError
 
 log = logging.getLogger("finetune_trainer")
 
@@ -57,7 +57,7 @@ def _main_process() -> bool:
 
 
 def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
-    raise Interrupted(f"stopped by {signal.Signals(signum).name}; a retry resumes from the newest checkpoint")
+    raise Stopped(f"stopped by {signal.Signals(signum).name}; a retry resumes from the newest checkpoint")
 
 
 def run(job_path: Path) -> int:
@@ -113,6 +113,9 @@ def run(job_path: Path) -> int:
     except TrainerError as exc:
         code, summary = _failed(reporter, exc.exit_code, str(exc.reason), str(exc))
         log.error(str(exc), extra={"event": "failed"}, exc_info=not isinstance(exc, BadInput))
+    except Stopped as exc:
+        code, summary = _failed(reporter, ExitCode.ERROR, str(FailureReason.ERROR), str(exc))
+        log.warning(str(exc), extra={"event": "stopped"})
     except Exception as exc:
         message = f"{type(exc).__name__}: {exc}"
         code, summary = _failed(reporter, ExitCode.ERROR, str(FailureReason.ERROR), message)

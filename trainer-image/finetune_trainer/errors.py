@@ -34,5 +34,8 @@ class OutOfMemory(TrainerError):  # noqa: N818
     reason = FailureReason.OUT_OF_MEMORY
 
 
-class Interrupted(TrainerError):  # noqa: N818
-    """SIGTERM or SIGINT (preemption, a deleted pod): transient, a retry resumes."""
+class Stopped(BaseException):
+    """SIGTERM or SIGINT (preemption, a deleted pod): transient, a retry resumes.
+
+    A BaseException, like KeyboardInterrupt: the signal can land inside any library code,
+    and one ``except Exception`` there must not swallow it and train on."""

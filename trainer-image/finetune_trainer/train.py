@@ -195,7 +195,9 @@ class DreamBoothRecipe:
         if self.settings.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
             if training.train_text_encoder:
-                base.text_encoder.gradient_checkpointing_enable()
+                # transformers 5 renamed it; older versions only have the first name.
+                enable = getattr(base.text_encoder, "activation_checkpointing_enable", None)
+                (enable or base.text_encoder.gradient_checkpointing_enable)()
         from diffusers import DDPMScheduler
 
         self.noise_scheduler = DDPMScheduler.from_config(
@@ -456,7 +458,7 @@ class DreamBoothRecipe:
         if accelerator.is_main_process:
             self.reporter.set_stage(Stage.EXPORTING, message=f"exporting to {self.output}")
             trained = export.Trained(
-                unet=accelerator.unwrap_model(self.unet),
+                unet=accelerator.unwrap_model(self.unet, keep_torch_compile=False),
                 vae=self.base.vae,
                 text_encoder=accelerator.unwrap_model(self.text_encoder),
                 base=self.base,
