@@ -58,6 +58,18 @@ def namespace(kube: object, request: pytest.FixtureRequest) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
+def tiny_assets() -> Path:
+    """A diffusers folder with random weights and four pictures (no download)."""
+    from finetune_trainer.tiny import build_tiny_pipeline, write_demo_images
+
+    root = ARTIFACTS / "tiny-assets"
+    shutil.rmtree(root, ignore_errors=True)
+    build_tiny_pipeline(root / "tiny-sd", seed=0)
+    write_demo_images(root / "subject", 4, 64)
+    return root
+
+
+@pytest.fixture(scope="session")
 def operator(cluster: object) -> Iterator[object]:
     from tests.kube import OperatorProcess
 

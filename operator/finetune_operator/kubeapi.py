@@ -11,6 +11,7 @@ import asyncio
 import base64
 import concurrent.futures
 import datetime as dt
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +26,19 @@ from finetune_operator.api.v1alpha1 import GROUP, PLURAL, VERSION
 LOG = logging.getLogger("finetune_operator.kubeapi")
 T = TypeVar("T")
 USER_AGENT = "finetune-operator"
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for a log: for an API error, its status and the apiserver's own message."""
+    if isinstance(exc, ApiException):
+        message = exc.reason or ""
+        try:
+            body = json.loads(exc.body or "{}")
+            message = body.get("message") or message
+        except (TypeError, ValueError):
+            pass
+        return f"{exc.status} {message}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 class Outcome(StrEnum):

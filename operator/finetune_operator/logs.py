@@ -14,7 +14,7 @@ import logging
 import re
 import sys
 
-_PAIR = re.compile(r"(\w+)=('[^']*'|\"[^\"]*\"|\S+)")
+_PAIR = re.compile(r"""(\w+)=('[^']*'|"(?:[^"\\]|\\.)*"|\S+)""")
 
 
 class JSONFormatter(logging.Formatter):
@@ -33,6 +33,12 @@ class JSONFormatter(logging.Formatter):
                 entry["name"] = ref["name"]
         if message.startswith("event="):
             for key, value in _PAIR.findall(message):
+                if value.startswith('"'):
+                    try:
+                        entry[key] = json.loads(value)
+                        continue
+                    except ValueError:
+                        pass
                 entry[key] = value.strip("'\"")
         else:
             entry["message"] = message

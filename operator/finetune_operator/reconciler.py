@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 import time
@@ -24,7 +25,7 @@ from typing import Any
 
 from finetune_operator import names
 from finetune_operator.api.v1alpha1 import FineTuneJob, ManifestError, Phase, parse_manifest
-from finetune_operator.kubeapi import KubeAPI, Outcome
+from finetune_operator.kubeapi import KubeAPI, Outcome, describe_error
 from finetune_operator.metrics import JobView, Metrics
 from finetune_operator.render import ClaimMount, claim_mounts, render
 from finetune_operator.reports import ProgressStore
@@ -180,11 +181,11 @@ class Reconciler:
                 memory.failures += 1
                 delay = min(MAX_BACKOFF, 0.5 * 2 ** min(memory.failures, 8)) * (0.8 + 0.4 * random.random())
                 LOG.warning(
-                    "event=reconcile-error namespace=%s name=%s error=%r retry_in=%.1fs",
+                    "event=reconcile-error namespace=%s name=%s retry_in=%.1fs error=%s",
                     key[0],
                     key[1],
-                    exc,
                     delay,
+                    json.dumps(describe_error(exc)),
                 )
                 if self.metrics:
                     self.metrics.reconcile_errors.labels(type(exc).__name__).inc()

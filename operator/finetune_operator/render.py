@@ -29,8 +29,6 @@ TOKEN_DIR = "/var/run/finetune/report"
 TOKEN_FILE = f"{TOKEN_DIR}/token"
 DATA_ROOT = "/data"
 CACHE_DIR = "/cache"
-TRAINER_COMMAND = ["accelerate", "launch"]
-TRAINER_MODULE_ARGS = ["-m", "finetune_trainer", "run", JOB_FILE]
 
 
 @dataclass(frozen=True)
@@ -54,18 +52,14 @@ class Rendered:
     mounts: tuple[ClaimMount, ...]
 
 
-def trainer_command(gpus: int) -> list[str]:
-    """The container command; the trainer image's entrypoint is the same (a test compares them)."""
-    return [
-        *TRAINER_COMMAND,
-        "--num_processes",
-        str(gpus),
-        "--num_machines",
-        "1",
-        "--dynamo_backend",
-        "no",
-        *TRAINER_MODULE_ARGS,
-    ]
+def trainer_command() -> list[str]:
+    """The container command; the trainer image's entrypoint is the same (a test compares them).
+
+    No ``accelerate launch`` in front: it turns the trainer's exit codes into 1, and the
+    podFailurePolicy keys on them (2 bad input, 3 out of memory).  With several GPUs the
+    trainer starts one worker per GPU itself and exits with the code they recorded.
+    """
+    return ["python", "-m", "finetune_trainer", "run", JOB_FILE]
 
 
 def split_pvc(uri: str) -> tuple[str, str]:
@@ -257,7 +251,7 @@ def render(
         "name": CONTAINER_NAME,
         "image": spec.image or trainer_image,
         "imagePullPolicy": image_pull_policy,
-        "command": trainer_command(resources.gpus),
+        "command": trainer_command(),
         "env": env,
         "envFrom": env_from,
         "resources": {"requests": {"cpu": resources.cpu, "memory": resources.memory}, "limits": limits},

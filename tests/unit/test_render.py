@@ -47,10 +47,12 @@ def test_portrait_job_asks_for_one_gpu_and_runs_the_trainer() -> None:
     pod = job["spec"]["template"]["spec"]
     container = pod["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    assert container["command"] == trainer_command(1)
-    assert container["command"][:2] == ["accelerate", "launch"]
-    assert container["command"][-3:] == ["finetune_trainer", "run", "/etc/finetune/job.yaml"]
-    assert "--num_processes" in container["command"]
+    # No launcher in front: exit codes 2 and 3 must reach the podFailurePolicy unchanged.
+    assert (
+        container["command"]
+        == trainer_command()
+        == ["python", "-m", "finetune_trainer", "run", "/etc/finetune/job.yaml"]
+    )
     assert container["image"] == "trainer:1"
     assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
     assert pod["restartPolicy"] == "Never"
@@ -168,8 +170,6 @@ def test_placement_settings_reach_the_pod() -> None:
         "template"
     ]["spec"]
     assert pod["containers"][0]["resources"]["limits"]["amd.com/gpu"] == "2"
-    assert "--num_processes" in pod["containers"][0]["command"]
-    assert pod["containers"][0]["command"][pod["containers"][0]["command"].index("--num_processes") + 1] == "2"
     assert pod["nodeSelector"] == {"pool": "a100"}
     assert pod["priorityClassName"] == "training"
     assert pod["affinity"] == {"nodeAffinity": {}}

@@ -1,0 +1,278 @@
+"""The Helm chart: lint, render, server-side validation, install, least-privilege RBAC proven by
+running the operator with the chart's ServiceAccount, upgrade and uninstall."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from finetune_operator.devcluster import binaries
+from finetune_operator.devcluster.cluster import write_kubeconfig
+from tests.conftest import ARTIFACTS, ROOT
+from tests.kube import Kube, OperatorProcess, wait_for
+
+pytestmark = pytest.mark.cluster
+
+CHART = ROOT / "helm" / "finetune-operator"
+RELEASE = "ftop"
+RELEASE_NAMESPACE = "finetune-system"
+FULLNAME = "ftop-finetune-operator"
+ALL_FEATURES = [
+    "--set", "replicaCount=2",
+    "--set", "networkPolicy.enabled=true",
+    "--set", "metrics.serviceMonitor.enabled=true",
+    "--set", "progressTLS.enabled=true",
+    "--set", "progressTLS.secretName=progress-tls",
+    "--set", "web.enabled=true",
+    "--set", "grafanaDashboard.enabled=true",
+    "--set", "watchNamespaces={team-a,team-b}",
+]  # fmt: skip
+
+# A minimal stand-in for the Prometheus operator's CRD, so that the apiserver knows the
+# ServiceMonitor kind (the test asserts only that our object is well-formed for it).
+SERVICE_MONITOR_CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1",
+    "kind": "CustomResourceDefinition",
+    "metadata": {"name": "servicemonitors.monitoring.coreos.com"},
+    "spec": {
+        "group": "monitoring.coreos.com",
+        "scope": "Namespaced",
+        "names": {"kind": "ServiceMonitor", "plural": "servicemonitors", "singular": "servicemonitor"},
+        "versions": [
+            {
+                "name": "v1",
+                "served": True,
+                "storage": True,
+                "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},
+            }
+        ],
+    },
+}
+
+
+def helm(cluster_kubeconfig: Path | None, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    binary = binaries.ensure(["helm"])["helm"]
+    env_args = [f"--kubeconfig={cluster_kubeconfig}"] if cluster_kubeconfig else []
+    result = subprocess.run([str(binary), *args, *env_args], capture_output=True, text=True, check=False)
+    if check and result.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def template(*args: str) -> list[dict[str, Any]]:
+    out = helm(None, "template", RELEASE, str(CHART), "-n", RELEASE_NAMESPACE, "--kube-version", "1.36.3", *args)
+    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+
+
+def test_lint_is_clean() -> None:
+    result = helm(None, "lint", "--strict", str(CHART))
+    assert "0 chart(s) failed" in result.stdout
+    assert "[WARNING]" not in result.stdout and "[ERROR]" not in result.stdout
+
+
+def test_chart_crd_is_the_generated_one_and_versions_match() -> None:
+    assert (CHART / "crds" / "finetunejobs.finetune.dev.yaml").read_text() == (
+        ROOT / "crds" / "finetunejobs.finetune.dev.yaml"
+    ).read_text(), "helm/finetune-operator/crds is stale: run `make crds`"
+    from finetune_operator import __version__
+
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["appVersion"] == __version__
+
+
+def test_values_table_in_the_chart_readme_is_current() -> None:
+    result = subprocess.run(
+        ["python", str(ROOT / "scripts" / "chart_docs.py"), "--check"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("values", "complaint"),
+    [({"replicaCount": "two"}, "replicaCount"), ({"replicas": 2}, "additional properties 'replicas'")],
+)
+def test_schema_rejects_wrong_types_and_unknown_keys(tmp_path: Path, values: dict[str, Any], complaint: str) -> None:
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump(values))
+    result = helm(None, "template", RELEASE, str(CHART), "--kube-version", "1.36.3", "-f", str(path), check=False)
+    assert result.returncode != 0
+    assert complaint in result.stderr
+
+
+def test_rbac_has_no_wildcards_and_secures_the_pod() -> None:
+    docs = template()
+    kinds = sorted(d["kind"] for d in docs)
+    assert "ClusterRole" in kinds and "Deployment" in kinds and "PodDisruptionBudget" not in kinds
+    for doc in docs:
+        for rule in doc.get("rules", []):
+            for field in ("apiGroups", "resources", "verbs"):
+                assert "*" not in rule[field], rule
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert "--leader-election" not in container["args"]
+
+
+def test_every_optional_feature_renders() -> None:
+    docs = template(*ALL_FEATURES)
+    kinds = [d["kind"] for d in docs]
+    for kind in ("ServiceMonitor", "NetworkPolicy", "PodDisruptionBudget"):
+        assert kind in kinds
+    assert "ClusterRole" not in kinds
+    roles = [d for d in docs if d["kind"] == "Role" and d["metadata"]["namespace"] in ("team-a", "team-b")]
+    assert len(roles) == 2
+    args = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--leader-election" in args
+    assert "--namespace=team-a" in args and "--namespace=team-b" in args
+    assert any(a.startswith("--tls-cert-file=") for a in args)
+    assert any(a.startswith("--report-url=https://") for a in args)
+
+
+@pytest.mark.parametrize("features", [[], ALL_FEATURES], ids=["defaults", "all-features"])
+def test_rendered_manifests_pass_server_side_validation(kube: Kube, features: list[str]) -> None:
+    kube.kubectl("apply", "--server-side", "-f", "-", input=json.dumps(SERVICE_MONITOR_CRD))
+    kube.kubectl("wait", "--for=condition=Established", "crd/servicemonitors.monitoring.coreos.com", "--timeout=30s")
+    for namespace in (RELEASE_NAMESPACE, "team-a", "team-b"):
+        kube.kubectl("create", "namespace", namespace, check=False)
+    rendered = helm(
+        None, "template", RELEASE, str(CHART), "-n", RELEASE_NAMESPACE, "--kube-version", "1.36.3", *features
+    ).stdout
+    # Every object names its namespace; kubectl fails (and raises here) on any refusal.
+    out = kube.kubectl("apply", "--dry-run=server", "-f", "-", input=rendered)
+    assert out.count("(server dry run)") == len([d for d in yaml.safe_load_all(rendered) if d])
+
+
+@pytest.fixture(scope="module")
+def installed(kube: Kube, operator: OperatorProcess) -> Iterator[Path]:
+    """The chart installed for real; yields a kubeconfig with its ServiceAccount's token.
+
+    The shared test operator (cluster-admin) is stopped meanwhile: two operators must not act
+    on the same jobs.
+    """
+    kubeconfig = kube.cluster.kubeconfig
+    helm(kubeconfig, "uninstall", RELEASE, "-n", RELEASE_NAMESPACE, "--wait", check=False)
+    helm(kubeconfig, "install", RELEASE, str(CHART), "-n", RELEASE_NAMESPACE, "--create-namespace")
+    token = kube.kubectl("-n", RELEASE_NAMESPACE, "create", "token", FULLNAME, "--duration=2h").strip()
+    sa_kubeconfig = ARTIFACTS / "helm" / "sa.kubeconfig"
+    sa_kubeconfig.parent.mkdir(parents=True, exist_ok=True)
+    write_kubeconfig(
+        sa_kubeconfig, server=kube.cluster.server, ca_file=kube.cluster.ca_file, token=token, user=FULLNAME
+    )
+    operator.stop()
+    try:
+        yield sa_kubeconfig
+    finally:
+        operator.start()
+
+
+def _operator_with(kubeconfig: Path, name: str) -> OperatorProcess:
+    proc = OperatorProcess(kubeconfig=kubeconfig, log_dir=ARTIFACTS / "helm" / name)
+    if proc.log.exists():
+        proc.log.unlink()
+    return proc
+
+
+def test_operator_under_the_charts_service_account_runs_a_job_without_denials(
+    kube: Kube, installed: Path, namespace: str, tiny_assets: Path
+) -> None:
+    from tests.jobs import job_manifest, prepare_claims
+
+    assert "yes" in kube.kubectl(
+        "auth", "can-i", "patch", "finetunejobs.finetune.dev", "--subresource=status",
+        f"--as=system:serviceaccount:{RELEASE_NAMESPACE}:{FULLNAME}", "-A", check=False,
+    )  # fmt: skip
+    assert "no" in kube.kubectl(
+        "auth", "can-i", "delete", "secrets", f"--as=system:serviceaccount:{RELEASE_NAMESPACE}:{FULLNAME}", "-A",
+        check=False,
+    )  # fmt: skip
+    prepare_claims(kube, namespace, tiny_assets)
+    operator = _operator_with(installed, "least-privilege").start()
+    try:
+        kube.create_ftj(namespace, job_manifest("charted", training={"maxSteps": 200}))
+        status = kube.wait_phase(namespace, "charted", "Succeeded", "Failed", timeout=300)
+        assert status["phase"] == "Succeeded", status
+        assert status["output"]["files"]
+        kube.kubectl("-n", namespace, "delete", "ftj", "charted", "--wait=true")
+        log = operator.log.read_text()
+    finally:
+        operator.stop()
+    denials = [line for line in log.splitlines() if "forbidden" in line.lower() or '"403 ' in line]
+    assert not denials, "RBAC denials in the operator's log:\n" + "\n".join(denials[:5])
+
+
+def test_with_a_verb_removed_the_denial_shows(kube: Kube, installed: Path, namespace: str) -> None:
+    from tests.bad_specs import good_manifest
+
+    role = kube.rbac.read_cluster_role(FULLNAME)
+    original = kube.plain(role)
+    rules = original["rules"]
+    for rule in rules:
+        if rule["resources"] == ["jobs"]:
+            rule["verbs"] = [v for v in rule["verbs"] if v != "create"]
+    kube.rbac.patch_cluster_role(FULLNAME, {"rules": rules})
+    operator = _operator_with(installed, "missing-verb").start()
+    try:
+        manifest = good_manifest("denied")
+        manifest["spec"]["resources"] = {"gpus": 4}
+        kube.create_ftj(namespace, manifest)
+        wait_for(
+            lambda: "403 jobs.batch is forbidden" in operator.log.read_text(),
+            timeout=60,
+            what="the denial in the operator log",
+        )
+        assert not kube.batch.list_namespaced_job(namespace).items
+    finally:
+        operator.stop()
+        helm(kube.cluster.kubeconfig, "upgrade", RELEASE, str(CHART), "-n", RELEASE_NAMESPACE, "--reuse-values")
+    restored = kube.plain(kube.rbac.read_cluster_role(FULLNAME))
+    assert any("create" in r["verbs"] for r in restored["rules"] if r["resources"] == ["jobs"])
+
+
+def test_upgrade_rolls_the_deployment_and_uninstall_keeps_crd_and_jobs(
+    kube: Kube, installed: Path, namespace: str
+) -> None:
+    from tests.bad_specs import good_manifest
+
+    kubeconfig = kube.cluster.kubeconfig
+    before = kube.apps.read_namespaced_deployment(FULLNAME, RELEASE_NAMESPACE)
+    helm(
+        kubeconfig,
+        "upgrade",
+        RELEASE,
+        str(CHART),
+        "-n",
+        RELEASE_NAMESPACE,
+        "--reuse-values",
+        "--set",
+        "statusInterval=5",
+    )
+    after = kube.apps.read_namespaced_deployment(FULLNAME, RELEASE_NAMESPACE)
+    assert after.metadata.generation > before.metadata.generation
+    assert "--status-interval=5" in after.spec.template.spec.containers[0].args
+    assert (
+        after.spec.template.metadata.annotations["checksum/values"]
+        != before.spec.template.metadata.annotations["checksum/values"]
+    )
+    wait_for(
+        lambda: len(kube.apps.list_namespaced_replica_set(RELEASE_NAMESPACE).items) >= 2,
+        timeout=30,
+        what="a new ReplicaSet (the rollout)",
+    )
+
+    kube.create_ftj(namespace, good_manifest("survivor"))
+    helm(kubeconfig, "uninstall", RELEASE, "-n", RELEASE_NAMESPACE, "--wait")
+    assert kube.kubectl("get", "crd", "finetunejobs.finetune.dev", check=False).count("finetunejobs") == 1
+    assert kube.ftj(namespace, "survivor")["metadata"]["name"] == "survivor"
+    assert "NotFound" in kube.kubectl("-n", RELEASE_NAMESPACE, "get", "deployment", FULLNAME, check=False)
