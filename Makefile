@@ -9,6 +9,8 @@ PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 PYTEST_ARGS ?=
 
+
+.PHONY: system-packages
 .PHONY: help setup binaries lint test test-unit test-fast crds crds-check demo cluster-up cluster-down \
         bench bench-trainer chart-docs clean
 
@@ -46,8 +48,11 @@ crds-check: setup
 
 # Tests start the binaries they need; building them first keeps the build out
 # of the timed parts of the run.
-test: lint binaries
+test: lint binaries system-packages
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+system-packages:
+	scripts/ensure_system_packages.sh
 
 test-unit: setup
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)

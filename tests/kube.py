@@ -34,6 +34,8 @@ def wait_for(check: Callable[[], T | None], *, timeout: float = 60, interval: fl
             last = check()
         except ApiException as exc:
             last = f"ApiException {exc.status}: {exc.reason}"
+        except OSError as exc:  # a server still starting: connection refused
+            last = repr(exc)
         else:
             if last:
                 return last

@@ -90,7 +90,7 @@ def test_happy_path_phases_progress_checkpoints_and_outputs(
     recorder = PhaseRecorder(kube, namespace, "happy")
     try:
         kube.create_ftj(namespace, manifest)
-        status = kube.wait_phase(namespace, "happy", "Succeeded", "Failed", timeout=240)
+        status = kube.wait_phase(namespace, "happy", "Succeeded", "Failed", timeout=600)
         time.sleep(0.5)
     finally:
         recorder.stop()
@@ -176,7 +176,7 @@ def test_killed_trainer_is_retried_and_resumes_from_its_checkpoint(
         if not d.name.startswith(".")
     }
     assert before, "no complete checkpoint on the volume at the kill"
-    status = kube.wait_phase(namespace, "resumed", "Succeeded", "Failed", timeout=240)
+    status = kube.wait_phase(namespace, "resumed", "Succeeded", "Failed", timeout=600)
     assert status["phase"] == "Succeeded", status
     assert status["progress"]["step"] == 600
     assert status["attempts"] == 2
@@ -207,7 +207,7 @@ def test_suspend_mid_training_then_resume_continues_from_the_checkpoint(
 
     kube.patch_ftj(namespace, "paused", {"spec": {"runPolicy": {"suspend": False}}})
     kube.wait_phase(namespace, "paused", "Pending", "Initializing", "Training", "Exporting", "Succeeded", timeout=30)
-    status = kube.wait_phase(namespace, "paused", "Succeeded", "Failed", timeout=240)
+    status = kube.wait_phase(namespace, "paused", "Succeeded", "Failed", timeout=600)
     assert status["phase"] == "Succeeded", status
     assert status["progress"]["step"] == 600
     assert stopped_at < 600
@@ -254,9 +254,9 @@ def test_second_job_waits_for_the_one_gpu_node_then_runs(
     assert queued["reason"] == "Unschedulable"
     assert "Insufficient nvidia.com/gpu" in queued["message"]
     assert kube.status(namespace, "first")["phase"] in ("Training", "Exporting")
-    first_done = kube.wait_phase(namespace, "first", "Succeeded", "Failed", timeout=240)
+    first_done = kube.wait_phase(namespace, "first", "Succeeded", "Failed", timeout=600)
     assert first_done["phase"] == "Succeeded"
-    second_done = kube.wait_phase(namespace, "second", "Succeeded", "Failed", timeout=180)
+    second_done = kube.wait_phase(namespace, "second", "Succeeded", "Failed", timeout=600)
     assert second_done["phase"] == "Succeeded", second_done
     # Its pod started only after the first job's pod had ended.
     first_pod = kube.pods(namespace, "finetune.dev/job-name=first")[0]

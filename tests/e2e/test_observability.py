@@ -94,7 +94,7 @@ def test_prometheus_sees_the_jobs_step_and_jobs_by_phase(
         lambda: prometheus.value(f"finetune_job_step{{{selector}}}"), timeout=60, what="a step in Prometheus"
     )
     assert 0 < running <= 300
-    status = kube.wait_phase(namespace, "scraped", "Succeeded", "Failed", timeout=180)
+    status = kube.wait_phase(namespace, "scraped", "Succeeded", "Failed", timeout=600)
     assert status["phase"] == "Succeeded"
     wait_for(
         lambda: prometheus.value(f"finetune_job_step{{{selector}}}") == 300.0,
