@@ -33,6 +33,7 @@ URI_PATTERN = r"^((hf|pvc|s3|gs|https?|file)://[^\s]+|[^:\s][^:]*)$"
 PVC_PATTERN = r"^pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/.*)?$"
 URI_HELP = "hf://, pvc://CLAIM/path, s3://, gs://, https://, file:// or a plain path"
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$"
+ENDPOINT_PATTERN = r"^https?://[^\s/?#]+(/[^\s?#]*)?$"
 
 
 def _cel(rule: str, message: str, **extra: str) -> Any:
@@ -348,6 +349,36 @@ class Samples(_Model):
     seed: int = Field(default=0, ge=0, le=2**32 - 1, description="Seed of the sample noise (fixed across steps).")
 
 
+class Storage(_Model):
+    """How the trainer reaches object storage (every s3:// and gs:// URI of the job)."""
+
+    s3_endpoint_url: str | None = Field(
+        default=None,
+        max_length=2048,
+        description=(
+            "Endpoint of an S3-compatible store (MinIO, Ceph, R2, ...) for every s3:// URI of the job, "
+            "e.g. http://minio.storage.svc:9000. Unset: AWS S3, or AWS_ENDPOINT_URL from the Secret "
+            "named by spec.baseModel.credentialsSecret. Credentials come from that Secret "
+            "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION)."
+        ),
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel(
+                    f"self.matches(r'{ENDPOINT_PATTERN}')",
+                    "spec.storage.s3EndpointUrl must be an http:// or https:// URL such as http://minio:9000",
+                )
+            ]
+        },
+    )
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(ENDPOINT_PATTERN, value):
+            raise ValueError(f"must be an http:// or https:// URL such as http://minio:9000; got {value!r}")
+        return value
+
+
 class Resources(_Model):
     """What the training pod asks of the cluster."""
 
@@ -442,6 +473,11 @@ class FineTuneJobSpec(_Model):
     )
     resources: Resources = Field(
         default_factory=Resources, description="GPUs, CPU, memory and placement.", json_schema_extra={"default": {}}
+    )
+    storage: Storage = Field(
+        default_factory=Storage,
+        description="Object-storage settings (an S3-compatible endpoint).",
+        json_schema_extra={"default": {}},
     )
     image: str = Field(default="", max_length=1024, description="Trainer image; empty: the operator's default.")
     run_policy: RunPolicy = Field(
