@@ -8,16 +8,26 @@ import contextlib
 import logging
 import os
 import signal
+from typing import Any
 
 import kopf
 
 from finetune_operator.handlers import build_registry
-from finetune_operator.kubeapi import KubeAPI, load_client_config
+from finetune_operator.kubeapi import KubeAPI
 from finetune_operator.leader import LeaderElector
 from finetune_operator.metrics import Metrics
 from finetune_operator.reconciler import Reconciler
 from finetune_operator.reports import ProgressStore
-from finetune_operator.servers import Health, ProgressHandler, health_app, metrics_app, progress_app, serve, tls_context
+from finetune_operator.servers import (
+    Health,
+    ProgressHandler,
+    ReportAuthenticator,
+    health_app,
+    metrics_app,
+    progress_app,
+    serve,
+    tls_context,
+)
 from finetune_operator.settings import OperatorSettings
 
 LOG = logging.getLogger("finetune_operator")
@@ -34,7 +44,7 @@ async def run_operator(settings: OperatorSettings, *, stop: asyncio.Event | None
     if settings.kubeconfig:
         # kopf's own login reads KUBECONFIG; keep both clients on one cluster.
         os.environ["KUBECONFIG"] = settings.kubeconfig
-    api = KubeAPI(load_client_config(settings.kubeconfig))
+    api = KubeAPI()
     metrics = Metrics()
     store = ProgressStore()
     elector: LeaderElector | None = None
@@ -54,7 +64,13 @@ async def run_operator(settings: OperatorSettings, *, stop: asyncio.Event | None
     runners = [
         await serve(
             progress_app(
-                ProgressHandler(reconciler=reconciler, store=store, api=api, metrics=metrics, is_leader=is_leader)
+                ProgressHandler(
+                    reconciler=reconciler,
+                    store=store,
+                    authenticator=ReportAuthenticator(api, reconciler, audience=settings.report_audience),
+                    metrics=metrics,
+                    is_leader=is_leader,
+                )
             ),
             host=settings.bind_address,
             port=settings.progress_port,
@@ -67,11 +83,23 @@ async def run_operator(settings: OperatorSettings, *, stop: asyncio.Event | None
     ]
     registry = build_registry(reconciler)
 
-    @kopf.on.login(registry=registry)
-    def login(**kwargs: object) -> kopf.ConnectionInfo | None:
+    def credentials(**kwargs: Any) -> kopf.ConnectionInfo | None:
         if os.environ.get("KUBERNETES_SERVICE_HOST") and not settings.kubeconfig:
-            return kopf.login_with_service_account(**kwargs)  # type: ignore[arg-type]
-        return kopf.login_with_kubeconfig(**kwargs)  # type: ignore[arg-type]
+            return kopf.login_with_service_account(**kwargs)
+        return kopf.login_with_kubeconfig(**kwargs)
+
+    async def relogin() -> None:
+        info = credentials(logger=LOG)
+        if info is not None:
+            api.configure(info, relogin=relogin)
+
+    @kopf.on.login(registry=registry)
+    async def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        info = credentials(**kwargs)
+        if info is not None:
+            # Our own calls use the same identity kopf watches with.
+            api.configure(info, relogin=relogin)
+        return info
 
     tasks: list[asyncio.Task[object]] = []
     exit_code = 0
@@ -123,6 +151,6 @@ async def run_operator(settings: OperatorSettings, *, stop: asyncio.Event | None
     await reconciler.stop()
     for runner in runners:
         await runner.cleanup()
-    api.close()
+    await api.close()
     LOG.info("event=operator-stopped exit_code=%d", exit_code)
     return exit_code

@@ -14,15 +14,22 @@ import datetime as dt
 import logging
 from collections.abc import Callable
 
-from kubernetes.client.exceptions import ApiException
-
-from finetune_operator.kubeapi import KubeAPI
+from finetune_operator.kubeapi import ApiError, KubeAPI
 
 LOG = logging.getLogger("finetune_operator.leader")
 
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+def _parse(stamp: str | None) -> dt.datetime | None:
+    if not stamp:
+        return None
+    try:
+        return dt.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    except ValueError:
+        return None
 
 
 class LeaderElector:
@@ -54,40 +61,42 @@ class LeaderElector:
     async def _try(self) -> bool:
         lease = await self.api.read_lease(self.namespace, self.name)
         stamp = _now()
-        spec = {
-            "holderIdentity": self.identity,
-            "leaseDurationSeconds": self.lease_seconds,
-            "renewTime": stamp.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-        }
+        renew = stamp.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         if lease is None:
             body = {
                 "apiVersion": "coordination.k8s.io/v1",
                 "kind": "Lease",
                 "metadata": {"name": self.name, "namespace": self.namespace},
-                "spec": {**spec, "acquireTime": spec["renewTime"], "leaseTransitions": 0},
+                "spec": {
+                    "holderIdentity": self.identity,
+                    "leaseDurationSeconds": self.lease_seconds,
+                    "acquireTime": renew,
+                    "renewTime": renew,
+                    "leaseTransitions": 0,
+                },
             }
             try:
                 await self.api.create_lease(self.namespace, body)
-            except ApiException as exc:
+            except ApiError as exc:
                 if exc.status == 409:
                     return False
                 raise
             return True
-        holder = lease.spec.holder_identity
-        renewed = lease.spec.renew_time
-        duration = lease.spec.lease_duration_seconds or self.lease_seconds
+        spec = lease.setdefault("spec", {})
+        holder = spec.get("holderIdentity")
+        renewed = _parse(spec.get("renewTime"))
+        duration = spec.get("leaseDurationSeconds") or self.lease_seconds
         expired = renewed is None or (stamp - renewed).total_seconds() > duration
         if holder != self.identity and not expired:
             return False
-        lease.spec.holder_identity = self.identity
-        lease.spec.lease_duration_seconds = self.lease_seconds
-        lease.spec.renew_time = stamp
         if holder != self.identity:
-            lease.spec.acquire_time = stamp
-            lease.spec.lease_transitions = (lease.spec.lease_transitions or 0) + 1
+            spec["acquireTime"] = renew
+            spec["leaseTransitions"] = int(spec.get("leaseTransitions") or 0) + 1
+        spec.update({"holderIdentity": self.identity, "leaseDurationSeconds": self.lease_seconds, "renewTime": renew})
         try:
+            # The resourceVersion in the body makes this a compare-and-swap.
             await self.api.replace_lease(self.namespace, self.name, lease)
-        except ApiException as exc:
+        except ApiError as exc:
             if exc.status == 409:
                 return False
             raise

@@ -37,14 +37,6 @@ def job_name(name: str) -> str:
     return fit(name, LABEL_LIMIT)
 
 
-def config_map_name(name: str) -> str:
-    return fit(name, NAME_LIMIT, suffix="-job")
-
-
-def secret_name(name: str) -> str:
-    return fit(name, NAME_LIMIT, suffix="-report")
-
-
 def volume_name(claim: str) -> str:
     """A volume name (a DNS label) for a PersistentVolumeClaim."""
     return fit(f"pvc-{claim}", LABEL_LIMIT).replace(".", "-")

@@ -80,14 +80,12 @@ class Reconciler:
         progress: ProgressStore,
         metrics: Metrics | None = None,
         is_leader: Callable[[], bool] = lambda: True,
-        tokens: dict[Key, str] | None = None,
     ) -> None:
         self.api = api
         self.settings = settings
         self.progress = progress
         self.metrics = metrics
         self.is_leader = is_leader
-        self.tokens: dict[Key, str] = tokens if tokens is not None else {}
         self.memory: dict[Key, JobMemory] = {}
         self.ftj_index: Mapping[Any, Any] | None = None
         self.job_index: Mapping[Any, Any] | None = None
@@ -116,6 +114,9 @@ class Reconciler:
     def ftj(self, key: Key) -> dict[str, Any] | None:
         values = _values(self.ftj_index, key)
         return values[0] if values else None
+
+    def pods_of(self, key: Key) -> list[dict[str, Any]]:
+        return _values(self.pod_index, key)
 
     def start(self) -> None:
         for number in range(max(1, self.settings.workers)):
@@ -398,7 +399,6 @@ class Reconciler:
         previous: dict[str, Any],
     ) -> dict[str, Any] | None:
         namespace, name = key
-        uid = body["metadata"]["uid"]
         settings = self.settings
         rendered = render(
             body,
@@ -407,43 +407,36 @@ class Reconciler:
             gpu_resource=settings.gpu_resource,
             default_tolerations=settings.default_tolerations,
             report_base_url=settings.report_url,
+            report_audience=settings.report_audience,
             image_pull_policy=settings.image_pull_policy,
             trainer_uid=settings.trainer_uid,
             report_ca=self.report_ca,
         )
-        for obj in (rendered.secret, rendered.config_map, rendered.job):
-            ensured = await self.api.ensure(obj, owner_uid=uid)
-            if ensured.outcome == Outcome.CONFLICT:
-                message = (
-                    f"a {obj['kind']} named {obj['metadata']['name']} already exists and is not owned by this "
-                    "FineTuneJob: delete or rename it"
-                )
-                await self._write(
-                    key,
-                    body,
-                    memory,
-                    previous,
-                    {**previous, "phase": "Pending", "reason": "NameConflict", "message": message},
-                    events=[("Warning", "NameConflict", message)] if previous.get("reason") != "NameConflict" else [],
-                    cause="phase",
-                )
-                self.enqueue(key, delay=30)
-                return None
-            if obj["kind"] == "Secret":
-                if ensured.outcome == Outcome.CREATED:
-                    self.tokens[key] = obj["stringData"]["token"]
-                else:
-                    self.tokens.pop(key, None)
-            if obj["kind"] == "Job":
-                LOG.info(
-                    "event=job-%s namespace=%s name=%s job=%s",
-                    ensured.outcome.value,
-                    namespace,
-                    name,
-                    obj["metadata"]["name"],
-                )
-                return ensured.obj
-        return None
+        ensured = await self.api.ensure(rendered.job, owner_uid=body["metadata"]["uid"])
+        if ensured.outcome == Outcome.CONFLICT:
+            message = (
+                f"a Job named {rendered.job['metadata']['name']} already exists and is not owned by this "
+                "FineTuneJob: delete or rename it"
+            )
+            await self._write(
+                key,
+                body,
+                memory,
+                previous,
+                {**previous, "phase": "Pending", "reason": "NameConflict", "message": message},
+                events=[("Warning", "NameConflict", message)] if previous.get("reason") != "NameConflict" else [],
+                cause="phase",
+            )
+            self.enqueue(key, delay=30)
+            return None
+        LOG.info(
+            "event=job-%s namespace=%s name=%s job=%s",
+            ensured.outcome.value,
+            namespace,
+            name,
+            rendered.job["metadata"]["name"],
+        )
+        return ensured.obj
 
     async def _sync_job(self, key: Key, job: dict[str, Any], job_model: FineTuneJob) -> None:
         """Apply the mutable settings: suspension (both ways) and the TTL."""
@@ -471,7 +464,6 @@ class Reconciler:
     def forget(self, key: Key) -> None:
         self.memory.pop(key, None)
         self.progress.forget(key)
-        self.tokens.pop(key, None)
         if self.metrics:
             self.metrics.forget(*key)
 

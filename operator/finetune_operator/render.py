@@ -1,11 +1,16 @@
-"""FineTuneJob -> the objects that run it: a ConfigMap (the resolved job file), a Secret (the
-report token) and a batch/v1 Job.  Pure functions: no API calls, tested without a cluster.
+"""FineTuneJob -> the batch/v1 Job that runs it.  Pure functions: no API calls, tested
+without a cluster.
+
+One object, created in one API call: the resolved job file travels in a pod-template
+annotation that a downwardAPI volume turns into ``/etc/finetune/job.yaml``, and the trainer
+proves who it is to the operator with a service-account token projected for the operator's
+audience and bound to its pod (short-lived, rotated by the kubelet, nothing stored), not with
+a per-job Secret.  The operator checks such a token with a TokenReview.
 """
 
 from __future__ import annotations
 
 import copy
-import secrets
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -27,6 +32,10 @@ JOB_FILE_DIR = "/etc/finetune"
 JOB_FILE = f"{JOB_FILE_DIR}/job.yaml"
 TOKEN_DIR = "/var/run/finetune/report"
 TOKEN_FILE = f"{TOKEN_DIR}/token"
+REPORT_AUDIENCE = "finetune-operator"
+TOKEN_SECONDS = 86400  # the kubelet renews it at 80%; the trainer reads the file at every report
+ANNOTATION_JOB_FILE = "finetune.dev/job-yaml"
+ANNOTATION_REPORT_CA = "finetune.dev/report-ca"
 DATA_ROOT = "/data"
 CACHE_DIR = "/cache"
 
@@ -46,8 +55,6 @@ class ClaimMount:
 
 @dataclass(frozen=True)
 class Rendered:
-    config_map: dict[str, Any]
-    secret: dict[str, Any]
     job: dict[str, Any]
     mounts: tuple[ClaimMount, ...]
 
@@ -156,10 +163,6 @@ def _metadata(name: str, namespace: str, uid: str, object_name: str) -> dict[str
     }
 
 
-def new_report_token() -> str:
-    return secrets.token_urlsafe(32)
-
-
 def report_url(base: str, namespace: str, name: str) -> str:
     return f"{base.rstrip('/')}/v1alpha1/namespaces/{namespace}/finetunejobs/{name}/progress" if base else ""
 
@@ -172,36 +175,22 @@ def render(
     gpu_resource: str = "nvidia.com/gpu",
     default_tolerations: tuple[dict[str, Any], ...] | list[dict[str, Any]] = (),
     report_base_url: str = "",
-    token: str = "",
+    report_audience: str = REPORT_AUDIENCE,
     image_pull_policy: str = "IfNotPresent",
     trainer_uid: int = 1000,
     report_ca: str = "",
 ) -> Rendered:
-    """Render the ConfigMap, Secret and Job of the FineTuneJob ``body`` (parsed as ``job``)."""
+    """Render the Job of the FineTuneJob ``body`` (parsed as ``job``)."""
     meta = body["metadata"]
     name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
     spec = job.spec
     mounts = claim_mounts(job)
     labels = labels_for(name)
 
-    config_map: dict[str, Any] = {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": _metadata(name, namespace, uid, names.config_map_name(name)),
-        "data": {
-            "job.yaml": yaml.safe_dump(resolved_manifest(job, namespace=namespace, name=name, uid=uid), sort_keys=False)
-        },
-    }
-    secret: dict[str, Any] = {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": _metadata(name, namespace, uid, names.secret_name(name)),
-        "type": "Opaque",
-        "stringData": {"token": token or new_report_token()},
-    }
+    job_file = yaml.safe_dump(resolved_manifest(job, namespace=namespace, name=name, uid=uid), sort_keys=False)
+    template_annotations = {ANNOTATION_FULL_NAME: name, ANNOTATION_JOB_FILE: job_file}
     if report_ca:
-        # Trainers verify the operator's TLS certificate against this bundle.
-        secret["stringData"]["ca.crt"] = report_ca
+        template_annotations[ANNOTATION_REPORT_CA] = report_ca
 
     resources = spec.resources
     gpu_name = resources.gpu_resource if resources.gpu_resource != "nvidia.com/gpu" else gpu_resource
@@ -223,9 +212,38 @@ def render(
     if spec.base_model.credentials_secret:
         env_from.append({"secretRef": {"name": spec.base_model.credentials_secret}})
 
+    report_sources: list[dict[str, Any]] = [
+        {
+            "serviceAccountToken": {
+                "audience": report_audience,
+                "expirationSeconds": TOKEN_SECONDS,
+                "path": "token",
+            }
+        }
+    ]
+    if report_ca:
+        report_sources.append(
+            {
+                "downwardAPI": {
+                    "items": [
+                        {
+                            "path": "ca.crt",
+                            "fieldRef": {"fieldPath": f"metadata.annotations['{ANNOTATION_REPORT_CA}']"},
+                        }
+                    ]
+                }
+            }
+        )
     volumes: list[dict[str, Any]] = [
-        {"name": "job", "configMap": {"name": config_map["metadata"]["name"]}},
-        {"name": "report-token", "secret": {"secretName": secret["metadata"]["name"], "defaultMode": 0o440}},
+        {
+            "name": "job",
+            "downwardAPI": {
+                "items": [
+                    {"path": "job.yaml", "fieldRef": {"fieldPath": f"metadata.annotations['{ANNOTATION_JOB_FILE}']"}}
+                ]
+            },
+        },
+        {"name": "report-token", "projected": {"sources": report_sources, "defaultMode": 0o444}},
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": resources.shm_size}},
         {"name": "cache", "emptyDir": {}},
         {"name": "tmp", "emptyDir": {}},
@@ -322,7 +340,7 @@ def render(
             ]
         },
         "template": {
-            "metadata": {"labels": dict(labels), "annotations": {ANNOTATION_FULL_NAME: name}},
+            "metadata": {"labels": dict(labels), "annotations": template_annotations},
             "spec": pod_spec,
         },
     }
@@ -334,4 +352,4 @@ def render(
     job_meta["labels"] = job_labels
     job_meta["annotations"]["finetune.dev/operator-version"] = __version__
     batch_job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": job_meta, "spec": job_spec}
-    return Rendered(config_map=config_map, secret=secret, job=batch_job, mounts=mounts)
+    return Rendered(job=batch_job, mounts=mounts)

@@ -1,19 +1,19 @@
 """The operator's HTTP endpoints: progress reports from trainers, /metrics, and health probes.
 
 Progress: ``POST /v1alpha1/namespaces/{ns}/finetunejobs/{name}/progress`` with
-``Authorization: Bearer <token>``, the per-job token from the Secret the operator
-created for that job.  The server answers quickly and never makes the trainer wait
+``Authorization: Bearer <token>``, the service-account token projected into the trainer pod
+for the operator's audience (see ``render``).  The server answers quickly and never makes the trainer wait
 for a status write: it validates, keeps the newest report, and the reconciler
 patches the status on its own schedule.
 """
 
 from __future__ import annotations
 
-import base64
-import hmac
+import hashlib
 import json
 import logging
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,11 +21,11 @@ from typing import Any
 from aiohttp import web
 from pydantic import ValidationError
 
-from finetune_operator import names
 from finetune_operator.api.report import MAX_REPORT_BYTES, ProgressEvent
-from finetune_operator.kubeapi import KubeAPI
+from finetune_operator.kubeapi import ApiError, KubeAPI, describe_error
 from finetune_operator.metrics import Metrics, prometheus_text
 from finetune_operator.reconciler import Reconciler
+from finetune_operator.render import ANNOTATION_FULL_NAME
 from finetune_operator.reports import ProgressStore
 from finetune_operator.settings import OperatorSettings
 
@@ -42,19 +42,78 @@ class Health:
         return self.started
 
 
+@dataclass(frozen=True)
+class Reporter:
+    """Who a report token belongs to, as the apiserver's TokenReview says."""
+
+    namespace: str
+    pod_name: str
+    pod_uid: str
+    until: float
+
+
+class ReportAuthenticator:
+    """Bearer tokens of trainer pods: projected service-account tokens for the operator's audience,
+    bound to a pod.  A token is good for a FineTuneJob when its pod is one of that job's pods.
+
+    TokenReview answers are cached (by the token's hash) for a few minutes, so a trainer's
+    reports cost one review, not one each."""
+
+    def __init__(self, api: KubeAPI, reconciler: Reconciler, *, audience: str, cache_seconds: float = 300) -> None:
+        self.api = api
+        self.reconciler = reconciler
+        self.audience = audience
+        self.cache_seconds = cache_seconds
+        self._cache: dict[str, Reporter] = {}
+
+    async def reporter(self, token: str) -> Reporter | None:
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        now = time.monotonic()
+        cached = self._cache.get(digest)
+        if cached is not None and cached.until > now:
+            return cached
+        status = await self.api.review_token(token, audience=self.audience)
+        if not status.get("authenticated"):
+            return None
+        user = status.get("user") or {}
+        extra = user.get("extra") or {}
+        username = str(user.get("username", ""))
+        pod_uid = (extra.get("authentication.kubernetes.io/pod-uid") or [""])[0]
+        pod_name = (extra.get("authentication.kubernetes.io/pod-name") or [""])[0]
+        if not username.startswith("system:serviceaccount:") or not pod_uid:
+            return None
+        reporter = Reporter(username.split(":")[2], pod_name, pod_uid, now + self.cache_seconds)
+        if len(self._cache) > 20000:
+            self._cache = {k: v for k, v in self._cache.items() if v.until > now}
+        self._cache[digest] = reporter
+        return reporter
+
+    async def belongs(self, reporter: Reporter, key: tuple[str, str]) -> bool:
+        if reporter.namespace != key[0]:
+            return False
+        pods = self.reconciler.pods_of(key)
+        if any(p.get("metadata", {}).get("uid") == reporter.pod_uid for p in pods):
+            return True
+        # The pod may be newer than the operator's cache: ask once.
+        pod = await self.api.read_pod(reporter.namespace, reporter.pod_name)
+        if pod is None or pod.get("metadata", {}).get("uid") != reporter.pod_uid:
+            return False
+        return bool(pod["metadata"].get("annotations", {}).get(ANNOTATION_FULL_NAME) == key[1])
+
+
 class ProgressHandler:
     def __init__(
         self,
         *,
         reconciler: Reconciler,
         store: ProgressStore,
-        api: KubeAPI,
+        authenticator: ReportAuthenticator,
         metrics: Metrics | None,
         is_leader: Callable[[], bool],
     ) -> None:
         self.reconciler = reconciler
         self.store = store
-        self.api = api
+        self.authenticator = authenticator
         self.metrics = metrics
         self.is_leader = is_leader
 
@@ -63,27 +122,6 @@ class ProgressHandler:
             self.metrics.reports.labels("rejected", reason).inc()
         return web.json_response({"error": reason, "message": message}, status=status)
 
-    async def expected_token(self, namespace: str, name: str, uid: str) -> str | None:
-        key = (namespace, name)
-        token = self.reconciler.tokens.get(key)
-        if token:
-            return token
-        # After an operator restart the token is only in the job's Secret.
-        secret_name = names.secret_name(name)
-        try:
-            secret = await self.api._call(self.api.core.read_namespaced_secret, secret_name, namespace)
-        except Exception:
-            return None
-        owners = secret.metadata.owner_references or []
-        if not any(ref.uid == uid for ref in owners):
-            return None
-        raw = (secret.data or {}).get("token")
-        if not raw:
-            return None
-        token = base64.b64decode(raw).decode()
-        self.reconciler.tokens[key] = token
-        return token
-
     async def post(self, request: web.Request) -> web.Response:
         namespace = request.match_info["namespace"]
         name = request.match_info["name"]
@@ -91,17 +129,26 @@ class ProgressHandler:
             return web.json_response({"error": "NotLeader"}, status=503, headers={"Retry-After": "2"})
         header = request.headers.get("Authorization", "")
         if not header.startswith("Bearer ") or not header[7:].strip():
-            return self._reject(401, "Unauthenticated", "send Authorization: Bearer <the job's report token>")
+            return self._reject(401, "Unauthenticated", "send Authorization: Bearer <the pod's report token>")
         if request.content_length is not None and request.content_length > MAX_REPORT_BYTES:
             return self._reject(413, "TooLarge", f"a report is at most {MAX_REPORT_BYTES} bytes")
         key = (namespace, name)
-        body = self.reconciler.ftj(key)
-        if body is None:
+        if self.reconciler.ftj(key) is None:
             return self._reject(404, "UnknownJob", f"no FineTuneJob {namespace}/{name} is watched here")
-        expected = await self.expected_token(namespace, name, body["metadata"].get("uid", ""))
-        given = header[7:].strip()
-        if expected is None or not hmac.compare_digest(expected.encode(), given.encode()):
-            return self._reject(403, "Forbidden", "the token does not belong to this FineTuneJob")
+        try:
+            reporter = await self.authenticator.reporter(header[7:].strip())
+        except ApiError as exc:
+            LOG.warning(
+                "event=token-review-failed namespace=%s name=%s error=%s",
+                namespace,
+                name,
+                json.dumps(describe_error(exc)),
+            )
+            return web.json_response({"error": "ReviewFailed"}, status=503, headers={"Retry-After": "2"})
+        if reporter is None:
+            return self._reject(403, "Forbidden", "the token is not a valid report token of a trainer pod")
+        if not await self.authenticator.belongs(reporter, key):
+            return self._reject(403, "Forbidden", "the token belongs to a pod of another job")
         try:
             raw = await request.content.read(MAX_REPORT_BYTES + 1)
         except ValueError:

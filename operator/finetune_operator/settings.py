@@ -24,6 +24,7 @@ class OperatorSettings:
     gpu_resource: str = "nvidia.com/gpu"
     default_tolerations: tuple[dict[str, Any], ...] = tuple(DEFAULT_GPU_TOLERATIONS)
     report_url: str = ""
+    report_audience: str = "finetune-operator"
     metrics_port: int = 8080
     progress_port: int = 8081
     health_port: int = 8082
@@ -77,6 +78,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=env("FINETUNE_REPORT_BASE_URL", ""),
         help="base URL at which trainer pods reach this operator's progress endpoint",
     )
+    parser.add_argument(
+        "--report-audience",
+        default=env("FINETUNE_REPORT_AUDIENCE", "finetune-operator"),
+        help="audience of the service-account tokens trainer pods report with",
+    )
     parser.add_argument("--metrics-port", type=int, default=int(env("FINETUNE_METRICS_PORT", "8080")))
     parser.add_argument("--progress-port", type=int, default=int(env("FINETUNE_PROGRESS_PORT", "8081")))
     parser.add_argument("--health-port", type=int, default=int(env("FINETUNE_HEALTH_PORT", "8082")))
@@ -122,6 +128,7 @@ def from_arguments(args: argparse.Namespace) -> OperatorSettings:
         gpu_resource=args.gpu_resource,
         default_tolerations=tuple(tolerations),
         report_url=args.report_url,
+        report_audience=args.report_audience,
         metrics_port=args.metrics_port,
         progress_port=args.progress_port,
         health_port=args.health_port,

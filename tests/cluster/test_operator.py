@@ -41,17 +41,17 @@ def test_portrait_gets_its_objects_and_a_phase_at_once(kube: Kube, namespace: st
     assert printed.splitlines()[0].split()[:5] == ["NAME", "PHASE", "PROGRESS", "ETA", "LOSS"]
 
     job = wait_for(lambda: kube.batch.read_namespaced_job("nick-portrait", namespace), what="the Job")
-    config_map = kube.core.read_namespaced_config_map("nick-portrait-job", namespace)
-    secret = kube.core.read_namespaced_secret("nick-portrait-report", namespace)
-    for obj in (job, config_map, secret):
-        assert owned_by(obj, uid), obj.metadata.name
+    assert owned_by(job, uid)
+    # One object: the job file rides in the pod template, the report token is projected.
+    assert not kube.core.list_namespaced_config_map(namespace, label_selector="finetune.dev/job-name").items
+    assert not kube.core.list_namespaced_secret(namespace, label_selector="finetune.dev/job-name").items
     pod = job.spec.template.spec
     assert pod.containers[0].resources.limits["nvidia.com/gpu"] == "1"
     claims = sorted(v.persistent_volume_claim.claim_name for v in pod.volumes if v.persistent_volume_claim)
     assert claims == ["datasets", "outputs"]
     assert job.spec.pod_failure_policy.rules[0].action == "FailJob"
-    assert "job.yaml" in config_map.data
-    assert len(secret.data["token"]) > 20
+    job_file = yaml.safe_load(job.spec.template.metadata.annotations["finetune.dev/job-yaml"])
+    assert job_file["spec"]["dataset"]["instanceImages"] == "/data/datasets/nick/"
 
 
 def test_more_gpus_than_any_node_is_queued_with_the_schedulers_reason(
@@ -96,13 +96,10 @@ def test_deleting_the_finetunejob_removes_everything_it_owns(
     def gone() -> bool:
         selector = "finetune.dev/job-name=doomed"
         return not (
-            kube.batch.list_namespaced_job(namespace, label_selector=selector).items
-            or kube.core.list_namespaced_config_map(namespace, label_selector=selector).items
-            or kube.core.list_namespaced_secret(namespace, label_selector=selector).items
-            or kube.pods(namespace, selector)
+            kube.batch.list_namespaced_job(namespace, label_selector=selector).items or kube.pods(namespace, selector)
         )
 
-    wait_for(gone, timeout=60, what="the garbage collector to remove the Job, pods, ConfigMap and Secret")
+    wait_for(gone, timeout=60, what="the garbage collector to remove the Job and its pods")
 
 
 def test_suspend_and_resume_follow_the_spec(kube: Kube, namespace: str, operator: OperatorProcess) -> None:
@@ -131,7 +128,6 @@ def test_restarting_the_operator_changes_nothing(kube: Kube, namespace: str, ope
     kube.create_ftj(namespace, manifest)
     before = kube.wait_phase(namespace, "steady", "Queued", timeout=60)
     job_uid = kube.batch.read_namespaced_job("steady", namespace).metadata.uid
-    secret_token = kube.core.read_namespaced_secret("steady-report", namespace).data["token"]
 
     operator.stop()
     operator.start()
@@ -140,7 +136,6 @@ def test_restarting_the_operator_changes_nothing(kube: Kube, namespace: str, ope
     assert after["phase"] == before["phase"] and after["reason"] == before["reason"]
     jobs = kube.batch.list_namespaced_job(namespace).items
     assert [j.metadata.uid for j in jobs] == [job_uid]
-    assert kube.core.read_namespaced_secret("steady-report", namespace).data["token"] == secret_token
     ours = [e for e in kube.core.list_namespaced_event(namespace).items if e.source.component == "finetune-operator"]
     assert len([e for e in ours if e.reason == "Queued"]) == 1
 
@@ -148,9 +143,14 @@ def test_restarting_the_operator_changes_nothing(kube: Kube, namespace: str, ope
 def test_a_name_taken_by_someone_else_is_a_conflict_not_a_takeover(
     kube: Kube, namespace: str, operator: OperatorProcess
 ) -> None:
-    kube.core.create_namespaced_secret(
-        namespace, {"metadata": {"name": "clash-report"}, "stringData": {"token": "theirs"}}
-    )
+    theirs = {
+        "metadata": {"name": "clash"},
+        "spec": {
+            "suspend": True,
+            "template": {"spec": {"restartPolicy": "Never", "containers": [{"name": "x", "image": "busybox"}]}},
+        },
+    }
+    kube.batch.create_namespaced_job(namespace, theirs)
     kube.create_ftj(namespace, copy.deepcopy(good_manifest("clash")))
 
     def conflicted() -> dict[str, Any] | None:
@@ -158,7 +158,7 @@ def test_a_name_taken_by_someone_else_is_a_conflict_not_a_takeover(
         return status if status.get("reason") == "NameConflict" else None
 
     status = wait_for(conflicted, timeout=30, what="a NameConflict")
-    assert "clash-report" in status["message"]
-    secret = kube.core.read_namespaced_secret("clash-report", namespace)
-    assert not secret.metadata.owner_references
-    assert not kube.batch.list_namespaced_job(namespace).items
+    assert "Job named clash" in status["message"]
+    job = kube.batch.read_namespaced_job("clash", namespace)
+    assert not job.metadata.owner_references
+    assert job.spec.template.spec.containers[0].name == "x"

@@ -3,7 +3,6 @@ a bounded number of status patches, and metrics carry progress."""
 
 from __future__ import annotations
 
-import base64
 import concurrent.futures
 import datetime as dt
 import json
@@ -21,14 +20,27 @@ from tests.kube import Kube, OperatorProcess, wait_for
 pytestmark = pytest.mark.cluster
 
 
+def pod_token(kube: Kube, namespace: str, pod: Any, *, audience: str = "finetune-operator") -> str:
+    """The token the kubelet would project into ``pod``: bound to it, for the operator's audience."""
+    request = {
+        "spec": {
+            "audiences": [audience],
+            "expirationSeconds": 3600,
+            "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": pod.metadata.name, "uid": pod.metadata.uid},
+        }
+    }
+    result = kube.core.create_namespaced_service_account_token("default", namespace, request)
+    return str(result.status.token)
+
+
 def queued_job(kube: Kube, namespace: str, name: str) -> str:
-    """A FineTuneJob that never gets a GPU (so no trainer reports but ours); returns its token."""
+    """A FineTuneJob that never gets a GPU (so no trainer reports but ours); returns its pod's token."""
     manifest = good_manifest(name)
     manifest["spec"]["resources"] = {"gpus": 8}
     kube.create_ftj(namespace, manifest)
     kube.wait_phase(namespace, name, "Queued", timeout=60)
-    secret = kube.core.read_namespaced_secret(f"{name}-report", namespace)
-    return base64.b64decode(secret.data["token"]).decode()
+    pod = kube.pods(namespace, f"finetune.dev/job-name={name}")[0]
+    return pod_token(kube, namespace, pod)
 
 
 def report(step: int, *, total: int = 100, stage: str = "training", attempt: str = "pod-a") -> dict[str, Any]:
@@ -102,6 +114,9 @@ def test_wrong_tokens_unknown_jobs_and_huge_bodies_are_rejected(
     assert post(operator, namespace, "guarded", other_token, report(1))[0] == 403
     assert post(operator, namespace, "nobody", token, report(1))[0] == 404
     assert post(operator, "other-namespace", "guarded", token, report(1))[0] == 404
+    pod = kube.pods(namespace, "finetune.dev/job-name=guarded")[0]
+    wrong_audience = pod_token(kube, namespace, pod, audience="https://kubernetes.default.svc.cluster.local")
+    assert post(operator, namespace, "guarded", wrong_audience, report(1))[0] == 403
     huge = report(1)
     huge["message"] = "x" * 300_000
     assert post(operator, namespace, "guarded", token, json.dumps(huge).encode())[0] == 413

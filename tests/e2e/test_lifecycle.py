@@ -124,7 +124,7 @@ def test_happy_path_phases_progress_checkpoints_and_outputs(
 
     # Saved in fp16 (halfPrecision); a CPU computes in fp32.
     pipe = StableDiffusionPipeline.from_pretrained(
-        paths["outputs"] / "happy" / "diffusers", safety_checker=None, torch_dtype=torch.float32
+        paths["outputs"] / "happy" / "diffusers", safety_checker=None, dtype=torch.float32
     )
     image = pipe("a photo of sks toy", num_inference_steps=2, height=64, width=64, output_type="np").images[0]
     assert image.shape == (64, 64, 3)

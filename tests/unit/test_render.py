@@ -32,7 +32,7 @@ def _body(manifest: dict[str, Any], name: str = "nick-portrait", namespace: str 
 def _render(manifest: dict[str, Any], **kwargs: Any) -> Any:
     body = _body(manifest, **{k: kwargs.pop(k) for k in ("name", "namespace") if k in kwargs})
     job = parse_manifest(body)
-    options = {"trainer_image": "trainer:1", "report_base_url": "http://op.svc:8081", "token": "t0ken"}
+    options = {"trainer_image": "trainer:1", "report_base_url": "http://op.svc:8081"}
     options.update(kwargs)
     return render(body, job, **options)
 
@@ -83,7 +83,7 @@ def test_pvc_inputs_mount_read_only_and_output_read_write() -> None:
     assert mounts["/data/datasets"]["readOnly"] is True
     assert mounts["/data/outputs"]["readOnly"] is False
     assert "/dev/shm" in mounts
-    resolved = yaml.safe_load(rendered.config_map["data"]["job.yaml"])
+    resolved = yaml.safe_load(rendered.job["spec"]["template"]["metadata"]["annotations"]["finetune.dev/job-yaml"])
     assert resolved["spec"]["dataset"]["instanceImages"] == "/data/datasets/nick/"
     assert resolved["spec"]["output"]["uri"] == "/data/outputs/nick/"
     # The trainer validates the resolved file with the same models.
@@ -100,9 +100,9 @@ def test_same_claim_for_input_and_output_is_mounted_once_writable() -> None:
     assert shared[0]["persistentVolumeClaim"]["readOnly"] is False
 
 
-def test_everything_is_owned_and_labelled() -> None:
+def test_the_job_is_owned_and_labelled() -> None:
     rendered = _render(portrait())
-    for obj in (rendered.config_map, rendered.secret, rendered.job):
+    for obj in (rendered.job,):
         owner = obj["metadata"]["ownerReferences"][0]
         assert owner["kind"] == "FineTuneJob"
         assert owner["uid"] == "1234-uid"
@@ -123,14 +123,25 @@ def test_credentials_secret_becomes_environment_and_report_url_is_per_job() -> N
         "http://op.svc:8081/v1alpha1/namespaces/team-a/finetunejobs/nick-portrait/progress"
     )
     assert env["FINETUNE_ATTEMPT"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
-    assert "t0ken" not in str(container)
+    assert env["FINETUNE_REPORT_TOKEN_FILE"]["value"] == "/var/run/finetune/report/token"
 
 
-def test_secret_holds_the_token_and_default_tokens_differ() -> None:
-    assert _render(portrait()).secret["stringData"]["token"] == "t0ken"
-    first = _render(portrait(), token="").secret["stringData"]["token"]
-    second = _render(portrait(), token="").secret["stringData"]["token"]
-    assert len(first) >= 32 and first != second
+def test_job_file_and_report_token_come_without_a_configmap_or_secret() -> None:
+    pod = _render(portrait(), report_ca="-----BEGIN CERTIFICATE-----\nx\n").job["spec"]["template"]
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    job_file = volumes["job"]["downwardAPI"]["items"][0]
+    assert job_file["path"] == "job.yaml"
+    assert job_file["fieldRef"]["fieldPath"] == "metadata.annotations['finetune.dev/job-yaml']"
+    token = volumes["report-token"]["projected"]["sources"][0]["serviceAccountToken"]
+    assert token["audience"] == "finetune-operator"
+    assert token["path"] == "token"
+    assert token["expirationSeconds"] >= 3600
+    assert pod["metadata"]["annotations"]["finetune.dev/report-ca"].startswith("-----BEGIN")
+    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+    assert env["FINETUNE_REPORT_CA_FILE"] == "/var/run/finetune/report/ca.crt"
+    assert not any("configMap" in v or "secret" in v for v in pod["spec"]["volumes"])
+    # The pod gets no token for the Kubernetes API, only the audience-bound one.
+    assert pod["spec"]["automountServiceAccountToken"] is False
 
 
 def test_run_policy_maps_onto_the_job() -> None:
@@ -183,8 +194,6 @@ def test_long_names_fit_every_limit_and_stay_distinct(length: int) -> None:
     other = ("a" * (length - 1)) + "c"
     assert len(names.job_name(name)) <= 63
     assert len(names.label_value(name)) <= 63
-    assert len(names.config_map_name(name)) <= 253
-    assert len(names.secret_name(name)) <= 253
     if length > 63:
         assert names.job_name(name) != names.job_name(other)
     assert names.job_name(name) == names.job_name(name)

@@ -222,10 +222,14 @@ def test_a_deleted_job_of_a_running_finetunejob_is_reported_not_recreated() -> N
     assert (status["phase"], status["reason"]) == ("Failed", "JobDeleted")
 
 
-def test_one_event_per_transition() -> None:
+def test_one_event_per_transition_and_none_for_creation() -> None:
     first = compute_status(None, SPEC, Observed(job=job()), generation=1, job_name="good")
-    assert len(first.events) == 1
-    again = compute_status(first.status, SPEC, Observed(job=job()), generation=1, job_name="good")
+    assert first.status["phase"] == "Pending"
+    assert first.events == []
+    running = Observed(job=job(active=1), pods=[pod()])
+    started = compute_status(first.status, SPEC, running, generation=1, job_name="good")
+    assert [e.reason for e in started.events] == ["Initializing"]
+    again = compute_status(started.status, SPEC, running, generation=1, job_name="good")
     assert again.events == []
 
 

@@ -79,6 +79,9 @@ class LocalCluster:
     ports: Ports = field(default_factory=Ports.free)
     processes: list[Process] = field(default_factory=list)
     admin_token: str = ""
+    # Record every request (verb, resource, user agent) in logs/audit.log: the benchmark
+    # counts the operator's API calls from it.
+    audit: bool = False
 
     # --- paths ---------------------------------------------------------------------------------
 
@@ -344,8 +347,23 @@ class LocalCluster:
             "--allow-privileged=true",
             "--profiling=false",
             "--enable-garbage-collector=true",
-            "--audit-log-path=",
+            *self._audit_args(),
             "--v=1",
+        ]
+
+    def _audit_args(self) -> list[str]:
+        if not self.audit:
+            return ["--audit-log-path="]
+        policy = self.pki / "audit-policy.yaml"
+        policy.write_text(
+            "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n  - level: Metadata\n"
+        )
+        return [
+            f"--audit-policy-file={policy}",
+            f"--audit-log-path={self.logs / 'audit.log'}",
+            "--audit-log-maxsize=0",
+            "--audit-log-mode=batch",
+            "--audit-log-batch-max-wait=1s",
         ]
 
     def _component_kubeconfig(self, user: str) -> Path:

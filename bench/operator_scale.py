@@ -1,0 +1,751 @@
+"""Operator at scale: apply N FineTuneJobs and, in the same run on the same control plane, N
+equivalent plain batch/v1 Jobs; then measure how fresh the status stays with 1, 100 and 1,000
+jobs reporting progress every 5 s.
+
+Everything runs on this machine: etcd, kube-apiserver (with an audit log, to count the
+operator's requests), kube-controller-manager, kube-scheduler, KWOK with 150 fake nodes of 8
+GPUs (pods go Running, then Succeeded after a delay), and the operator as its own process.
+Results: bench/results/operator-scale.json and .md.
+
+    python bench/operator_scale.py [--sizes 100,1000] [--nodes 150] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+from kubernetes import client, config, watch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+import kwok  # noqa: E402
+
+from finetune_operator import names  # noqa: E402
+from finetune_operator.api.v1alpha1 import GROUP, PLURAL, VERSION, parse_manifest  # noqa: E402
+from finetune_operator.devcluster import binaries  # noqa: E402
+from finetune_operator.devcluster.cluster import LocalCluster  # noqa: E402
+from finetune_operator.render import render  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+STATE = ROOT / "bench" / ".state"
+THREADS = 16
+REPORT_INTERVAL = 5.0
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def summary(values: list[float]) -> dict[str, float | int | None]:
+    return {
+        "count": len(values),
+        "p50": percentile(values, 50),
+        "p95": percentile(values, 95),
+        "p99": percentile(values, 99),
+        "max": max(values) if values else None,
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def say(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def spec(name: str) -> dict[str, Any]:
+    """A one-GPU FineTuneJob with local paths (no claims: the pods are simulated)."""
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": {
+            "baseModel": {"uri": "/models/sd15", "type": "v1x"},
+            "dataset": {"instanceImages": "/data/nick", "instancePrompt": "a photo of sks"},
+            "training": {"stepsPerImage": 150},
+            "output": {"uri": "/outputs/nick"},
+            "resources": {"gpus": 1, "cpu": "1", "memory": "2Gi"},
+        },
+    }
+
+
+def plain_job(namespace: str, name: str) -> dict[str, Any]:
+    """The Job the operator would render for ``spec(name)``, applied directly."""
+    body = spec(name)
+    body["metadata"] = {"name": name, "namespace": namespace, "uid": "00000000-0000-0000-0000-000000000000"}
+    job = render(body, parse_manifest(body), trainer_image="trainer:bench").job
+    del job["metadata"]["ownerReferences"]
+    job["metadata"]["labels"] = {"bench": "plain"}
+    job["spec"]["template"]["metadata"]["labels"] = {"bench": "plain", "plain-job": name}
+    return job
+
+
+@dataclass
+class Timeline:
+    """Local arrival times of what the watches saw, keyed by job name."""
+
+    applied: dict[str, float] = field(default_factory=dict)
+    job_seen: dict[str, float] = field(default_factory=dict)
+    running: dict[str, float] = field(default_factory=dict)
+    finished: dict[str, float] = field(default_factory=dict)
+    ftj_succeeded: dict[str, float] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class Watcher:
+    """Watches Jobs, Pods (and FineTuneJobs) of one namespace from this process."""
+
+    def __init__(self, api: client.ApiClient, namespace: str, timeline: Timeline, *, job_key: str) -> None:
+        self.api = api
+        self.namespace = namespace
+        self.timeline = timeline
+        self.job_key = job_key
+        self.stop_event = threading.Event()
+        self.threads = [
+            threading.Thread(target=self._loop, args=(kind,), daemon=True) for kind in ("jobs", "pods", "ftjs")
+        ]
+        for thread in self.threads:
+            thread.start()
+
+    def _stream(self, kind: str) -> Any:
+        w = watch.Watch()
+        if kind == "jobs":
+            return w.stream(client.BatchV1Api(self.api).list_namespaced_job, self.namespace, timeout_seconds=30)
+        if kind == "pods":
+            return w.stream(client.CoreV1Api(self.api).list_namespaced_pod, self.namespace, timeout_seconds=30)
+        return w.stream(
+            client.CustomObjectsApi(self.api).list_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            self.namespace,
+            PLURAL,
+            timeout_seconds=30,
+        )
+
+    def _loop(self, kind: str) -> None:
+        while not self.stop_event.is_set():
+            try:
+                for event in self._stream(kind):
+                    now = time.monotonic()
+                    obj = event["object"]
+                    with self.timeline.lock:
+                        self._record(kind, obj, now)
+                    if self.stop_event.is_set():
+                        return
+            except Exception:
+                time.sleep(0.2)
+
+    def _record(self, kind: str, obj: Any, now: float) -> None:
+        t = self.timeline
+        if kind == "jobs":
+            t.job_seen.setdefault(obj.metadata.name, now)
+        elif kind == "pods":
+            labels = obj.metadata.labels or {}
+            name = labels.get(self.job_key) or labels.get("job-name")
+            if not name:
+                return
+            if obj.status.phase == "Running":
+                t.running.setdefault(name, now)
+            elif obj.status.phase == "Succeeded":
+                t.running.setdefault(name, now)
+                t.finished.setdefault(name, now)
+        else:
+            status = obj.get("status") or {}
+            if status.get("phase") == "Succeeded":
+                t.ftj_succeeded.setdefault(obj["metadata"]["name"], now)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+
+class OperatorRun:
+    def __init__(self, kubeconfig: Path, log: Path) -> None:
+        self.ports = {"progress": free_port(), "metrics": free_port(), "health": free_port()}
+        self.log = log
+        args = [
+            sys.executable,
+            "-m",
+            "finetune_operator",
+            "run",
+            f"--kubeconfig={kubeconfig}",
+            "--bind-address=127.0.0.1",
+            f"--progress-port={self.ports['progress']}",
+            f"--metrics-port={self.ports['metrics']}",
+            f"--health-port={self.ports['health']}",
+            f"--report-url=http://127.0.0.1:{self.ports['progress']}",
+        ]
+        self.handle = open(log, "ab")  # noqa: SIM115 (held for the process's life)
+        self.process = subprocess.Popen(args, stdout=self.handle, stderr=subprocess.STDOUT, start_new_session=True)
+        self.ps = psutil.Process(self.process.pid)
+        self.peak_rss = 0
+        self._stop = threading.Event()
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+        self._sampler.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.ports['health']}/readyz", timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.2)
+        self.cpu_start = self.cpu()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.25):
+            try:
+                self.peak_rss = max(self.peak_rss, self.ps.memory_info().rss)
+            except psutil.Error:
+                return
+
+    def cpu(self) -> float:
+        times = self.ps.cpu_times()
+        return float(times.user + times.system)
+
+    def metric(self, name: str) -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.ports['metrics']}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.handle.close()
+
+
+def apply_all(objects: list[dict[str, Any]], create: Any, timeline: Timeline, key: str) -> float:
+    """Create every object from 16 threads as fast as they go; return the burst's length."""
+    started = time.monotonic()
+
+    def one(obj: dict[str, Any]) -> None:
+        create(obj)
+        with timeline.lock:
+            timeline.applied[obj["metadata"][key] if key != "name" else obj["metadata"]["name"]] = time.monotonic()
+
+    with concurrent.futures.ThreadPoolExecutor(THREADS) as pool:
+        list(pool.map(one, objects))
+    return time.monotonic() - started
+
+
+def wait_until(check: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.25)
+    raise SystemExit(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def latencies(start: dict[str, float], end: dict[str, float], names_map: dict[str, str] | None = None) -> list[float]:
+    out = []
+    for name, t0 in start.items():
+        target = names_map.get(name, name) if names_map else name
+        if target in end:
+            out.append(end[target] - t0)
+    return out
+
+
+def delete_namespace(core: client.CoreV1Api, namespace: str, timeout: float = 300) -> None:
+    try:
+        core.delete_namespace(namespace)
+    except client.exceptions.ApiException:
+        return
+
+    def gone() -> bool:
+        try:
+            core.read_namespace(namespace)
+        except client.exceptions.ApiException as exc:
+            return exc.status == 404
+        return False
+
+    wait_until(gone, timeout, f"namespace {namespace} to be deleted")
+
+
+def audit_counts(audit_log: Path, start_wall: float, end_wall: float) -> dict[str, int]:
+    """The operator's API requests (by its user agents) between two wall-clock times, by verb/resource."""
+    counts: Counter[str] = Counter()
+    if not audit_log.is_file():
+        return {}
+    with open(audit_log) as handle:
+        for line in handle:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            agent = event.get("userAgent", "")
+            if not (agent.startswith("finetune-operator") or agent.startswith("kopf")):
+                continue
+            stamp = event.get("requestReceivedTimestamp", "")
+            try:
+                moment = dt.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                continue
+            if not start_wall <= moment <= end_wall:
+                continue
+            ref = event.get("objectRef") or {}
+            resource = ref.get("resource", "?") + ("/" + ref["subresource"] if ref.get("subresource") else "")
+            counts[f"{event.get('verb')} {resource}"] += 1
+    return dict(sorted(counts.items()))
+
+
+WRITE_VERBS = ("create", "update", "patch", "delete")
+
+
+def run_size(n: int, cluster: LocalCluster, api: client.ApiClient, results: dict[str, Any]) -> None:
+    core = client.CoreV1Api(api)
+    batch = client.BatchV1Api(api)
+    custom = client.CustomObjectsApi(api)
+    finish_timeout = 120 + n * 0.6
+
+    # --- plain Jobs -----------------------------------------------------------------------------
+    namespace = f"bench-plain-{n}"
+    core.create_namespace({"metadata": {"name": namespace}})
+    wait_until(lambda: core.list_namespaced_service_account(namespace).items, 30, "default ServiceAccount")
+    plain = Timeline()
+    watcher = Watcher(api, namespace, plain, job_key="plain-job")
+    time.sleep(1)
+    say(f"N={n}: applying {n} plain Jobs")
+    burst = apply_all(
+        [plain_job(namespace, f"job-{i:05d}") for i in range(n)],
+        lambda obj: batch.create_namespaced_job(namespace, obj),
+        plain,
+        "name",
+    )
+    wait_until(lambda: len(plain.running) >= n, finish_timeout, "plain pods Running")
+    wait_until(lambda: len(plain.finished) >= n, finish_timeout, "plain pods Succeeded")
+    watcher.stop()
+    first = min(plain.applied.values())
+    plain_result = {
+        "apply_burst_seconds": burst,
+        "apply_to_running": summary(latencies(plain.applied, plain.running)),
+        "all_running_after": max(plain.running.values()) - first,
+        "all_finished_after": max(plain.finished.values()) - first,
+    }
+    say(f"N={n}: plain Jobs done: {json.dumps(plain_result['apply_to_running'])}")
+    delete_namespace(core, namespace)
+
+    # --- the operator ---------------------------------------------------------------------------
+    namespace = f"bench-ftj-{n}"
+    core.create_namespace({"metadata": {"name": namespace}})
+    wait_until(lambda: core.list_namespaced_service_account(namespace).items, 30, "default ServiceAccount")
+    operator = OperatorRun(cluster.kubeconfig, STATE / f"operator-{n}.log")
+    ftj = Timeline()
+    watcher = Watcher(api, namespace, ftj, job_key="finetune.dev/job-name")
+    time.sleep(1)
+    say(f"N={n}: applying {n} FineTuneJobs")
+    wall_start = time.time()
+    burst = apply_all(
+        [spec(f"ftj-{i:05d}") for i in range(n)],
+        lambda obj: custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, obj),
+        ftj,
+        "name",
+    )
+    job_names = {f"ftj-{i:05d}": names.job_name(f"ftj-{i:05d}") for i in range(n)}
+    wait_until(lambda: len(ftj.job_seen) >= n, finish_timeout, "the operator's Jobs")
+    created_wall = time.time()
+    wait_until(lambda: len(ftj.running) >= n, finish_timeout, "operator pods Running")
+    wait_until(lambda: len(ftj.ftj_succeeded) >= n, finish_timeout, "FineTuneJobs Succeeded")
+    time.sleep(2)
+    wall_end = time.time()
+    watcher.stop()
+    cpu = operator.cpu() - operator.cpu_start
+    operator.stop()
+    first = min(ftj.applied.values())
+    requests = audit_counts(cluster.logs / "audit.log", wall_start, wall_end)
+    creation = audit_counts(cluster.logs / "audit.log", wall_start, created_wall + 1)
+    creates = sum(v for k, v in requests.items() if k.startswith("create "))
+    writes = sum(v for k, v in requests.items() if k.split(" ")[0] in WRITE_VERBS)
+    status_writes = sum(v for k, v in requests.items() if k.endswith("finetunejobs/status"))
+    operator_result = {
+        "apply_burst_seconds": burst,
+        "apply_to_job": summary(latencies(ftj.applied, ftj.job_seen, job_names)),
+        "apply_to_running": summary(latencies(ftj.applied, ftj.running)),
+        "all_running_after": max(ftj.running.values()) - first,
+        "all_finished_after": max(ftj.finished.values()) - first if ftj.finished else None,
+        "all_succeeded_on_resource_after": max(ftj.ftj_succeeded.values()) - first,
+        "peak_rss_mb": operator.peak_rss / 2**20,
+        "cpu_seconds": cpu,
+        "requests": requests,
+        "requests_during_creation": creation,
+        "writes_per_job": writes / n,
+        "creates_per_job": creates / n,
+        "writes_at_creation_per_job": (creates + min(n, status_writes)) / n,
+        "status_writes_per_job": status_writes / n,
+    }
+    say(f"N={n}: operator done: {json.dumps(operator_result['apply_to_running'])}")
+    results[str(n)] = {
+        "plain": plain_result,
+        "operator": operator_result,
+        "ratio_running_p95": (operator_result["apply_to_running"]["p95"] or 0)
+        / (plain_result["apply_to_running"]["p95"] or 1),
+        "ratio_all_running": operator_result["all_running_after"] / plain_result["all_running_after"],
+    }
+    delete_namespace(core, namespace)
+
+
+async def _report_loop(
+    session: Any,
+    url: str,
+    token: str,
+    attempt: str,
+    posted: dict[tuple[str, int], float],
+    name: str,
+    stop_at: float,
+    offset: float,
+    interval: float,
+) -> int:
+    await asyncio.sleep(offset)
+    step = 0
+    sent = 0
+    while time.monotonic() < stop_at:
+        step += 10
+        body = {
+            "seq": step,
+            "attempt": attempt,
+            "time": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "stage": "training",
+            "step": step,
+            "totalSteps": 100000,
+            "loss": 0.1,
+            "stepsPerSecond": 2.0,
+        }
+        try:
+            async with session.post(url, json=body, headers={"Authorization": f"Bearer {token}"}) as response:
+                await response.read()
+                if response.status == 202:
+                    posted[(name, step)] = time.monotonic()
+                    sent += 1
+        except Exception:
+            pass
+        await asyncio.sleep(interval)
+    return sent
+
+
+def freshness(cluster: LocalCluster, api: client.ApiClient, total: int, counts: list[int]) -> dict[str, Any]:
+    import aiohttp
+
+    core = client.CoreV1Api(api)
+    custom = client.CustomObjectsApi(api)
+    namespace = "bench-fresh"
+    core.create_namespace({"metadata": {"name": namespace}})
+    wait_until(lambda: core.list_namespaced_service_account(namespace).items, 30, "default ServiceAccount")
+    operator = OperatorRun(cluster.kubeconfig, STATE / "operator-fresh.log")
+    say(f"freshness: {total} FineTuneJobs whose pods keep running")
+    timeline = Timeline()
+    apply_all(
+        [spec(f"ftj-{i:05d}") for i in range(total)],
+        lambda obj: custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, obj),
+        timeline,
+        "name",
+    )
+    pods: dict[str, str] = {}
+
+    def all_running() -> bool:
+        for pod in core.list_namespaced_pod(namespace).items:
+            if pod.status.phase == "Running":
+                pods[pod.metadata.labels["finetune.dev/job-name"]] = pod.metadata.name
+        return len(pods) >= total
+
+    wait_until(all_running, 300 + total * 0.5, "freshness pods Running")
+    pod_objects = {p.metadata.labels["finetune.dev/job-name"]: p for p in core.list_namespaced_pod(namespace).items}
+
+    def token_for(name: str) -> str:
+        pod = pod_objects[name]
+        request = {
+            "spec": {
+                "audiences": ["finetune-operator"],
+                "expirationSeconds": 7200,
+                "boundObjectRef": {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "name": pod.metadata.name,
+                    "uid": pod.metadata.uid,
+                },
+            }
+        }
+        return str(core.create_namespaced_service_account_token("default", namespace, request).status.token)
+
+    with concurrent.futures.ThreadPoolExecutor(THREADS) as pool:
+        tokens = dict(zip(pod_objects, pool.map(token_for, pod_objects), strict=True))
+    seen: dict[tuple[str, int], float] = {}
+    stop_watch = threading.Event()
+
+    def watch_status() -> None:
+        while not stop_watch.is_set():
+            try:
+                for event in watch.Watch().stream(
+                    custom.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, timeout_seconds=20
+                ):
+                    now = time.monotonic()
+                    obj = event["object"]
+                    step = ((obj.get("status") or {}).get("progress") or {}).get("step")
+                    if step:
+                        seen.setdefault((obj["metadata"]["name"], step), now)
+                    if stop_watch.is_set():
+                        return
+            except Exception:
+                time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch_status, daemon=True)
+    watcher.start()
+    out: dict[str, Any] = {}
+    base = f"http://127.0.0.1:{operator.ports['progress']}/v1alpha1/namespaces/{namespace}/finetunejobs"
+    duration = 40.0
+    for count in counts:
+        say(f"freshness: {count} jobs reporting every {REPORT_INTERVAL:.0f}s for {duration:.0f}s")
+        posted: dict[tuple[str, int], float] = {}
+        job_list = [f"ftj-{i:05d}" for i in range(count)]
+        patches_before = operator.metric("finetune_status_patches_total")
+        cpu_before = operator.cpu()
+
+        async def drive(jobs: list[str] = job_list, sink: dict[tuple[str, int], float] = posted) -> int:
+            connector = aiohttp.TCPConnector(limit=200)
+            timeout = aiohttp.ClientTimeout(total=5)
+            stop_at = time.monotonic() + duration
+            async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+                sent = await asyncio.gather(
+                    *[
+                        _report_loop(
+                            session,
+                            f"{base}/{name}/progress",
+                            tokens[name],
+                            pods[name],
+                            sink,
+                            name,
+                            stop_at,
+                            REPORT_INTERVAL * i / len(jobs),
+                            REPORT_INTERVAL,
+                        )
+                        for i, name in enumerate(jobs)
+                    ]
+                )
+            return sum(sent)
+
+        started = time.monotonic()
+        sent = asyncio.run(drive())
+        time.sleep(8)
+        elapsed = time.monotonic() - started
+        patches = operator.metric("finetune_status_patches_total") - patches_before
+        cpu = operator.cpu() - cpu_before
+        delays = [seen[key] - t for key, t in posted.items() if key in seen]
+        out[str(count)] = {
+            "reports_sent": sent,
+            "reports_seen_on_resource": len(delays),
+            "post_to_watch": summary(delays),
+            "status_patches_per_second": patches / elapsed,
+            "status_patches_per_job_per_interval": patches / max(1, count) / (elapsed / REPORT_INTERVAL),
+            "operator_cpu_percent": 100 * cpu / elapsed,
+        }
+        say(f"freshness {count}: {json.dumps(out[str(count)]['post_to_watch'])}")
+
+    # Reports that carry nothing new must not cost a status write.
+    say("freshness: repeated identical reports")
+    patches_before = operator.metric("finetune_status_patches_total")
+
+    async def repeat() -> None:
+        async with aiohttp.ClientSession() as session:
+            for round_ in range(5):
+                for name in [f"ftj-{i:05d}" for i in range(min(100, total))]:
+                    body = {
+                        "seq": 100000 + round_,
+                        "attempt": pods[name],
+                        "time": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+                        "stage": "training",
+                        "step": 999990,
+                        "totalSteps": 100000,
+                        "loss": 0.1,
+                        "stepsPerSecond": 2.0,
+                    }
+                    async with session.post(
+                        f"{base}/{name}/progress", json=body, headers={"Authorization": f"Bearer {tokens[name]}"}
+                    ) as response:
+                        await response.read()
+                await asyncio.sleep(REPORT_INTERVAL)
+
+    asyncio.run(repeat())
+    time.sleep(5)
+    repeated = operator.metric("finetune_status_patches_total") - patches_before
+    out["identical_reports"] = {"jobs": min(100, total), "rounds": 5, "status_patches": repeated}
+    out["operator_peak_rss_mb"] = operator.peak_rss / 2**20
+    stop_watch.set()
+    operator.stop()
+    delete_namespace(core, namespace)
+    return out
+
+
+def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
+    n1000 = results["scale"].get("1000")
+    fresh = results.get("freshness", {}).get("1000")
+    rows = []
+    if n1000:
+        op = n1000["operator"]
+        rows += [
+            ("apply -> Job created p99 <= 1 s at N=1000", op["apply_to_job"]["p99"], op["apply_to_job"]["p99"] <= 1.0),
+            ("apply -> pod Running p95 within 1.10x plain Jobs", n1000["ratio_running_p95"], n1000["ratio_running_p95"] <= 1.10),
+            ("all Running within 1.10x plain Jobs", n1000["ratio_all_running"], n1000["ratio_all_running"] <= 1.10),
+            ("<= 2 API writes per job at creation", op["writes_at_creation_per_job"], op["writes_at_creation_per_job"] <= 2),
+            ("operator peak RSS <= 120 MB at 1,000 jobs", op["peak_rss_mb"], op["peak_rss_mb"] <= 120),
+        ]  # fmt: skip
+    if fresh:
+        interval = fresh["status_patches_per_job_per_interval"]
+        rows += [
+            ("status freshness p99 <= 5 s at 1,000 reporting jobs", fresh["post_to_watch"]["p99"], (fresh["post_to_watch"]["p99"] or 99) <= 5),
+            ("<= 1 status write per job per report interval", interval, interval <= 1.0),
+            ("no status write for reports with nothing new", results["freshness"]["identical_reports"]["status_patches"], results["freshness"]["identical_reports"]["status_patches"] == 0),
+        ]  # fmt: skip
+    return [{"goal": g, "figure": f, "met": bool(m)} for g, f, m in rows]
+
+
+def markdown(results: dict[str, Any]) -> str:
+    def fmt(value: Any) -> str:
+        return "-" if value is None else f"{value:.2f}" if isinstance(value, float) else str(value)
+
+    lines = [
+        "# Operator at scale",
+        "",
+        f"Run {results['time']} on {results['machine']['cpus']} CPUs, Python {results['machine']['python']}, "
+        f"Kubernetes {results['machine']['kubernetes']}, {results['nodes']} KWOK nodes x 8 GPUs.",
+        "",
+        "| N | what | plain Jobs | operator | ratio |",
+        "|---|---|---|---|---|",
+    ]
+    for n, data in results["scale"].items():
+        plain, op = data["plain"], data["operator"]
+        lines += [
+            f"| {n} | apply -> Job created p50 / p99 (s) | (direct) | {fmt(op['apply_to_job']['p50'])} / "
+            f"{fmt(op['apply_to_job']['p99'])} | |",
+            f"| {n} | apply -> pod Running p50 / p95 / p99 (s) | {fmt(plain['apply_to_running']['p50'])} / "
+            f"{fmt(plain['apply_to_running']['p95'])} / {fmt(plain['apply_to_running']['p99'])} | "
+            f"{fmt(op['apply_to_running']['p50'])} / {fmt(op['apply_to_running']['p95'])} / "
+            f"{fmt(op['apply_to_running']['p99'])} | {fmt(data['ratio_running_p95'])} (p95) |",
+            f"| {n} | all Running after (s) | {fmt(plain['all_running_after'])} | {fmt(op['all_running_after'])} | "
+            f"{fmt(data['ratio_all_running'])} |",
+            f"| {n} | all finished after (s) | {fmt(plain['all_finished_after'])} | "
+            f"{fmt(op['all_finished_after'])} (Succeeded on the resource: "
+            f"{fmt(op['all_succeeded_on_resource_after'])}) | |",
+            f"| {n} | operator peak RSS (MB) / CPU (s) | | {fmt(op['peak_rss_mb'])} / {fmt(op['cpu_seconds'])} | |",
+            f"| {n} | API writes per job: at creation / whole life / status | | "
+            f"{fmt(op['writes_at_creation_per_job'])} / {fmt(op['writes_per_job'])} / "
+            f"{fmt(op['status_writes_per_job'])} | |",
+        ]
+    if results.get("freshness"):
+        lines += ["", "## Status freshness", "", "| reporting jobs | POST -> seen by a watch p50 / p99 (s) | "
+                  "status patches/s | per job per interval | operator CPU % |", "|---|---|---|---|---|"]  # fmt: skip
+        for count, data in results["freshness"].items():
+            if not count.isdigit():
+                continue
+            lines.append(
+                f"| {count} | {fmt(data['post_to_watch']['p50'])} / {fmt(data['post_to_watch']['p99'])} | "
+                f"{fmt(data['status_patches_per_second'])} | {fmt(data['status_patches_per_job_per_interval'])} | "
+                f"{fmt(data['operator_cpu_percent'])} |"
+            )
+    lines += ["", "## Goals", "", "| goal | figure | met |", "|---|---|---|"]
+    for row in results["goals"]:
+        lines.append(f"| {row['goal']} | {fmt(row['figure'])} | {'yes' if row['met'] else 'NO'} |")
+    lines += ["", "API requests by the operator per verb and resource (whole run of each N):", ""]
+    for n, data in results["scale"].items():
+        lines.append(f"- N={n}: " + ", ".join(f"{k}: {v}" for k, v in data["operator"]["requests"].items()))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sizes", default="100,1000")
+    parser.add_argument("--nodes", type=int, default=150)
+    parser.add_argument("--fresh", default="1,100,1000", help="numbers of reporting jobs")
+    parser.add_argument("--quick", action="store_true", help="N=50 only, 20 nodes, freshness 1,10")
+    args = parser.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    fresh_counts = [int(s) for s in args.fresh.split(",") if s]
+    if args.quick:
+        sizes, args.nodes, fresh_counts = [50], 20, [1, 10]
+    started = time.monotonic()
+    shutil.rmtree(STATE, ignore_errors=True)
+    STATE.mkdir(parents=True)
+    found = binaries.ensure(["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok"])
+    cluster = LocalCluster(state_dir=STATE / "cluster", audit=True)
+    cluster.start(agent=False, timeout=90)
+    simulator = kwok.start(
+        found["kwok"],
+        kubeconfig=cluster.kubeconfig,
+        workdir=STATE,
+        complete_after=20,
+        keep_running=["bench-fresh"],
+    )
+    results: dict[str, Any] = {
+        "time": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "kubernetes": binaries.KUBERNETES_VERSION,
+            "platform": platform.platform(),
+        },
+        "nodes": args.nodes,
+        "scale": {},
+    }
+    try:
+        cluster.install_crds(ROOT / "crds")
+        kwok.create_nodes(cluster.kubectl, args.nodes, gpus=8)
+        api = config.new_client_from_config(config_file=str(cluster.kubeconfig))
+        api.configuration.connection_pool_maxsize = 64
+        core = client.CoreV1Api(api)
+        wait_until(
+            lambda: (
+                sum(
+                    1
+                    for node in core.list_node(label_selector=kwok.LABEL).items
+                    if any(c.type == "Ready" and c.status == "True" for c in node.status.conditions or [])
+                )
+                >= args.nodes
+            ),
+            120,
+            "KWOK nodes Ready",
+        )
+        for n in sizes:
+            run_size(n, cluster, api, results["scale"])
+        results["freshness"] = freshness(cluster, api, max(fresh_counts), fresh_counts)
+    finally:
+        simulator.stop()
+        cluster.stop()
+    results["goals"] = goals(results)
+    results["seconds"] = time.monotonic() - started
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "operator-scale.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    (RESULTS / "operator-scale.md").write_text(markdown(results))
+    print(markdown(results))
+    say(f"done in {results['seconds']:.0f}s; results in {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
