@@ -1,8 +1,9 @@
 """The trainer end to end on a tiny pipeline, through its command line, as a user runs it.
 
-One "straight" run (8 steps, a checkpoint every 4, prior preservation, text encoder training,
-the web-UI tutorial's fp16/xformers/8-bit settings, which fall back on a CPU) feeds the
-export, report and resume tests; a second, longer run checks that training learns.
+One "straight" run (8 steps, a checkpoint every 4, samples every 3, prior preservation, text
+encoder training, the web-UI tutorial's fp16/xformers/8-bit settings, which fall back on a
+CPU) feeds the export, sample, picture, report and resume tests; a second, longer run checks
+that training learns.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from tests.trainer.operator_stub import Operator
 pytestmark = pytest.mark.trainer
 
 STEPS, EVERY = 8, 4
+SAMPLE_EVERY, SAMPLE_STEPS = 3, (3, 6, 8)  # and always the last step
+PROMPTS = ["a photo of sks ball", "a red ball on the beach"]
 NAME = "tiny-db"
 
 
@@ -53,6 +56,7 @@ def straight_spec(model: Path, photos: Path, output: Path) -> dict[str, Any]:
     spec["dataset"].update(classPrompt="a photo of a ball", priorPreservation=True, numClassImages=2, randomFlip=True)
     spec["checkpoints"] = {"everySteps": EVERY, "keepLast": 2}
     spec["output"]["halfPrecision"] = True
+    spec["samples"] = {"prompts": PROMPTS, "everySteps": SAMPLE_EVERY, "numInferenceSteps": 3, "seed": 7}
     return spec
 
 
@@ -95,7 +99,8 @@ def test_run_ends_with_every_export_and_a_manifest(straight: Run) -> None:
     assert manifest_data["settings"]["mixed_precision"] == "no"
     listed = {f["path"]: f for f in manifest_data["files"]}
     exported = {p.relative_to(out).as_posix() for p in (out / "diffusers").rglob("*") if p.is_file()}
-    assert set(listed) == exported | {f"{NAME}.safetensors"}
+    assert set(listed) == exported | {f"{NAME}.safetensors", "loss.png", "samples.png"}
+    assert manifest_data["samples"] == [f"samples/step-{s:06d}-{i}.png" for s in SAMPLE_STEPS for i in (0, 1)]
     for path, entry in listed.items():
         assert entry["sizeBytes"] == (out / path).stat().st_size
         assert entry["sha256"] == sha256_file(out / path)
@@ -196,6 +201,93 @@ def test_progress_reaches_the_operator_and_the_termination_message(straight: Run
     assert summary["step"] == STEPS
     assert summary["outputUri"] == str(straight.output)
     assert summary["warnings"] == final["warnings"]
+
+
+# --- samples and pictures ------------------------------------------------------------------------
+
+
+def _sample_paths(output: Path) -> list[Path]:
+    return [output / "samples" / f"step-{step:06d}-{index}.png" for step in SAMPLE_STEPS for index in (0, 1)]
+
+
+def _pixels(path: Path) -> numpy.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return numpy.asarray(image.convert("RGB"))
+
+
+def test_samples_appear_at_the_asked_steps_and_in_the_summary(straight: Run, operator: Operator) -> None:
+    from PIL import Image
+
+    expected = _sample_paths(straight.output)
+    assert sorted((straight.output / "samples").iterdir()) == expected
+    for path in expected:
+        with Image.open(path) as image:
+            assert image.size == (64, 64)
+            assert image.info["parameters"].startswith(PROMPTS[int(path.stem[-1])])
+            assert "Seed: 7" in image.info["parameters"]
+    # The same noise at every step: what differs between steps is what training changed.
+    assert not numpy.array_equal(_pixels(expected[0]), _pixels(expected[-2]))
+    assert straight.summary["samples"] == [str(p) for p in expected]
+
+    received = [body for body, _ in operator.received if body.get("attempt") == "tiny-db-pod-0"]
+    assert received[-1]["samples"] == [str(p) for p in expected]
+    # Listed as soon as they exist, while training goes on.
+    first = next(e for e in straight.events() if e.get("samples"))
+    assert first["step"] == SAMPLE_STEPS[0]
+    assert first["samples"] == [str(p) for p in expected[:2]]
+    assert "sampling" in {e["stage"] for e in straight.events()}
+
+
+def test_thumbnails_of_the_newest_samples_travel_with_the_report(straight: Run, operator: Operator) -> None:
+    import base64
+    import io
+
+    from PIL import Image
+
+    final = [body for body, _ in operator.received if body.get("attempt") == "tiny-db-pod-0"][-1]
+    thumbnails = final["thumbnails"]
+    assert [(t["name"], t["step"], t["prompt"]) for t in thumbnails] == [
+        ("step-000008-0.png", 8, PROMPTS[0]),
+        ("step-000008-1.png", 8, PROMPTS[1]),
+    ]
+    for thumbnail in thumbnails:
+        with Image.open(io.BytesIO(base64.b64decode(thumbnail["jpegBase64"]))) as image:
+            assert image.format == "JPEG"
+            assert max(image.size) <= 128
+    assert sum(len(t["jpegBase64"]) for t in thumbnails) <= 96 * 1024
+
+
+def test_loss_and_contact_sheet_pictures_open_at_their_size(straight: Run) -> None:
+    from PIL import Image
+
+    from finetune_trainer import pictures
+
+    out = straight.output
+    listed = {f["path"]: f for f in straight.summary["files"]}
+    for name in ("loss.png", "samples.png"):
+        assert listed[name]["sha256"] == sha256_file(out / name)
+
+    with Image.open(out / "loss.png") as image:
+        assert image.size == pictures.LOSS_SIZE_PX
+    loss = _pixels(out / "loss.png").astype(int)
+
+    def drawn(color: tuple[int, int, int]) -> int:
+        return int((numpy.abs(loss - numpy.array(color)).sum(axis=2) < 30).sum())
+
+    assert drawn((8, 81, 156)) > 200  # the smoothed loss curve
+    assert drawn((217, 72, 1)) > 200  # the learning rate, on its own axis
+
+    with Image.open(out / "samples.png") as image:
+        assert image.size == pictures.sheet_size(len(SAMPLE_STEPS), len(PROMPTS), 64)
+    sheet = _pixels(out / "samples.png")
+    # Row r, column c is the sample of step r for prompt c.
+    for row, step in enumerate(SAMPLE_STEPS):
+        for column in range(len(PROMPTS)):
+            left, top = pictures.cell_origin(row, column, 64)
+            sample = _pixels(out / "samples" / f"step-{step:06d}-{column}.png")
+            assert numpy.array_equal(sheet[top : top + 64, left : left + 64], sample), (step, column)
 
 
 # --- learning --------------------------------------------------------------------------------
@@ -314,6 +406,14 @@ def test_a_killed_run_resumes_to_the_same_weights(
         assert ours.keys() == theirs.keys()
         for key in ours:
             torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-6, msg=f"{part}: {key}")
+    # Samples made before the kill are kept, the rest made after: the same pictures.
+    for ours_path, theirs_path in zip(_sample_paths(output), _sample_paths(straight.output), strict=True):
+        assert numpy.array_equal(_pixels(ours_path), _pixels(theirs_path)), ours_path.name
+    # loss.png shows the whole run: the steps before the checkpoint come from it.
+    history = json.loads((output / "checkpoints" / "checkpoint-000008" / "trainer_state.json").read_text())
+    reference = json.loads((straight.output / "checkpoints" / "checkpoint-000008" / "trainer_state.json").read_text())
+    assert [h[0] for h in history["loss_history"]] == list(range(1, STEPS + 1))
+    numpy.testing.assert_allclose(history["loss_history"], reference["loss_history"], rtol=1e-5)
     # (Tensors, not file hashes: safetensors writes its header's keys in no fixed order.)
     ours = load_file(str(output / f"{NAME}.safetensors"))
     theirs = load_file(str(straight.output / f"{NAME}.safetensors"))

@@ -77,10 +77,15 @@ def test_total_steps_is_steps_per_image_times_images_unless_max_steps() -> None:
 @pytest.mark.parametrize(
     ("change", "field", "fix"),
     [
-        ({"method": "LoRA"}, "spec.method", "use method: DreamBooth"),
+        (
+            {"method": "LoRA", "training": {"maxSteps": 1, "trainTextEncoder": True}},
+            "spec.training.trainTextEncoder",
+            "set spec.training.lora.trainTextEncoder: true",
+        ),
         ({"baseModel": {"uri": "/m", "type": "sdxl"}}, "spec.baseModel.type", "use v1x, v2x-512 or v2x"),
         ({"baseModel": {"uri": "pvc://models/sd15", "type": "v1x"}}, "spec.baseModel.uri", "use a local path"),
-        ({"output": {"uri": "s3://bucket/out"}}, "spec.output.uri", "use pvc://CLAIM/path or a local path"),
+        ({"output": {"uri": "https://example.com/out"}}, "spec.output.uri", "s3://BUCKET/path or gs://BUCKET/path"),
+        ({"output": {"uri": "hf://me/my-model"}}, "spec.output.uri", "s3://BUCKET/path or gs://BUCKET/path"),
     ],
 )
 def test_jobs_this_trainer_cannot_run_are_bad_input(change: dict[str, Any], field: str, fix: str) -> None:
@@ -108,3 +113,30 @@ def test_an_invalid_manifest_names_the_field(tmp_path: Path) -> None:
         load_job(path)
     with pytest.raises(BadInput, match="does not exist"):
         load_job(tmp_path / "missing.yaml")
+
+
+def test_lora_and_object_store_outputs_are_accepted() -> None:
+    spec = parse_manifest(
+        {
+            "spec": {
+                "method": "LoRA",
+                "baseModel": {"uri": "s3://models/sd15", "type": "v1x"},
+                "dataset": {"instanceImages": "gs://photos/nick", "instancePrompt": "a photo of nick"},
+                "training": {"maxSteps": 1, "lora": {"rank": 8, "alpha": 8, "trainTextEncoder": True}},
+                "output": {"uri": "s3://bucket/out", "mergeLoRA": True},
+                "storage": {"s3EndpointUrl": "http://minio.storage.svc:9000"},
+            }
+        }
+    ).spec
+    check_supported(spec)  # does not raise
+    assert spec.storage.s3_endpoint_url == "http://minio.storage.svc:9000"
+
+
+def test_a_bad_s3_endpoint_is_refused_naming_the_field(tmp_path: Path) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text(
+        "kind: FineTuneJob\nspec:\n  baseModel: {uri: s3://m/sd}\n  dataset: {instanceImages: /d, instancePrompt: p}\n"
+        "  training: {maxSteps: 1}\n  output: {uri: s3://b/o}\n  storage: {s3EndpointUrl: 'minio:9000'}\n"
+    )
+    with pytest.raises(BadInput, match=r"spec\.storage\.s3EndpointUrl: must be an http:// or https:// URL"):
+        load_job(path)

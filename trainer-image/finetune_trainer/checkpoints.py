@@ -45,9 +45,10 @@ class Checkpoint:
     path: Path
     state: dict[str, Any]
 
-    def ref(self) -> CheckpointRef:
+    def ref(self, *, uri: str | None = None) -> CheckpointRef:
+        """For reports; ``uri`` where it is not the local path (an object-store output)."""
         size = sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
-        return CheckpointRef(step=self.step, uri=str(self.path), size_bytes=size, time=self.state.get("time"))
+        return CheckpointRef(step=self.step, uri=uri or str(self.path), size_bytes=size, time=self.state.get("time"))
 
 
 def complete_checkpoints(root: Path) -> list[Checkpoint]:

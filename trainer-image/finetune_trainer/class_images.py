@@ -40,24 +40,25 @@ def _writable(folder: Path) -> bool:
     return os.access(folder, os.W_OK)
 
 
-def plan_folders(spec: FineTuneJobSpec, output: Path) -> tuple[list[Path], Path | None, int]:
+def plan_folders(
+    spec: FineTuneJobSpec, output: Path, *, user_dir: Path | None, user_writable: bool
+) -> tuple[list[Path], Path | None, int]:
     """(folders to read class images from, folder to generate into, how many to generate).
 
-    The user's ``classImages`` folder is used first; missing images are generated into it when
-    it is writable, else under the output.
+    ``user_dir`` is ``classImages`` as a local folder (for an object store, the downloaded
+    copy, which is not written to).  It is used first; missing images are generated into it
+    when it is writable, else under the output.
     """
     wanted = spec.dataset.num_class_images
     generated_dir = output / OUTPUT_SUBDIR
     folders: list[Path] = []
     have = 0
-    if spec.dataset.class_images is not None:
-        user_dir = storage.local_path(spec.dataset.class_images, field=FIELD)
-        assert user_dir is not None  # remote class images are refused by job.check_supported
+    if user_dir is not None:
         folders.append(user_dir)
         have = count_images(user_dir)
         if have >= wanted:
             return folders, None, 0
-        if _writable(user_dir):
+        if user_writable and _writable(user_dir):
             return folders, user_dir, wanted - have
     folders.append(generated_dir)
     have += count_images(generated_dir)

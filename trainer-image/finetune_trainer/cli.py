@@ -106,8 +106,9 @@ def run(job_path: Path) -> int:
             message=f"trained {result.step} steps; the model is in {result.output}",
             step=result.step,
             total_steps=result.total_steps,
-            output_uri=str(result.output),
+            output_uri=result.output,
             files=result.files,
+            samples=result.samples,
         )
         reporter.close(stage=Stage.DONE, message=summary.message)
     except TrainerError as exc:
@@ -124,6 +125,7 @@ def run(job_path: Path) -> int:
         restore_signals()
     if main_process:
         summary.checkpoints = reporter.checkpoints
+        summary.samples = summary.samples or list(reporter.samples)
         summary.warnings = reporter.warnings
         report.write_summary(summary)
     launch.record_exit_code(code)

@@ -1,6 +1,6 @@
 """The trained model, as people use it: a diffusers folder, one ``.safetensors`` in the
-original SD layout (what the web UIs load), and ``manifest.json`` listing every exported
-file with its size and SHA-256.
+original SD layout (what the web UIs load), for LoRA the adapter files (see lora.py), and
+``manifest.json`` listing every exported file with its size and SHA-256.
 
 Each export is written under a temporary name and renamed into place when complete; the
 manifest is written last, so a manifest on disk means the exports it lists are whole.
@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune_operator.api.v1alpha1 import FineTuneJob, ModelType, OutputFile, OutputFormat
-from finetune_trainer import convert, storage
+from finetune_operator.api.v1alpha1 import FineTuneJob, Method, ModelType, OutputFile, OutputFormat
+from finetune_trainer import convert, lora, storage
 from finetune_trainer.model import CONFIG_METADATA_KEY, BaseModel
 from finetune_trainer.report import now_rfc3339
 
@@ -39,10 +40,16 @@ class Trained:
     vae: Any
     text_encoder: Any
     base: BaseModel
+    # Method LoRA: whether the text encoder carries adapters too.
+    text_encoder_adapters: bool = False
 
 
 def single_file_name(job: FineTuneJob) -> str:
     return f"{job.metadata.name or 'model'}.safetensors"
+
+
+def lora_file_name(job: FineTuneJob) -> str:
+    return f"{job.metadata.name or 'model'}-lora.safetensors"
 
 
 def export_all(
@@ -52,23 +59,60 @@ def export_all(
     job: FineTuneJob,
     step: int,
     settings: dict[str, str],
+    pictures: Sequence[Path] = (),
+    samples: Sequence[Path] = (),
 ) -> list[OutputFile]:
-    """Write every requested format and the manifest; return the files for the report."""
+    """Write every requested format and the manifest; return the files for the report.
+
+    ``pictures`` (loss.png, samples.png) are listed with the exports; ``samples`` are named in
+    the manifest."""
     import torch
 
-    dtype = torch.float16 if job.spec.output.half_precision else torch.float32
-    # Training is over (its final state is in the last checkpoint), so the models are cast
-    # in place rather than copied: a copy of an SD UNet would cost gigabytes.
-    for module in (trained.unet, trained.vae, trained.text_encoder):
-        module.to(dtype)
-    formats = set(job.spec.output.formats)
+    spec = job.spec
+    dtype = torch.float16 if spec.output.half_precision else torch.float32
     written: list[Path] = []
-    if OutputFormat.DIFFUSERS in formats:
-        written.append(export_diffusers(trained, output / DIFFUSERS_DIR))
-    if OutputFormat.SAFETENSORS in formats:
-        written.append(export_single_file(trained, output / single_file_name(job), title=job.metadata.name, step=step))
+    full_model = True
+    if spec.method == Method.LORA:
+        text_encoder = trained.text_encoder if trained.text_encoder_adapters else None
+        written.append(lora.export_diffusers(trained.unet, text_encoder, output / lora.LORA_DIR, dtype=dtype))
+        written.append(
+            lora.export_kohya(
+                trained.unet,
+                text_encoder,
+                output / lora_file_name(job),
+                settings=spec.lora,
+                model_type=str(trained.base.model_type),
+                title=job.metadata.name or "model",
+                step=step,
+                dtype=dtype,
+            )
+        )
+        full_model = spec.output.merge_lora
+        if full_model:
+            lora.merge(trained.unet, text_encoder)
+    if full_model:
+        # Training is over (its final state is in the last checkpoint), so the models are cast
+        # in place rather than copied: a copy of an SD UNet would cost gigabytes.
+        for module in (trained.unet, trained.vae, trained.text_encoder):
+            module.to(dtype)
+        formats = set(spec.output.formats)
+        if OutputFormat.DIFFUSERS in formats:
+            written.append(export_diffusers(trained, output / DIFFUSERS_DIR))
+        if OutputFormat.SAFETENSORS in formats:
+            written.append(
+                export_single_file(trained, output / single_file_name(job), title=job.metadata.name, step=step)
+            )
+    written += [p for p in pictures if p.is_file()]
     files = list_files(output, written)
-    write_manifest(output, files=files, job=job, step=step, settings=settings, base=trained.base)
+    write_manifest(
+        output,
+        files=files,
+        job=job,
+        step=step,
+        settings=settings,
+        base=trained.base,
+        samples=[p.relative_to(output).as_posix() for p in samples],
+    )
     return [*files, describe(output, output / MANIFEST)]
 
 
@@ -177,6 +221,7 @@ def write_manifest(
     step: int,
     settings: dict[str, str],
     base: BaseModel,
+    samples: Sequence[str] = (),
 ) -> Path:
     manifest = {
         "job": job.metadata.name,
@@ -186,6 +231,7 @@ def write_manifest(
         "settings": settings,
         "spec": job.spec.model_dump(mode="json", by_alias=True, exclude_none=True),
         "files": [f.model_dump(mode="json", by_alias=True) for f in files],
+        "samples": list(samples),
     }
     path = output / MANIFEST
     storage.write_text_atomic(path, json.dumps(manifest, indent=2) + "\n")

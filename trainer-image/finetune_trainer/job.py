@@ -45,10 +45,11 @@ def load_job(path: str | Path) -> FineTuneJob:
 
 def check_supported(spec: FineTuneJobSpec) -> None:
     """Refuse up front what this trainer cannot run, naming the setting to change."""
-    if spec.method != Method.DREAMBOOTH:
+    if spec.method == Method.LORA and spec.training.train_text_encoder:
         raise BadInput(
-            f"method {spec.method} is not implemented by this trainer yet; use method: DreamBooth",
-            field="spec.method",
+            "trainTextEncoder trains the whole text encoder (method DreamBooth); with method LoRA set "
+            "spec.training.lora.trainTextEncoder: true to put adapters on it instead",
+            field="spec.training.trainTextEncoder",
         )
     if spec.base_model.type == ModelType.SDXL:
         raise BadInput("sdxl is not supported by the trainer yet; use v1x, v2x-512 or v2x", field="spec.baseModel.type")
@@ -62,7 +63,14 @@ def check_supported(spec: FineTuneJobSpec) -> None:
     ):
         if uri is not None:
             storage.local_path(uri, field=field)  # raises for pvc:// on a workstation
-    storage.output_dir(spec.output.uri)
+    output = spec.output.uri
+    if storage.local_path(output, field="spec.output.uri") is None and (
+        storage.scheme(output) not in storage.OBJECT_STORE_SCHEMES
+    ):
+        raise BadInput(
+            f"{output}: an output is a local folder, pvc://CLAIM/path, s3://BUCKET/path or gs://BUCKET/path",
+            field="spec.output.uri",
+        )
 
 
 @dataclass(frozen=True)
@@ -145,11 +153,6 @@ def resolve_settings(spec: FineTuneJobSpec, device: Device) -> tuple[Settings, l
         warnings.append("spec.training.compile: torch.compile is used on CUDA GPUs only; not compiling on this device")
     elif training.compile:
         compile_ = True
-
-    if spec.samples.prompts:
-        warnings.append(
-            "spec.samples: preview samples are not rendered by this trainer version; the prompts are ignored"
-        )
 
     settings = Settings(
         mixed_precision=precision,

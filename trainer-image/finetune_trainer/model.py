@@ -67,9 +67,9 @@ def text_layout_for(model_type: ModelType) -> convert.TextLayout:
     return "clip" if model_type == ModelType.V1X else "open_clip"
 
 
-def load_base_model(source: BaseModelSource, *, cache_dir: Path) -> BaseModel:
+def load_base_model(source: BaseModelSource, *, cache_dir: Path, store: storage.ObjectStore | None = None) -> BaseModel:
     model_type = ModelType(source.type)
-    path = locate(source, cache_dir=cache_dir)
+    path = locate(source, cache_dir=cache_dir, store=store)
     if path.is_dir() and not (path / "model_index.json").is_file():
         checkpoints = sorted(p for p in path.iterdir() if p.suffix.lower() in SINGLE_FILE_SUFFIXES)
         if len(checkpoints) != 1:
@@ -84,12 +84,13 @@ def load_base_model(source: BaseModelSource, *, cache_dir: Path) -> BaseModel:
     return load_single_file(path, model_type=model_type)
 
 
-def locate(source: BaseModelSource, *, cache_dir: Path) -> Path:
+def locate(source: BaseModelSource, *, cache_dir: Path, store: storage.ObjectStore | None = None) -> Path:
     """A local path for the base model, downloading it first where it is remote."""
     uri = source.uri
     if storage.scheme(uri) == "hf":
         return _from_hub(uri, revision=source.revision, cache_dir=cache_dir)
-    path = storage.fetch(uri, field=FIELD, cache_dir=cache_dir)
+    path = storage.fetch(uri, field=FIELD, cache_dir=cache_dir, store=store)
+    assert path is not None  # missing_ok is off: a missing model is bad input
     if not path.exists():
         raise BadInput(
             f"{path} does not exist; give the path of a diffusers folder or a .safetensors file", field=FIELD

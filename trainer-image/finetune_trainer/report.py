@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -28,13 +29,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-from finetune_operator.api.report import SUMMARY_LIMIT_BYTES, ProgressEvent, TrainerSummary
+from finetune_operator.api.report import SUMMARY_LIMIT_BYTES, ProgressEvent, Thumbnail, TrainerSummary
 from finetune_operator.api.v1alpha1 import CheckpointRef, OutputFile, Stage
 
 log = logging.getLogger("finetune_trainer")
 
 DEFAULT_TERMINATION_LOG = "/dev/termination-log"
 DEFAULT_TOKEN_FILE = "/etc/finetune/report/token"
+# Smoothing of the reported loss (an exponential moving average); loss.png draws the same.
+SMOOTHING = 0.9
+MAX_SAMPLES_IN_EVENT = 1000
 
 
 def now_rfc3339() -> str:
@@ -86,6 +90,24 @@ def configure_logging(job: str, *, stream: IO[str] | None = None, main_process: 
 # --- HTTP push ----------------------------------------------------------------------------------
 
 
+def report_tls_context() -> ssl.SSLContext | None:
+    """With ``FINETUNE_REPORT_CA_FILE`` set (the operator's CA bundle), pushes verify the
+    operator's certificate against it; otherwise the system's CAs are used."""
+    cafile = os.environ.get("FINETUNE_REPORT_CA_FILE")
+    if not cafile:
+        return None
+    try:
+        return ssl.create_default_context(cafile=cafile)
+    except (OSError, ssl.SSLError) as exc:
+        # Pushes will then fail verification and be retried; the termination message still
+        # carries the result.  Training must not stop for it.
+        log.warning(
+            f"FINETUNE_REPORT_CA_FILE {cafile} is not a readable CA bundle ({exc}); progress pushes will fail",
+            extra={"event": "report-tls"},
+        )
+        return ssl.create_default_context()
+
+
 def report_token() -> str | None:
     token = os.environ.get("FINETUNE_REPORT_TOKEN")
     if token:
@@ -111,9 +133,11 @@ class ReportPusher:
         timeout_s: float = 2.0,
         max_backoff_s: float = 10.0,
         sleep: Callable[[float], None] = time.sleep,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.url = url
         self.token = token
+        self.tls = tls
         self.timeout_s = timeout_s
         self.max_backoff_s = max_backoff_s
         self.sent = 0
@@ -186,7 +210,7 @@ class ReportPusher:
         if self.token:
             request.add_header("Authorization", f"Bearer {self.token}")
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+            with urllib.request.urlopen(request, timeout=self.timeout_s, context=self.tls) as response:
                 response.read()
             return "sent"
         except urllib.error.HTTPError as exc:
@@ -207,7 +231,7 @@ class ReportPusher:
 class TrainingClock:
     """Smoothed loss, recent speed and the time left."""
 
-    def __init__(self, *, beta: float = 0.9, window_s: float = 30.0) -> None:
+    def __init__(self, *, beta: float = SMOOTHING, window_s: float = 30.0) -> None:
         self.beta = beta
         self.window_s = window_s
         self._ema = 0.0
@@ -272,6 +296,8 @@ class ProgressReporter:
         self.checkpoints: list[CheckpointRef] = []
         self.output_uri: str | None = None
         self.files: list[OutputFile] = []
+        self.samples: list[str] = []  # newest last
+        self.thumbnails: list[Thumbnail] = []
         self.events: list[ProgressEvent] = []  # what was emitted, for tests and the summary
         self._seq = 0
         self._last_emit = 0.0
@@ -314,6 +340,8 @@ class ProgressReporter:
             checkpoints=list(self.checkpoints),
             output_uri=self.output_uri,
             files=list(self.files),
+            samples=self.samples[-MAX_SAMPLES_IN_EVENT:],
+            thumbnails=self.thumbnails[:16],
             warnings=self.warnings[:50],
             settings=dict(self.settings),
         )
@@ -343,7 +371,7 @@ def _finite(value: float | None) -> float | None:
 
 def pusher_from_env() -> ReportPusher | None:
     url = os.environ.get("FINETUNE_REPORT_URL")
-    return ReportPusher(url, token=report_token()) if url else None
+    return ReportPusher(url, token=report_token(), tls=report_tls_context()) if url else None
 
 
 # --- termination summary ------------------------------------------------------------------------
@@ -351,8 +379,8 @@ def pusher_from_env() -> ReportPusher | None:
 
 def fit_summary(summary: TrainerSummary, *, limit: int = SUMMARY_LIMIT_BYTES) -> bytes:
     """The summary as JSON of at most ``limit`` bytes, dropping detail in order of least use:
-    older checkpoints, files inside the diffusers folder, then the rest, and finally shortening
-    the message."""
+    older checkpoints, older samples (the newest step's stay longest), files inside folders,
+    then the rest, and finally shortening the message."""
     data = summary.model_copy(deep=True)
 
     def encoded() -> bytes:
@@ -360,6 +388,7 @@ def fit_summary(summary: TrainerSummary, *, limit: int = SUMMARY_LIMIT_BYTES) ->
 
     steps: list[Callable[[], None]] = [
         lambda: setattr(data, "checkpoints", data.checkpoints[-1:]),
+        lambda: setattr(data, "samples", data.samples[-16:]),
         lambda: setattr(data, "samples", data.samples[-1:]),
         lambda: setattr(data, "files", [f for f in data.files if "/" not in f.path]),
         lambda: setattr(data, "warnings", [w[:200] for w in data.warnings[:5]]),

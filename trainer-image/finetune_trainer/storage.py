@@ -1,9 +1,11 @@
-"""Where bytes come from and how they land: URIs to local paths, and writes that are atomic.
+"""Where bytes come from and how they land: URIs to local paths, object-store downloads, and
+writes that are atomic.
 
 Inputs may be local (a plain path or ``file://``) or remote (``s3://``, ``gs://``,
-``https://``, fetched with fsspec into a cache).  ``hf://`` is the model loader's business
-(it needs the hub's own client).  ``pvc://`` never reaches a trainer in a pod, because the
-operator resolves it to the mount path, so seeing one means a workstation run.
+``https://``, fetched with fsspec into a cache keyed by their content).  ``hf://`` is the
+model loader's business (it needs the hub's own client).  ``pvc://`` never reaches a trainer
+in a pod, because the operator resolves it to the mount path, so seeing one means a
+workstation run.  Outputs in object storage are ``outputs.py``'s business.
 
 Everything the trainer writes under the output goes to a hidden temporary name first and is
 renamed into place when complete: a crash leaves a temporary that is cleaned up, never a
@@ -14,17 +16,32 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import logging
 import os
 import shutil
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
 from finetune_trainer.errors import BadInput
 
+if TYPE_CHECKING:
+    from finetune_operator.api.v1alpha1 import FineTuneJobSpec
+
+log = logging.getLogger("finetune_trainer")
+
 REMOTE_SCHEMES = ("s3", "gs", "http", "https")
+OBJECT_STORE_SCHEMES = ("s3", "gs")
 TEMP_PREFIX = ".tmp-"
+DOWNLOADS_DIR = "downloads"
+# What identifies an object's content without reading it, most specific first: S3's ETag
+# (the MD5 of a single-part upload), GCS's MD5/CRC32C, an HTTP ETag; a modification time
+# only where a store offers nothing better.
+_CONTENT_TAGS = ("ETag", "etag", "md5Hash", "crc32c", "md5", "checksum", "LastModified", "updated", "mtime")
 
 
 def scheme(uri: str) -> str:
@@ -48,28 +65,104 @@ def local_path(uri: str, *, field: str) -> Path | None:
     return None
 
 
-def fetch(uri: str, *, field: str, cache_dir: Path) -> Path:
-    """A local copy of a remote file or folder (fsspec), reused when already complete."""
+@dataclass(frozen=True)
+class ObjectStore:
+    """The fsspec file systems behind the job's remote URIs, with the job's storage settings.
+
+    Credentials are the libraries' own: ``AWS_*`` for s3fs, ``GOOGLE_APPLICATION_CREDENTIALS``
+    for gcsfs, from the Secret named by ``spec.baseModel.credentialsSecret`` in a pod."""
+
+    s3_endpoint_url: str | None = None
+
+    @classmethod
+    def for_spec(cls, spec: FineTuneJobSpec) -> ObjectStore:
+        return cls(s3_endpoint_url=spec.storage.s3_endpoint_url)
+
+    def filesystem(self, uri: str) -> tuple[Any, str]:
+        """(file system, path inside it) for a remote URI."""
+        import fsspec
+
+        options: dict[str, Any] = {}
+        if scheme(uri) == "s3" and self.s3_endpoint_url:
+            options["endpoint_url"] = self.s3_endpoint_url
+        return fsspec.core.url_to_fs(uri, **options)
+
+
+def remote_listing(fs: Any, path: str) -> dict[str, dict[str, Any]]:
+    """``{relative path: info}`` of the files at ``path`` (one file: the key is ``""``);
+    temporaries of an interrupted upload are not part of it.  FileNotFoundError if nothing is there."""
+    path = path.rstrip("/")
+    if fs.isdir(path):
+        found = fs.find(path, detail=True)
+        listing = {
+            name[len(path) :].lstrip("/"): info
+            for name, info in found.items()
+            if info.get("type", "file") != "directory"
+            and not any(part.startswith(TEMP_PREFIX) for part in name[len(path) :].split("/"))
+        }
+        if listing:
+            return listing
+    if fs.isfile(path):
+        return {"": fs.info(path)}
+    raise FileNotFoundError(path)
+
+
+def content_key(uri: str, listing: dict[str, dict[str, Any]]) -> str:
+    """A cache key that changes when the content at ``uri`` does: each file's name, size and
+    content tag.  Where a store gives no tag, the URI is part of the key (then a changed file
+    of the same size would be missed, and the README says so)."""
+    entries = []
+    tagged = True
+    for name in sorted(listing):
+        info = listing[name]
+        tag = next((str(info[t]) for t in _CONTENT_TAGS if info.get(t)), None)
+        tagged = tagged and tag is not None
+        entries.append([name, info.get("size"), tag])
+    if not tagged:
+        entries.append(["uri", uri, None])
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:24]
+
+
+def fetch(
+    uri: str,
+    *,
+    field: str,
+    cache_dir: Path,
+    store: ObjectStore | None = None,
+    missing_ok: bool = False,
+) -> Path | None:
+    """A local copy of a remote file or folder (fsspec), cached by content: a download is
+    reused while the objects at the URI are unchanged, and done anew when they change.
+
+    None where the URI holds nothing and ``missing_ok``; bad input otherwise."""
     path = local_path(uri, field=field)
     if path is not None:
         return path
     if scheme(uri) not in REMOTE_SCHEMES:
         raise BadInput(f"cannot read {uri}: use a local path, file://, s3://, gs:// or https://", field=field)
-    import fsspec
-
-    dest = cache_dir / hashlib.sha256(uri.encode()).hexdigest()[:16] / Path(urlparse(uri).path.rstrip("/")).name
-    if dest.exists():
-        return dest
+    store = store or ObjectStore()
     try:
-        fs, remote = fsspec.core.url_to_fs(uri)
-        is_dir = fs.isdir(remote)
-        if not is_dir and not fs.exists(remote):
-            raise BadInput(f"{uri} does not exist", field=field)
+        fs, remote = store.filesystem(uri)
+        try:
+            listing = remote_listing(fs, remote)
+        except FileNotFoundError:
+            if missing_ok:
+                return None
+            raise BadInput(f"{uri} does not exist", field=field) from None
+        name = Path(urlparse(uri).path.rstrip("/")).name or "download"
+        dest = cache_dir / DOWNLOADS_DIR / content_key(uri, listing) / name
+        if dest.exists():
+            log.info(f"{uri}: using the cached copy {dest}", extra={"event": "download-cached"})
+            return dest
+        log.info(f"downloading {uri} ({len(listing)} file(s))", extra={"event": "download"})
         with atomic_path(dest) as tmp:
-            if is_dir:
-                fs.get(remote.rstrip("/") + "/", str(tmp), recursive=True)
-            else:
-                fs.get(remote, str(tmp))
+            for rel, info in listing.items():
+                target = tmp / rel if rel else tmp
+                target.parent.mkdir(parents=True, exist_ok=True)
+                fs.get_file(f"{remote.rstrip('/')}/{rel}" if rel else remote, str(target))
+                size = info.get("size")
+                if size is not None and target.stat().st_size != size:
+                    raise OSError(f"{uri}/{rel}: got {target.stat().st_size} bytes of {size}")
     except PermissionError as exc:
         raise BadInput(
             f"access to {uri} was refused ({exc}); put credentials in the Secret named by "
@@ -77,17 +170,6 @@ def fetch(uri: str, *, field: str, cache_dir: Path) -> Path:
             field=field,
         ) from None
     return dest
-
-
-def output_dir(uri: str, *, field: str = "spec.output.uri") -> Path:
-    path = local_path(uri, field=field)
-    if path is None:
-        raise BadInput(
-            f"{uri}: the trainer writes to a local folder (a volume in the pod); object-store outputs "
-            "are not supported yet: use pvc://CLAIM/path or a local path",
-            field=field,
-        )
-    return path
 
 
 def _temporary_sibling(final: Path) -> Path:

@@ -1,7 +1,8 @@
-"""The DreamBooth recipe: ``setup``, ``train``, ``save_checkpoint``, ``export``, ``cleanup``.
+"""The DreamBooth recipe: ``setup``, ``train``, ``save_checkpoint``, ``finish``, ``cleanup``.
 
-Read top to bottom, it is diffusers' ``train_dreambooth.py`` with the data, checkpoint and
-export parts moved to their own modules.  What each setting costs:
+Read top to bottom, it is diffusers' ``train_dreambooth.py`` (and, for method LoRA,
+``train_dreambooth_lora.py``) with the data, checkpoint, sample and export parts moved to
+their own modules.  What each setting costs:
 
 - ``mixedPrecision`` fp16/bf16: about half the activation memory and faster on GPUs; the
   trained weights stay fp32 (the frozen VAE and text encoder run in the low precision).
@@ -15,6 +16,11 @@ export parts moved to their own modules.  What each setting costs:
 - ``cacheLatents``: encode each image with the VAE once; exact (the latent distribution is
   cached and sampled each step) and faster.
 - prior preservation: a class image beside every instance image; twice the work per step.
+- method LoRA: adapters on the attention projections only; the frozen UNet runs in the mixed
+  precision and only the adapters have gradients and optimizer state (a fraction of the
+  memory; LoRA usually wants a learning rate near 1e-4 rather than DreamBooth's 2e-6).
+- ``samples``: ``numInferenceSteps`` UNet passes per prompt at each sample step, on the main
+  process, while the others wait.
 
 Randomness (data order, crops, flips, noise, timesteps) comes from the seed and the position
 in the run, so a run resumed from a checkpoint computes what the uninterrupted run would.
@@ -29,8 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune_operator.api.v1alpha1 import FineTuneJob, Stage
-from finetune_trainer import checkpoints, class_images, data, export, storage
+from finetune_operator.api.v1alpha1 import FineTuneJob, Method, Stage
+from finetune_trainer import checkpoints, class_images, data, export, lora, outputs, pictures, samples, storage
 from finetune_trainer.errors import OutOfMemory
 from finetune_trainer.job import Device, Settings, detect_device, resolve_settings, total_steps
 from finetune_trainer.model import load_base_model
@@ -50,22 +56,35 @@ def cache_dir() -> Path:
 class RunResult:
     step: int
     total_steps: int
-    output: Path
+    output: str  # the local folder, or the object-store URI
     files: list[Any]
+    samples: list[str]
 
 
 class DreamBoothRecipe:
-    """DreamBooth fine-tuning of a Stable Diffusion UNet (and optionally its text encoder)."""
+    """DreamBooth fine-tuning of a Stable Diffusion UNet (and optionally its text encoder),
+    in full (method DreamBooth) or through LoRA adapters (method LoRA)."""
 
     def __init__(self, job: FineTuneJob, *, reporter: ProgressReporter, device: Device | None = None) -> None:
         self.job = job
         self.spec = job.spec
         self.reporter = reporter
         self.device_info = device or detect_device()
-        self.output = storage.output_dir(self.spec.output.uri)
+        self.store = storage.ObjectStore.for_spec(self.spec)
+        self.out = outputs.Output(self.spec.output.uri, cache_dir=cache_dir(), store=self.store)
+        self.output = self.out.local
         self.checkpoint_dir = self.output / CHECKPOINTS_DIR
+        self.samples_dir = self.output / samples.SAMPLES_DIR
+        self.lora = self.spec.method == Method.LORA
+        # Method LoRA: adapters on the text encoder; DreamBooth: the whole text encoder.
+        self.trains_text_encoder = (
+            self.spec.lora.train_text_encoder if self.lora else self.spec.training.train_text_encoder
+        )
         self.step = 0
         self.total_steps = 0
+        self.history: list[tuple[int, float, float]] = []  # (step, loss, learning rate)
+        self.sampler: samples.SampleRenderer | None = None
+        self._sample_failure_warned = False
         self.settings: Settings
         self.accelerator: Any = None
 
@@ -92,15 +111,18 @@ class DreamBoothRecipe:
         for warning in warnings:
             self.reporter.warn(warning)
         set_seed(training.seed)
+        self.reporter.set_stage(Stage.DOWNLOADING, message=f"reading the base model {spec.base_model.uri}")
         if accelerator.is_main_process:
             self.output.mkdir(parents=True, exist_ok=True)
-            for folder in (self.output, self.checkpoint_dir):
+            generated = self.output / class_images.OUTPUT_SUBDIR
+            for folder in (self.output, self.checkpoint_dir, self.samples_dir, generated):
                 for path in storage.remove_temporaries(folder):
                     log.info(f"removed {path}, left by an interrupted run", extra={"event": "cleanup"})
+            # An object-store output: what earlier attempts uploaded comes back first.
+            self.out.pull()
         accelerator.wait_for_everyone()
 
-        self.reporter.set_stage(Stage.DOWNLOADING, message=f"reading the base model {spec.base_model.uri}")
-        self.base = load_base_model(spec.base_model, cache_dir=cache_dir())
+        self.base = load_base_model(spec.base_model, cache_dir=cache_dir(), store=self.store)
         self.instance = self._load_instance_images()
         self.class_examples = self._class_examples() if spec.dataset.prior_preservation else []
 
@@ -110,21 +132,32 @@ class DreamBoothRecipe:
         resume = checkpoints.newest(self.checkpoint_dir)
         if resume is not None:
             checkpoints.check_compatible(resume, fingerprint=self.fingerprint)
-            self.reporter.checkpoints = [c.ref() for c in checkpoints.complete_checkpoints(self.checkpoint_dir)]
+            self._report_checkpoints()
 
         self._configure_models()
         self._build_optimizer()
         self._prepare_data()
+        self.sampler = samples.SampleRenderer(
+            spec.samples,
+            resolution=spec.dataset.resolution,
+            base=self.base,
+            folder=self.samples_dir,
+            device=accelerator.device,
+            dtype=self.weight_dtype,
+        )
+        self._report_samples()
         if resume is not None:
             checkpoints.load(accelerator, resume)
             self.step = resume.step
             self.reporter.step = self.step
+            self.history = [(int(s), float(v), float(r)) for s, v, r in resume.state.get("loss_history", [])]
             log.info(f"resuming from {resume.path} at step {resume.step}", extra={"event": "resume"})
 
     def _load_instance_images(self) -> list[data.Example]:
         dataset = self.spec.dataset
         field = "spec.dataset.instanceImages"
-        folder = storage.fetch(dataset.instance_images, field=field, cache_dir=cache_dir())
+        folder = storage.fetch(dataset.instance_images, field=field, cache_dir=cache_dir(), store=self.store)
+        assert folder is not None  # missing_ok is off: a missing folder is bad input
         loaded = data.load_folder(
             folder, prompt=dataset.instance_prompt, resolution=dataset.resolution, field_name=field
         )
@@ -136,13 +169,29 @@ class DreamBoothRecipe:
         dataset = self.spec.dataset
         assert dataset.class_prompt is not None  # the spec's validator requires it with prior preservation
         accelerator = self.accelerator
-        folders, target, missing = class_images.plan_folders(self.spec, self.output)
+        user_dir: Path | None = None
+        writable = False
+        if dataset.class_images is not None:
+            user_dir = storage.local_path(dataset.class_images, field=class_images.FIELD)
+            writable = user_dir is not None
+            if user_dir is None:
+                # An object store: read its images; what is missing is generated under the output.
+                user_dir = storage.fetch(
+                    dataset.class_images,
+                    field=class_images.FIELD,
+                    cache_dir=cache_dir(),
+                    store=self.store,
+                    missing_ok=True,
+                )
+        folders, target, missing = class_images.plan_folders(
+            self.spec, self.output, user_dir=user_dir, user_writable=writable
+        )
         if missing and target is not None:
             self.reporter.set_stage(
                 Stage.CLASS_IMAGES, message=f"generating {missing} class images with the base model into {target}"
             )
             if accelerator.is_main_process:
-                class_images.generate(
+                generated = class_images.generate(
                     self.base,
                     target,
                     count=missing,
@@ -153,6 +202,8 @@ class DreamBoothRecipe:
                     mixed_precision=self.settings.mixed_precision,
                     reporter=self.reporter,
                 )
+                if target.is_relative_to(self.output):
+                    self.out.push(generated)  # so that a retry on another node reuses them
             accelerator.wait_for_everyone()
         else:
             log.info(
@@ -174,27 +225,35 @@ class DreamBoothRecipe:
     def _configure_models(self) -> None:
         import torch
 
-        training = self.spec.training
         base = self.base
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
             self.settings.mixed_precision, torch.float32
         )
         device = self.accelerator.device
         base.vae.requires_grad_(False)
-        base.text_encoder.requires_grad_(training.train_text_encoder)
-        base.unet.requires_grad_(True)
-        base.unet.train()
-        base.text_encoder.train(training.train_text_encoder)
         base.vae.eval()
         # The frozen parts never need fp32: running them in the low precision is what the
         # memory figures in the docs assume.
         base.vae.to(device, dtype=self.weight_dtype)
-        if not training.train_text_encoder:
+        if self.lora:
+            # The whole base model is frozen; only the adapters (fp32) learn.
+            base.unet.requires_grad_(False)
+            base.text_encoder.requires_grad_(False)
+            base.unet.to(device, dtype=self.weight_dtype)
             base.text_encoder.to(device, dtype=self.weight_dtype)
+            lora.add_adapters(base.unet, base.text_encoder if self.trains_text_encoder else None, self.spec.lora)
+            lora.register_checkpoint_hooks(self.accelerator)
+        else:
+            base.text_encoder.requires_grad_(self.trains_text_encoder)
+            base.unet.requires_grad_(True)
+            if not self.trains_text_encoder:
+                base.text_encoder.to(device, dtype=self.weight_dtype)
+        base.unet.train()
+        base.text_encoder.train(self.trains_text_encoder)
         self._set_attention()
         if self.settings.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
-            if training.train_text_encoder:
+            if self.trains_text_encoder:
                 # transformers 5 renamed it; older versions only have the first name.
                 enable = getattr(base.text_encoder, "activation_checkpointing_enable", None)
                 (enable or base.text_encoder.gradient_checkpointing_enable)()
@@ -223,11 +282,9 @@ class DreamBoothRecipe:
 
         training = self.spec.training
         accelerator = self.accelerator
-        params = (
-            list(itertools.chain(self.base.unet.parameters(), self.base.text_encoder.parameters()))
-            if training.train_text_encoder
-            else list(self.base.unet.parameters())
-        )
+        models = [self.base.unet, self.base.text_encoder] if self.trains_text_encoder else [self.base.unet]
+        # Everything of a DreamBooth run; only the adapters of a LoRA run.
+        params = [p for p in itertools.chain(*(m.parameters() for m in models)) if p.requires_grad]
         optimizer: Any
         options: dict[str, Any] = {
             "lr": training.learning_rate,
@@ -249,7 +306,7 @@ class DreamBoothRecipe:
             num_warmup_steps=training.lr_warmup_steps * accelerator.num_processes,
             num_training_steps=self.total_steps * accelerator.num_processes,
         )
-        if training.train_text_encoder:
+        if self.trains_text_encoder:
             self.unet, self.text_encoder, self.optimizer, self.lr_scheduler = accelerator.prepare(
                 self.base.unet, self.base.text_encoder, optimizer, scheduler
             )
@@ -270,7 +327,7 @@ class DreamBoothRecipe:
         self.plan = data.BatchPlan(num_examples=n, batch_size=training.batch_size, seed=training.seed)
         self.latents: list[data.LatentCache] = []
         self.prompt_cache: dict[str, torch.Tensor] = {}
-        needs_cache = self.settings.cache_latents or not training.train_text_encoder
+        needs_cache = self.settings.cache_latents or not self.trains_text_encoder
         if needs_cache:
             self.reporter.set_stage(Stage.CACHING, message="encoding images and prompts once")
         if self.settings.cache_latents:
@@ -295,7 +352,7 @@ class DreamBoothRecipe:
                             dtype=self.weight_dtype,
                         )
                     )
-        if not training.train_text_encoder:
+        if not self.trains_text_encoder:
             prompts = sorted({e.prompt for e in (*self.instance, *self.class_examples)})
             with torch.no_grad():
                 for prompt in prompts:
@@ -319,7 +376,7 @@ class DreamBoothRecipe:
         training = self.spec.training
         every = self.spec.checkpoints.every_steps
         accumulation = training.gradient_accumulation_steps
-        models = [self.unet, self.text_encoder] if training.train_text_encoder else [self.unet]
+        models = [self.unet, self.text_encoder] if self.trains_text_encoder else [self.unet]
         if self.step >= self.total_steps:
             log.info("training already complete in the newest checkpoint", extra={"event": "resume-complete"})
             return
@@ -339,11 +396,14 @@ class DreamBoothRecipe:
                     self.optimizer.zero_grad(set_to_none=True)
                 loss_sum += float(loss.detach())
             self.step += 1
-            self.reporter.training_step(
-                self.step, loss=loss_sum / accumulation, learning_rate=float(self.lr_scheduler.get_last_lr()[0])
-            )
-            if every and self.step % every == 0 and self.step < self.total_steps:
-                self.save_checkpoint()
+            learning_rate = float(self.lr_scheduler.get_last_lr()[0])
+            self.history.append((self.step, loss_sum / accumulation, learning_rate))
+            self.reporter.training_step(self.step, loss=loss_sum / accumulation, learning_rate=learning_rate)
+            if self.step < self.total_steps:
+                # Samples before the checkpoint: a run resumed from it has them already.
+                self.maybe_sample()
+                if every and self.step % every == 0:
+                    self.save_checkpoint()
 
     def loss(self, micro_batch: int) -> Any:
         """The DreamBooth loss of one micro-batch (instance images, then class images)."""
@@ -392,7 +452,7 @@ class DreamBoothRecipe:
         timesteps = torch.randint(0, steps, (latents.shape[0],), generator=gen).to(device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
 
-        if training.train_text_encoder:
+        if self.trains_text_encoder:
             hidden = self.text_encoder(self._tokenize(prompts).to(device))[0]
         else:
             hidden = torch.stack([self.prompt_cache[p] for p in prompts])
@@ -419,7 +479,80 @@ class DreamBoothRecipe:
             loss = loss + dataset.prior_loss_weight * prior
         return loss
 
+    # --- samples and pictures ---------------------------------------------------------------------
+
+    def maybe_sample(self) -> None:
+        """Render the sample prompts when this step is a sample step (main process; the others wait)."""
+        if self.sampler is None or not self.sampler.due(self.step, self.total_steps):
+            return
+        accelerator = self.accelerator
+        if accelerator.is_main_process and not self.sampler.done(self.step):
+            stage = self.reporter.stage
+            self.reporter.set_stage(
+                Stage.SAMPLING, message=f"rendering {len(self.spec.samples.prompts)} samples at step {self.step}"
+            )
+            rendered = self.sampler.render(
+                self.step,
+                unet=accelerator.unwrap_model(self.unet, keep_torch_compile=False),
+                text_encoder=accelerator.unwrap_model(self.text_encoder),
+            )
+            if rendered.failures and not self._sample_failure_warned:
+                self._sample_failure_warned = True
+                self.reporter.warn(
+                    f"spec.samples: {len(rendered.failures)} sample(s) at step {self.step} could not be rendered "
+                    f"(training goes on; later failures are in the log): {rendered.failures[0]}"
+                )
+            drawn = self.draw_pictures()
+            self._publish([*rendered.paths, *drawn], what="samples")
+            self._report_samples()
+            where = self.out.uri_of(self.samples_dir)
+            self.reporter.set_stage(stage, message=f"{len(rendered.paths)} samples at step {self.step} in {where}")
+        accelerator.wait_for_everyone()
+
+    def draw_pictures(self) -> list[Path]:
+        """loss.png and samples.png under the output; a picture that cannot be drawn is a warning."""
+        drawn: list[Path] = []
+        rows = samples.existing(self.samples_dir)
+        title = self.job.metadata.name or "model"
+        try:
+            drawn.append(
+                pictures.loss_plot(
+                    self.history,
+                    self.output / pictures.LOSS_FILE,
+                    title=title,
+                    total_steps=self.total_steps,
+                    sample_steps=sorted(rows),
+                )
+            )
+            sheet = pictures.contact_sheet(
+                rows,
+                self.spec.samples.prompts,
+                self.output / pictures.SAMPLES_FILE,
+                resolution=self.spec.dataset.resolution,
+            )
+            if sheet is not None:
+                drawn.append(sheet)
+        except Exception as exc:
+            self.reporter.warn(f"the pictures (loss.png, samples.png) could not be drawn: {type(exc).__name__}: {exc}")
+        return drawn
+
+    def _report_samples(self) -> None:
+        self.reporter.samples = [self.out.uri_of(p) for p in samples.all_samples(self.samples_dir)]
+        self.reporter.thumbnails = samples.thumbnails(self.samples_dir, list(self.spec.samples.prompts))
+
+    def _publish(self, paths: list[Path], *, what: str) -> None:
+        """Upload previews to an object-store output; one that fails is a warning, not a failed run."""
+        try:
+            self.out.push(paths)
+        except outputs.UploadFailed as exc:
+            self.reporter.warn(f"the {what} could not be uploaded (the run goes on): {exc}")
+
     # --- checkpoints and export -------------------------------------------------------------------
+
+    def _report_checkpoints(self) -> None:
+        self.reporter.checkpoints = [
+            c.ref(uri=self.out.uri_of(c.path)) for c in checkpoints.complete_checkpoints(self.checkpoint_dir)
+        ]
 
     def save_checkpoint(self) -> None:
         accelerator = self.accelerator
@@ -435,41 +568,74 @@ class DreamBoothRecipe:
             "examples_per_epoch": self.plan.num_examples,
             "batch_size": self.plan.batch_size,
             "num_processes": accelerator.num_processes,
+            "method": str(self.spec.method),
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            # For loss.png after a resume: the steps before the checkpoint are not run again.
+            "loss_history": [list(h) for h in self.history],
         }
-        checkpoints.save(
+        saved = checkpoints.save(
             accelerator,
             self.checkpoint_dir,
             step=self.step,
             state=state,
             keep_last=self.spec.checkpoints.keep_last,
         )
-        self.reporter.checkpoints = [c.ref() for c in checkpoints.complete_checkpoints(self.checkpoint_dir)]
+        if accelerator.is_main_process:
+            if self.out.remote is not None:
+                self.reporter.emit(message=f"uploading checkpoint {self.step} to {self.out.uri_of(saved.path)}")
+            self.out.push_checkpoint(saved.path, keep_last=self.spec.checkpoints.keep_last)
+            self.draw_pictures()
+        accelerator.wait_for_everyone()
+        self._report_checkpoints()
         stage = Stage.TRAINING if self.step < self.total_steps else Stage.CHECKPOINTING
         self.reporter.set_stage(stage, message=f"checkpoint at step {self.step} saved")
 
     def finish(self) -> RunResult:
-        """The final checkpoint (unless the newest one is it) and the exports."""
+        """The final checkpoint (unless the newest one is it), the last samples, the pictures,
+        the exports, and for an object-store output the uploads (the manifest last)."""
         newest = checkpoints.newest(self.checkpoint_dir)
         if newest is None or newest.step != self.step:
             self.save_checkpoint()
+        self.maybe_sample()
         files: list[Any] = []
         accelerator = self.accelerator
         if accelerator.is_main_process:
+            drawn = self.draw_pictures()
             self.reporter.set_stage(Stage.EXPORTING, message=f"exporting to {self.output}")
             trained = export.Trained(
                 unet=accelerator.unwrap_model(self.unet, keep_torch_compile=False),
                 vae=self.base.vae,
                 text_encoder=accelerator.unwrap_model(self.text_encoder),
                 base=self.base,
+                text_encoder_adapters=self.lora and self.trains_text_encoder,
             )
             files = export.export_all(
-                trained, self.output, job=self.job, step=self.step, settings=self.reporter.settings
+                trained,
+                self.output,
+                job=self.job,
+                step=self.step,
+                settings=self.reporter.settings,
+                pictures=drawn,
+                samples=samples.all_samples(self.samples_dir),
             )
-            self.reporter.output_uri = str(self.output)
+            if self.out.remote is not None:
+                where = self.out.location()
+                self.reporter.set_stage(Stage.UPLOADING, message=f"uploading {len(files)} files to {where}")
+                digests = {f.path: f.sha256 for f in files}
+                exported = [self.output / f.path for f in files if f.path != export.MANIFEST]
+                self.out.push(exported, sha256=digests)
+                # Last: a manifest in the store means everything it lists is there, whole.
+                self.out.push([self.output / export.MANIFEST], sha256=digests)
+            self.reporter.output_uri = self.out.location()
             self.reporter.files = files
         accelerator.wait_for_everyone()
-        return RunResult(step=self.step, total_steps=self.total_steps, output=self.output, files=files)
+        return RunResult(
+            step=self.step,
+            total_steps=self.total_steps,
+            output=self.out.location(),
+            files=files,
+            samples=list(self.reporter.samples),
+        )
 
     def cleanup(self) -> None:
         accelerator = self.accelerator

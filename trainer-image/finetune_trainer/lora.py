@@ -1,0 +1,233 @@
+"""LoRA: low-rank adapters on the UNet's attention projections (and optionally the text
+encoder's), trained while the base model stays frozen, and the files people load them from.
+
+- ``lora/pytorch_lora_weights.safetensors``: diffusers' layout with the adapter's config in
+  the metadata, so ``pipeline.load_lora_weights("<output>/lora")`` applies it at its alpha.
+- ``<name>-lora.safetensors``: the layout the web UIs and kohya's scripts read
+  (``lora_unet_*`` / ``lora_te_*`` with ``lora_down``/``lora_up`` and an ``.alpha`` per module).
+
+What it costs: only the adapters get gradients and optimizer state (megabytes instead of
+gigabytes), and the frozen UNet runs in the mixed precision, so a LoRA run needs a fraction
+of DreamBooth's memory; checkpoints hold the adapters only.  The update is scaled by
+``alpha / rank``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from finetune_operator.api.v1alpha1 import LoRASettings
+from finetune_trainer import storage
+from finetune_trainer.errors import TrainerError
+
+if TYPE_CHECKING:
+    import torch
+
+LORA_DIR = "lora"
+DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
+UNET_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+# The "modelspec" architecture names of LoRA files, which model browsers read.
+ARCHITECTURES = {
+    "v1x": "stable-diffusion-v1/lora",
+    "v2x-512": "stable-diffusion-v2-512/lora",
+    "v2x": "stable-diffusion-v2-768-v/lora",
+}
+
+
+def lora_config(settings: LoRASettings, targets: tuple[str, ...]) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=settings.rank,
+        # peft annotates an int, but any number works: the scale is lora_alpha / r.
+        lora_alpha=settings.alpha,  # type: ignore[arg-type]
+        lora_dropout=settings.dropout,
+        # A gaussian, B zero: the adapted model starts out as the base model.
+        init_lora_weights="gaussian",
+        target_modules=list(targets),
+    )
+
+
+def add_adapters(unet: Any, text_encoder: Any | None, settings: LoRASettings) -> None:
+    """Put trainable LoRA layers on the UNet (and the text encoder, when given); everything
+    else stays frozen.  The adapters are fp32 whatever the base model's precision."""
+    import torch
+
+    unet.add_adapter(lora_config(settings, UNET_TARGETS))
+    if text_encoder is not None:
+        text_encoder.add_adapter(lora_config(settings, TEXT_ENCODER_TARGETS))
+    for model in (unet, text_encoder):
+        if model is None:
+            continue
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.data = parameter.data.to(torch.float32)
+
+
+def adapter_state(model: Any) -> dict[str, torch.Tensor]:
+    """The adapter weights of a model, by peft's names (``...to_q.lora_A.weight``)."""
+    from peft.utils import get_peft_model_state_dict
+
+    return dict(get_peft_model_state_dict(model))
+
+
+def load_adapter_state(model: Any, state: dict[str, torch.Tensor], *, source: str) -> None:
+    from peft.utils import set_peft_model_state_dict
+
+    expected = set(adapter_state(model))
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise TrainerError(
+            f"{source} does not hold this run's adapters (missing {missing[:3]}, unexpected {extra[:3]})"
+        )
+    set_peft_model_state_dict(model, state)
+
+
+def register_checkpoint_hooks(accelerator: Any) -> None:
+    """Checkpoints of a LoRA run hold the adapters, not the frozen base model: accelerate's
+    model files are swapped for the adapter weights on save and read back on load."""
+    from safetensors.torch import load_file
+
+    def save(models: list[Any], weights: list[dict[str, Any]], output_dir: str) -> None:
+        for index, model in enumerate(models):
+            if index < len(weights):
+                weights[index] = adapter_state(accelerator.unwrap_model(model))
+
+    def load(models: list[Any], input_dir: str) -> None:
+        for index, model in enumerate(list(models)):
+            name = "model.safetensors" if index == 0 else f"model_{index}.safetensors"
+            path = Path(input_dir) / name
+            load_adapter_state(accelerator.unwrap_model(model), load_file(str(path)), source=str(path))
+        models.clear()  # loaded here; accelerate must not load them again as full models
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
+
+
+# --- files people load -----------------------------------------------------------------------------
+
+
+def _text_model_name(module: str) -> str:
+    # transformers >= 5.6 flattened CLIPTextModel; every LoRA file in circulation names the
+    # text encoder's modules as the older versions did, under ``text_model.``.
+    return module if module.startswith("text_model.") else f"text_model.{module}"
+
+
+def diffusers_layers(state: dict[str, torch.Tensor], *, text_encoder: bool, dtype: torch.dtype) -> dict[str, Any]:
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    layers = {k: v.detach().to(dtype).cpu().contiguous() for k, v in convert_state_dict_to_diffusers(state).items()}
+    return {_text_model_name(k): v for k, v in layers.items()} if text_encoder else layers
+
+
+def export_diffusers(unet: Any, text_encoder: Any | None, dest_dir: Path, *, dtype: torch.dtype) -> Path:
+    """``dest_dir/pytorch_lora_weights.safetensors`` for ``pipeline.load_lora_weights(dest_dir)``."""
+    from diffusers import StableDiffusionPipeline
+
+    with storage.atomic_path(dest_dir) as tmp:
+        StableDiffusionPipeline.save_lora_weights(
+            tmp,
+            unet_lora_layers=diffusers_layers(adapter_state(unet), text_encoder=False, dtype=dtype),
+            text_encoder_lora_layers=(
+                diffusers_layers(adapter_state(text_encoder), text_encoder=True, dtype=dtype)
+                if text_encoder is not None
+                else None
+            ),
+            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+            text_encoder_lora_adapter_metadata=(
+                text_encoder.peft_config["default"].to_dict() if text_encoder is not None else None
+            ),
+        )
+        storage.make_readable(tmp)
+    return dest_dir / DIFFUSERS_FILE
+
+
+def kohya_state_dict(
+    unet: dict[str, torch.Tensor],
+    text_encoder: dict[str, torch.Tensor] | None,
+    *,
+    alpha: float,
+    dtype: torch.dtype,
+) -> dict[str, torch.Tensor]:
+    """peft adapter weights -> kohya's layout: ``lora_unet_<module, dots as underscores>``
+    with ``.lora_down.weight`` (A), ``.lora_up.weight`` (B) and ``.alpha``."""
+    import torch
+
+    out: dict[str, torch.Tensor] = {}
+    parts: list[tuple[str, dict[str, torch.Tensor]]] = [("lora_unet", unet)]
+    if text_encoder is not None:
+        parts.append(("lora_te", text_encoder))
+    for prefix, state in parts:
+        for key, tensor in state.items():
+            module, _, kind = key.rpartition(".lora_")
+            if kind not in ("A.weight", "B.weight"):
+                raise ValueError(f"unexpected adapter weight {key!r}")
+            if prefix == "lora_te":
+                module = _text_model_name(module)
+            name = f"{prefix}_{module.replace('.', '_')}"
+            out[f"{name}.{'lora_down' if kind == 'A.weight' else 'lora_up'}.weight"] = (
+                tensor.detach().to(dtype).cpu().contiguous()
+            )
+            out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
+    return out
+
+
+def export_kohya(
+    unet: Any,
+    text_encoder: Any | None,
+    dest: Path,
+    *,
+    settings: LoRASettings,
+    model_type: str,
+    title: str,
+    step: int,
+    dtype: torch.dtype,
+) -> Path:
+    from safetensors.torch import save_file
+
+    tensors = kohya_state_dict(
+        adapter_state(unet),
+        adapter_state(text_encoder) if text_encoder is not None else None,
+        alpha=settings.alpha,
+        dtype=dtype,
+    )
+    metadata = {
+        "format": "pt",
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(settings.rank),
+        "ss_network_alpha": str(settings.alpha),
+        "ss_network_args": json.dumps({"dropout": settings.dropout}),
+        "ss_base_model_version": {"v1x": "sd_v1", "v2x-512": "sd_v2", "v2x": "sd_v2_768_v"}.get(model_type, ""),
+        "ss_v2": str(model_type != "v1x"),
+        "ss_steps": str(step),
+        "modelspec.architecture": ARCHITECTURES.get(model_type, ""),
+        "modelspec.implementation": "diffusers",
+        "modelspec.title": title,
+    }
+    with storage.atomic_path(dest) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+        storage.make_readable(tmp)
+    return dest
+
+
+def merge(unet: Any, text_encoder: Any | None) -> None:
+    """Fold the adapters into the base weights and remove them: plain diffusers/transformers
+    models again, which export as a full model."""
+    from diffusers.utils.peft_utils import recurse_remove_peft_layers
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for model in (unet, text_encoder):
+        if model is None:
+            continue
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.merge()
+        recurse_remove_peft_layers(model)
+        # Without this, save_pretrained would write the (now absent) adapter instead of the model.
+        if hasattr(model, "peft_config"):
+            del model.peft_config
+        if getattr(model, "_hf_peft_config_loaded", False):
+            model._hf_peft_config_loaded = False
