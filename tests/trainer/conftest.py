@@ -7,6 +7,9 @@ import contextlib
 import io
 import json
 import os
+import subprocess
+import sys
+import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,3 +110,56 @@ def run_cli(job: Path, output: Path, termination_log: Path, **env: str) -> Run:
             code = cli.main(["run", str(job)])
     summary = json.loads(termination_log.read_text()) if termination_log.exists() else {}
     return Run(code=code, output=output, lines=json_lines(stdout.getvalue()), summary=summary)
+
+
+# Runs the trainer's real command line, but dies by SIGKILL in the middle of saving the
+# checkpoint at KILL_AT: the accelerate state is written, the checkpoint is not yet renamed
+# into place.  Nothing in the trainer knows about this.
+KILL_WHILE_CHECKPOINTING = textwrap.dedent(
+    """
+    import os, signal, sys
+    from finetune_trainer import checkpoints, cli, storage
+
+    KILL_AT = int(sys.argv.pop(1))
+    real_save = checkpoints.save
+
+    def save(accelerator, root, *, step, state, keep_last):
+        if step == KILL_AT:
+            tmp = root / (storage.TEMP_PREFIX + checkpoints.checkpoint_name(step))
+            tmp.mkdir(parents=True)
+            accelerator.save_state(str(tmp))
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_save(accelerator, root, step=step, state=state, keep_last=keep_last)
+
+    checkpoints.save = save
+    sys.exit(cli.main(sys.argv[1:]))
+    """
+)
+
+
+def run_script(script: str, args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """``python SCRIPT ARGS`` in a child process (its own termination log, no report URL);
+    ``subprocess.run`` kills it if it outlives the timeout, so no trainer is left running."""
+    path = tmp_path / "script.py"
+    path.write_text(script)
+    child_env = {
+        **os.environ,
+        "FINETUNE_TERMINATION_LOG": str(tmp_path / "killed-log"),
+        "OMP_NUM_THREADS": "1",
+        **env,
+    }
+    child_env.pop("FINETUNE_REPORT_URL", None)
+    return subprocess.run(
+        [sys.executable, str(path), *args],
+        env=child_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def run_killed_while_checkpointing(
+    job: Path, tmp_path: Path, *, step: int, **env: str
+) -> subprocess.CompletedProcess[str]:
+    return run_script(KILL_WHILE_CHECKPOINTING, [str(step), "run", str(job)], tmp_path, **env)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -12,7 +13,8 @@ from typing import Any
 class Operator:
     """A stand-in for the operator's progress endpoint on loopback."""
 
-    def __init__(self, *, delay_s: float = 0.0, status: int = 200) -> None:
+    def __init__(self, *, delay_s: float = 0.0, status: int = 200, tls: tuple[str, str] | None = None) -> None:
+        """``tls``: (certificate file, key file) to serve HTTPS."""
         self.received: list[tuple[dict[str, Any], str | None]] = []
         self.delay_s = delay_s
         self.status = status
@@ -30,12 +32,18 @@ class Operator:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.scheme = "http"
+        if tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+            self.scheme = "https"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/report"
+        return f"{self.scheme}://127.0.0.1:{self.server.server_address[1]}/report"
 
     def close(self) -> None:
         self.server.shutdown()

@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from safetensors.torch import load_file
 
 from finetune_operator.api.report import ExitCode
 from finetune_trainer.storage import sha256_file
-from tests.trainer.conftest import Run, base_spec, manifest, run_cli
+from tests.trainer.conftest import Run, base_spec, manifest, run_cli, run_killed_while_checkpointing
 from tests.trainer.operator_stub import Operator
 
 pytestmark = pytest.mark.trainer
@@ -335,48 +334,13 @@ def test_training_overfits_a_fixed_tiny_set(tiny_model: Path, photos: Path, tmp_
 
 # --- resume --------------------------------------------------------------------------------------
 
-# Runs the trainer's real command line, but dies by SIGKILL in the middle of saving the
-# checkpoint at KILL_AT: the accelerate state is written, the checkpoint is not yet renamed
-# into place.  Nothing in the trainer knows about this.
-KILLER = textwrap.dedent(
-    """
-    import os, signal, sys
-    from finetune_trainer import checkpoints, cli, storage
-
-    KILL_AT = int(sys.argv.pop(1))
-    real_save = checkpoints.save
-
-    def save(accelerator, root, *, step, state, keep_last):
-        if step == KILL_AT:
-            tmp = root / (storage.TEMP_PREFIX + checkpoints.checkpoint_name(step))
-            tmp.mkdir(parents=True)
-            accelerator.save_state(str(tmp))
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real_save(accelerator, root, step=step, state=state, keep_last=keep_last)
-
-    checkpoints.save = save
-    sys.exit(cli.main(sys.argv[1:]))
-    """
-)
-
 
 def test_a_killed_run_resumes_to_the_same_weights(
     straight: Run, tiny_model: Path, photos: Path, tmp_path: Path
 ) -> None:
     output = tmp_path / "out"
     job = manifest(tmp_path / "job.yaml", name=NAME, **straight_spec(tiny_model, photos, output))
-    killer = tmp_path / "killer.py"
-    killer.write_text(KILLER)
-    env = {**os.environ, "FINETUNE_TERMINATION_LOG": str(tmp_path / "killed-log"), "OMP_NUM_THREADS": "1"}
-    env.pop("FINETUNE_REPORT_URL", None)
-    killed = subprocess.run(
-        [sys.executable, str(killer), str(STEPS), "run", str(job)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    killed = run_killed_while_checkpointing(job, tmp_path, step=STEPS)
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert [p.name for p in (output / "checkpoints").iterdir()] == ["checkpoint-000004", ".tmp-checkpoint-000008"]
     assert not (output / "manifest.json").exists()

@@ -130,3 +130,89 @@ def test_summary_fits_the_termination_message_limit() -> None:
     assert decoded["step"] == 10
     small = TrainerSummary(phase="Failed", reason="BadInput", message="spec.x: nope", files=files[-1:])
     assert json.loads(report.fit_summary(small))["files"][0]["path"] == "nick.safetensors"
+
+
+def test_the_token_file_is_read_again_for_each_push(operator: Operator, tmp_path: Any, monkeypatch: Any) -> None:
+    """The pod's projected service-account token is short-lived; the kubelet rewrites the
+    file, and a long run must send the current one."""
+    token_file = tmp_path / "token"
+    token_file.write_text("first\n")
+    monkeypatch.delenv("FINETUNE_REPORT_TOKEN", raising=False)
+    monkeypatch.delenv("FINETUNE_REPORT_CA_FILE", raising=False)
+    monkeypatch.setenv("FINETUNE_REPORT_TOKEN_FILE", str(token_file))
+    monkeypatch.setenv("FINETUNE_REPORT_URL", operator.url)
+    pusher = report.pusher_from_env()
+    assert pusher is not None
+    pusher.submit(_event(1))
+    deadline = time.monotonic() + 5
+    while not operator.received and time.monotonic() < deadline:
+        time.sleep(0.02)
+    token_file.write_text("rotated\n")
+    pusher.submit(_event(2, Stage.DONE), final=True)
+    assert pusher.close(timeout_s=5)
+    assert [auth for _, auth in operator.received] == ["Bearer first", "Bearer rotated"]
+
+
+def _self_signed(tmp_path: Any) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 and its key, as PEM files."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "finetune-operator")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / "tls.crt", tmp_path / "tls.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return str(cert_file), str(key_file)
+
+
+def test_https_pushes_verify_the_operator_against_the_ca_file(tmp_path: Any, monkeypatch: Any) -> None:
+    cert, key = _self_signed(tmp_path)
+    server = Operator(tls=(cert, key))
+    try:
+        monkeypatch.setenv("FINETUNE_REPORT_URL", server.url)
+        monkeypatch.setenv("FINETUNE_REPORT_TOKEN", "t")
+        # Without the operator's CA the certificate is not trusted: nothing is delivered.
+        monkeypatch.delenv("FINETUNE_REPORT_CA_FILE", raising=False)
+        untrusting = report.pusher_from_env()
+        assert untrusting is not None
+        untrusting.timeout_s = 0.5
+        untrusting.submit(_event(1, Stage.DONE), final=True)
+        assert untrusting.close(timeout_s=1.5) is False
+        assert server.received == []
+        # With it, the same push goes through.
+        monkeypatch.setenv("FINETUNE_REPORT_CA_FILE", cert)
+        trusting = report.pusher_from_env()
+        assert trusting is not None
+        trusting.submit(_event(2, Stage.DONE), final=True)
+        assert trusting.close(timeout_s=5)
+        assert [body["seq"] for body, _ in server.received] == [2]
+    finally:
+        server.close()
+
+
+def test_the_summary_keeps_the_newest_samples_longest() -> None:
+    samples = [f"/data/outputs/nick/samples/step-{s:06d}-{i}.png" for s in range(100, 3100, 100) for i in range(4)]
+    summary = TrainerSummary(phase="Succeeded", reason="Completed", message="done", samples=samples)
+    decoded = json.loads(report.fit_summary(summary))
+    assert decoded["samples"] == samples[-16:]

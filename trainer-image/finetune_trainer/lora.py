@@ -123,6 +123,16 @@ def diffusers_layers(state: dict[str, torch.Tensor], *, text_encoder: bool, dtyp
     return {_text_model_name(k): v for k, v in layers.items()} if text_encoder else layers
 
 
+def inference_config(model: Any) -> dict[str, Any]:
+    """The adapter's config as a loader should rebuild it: rank, alpha and targets, without
+    the training-time dropout.  diffusers' ``load_lora_weights`` leaves the dropout layers it
+    creates in training mode, so a file that declared dropout would give noisy, different
+    images on every call (checked with diffusers 0.42)."""
+    config = dict(model.peft_config["default"].to_dict())
+    config["lora_dropout"] = 0.0
+    return config
+
+
 def export_diffusers(unet: Any, text_encoder: Any | None, dest_dir: Path, *, dtype: torch.dtype) -> Path:
     """``dest_dir/pytorch_lora_weights.safetensors`` for ``pipeline.load_lora_weights(dest_dir)``."""
     from diffusers import StableDiffusionPipeline
@@ -136,10 +146,8 @@ def export_diffusers(unet: Any, text_encoder: Any | None, dest_dir: Path, *, dty
                 if text_encoder is not None
                 else None
             ),
-            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
-            text_encoder_lora_adapter_metadata=(
-                text_encoder.peft_config["default"].to_dict() if text_encoder is not None else None
-            ),
+            unet_lora_adapter_metadata=inference_config(unet),
+            text_encoder_lora_adapter_metadata=inference_config(text_encoder) if text_encoder is not None else None,
         )
         storage.make_readable(tmp)
     return dest_dir / DIFFUSERS_FILE

@@ -129,7 +129,7 @@ class ReportPusher:
         self,
         url: str,
         *,
-        token: str | None,
+        token: str | Callable[[], str | None] | None,
         timeout_s: float = 2.0,
         max_backoff_s: float = 10.0,
         sleep: Callable[[float], None] = time.sleep,
@@ -207,8 +207,11 @@ class ReportPusher:
         body = json.dumps(wire(event)).encode()
         request = urllib.request.Request(self.url, data=body, method="POST")
         request.add_header("Content-Type", "application/json")
-        if self.token:
-            request.add_header("Authorization", f"Bearer {self.token}")
+        # A callable is asked each time: the projected service-account token in the pod is
+        # short-lived and the kubelet rewrites the file before it expires.
+        token = self.token() if callable(self.token) else self.token
+        if token:
+            request.add_header("Authorization", f"Bearer {token}")
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s, context=self.tls) as response:
                 response.read()
@@ -371,7 +374,7 @@ def _finite(value: float | None) -> float | None:
 
 def pusher_from_env() -> ReportPusher | None:
     url = os.environ.get("FINETUNE_REPORT_URL")
-    return ReportPusher(url, token=report_token(), tls=report_tls_context()) if url else None
+    return ReportPusher(url, token=report_token, tls=report_tls_context()) if url else None
 
 
 # --- termination summary ------------------------------------------------------------------------
