@@ -216,3 +216,25 @@ def test_the_summary_keeps_the_newest_samples_longest() -> None:
     summary = TrainerSummary(phase="Succeeded", reason="Completed", message="done", samples=samples)
     decoded = json.loads(report.fit_summary(summary))
     assert decoded["samples"] == samples[-16:]
+
+
+def test_an_event_always_fits_what_the_operator_accepts() -> None:
+    from finetune_operator.api.report import MAX_REPORT_BYTES, Thumbnail
+
+    samples = [
+        f"s3://a-bucket/with/a/long/prefix/nick/samples/step-{s:06d}-{i}.png" for s in range(62) for i in range(16)
+    ]
+    thumbnails = [Thumbnail(name=f"step-000061-{i}.png", step=61, jpeg_base64="A" * 40000) for i in range(16)]
+    files = [
+        OutputFile(path=f"diffusers/unet/shard-{i:04d}.safetensors", size_bytes=i, sha256="a" * 64) for i in range(3000)
+    ]
+    files.append(OutputFile(path="nick.safetensors", size_bytes=1, sha256="b" * 64))
+    event = ProgressEvent(
+        seq=1, time=report.now_rfc3339(), stage=Stage.DONE, samples=samples, thumbnails=thumbnails, files=files
+    )
+    fitted = report.fit_event(event)
+    assert len(json.dumps(report.wire(fitted), separators=(",", ":")).encode()) <= MAX_REPORT_BYTES
+    assert fitted.samples[-1] == samples[-1]  # the newest stay
+    assert "nick.safetensors" in {f.path for f in fitted.files}
+    small = _event(2)
+    assert report.fit_event(small) is small

@@ -227,6 +227,12 @@ def test_downloads_are_cached_by_content(s3: S3, photos: Path, tmp_path: Path) -
     assert changed != first
     assert (changed / "subject-00.png").read_bytes() == (photos / "subject-01.jpg").read_bytes()
 
+    # One file (a single-file checkpoint, say) is cached the same way.
+    single = storage.fetch("s3://bucket/photos/subject-02.png", field=field, cache_dir=tmp_path, store=store)
+    assert single is not None
+    assert single.name == "subject-02.png"
+    assert single.read_bytes() == (photos / "subject-02.png").read_bytes()
+
 
 # --- the upload steps on any fsspec store -----------------------------------------------------------
 

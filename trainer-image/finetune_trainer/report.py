@@ -29,7 +29,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-from finetune_operator.api.report import SUMMARY_LIMIT_BYTES, ProgressEvent, Thumbnail, TrainerSummary
+from finetune_operator.api.report import (
+    MAX_REPORT_BYTES,
+    SUMMARY_LIMIT_BYTES,
+    ProgressEvent,
+    Thumbnail,
+    TrainerSummary,
+)
 from finetune_operator.api.v1alpha1 import CheckpointRef, OutputFile, Stage
 
 log = logging.getLogger("finetune_trainer")
@@ -348,10 +354,15 @@ class ProgressReporter:
             warnings=self.warnings[:50],
             settings=dict(self.settings),
         )
+        event = fit_event(event)
         self._seq += 1
         self._last_emit = time.monotonic()
         self.events.append(event)
-        log.info("progress", extra={"event": "progress", "fields": wire(event)})
+        fields = wire(event)
+        # The log line names the thumbnails; their pixels go to the operator only.
+        for thumbnail in fields.get("thumbnails", []):
+            thumbnail.pop("jpegBase64", None)
+        log.info("progress", extra={"event": "progress", "fields": fields})
         if self.pusher is not None:
             self.pusher.submit(event, final=final)
         return event
@@ -366,6 +377,33 @@ class ProgressReporter:
                     "the final progress report did not reach the operator; the termination message carries it",
                     extra={"event": "report-undelivered"},
                 )
+
+
+def fit_event(event: ProgressEvent, *, limit: int = MAX_REPORT_BYTES) -> ProgressEvent:
+    """The event as the operator accepts it (at most ``limit`` bytes of JSON; a larger one is
+    refused, and every later one would be too): older samples, thumbnails, files inside
+    folders, older checkpoints go first."""
+
+    def size() -> int:
+        return len(json.dumps(wire(event), separators=(",", ":")).encode())
+
+    if size() <= limit:
+        return event
+    event = event.model_copy(deep=True)
+    steps: list[Callable[[], None]] = [
+        lambda: setattr(event, "samples", event.samples[-256:]),
+        lambda: setattr(event, "thumbnails", []),
+        lambda: setattr(event, "samples", event.samples[-16:]),
+        lambda: setattr(event, "files", [f for f in event.files if "/" not in f.path]),
+        lambda: setattr(event, "checkpoints", event.checkpoints[-1:]),
+        lambda: setattr(event, "warnings", [w[:200] for w in event.warnings[:10]]),
+        lambda: setattr(event, "files", []),
+    ]
+    for step in steps:
+        step()
+        if size() <= limit:
+            break
+    return event
 
 
 def _finite(value: float | None) -> float | None:
