@@ -134,6 +134,11 @@ def test_a_run_with_everything_in_s3_ends_with_every_file_in_the_bucket(
 
     monkeypatch.setattr(s3fs.core.S3FileSystem, "_call_s3", spy)
     spec = _s3_spec(s3, tiny_model, photos, maxSteps=4)
+    # Prior preservation with one class image in the bucket; the second is generated.
+    s3.fs.put_file(str(photos / "subject-00.png"), "bucket/class/ball.png")
+    spec["dataset"].update(
+        classPrompt="a photo of a ball", priorPreservation=True, numClassImages=2, classImages="s3://bucket/class/"
+    )
     spec["checkpoints"] = {"everySteps": 2, "keepLast": 1}
     spec["samples"] = {"prompts": ["a photo of sks ball"], "everySteps": 2, "numInferenceSteps": 2}
     run = run_cli(manifest(tmp_path / "job.yaml", name="s3job", **spec), tmp_path, tmp_path / "termination-log")
@@ -156,6 +161,9 @@ def test_a_run_with_everything_in_s3_ends_with_every_file_in_the_bucket(
     # keepLast 1 in the bucket too; the kept checkpoint is complete.
     assert s3.fs.ls("bucket/out/checkpoints", detail=False) == ["bucket/out/checkpoints/checkpoint-000004"]
     assert s3.fs.isfile("bucket/out/checkpoints/checkpoint-000004/trainer_state.json")
+    # The generated class image went to the output (for a retry elsewhere), not to the input folder.
+    assert s3.final_keys("bucket/class") == ["bucket/class/ball.png"]
+    assert s3.final_keys("bucket/out/class_images") == ["bucket/out/class_images/class-00000.png"]
 
 
 # Runs the trainer's command line, but dies by SIGKILL while the second part of the exported
