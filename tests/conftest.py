@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,3 +82,50 @@ def operator(cluster: object) -> Iterator[object]:
         yield proc
     finally:
         proc.stop()
+
+
+@pytest.fixture(scope="session")
+def prometheus(operator: object) -> Iterator[object]:
+    """A real Prometheus server (Debian's package) scraping the test operator every second."""
+    from tests.kube import Prometheus, free_port, wait_for
+
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.fail("the prometheus server is not installed: `make test` installs Debian's prometheus package")
+    root = ARTIFACTS / "prometheus"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    config = root / "prometheus.yml"
+    config.write_text(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        "scrape_configs:\n  - job_name: finetune-operator\n"
+        f"    static_configs:\n      - targets: ['127.0.0.1:{operator.metrics_port}']\n"  # type: ignore[attr-defined]
+    )
+    port = free_port()
+    log = root / "prometheus.log"
+    with open(log, "wb") as handle:
+        process = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={root / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--log.level=warn",
+            ],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+        )
+    server = Prometheus(port, process, log)
+    try:
+        wait_for(
+            lambda: server.value('up{job="finetune-operator"}') == 1.0,
+            timeout=60,
+            what="Prometheus to scrape the operator",
+        )
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()

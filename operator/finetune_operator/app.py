@@ -81,6 +81,11 @@ async def run_operator(settings: OperatorSettings, *, stop: asyncio.Event | None
         # trainers retry (the Service then reaches the leader).
         await serve(health_app(health, ready=lambda: True), host=settings.bind_address, port=settings.health_port),
     ]
+    if settings.web:
+        from finetune_operator.web import web_app
+
+        runners.append(await serve(web_app(reconciler, store, api), host=settings.bind_address, port=settings.web_port))
+
     registry = build_registry(reconciler)
 
     def credentials(**kwargs: Any) -> kopf.ConnectionInfo | None:

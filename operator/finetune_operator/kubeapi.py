@@ -232,6 +232,20 @@ class KubeAPI:
                 json.dumps(describe_error(exc)),
             )
 
+    async def list_events(self, namespace: str, name: str, *, limit: int = 100) -> list[dict[str, Any]]:
+        """The Events of one FineTuneJob, oldest first."""
+        result = await self.request(
+            "GET",
+            f"/api/v1/namespaces/{quote(namespace)}/events",
+            params={
+                "fieldSelector": f"involvedObject.name={name},involvedObject.kind=FineTuneJob",
+                "limit": str(limit),
+            },
+        )
+        items = list(result.get("items") or [])
+        items.sort(key=lambda e: e.get("eventTime") or e.get("lastTimestamp") or "")
+        return items
+
     # --- authentication of trainer reports ---------------------------------------------------------
 
     async def review_token(self, token: str, *, audience: str) -> dict[str, Any]:

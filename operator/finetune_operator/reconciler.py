@@ -55,6 +55,23 @@ def _rv(obj: Mapping[str, Any]) -> int:
         return 0
 
 
+# Fields that change with every report without telling a person anything new.
+_NOT_NEWS = {"updateTime", "etaSeconds", "stepsPerSecond", "learningRate", "peakMemoryBytes"}
+
+
+def _news(patch: dict[str, Any]) -> bool:
+    """Whether a status patch carries something worth a write (not only a fresher timestamp)."""
+    for key, value in patch.items():
+        if key == "etaText":
+            continue
+        if key == "progress" and isinstance(value, dict):
+            if set(value) - _NOT_NEWS:
+                return True
+            continue
+        return True
+    return False
+
+
 @dataclass
 class JobMemory:
     """What the reconciler remembers of one FineTuneJob between reconciles."""
@@ -290,9 +307,12 @@ class Reconciler:
             mounts=memory.mounts,
         )
         new = result.status
-        phase_changed = previous.get("phase") != new.get("phase") or previous.get("reason") != new.get("reason")
+        # A new phase is written at once; anything else (a finer reason, progress) at most once
+        # per status interval, always the newest: a pod that goes Pending -> Scheduled -> Running
+        # within a second costs one write, not three.
+        phase_changed = previous.get("phase") != new.get("phase")
         patch = status_patch(previous, new)
-        if not patch:
+        if not patch or not _news(patch):
             self._track_gpu(key, new, memory)
             return
         cause = "phase" if phase_changed else "progress"

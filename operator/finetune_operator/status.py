@@ -332,8 +332,8 @@ def compute_status(
     # A new FineTuneJob's first phase (Pending) is no transition: no Event, no extra write.
     first = previous.get("phase") is None and phase == Phase.PENDING
     if (
-        not first
-        and previous.get("phase") != phase.value
+        (not first
+        and previous.get("phase") != phase.value)
         or (previous.get("reason") != decision.reason and phase in (Phase.QUEUED, Phase.INITIALIZING))
     ):
         warning = phase == Phase.FAILED or decision.reason in ("Unschedulable", "ImagePullBackOff", "Retrying")

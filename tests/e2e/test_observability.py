@@ -3,84 +3,14 @@ operator that was away while the job ran."""
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
-import urllib.parse
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.conftest import ARTIFACTS
 from tests.jobs import job_manifest, prepare_claims
-from tests.kube import Kube, OperatorProcess, free_port, wait_for
+from tests.kube import Kube, OperatorProcess, Prometheus, wait_for
 
 pytestmark = pytest.mark.e2e
-
-
-class Prometheus:
-    def __init__(self, port: int, process: subprocess.Popen[bytes], log: Path) -> None:
-        self.port = port
-        self.process = process
-        self.log = log
-
-    def query(self, promql: str) -> list[dict[str, Any]]:
-        url = f"http://127.0.0.1:{self.port}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
-        with urllib.request.urlopen(url, timeout=10) as response:
-            body = json.loads(response.read())
-        assert body["status"] == "success", body
-        return list(body["data"]["result"])
-
-    def value(self, promql: str) -> float | None:
-        result = self.query(promql)
-        return float(result[0]["value"][1]) if result else None
-
-
-@pytest.fixture(scope="session")
-def prometheus(operator: OperatorProcess) -> Iterator[Prometheus]:
-    binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.fail("the prometheus server is not installed: `make test` installs Debian's prometheus package")
-    root = ARTIFACTS / "prometheus"
-    shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True)
-    config = root / "prometheus.yml"
-    config.write_text(
-        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-        "scrape_configs:\n  - job_name: finetune-operator\n"
-        f"    static_configs:\n      - targets: ['127.0.0.1:{operator.metrics_port}']\n"
-    )
-    port = free_port()
-    log = root / "prometheus.log"
-    with open(log, "wb") as handle:
-        process = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={config}",
-                f"--storage.tsdb.path={root / 'data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-                "--log.level=warn",
-            ],
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-        )
-    server = Prometheus(port, process, log)
-    try:
-        wait_for(
-            lambda: server.value('up{job="finetune-operator"}') == 1.0,
-            timeout=60,
-            what="Prometheus to scrape the operator",
-        )
-        yield server
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 def test_prometheus_sees_the_jobs_step_and_jobs_by_phase(

@@ -1,0 +1,193 @@
+"""``kubectl ftj``: FineTuneJobs at a glance, their sample pictures, and the trainer's log.
+
+kubectl finds this as a plugin (the console script ``kubectl-ftj`` on the PATH):
+
+    kubectl ftj list [-n NS | -A]                 step, loss, ETA, samples, output of each job
+    kubectl ftj samples NAME -o DIR [-n NS]       the newest sample thumbnails (or, for an
+                                                  object-store output, the full contact sheet)
+    kubectl ftj logs NAME [-n NS] [-f]            the trainer's log, current attempt
+
+It talks to the cluster through kubectl itself (your kubeconfig, context and namespace), and
+for thumbnails to the operator's read-only web API: through the apiserver's service proxy by
+default, or at ``--operator-url`` / ``$FINETUNE_OPERATOR_URL``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+
+def _kubectl(args: argparse.Namespace, *command: str, capture: bool = True) -> str:
+    base = ["kubectl"]
+    if args.kubeconfig:
+        base.append(f"--kubeconfig={args.kubeconfig}")
+    if args.context:
+        base.append(f"--context={args.context}")
+    result = subprocess.run([*base, *command], capture_output=capture, text=True, check=False)
+    if result.returncode != 0:
+        raise SystemExit(f"kubectl {' '.join(command)}: {(result.stderr or '').strip()}")
+    return result.stdout or ""
+
+
+def _namespace_args(args: argparse.Namespace) -> list[str]:
+    if getattr(args, "all_namespaces", False):
+        return ["--all-namespaces"]
+    return ["-n", args.namespace] if args.namespace else []
+
+
+def _jobs(args: argparse.Namespace) -> list[dict[str, Any]]:
+    return list(json.loads(_kubectl(args, "get", "finetunejobs", *_namespace_args(args), "-o", "json"))["items"])
+
+
+def _job(args: argparse.Namespace, name: str) -> dict[str, Any]:
+    return dict(json.loads(_kubectl(args, "get", "finetunejob", name, *_namespace_args(args), "-o", "json")))
+
+
+def _row(job: dict[str, Any]) -> list[str]:
+    status = job.get("status") or {}
+    progress = status.get("progress") or {}
+    output = status.get("output") or {}
+    step = f"{progress.get('step', 0)}/{progress['totalSteps']}" if progress.get("totalSteps") else "-"
+    loss = f"{progress['loss']:.4f}" if isinstance(progress.get("loss"), (int, float)) else "-"
+    return [
+        job["metadata"]["namespace"],
+        job["metadata"]["name"],
+        status.get("phase") or "Pending",
+        step,
+        loss,
+        status.get("etaText") or "-",
+        str(len(output.get("samples") or [])),
+        # Where the result goes: the spec says it before the trainer reports it.
+        output.get("uri") or ((job.get("spec") or {}).get("output") or {}).get("uri", "-").rstrip("/") or "-",
+    ]
+
+
+def list_jobs(args: argparse.Namespace) -> int:
+    rows = [["NAMESPACE", "NAME", "PHASE", "STEP", "LOSS", "ETA", "SAMPLES", "OUTPUT"]]
+    rows += [_row(job) for job in sorted(_jobs(args), key=lambda j: (j["metadata"]["namespace"], j["metadata"]["name"]))]
+    if len(rows) == 1:
+        print("No FineTuneJobs found.", file=sys.stderr)
+        return 0
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("   ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def _operator_get(args: argparse.Namespace, path: str) -> bytes:
+    url = args.operator_url or os.environ.get("FINETUNE_OPERATOR_URL", "")
+    if url:
+        with urllib.request.urlopen(url.rstrip("/") + path, timeout=30) as response:
+            return bytes(response.read())
+    proxy = (
+        f"/api/v1/namespaces/{args.operator_namespace}/services/{args.operator_service}:web/proxy{path}"
+    )
+    base = ["kubectl"] + ([f"--kubeconfig={args.kubeconfig}"] if args.kubeconfig else [])
+    base += [f"--context={args.context}"] if args.context else []
+    result = subprocess.run([*base, "get", "--raw", proxy], capture_output=True, check=False)
+    if result.returncode != 0:
+        raise SystemExit(
+            f"cannot reach the operator's web API through {proxy}: {result.stderr.decode().strip()} "
+            "(install the chart with web.enabled=true, or pass --operator-url)"
+        )
+    return bytes(result.stdout)
+
+
+def samples(args: argparse.Namespace) -> int:
+    job = _job(args, args.name)
+    namespace = job["metadata"]["namespace"]
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    output = (job.get("status") or {}).get("output") or {}
+    uri = output.get("uri") or ""
+    if uri.startswith(("s3://", "gs://")):
+        return _samples_from_store(job, uri, out)
+    detail = json.loads(_operator_get(args, f"/api/jobs/{namespace}/{args.name}"))
+    thumbnails = detail.get("thumbnails") or []
+    if not thumbnails:
+        print(f"{namespace}/{args.name} has no samples yet", file=sys.stderr)
+        return 1
+    for thumb in thumbnails:
+        data = _operator_get(args, f"/api/jobs/{namespace}/{args.name}/thumbnails/{thumb['index']}.jpg")
+        target = out / (Path(thumb["name"]).stem + ".jpg")
+        target.write_bytes(data)
+        print(f"{target}  (step {thumb['step']}: {thumb['prompt']})")
+    return 0
+
+
+def _samples_from_store(job: dict[str, Any], uri: str, out: Path) -> int:
+    import fsspec
+
+    options: dict[str, Any] = {}
+    endpoint = ((job.get("spec") or {}).get("storage") or {}).get("s3EndpointUrl")
+    if endpoint and uri.startswith("s3://"):
+        options["client_kwargs"] = {"endpoint_url": endpoint}
+    fs, root = fsspec.core.url_to_fs(uri, **options)
+    fetched = 0
+    for path in [f"{root.rstrip('/')}/samples.png", *sorted(fs.glob(f"{root.rstrip('/')}/samples/*.png"))]:
+        if fs.exists(path):
+            target = out / Path(path).name
+            fs.get(path, str(target))
+            print(target)
+            fetched += 1
+    return 0 if fetched else 1
+
+
+def logs(args: argparse.Namespace) -> int:
+    job = _job(args, args.name)
+    namespace = job["metadata"]["namespace"]
+    job_name = (job.get("status") or {}).get("jobName")
+    if not job_name:
+        raise SystemExit(f"{namespace}/{args.name} has no Job yet")
+    pods = json.loads(
+        _kubectl(args, "get", "pods", "-n", namespace, "-l", f"batch.kubernetes.io/job-name={job_name}", "-o", "json")
+    )["items"]
+    if not pods:
+        raise SystemExit(f"the Job {job_name} has no pod yet")
+    newest = max(pods, key=lambda p: p["metadata"]["creationTimestamp"])
+    command = ["logs", "-n", namespace, newest["metadata"]["name"], "-c", "trainer"]
+    if args.follow:
+        command.append("-f")
+    _kubectl(args, *command, capture=False)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kubectl ftj", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kubeconfig", default="")
+    parser.add_argument("--context", default="")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    listing = commands.add_parser("list", help="step, loss, ETA, samples and output of each job")
+    listing.add_argument("-n", "--namespace", default="")
+    listing.add_argument("-A", "--all-namespaces", action="store_true")
+    listing.set_defaults(run=list_jobs)
+
+    pictures = commands.add_parser("samples", help="download the newest sample pictures")
+    pictures.add_argument("name")
+    pictures.add_argument("-n", "--namespace", default="")
+    pictures.add_argument("-o", "--output", required=True, help="directory to write the pictures to")
+    pictures.add_argument("--operator-url", default="", help="the operator's web address (default: service proxy)")
+    pictures.add_argument("--operator-namespace", default="finetune-system")
+    pictures.add_argument("--operator-service", default="finetune-operator")
+    pictures.set_defaults(run=samples)
+
+    log = commands.add_parser("logs", help="the trainer's log (newest attempt)")
+    log.add_argument("name")
+    log.add_argument("-n", "--namespace", default="")
+    log.add_argument("-f", "--follow", action="store_true")
+    log.set_defaults(run=logs)
+
+    args = parser.parse_args(argv)
+    return int(args.run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
