@@ -71,7 +71,9 @@ def _row(job: dict[str, Any]) -> list[str]:
 
 def list_jobs(args: argparse.Namespace) -> int:
     rows = [["NAMESPACE", "NAME", "PHASE", "STEP", "LOSS", "ETA", "SAMPLES", "OUTPUT"]]
-    rows += [_row(job) for job in sorted(_jobs(args), key=lambda j: (j["metadata"]["namespace"], j["metadata"]["name"]))]
+    rows += [
+        _row(job) for job in sorted(_jobs(args), key=lambda j: (j["metadata"]["namespace"], j["metadata"]["name"]))
+    ]
     if len(rows) == 1:
         print("No FineTuneJobs found.", file=sys.stderr)
         return 0
@@ -86,9 +88,7 @@ def _operator_get(args: argparse.Namespace, path: str) -> bytes:
     if url:
         with urllib.request.urlopen(url.rstrip("/") + path, timeout=30) as response:
             return bytes(response.read())
-    proxy = (
-        f"/api/v1/namespaces/{args.operator_namespace}/services/{args.operator_service}:web/proxy{path}"
-    )
+    proxy = f"/api/v1/namespaces/{args.operator_namespace}/services/{args.operator_service}:web/proxy{path}"
     base = ["kubectl"] + ([f"--kubeconfig={args.kubeconfig}"] if args.kubeconfig else [])
     base += [f"--context={args.context}"] if args.context else []
     result = subprocess.run([*base, "get", "--raw", proxy], capture_output=True, check=False)

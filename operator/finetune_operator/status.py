@@ -331,10 +331,8 @@ def compute_status(
     events: list[Transition] = []
     # A new FineTuneJob's first phase (Pending) is no transition: no Event, no extra write.
     first = previous.get("phase") is None and phase == Phase.PENDING
-    if (
-        (not first
-        and previous.get("phase") != phase.value)
-        or (previous.get("reason") != decision.reason and phase in (Phase.QUEUED, Phase.INITIALIZING))
+    if (not first and previous.get("phase") != phase.value) or (
+        previous.get("reason") != decision.reason and phase in (Phase.QUEUED, Phase.INITIALIZING)
     ):
         warning = phase == Phase.FAILED or decision.reason in ("Unschedulable", "ImagePullBackOff", "Retrying")
         events.append(
