@@ -83,3 +83,6 @@ class TrainerSummary(_Model):
     checkpoints: list[CheckpointRef] = Field(default_factory=list)
     samples: list[str] = Field(default_factory=list)
     warnings: list[str] = Field(default_factory=list)
+    settings: dict[str, str] = Field(
+        default_factory=dict, description="Choices the trainer made (precision, attention, compile, ...)."
+    )

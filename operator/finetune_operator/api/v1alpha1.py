@@ -106,6 +106,11 @@ class Attention(StrEnum):
     DEFAULT = "default"
 
 
+class CompileMode(StrEnum):
+    DEFAULT = "default"
+    REDUCE_OVERHEAD = "reduce-overhead"
+
+
 class LRScheduler(StrEnum):
     CONSTANT = "constant"
     CONSTANT_WITH_WARMUP = "constant_with_warmup"
@@ -286,6 +291,20 @@ class Training(_Model):
     compile: bool | None = Field(
         default=None,
         description="torch.compile the UNet. Unset: on for CUDA runs long enough to repay the compile time.",
+    )
+    compile_mode: CompileMode = Field(
+        default=CompileMode.DEFAULT,
+        description=(
+            "How a compiled UNet runs: default, or reduce-overhead (CUDA graphs: less launch overhead at "
+            "batch 1 for more GPU memory; gradientAccumulationSteps 1 only)."
+        ),
+    )
+    prefer_bf16: bool = Field(
+        default=True,
+        description=(
+            "With mixedPrecision fp16, train in bf16 on GPUs that support it: the same memory, no loss "
+            "scaling, a wider range and coarser rounding than fp16. false keeps fp16."
+        ),
     )
     seed: int = Field(default=1234, ge=0, le=2**32 - 1, description="Random seed; runs with one seed repeat.")
     lora: LoRASettings | None = Field(default=None, description="LoRA settings; only with method LoRA.")
