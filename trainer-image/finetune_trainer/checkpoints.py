@@ -32,10 +32,18 @@ def checkpoint_name(step: int) -> str:
     return f"checkpoint-{step:06d}"
 
 
+# Training fields added after checkpoints were first written, with their defaults: left out of
+# the fingerprint while at the default, so a run checkpointed by an earlier trainer resumes.
+ADDED_TRAINING_FIELDS: dict[str, Any] = {"compile_mode": "default", "prefer_bf16": True}
+
+
 def training_fingerprint(spec: FineTuneJobSpec) -> str:
     """A hash of everything that decides what training computes.  Checkpoint frequency,
     exports, resources and retries are left out: changing them does not change the result."""
     shaping = spec.model_dump(mode="json", include={"method", "base_model", "dataset", "training"})
+    for name, default in ADDED_TRAINING_FIELDS.items():
+        if shaping["training"].get(name) == default:
+            del shaping["training"][name]
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
 
 

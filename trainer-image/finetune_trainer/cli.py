@@ -127,6 +127,7 @@ def run(job_path: Path) -> int:
         summary.checkpoints = reporter.checkpoints
         summary.samples = summary.samples or list(reporter.samples)
         summary.warnings = reporter.warnings
+        summary.settings = dict(reporter.settings)
         report.write_summary(summary)
     launch.record_exit_code(code)
     return int(code)

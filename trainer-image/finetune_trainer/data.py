@@ -245,11 +245,31 @@ class LatentCache:
                 stds.append(dist.std.float().reshape(shape))
         return cls(torch.cat(means), torch.cat(stds))
 
-    def sample(self, indices: Sequence[int], flips: Sequence[bool], gen: torch.Generator) -> torch.Tensor:
+    def sample(
+        self, indices: Sequence[int], flips: Sequence[bool], gen: torch.Generator, *, pin: bool = False
+    ) -> torch.Tensor:
+        """Latents of the examples at ``indices`` (flipped where asked), on the cache's device.
+
+        Each example is picked with plain integers (a view: no index tensor travels to the
+        GPU), and the noise comes from the seeded CPU generator (``pin``: into pinned memory,
+        for a copy to the GPU that does not wait for it)."""
         import torch
 
-        variant = [1 if flipped and self.mean.shape[1] > 1 else 0 for flipped in flips]
-        mean = self.mean[list(indices), variant]
-        std = self.std[list(indices), variant]
-        noise = torch.randn(mean.shape, generator=gen, device=gen.device, dtype=mean.dtype).to(mean.device)
+        variants = self.mean.shape[1]
+        picked = [(int(i), 1 if flipped and variants > 1 else 0) for i, flipped in zip(indices, flips, strict=True)]
+        mean = torch.stack([self.mean[i, v] for i, v in picked])
+        std = torch.stack([self.std[i, v] for i, v in picked])
+        noise = host_randn(mean.shape, gen, dtype=mean.dtype, pin=pin).to(mean.device, non_blocking=True)
         return mean + std * noise
+
+
+def host_randn(
+    shape: Sequence[int], gen: torch.Generator, *, dtype: torch.dtype | None = None, pin: bool = False
+) -> torch.Tensor:
+    """Standard normal noise from a CPU generator: the same numbers on every device.  With
+    ``pin`` it lands in pinned (page-locked) memory, which a GPU copies from without the
+    host waiting for the GPU; from ordinary memory the copy would first wait for every
+    queued kernel to finish."""
+    import torch
+
+    return torch.randn(tuple(shape), generator=gen, dtype=dtype, pin_memory=pin)

@@ -323,11 +323,25 @@ class ProgressReporter:
         self.stage = stage
         self.emit(message=message)
 
-    def training_step(self, step: int, *, loss: float | None, learning_rate: float | None) -> None:
+    def due(self) -> bool:
+        """Whether a training event would go out now: the trainer reads its losses back from
+        the GPU only then."""
+        return time.monotonic() - self._last_emit >= self.interval_s
+
+    def record_step(
+        self, step: int, *, loss: float | None, learning_rate: float | None, at: float | None = None
+    ) -> None:
+        """A finished step (``at``: when it finished, ``time.monotonic()``), without an event."""
         self.step = step
         self.learning_rate = learning_rate
-        self.clock.update(step, loss)
-        if time.monotonic() - self._last_emit >= self.interval_s or step >= self.total_steps:
+        self.clock.update(step, loss, at=at)
+
+    def training_step(
+        self, step: int, *, loss: float | None, learning_rate: float | None, at: float | None = None
+    ) -> None:
+        """A finished step; an event goes out when one is due, and at the last step."""
+        self.record_step(step, loss=loss, learning_rate=learning_rate, at=at)
+        if self.due() or step >= self.total_steps:
             self.emit()
 
     def emit(self, *, message: str = "", final: bool = False) -> ProgressEvent | None:
@@ -421,7 +435,8 @@ def pusher_from_env() -> ReportPusher | None:
 def fit_summary(summary: TrainerSummary, *, limit: int = SUMMARY_LIMIT_BYTES) -> bytes:
     """The summary as JSON of at most ``limit`` bytes, dropping detail in order of least use:
     older checkpoints, older samples (the newest step's stay longest), files inside folders,
-    then the rest, and finally shortening the message."""
+    the settings (every progress event and the manifest have them too), then the rest, and
+    finally shortening the message."""
     data = summary.model_copy(deep=True)
 
     def encoded() -> bytes:
@@ -432,6 +447,7 @@ def fit_summary(summary: TrainerSummary, *, limit: int = SUMMARY_LIMIT_BYTES) ->
         lambda: setattr(data, "samples", data.samples[-16:]),
         lambda: setattr(data, "samples", data.samples[-1:]),
         lambda: setattr(data, "files", [f for f in data.files if "/" not in f.path]),
+        lambda: setattr(data, "settings", {}),
         lambda: setattr(data, "warnings", [w[:200] for w in data.warnings[:5]]),
         lambda: setattr(data, "files", []),
         lambda: setattr(data, "samples", []),

@@ -15,6 +15,10 @@ their own modules.  What each setting costs:
   prompt embeddings can no longer be computed once.
 - ``cacheLatents``: encode each image with the VAE once; exact (the latent distribution is
   cached and sampled each step) and faster.
+- ``compile``: ``torch.compile`` of the UNet; minutes of compiling (the ``compiling`` stage)
+  for faster steps.  Unset, it is on for CUDA runs long enough to repay it.
+  ``compileMode: reduce-overhead`` adds CUDA graphs: less launch overhead at batch 1, more
+  memory.
 - prior preservation: a class image beside every instance image; twice the work per step.
 - method LoRA: adapters on the attention projections only; the frozen UNet runs in the mixed
   precision and only the adapters have gradients and optimizer state (a fraction of the
@@ -24,6 +28,21 @@ their own modules.  What each setting costs:
 
 Randomness (data order, crops, flips, noise, timesteps) comes from the seed and the position
 in the run, so a run resumed from a checkpoint computes what the uninterrupted run would.
+
+The fast path, on where it does not change what is computed (each choice is in the settings
+of every progress event and of the summary):
+
+- the VAE's latents (per image and flip) and the frozen text encoder's prompt embeddings are
+  computed once and kept on the device;
+- nothing is read back from the device in a step: the losses stay there until a progress
+  event is due (every few seconds), a sample or a checkpoint, and are then read in one go,
+  so the host queues the next step while the GPU still runs this one; random draws come
+  from seeded CPU generators into pinned memory, whose copy to the GPU does not wait;
+- on a GPU: AdamW as one fused kernel, the UNet in channels_last (not with bitsandbytes,
+  which makes parameters contiguous at every step), cuDNN picking its fastest kernels;
+- with ``mixedPrecision: fp16`` on a GPU with bf16: bf16, which needs no loss scaling (and
+  none of its host synchronisation); it rounds differently, so ``preferBf16: false`` keeps
+  fp16, and a warning says so.
 """
 
 from __future__ import annotations
@@ -38,18 +57,39 @@ from typing import Any
 from finetune_operator.api.v1alpha1 import FineTuneJob, Method, Stage
 from finetune_trainer import checkpoints, class_images, data, export, lora, outputs, pictures, samples, storage
 from finetune_trainer.errors import OutOfMemory
-from finetune_trainer.job import Device, Settings, detect_device, resolve_settings, total_steps
+from finetune_trainer.job import (
+    Device,
+    Settings,
+    detect_device,
+    resolve_settings,
+    total_steps,
+    trains_text_encoder,
+)
 from finetune_trainer.model import load_base_model
 from finetune_trainer.report import ProgressReporter
 
 log = logging.getLogger("finetune_trainer")
 
 CHECKPOINTS_DIR = "checkpoints"
+# What torch.compile builds with.  Inductor is the one that makes steps faster; tests on a
+# CPU may use a cheaper backend that traces the same graphs without generating code.
+COMPILE_BACKEND = "inductor"
 
 
 def cache_dir() -> Path:
     """Downloads (remote models and images): ``FINETUNE_CACHE_DIR``, else the user's cache."""
     return Path(os.environ.get("FINETUNE_CACHE_DIR") or Path.home() / ".cache" / "finetune-trainer")
+
+
+@dataclass
+class PendingStep:
+    """A finished optimizer step whose losses (device tensors, one per micro-batch) are not
+    read back yet."""
+
+    step: int
+    losses: list[Any]
+    learning_rate: float
+    at: float  # time.monotonic() when the step was queued
 
 
 @dataclass
@@ -76,11 +116,10 @@ class DreamBoothRecipe:
         self.checkpoint_dir = self.output / CHECKPOINTS_DIR
         self.samples_dir = self.output / samples.SAMPLES_DIR
         self.lora = self.spec.method == Method.LORA
-        # Method LoRA: adapters on the text encoder; DreamBooth: the whole text encoder.
-        self.trains_text_encoder = (
-            self.spec.lora.train_text_encoder if self.lora else self.spec.training.train_text_encoder
-        )
+        self.trains_text_encoder = trains_text_encoder(self.spec)
         self.step = 0
+        self.pending: list[PendingStep] = []
+        self.compiled_step_done = False
         self.total_steps = 0
         self.history: list[tuple[int, float, float]] = []  # (step, loss, learning rate)
         self.sampler: samples.SampleRenderer | None = None
@@ -128,6 +167,11 @@ class DreamBoothRecipe:
 
         self.total_steps = total_steps(spec, len(self.instance))
         self.reporter.total_steps = self.total_steps
+        # Now that the length of the run is known: whether compiling the UNet pays.
+        self.settings, warnings = resolve_settings(spec, self.device_info, total_steps=self.total_steps)
+        self.reporter.settings = self.settings.as_report()
+        for warning in warnings:
+            self.reporter.warn(warning)
         self.fingerprint = checkpoints.training_fingerprint(spec)
         resume = checkpoints.newest(self.checkpoint_dir)
         if resume is not None:
@@ -230,6 +274,9 @@ class DreamBoothRecipe:
             self.settings.mixed_precision, torch.float32
         )
         device = self.accelerator.device
+        if self.device_info.type == "cuda":
+            # Every step has the same shapes: the fastest convolution kernels, found once.
+            torch.backends.cudnn.benchmark = True
         base.vae.requires_grad_(False)
         base.vae.eval()
         # The frozen parts never need fp32: running them in the low precision is what the
@@ -250,6 +297,10 @@ class DreamBoothRecipe:
                 base.text_encoder.to(device, dtype=self.weight_dtype)
         base.unet.train()
         base.text_encoder.train(self.trains_text_encoder)
+        if self.settings.channels_last:
+            # (Checkpoints still hold contiguous tensors: accelerate makes them so for
+            # safetensors, and loading copies them back into this layout.)
+            base.unet.to(memory_format=torch.channels_last)
         self._set_attention()
         if self.settings.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
@@ -262,6 +313,14 @@ class DreamBoothRecipe:
         self.noise_scheduler = DDPMScheduler.from_config(
             {**base.scheduler_config, "prediction_type": self.settings.prediction_type}
         )
+        self.snr: Any = None
+        if self.spec.training.snr_gamma is not None:
+            from diffusers.training_utils import compute_snr
+
+            # The SNR of every timestep, on the device: a step looks its own up there
+            # (compute_snr would copy the schedule to the GPU at every step).
+            every_timestep = torch.arange(self.noise_scheduler.config.num_train_timesteps)
+            self.snr = compute_snr(self.noise_scheduler, every_timestep).to(device)
 
     def _set_attention(self) -> None:
         from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
@@ -297,7 +356,10 @@ class DreamBoothRecipe:
 
             optimizer = bitsandbytes.optim.AdamW8bit(params, **options)
         else:
-            optimizer = torch.optim.AdamW(params, **options)
+            # fused: one kernel for every parameter (and no host synchronisation with fp16's
+            # loss scaling); left to torch's default elsewhere, so CPU runs stay as they were.
+            fused: dict[str, Any] = {"fused": True} if self.settings.fused_optimizer else {}
+            optimizer = torch.optim.AdamW(params, **options, **fused)
         # The prepared scheduler steps once per process for every optimizer step, as in
         # diffusers' examples; the counts are scaled to match.
         scheduler = get_scheduler(
@@ -314,10 +376,16 @@ class DreamBoothRecipe:
             self.unet, self.optimizer, self.lr_scheduler = accelerator.prepare(self.base.unet, optimizer, scheduler)
             self.text_encoder = self.base.text_encoder
         self.trainable = params
+        self.models = [self.unet, self.text_encoder] if self.trains_text_encoder else [self.unet]
         if self.settings.compile:
             import torch
 
-            self.unet = torch.compile(self.unet)
+            mode: dict[str, Any] = {}
+            if self.settings.compile_mode == "reduce-overhead":
+                mode = {"mode": "reduce-overhead"}
+            # Compiled lazily, in the first step (the "compiling" stage); checkpoints, samples
+            # and exports use the module inside, so its weights keep their names.
+            self.unet = torch.compile(self.unet, backend=COMPILE_BACKEND, **mode)
 
     def _prepare_data(self) -> None:
         import torch
@@ -352,12 +420,13 @@ class DreamBoothRecipe:
                             dtype=self.weight_dtype,
                         )
                     )
+        prompts = sorted({e.prompt for e in (*self.instance, *self.class_examples)})
+        # Token ids live on the device too: a trained text encoder reads them every step.
+        self.token_cache = {p: self._tokenize([p])[0].to(self.accelerator.device) for p in prompts}
         if not self.trains_text_encoder:
-            prompts = sorted({e.prompt for e in (*self.instance, *self.class_examples)})
             with torch.no_grad():
                 for prompt in prompts:
-                    ids = self._tokenize([prompt]).to(self.accelerator.device)
-                    self.prompt_cache[prompt] = self.text_encoder(ids)[0][0]
+                    self.prompt_cache[prompt] = self.text_encoder(self.token_cache[prompt][None])[0][0]
 
     def _tokenize(self, prompts: list[str]) -> Any:
         tokenizer = self.base.tokenizer
@@ -372,38 +441,94 @@ class DreamBoothRecipe:
     # --- train ----------------------------------------------------------------------------------
 
     def train(self) -> None:
-        accelerator = self.accelerator
-        training = self.spec.training
         every = self.spec.checkpoints.every_steps
-        accumulation = training.gradient_accumulation_steps
-        models = [self.unet, self.text_encoder] if self.trains_text_encoder else [self.unet]
         if self.step >= self.total_steps:
             log.info("training already complete in the newest checkpoint", extra={"event": "resume-complete"})
             return
-        self.reporter.set_stage(Stage.TRAINING, message=f"training from step {self.step} to {self.total_steps}")
+        span = f"training from step {self.step} to {self.total_steps}"
+        if self.settings.compile and not self.compiled_step_done:
+            self.reporter.set_stage(
+                Stage.COMPILING, message=f"compiling the UNet (torch.compile) in the first step; {span}"
+            )
+        else:
+            self.reporter.set_stage(Stage.TRAINING, message=span)
         while self.step < self.total_steps:
-            loss_sum = 0.0
-            for micro in range(accumulation):
-                micro_batch = ((self.step * accumulation) + micro) * accelerator.num_processes
-                micro_batch += accelerator.process_index
-                with accelerator.accumulate(*models):
-                    loss = self.loss(micro_batch)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(self.trainable, training.max_grad_norm)
-                    self.optimizer.step()
-                    self.lr_scheduler.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                loss_sum += float(loss.detach())
+            losses = self.train_step() if self.compiled_step_done or not self.settings.compile else self._compile()
             self.step += 1
             learning_rate = float(self.lr_scheduler.get_last_lr()[0])
-            self.history.append((self.step, loss_sum / accumulation, learning_rate))
-            self.reporter.training_step(self.step, loss=loss_sum / accumulation, learning_rate=learning_rate)
+            self.pending.append(PendingStep(self.step, losses, learning_rate, time.monotonic()))
+            sample_due = self.sampler is not None and self.sampler.due(self.step, self.total_steps)
+            checkpoint_due = bool(every) and self.step % every == 0
+            if self.step >= self.total_steps or sample_due or checkpoint_due or self.reporter.due():
+                self.report_losses()
             if self.step < self.total_steps:
                 # Samples before the checkpoint: a run resumed from it has them already.
                 self.maybe_sample()
-                if every and self.step % every == 0:
+                if checkpoint_due:
                     self.save_checkpoint()
+
+    def train_step(self) -> list[Any]:
+        """One optimizer step (``gradientAccumulationSteps`` micro-batches), queued on the
+        device.  Returns the loss of each micro-batch as a device tensor: nothing is read back
+        here, so the host can queue the next step while the device runs this one."""
+        accelerator = self.accelerator
+        training = self.spec.training
+        accumulation = training.gradient_accumulation_steps
+        losses: list[Any] = []
+        for micro in range(accumulation):
+            micro_batch = ((self.step * accumulation) + micro) * accelerator.num_processes
+            micro_batch += accelerator.process_index
+            with accelerator.accumulate(*self.models):
+                if self.settings.compile_mode == "reduce-overhead":
+                    import torch
+
+                    # A new iteration: outputs of the previous CUDA graph replay may be reused.
+                    torch.compiler.cudagraph_mark_step_begin()
+                loss = self.loss(micro_batch)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(self.trainable, training.max_grad_norm)
+                self.optimizer.step()
+                self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+        return losses
+
+    def _compile(self) -> list[Any]:
+        """The first step of a compiled UNet, which is when torch.compile does its work; timed
+        as a stage of its own."""
+        import torch
+
+        started = time.monotonic()
+        losses = self.train_step()
+        if self.device_info.type == "cuda":
+            torch.cuda.synchronize()  # the step (and so the compile) is done only when the GPU is
+        seconds = time.monotonic() - started
+        self.compiled_step_done = True
+        self.reporter.settings["compile_seconds"] = f"{seconds:.1f}"
+        log.info(f"compiled the UNet in {seconds:.1f} s", extra={"event": "compiled"})
+        self.reporter.set_stage(
+            Stage.TRAINING,
+            message=f"training from step {self.step + 1} to {self.total_steps}; "
+            f"compiling the UNet and the first step took {seconds:.1f} s",
+        )
+        return losses
+
+    def report_losses(self) -> None:
+        """Read back the losses of the steps since the last report in one transfer (the
+        training loop's only wait for the device) and hand them to the history and the
+        progress report."""
+        if not self.pending:
+            return
+        import torch
+
+        pending, self.pending = self.pending, []
+        values = iter(torch.stack([loss.float() for p in pending for loss in p.losses]).tolist())
+        for index, finished in enumerate(pending):
+            loss = sum(next(values) for _ in finished.losses) / len(finished.losses)
+            self.history.append((finished.step, loss, finished.learning_rate))
+            record = self.reporter.training_step if index == len(pending) - 1 else self.reporter.record_step
+            record(finished.step, loss=loss, learning_rate=finished.learning_rate, at=finished.at)
 
     def loss(self, micro_batch: int) -> Any:
         """The DreamBooth loss of one micro-batch (instance images, then class images)."""
@@ -420,6 +545,8 @@ class DreamBoothRecipe:
             groups.append((self.class_examples, [i % len(self.class_examples) for i in indices]))
 
         device = self.accelerator.device
+        # Draws bound for a GPU go through pinned memory (see data.host_randn).
+        pin = device.type == "cuda"
         latents_parts = []
         prompts: list[str] = []
         for group, (examples, picks) in enumerate(groups):
@@ -427,7 +554,7 @@ class DreamBoothRecipe:
                 (torch.rand(len(picks), generator=gen) < 0.5).tolist() if dataset.random_flip else [False] * len(picks)
             )
             if self.latents:
-                latents_parts.append(self.latents[group].sample(picks, flips, gen).to(device))
+                latents_parts.append(self.latents[group].sample(picks, flips, gen, pin=pin))
             else:
                 pixels = torch.stack(
                     [
@@ -439,21 +566,24 @@ class DreamBoothRecipe:
                 ).to(device, dtype=self.weight_dtype)
                 with torch.no_grad():
                     dist = self.base.vae.encode(pixels).latent_dist
-                    latents_parts.append(
-                        (dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen).to(device)).float()
-                    )
+                    sampled = data.host_randn(dist.mean.shape, gen, pin=pin).to(device, non_blocking=True)
+                    latents_parts.append((dist.mean + dist.std * sampled).float())
             prompts += [examples[i].prompt for i in picks]
         latents = torch.cat(latents_parts) * self.base.vae.config.scaling_factor
 
-        noise = torch.randn(latents.shape, generator=gen).to(device)
+        noise = data.host_randn(latents.shape, gen, pin=pin).to(device, non_blocking=True)
         if training.noise_offset:
-            noise += training.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=gen).to(device)
+            offset = data.host_randn((*latents.shape[:2], 1, 1), gen, pin=pin).to(device, non_blocking=True)
+            noise += training.noise_offset * offset
         steps = self.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, steps, (latents.shape[0],), generator=gen).to(device)
+        timesteps = torch.randint(0, steps, (latents.shape[0],), generator=gen, pin_memory=pin)
+        timesteps = timesteps.to(device, non_blocking=True)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        if self.settings.channels_last:
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
 
         if self.trains_text_encoder:
-            hidden = self.text_encoder(self._tokenize(prompts).to(device))[0]
+            hidden = self.text_encoder(torch.stack([self.token_cache[p] for p in prompts]))[0]
         else:
             hidden = torch.stack([self.prompt_cache[p] for p in prompts])
         prediction = self.unet(noisy, timesteps, hidden).sample
@@ -467,9 +597,7 @@ class DreamBoothRecipe:
         if training.snr_gamma is None:
             loss = F.mse_loss(instance_pred, instance_target)
         else:
-            from diffusers.training_utils import compute_snr
-
-            snr = compute_snr(self.noise_scheduler, timesteps[:half])
+            snr = self.snr[timesteps[:half]]
             weights = torch.minimum(snr, torch.full_like(snr, training.snr_gamma))
             weights = weights / (snr + 1 if self.settings.prediction_type == "v_prediction" else snr)
             per_item = F.mse_loss(instance_pred, instance_target, reduction="none").mean(dim=(1, 2, 3))
@@ -684,6 +812,9 @@ class DreamBoothRecipe:
             fixes.append("spec.training.attention: sdpa")
         if training.train_text_encoder:
             fixes.append("spec.training.trainTextEncoder: false")
+        settings: Settings | None = getattr(self, "settings", None)
+        if settings is not None and settings.compile_mode == "reduce-overhead":
+            fixes.append("spec.training.compileMode: default (CUDA graphs keep memory of their own)")
         if not fixes:
             fixes.append(f"a smaller spec.dataset.resolution (now {dataset.resolution}) or a GPU with more memory")
         peak = ""
@@ -694,6 +825,14 @@ class DreamBoothRecipe:
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
+    """Out of GPU memory, also where torch.compile wrapped it into an error of its own."""
     import torch
 
-    return isinstance(exc, torch.OutOfMemoryError)
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, torch.OutOfMemoryError):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
