@@ -89,3 +89,24 @@ def test_checkpoints_of_another_run_are_refused() -> None:
     theirs = checkpoints.Checkpoint(step=5, path=Path("/o/checkpoints/checkpoint-000005"), state={"fingerprint": other})
     with pytest.raises(BadInput, match=r"^spec\.output\.uri: .* different training settings"):
         checkpoints.check_compatible(theirs, fingerprint=same)
+
+
+def test_fields_added_later_leave_fingerprints_of_earlier_checkpoints_alone() -> None:
+    """A run checkpointed by an earlier trainer resumes after the trainer gains settings."""
+
+    def spec(**training: object) -> object:
+        return parse_manifest(
+            {
+                "spec": {
+                    "baseModel": {"uri": "/models/sd", "type": "v1x"},
+                    "dataset": {"instanceImages": "/data/nick", "instancePrompt": "a photo of nick"},
+                    "training": {"stepsPerImage": 150, **training},
+                    "output": {"uri": "/out"},
+                }
+            }
+        ).spec
+
+    # Computed by the trainer before preferBf16 and compileMode existed.
+    assert checkpoints.training_fingerprint(spec()) == "a6efe1362f54bcf9"
+    assert checkpoints.training_fingerprint(spec(preferBf16=False)) != "a6efe1362f54bcf9"
+    assert checkpoints.training_fingerprint(spec(compileMode="reduce-overhead")) != "a6efe1362f54bcf9"

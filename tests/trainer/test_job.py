@@ -46,7 +46,8 @@ def test_the_tutorial_settings_on_a_cpu_fall_back_with_a_warning_each() -> None:
 
 
 def test_on_a_gpu_the_same_settings_run_as_asked() -> None:
-    spec = _spec(mixedPrecision="fp16", attention="xformers", optimizer="AdamW8bit")
+    # (preferBf16: false, or fp16 would become bf16 on this GPU: see the fast path's tests below.)
+    spec = _spec(mixedPrecision="fp16", attention="xformers", optimizer="AdamW8bit", preferBf16=False)
     settings, warnings = resolve_settings(spec, Device(type="cuda", bf16=True, xformers=True, bitsandbytes=True))
     assert (settings.mixed_precision, settings.attention, settings.optimizer) == ("fp16", "xformers", "AdamW8bit")
     assert warnings == []
@@ -140,3 +141,81 @@ def test_a_bad_s3_endpoint_is_refused_naming_the_field(tmp_path: Path) -> None:
     )
     with pytest.raises(BadInput, match=r"spec\.storage\.s3EndpointUrl: must be an http:// or https:// URL"):
         load_job(path)
+
+
+# --- the fast path's choices ----------------------------------------------------------------------
+
+H100 = Device(type="cuda", bf16=True, xformers=False, bitsandbytes=True, compiler=True, name="NVIDIA H100")
+
+
+def test_fp16_becomes_bf16_where_the_gpu_has_it_and_says_so() -> None:
+    settings, warnings = resolve_settings(_spec(mixedPrecision="fp16"), H100)
+    assert settings.mixed_precision == "bf16"
+    (warning,) = [w for w in warnings if w.startswith("spec.training.mixedPrecision")]
+    assert "training in bf16 instead of fp16" in warning
+    assert "spec.training.preferBf16: false" in warning
+    kept, warnings = resolve_settings(_spec(mixedPrecision="fp16", preferBf16=False), H100)
+    assert kept.mixed_precision == "fp16"
+    assert not [w for w in warnings if w.startswith("spec.training.mixedPrecision")]
+    older = Device(type="cuda", bf16=False, compiler=True)
+    assert resolve_settings(_spec(mixedPrecision="fp16"), older)[0].mixed_precision == "fp16"
+    assert resolve_settings(_spec(mixedPrecision="no"), H100)[0].mixed_precision == "no"
+
+
+def test_gpu_runs_fuse_adamw_and_use_channels_last_but_not_with_bitsandbytes() -> None:
+    adamw = resolve_settings(_spec(optimizer="AdamW"), H100)[0]
+    assert (adamw.fused_optimizer, adamw.channels_last) == (True, True)
+    eight_bit = resolve_settings(_spec(optimizer="AdamW8bit"), H100)[0]
+    assert (eight_bit.optimizer, eight_bit.fused_optimizer, eight_bit.channels_last) == ("AdamW8bit", False, False)
+    cpu = resolve_settings(_spec(optimizer="AdamW"), Device(type="cpu", compiler=True))[0]
+    assert (cpu.fused_optimizer, cpu.channels_last) == (False, False)
+    # Prompt embeddings are cached unless the text encoder trains.
+    assert adamw.cache_prompts
+    assert not resolve_settings(_spec(trainTextEncoder=True), H100)[0].cache_prompts
+    assert adamw.as_report()["fused_optimizer"] == "true"
+
+
+def test_an_unset_compile_is_on_for_gpu_runs_long_enough_to_repay_it() -> None:
+    from finetune_trainer.job import COMPILE_MIN_STEPS
+
+    spec = _spec()
+    assert resolve_settings(spec, H100, total_steps=COMPILE_MIN_STEPS)[0].compile
+    assert not resolve_settings(spec, H100, total_steps=COMPILE_MIN_STEPS - 1)[0].compile
+    assert not resolve_settings(spec, H100)[0].compile  # length unknown
+    assert not resolve_settings(spec, Device(type="cpu", compiler=True), total_steps=10**6)[0].compile
+    no_compiler = Device(type="cuda", bf16=True, compiler=False)
+    assert not resolve_settings(spec, no_compiler, total_steps=10**6)[0].compile
+    # Asked for explicitly, it is on whatever the length, and off when asked off.
+    assert resolve_settings(_spec(compile=True), H100, total_steps=10)[0].compile
+    assert not resolve_settings(_spec(compile=False), H100, total_steps=10**6)[0].compile
+
+
+def test_compile_needs_a_compiler_and_cuda_graphs_need_cuda_and_one_micro_batch() -> None:
+    settings, warnings = resolve_settings(_spec(compile=True), Device(type="cpu", compiler=True))
+    assert settings.compile  # honoured on a CPU that can build inductor's code
+    settings, warnings = resolve_settings(_spec(compile=True), Device(type="cuda", bf16=True, compiler=False))
+    assert not settings.compile
+    assert any(w.startswith("spec.training.compile: torch.compile needs a C compiler") for w in warnings)
+
+    graphs = _spec(compile=True, compileMode="reduce-overhead")
+    assert resolve_settings(graphs, H100)[0].compile_mode == "reduce-overhead"
+    for spec, device, why in (
+        (_spec(compile=True, compileMode="reduce-overhead", gradientAccumulationSteps=2), H100, "gradients"),
+        (graphs, Device(type="cpu", compiler=True), "CUDA graphs need a CUDA GPU"),
+        (_spec(compileMode="reduce-overhead"), H100, "this run is not compiled"),
+    ):
+        settings, warnings = resolve_settings(spec, device, total_steps=10)
+        assert settings.compile_mode == "default"
+        assert any(w.startswith("spec.training.compileMode: reduce-overhead not used") and why in w for w in warnings)
+
+
+def test_an_unset_compile_says_nothing_until_the_length_of_the_run_is_known() -> None:
+    """The trainer resolves the settings once before counting the images (for the precision)
+    and again after; a warning from the first would stay on the resource for good."""
+    from finetune_trainer.job import COMPILE_MIN_STEPS
+
+    spec = _spec(compileMode="reduce-overhead", mixedPrecision="bf16")
+    early, warnings = resolve_settings(spec, H100)
+    assert (early.compile, warnings) == (False, [])
+    late, warnings = resolve_settings(spec, H100, total_steps=COMPILE_MIN_STEPS)
+    assert (late.compile, late.compile_mode, warnings) == (True, "reduce-overhead", [])
