@@ -93,6 +93,7 @@ BAD_SPECS = [
     ),
     BadSpec("output-bad-pvc", _set("output.uri", "pvc://Not_A_Claim/x"), "spec.output.uri"),
     BadSpec("class-images-colon", _set("dataset.classImages", "c:weird"), "spec.dataset.classImages"),
+    BadSpec("s3-endpoint-not-a-url", _set("storage.s3EndpointUrl", "minio:9000"), "spec.storage.s3EndpointUrl"),
     # cross-field rules
     BadSpec(
         "prior-without-class-prompt",

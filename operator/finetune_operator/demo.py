@@ -51,7 +51,7 @@ class Demo:
         self.cluster: devcluster.LocalCluster | None = None
         self.started_cluster = False
         self.operator: subprocess.Popen[bytes] | None = None
-        self.ports = {"progress": _free_port(), "metrics": _free_port(), "health": _free_port()}
+        self.ports = {"progress": _free_port(), "metrics": _free_port(), "health": _free_port(), "web": _free_port()}
 
     def kubectl(self, *args: str, check: bool = True, input: str | None = None) -> str:
         assert self.cluster is not None
@@ -79,7 +79,7 @@ class Demo:
     def start_operator(self) -> None:
         assert self.cluster is not None
         log = self.cluster.logs / "operator.log"
-        say(f"starting the operator (log: {log})")
+        say(f"starting the operator (log: {log}; web page: http://127.0.0.1:{self.ports['web']}/)")
         with open(log, "ab") as handle:
             self.operator = subprocess.Popen(
                 [
@@ -92,6 +92,8 @@ class Demo:
                     f"--progress-port={self.ports['progress']}",
                     f"--metrics-port={self.ports['metrics']}",
                     f"--health-port={self.ports['health']}",
+                    f"--web-port={self.ports['web']}",
+                    "--web",
                     f"--report-url=http://127.0.0.1:{self.ports['progress']}",
                     "--status-interval=1",
                 ],
@@ -197,11 +199,14 @@ class Demo:
         sample_files = sorted((local_output / "samples").glob("*.png")) if (local_output / "samples").is_dir() else []
         if sample_files:
             print(f"                        ->  {sample_files[-1]}")
+        if self.keep:
+            print(f"  the web page:         http://127.0.0.1:{self.ports['web']}/?namespace={NAMESPACE}")
         print("  look at it with kubectl:")
         print(f"    export KUBECONFIG={self.state_dir / 'kubeconfig'}")
         print("    kubectl -n demo get ftj demo")
         print("    kubectl -n demo describe ftj demo")
         print("    kubectl -n demo get ftj demo -o jsonpath='{.status.output.files[*].path}'")
+        print("    kubectl ftj list -n demo          # the kubectl plugin (on the PATH in .venv/bin)")
         return 0
 
     def stop(self) -> None:

@@ -79,9 +79,11 @@ class LocalCluster:
     ports: Ports = field(default_factory=Ports.free)
     processes: list[Process] = field(default_factory=list)
     admin_token: str = ""
-    # Record every request (verb, resource, user agent) in logs/audit.log: the benchmark
-    # counts the operator's API calls from it.
-    audit: bool = False
+    # Record requests (verb, resource, user agent) of these users in logs/audit.log: the
+    # benchmark counts the operator's API calls from it.
+    audit_users: tuple[str, ...] = ()
+    # More users with admin rights, each with a token and a kubeconfig of its own.
+    extra_users: tuple[str, ...] = ()
 
     # --- paths ---------------------------------------------------------------------------------
 
@@ -188,6 +190,10 @@ class LocalCluster:
         if check and result.returncode != 0:
             raise ClusterError(f"kubectl {' '.join(args)} failed: {result.stderr.strip()}")
         return result.stdout if check else result.stdout + result.stderr
+
+    def user_kubeconfig(self, user: str) -> Path:
+        """The kubeconfig of one of ``extra_users``."""
+        return self._component_kubeconfig(user)
 
     def install_crds(self, directory: Path, *, timeout: float = 30) -> None:
         """Apply CRDs and wait until kubectl can use them (discovery caches lag behind)."""
@@ -299,6 +305,7 @@ class LocalCluster:
                 (secrets.token_hex(16), "system:kube-controller-manager", "kcm", "system:masters"),
                 (secrets.token_hex(16), "system:kube-scheduler", "scheduler", ""),
                 (secrets.token_hex(16), "system:node-agent", "node-agent", "system:masters"),
+                *[(secrets.token_hex(16), user, user, "system:masters") for user in self.extra_users],
             ]
             tokens.write_text("".join(f'{t},{user},{uid},"{groups}"\n' for t, user, uid, groups in rows))
             tokens.chmod(0o600)
@@ -352,11 +359,13 @@ class LocalCluster:
         ]
 
     def _audit_args(self) -> list[str]:
-        if not self.audit:
+        if not self.audit_users:
             return ["--audit-log-path="]
         policy = self.pki / "audit-policy.yaml"
+        users = ", ".join(f'"{u}"' for u in self.audit_users)
         policy.write_text(
-            "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n  - level: Metadata\n"
+            "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\n"
+            f"rules:\n  - level: Metadata\n    users: [{users}]\n  - level: None\n"
         )
         return [
             f"--audit-policy-file={policy}",
@@ -386,6 +395,10 @@ class LocalCluster:
             # Quicker reactions than production defaults: tests wait on them.
             "--concurrent-job-syncs=10",
             "--concurrent-gc-syncs=20",
+            # The default client rate limit (20 requests/s) would make the Job controller the
+            # bottleneck of every burst; production controllers run with more.
+            "--kube-api-qps=100",
+            "--kube-api-burst=200",
             "--node-monitor-grace-period=60s",
             "--v=1",
         ]
@@ -399,6 +412,8 @@ class LocalCluster:
             f"--secure-port={self.ports.scheduler}",
             "--bind-address=127.0.0.1",
             "--leader-elect=false",
+            "--kube-api-qps=100",
+            "--kube-api-burst=200",
             "--v=1",
         ]
 
@@ -408,6 +423,7 @@ class LocalCluster:
             ("system:kube-controller-manager", self._component_kubeconfig("system:kube-controller-manager")),
             ("system:kube-scheduler", self._component_kubeconfig("system:kube-scheduler")),
             ("system:node-agent", self._component_kubeconfig("system:node-agent")),
+            *[(user, self._component_kubeconfig(user)) for user in self.extra_users],
         ]:
             write_kubeconfig(path, server=self.server, ca_file=self.ca_file, token=self._token(user), user=user)
 

@@ -1,0 +1,460 @@
+"""The trainer's DreamBooth step against a textbook one: same model, same settings, same run.
+
+    make bench-trainer                          # CPU: a tiny pipeline built here, 64 px
+    make bench-trainer BENCH_ARGS=--sd15        # SD 1.5's architecture, random weights, 512 px (a GPU)
+
+The textbook step is written here the way diffusers' ``train_dreambooth.py`` and
+``train_dreambooth_lora.py`` do it: encode the image with the VAE and the prompt with the
+text encoder, add noise, UNet, MSE, backward, clip, optimizer step, and read the loss back
+every step.  The trainer's step is ``DreamBoothRecipe.train`` itself, set up from a manifest.
+Each (setting, variant) runs in a process of its own, so that peak memory, compiled code
+and accelerate's process-wide state are its own.  Measured per variant: steps/s over the
+steps after the warm-up, seconds from loading the model to the end of the first step
+(caching and compiling included), and peak memory: on a GPU what torch allocated, on a CPU
+the process's peak resident memory (which includes Python and torch themselves).
+
+The settings are the three rows of the measurements quoted in the issue (diffusers' own
+scripts on one H100): the web-UI tutorial's (fp16, 8-bit AdamW), the same with gradient
+checkpointing and set_grads_to_none, and LoRA rank 8 in fp16.  On a CPU, fp16 runs as fp32
+for both.  Results are merged into ``bench/results/trainer-step.json`` (one entry per device
+and model) and written as ``bench/results/trainer-step.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+PROMPT = "a photo of sks ball"
+IMAGES = 4
+
+
+@dataclass(frozen=True)
+class Setting:
+    label: str
+    method: str  # DreamBooth | LoRA
+    optimizer: str
+    precision: str
+    gradient_checkpointing: bool
+    set_grads_to_none: bool  # the textbook's zero_grad; the trainer always sets them to None
+    learning_rate: float
+    # diffusers' scripts on one H100 (steps/s, peak allocated GB), and the issue's targets.
+    reference: tuple[float, float]
+    target_steps_per_s: float
+
+
+SETTINGS = {
+    "tutorial": Setting("the tutorial's: fp16, 8-bit AdamW", "DreamBooth", "AdamW8bit", "fp16", False, False, 2e-6,
+                        (2.9, 12.2), 8.8),
+    "checkpointing": Setting("+ gradient checkpointing, set_grads_to_none", "DreamBooth", "AdamW8bit", "fp16", True,
+                             True, 2e-6, (2.3, 9.4), 4.6),
+    "lora": Setting("LoRA rank 8, fp16", "LoRA", "AdamW", "fp16", False, True, 1e-4, (4.8, 3.4), 12.0),
+}  # fmt: skip
+LORA_RANK = 8
+
+
+# --- one measurement (a child process) -----------------------------------------------------------
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak(device: str) -> int:
+    import torch
+
+    if device == "cuda":
+        return int(torch.cuda.max_memory_allocated())
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def textbook(job: dict[str, Any], setting: Setting, *, warmup: int, steps: int) -> dict[str, Any]:
+    """diffusers' DreamBooth example loop, as a plain script has it."""
+
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+    from accelerate import Accelerator
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    from diffusers.optimization import get_scheduler
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from finetune_trainer import data
+
+    model, device = Path(job["model"]), job["device"]
+    started = time.perf_counter()
+    precision = setting.precision if device == "cuda" else "no"
+    accelerator = Accelerator(mixed_precision=precision, cpu=device == "cpu")
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+    tokenizer = CLIPTokenizer.from_pretrained(model / "tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(model / "text_encoder")
+    vae = AutoencoderKL.from_pretrained(model, subfolder="vae")
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
+    noise_scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
+    vae.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    unet.set_attn_processor(AttnProcessor2_0())
+    if setting.method == "LoRA":
+        from peft import LoraConfig
+
+        unet.requires_grad_(False)
+        unet.to(accelerator.device, dtype=weight_dtype)
+        unet.add_adapter(
+            LoraConfig(
+                r=LORA_RANK,
+                lora_alpha=LORA_RANK,
+                init_lora_weights="gaussian",
+                target_modules=["to_k", "to_q", "to_v", "to_out.0"],
+            )
+        )
+        for parameter in unet.parameters():
+            if parameter.requires_grad:
+                parameter.data = parameter.data.float()
+    if setting.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    if setting.optimizer == "AdamW8bit":
+        import bitsandbytes
+
+        optimizer: Any = bitsandbytes.optim.AdamW8bit(params, lr=setting.learning_rate)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=setting.learning_rate)
+    lr_scheduler = get_scheduler("constant", optimizer=optimizer)
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    vae.to(accelerator.device, dtype=weight_dtype)
+    text_encoder.to(accelerator.device, dtype=weight_dtype)
+    unet.train()
+    # What a data loader hands over: normalised pixels of each photo, and the prompt.
+    folder = data.load_folder(Path(job["images"]), prompt=PROMPT, resolution=job["resolution"], field_name="images")
+    pixels = [data.crop_and_flip(e.pixels, job["resolution"], center=True, flip=False) for e in folder.examples]
+
+    first_step = 0.0
+    marks: list[float] = []
+    for step in range(1 + warmup + steps):
+        if step == 1 + warmup:
+            _sync(device)
+            marks.append(time.perf_counter())
+        pixel_values = pixels[step % len(pixels)][None].to(accelerator.device, dtype=weight_dtype)
+        input_ids = tokenizer(
+            [PROMPT], padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt"
+        ).input_ids.to(accelerator.device)
+        with accelerator.accumulate(unet):
+            latents = vae.encode(pixel_values).latent_dist.sample() * vae.config.scaling_factor
+            noise = torch.randn_like(latents)
+            timesteps = torch.randint(
+                0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
+            ).long()
+            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+            encoder_hidden_states = text_encoder(input_ids)[0]
+            prediction = unet(noisy, timesteps, encoder_hidden_states, return_dict=False)[0]
+            loss = F.mse_loss(prediction.float(), noise.float(), reduction="mean")
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=setting.set_grads_to_none)
+        logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}  # a progress bar's
+        if step == 0:
+            first_step = time.perf_counter() - started
+    _sync(device)
+    marks.append(time.perf_counter())
+    return {
+        "steps_per_s": steps / (marks[1] - marks[0]),
+        "first_step_s": first_step,
+        "peak_bytes": _peak(device),
+        "last_loss": logs["loss"],
+        "choices": {"mixed_precision": precision, "optimizer": setting.optimizer, "attention": "sdpa"},
+    }
+
+
+def trainer(job: dict[str, Any], setting: Setting, *, warmup: int, steps: int) -> dict[str, Any]:
+    """``DreamBoothRecipe`` from a manifest with the same settings; its own train loop."""
+    from finetune_operator.api.v1alpha1 import parse_manifest
+    from finetune_trainer.report import ProgressReporter
+    from finetune_trainer.train import DreamBoothRecipe
+
+    device = job["device"]
+    training: dict[str, Any] = {
+        "maxSteps": 1 + warmup + steps,
+        "batchSize": 1,
+        "learningRate": setting.learning_rate,
+        "optimizer": setting.optimizer,
+        "mixedPrecision": setting.precision,
+        "attention": "sdpa",
+        "gradientCheckpointing": setting.gradient_checkpointing,
+        "seed": 0,
+    }
+    if job["compile"] != "auto":
+        training["compile"] = job["compile"] == "on"
+    if setting.method == "LoRA":
+        training["lora"] = {"rank": LORA_RANK, "alpha": LORA_RANK}
+    manifest = {
+        "apiVersion": "finetune.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "bench"},
+        "spec": {
+            "method": setting.method,
+            "baseModel": {"uri": job["model"], "type": "v1x"},
+            "dataset": {
+                "instanceImages": job["images"],
+                "instancePrompt": PROMPT,
+                "resolution": job["resolution"],
+                "centerCrop": True,
+            },
+            "training": training,
+            "output": {"uri": job["output"]},
+        },
+    }
+    started = time.perf_counter()
+    recipe = DreamBoothRecipe(parse_manifest(manifest), reporter=ProgressReporter(job="bench"))
+    try:
+        recipe.setup()
+        marks = []
+        # The recipe's own loop, stopped after the first step and after the warm-up to take
+        # the time: each stop reads the losses back, as a progress report would.
+        for stop in (1, 1 + warmup, 1 + warmup + steps):
+            recipe.total_steps = stop
+            recipe.train()
+            _sync(device)
+            marks.append(time.perf_counter())
+        return {
+            "steps_per_s": steps / (marks[2] - marks[1]),
+            "first_step_s": marks[0] - started,
+            "peak_bytes": _peak(device),
+            "last_loss": recipe.history[-1][1],
+            "choices": dict(recipe.reporter.settings),
+            "warnings": list(recipe.reporter.warnings),
+        }
+    finally:
+        recipe.cleanup()
+
+
+def child(job: dict[str, Any]) -> None:
+    import torch
+
+    if job["threads"]:
+        torch.set_num_threads(job["threads"])
+    setting = SETTINGS[job["setting"]]
+    run = textbook if job["variant"] == "textbook" else trainer
+    result = run(job, setting, warmup=job["warmup"], steps=job["steps"])
+    print("RESULT " + json.dumps(result))
+
+
+# --- the comparison ------------------------------------------------------------------------------
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def measure(job: dict[str, Any], *, timeout_s: int) -> dict[str, Any]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("FINETUNE_REPORT_URL", None)
+    env["FINETUNE_TERMINATION_LOG"] = os.devnull
+    completed = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps(job)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+    for line in reversed(completed.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return dict(json.loads(line.removeprefix("RESULT ")))
+    tail = (completed.stderr or completed.stdout)[-3000:]
+    raise SystemExit(f"{job['variant']} / {job['setting']} failed (exit {completed.returncode}):\n{tail}")
+
+
+def build_model(folder: Path, *, sd15: bool) -> Path:
+    from finetune_trainer.tiny import build_random_pipeline, build_tiny_pipeline
+
+    return build_random_pipeline(folder, model_type="v1x") if sd15 else build_tiny_pipeline(folder)
+
+
+def gib(value: int) -> str:
+    return f"{value / 2**30:.2f} GB"
+
+
+def short_choices(choices: dict[str, str]) -> str:
+    parts = [choices.get("mixed_precision", "?"), choices.get("optimizer", "?")]
+    if choices.get("fused_optimizer") == "true":
+        parts.append("fused")
+    if choices.get("channels_last") == "true":
+        parts.append("channels_last")
+    if choices.get("compile") == "true":
+        parts.append(f"compiled ({choices.get('compile_mode', 'default')}, {choices.get('compile_seconds', '?')} s)")
+    return ", ".join(parts)
+
+
+def markdown(runs: list[dict[str, Any]]) -> str:
+    lines = [
+        "# Trainer step vs. a textbook DreamBooth step",
+        "",
+        "Written by `bench/trainer_step.py` (`make bench-trainer`, `make bench-trainer BENCH_ARGS=--sd15`).",
+        "Steps/s after the warm-up; first step: seconds from loading the model to the end of the first",
+        "step (caching and compiling included); peak: allocated GPU memory, or on a CPU the process's",
+        "peak resident memory (Python and torch included). Batch 1, SDPA attention.",
+    ]
+    for run in runs:
+        peak_kind = "allocated" if run["device"] == "cuda" else "RSS"
+        lines += [
+            "",
+            f"## {run['device_name']} ({run['device']}), {run['model']}, {run['resolution']} px",
+            "",
+            f"{run['date']}; torch {run['torch']}; {run['warmup']} warm-up + {run['steps']} timed steps"
+            + (f"; {run['threads']} CPU thread(s)" if run["device"] == "cpu" else "")
+            + f"; compile: {run['compile']}.",
+            "",
+            f"| setting | textbook steps/s | trainer steps/s | ratio | first step (s), textbook / trainer "
+            f"| peak {peak_kind}, textbook / trainer | the trainer's choices |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in run["results"]:
+            ours, theirs = row["trainer"], row["textbook"]
+            lines.append(
+                f"| {row['label']} | {theirs['steps_per_s']:.2f} | {ours['steps_per_s']:.2f} | {row['ratio']:.2f}x "
+                f"| {theirs['first_step_s']:.1f} / {ours['first_step_s']:.1f} "
+                f"| {gib(theirs['peak_bytes'])} / {gib(ours['peak_bytes'])} | {short_choices(ours['choices'])} |"
+            )
+        if run["device"] == "cuda" and run["model"] == "sd15":
+            lines += [
+                "",
+                "The issue's reference (diffusers' scripts, one H100) and targets:",
+                "",
+                "| setting | reference steps/s | reference peak | target | met |",
+                "|---|---|---|---|---|",
+            ]
+            for row in run["results"]:
+                setting = SETTINGS[row["setting"]]
+                ours = row["trainer"]
+                met = ours["steps_per_s"] >= setting.target_steps_per_s and ours["peak_bytes"] <= setting.reference[
+                    1
+                ] * (10**9)
+                lines.append(
+                    f"| {setting.label} | {setting.reference[0]} | {setting.reference[1]} GB "
+                    f"| >= {setting.target_steps_per_s} steps/s at <= {setting.reference[1]} GB "
+                    f"| {'yes' if met else 'no'} |"
+                )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sd15", action="store_true", help="SD 1.5's architecture (random weights) at 512 px")
+    parser.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, of {', '.join(SETTINGS)}")
+    parser.add_argument("--steps", type=int, help="timed steps (default 30; 280 with --sd15)")
+    parser.add_argument("--warmup", type=int, help="steps before timing (default 3; 20 with --sd15)")
+    parser.add_argument(
+        "--compile",
+        choices=("auto", "on", "off"),
+        help="the trainer's spec.training.compile (default: on with a GPU, as a long run gets it; else auto)",
+    )
+    parser.add_argument("--threads", type=int, help="torch threads on a CPU (default 1: steadier on a shared machine)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for trainer-step.json and .md")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        child(json.loads(args.child))
+        return 0
+
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    names = [s.strip() for s in args.settings.split(",") if s.strip()]
+    unknown = [n for n in names if n not in SETTINGS]
+    if unknown:
+        parser.error(f"unknown settings {unknown}; choose from {', '.join(SETTINGS)}")
+    resolution = 512 if args.sd15 else 64
+    steps = args.steps or (280 if args.sd15 else 30)
+    warmup = args.warmup if args.warmup is not None else (20 if args.sd15 else 3)
+    compile_ = args.compile or ("on" if device == "cuda" else "auto")
+    threads = 0 if device == "cuda" else (args.threads or 1)
+    run: dict[str, Any] = {
+        "device": device,
+        "device_name": device_name(device),
+        "model": "sd15" if args.sd15 else "tiny",
+        "resolution": resolution,
+        "batch_size": 1,
+        "torch": torch.__version__,
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d"),
+        "warmup": warmup,
+        "steps": steps,
+        "threads": threads,
+        "compile": compile_,
+        "results": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="bench-trainer-") as tmp:
+        from finetune_trainer.tiny import write_demo_images
+
+        print(f"building the {run['model']} pipeline ...", flush=True)
+        model = build_model(Path(tmp) / "model", sd15=args.sd15)
+        images = Path(tmp) / "images"
+        write_demo_images(images, IMAGES, resolution)
+        for name in names:
+            row: dict[str, Any] = {"setting": name, "label": SETTINGS[name].label}
+            for variant in ("textbook", "trainer"):
+                job = {
+                    "variant": variant,
+                    "setting": name,
+                    "model": str(model),
+                    "images": str(images),
+                    "output": str(Path(tmp) / f"out-{name}"),
+                    "resolution": resolution,
+                    "device": device,
+                    "warmup": warmup,
+                    "steps": steps,
+                    "compile": compile_,
+                    "threads": threads,
+                }
+                row[variant] = measure(job, timeout_s=3600)
+                print(
+                    f"{name:14} {variant:9} {row[variant]['steps_per_s']:7.2f} steps/s  first step "
+                    f"{row[variant]['first_step_s']:6.1f} s  peak {gib(row[variant]['peak_bytes'])}",
+                    flush=True,
+                )
+            row["ratio"] = row["trainer"]["steps_per_s"] / row["textbook"]["steps_per_s"]
+            run["results"].append(row)
+
+    args.results.mkdir(parents=True, exist_ok=True)
+    path = args.results / "trainer-step.json"
+    runs: list[dict[str, Any]] = []
+    with contextlib.suppress(OSError, ValueError):
+        runs = json.loads(path.read_text())["runs"]
+    runs = [r for r in runs if (r["device_name"], r["model"]) != (run["device_name"], run["model"])] + [run]
+    path.write_text(json.dumps({"runs": runs, "settings": {k: asdict(v) for k, v in SETTINGS.items()}}, indent=2))
+    (args.results / "trainer-step.md").write_text(markdown(runs))
+    print(markdown([run]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
