@@ -164,11 +164,11 @@ def test_fp16_becomes_bf16_where_the_gpu_has_it_and_says_so() -> None:
 
 def test_gpu_runs_fuse_adamw_and_use_channels_last_but_not_with_bitsandbytes() -> None:
     adamw = resolve_settings(_spec(optimizer="AdamW"), H100)[0]
-    assert (adamw.fused_optimizer, adamw.channels_last) == (True, True)
+    assert (adamw.fused_optimizer, adamw.channels_last, adamw.cudnn_benchmark) == (True, True, True)
     eight_bit = resolve_settings(_spec(optimizer="AdamW8bit"), H100)[0]
     assert (eight_bit.optimizer, eight_bit.fused_optimizer, eight_bit.channels_last) == ("AdamW8bit", False, False)
     cpu = resolve_settings(_spec(optimizer="AdamW"), Device(type="cpu", compiler=True))[0]
-    assert (cpu.fused_optimizer, cpu.channels_last) == (False, False)
+    assert (cpu.fused_optimizer, cpu.channels_last, cpu.cudnn_benchmark) == (False, False, False)
     # Prompt embeddings are cached unless the text encoder trains.
     assert adamw.cache_prompts
     assert not resolve_settings(_spec(trainTextEncoder=True), H100)[0].cache_prompts

@@ -238,3 +238,14 @@ def test_an_event_always_fits_what_the_operator_accepts() -> None:
     assert "nick.safetensors" in {f.path for f in fitted.files}
     small = _event(2)
     assert report.fit_event(small) is small
+
+
+def test_a_silent_reporter_is_due_as_seldom_as_the_main_one() -> None:
+    """The trainer reads its losses back from the GPU only when a report is due; the other
+    processes of a multi-GPU run, which send nothing, must not do it at every step."""
+    silent = report.ProgressReporter(job="j", enabled=False, interval_s=60)
+    silent.total_steps = 100
+    assert silent.due()
+    silent.training_step(1, loss=1.0, learning_rate=1e-4)
+    assert silent.events == []
+    assert not silent.due()

@@ -148,6 +148,8 @@ class Settings:
     channels_last: bool = False
     # The frozen text encoder's output for each distinct prompt, computed once.
     cache_prompts: bool = False
+    # cuDNN tries its convolution kernels at the first step and keeps the fastest.
+    cudnn_benchmark: bool = False
 
     def as_report(self) -> dict[str, str]:
         return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in asdict(self).items()}
@@ -214,6 +216,7 @@ def resolve_settings(
         # UNet a step, and under torch.compile a recompile): no channels_last with it.
         channels_last=cuda and optimizer != "AdamW8bit",
         cache_prompts=not trains_text_encoder(spec),
+        cudnn_benchmark=cuda,
     )
     return settings, warnings
 

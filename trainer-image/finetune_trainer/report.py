@@ -346,6 +346,9 @@ class ProgressReporter:
 
     def emit(self, *, message: str = "", final: bool = False) -> ProgressEvent | None:
         if not self.enabled:
+            # Silent, but on the same clock: the other processes of a multi-GPU run read their
+            # losses back as seldom as the main one.
+            self._last_emit = time.monotonic()
             return None
         event = ProgressEvent(
             seq=self._seq,

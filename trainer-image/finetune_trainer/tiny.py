@@ -61,17 +61,11 @@ def build_tiny_pipeline(dest: Path, *, seed: int = 0, prediction_type: str = "ep
     """
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
-    vocab, merges = tiny_vocabulary()
-    # The two files a CLIP tokenizer is made of, written out as any version of transformers
-    # reads them; save_pretrained adds its own fast-tokenizer file beside them.
-    tokenizer_dir = dest / "tokenizer"
-    tokenizer_dir.mkdir(parents=True, exist_ok=True)
-    (tokenizer_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (tokenizer_dir / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)  # type: ignore[arg-type]
+    vocab, _ = tiny_vocabulary()
+    tokenizer = _tiny_tokenizer(dest)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(vocab),
@@ -126,6 +120,46 @@ def build_tiny_pipeline(dest: Path, *, seed: int = 0, prediction_type: str = "ep
         tokenizer=tokenizer,
         unet=unet,
         scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    dest.mkdir(parents=True, exist_ok=True)
+    pipeline.save_pretrained(dest, safe_serialization=True)
+    return dest
+
+
+def _tiny_tokenizer(dest: Path) -> Any:
+    """A CLIP tokenizer of the tiny vocabulary, its files written under ``dest/tokenizer``."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = tiny_vocabulary()
+    # The two files a CLIP tokenizer is made of, written out as any version of transformers
+    # reads them; save_pretrained adds its own fast-tokenizer file beside them.
+    tokenizer_dir = dest / "tokenizer"
+    tokenizer_dir.mkdir(parents=True, exist_ok=True)
+    (tokenizer_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (tokenizer_dir / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)  # type: ignore[arg-type]
+
+
+def build_random_pipeline(dest: Path, *, model_type: str = "v1x", seed: int = 0) -> Path:
+    """A full-size pipeline with random weights, from the architecture configs this package
+    ships (``configs/<type>/``): SD 1.5's exact shapes for ``v1x``, with nothing downloaded.
+    Its tokenizer is the tiny one (the real vocabulary is not shipped), which changes no
+    shape: prompts are padded to 77 tokens either way.  For benchmarks: about 4 GB in fp32."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    configs = Path(__file__).parent / "configs" / model_type
+    torch.manual_seed(seed)
+    pipeline: Any = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_config(AutoencoderKL.load_config(configs / "vae")),
+        text_encoder=CLIPTextModel(CLIPTextConfig.from_json_file(configs / "text_encoder" / "config.json")),
+        tokenizer=_tiny_tokenizer(dest),
+        unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(configs / "unet")),
+        scheduler=PNDMScheduler.from_config(PNDMScheduler.load_config(configs / "scheduler")),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

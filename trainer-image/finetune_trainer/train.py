@@ -274,7 +274,7 @@ class DreamBoothRecipe:
             self.settings.mixed_precision, torch.float32
         )
         device = self.accelerator.device
-        if self.device_info.type == "cuda":
+        if self.settings.cudnn_benchmark:
             # Every step has the same shapes: the fastest convolution kernels, found once.
             torch.backends.cudnn.benchmark = True
         base.vae.requires_grad_(False)
