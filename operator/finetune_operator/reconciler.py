@@ -19,6 +19,7 @@ import json
 import logging
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,7 @@ Key = tuple[str, str]
 FINAL = {Phase.SUCCEEDED.value, Phase.FAILED.value}
 RUNNING_PHASES = {Phase.INITIALIZING.value, Phase.TRAINING.value, Phase.EXPORTING.value}
 MAX_BACKOFF = 60.0
+PARSED_CACHE = 128
 
 
 def _values(index: Mapping[Any, Any] | None, key: Key) -> list[dict[str, Any]]:
@@ -81,7 +83,8 @@ class JobMemory:
     last_progress_patch: float = 0.0
     seen_pods: set[str] = field(default_factory=set)
     failures: int = 0
-    parsed: tuple[str, int, FineTuneJob] | None = None
+    stamp: tuple[str, int] = ("", 0)
+    gpus: int = 0
     mounts: tuple[ClaimMount, ...] = ()
     created_at: float | None = None
     counted_queue: bool = False
@@ -107,7 +110,11 @@ class Reconciler:
         self.ftj_index: Mapping[Any, Any] | None = None
         self.job_index: Mapping[Any, Any] | None = None
         self.pod_index: Mapping[Any, Any] | None = None
-        self._queue: asyncio.Queue[Key] = asyncio.Queue()
+        # New FineTuneJobs (no Job yet) go first: creating a Job is what a user waits for;
+        # status updates of running jobs can wait a moment.
+        self._queue: asyncio.PriorityQueue[tuple[int, int, Key]] = asyncio.PriorityQueue()
+        self._sequence = 0
+        self._parsed: OrderedDict[tuple[str, int], FineTuneJob] = OrderedDict()
         self._queued: set[Key] = set()
         self._busy: set[Key] = set()
         self._again: set[Key] = set()
@@ -167,7 +174,14 @@ class Reconciler:
             return
         if key not in self._queued:
             self._queued.add(key)
-            self._queue.put_nowait(key)
+            self._sequence += 1
+            self._queue.put_nowait((0 if self._needs_job(key) else 1, self._sequence, key))
+
+    def _needs_job(self, key: Key) -> bool:
+        if _values(self.job_index, key):
+            return False
+        body = self.ftj(key)
+        return body is not None and not (body.get("status") or {}).get("jobName")
 
     def _fire(self, key: Key) -> None:
         self._timers.pop(key, None)
@@ -179,7 +193,7 @@ class Reconciler:
 
     async def _worker(self) -> None:
         while True:
-            key = await self._queue.get()
+            _, _, key = await self._queue.get()
             self._queued.discard(key)
             if not self.is_leader():
                 # A follower keeps its caches warm but writes nothing; the new
@@ -220,21 +234,30 @@ class Reconciler:
     # --- reconcile -------------------------------------------------------------------------------
 
     def _parse(self, key: Key, body: dict[str, Any], memory: JobMemory) -> FineTuneJob:
+        """The spec as models; a small cache, not one per job: a thousand parsed specs would
+        cost more memory than everything else the operator keeps."""
         meta = body["metadata"]
         stamp = (meta.get("uid", ""), int(meta.get("generation") or 0))
-        if memory.parsed is not None and memory.parsed[:2] == stamp:
-            return memory.parsed[2]
-        job = parse_manifest(
-            {
-                "apiVersion": body.get("apiVersion"),
-                "kind": body.get("kind"),
-                "metadata": {"name": meta["name"], "namespace": meta["namespace"]},
-                "spec": body.get("spec") or {},
-            },
-            source=f"{key[0]}/{key[1]}",
-        )
-        memory.parsed = (*stamp, job)
-        memory.mounts = claim_mounts(job)
+        job = self._parsed.get(stamp)
+        if job is None:
+            job = parse_manifest(
+                {
+                    "apiVersion": body.get("apiVersion"),
+                    "kind": body.get("kind"),
+                    "metadata": {"name": meta["name"], "namespace": meta["namespace"]},
+                    "spec": body.get("spec") or {},
+                },
+                source=f"{key[0]}/{key[1]}",
+            )
+            self._parsed[stamp] = job
+            if len(self._parsed) > PARSED_CACHE:
+                self._parsed.popitem(last=False)
+        else:
+            self._parsed.move_to_end(stamp)
+        if memory.stamp != stamp:
+            memory.stamp = stamp
+            memory.mounts = claim_mounts(job)
+            memory.gpus = job.spec.resources.gpus
         return job
 
     def _base_status(self, body: dict[str, Any], memory: JobMemory) -> dict[str, Any]:
@@ -405,10 +428,9 @@ class Reconciler:
         return max(0.0, (dt.datetime.now(dt.UTC) - moment).total_seconds())
 
     def _track_gpu(self, key: Key, status: dict[str, Any], memory: JobMemory) -> None:
-        if self.metrics is None or memory.parsed is None:
+        if self.metrics is None or not memory.gpus:
             return
-        gpus = memory.parsed[2].spec.resources.gpus
-        self.metrics.gpu_running(key[0], key[1], gpus, status.get("phase") in RUNNING_PHASES)
+        self.metrics.gpu_running(key[0], key[1], memory.gpus, status.get("phase") in RUNNING_PHASES)
 
     async def _create(
         self,
@@ -499,9 +521,7 @@ class Reconciler:
             status = self._base_status(body, memory) if memory else dict(body.get("status") or {})
             progress = status.get("progress") or {}
             event = self.progress.latest(key)
-            gpus = 0
-            if memory and memory.parsed:
-                gpus = memory.parsed[2].spec.resources.gpus
+            gpus = memory.gpus if memory else 0
             views.append(
                 JobView(
                     namespace=key[0],

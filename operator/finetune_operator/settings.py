@@ -39,7 +39,7 @@ class OperatorSettings:
     tls_ca_file: str = ""
     web: bool = False
     web_port: int = 8083
-    workers: int = 4
+    workers: int = 16
     kubeconfig: str = ""
     trainer_uid: int = 1000
 
@@ -109,7 +109,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--web", action=argparse.BooleanOptionalAction, default=_env_bool("FINETUNE_WEB", False))
     parser.add_argument("--web-port", type=int, default=int(env("FINETUNE_WEB_PORT", "8083")))
-    parser.add_argument("--workers", type=int, default=int(env("FINETUNE_WORKERS", "4")))
+    parser.add_argument("--workers", type=int, default=int(env("FINETUNE_WORKERS", "16")))
     parser.add_argument("--kubeconfig", default=env("KUBECONFIG", ""))
     parser.add_argument("--trainer-uid", type=int, default=int(env("FINETUNE_TRAINER_UID", "1000")))
 

@@ -130,7 +130,11 @@ def test_every_optional_feature_renders() -> None:
     kinds = [d["kind"] for d in docs]
     for kind in ("ServiceMonitor", "NetworkPolicy", "PodDisruptionBudget"):
         assert kind in kinds
-    assert "ClusterRole" not in kinds
+    # Watching two namespaces: the job permissions are Roles there; only TokenReviews are cluster-wide.
+    cluster_roles = [d for d in docs if d["kind"] == "ClusterRole"]
+    assert [r["rules"] for r in cluster_roles] == [
+        [{"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]}]
+    ]
     roles = [d for d in docs if d["kind"] == "Role" and d["metadata"]["namespace"] in ("team-a", "team-b")]
     assert len(roles) == 2
     args = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]

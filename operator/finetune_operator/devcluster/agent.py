@@ -701,6 +701,25 @@ class NodeAgent:
                 if not source.exists():
                     source.mkdir(parents=True)
             mounts.append(MountPoint(source=source, target=mount.mount_path, read_only=bool(mount.read_only)))
+        # A mount over a directory that holds this agent's own runtime (the venv, the project,
+        # the state directory) would hide it from the process: a real kubelet's images do not
+        # live on the host's /tmp, ours may.  Such a mount is skipped; /tmp becomes TMPDIR.
+        protected = [Path(sys.executable).parent.parent, Path(__file__).resolve().parents[3], self.state_dir]
+        kept = []
+        for mount in mounts:
+            target = Path(mount.target)
+            if any(path == target or target in path.parents for path in protected):
+                LOG.warning(
+                    "event=mount-skipped pod=%s/%s target=%s reason=would-hide-the-node-agent",
+                    run.namespace,
+                    run.name,
+                    mount.target,
+                )
+                if mount.target == "/tmp":
+                    env["TMPDIR"] = str(mount.source)
+                continue
+            kept.append(mount)
+        mounts = kept
         # As a kubelet does, the termination-message file is mounted where the
         # container expects it; FINETUNE_TERMINATION_LOG names it too.
         message_path = container.termination_message_path or "/dev/termination-log"
