@@ -145,7 +145,7 @@ def test_a_bad_s3_endpoint_is_refused_naming_the_field(tmp_path: Path) -> None:
 
 # --- the fast path's choices ----------------------------------------------------------------------
 
-H100 = Device(type="cuda", bf16=True, xformers=False, bitsandbytes=True, compiler=True, name="NVIDIA H100")
+H100 = Device(type="cuda", bf16=True, xformers=False, bitsandbytes=True, compiler=True)
 
 
 def test_fp16_becomes_bf16_where_the_gpu_has_it_and_says_so() -> None:

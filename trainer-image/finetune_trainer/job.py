@@ -84,8 +84,7 @@ class Device:
     bf16: bool = False
     xformers: bool = False
     bitsandbytes: bool = False
-    compiler: bool = False  # a C++ compiler: torch.compile's code for CPUs is C++
-    name: str = ""  # the GPU's name, for reports and benchmarks
+    compiler: bool = False  # what torch.compile needs to build code here (see compiler_present)
 
 
 def detect_device() -> Device:
@@ -93,12 +92,9 @@ def detect_device() -> Device:
 
     cuda = torch.cuda.is_available()
     bf16 = False
-    name = ""
     if cuda:
         with contextlib.suppress(Exception):
             bf16 = bool(torch.cuda.is_bf16_supported())
-        with contextlib.suppress(Exception):
-            name = torch.cuda.get_device_name(0)
     else:
         bf16 = True  # autocast to bfloat16 runs on any CPU (slowly without native support)
     return Device(
@@ -107,7 +103,6 @@ def detect_device() -> Device:
         xformers=cuda and importlib.util.find_spec("xformers") is not None,
         bitsandbytes=importlib.util.find_spec("bitsandbytes") is not None,
         compiler=compiler_present(cuda=cuda),
-        name=name,
     )
 
 
