@@ -240,8 +240,14 @@ class OperatorRun:
             f"--health-port={self.ports['health']}",
             f"--report-url=http://127.0.0.1:{self.ports['progress']}",
         ]
+        if os.environ.get("BENCH_TRACEMALLOC"):
+            args[1:1] = ["-X", "tracemalloc=1"]
         self.handle = open(log, "ab")  # noqa: SIM115 (held for the process's life)
-        self.process = subprocess.Popen(args, stdout=self.handle, stderr=subprocess.STDOUT, start_new_session=True)
+        # As the chart's Deployment runs it: two malloc arenas (see helm/.../deployment.yaml).
+        env = {**os.environ, "MALLOC_ARENA_MAX": "2"}
+        self.process = subprocess.Popen(
+            args, stdout=self.handle, stderr=subprocess.STDOUT, start_new_session=True, env=env
+        )
         self.ps = psutil.Process(self.process.pid)
         self.peak_rss = 0
         self._stop = threading.Event()
@@ -421,6 +427,26 @@ def run_size(n: int, cluster: LocalCluster, api: client.ApiClient, results: dict
     wait_until(lambda: core.list_namespaced_service_account(namespace).items, 30, "default ServiceAccount")
     operator = OperatorRun(cluster.user_kubeconfig(OPERATOR_USER), STATE / f"operator-{n}.log")
     ftj = Timeline()
+    profiler = None
+    if os.environ.get("BENCH_PYSPY"):
+        # A sampling profile of the operator over this phase (for finding where its time goes).
+        profiler = subprocess.Popen(
+            [
+                os.environ["BENCH_PYSPY"],
+                "record",
+                "--pid",
+                str(operator.process.pid),
+                "--format",
+                "raw",
+                "--rate",
+                "40",
+                "--nonblocking",
+                "--output",
+                str(STATE / f"profile-{n}.txt"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
     watcher = Watcher(raw, namespace, ftj, job_key="finetune.dev/job-name")
     time.sleep(1)
     say(f"N={n}: applying {n} FineTuneJobs")
@@ -440,6 +466,12 @@ def run_size(n: int, cluster: LocalCluster, api: client.ApiClient, results: dict
     wall_end = time.time()
     watcher.stop()
     cpu = operator.cpu() - operator.cpu_start
+    if os.environ.get("BENCH_TRACEMALLOC"):
+        operator.process.send_signal(signal.SIGUSR2)
+        time.sleep(5)
+    if profiler is not None:
+        profiler.send_signal(signal.SIGINT)
+        profiler.wait(timeout=30)
     operator.stop()
     first = min(ftj.applied.values())
     requests = audit_counts(cluster.logs / "audit.log", wall_start, wall_end)

