@@ -40,6 +40,8 @@ def queued_job(kube: Kube, namespace: str, name: str) -> str:
     manifest["spec"]["resources"] = {"gpus": 8}
     kube.create_ftj(namespace, manifest)
     kube.wait_phase(namespace, name, "Queued", timeout=60)
+    # Settled: the operator has also copied the Job's start time (a write of its own, throttled).
+    wait_for(lambda: kube.status(namespace, name).get("startTime"), timeout=30, what=f"{name}'s startTime")
     pod = kube.pods(namespace, f"finetune.dev/job-name={name}")[0]
     return pod_token(kube, namespace, pod)
 
