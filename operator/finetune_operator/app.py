@@ -163,6 +163,9 @@ async def run_operator(settings: OperatorSettings, *, stop: asyncio.Event | None
     stop_waiter.cancel()
     for task in tasks:
         task.cancel()
+    if elector is not None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(elector.release(), timeout=5)
     await reconciler.stop()
     for runner in runners:
         await runner.cleanup()

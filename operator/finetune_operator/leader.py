@@ -102,6 +102,22 @@ class LeaderElector:
             raise
         return True
 
+    async def release(self) -> None:
+        """Give the Lease up on a clean shutdown, so a standby takes over at once."""
+        if not self._leader:
+            return
+        self._leader = False
+        lease = await self.api.read_lease(self.namespace, self.name)
+        if lease is None or lease.get("spec", {}).get("holderIdentity") != self.identity:
+            return
+        lease["spec"]["holderIdentity"] = None
+        lease["spec"]["renewTime"] = None
+        try:
+            await self.api.replace_lease(self.namespace, self.name, lease)
+            LOG.info("event=leader-released lease=%s/%s identity=%s", self.namespace, self.name, self.identity)
+        except ApiError as exc:
+            LOG.warning("event=lease-release-failed lease=%s/%s status=%s", self.namespace, self.name, exc.status)
+
     async def run(self, *, on_started_leading: Callable[[], None], on_lost: Callable[[], None]) -> None:
         while True:
             try:

@@ -162,3 +162,56 @@ def test_a_name_taken_by_someone_else_is_a_conflict_not_a_takeover(
     job = kube.batch.read_namespaced_job("clash", namespace)
     assert not job.metadata.owner_references
     assert job.spec.template.spec.containers[0].name == "x"
+
+
+def test_two_replicas_with_leader_election_never_both_act(
+    kube: Kube, namespace: str, operator: OperatorProcess
+) -> None:
+    """Two more operators with leader election (the shared one is stopped meanwhile): only the
+    Lease holder writes; when it stops, the other takes over."""
+    from tests.conftest import ARTIFACTS
+
+    operator.stop()
+    lease = ["--leader-election", "--lease-namespace=default", f"--lease-name=ha-{namespace}"]
+    first = OperatorProcess(
+        kubeconfig=kube.cluster.kubeconfig, log_dir=ARTIFACTS / "ha" / "a", extra_args=lease, env={"POD_NAME": "a"}
+    )
+    second = OperatorProcess(
+        kubeconfig=kube.cluster.kubeconfig, log_dir=ARTIFACTS / "ha" / "b", extra_args=lease, env={"POD_NAME": "b"}
+    )
+    try:
+        first.start()
+        second.start()
+        holder = wait_for(
+            lambda: kube.kubectl(
+                "-n", "default", "get", "lease", f"ha-{namespace}", "-o", "jsonpath={.spec.holderIdentity}"
+            ),
+            timeout=30,
+            what="a leader",
+        )
+        leader, follower = (first, second) if holder == "a" else (second, first)
+        manifest = good_manifest("ha")
+        manifest["spec"]["resources"] = {"gpus": 4}
+        kube.create_ftj(namespace, manifest)
+        kube.wait_phase(namespace, "ha", "Queued", timeout=60)
+        assert '"event": "status"' in leader.log.read_text()
+        assert '"event": "status"' not in follower.log.read_text()
+        assert '"event": "job-created"' not in follower.log.read_text()
+        leader.stop()
+        wait_for(
+            lambda: (
+                kube.kubectl(
+                    "-n", "default", "get", "lease", f"ha-{namespace}", "-o", "jsonpath={.spec.holderIdentity}"
+                )
+                == ("b" if holder == "a" else "a")
+            ),
+            timeout=60,
+            what="the follower to take the lease",
+        )
+        kube.patch_ftj(namespace, "ha", {"spec": {"runPolicy": {"suspend": True}}})
+        kube.wait_phase(namespace, "ha", "Suspended", timeout=60)
+        assert '"event": "status"' in follower.log.read_text()
+    finally:
+        first.stop()
+        second.stop()
+        operator.start()
