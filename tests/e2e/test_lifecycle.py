@@ -264,3 +264,34 @@ def test_second_job_waits_for_the_one_gpu_node_then_runs(
     first_end = first_pod.status.container_statuses[0].state.terminated.finished_at
     second_start = second_pod.status.container_statuses[0].state.terminated.started_at
     assert second_start >= first_end
+
+
+def test_an_evicted_pod_is_retried_without_using_the_retry_budget(
+    kube: Kube, namespace: str, operator: OperatorProcess, tiny_assets: Path
+) -> None:
+    prepare_claims(kube, namespace, tiny_assets)
+    # backoffLimit 0: a failure that counted would fail the job at once.
+    manifest = job_manifest(
+        "evicted",
+        training={"maxSteps": 600},
+        checkpoints={"everySteps": 100, "keepLast": 2},
+        runPolicy={"backoffLimit": 0},
+    )
+    kube.create_ftj(namespace, manifest)
+    kube.wait_phase(namespace, "evicted", "Training", timeout=300)
+    pod = kube.pods(namespace, "finetune.dev/job-name=evicted")[0]
+    kube.core.create_namespaced_pod_eviction(
+        pod.metadata.name,
+        namespace,
+        {
+            "apiVersion": "policy/v1",
+            "kind": "Eviction",
+            "metadata": {"name": pod.metadata.name, "namespace": namespace},
+        },
+    )
+    status = kube.wait_phase(namespace, "evicted", "Succeeded", "Failed", timeout=600)
+    assert status["phase"] == "Succeeded", status
+    assert status["attempts"] == 2
+    assert status["progress"]["step"] == 600
+    job = kube.batch.read_namespaced_job("evicted", namespace)
+    assert (job.status.failed or 0) == 0  # the disruption did not count against backoffLimit
