@@ -38,7 +38,7 @@ lint: setup
 	$(VENV)/bin/ruff check operator trainer-image tests bench scripts
 	$(VENV)/bin/ruff format --check operator trainer-image tests bench scripts
 	$(VENV)/bin/mypy
-	$(VENV)/bin/hadolint --config trainer-image/.hadolint.yaml trainer-image/Dockerfile
+	$(VENV)/bin/hadolint --config trainer-image/.hadolint.yaml trainer-image/Dockerfile operator/Dockerfile
 
 crds: setup
 	$(PY) -m finetune_operator.api.crd crds/finetunejobs.finetune.dev.yaml helm/finetune-operator/crds/finetunejobs.finetune.dev.yaml

@@ -280,3 +280,33 @@ def test_upgrade_rolls_the_deployment_and_uninstall_keeps_crd_and_jobs(
     assert kube.kubectl("get", "crd", "finetunejobs.finetune.dev", check=False).count("finetunejobs") == 1
     assert kube.ftj(namespace, "survivor")["metadata"]["name"] == "survivor"
     assert "NotFound" in kube.kubectl("-n", RELEASE_NAMESPACE, "get", "deployment", FULLNAME, check=False)
+
+
+def test_the_charts_arguments_fit_the_operator_images_entrypoint() -> None:
+    dockerfile = (ROOT / "operator" / "Dockerfile").read_text()
+    entrypoint = next(
+        json.loads(line.split(" ", 1)[1]) for line in dockerfile.splitlines() if line.startswith("ENTRYPOINT")
+    )
+    assert entrypoint == ["finetune-operator"]
+    deployment = next(d for d in template() if d["kind"] == "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert "command" not in container
+    args = container["args"]
+    assert args[0] == "run"
+    # Every flag the chart passes is one the operator knows.
+    from finetune_operator.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main([*args, "--help"])
+    assert info.value.code == 0
+    import argparse
+
+    from finetune_operator.settings import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    parser.add_argument("--log-format")
+    parsed = parser.parse_args(args[1:])
+    assert parsed.report_url.startswith("http://ftop-finetune-operator.finetune-system.svc:")
+    user = next(line.split()[1] for line in dockerfile.splitlines() if line.startswith("USER"))
+    assert user.split(":")[0] == str(deployment["spec"]["template"]["spec"]["securityContext"]["runAsUser"])
