@@ -174,10 +174,16 @@ def test_two_replicas_with_leader_election_never_both_act(
     operator.stop()
     lease = ["--leader-election", "--lease-namespace=default", f"--lease-name=ha-{namespace}"]
     first = OperatorProcess(
-        kubeconfig=kube.cluster.kubeconfig, log_dir=ARTIFACTS / "ha" / "a", extra_args=lease, env={"POD_NAME": "a"}
+        kubeconfig=kube.cluster.kubeconfig,
+        log_dir=ARTIFACTS / "ha" / namespace / "a",
+        extra_args=lease,
+        env={"POD_NAME": "a"},
     )
     second = OperatorProcess(
-        kubeconfig=kube.cluster.kubeconfig, log_dir=ARTIFACTS / "ha" / "b", extra_args=lease, env={"POD_NAME": "b"}
+        kubeconfig=kube.cluster.kubeconfig,
+        log_dir=ARTIFACTS / "ha" / namespace / "b",
+        extra_args=lease,
+        env={"POD_NAME": "b"},
     )
     try:
         first.start()
