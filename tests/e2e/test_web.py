@@ -168,6 +168,19 @@ def test_kubectl_ftj_lists_jobs_and_fetches_samples(
     assert missing.returncode != 0 and "nope" in missing.stderr
 
 
+def test_kubectl_ftj_logs_shows_the_running_trainers_log(kube: Kube, watched: str) -> None:
+    """Through the apiserver to the node's kubelet API, as on a real cluster."""
+    shown = _plugin(kube, "logs", "watched", "-n", watched)
+    assert shown.returncode == 0, shown.stderr
+    reports = [json.loads(line) for line in shown.stdout.splitlines() if line.startswith("{")]
+    assert any(r.get("job") == "watched" and r.get("stage") == "training" for r in reports), shown.stdout[-2000:]
+    pod = kube.pods(watched, "finetune.dev/job-name=watched")[0].metadata.name
+    tail = kube.kubectl("logs", "-n", watched, pod, "-c", "trainer", "--tail=3")
+    assert len(tail.splitlines()) == 3
+    missing = _plugin(kube, "logs", "nope", "-n", watched)
+    assert missing.returncode != 0 and "nope" in missing.stderr
+
+
 def test_every_dashboard_expression_returns_data_for_a_running_job(prometheus: Prometheus, watched: str) -> None:
     dashboard = json.loads((ROOT / "helm" / "finetune-operator" / "dashboards" / "finetune-operator.json").read_text())
     expressions = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]

@@ -13,7 +13,9 @@ every pod bound to its nodes:
 * reports phase, container states, exit codes and the termination message (the
   file named by ``FINETUNE_TERMINATION_LOG``, or the log tail on error);
 * honours deletion as a kubelet does: SIGTERM, the grace period, SIGKILL, the final
-  status, then the delete with grace 0.
+  status, then the delete with grace 0;
+* serves the kubelet API's container logs on loopback (``kubectl logs [-f]``), see
+  ``logserver.py``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ from typing import Any
 
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
+
+from finetune_operator.devcluster.logserver import LogServer
 
 LOG = logging.getLogger("node-agent")
 
@@ -73,7 +77,7 @@ def now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def node_manifest(node: NodeSpec) -> dict[str, Any]:
+def node_manifest(node: NodeSpec, *, kubelet_port: int | None = None) -> dict[str, Any]:
     capacity = {
         "cpu": node.cpu,
         "memory": node.memory,
@@ -106,6 +110,8 @@ def node_manifest(node: NodeSpec) -> dict[str, Any]:
                 {"type": "InternalIP", "address": "127.0.0.1"},
                 {"type": "Hostname", "address": node.name},
             ],
+            # Where the apiserver finds this node's kubelet API (container logs, see logserver.py).
+            **({"daemonEndpoints": {"kubeletEndpoint": {"Port": kubelet_port}}} if kubelet_port else {}),
             "nodeInfo": {
                 "architecture": "amd64",
                 "operatingSystem": "linux",
@@ -239,12 +245,14 @@ class NodeAgent:
         self.mount_points = MountPoints()
         self.pods_dir = self.state_dir / "pods"
         self.volumes_dir = self.state_dir / "volumes"
+        self.log_server: LogServer | None = None
 
     # --- nodes -----------------------------------------------------------------------------------
 
     def register_nodes(self) -> None:
+        port = self.log_server.port if self.log_server else None
         for node in self.nodes:
-            body = node_manifest(node)
+            body = node_manifest(node, kubelet_port=port)
             try:
                 self.core.create_node(body)
                 LOG.info("event=node-registered node=%s gpus=%d", node.name, node.gpus)
@@ -891,6 +899,7 @@ class NodeAgent:
 
     def run(self) -> None:
         self.pods_dir.mkdir(parents=True, exist_ok=True)
+        self._start_log_server()
         self.register_nodes()
         threads = [
             threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True),
@@ -902,8 +911,41 @@ class NodeAgent:
         LOG.info("event=agent-started nodes=%s", ",".join(sorted(self.node_names)))
         self.stopping.wait()
 
+    def _start_log_server(self) -> None:
+        # Any serving certificate will do: the apiserver does not check the kubelet's unless told
+        # to (--kubelet-certificate-authority); the cluster's own one names 127.0.0.1.
+        cert, key = self.state_dir / "pki" / "apiserver.crt", self.state_dir / "pki" / "apiserver.key"
+        if not (cert.is_file() and key.is_file()):
+            LOG.warning("event=no-kubelet-api reason=no-certificate path=%s (kubectl logs will not work)", cert)
+            return
+        self.log_server = LogServer(cert=cert, key=key, find=self.container_log, running=self.container_running)
+        self.log_server.start()
+        LOG.info("event=kubelet-api-started port=%d", self.log_server.port)
+
+    def _live_run(self, namespace: str, pod: str) -> PodRun | None:
+        with self.lock:
+            return next((r for r in self.runs.values() if r.namespace == namespace and r.name == pod), None)
+
+    def container_log(self, namespace: str, pod: str, container: str) -> Path | None:
+        """The log file of ``container`` in the pod of that name: the running one, else the newest."""
+        run = self._live_run(namespace, pod)
+        if run is not None:
+            return run.directory / f"{container}.log"
+        # Pod and namespace names have no "_", so this matches this pod's folders only.
+        folders = sorted(self.pods_dir.glob(f"{namespace}_{pod}_*"), key=lambda p: p.stat().st_mtime)
+        return folders[-1] / f"{container}.log" if folders else None
+
+    def container_running(self, namespace: str, pod: str, container: str) -> bool:
+        run = self._live_run(namespace, pod)
+        if run is None or (run.terminating.is_set() and container not in run.containers):
+            return False
+        result = run.containers.get(container)
+        return result is None or result.exit_code is None
+
     def stop(self) -> None:
         self.stopping.set()
+        if self.log_server is not None:
+            self.log_server.stop()
         with self.lock:
             runs = list(self.runs.values())
         for run in runs:

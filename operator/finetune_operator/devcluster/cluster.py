@@ -354,6 +354,9 @@ class LocalCluster:
             "--allow-privileged=true",
             "--profiling=false",
             "--enable-garbage-collector=true",
+            # The node agent's kubelet API (container logs) is on 127.0.0.1, its nodes' InternalIP;
+            # their Hostname addresses resolve nowhere.
+            "--kubelet-preferred-address-types=InternalIP",
             *self._audit_args(),
             "--v=1",
         ]
