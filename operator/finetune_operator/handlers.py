@@ -116,6 +116,10 @@ def build_registry(reconciler: Reconciler) -> kopf.OperatorRegistry:
         settings.watching.client_timeout = 330
         settings.networking.request_timeout = 60
         settings.persistence.diffbase_storage = NoDiffBase()
+        # kopf keeps a worker per object alive this long after its last event, holding that
+        # event's whole body; our handlers only enqueue, so an idle worker is pure memory. At
+        # 1,000 jobs (3,000 objects in one burst) 5 s (the default) meant ~40 MB more peak RSS.
+        settings.queueing.idle_timeout = 0.5
         # The indexes arrive as kwargs named after their functions.
         reconciler.bind(ftjs=kwargs["ftj_bodies"], jobs=kwargs["ftj_jobs"], pods=kwargs["ftj_pods"])
         reconciler.start()
