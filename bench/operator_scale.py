@@ -312,6 +312,24 @@ def apply_all(objects: list[dict[str, Any]], create: Any, timeline: Timeline, ke
     return time.monotonic() - started
 
 
+def apply_finetunejobs(raw: Raw, namespace: str, objects: list[dict[str, Any]], timeline: Timeline) -> float:
+    return apply_all(
+        objects,
+        lambda obj: raw.post(f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}", obj),
+        timeline,
+        "name",
+    )
+
+
+def ftj_names(n: int) -> list[str]:
+    return [f"ftj-{i:05d}" for i in range(n)]
+
+
+def new_namespace(core: client.CoreV1Api, namespace: str) -> None:
+    core.create_namespace({"metadata": {"name": namespace}})
+    wait_until(lambda: core.list_namespaced_service_account(namespace).items, 30, "default ServiceAccount")
+
+
 def wait_until(check: Any, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -359,75 +377,89 @@ def delete_namespace(core: client.CoreV1Api, namespace: str, timeout: float = 30
     wait_until(gone, timeout, f"namespace {namespace} to be deleted")
 
 
-def audit_counts(audit_log: Path, start_wall: float, end_wall: float) -> dict[str, int]:
-    """The operator's API requests (by its user agents) between two wall-clock times, by verb/resource."""
-    counts: Counter[str] = Counter()
+@dataclass(frozen=True)
+class Request:
+    """One request of the operator's, as the apiserver's audit log has it."""
+
+    moment: float  # wall clock, when the apiserver received it
+    agent: str
+    verb: str
+    stage: str
+    resource: str
+    subresource: str
+    namespace: str
+    name: str
+
+
+def read_audit(audit_log: Path) -> list[Request]:
+    """The operator's requests (by its user agents) in the audit log, parsed once for all figures."""
+    requests: list[Request] = []
     if not audit_log.is_file():
-        return {}
+        return requests
     with open(audit_log) as handle:
         for line in handle:
             try:
                 event = json.loads(line)
-            except ValueError:
-                continue
-            agent = event.get("userAgent", "")
-            if not (agent.startswith("finetune-operator") or agent.startswith("kopf")):
-                continue
-            stamp = event.get("requestReceivedTimestamp", "")
-            try:
-                moment = dt.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
-            except ValueError:
-                continue
-            if not start_wall <= moment <= end_wall:
+                agent = str(event.get("userAgent", ""))
+                if not (agent.startswith("finetune-operator") or agent.startswith("kopf")):
+                    continue
+                moment = dt.datetime.fromisoformat(event["requestReceivedTimestamp"].replace("Z", "+00:00"))
+            except (ValueError, KeyError):
                 continue
             ref = event.get("objectRef") or {}
-            resource = ref.get("resource", "?") + ("/" + ref["subresource"] if ref.get("subresource") else "")
-            counts[f"{event.get('verb')} {resource}"] += 1
+            requests.append(
+                Request(
+                    moment=moment.timestamp(),
+                    agent=agent,
+                    verb=str(event.get("verb")),
+                    stage=str(event.get("stage")),
+                    resource=ref.get("resource", "?"),
+                    subresource=ref.get("subresource", ""),
+                    namespace=ref.get("namespace", ""),
+                    name=ref.get("name") or "",
+                )
+            )
+    return requests
+
+
+def audit_counts(requests: list[Request], start_wall: float, end_wall: float) -> dict[str, int]:
+    """The operator's API requests between two wall-clock times, by verb/resource."""
+    counts: Counter[str] = Counter(
+        f"{r.verb} {r.resource}" + (f"/{r.subresource}" if r.subresource else "")
+        for r in requests
+        if start_wall <= r.moment <= end_wall
+    )
     return dict(sorted(counts.items()))
 
 
 WRITE_VERBS = ("create", "update", "patch", "delete")
 
 
-def writes_before(audit_log: Path, namespace: str, cutoff_wall: dict[str, float], *, since: float = 0.0) -> list[int]:
-    """Per FineTuneJob of ``namespace``: the operator's writes naming it or its Job received by the
-    apiserver after ``since`` and before its cut-off (a wall-clock time per job name)."""
-    per_job: Counter[str] = Counter()
-    with open(audit_log) as handle:
-        for line in handle:
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if not str(event.get("userAgent", "")).startswith("finetune-operator"):
-                continue
-            if event.get("verb") not in WRITE_VERBS or event.get("stage") != "ResponseComplete":
-                continue
-            ref = event.get("objectRef") or {}
-            name = ref.get("name") or ""
-            if ref.get("namespace") != namespace or ref.get("resource") not in ("jobs", "finetunejobs"):
-                continue
-            if name not in cutoff_wall:
-                continue
-            stamp = dt.datetime.fromisoformat(event["requestReceivedTimestamp"].replace("Z", "+00:00")).timestamp()
-            if since <= stamp <= cutoff_wall[name]:
-                per_job[name] += 1
+def writes_before(
+    requests: list[Request], namespace: str, cutoff_wall: dict[str, float], *, since: float = 0.0
+) -> list[int]:
+    """Per FineTuneJob of ``namespace``: the finetune-operator's writes naming it or its Job received
+    by the apiserver after ``since`` and before its cut-off (a wall-clock time per job name)."""
+    per_job: Counter[str] = Counter(
+        r.name
+        for r in requests
+        if r.agent.startswith("finetune-operator")
+        and r.verb in WRITE_VERBS
+        and r.stage == "ResponseComplete"
+        and r.namespace == namespace
+        and r.resource in ("jobs", "finetunejobs")
+        and r.name in cutoff_wall
+        and since <= r.moment <= cutoff_wall[r.name]
+    )
     return [per_job[name] for name in cutoff_wall]
 
 
-def job_posts(audit_log: Path, namespace: str) -> dict[str, float]:
+def job_posts(requests: list[Request], namespace: str) -> dict[str, float]:
     """When the apiserver received the operator's create of each Job in ``namespace`` (wall clock)."""
     posts: dict[str, float] = {}
-    with open(audit_log) as handle:
-        for line in handle:
-            if '"create"' not in line or '"jobs"' not in line:
-                continue
-            event = json.loads(line)
-            ref = event.get("objectRef") or {}
-            if event.get("verb") != "create" or ref.get("resource") != "jobs" or ref.get("namespace") != namespace:
-                continue
-            stamp = dt.datetime.fromisoformat(event["requestReceivedTimestamp"].replace("Z", "+00:00")).timestamp()
-            posts.setdefault(ref.get("name") or "", stamp)
+    for r in requests:
+        if r.verb == "create" and r.resource == "jobs" and r.namespace == namespace:
+            posts.setdefault(r.name, r.moment)
     return posts
 
 
@@ -438,8 +470,7 @@ def run_size(n: int, cluster: LocalCluster, api: client.ApiClient, results: dict
 
     # --- plain Jobs -----------------------------------------------------------------------------
     namespace = f"bench-plain-{n}"
-    core.create_namespace({"metadata": {"name": namespace}})
-    wait_until(lambda: core.list_namespaced_service_account(namespace).items, 30, "default ServiceAccount")
+    new_namespace(core, namespace)
     plain = Timeline()
     watcher = Watcher(raw, namespace, plain, job_key="plain-job")
     time.sleep(1)
@@ -466,8 +497,7 @@ def run_size(n: int, cluster: LocalCluster, api: client.ApiClient, results: dict
 
     # --- the operator ---------------------------------------------------------------------------
     namespace = f"bench-ftj-{n}"
-    core.create_namespace({"metadata": {"name": namespace}})
-    wait_until(lambda: core.list_namespaced_service_account(namespace).items, 30, "default ServiceAccount")
+    new_namespace(core, namespace)
     operator = OperatorRun(cluster.user_kubeconfig(OPERATOR_USER), STATE / f"operator-{n}.log")
     ftj = Timeline()
     profiler = start_profiler(operator, f"profile-{n}.txt")
@@ -475,13 +505,8 @@ def run_size(n: int, cluster: LocalCluster, api: client.ApiClient, results: dict
     time.sleep(1)
     say(f"N={n}: applying {n} FineTuneJobs")
     wall_start = time.time()
-    burst = apply_all(
-        [spec(f"ftj-{i:05d}") for i in range(n)],
-        lambda obj: raw.post(f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}", obj),
-        ftj,
-        "name",
-    )
-    job_names = {f"ftj-{i:05d}": names.job_name(f"ftj-{i:05d}") for i in range(n)}
+    burst = apply_finetunejobs(raw, namespace, [spec(name) for name in ftj_names(n)], ftj)
+    job_names = {name: names.job_name(name) for name in ftj_names(n)}
     wait_until(lambda: len(ftj.job_seen) >= n, finish_timeout, "the operator's Jobs")
     created_wall = time.time()
     wait_until(lambda: len(ftj.running) >= n, finish_timeout, "operator pods Running")
@@ -496,8 +521,9 @@ def run_size(n: int, cluster: LocalCluster, api: client.ApiClient, results: dict
     stop_profiler(profiler)
     operator.stop()
     first = min(ftj.applied.values())
-    requests = audit_counts(cluster.logs / "audit.log", wall_start, wall_end)
-    creation = audit_counts(cluster.logs / "audit.log", wall_start, created_wall + 1)
+    audit = read_audit(cluster.logs / "audit.log")
+    requests = audit_counts(audit, wall_start, wall_end)
+    creation = audit_counts(audit, wall_start, created_wall + 1)
     writes = sum(v for k, v in requests.items() if k.split(" ")[0] in WRITE_VERBS)
     status_writes = sum(v for k, v in requests.items() if k.endswith("finetunejobs/status"))
     operator_result = {
@@ -505,9 +531,7 @@ def run_size(n: int, cluster: LocalCluster, api: client.ApiClient, results: dict
         "apply_to_job": summary(latencies(ftj.applied, ftj.job_seen, job_names)),
         # The same, split: until the apiserver received the operator's create of the Job (no
         # watch of ours in the way), the rest being the Job's way back to a watcher.
-        "apply_to_job_post": summary(
-            latencies(ftj.applied_wall, job_posts(cluster.logs / "audit.log", namespace), job_names)
-        ),
+        "apply_to_job_post": summary(latencies(ftj.applied_wall, job_posts(audit, namespace), job_names)),
         "apply_to_running": summary(latencies(ftj.applied, ftj.running)),
         "stages": stages(ftj, job_names),
         "all_running_after": max(ftj.running.values()) - first,
@@ -520,12 +544,8 @@ def run_size(n: int, cluster: LocalCluster, api: client.ApiClient, results: dict
         "writes_per_job": writes / n,
         # At creation: before the Job's pod exists (so nothing the operator wrote can be its
         # answer to the pod); the pod's own steps (scheduled, started, running) follow.
-        "writes_at_creation": summary(
-            [float(c) for c in writes_before(cluster.logs / "audit.log", namespace, ftj.pod_seen_wall)]
-        ),
-        "writes_before_running": summary(
-            [float(c) for c in writes_before(cluster.logs / "audit.log", namespace, ftj.running_wall)]
-        ),
+        "writes_at_creation": summary([float(c) for c in writes_before(audit, namespace, ftj.pod_seen_wall)]),
+        "writes_before_running": summary([float(c) for c in writes_before(audit, namespace, ftj.running_wall)]),
         "status_writes_per_job": status_writes / n,
     }
     say(f"N={n}: operator done: {json.dumps(operator_result['apply_to_running'])}")
@@ -565,30 +585,24 @@ def creation_only(n: int, cluster: LocalCluster, api: client.ApiClient) -> dict[
     core = client.CoreV1Api(api)
     raw = Raw(cluster)
     namespace = f"bench-create-{n}"
-    core.create_namespace({"metadata": {"name": namespace}})
-    wait_until(lambda: core.list_namespaced_service_account(namespace).items, 30, "default ServiceAccount")
+    new_namespace(core, namespace)
     operator = OperatorRun(cluster.user_kubeconfig(OPERATOR_USER), STATE / f"operator-create-{n}.log")
     timeline = Timeline()
     profiler = start_profiler(operator, f"profile-create-{n}.txt")
     watcher = Watcher(raw, namespace, timeline, job_key="finetune.dev/job-name")
     time.sleep(1)
     say(f"creation only: applying {n} suspended FineTuneJobs")
-    objects = [spec(f"ftj-{i:05d}") for i in range(n)]
+    objects = [spec(name) for name in ftj_names(n)]
     for obj in objects:
         obj["spec"]["runPolicy"] = {"suspend": True}
-    burst = apply_all(
-        objects,
-        lambda obj: raw.post(f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}", obj),
-        timeline,
-        "name",
-    )
-    job_names = {f"ftj-{i:05d}": names.job_name(f"ftj-{i:05d}") for i in range(n)}
+    burst = apply_finetunejobs(raw, namespace, objects, timeline)
+    job_names = {name: names.job_name(name) for name in ftj_names(n)}
     wait_until(lambda: len(timeline.job_seen) >= n, 120 + n * 0.2, "the operator's suspended Jobs")
     time.sleep(2)
     watcher.stop()
     stop_profiler(profiler)
     operator.stop()
-    posts = job_posts(cluster.logs / "audit.log", namespace)
+    posts = job_posts(read_audit(cluster.logs / "audit.log"), namespace)
     result = {
         "apply_burst_seconds": burst,
         "apply_to_job": summary(latencies(timeline.applied, timeline.job_seen, job_names)),
@@ -645,17 +659,11 @@ def freshness(cluster: LocalCluster, api: client.ApiClient, total: int, counts: 
     core = client.CoreV1Api(api)
     raw = Raw(cluster)
     namespace = "bench-fresh"
-    core.create_namespace({"metadata": {"name": namespace}})
-    wait_until(lambda: core.list_namespaced_service_account(namespace).items, 30, "default ServiceAccount")
+    new_namespace(core, namespace)
     operator = OperatorRun(cluster.user_kubeconfig(OPERATOR_USER), STATE / "operator-fresh.log")
     say(f"freshness: {total} FineTuneJobs whose pods keep running")
     timeline = Timeline()
-    apply_all(
-        [spec(f"ftj-{i:05d}") for i in range(total)],
-        lambda obj: raw.post(f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}", obj),
-        timeline,
-        "name",
-    )
+    apply_finetunejobs(raw, namespace, [spec(name) for name in ftj_names(total)], timeline)
     pods: dict[str, str] = {}
 
     def all_running() -> bool:
@@ -703,7 +711,7 @@ def freshness(cluster: LocalCluster, api: client.ApiClient, total: int, counts: 
     for count in counts:
         say(f"freshness: {count} jobs reporting every {REPORT_INTERVAL:.0f}s for {duration:.0f}s")
         posted: dict[tuple[str, int], float] = {}
-        job_list = [f"ftj-{i:05d}" for i in range(count)]
+        job_list = ftj_names(count)
         patches_before = operator.metric("finetune_status_patches_total")
         cpu_before = operator.cpu()
 
@@ -738,7 +746,7 @@ def freshness(cluster: LocalCluster, api: client.ApiClient, total: int, counts: 
         # Per reporting job: only their own status writes (a job that is not reporting may still
         # get a write of its own in the window, e.g. a throttled field catching up).
         window = {name: time.time() for name in job_list}
-        own = writes_before(cluster.logs / "audit.log", namespace, window, since=started_wall)
+        own = writes_before(read_audit(cluster.logs / "audit.log"), namespace, window, since=started_wall)
         cpu = operator.cpu() - cpu_before
         delays = [seen[key] - t for key, t in posted.items() if key in seen]
         out[str(count)] = {
@@ -758,7 +766,7 @@ def freshness(cluster: LocalCluster, api: client.ApiClient, total: int, counts: 
     async def repeat() -> None:
         async with aiohttp.ClientSession() as session:
             for round_ in range(5):
-                for name in [f"ftj-{i:05d}" for i in range(min(100, total))]:
+                for name in ftj_names(min(100, total)):
                     body = {
                         "seq": 100000 + round_,
                         "attempt": pods[name],
