@@ -24,13 +24,18 @@ from pathlib import Path
 from typing import Any
 
 
-def _kubectl(args: argparse.Namespace, *command: str, capture: bool = True) -> str:
+def _kubectl_base(args: argparse.Namespace) -> list[str]:
+    """kubectl with the plugin's own --kubeconfig and --context, when given."""
     base = ["kubectl"]
     if args.kubeconfig:
         base.append(f"--kubeconfig={args.kubeconfig}")
     if args.context:
         base.append(f"--context={args.context}")
-    result = subprocess.run([*base, *command], capture_output=capture, text=True, check=False)
+    return base
+
+
+def _kubectl(args: argparse.Namespace, *command: str, capture: bool = True) -> str:
+    result = subprocess.run([*_kubectl_base(args), *command], capture_output=capture, text=True, check=False)
     if result.returncode != 0:
         raise SystemExit(f"kubectl {' '.join(command)}: {(result.stderr or '').strip()}")
     return result.stdout or ""
@@ -89,9 +94,7 @@ def _operator_get(args: argparse.Namespace, path: str) -> bytes:
         with urllib.request.urlopen(url.rstrip("/") + path, timeout=30) as response:
             return bytes(response.read())
     proxy = f"/api/v1/namespaces/{args.operator_namespace}/services/{args.operator_service}:web/proxy{path}"
-    base = ["kubectl"] + ([f"--kubeconfig={args.kubeconfig}"] if args.kubeconfig else [])
-    base += [f"--context={args.context}"] if args.context else []
-    result = subprocess.run([*base, "get", "--raw", proxy], capture_output=True, check=False)
+    result = subprocess.run([*_kubectl_base(args), "get", "--raw", proxy], capture_output=True, check=False)
     if result.returncode != 0:
         raise SystemExit(
             f"cannot reach the operator's web API through {proxy}: {result.stderr.decode().strip()} "

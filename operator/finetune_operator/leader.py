@@ -15,21 +15,13 @@ import logging
 from collections.abc import Callable
 
 from finetune_operator.kubeapi import ApiError, KubeAPI
+from finetune_operator.status import parse_rfc3339
 
 LOG = logging.getLogger("finetune_operator.leader")
 
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
-
-
-def _parse(stamp: str | None) -> dt.datetime | None:
-    if not stamp:
-        return None
-    try:
-        return dt.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
-    except ValueError:
-        return None
 
 
 class LeaderElector:
@@ -84,7 +76,7 @@ class LeaderElector:
             return True
         spec = lease.setdefault("spec", {})
         holder = spec.get("holderIdentity")
-        renewed = _parse(spec.get("renewTime"))
+        renewed = parse_rfc3339(spec.get("renewTime"))
         duration = spec.get("leaseDurationSeconds") or self.lease_seconds
         expired = renewed is None or (stamp - renewed).total_seconds() > duration
         if holder != self.identity and not expired:

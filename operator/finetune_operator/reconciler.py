@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import json
 import logging
 import random
@@ -31,7 +32,7 @@ from finetune_operator.metrics import JobView, Metrics
 from finetune_operator.render import ClaimMount, claim_mounts, render
 from finetune_operator.reports import ProgressStore
 from finetune_operator.settings import OperatorSettings
-from finetune_operator.status import Observed, compute_status, status_patch
+from finetune_operator.status import Observed, compute_status, parse_rfc3339, status_patch
 
 LOG = logging.getLogger("finetune_operator.reconciler")
 Key = tuple[str, str]
@@ -416,14 +417,8 @@ class Reconciler:
 
     @staticmethod
     def _age(body: dict[str, Any]) -> float | None:
-        import datetime as dt
-
-        created = body.get("metadata", {}).get("creationTimestamp")
-        if not created:
-            return None
-        try:
-            moment = dt.datetime.fromisoformat(str(created).replace("Z", "+00:00"))
-        except ValueError:
+        moment = parse_rfc3339(body.get("metadata", {}).get("creationTimestamp"))
+        if moment is None:
             return None
         return max(0.0, (dt.datetime.now(dt.UTC) - moment).total_seconds())
 

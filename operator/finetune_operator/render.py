@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 from finetune_operator import __version__, names
 from finetune_operator.api.report import ExitCode
 from finetune_operator.api.v1alpha1 import API_VERSION, KIND, FineTuneJob, dump_spec
+from finetune_operator.settings import REPORT_AUDIENCE
 
 MANAGED_BY = "finetune-operator"
 LABEL_JOB_NAME = "finetune.dev/job-name"
@@ -31,7 +32,6 @@ JOB_FILE_DIR = "/etc/finetune"
 JOB_FILE = f"{JOB_FILE_DIR}/job.yaml"
 TOKEN_DIR = "/var/run/finetune/report"
 TOKEN_FILE = f"{TOKEN_DIR}/token"
-REPORT_AUDIENCE = "finetune-operator"
 TOKEN_SECONDS = 86400  # the kubelet renews it at 80%; the trainer reads the file at every report
 ANNOTATION_JOB_FILE = "finetune.dev/job-yaml"
 ANNOTATION_REPORT_CA = "finetune.dev/report-ca"

@@ -10,6 +10,9 @@ from typing import Any
 
 from finetune_operator import __version__
 
+# The audience of the service-account token a trainer pod reports progress with.
+REPORT_AUDIENCE = "finetune-operator"
+
 DEFAULT_TRAINER_IMAGE = f"ghcr.io/finetune-operator/trainer:{__version__}"
 DEFAULT_GPU_TOLERATIONS: list[dict[str, Any]] = [
     {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
@@ -24,7 +27,7 @@ class OperatorSettings:
     gpu_resource: str = "nvidia.com/gpu"
     default_tolerations: tuple[dict[str, Any], ...] = tuple(DEFAULT_GPU_TOLERATIONS)
     report_url: str = ""
-    report_audience: str = "finetune-operator"
+    report_audience: str = REPORT_AUDIENCE
     metrics_port: int = 8080
     progress_port: int = 8081
     health_port: int = 8082
@@ -80,7 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--report-audience",
-        default=env("FINETUNE_REPORT_AUDIENCE", "finetune-operator"),
+        default=env("FINETUNE_REPORT_AUDIENCE", REPORT_AUDIENCE),
         help="audience of the service-account tokens trainer pods report with",
     )
     parser.add_argument("--metrics-port", type=int, default=int(env("FINETUNE_METRICS_PORT", "8080")))

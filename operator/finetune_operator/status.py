@@ -35,6 +35,16 @@ def rfc3339(moment: dt.datetime) -> str:
     return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def parse_rfc3339(stamp: object) -> dt.datetime | None:
+    """A Kubernetes timestamp (``...Z``, fractions allowed), or None when absent or malformed."""
+    if not stamp:
+        return None
+    try:
+        return dt.datetime.fromisoformat(str(stamp).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
 @dataclass(frozen=True)
 class Observed:
     """What the operator knows about one FineTuneJob's running parts."""

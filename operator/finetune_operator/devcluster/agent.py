@@ -544,7 +544,7 @@ class NodeAgent:
             namespace=pod.metadata.namespace,
             name=pod.metadata.name,
             uid=uid,
-            directory=self.pods_dir / f"{pod.metadata.namespace}_{pod.metadata.name}_{uid[:8]}",
+            directory=self._pod_folder(pod.metadata.namespace, pod.metadata.name, uid[:8]),
         )
         with self.lock:
             self.runs[uid] = run
@@ -690,7 +690,7 @@ class NodeAgent:
     def _run_container(self, pod: Any, run: PodRun, container: Any, volumes: dict[str, Path]) -> ContainerRun:
         result = run.containers.get(container.name) or ContainerRun(container.name)
         run.containers.setdefault(container.name, result)
-        result.log = run.directory / f"{container.name}.log"
+        result.log = log_file(run.directory, container.name)
         result.termination_file = run.directory / f"{container.name}.termination-log"
         result.termination_file.write_text("")
         argv = list(container.command or []) + list(container.args or [])
@@ -926,14 +926,18 @@ class NodeAgent:
         with self.lock:
             return next((r for r in self.runs.values() if r.namespace == namespace and r.name == pod), None)
 
+    def _pod_folder(self, namespace: str, pod: str, uid: str) -> Path:
+        # Pod and namespace names have no "_": a folder names one pod (uid "*" globs its runs).
+        return self.pods_dir / f"{namespace}_{pod}_{uid}"
+
     def container_log(self, namespace: str, pod: str, container: str) -> Path | None:
         """The log file of ``container`` in the pod of that name: the running one, else the newest."""
         run = self._live_run(namespace, pod)
         if run is not None:
-            return run.directory / f"{container}.log"
-        # Pod and namespace names have no "_", so this matches this pod's folders only.
-        folders = sorted(self.pods_dir.glob(f"{namespace}_{pod}_*"), key=lambda p: p.stat().st_mtime)
-        return folders[-1] / f"{container}.log" if folders else None
+            return log_file(run.directory, container)
+        runs = self.pods_dir.glob(self._pod_folder(namespace, pod, "*").name)
+        folders = sorted(runs, key=lambda p: p.stat().st_mtime)
+        return log_file(folders[-1], container) if folders else None
 
     def container_running(self, namespace: str, pod: str, container: str) -> bool:
         run = self._live_run(namespace, pod)
@@ -954,6 +958,11 @@ class NodeAgent:
         for run in runs:
             if run.thread is not None:
                 run.thread.join(timeout=10)
+
+
+def log_file(pod_folder: Path, container: str) -> Path:
+    """Where a container's output goes (stdout and stderr, as a kubelet keeps them)."""
+    return pod_folder / f"{container}.log"
 
 
 def terminated_status(
