@@ -60,7 +60,7 @@ def build_tiny_pipeline(dest: Path, *, seed: int = 0, prediction_type: str = "ep
     structure as on a real model, only smaller.
     """
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -114,15 +114,15 @@ def build_tiny_pipeline(dest: Path, *, seed: int = 0, prediction_type: str = "ep
         steps_offset=1,
         prediction_type=prediction_type,
     )
+    return _save_pipeline(dest, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+
+
+def _save_pipeline(dest: Path, **components: Any) -> Path:
+    """Save a Stable Diffusion pipeline of these components (no safety checker) under ``dest``."""
+    from diffusers import StableDiffusionPipeline
+
     pipeline: Any = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
     dest.mkdir(parents=True, exist_ok=True)
     pipeline.save_pretrained(dest, safe_serialization=True)
@@ -149,24 +149,19 @@ def build_random_pipeline(dest: Path, *, model_type: str = "v1x", seed: int = 0)
     Its tokenizer is the tiny one (the real vocabulary is not shipped), which changes no
     shape: prompts are padded to 77 tokens either way.  For benchmarks: about 4 GB in fp32."""
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     configs = Path(__file__).parent / "configs" / model_type
     torch.manual_seed(seed)
-    pipeline: Any = StableDiffusionPipeline(
+    return _save_pipeline(
+        dest,
         vae=AutoencoderKL.from_config(AutoencoderKL.load_config(configs / "vae")),
         text_encoder=CLIPTextModel(CLIPTextConfig.from_json_file(configs / "text_encoder" / "config.json")),
         tokenizer=_tiny_tokenizer(dest),
         unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(configs / "unet")),
         scheduler=PNDMScheduler.from_config(PNDMScheduler.load_config(configs / "scheduler")),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
     )
-    dest.mkdir(parents=True, exist_ok=True)
-    pipeline.save_pretrained(dest, safe_serialization=True)
-    return dest
 
 
 def write_demo_images(dest: Path, count: int, size: int, *, seed: int = 0) -> list[Path]:

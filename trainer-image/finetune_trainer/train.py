@@ -457,7 +457,7 @@ class DreamBoothRecipe:
             self.step += 1
             learning_rate = float(self.lr_scheduler.get_last_lr()[0])
             self.pending.append(PendingStep(self.step, losses, learning_rate, time.monotonic()))
-            sample_due = self.sampler is not None and self.sampler.due(self.step, self.total_steps)
+            sample_due = self._sample_due()
             checkpoint_due = bool(every) and self.step % every == 0
             if self.step >= self.total_steps or sample_due or checkpoint_due or self.reporter.due():
                 self.report_losses()
@@ -609,10 +609,15 @@ class DreamBoothRecipe:
 
     # --- samples and pictures ---------------------------------------------------------------------
 
-    def maybe_sample(self) -> None:
-        """Render the sample prompts when this step is a sample step (main process; the others wait)."""
-        if self.sampler is None or not self.sampler.due(self.step, self.total_steps):
-            return
+    def _sample_due(self) -> bool:
+        return self.sampler is not None and self.sampler.due(self.step, self.total_steps)
+
+    def maybe_sample(self) -> list[Path] | None:
+        """Render the sample prompts when this step is a sample step (main process; the others wait).
+        Returns the pictures it drew with them, or None when it rendered nothing."""
+        if self.sampler is None or not self._sample_due():
+            return None
+        drawn: list[Path] | None = None
         accelerator = self.accelerator
         if accelerator.is_main_process and not self.sampler.done(self.step):
             stage = self.reporter.stage
@@ -636,6 +641,7 @@ class DreamBoothRecipe:
             where = self.out.uri_of(self.samples_dir)
             self.reporter.set_stage(stage, message=f"{len(rendered.paths)} samples at step {self.step} in {where}")
         accelerator.wait_for_everyone()
+        return drawn
 
     def draw_pictures(self) -> list[Path]:
         """loss.png and samples.png under the output; a picture that cannot be drawn is a warning."""
@@ -712,7 +718,9 @@ class DreamBoothRecipe:
             if self.out.remote is not None:
                 self.reporter.emit(message=f"uploading checkpoint {self.step} to {self.out.uri_of(saved.path)}")
             self.out.push_checkpoint(saved.path, keep_last=self.spec.checkpoints.keep_last)
-            self.draw_pictures()
+            # loss.png between sample steps (a sample step has just drawn it; finish() draws the last).
+            if self.step < self.total_steps and not self._sample_due():
+                self.draw_pictures()
         accelerator.wait_for_everyone()
         self._report_checkpoints()
         stage = Stage.TRAINING if self.step < self.total_steps else Stage.CHECKPOINTING
@@ -724,11 +732,11 @@ class DreamBoothRecipe:
         newest = checkpoints.newest(self.checkpoint_dir)
         if newest is None or newest.step != self.step:
             self.save_checkpoint()
-        self.maybe_sample()
+        sampled = self.maybe_sample()
         files: list[Any] = []
         accelerator = self.accelerator
         if accelerator.is_main_process:
-            drawn = self.draw_pictures()
+            drawn = sampled if sampled is not None else self.draw_pictures()
             self.reporter.set_stage(Stage.EXPORTING, message=f"exporting to {self.output}")
             trained = export.Trained(
                 unet=accelerator.unwrap_model(self.unet, keep_torch_compile=False),
