@@ -35,16 +35,16 @@ binaries: setup
 	$(PY) -m finetune_operator.devcluster.binaries etcd kube-apiserver kube-controller-manager kube-scheduler helm
 
 lint: setup
-	$(VENV)/bin/ruff check operator trainer-image tests bench scripts
-	$(VENV)/bin/ruff format --check operator trainer-image tests bench scripts
+	$(VENV)/bin/ruff check api operator trainer-image tests bench scripts
+	$(VENV)/bin/ruff format --check api operator trainer-image tests bench scripts
 	$(VENV)/bin/mypy
 	$(VENV)/bin/hadolint --config trainer-image/.hadolint.yaml trainer-image/Dockerfile operator/Dockerfile
 
 crds: setup
-	$(PY) -m finetune_operator.api.crd crds/finetunejobs.finetune.dev.yaml helm/finetune-operator/crds/finetunejobs.finetune.dev.yaml
+	$(PY) -m finetune_api.crd crds/finetunejobs.finetune.dev.yaml helm/finetune-operator/crds/finetunejobs.finetune.dev.yaml
 
 crds-check: setup
-	$(PY) -m finetune_operator.api.crd --check crds/finetunejobs.finetune.dev.yaml
+	$(PY) -m finetune_api.crd --check crds/finetunejobs.finetune.dev.yaml
 
 # Tests start the binaries they need; building them first keeps the build out
 # of the timed parts of the run.

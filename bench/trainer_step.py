@@ -203,7 +203,7 @@ def textbook(job: dict[str, Any], setting: Setting, *, warmup: int, steps: int) 
 
 def trainer(job: dict[str, Any], setting: Setting, *, warmup: int, steps: int) -> dict[str, Any]:
     """``DreamBoothRecipe`` from a manifest with the same settings; its own train loop."""
-    from finetune_operator.api.v1alpha1 import parse_manifest
+    from finetune_api.v1alpha1 import parse_manifest
     from finetune_trainer.report import ProgressReporter
     from finetune_trainer.train import DreamBoothRecipe
 

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from finetune_operator.api.v1alpha1 import GROUP, PLURAL, VERSION
+from finetune_api.v1alpha1 import GROUP, PLURAL, VERSION
 from finetune_operator.devcluster.cluster import LocalCluster
 
 T = TypeVar("T")

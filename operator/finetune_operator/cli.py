@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "crd":
-        from finetune_operator.api.crd import render_crd
+        from finetune_api.crd import render_crd
 
         sys.stdout.write(render_crd())
         return 0

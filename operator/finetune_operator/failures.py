@@ -6,8 +6,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from finetune_operator.api.report import ExitCode
-from finetune_operator.render import CONTAINER_NAME
+from finetune_api.contract import CONTAINER_NAME
+from finetune_api.report import ExitCode
 
 IMAGE_PULL_REASONS = {"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull"}
 CONFIG_REASONS = {"CreateContainerConfigError", "CreateContainerError"}

@@ -17,9 +17,9 @@ from typing import Any
 
 import kopf
 
-from finetune_operator.api.v1alpha1 import GROUP, PLURAL, VERSION
+from finetune_api.contract import ANNOTATION_FULL_NAME, LABEL_MANAGED_BY, MANAGED_BY
+from finetune_api.v1alpha1 import GROUP, PLURAL, VERSION
 from finetune_operator.reconciler import Reconciler
-from finetune_operator.render import ANNOTATION_FULL_NAME, LABEL_MANAGED_BY, MANAGED_BY
 
 OWNED = {LABEL_MANAGED_BY: MANAGED_BY}
 

@@ -21,8 +21,8 @@ from urllib.parse import quote
 
 import aiohttp
 
+from finetune_api.v1alpha1 import GROUP, PLURAL, VERSION
 from finetune_operator import __version__
-from finetune_operator.api.v1alpha1 import GROUP, PLURAL, VERSION
 
 LOG = logging.getLogger("finetune_operator.kubeapi")
 USER_AGENT = f"finetune-operator/{__version__}"

@@ -25,8 +25,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from finetune_api.v1alpha1 import FineTuneJob, ManifestError, Phase, parse_manifest
 from finetune_operator import names
-from finetune_operator.api.v1alpha1 import FineTuneJob, ManifestError, Phase, parse_manifest
 from finetune_operator.kubeapi import KubeAPI, Outcome, describe_error
 from finetune_operator.metrics import JobView, Metrics
 from finetune_operator.render import ClaimMount, claim_mounts, render

@@ -16,27 +16,38 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from finetune_api.contract import (
+    ANNOTATION_FULL_NAME,
+    ANNOTATION_JOB_FILE,
+    ANNOTATION_OPERATOR_VERSION,
+    ANNOTATION_REPORT_CA,
+    CA_FILE,
+    CACHE_DIR,
+    CONTAINER_NAME,
+    DATA_ROOT,
+    ENV_ATTEMPT,
+    ENV_CACHE_DIR,
+    ENV_JOB,
+    ENV_REPORT_CA_FILE,
+    ENV_REPORT_TOKEN_FILE,
+    ENV_REPORT_URL,
+    ENV_TERMINATION_LOG,
+    JOB_FILE_DIR,
+    KUEUE_QUEUE_LABEL,
+    LABEL_JOB_NAME,
+    LABEL_MANAGED_BY,
+    MANAGED_BY,
+    REPORT_AUDIENCE,
+    TERMINATION_LOG,
+    TOKEN_DIR,
+    TOKEN_FILE,
+    TOKEN_SECONDS,
+    report_path,
+    trainer_command,
+)
+from finetune_api.report import ExitCode
+from finetune_api.v1alpha1 import API_VERSION, KIND, FineTuneJob, dump_spec
 from finetune_operator import __version__, names
-from finetune_operator.api.report import ExitCode
-from finetune_operator.api.v1alpha1 import API_VERSION, KIND, FineTuneJob, dump_spec
-from finetune_operator.settings import REPORT_AUDIENCE
-
-MANAGED_BY = "finetune-operator"
-LABEL_JOB_NAME = "finetune.dev/job-name"
-LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
-ANNOTATION_FULL_NAME = "finetune.dev/finetunejob"
-KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-
-CONTAINER_NAME = "trainer"
-JOB_FILE_DIR = "/etc/finetune"
-JOB_FILE = f"{JOB_FILE_DIR}/job.yaml"
-TOKEN_DIR = "/var/run/finetune/report"
-TOKEN_FILE = f"{TOKEN_DIR}/token"
-TOKEN_SECONDS = 86400  # the kubelet renews it at 80%; the trainer reads the file at every report
-ANNOTATION_JOB_FILE = "finetune.dev/job-yaml"
-ANNOTATION_REPORT_CA = "finetune.dev/report-ca"
-DATA_ROOT = "/data"
-CACHE_DIR = "/cache"
 
 
 @dataclass(frozen=True)
@@ -56,16 +67,6 @@ class ClaimMount:
 class Rendered:
     job: dict[str, Any]
     mounts: tuple[ClaimMount, ...]
-
-
-def trainer_command() -> list[str]:
-    """The container command; the trainer image's entrypoint is the same (a test compares them).
-
-    No ``accelerate launch`` in front: it turns the trainer's exit codes into 1, and the
-    podFailurePolicy keys on them (2 bad input, 3 out of memory).  With several GPUs the
-    trainer starts one worker per GPU itself and exits with the code they recorded.
-    """
-    return ["python", "-m", "finetune_trainer", "run", JOB_FILE]
 
 
 def split_pvc(uri: str) -> tuple[str, str]:
@@ -163,7 +164,7 @@ def _metadata(name: str, namespace: str, uid: str, object_name: str) -> dict[str
 
 
 def report_url(base: str, namespace: str, name: str) -> str:
-    return f"{base.rstrip('/')}/v1alpha1/namespaces/{namespace}/finetunejobs/{name}/progress" if base else ""
+    return f"{base.rstrip('/')}{report_path(namespace, name)}" if base else ""
 
 
 def render(
@@ -195,19 +196,19 @@ def render(
     resources = spec.resources
     gpu_name = resources.gpu_resource if resources.gpu_resource != "nvidia.com/gpu" else gpu_resource
     env: list[dict[str, Any]] = [
-        {"name": "FINETUNE_JOB", "value": f"{namespace}/{name}"},
-        {"name": "FINETUNE_ATTEMPT", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-        {"name": "FINETUNE_REPORT_TOKEN_FILE", "value": TOKEN_FILE},
-        {"name": "FINETUNE_TERMINATION_LOG", "value": "/dev/termination-log"},
+        {"name": ENV_JOB, "value": f"{namespace}/{name}"},
+        {"name": ENV_ATTEMPT, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": ENV_REPORT_TOKEN_FILE, "value": TOKEN_FILE},
+        {"name": ENV_TERMINATION_LOG, "value": TERMINATION_LOG},
         {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
-        {"name": "FINETUNE_CACHE_DIR", "value": CACHE_DIR},
+        {"name": ENV_CACHE_DIR, "value": CACHE_DIR},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
     url = report_url(report_base_url, namespace, name)
     if url:
-        env.insert(0, {"name": "FINETUNE_REPORT_URL", "value": url})
+        env.insert(0, {"name": ENV_REPORT_URL, "value": url})
     if report_ca:
-        env.append({"name": "FINETUNE_REPORT_CA_FILE", "value": f"{TOKEN_DIR}/ca.crt"})
+        env.append({"name": ENV_REPORT_CA_FILE, "value": CA_FILE})
     env_from = []
     if spec.base_model.credentials_secret:
         env_from.append({"secretRef": {"name": spec.base_model.credentials_secret}})
@@ -274,7 +275,7 @@ def render(
         "envFrom": env_from,
         "resources": {"requests": {"cpu": resources.cpu, "memory": resources.memory}, "limits": limits},
         "volumeMounts": volume_mounts,
-        "terminationMessagePath": "/dev/termination-log",
+        "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {
             "allowPrivilegeEscalation": False,
@@ -350,6 +351,6 @@ def render(
         job_spec["ttlSecondsAfterFinished"] = policy.ttl_seconds_after_finished
     job_meta = _metadata(name, namespace, uid, names.job_name(name))
     job_meta["labels"] = job_labels
-    job_meta["annotations"]["finetune.dev/operator-version"] = __version__
+    job_meta["annotations"][ANNOTATION_OPERATOR_VERSION] = __version__
     batch_job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": job_meta, "spec": job_spec}
     return Rendered(job=batch_job, mounts=mounts)

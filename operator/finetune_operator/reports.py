@@ -12,8 +12,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from finetune_operator.api.report import ProgressEvent
-from finetune_operator.api.v1alpha1 import Stage
+from finetune_api.report import ProgressEvent
+from finetune_api.v1alpha1 import Stage
 
 Key = tuple[str, str]
 FINAL_STAGES = {Stage.DONE, Stage.FAILED}

@@ -21,11 +21,11 @@ from typing import Any
 from aiohttp import web
 from pydantic import ValidationError
 
-from finetune_operator.api.report import MAX_REPORT_BYTES, ProgressEvent
+from finetune_api.contract import ANNOTATION_FULL_NAME
+from finetune_api.report import MAX_REPORT_BYTES, ProgressEvent
 from finetune_operator.kubeapi import ApiError, KubeAPI, describe_error
 from finetune_operator.metrics import Metrics, prometheus_text
 from finetune_operator.reconciler import Reconciler
-from finetune_operator.render import ANNOTATION_FULL_NAME
 from finetune_operator.reports import ProgressStore
 from finetune_operator.settings import OperatorSettings
 

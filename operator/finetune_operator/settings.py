@@ -8,10 +8,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from finetune_api.contract import REPORT_AUDIENCE
 from finetune_operator import __version__
-
-# The audience of the service-account token a trainer pod reports progress with.
-REPORT_AUDIENCE = "finetune-operator"
 
 DEFAULT_TRAINER_IMAGE = f"ghcr.io/finetune-operator/trainer:{__version__}"
 DEFAULT_GPU_TOLERATIONS: list[dict[str, Any]] = [

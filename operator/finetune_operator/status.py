@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from finetune_operator.api.report import ProgressEvent, TrainerSummary
-from finetune_operator.api.v1alpha1 import FineTuneJobSpec, Phase, Stage
+from finetune_api.report import ProgressEvent, TrainerSummary
+from finetune_api.v1alpha1 import FineTuneJobSpec, Phase, Stage
 from finetune_operator.failures import (
     Failure,
     classify_job_failure,

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from finetune_operator.api.v1alpha1 import GROUP, PLURAL, VERSION
+from finetune_api.v1alpha1 import GROUP, PLURAL, VERSION
 from tests.jobs import job_manifest, kill_trainer, prepare_claims, trainer_processes
 from tests.kube import Kube, OperatorProcess, wait_for
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune_operator.api.v1alpha1 import parse_manifest
+from finetune_api.v1alpha1 import parse_manifest
 from finetune_trainer import checkpoints, storage
 from finetune_trainer.errors import BadInput
 

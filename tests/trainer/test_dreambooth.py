@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from finetune_operator.api.report import ExitCode
+from finetune_api.report import ExitCode
 from finetune_trainer.storage import sha256_file
 from tests.trainer.conftest import Run, base_spec, manifest, run_cli, run_killed_while_checkpointing
 from tests.trainer.operator_stub import Operator
@@ -153,7 +153,7 @@ def test_the_single_file_can_be_the_next_base_model(straight: Run) -> None:
     tokenizer from the diffusers folder beside it), holds the trained weights."""
     from diffusers import UNet2DConditionModel
 
-    from finetune_operator.api.v1alpha1 import BaseModelSource
+    from finetune_api.v1alpha1 import BaseModelSource
     from finetune_trainer.model import load_base_model
 
     single = straight.output / f"{NAME}.safetensors"

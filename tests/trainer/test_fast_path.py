@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from finetune_operator.api.report import ExitCode
+from finetune_api.report import ExitCode
 from finetune_trainer import job as job_module
 from finetune_trainer import train
 from finetune_trainer.report import ProgressReporter

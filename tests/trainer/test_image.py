@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from finetune_api import contract
 from finetune_operator import render
 
 pytestmark = pytest.mark.trainer
@@ -75,10 +76,25 @@ def lock_pins() -> dict[str, str]:
 
 
 def test_the_image_entrypoint_is_the_command_the_operator_renders() -> None:
-    assert exec_form("ENTRYPOINT") + exec_form("CMD") == render.trainer_command()
+    assert exec_form("ENTRYPOINT") + exec_form("CMD") == contract.trainer_command()
     # "python" is the image's environment, where the trainer and its locked packages are.
     env = " ".join(args for name, args in final_stage() if name == "ENV")
     assert re.search(r"\bPATH=/opt/venv/bin:", env)
+
+
+def copied_sources(dockerfile: Path) -> set[str]:
+    """The repository folders a Dockerfile copies (sources, not single files)."""
+    sources: set[str] = set()
+    for name, args in instructions(dockerfile):
+        if name == "COPY" and not args.startswith("--from"):
+            *paths, _ = args.split()
+            sources.update(p for p in paths if not p.startswith("--") and "." not in Path(p).name)
+    return sources
+
+
+def test_each_image_carries_the_api_package_and_its_own_code_only() -> None:
+    assert copied_sources(DOCKERFILE) == {"api/finetune_api", "trainer-image/finetune_trainer"}
+    assert copied_sources(ROOT / "operator" / "Dockerfile") == {"api/finetune_api", "operator/finetune_operator"}
 
 
 def test_the_image_runs_as_the_user_the_operator_runs_pods_as() -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from finetune_operator.api.v1alpha1 import parse_manifest
+from finetune_api.v1alpha1 import parse_manifest
 from finetune_trainer.errors import BadInput
 from finetune_trainer.job import Device, check_supported, load_job, resolve_settings, total_steps
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune_operator.api.report import ExitCode
+from finetune_api.report import ExitCode
 from finetune_trainer import launch
 
 pytestmark = pytest.mark.trainer

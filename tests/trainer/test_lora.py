@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from finetune_operator.api.report import ExitCode
+from finetune_api.report import ExitCode
 from tests.trainer.conftest import Run, base_spec, manifest, run_cli, run_killed_while_checkpointing
 
 pytestmark = pytest.mark.trainer

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune_operator.api.v1alpha1 import BaseModelSource
+from finetune_api.v1alpha1 import BaseModelSource
 from finetune_trainer import convert
 from finetune_trainer.errors import BadInput
 from finetune_trainer.model import load_base_model, read_checkpoint

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from finetune_operator.api.report import SUMMARY_LIMIT_BYTES, ProgressEvent, TrainerSummary
-from finetune_operator.api.v1alpha1 import OutputFile, Stage
+from finetune_api.report import SUMMARY_LIMIT_BYTES, ProgressEvent, TrainerSummary
+from finetune_api.v1alpha1 import OutputFile, Stage
 from finetune_trainer import report
 from tests.trainer.operator_stub import Operator
 
@@ -219,7 +219,7 @@ def test_the_summary_keeps_the_newest_samples_longest() -> None:
 
 
 def test_an_event_always_fits_what_the_operator_accepts() -> None:
-    from finetune_operator.api.report import MAX_REPORT_BYTES, Thumbnail
+    from finetune_api.report import MAX_REPORT_BYTES, Thumbnail
 
     samples = [
         f"s3://a-bucket/with/a/long/prefix/nick/samples/step-{s:06d}-{i}.png" for s in range(62) for i in range(16)

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from finetune_operator.api.report import ExitCode
+from finetune_api.report import ExitCode
 from finetune_trainer import outputs, storage
 from finetune_trainer.errors import BadInput
 from tests.trainer.conftest import base_spec, manifest, run_cli, run_script

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from finetune_operator.api import FineTuneJob, ManifestError, load_manifest, parse_manifest
+from finetune_api import FineTuneJob, ManifestError, load_manifest, parse_manifest
 from tests.bad_specs import BAD_SPECS, BadSpec, bad_manifest, good_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -103,7 +103,7 @@ def test_yaml_that_is_not_a_job_says_so(tmp_path: Path) -> None:
 
 def test_models_import_neither_torch_nor_kopf() -> None:
     code = (
-        "import sys; import finetune_operator.api, finetune_operator.api.crd; "
+        "import sys; import finetune_api, finetune_api.crd; "
         "bad = [m for m in ('torch', 'kopf', 'diffusers', 'kubernetes') if m in sys.modules]; "
         "assert not bad, bad"
     )

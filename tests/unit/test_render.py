@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import yaml
 
+from finetune_api import load_manifest, parse_manifest
 from finetune_operator import names
-from finetune_operator.api import load_manifest, parse_manifest
 from finetune_operator.render import (
     ANNOTATION_FULL_NAME,
     KUEUE_QUEUE_LABEL,

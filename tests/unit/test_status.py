@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from finetune_operator.api import parse_manifest
-from finetune_operator.api.report import ProgressEvent
+from finetune_api import parse_manifest
+from finetune_api.report import ProgressEvent
 from finetune_operator.render import ClaimMount
 from finetune_operator.status import Observed, compute_status, format_duration, status_patch
 from tests.bad_specs import good_manifest

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune_operator.api.v1alpha1 import CheckpointRef, FineTuneJobSpec
+from finetune_api.v1alpha1 import CheckpointRef, FineTuneJobSpec
 from finetune_trainer import storage
 from finetune_trainer.errors import BadInput
 

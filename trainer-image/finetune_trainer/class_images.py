@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from finetune_operator.api.v1alpha1 import FineTuneJobSpec
+from finetune_api.v1alpha1 import FineTuneJobSpec
 from finetune_trainer import data, storage
 from finetune_trainer.export import scheduler_for
 from finetune_trainer.model import BaseModel

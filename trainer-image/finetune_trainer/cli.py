@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 from types import FrameType
 
-from finetune_operator.api.report import ExitCode, FailureReason, TrainerSummary
-from finetune_operator.api.v1alpha1 import Stage
+from finetune_api.report import ExitCode, FailureReason, TrainerSummary
+from finetune_api.v1alpha1 import Stage
 from finetune_trainer import launch, report
 from finetune_trainer.errors import BadInput, Stopped, TrainerError
 

@@ -6,7 +6,7 @@ not retried (a retry would fail the same way); anything else is, and resumes.
 
 from __future__ import annotations
 
-from finetune_operator.api.report import ExitCode, FailureReason
+from finetune_api.report import ExitCode, FailureReason
 
 
 class TrainerError(Exception):

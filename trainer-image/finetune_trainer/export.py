@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune_operator.api.v1alpha1 import FineTuneJob, Method, ModelType, OutputFile, OutputFormat
+from finetune_api.v1alpha1 import FineTuneJob, Method, ModelType, OutputFile, OutputFormat
 from finetune_trainer import convert, lora, storage
 from finetune_trainer.model import CONFIG_METADATA_KEY, BaseModel
 from finetune_trainer.report import now_rfc3339

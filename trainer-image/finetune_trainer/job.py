@@ -16,7 +16,7 @@ import sysconfig
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from finetune_operator.api.v1alpha1 import (
+from finetune_api.v1alpha1 import (
     FineTuneJob,
     FineTuneJobSpec,
     ManifestError,

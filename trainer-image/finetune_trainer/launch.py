@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from finetune_operator.api.report import ExitCode
+from finetune_api.report import ExitCode
 
 EXIT_CODE_DIR = "FINETUNE_EXIT_CODE_DIR"
 

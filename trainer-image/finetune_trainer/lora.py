@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from finetune_operator.api.v1alpha1 import LoRASettings
+from finetune_api.v1alpha1 import LoRASettings
 from finetune_trainer import storage
 from finetune_trainer.errors import TrainerError
 

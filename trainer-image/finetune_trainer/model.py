@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from finetune_operator.api.v1alpha1 import BaseModelSource, ModelType
+from finetune_api.v1alpha1 import BaseModelSource, ModelType
 from finetune_trainer import convert, storage
 from finetune_trainer.errors import BadInput
 from finetune_trainer.job import PREDICTION_TYPES

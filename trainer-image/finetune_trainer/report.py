@@ -29,19 +29,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-from finetune_operator.api.report import (
+from finetune_api import contract
+from finetune_api.report import (
     MAX_REPORT_BYTES,
     SUMMARY_LIMIT_BYTES,
     ProgressEvent,
     Thumbnail,
     TrainerSummary,
 )
-from finetune_operator.api.v1alpha1 import CheckpointRef, OutputFile, Stage
+from finetune_api.v1alpha1 import CheckpointRef, OutputFile, Stage
 
 log = logging.getLogger("finetune_trainer")
 
-DEFAULT_TERMINATION_LOG = "/dev/termination-log"
-DEFAULT_TOKEN_FILE = "/etc/finetune/report/token"
+DEFAULT_TERMINATION_LOG = contract.TERMINATION_LOG
+DEFAULT_TOKEN_FILE = contract.TOKEN_FILE
 # Smoothing of the reported loss (an exponential moving average); loss.png draws the same.
 SMOOTHING = 0.9
 MAX_SAMPLES_IN_EVENT = 1000
@@ -99,7 +100,7 @@ def configure_logging(job: str, *, stream: IO[str] | None = None, main_process: 
 def report_tls_context() -> ssl.SSLContext | None:
     """With ``FINETUNE_REPORT_CA_FILE`` set (the operator's CA bundle), pushes verify the
     operator's certificate against it; otherwise the system's CAs are used."""
-    cafile = os.environ.get("FINETUNE_REPORT_CA_FILE")
+    cafile = os.environ.get(contract.ENV_REPORT_CA_FILE)
     if not cafile:
         return None
     try:
@@ -115,10 +116,10 @@ def report_tls_context() -> ssl.SSLContext | None:
 
 
 def report_token() -> str | None:
-    token = os.environ.get("FINETUNE_REPORT_TOKEN")
+    token = os.environ.get(contract.ENV_REPORT_TOKEN)
     if token:
         return token.strip()
-    path = Path(os.environ.get("FINETUNE_REPORT_TOKEN_FILE", DEFAULT_TOKEN_FILE))
+    path = Path(os.environ.get(contract.ENV_REPORT_TOKEN_FILE, DEFAULT_TOKEN_FILE))
     with contextlib.suppress(OSError):
         return path.read_text().strip() or None
     return None
@@ -290,7 +291,7 @@ class ProgressReporter:
         peak_memory: Callable[[], int | None] | None = None,
     ) -> None:
         self.job = job
-        self.attempt = attempt or os.environ.get("FINETUNE_ATTEMPT") or socket.gethostname()
+        self.attempt = attempt or os.environ.get(contract.ENV_ATTEMPT) or socket.gethostname()
         self.pusher = pusher
         self.interval_s = interval_s
         self.enabled = enabled
@@ -428,7 +429,7 @@ def _finite(value: float | None) -> float | None:
 
 
 def pusher_from_env() -> ReportPusher | None:
-    url = os.environ.get("FINETUNE_REPORT_URL")
+    url = os.environ.get(contract.ENV_REPORT_URL)
     return ReportPusher(url, token=report_token, tls=report_tls_context()) if url else None
 
 
@@ -469,7 +470,7 @@ def fit_summary(summary: TrainerSummary, *, limit: int = SUMMARY_LIMIT_BYTES) ->
 
 
 def write_summary(summary: TrainerSummary) -> Path | None:
-    path = Path(os.environ.get("FINETUNE_TERMINATION_LOG", DEFAULT_TERMINATION_LOG))
+    path = Path(os.environ.get(contract.ENV_TERMINATION_LOG, DEFAULT_TERMINATION_LOG))
     body = fit_summary(summary)
     log.info("summary", extra={"event": "summary", "fields": json.loads(body)})
     try:

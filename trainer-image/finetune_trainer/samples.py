@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune_operator.api.report import Thumbnail
-from finetune_operator.api.v1alpha1 import Samples
+from finetune_api.report import Thumbnail
+from finetune_api.v1alpha1 import Samples
 from finetune_trainer import storage
 from finetune_trainer.export import scheduler_for
 from finetune_trainer.model import BaseModel

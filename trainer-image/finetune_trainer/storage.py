@@ -30,7 +30,7 @@ from urllib.parse import unquote, urlparse
 from finetune_trainer.errors import BadInput
 
 if TYPE_CHECKING:
-    from finetune_operator.api.v1alpha1 import FineTuneJobSpec
+    from finetune_api.v1alpha1 import FineTuneJobSpec
 
 log = logging.getLogger("finetune_trainer")
 

@@ -54,7 +54,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune_operator.api.v1alpha1 import FineTuneJob, Method, Stage
+from finetune_api import contract
+from finetune_api.v1alpha1 import FineTuneJob, Method, Stage
 from finetune_trainer import checkpoints, class_images, data, export, lora, outputs, pictures, samples, storage
 from finetune_trainer.errors import OutOfMemory
 from finetune_trainer.job import (
@@ -78,7 +79,7 @@ COMPILE_BACKEND = "inductor"
 
 def cache_dir() -> Path:
     """Downloads (remote models and images): ``FINETUNE_CACHE_DIR``, else the user's cache."""
-    return Path(os.environ.get("FINETUNE_CACHE_DIR") or Path.home() / ".cache" / "finetune-trainer")
+    return Path(os.environ.get(contract.ENV_CACHE_DIR) or Path.home() / ".cache" / "finetune-trainer")
 
 
 @dataclass

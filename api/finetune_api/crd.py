@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from finetune_operator.api.v1alpha1 import (
+from finetune_api.v1alpha1 import (
     GROUP,
     KIND,
     PLURAL,
@@ -203,7 +203,7 @@ def build_crd() -> dict[str, Any]:
 
 
 def render_crd() -> str:
-    header = "# Generated from operator/finetune_operator/api/v1alpha1.py by `make crds`. Do not edit.\n"
+    header = "# Generated from api/finetune_api/v1alpha1.py by `make crds`. Do not edit.\n"
     return header + yaml.safe_dump(build_crd(), sort_keys=False, width=100)
 
 

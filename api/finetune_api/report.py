@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from finetune_operator.api.v1alpha1 import CheckpointRef, OutputFile, Stage, _Model
+from finetune_api.v1alpha1 import CheckpointRef, OutputFile, Stage, _Model
 
 SUMMARY_LIMIT_BYTES = 4096
 MAX_REPORT_BYTES = 256 * 1024

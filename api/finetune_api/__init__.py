@@ -5,7 +5,7 @@ the operator parses resources with them and the trainer validates its job file
 with them.  This package imports neither torch nor kopf.
 """
 
-from finetune_operator.api.v1alpha1 import (
+from finetune_api.v1alpha1 import (
     API_VERSION,
     GROUP,
     KIND,
