@@ -106,6 +106,13 @@ BAD_SPECS = [
     BadSpec("no-base-model", _delete("baseModel"), "spec.baseModel"),
     BadSpec("no-instance-prompt", _delete("dataset.instancePrompt"), "spec.dataset.instancePrompt"),
     BadSpec("empty-instance-prompt", _set("dataset.instancePrompt", ""), "spec.dataset.instancePrompt"),
+    BadSpec("blank-instance-prompt", _set("dataset.instancePrompt", " \t\n "), "spec.dataset.instancePrompt"),
+    BadSpec("blank-class-prompt", _set("dataset.classPrompt", "   "), "spec.dataset.classPrompt"),
+    BadSpec(
+        "lora-targets-unknown",
+        _both(_set("method", "LoRA"), _set("training.lora", {"targets": "everything"})),
+        "spec.training.lora.targets",
+    ),
     BadSpec("no-output", _delete("output"), "spec.output"),
 ]
 

@@ -40,6 +40,15 @@ def _cel(rule: str, message: str, **extra: str) -> Any:
     return {"rule": rule, "message": message, **extra}
 
 
+# A prompt must say something: at least one character that is not whitespace (RE2 and Python agree).
+NOT_BLANK = r"\S"
+
+
+BLANK_PROMPT = (
+    "is empty or only whitespace: write the prompt that describes the images, e.g. 'a photo of nickxxxawesome'"
+)
+
+
 def _uri_rules(path: str) -> Any:
     return [
         _cel(
@@ -89,6 +98,13 @@ class ModelType(StrEnum):
     SDXL = "sdxl"
 
 
+# The size each family was trained at; a dataset without a resolution trains at it.
+NATIVE_RESOLUTION = {ModelType.V1X: 512, ModelType.V2X_512: 512, ModelType.V2X: 768, ModelType.SDXL: 1024}
+# diffusers' train_dreambooth.py and the web UI use 2e-6 for a full UNet; diffusers' LoRA
+# scripts use 1e-4 (kohya's too): at 2e-6 an adapter starting from zero barely moves.
+DEFAULT_LEARNING_RATE = {Method.DREAMBOOTH: 2.0e-6, Method.LORA: 1.0e-4}
+
+
 class Optimizer(StrEnum):
     ADAMW = "AdamW"
     ADAMW8BIT = "AdamW8bit"
@@ -117,6 +133,11 @@ class LRScheduler(StrEnum):
     COSINE = "cosine"
     LINEAR = "linear"
     POLYNOMIAL = "polynomial"
+
+
+class LoRATargets(StrEnum):
+    KOHYA = "kohya"
+    ATTENTION = "attention"
 
 
 class OutputFormat(StrEnum):
@@ -170,11 +191,13 @@ class Dataset(_Model):
         min_length=1,
         max_length=1000,
         description="Prompt naming the subject with a unique token, e.g. 'a photo of nickxxxawesome'.",
+        json_schema_extra={"x-kubernetes-validations": [_cel(f"self.matches(r'{NOT_BLANK}')", BLANK_PROMPT)]},
     )
     class_prompt: str | None = Field(
         default=None,
         max_length=1000,
         description="Prompt for the subject's class, e.g. 'a photo of a man' (prior preservation).",
+        json_schema_extra={"x-kubernetes-validations": [_cel(f"self.matches(r'{NOT_BLANK}')", BLANK_PROMPT)]},
     )
     class_images: Uri | None = Field(
         default=None,
@@ -194,12 +217,15 @@ class Dataset(_Model):
     prior_loss_weight: float = Field(
         default=1.0, gt=0, le=100, description="Weight of the class-image loss against the instance loss."
     )
-    resolution: int = Field(
-        default=512,
+    resolution: int | None = Field(
+        default=None,
         ge=64,
         le=2048,
         multiple_of=8,
-        description="Training resolution in pixels (square); images are resized and cropped to it.",
+        description=(
+            "Training resolution in pixels (square); images are resized and cropped to it. "
+            "Unset: the model family's native size (v1x and v2x-512: 512, v2x: 768, sdxl: 1024)."
+        ),
     )
     center_crop: bool = Field(
         default=False, description="Crop the centre of each image (true) or a random square (false)."
@@ -210,6 +236,13 @@ class Dataset(_Model):
     @classmethod
     def _uris(cls, value: str | None) -> str | None:
         return None if value is None else check_uri(value, field="dataset")
+
+    @field_validator("instance_prompt", "class_prompt")
+    @classmethod
+    def _not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not re.search(NOT_BLANK, value):
+            raise ValueError(BLANK_PROMPT)
+        return value
 
     @model_validator(mode="after")
     def _prior_needs_class_prompt(self) -> Dataset:
@@ -227,7 +260,16 @@ class LoRASettings(_Model):
     rank: int = Field(default=4, ge=1, le=1024, description="Rank of the LoRA matrices.")
     alpha: float = Field(default=4, gt=0, description="LoRA alpha; the update is scaled by alpha/rank.")
     dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout on the LoRA layers.")
-    train_text_encoder: bool = Field(default=False, description="Also put LoRA layers on the text encoder's attention.")
+    targets: LoRATargets = Field(
+        default=LoRATargets.KOHYA,
+        description=(
+            "Which layers get adapters. kohya (as kohya's scripts and the web UIs): every linear and 1x1 "
+            "projection of the UNet's transformer blocks (attention, feed-forward, proj_in/proj_out) and of the "
+            "text encoder's layers (attention and MLP). attention (as diffusers' train_dreambooth_lora.py): "
+            "the attention projections only; fewer weights, so a given rank learns less."
+        ),
+    )
+    train_text_encoder: bool = Field(default=False, description="Also put LoRA layers on the text encoder.")
 
 
 class Training(_Model):
@@ -237,7 +279,10 @@ class Training(_Model):
         default=None,
         gt=0,
         le=100000,
-        description="Training steps per instance image; total = stepsPerImage x images (the web UI's setting).",
+        description=(
+            "How many times each instance image is seen (the web UI's 'Training Steps Per Image (Epochs)'). "
+            "Optimizer steps = ceil(stepsPerImage x images / (batchSize x gradientAccumulationSteps x gpus))."
+        ),
     )
     max_steps: int | None = Field(
         default=None, gt=0, le=10000000, description="Total training steps; overrides stepsPerImage."
@@ -246,7 +291,16 @@ class Training(_Model):
     gradient_accumulation_steps: int = Field(
         default=1, ge=1, le=1024, description="Steps whose gradients add up before one optimizer update."
     )
-    learning_rate: float = Field(default=2.0e-6, gt=0, le=1, description="Peak learning rate.")
+    learning_rate: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description=(
+            "Peak learning rate. Unset: 2e-6 for method DreamBooth (diffusers' and the web UI's default for a "
+            "full UNet) and 1e-4 for method LoRA (diffusers' and kohya's LoRA default); the value in effect is "
+            "in status.settings."
+        ),
+    )
     lr_scheduler: LRScheduler = Field(default=LRScheduler.CONSTANT, description="Learning-rate schedule.")
     lr_warmup_steps: int = Field(default=0, ge=0, description="Steps of linear warm-up.")
     optimizer: Optimizer = Field(
@@ -347,6 +401,14 @@ class Output(_Model):
         default=False,
         alias="mergeLoRA",
         description="Method LoRA: also export a full model with the adapter merged in.",
+    )
+    overwrite: bool = Field(
+        default=False,
+        description=(
+            "An output folder belongs to one FineTuneJob and one dataset: a job finding another job's (or another "
+            "dataset's) run there is refused. true moves what is there aside (into .replaced-<time>/ inside the "
+            "output) and starts afresh; nothing is deleted."
+        ),
     )
 
     @field_validator("uri")
@@ -530,6 +592,18 @@ class FineTuneJobSpec(_Model):
     def lora(self) -> LoRASettings:
         """The LoRA settings in effect (defaults when method LoRA leaves them out)."""
         return self.training.lora or LoRASettings()
+
+    @property
+    def resolution(self) -> int:
+        """The training resolution in effect: the dataset's, else the family's native size."""
+        return self.dataset.resolution or NATIVE_RESOLUTION[ModelType(self.base_model.type)]
+
+    @property
+    def learning_rate(self) -> float:
+        """The peak learning rate in effect: the spec's, else the method's default."""
+        if self.training.learning_rate is not None:
+            return self.training.learning_rate
+        return DEFAULT_LEARNING_RATE[Method(self.method)]
 
 
 # --- status ---------------------------------------------------------------------------------------

@@ -123,13 +123,13 @@ KILL_WHILE_CHECKPOINTING = textwrap.dedent(
     KILL_AT = int(sys.argv.pop(1))
     real_save = checkpoints.save
 
-    def save(accelerator, root, *, step, state, keep_last):
+    def save(accelerator, root, *, step, state, keep_last, **extra):
         if step == KILL_AT:
             tmp = root / (storage.TEMP_PREFIX + checkpoints.checkpoint_name(step))
             tmp.mkdir(parents=True)
             accelerator.save_state(str(tmp))
             os.kill(os.getpid(), signal.SIGKILL)
-        return real_save(accelerator, root, step=step, state=state, keep_last=keep_last)
+        return real_save(accelerator, root, step=step, state=state, keep_last=keep_last, **extra)
 
     checkpoints.save = save
     sys.exit(cli.main(sys.argv[1:]))

@@ -116,6 +116,25 @@ def test_an_invalid_manifest_names_the_field(tmp_path: Path) -> None:
         load_job(tmp_path / "missing.yaml")
 
 
+def test_a_prompt_of_only_whitespace_is_bad_input_naming_the_field(tmp_path: Path) -> None:
+    from finetune_trainer import cli
+
+    path = tmp_path / "job.yaml"
+    path.write_text(
+        "kind: FineTuneJob\nspec:\n  baseModel: {uri: /m}\n"
+        '  dataset: {instanceImages: /d, instancePrompt: "  \\t "}\n'
+        "  training: {maxSteps: 1}\n  output: {uri: /o}\n"
+    )
+    with pytest.raises(BadInput, match=r"spec\.dataset\.instancePrompt: is empty or only whitespace"):
+        load_job(path)
+    log = tmp_path / "termination-log"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FINETUNE_TERMINATION_LOG", str(log))
+        patch.delenv("FINETUNE_REPORT_URL", raising=False)
+        assert cli.main(["run", str(path)]) == 2  # bad input: not retried
+    assert "spec.dataset.instancePrompt" in log.read_text()
+
+
 def test_lora_and_object_store_outputs_are_accepted() -> None:
     spec = parse_manifest(
         {

@@ -104,11 +104,15 @@ def test_the_web_ui_file_is_in_kohya_layout(lora_run: Run) -> None:
     assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q" in modules
     assert "lora_unet_up_blocks_1_attentions_0_transformer_blocks_0_attn2_to_out_0" in modules
     assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj" in modules
-    # Every attention projection has its pair and its alpha: the tiny UNet has 4 transformer
-    # blocks (down 1, mid 1, up 2) of 2 attentions with 4 projections, its text encoder 2
-    # layers of 4.
-    assert sum(m.startswith("lora_unet_") for m in modules) == 32
-    assert sum(m.startswith("lora_te_") for m in modules) == 8
+    # kohya's set: the tiny UNet has 4 transformer blocks (down 1, mid 1, up 2), each with 2
+    # attentions of 4 projections, a feed-forward of 2 layers, proj_in and proj_out (12); its
+    # text encoder 2 layers of 4 attention projections and an MLP of 2 (6).
+    assert "lora_unet_down_blocks_0_attentions_0_proj_in" in modules
+    assert "lora_unet_mid_block_attentions_0_transformer_blocks_0_ff_net_0_proj" in modules
+    assert "lora_unet_up_blocks_1_attentions_1_transformer_blocks_0_ff_net_2" in modules
+    assert "lora_te_text_model_encoder_layers_1_mlp_fc2" in modules
+    assert sum(m.startswith("lora_unet_") for m in modules) == 4 * 12
+    assert sum(m.startswith("lora_te_") for m in modules) == 2 * 6
     for module in modules:
         down, up, alpha = (tensors[f"{module}.{s}"] for s in ("lora_down.weight", "lora_up.weight", "alpha"))
         assert down.shape[0] == RANK
@@ -118,6 +122,94 @@ def test_the_web_ui_file_is_in_kohya_layout(lora_run: Run) -> None:
     assert metadata["ss_network_dim"] == str(RANK)
     assert metadata["ss_network_alpha"] == str(ALPHA)
     assert metadata["modelspec.architecture"] == "stable-diffusion-v1/lora"
+
+
+def denoising_loss(unet: Any, pipeline_dir: Path, photos: Path) -> float:
+    """The UNet's noise-prediction error on the photos, at fixed noise and timesteps."""
+    from diffusers import AutoencoderKL, DDPMScheduler
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from finetune_trainer import data
+
+    vae = AutoencoderKL.from_pretrained(pipeline_dir, subfolder="vae")
+    tokenizer = CLIPTokenizer.from_pretrained(pipeline_dir, subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(pipeline_dir, subfolder="text_encoder")
+    scheduler = DDPMScheduler.from_pretrained(pipeline_dir, subfolder="scheduler")
+    examples = data.load_folder(photos, prompt="a photo of sks ball", resolution=64, field_name="x").examples
+    pixels = torch.stack([data.crop_and_flip(e.pixels, 64, center=True, flip=False) for e in examples])
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+        ids = tokenizer(["a photo of sks ball"] * len(examples), padding="max_length", return_tensors="pt").input_ids
+        hidden = text_encoder(ids)[0]
+        total = 0.0
+        for _ in range(8):
+            noise = torch.randn(latents.shape, generator=gen)
+            steps = torch.randint(0, scheduler.config.num_train_timesteps, (len(examples),), generator=gen)
+            prediction = unet(scheduler.add_noise(latents, noise, steps), steps, hidden).sample
+            total += float(torch.nn.functional.mse_loss(prediction, noise))
+    return total / 8
+
+
+def test_lora_learns_at_its_default_rate_and_the_resource_shows_it(
+    tiny_model: Path, photos: Path, tmp_path: Path
+) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    def train(name: str, **extra: Any) -> tuple[Run, float]:
+        output = tmp_path / name
+        spec = base_spec(tiny_model, photos, output, maxSteps=12, seed=5)
+        del spec["training"]["learningRate"]
+        spec["training"].update(extra)
+        spec["method"] = "LoRA"
+        spec["training"]["lora"] = {"rank": 4, "alpha": 4}
+        run = run_cli(manifest(tmp_path / f"{name}.yaml", name=name, **spec), output, tmp_path / f"{name}-log")
+        assert run.code == ExitCode.SUCCESS, run.summary
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_model, dtype=torch.float32)
+        pipe.load_lora_weights(output / "lora")
+        return run, denoising_loss(pipe.unet, tiny_model, photos)
+
+    before = denoising_loss(
+        StableDiffusionPipeline.from_pretrained(tiny_model, dtype=torch.float32).unet, tiny_model, photos
+    )
+    unset, unset_loss = train("unset")
+    _, explicit_loss = train("explicit", learningRate=1.0e-4)
+    dreambooth_rate, dreambooth_rate_loss = train("low", learningRate=2.0e-6)
+
+    assert unset.summary["settings"]["learning_rate"] == "0.0001"
+    assert explicit_loss == pytest.approx(unset_loss, rel=1e-6)
+    # Measured here: 1.1133 before, 1.1072 at the default, 1.1132 at 2e-6.
+    assert before - unset_loss > 0.003, (before, unset_loss)
+    assert before - unset_loss > 20 * max(before - dreambooth_rate_loss, 1e-9), (before, dreambooth_rate_loss)
+    # The rate DreamBooth uses is named as too low for an adapter, on the resource.
+    assert any("learningRate: 2e-06 is low for LoRA" in w for w in dreambooth_rate.summary["warnings"])
+    assert not any("is low for LoRA" in w for w in unset.summary["warnings"])
+
+
+def test_attention_only_targets_are_an_option_and_load_in_diffusers(
+    tiny_model: Path, photos: Path, tmp_path: Path
+) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    output = tmp_path / "out"
+    spec = lora_spec(tiny_model, photos, output, merge=False)
+    spec["training"].update(maxSteps=2)
+    spec["training"]["lora"]["targets"] = "attention"
+    spec["checkpoints"] = {}
+    run = run_cli(manifest(tmp_path / "job.yaml", name=NAME, **spec), output, tmp_path / "log")
+    assert run.code == ExitCode.SUCCESS, run.summary
+    modules = {k.rsplit(".", 1)[0] for k in load_file(str(output / f"{NAME}-lora.safetensors")) if k.endswith(".alpha")}
+    assert sum(m.startswith("lora_unet_") for m in modules) == 4 * 8
+    assert sum(m.startswith("lora_te_") for m in modules) == 2 * 4
+    assert not [m for m in modules if "ff_net" in m or "proj_in" in m or "mlp" in m]
+    base = StableDiffusionPipeline.from_pretrained(tiny_model, dtype=torch.float32)
+    before = _render(base)
+    base.load_lora_weights(output / "lora")
+    peft = _render(base)
+    kohya = StableDiffusionPipeline.from_pretrained(tiny_model, dtype=torch.float32)
+    kohya.load_lora_weights(str(output / f"{NAME}-lora.safetensors"))
+    assert numpy.abs(peft - before).max() > 1e-3
+    numpy.testing.assert_allclose(_render(kohya), peft, atol=2e-3)
 
 
 def test_a_killed_lora_run_resumes_to_the_same_adapter(

@@ -203,9 +203,12 @@ def test_an_upload_killed_midway_leaves_no_object_under_a_final_name_and_a_rerun
     assert unet not in final
     assert "bucket/out/manifest.json" not in final
     assert "bucket/out/checkpoints/checkpoint-000002/trainer_state.json" in final  # uploaded before the exports
-    # Whatever is under a final name is whole: the very bytes the trainer wrote.
+    # Whatever is under a final name is whole: the very bytes the trainer wrote.  (The owner
+    # record and the lock of the killed writer live in the bucket only.)
     (staging,) = (first_cache / "outputs").iterdir()
-    for key in final:
+    markers = {"bucket/out/.finetune-owner.json", "bucket/out/.finetune-lock.json"}
+    assert markers <= set(final)
+    for key in set(final) - markers:
         assert s3.sha256(key) == storage.sha256_file(staging / key.removeprefix("bucket/out/")), key
 
     # A retry in a new pod (an empty cache): resumes from the uploaded checkpoint, finishes.

@@ -30,6 +30,38 @@ def test_good_spec_gets_the_documented_defaults() -> None:
     assert spec.checkpoints.every_steps == 0
 
 
+@pytest.mark.parametrize(
+    ("method", "model_type", "rate", "resolution"),
+    [
+        ("DreamBooth", "v1x", 2.0e-6, 512),
+        ("LoRA", "v1x", 1.0e-4, 512),
+        ("LoRA", "v2x-512", 1.0e-4, 512),
+        ("DreamBooth", "v2x", 2.0e-6, 768),
+        ("LoRA", "sdxl", 1.0e-4, 1024),
+    ],
+)
+def test_learning_rate_and_resolution_default_by_method_and_family(
+    method: str, model_type: str, rate: float, resolution: int
+) -> None:
+    manifest = good_manifest()
+    manifest["spec"]["method"] = method
+    manifest["spec"]["baseModel"]["type"] = model_type
+    spec = parse_manifest(manifest).spec
+    assert spec.training.learning_rate is None and spec.learning_rate == rate
+    assert spec.dataset.resolution is None and spec.resolution == resolution
+    manifest["spec"]["training"]["learningRate"] = 3e-5
+    manifest["spec"]["dataset"]["resolution"] = 256
+    spec = parse_manifest(manifest).spec
+    assert (spec.learning_rate, spec.resolution) == (3e-5, 256)
+
+
+def test_explain_names_each_methods_default_learning_rate() -> None:
+    from finetune_api.v1alpha1 import Training
+
+    description = Training.model_fields["learning_rate"].description or ""
+    assert "2e-6 for method DreamBooth" in description and "1e-4 for method LoRA" in description
+
+
 @pytest.mark.parametrize("case", BAD_SPECS, ids=lambda c: c.id)
 def test_bad_spec_is_refused_naming_the_field(case: BadSpec) -> None:
     with pytest.raises(ManifestError) as info:

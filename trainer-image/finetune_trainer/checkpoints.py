@@ -41,6 +41,9 @@ def training_fingerprint(spec: FineTuneJobSpec) -> str:
     """A hash of everything that decides what training computes.  Checkpoint frequency,
     exports, resources and retries are left out: changing them does not change the result."""
     shaping = spec.model_dump(mode="json", include={"method", "base_model", "dataset", "training"})
+    # The values in effect: an unset rate or resolution trains exactly as its default written out.
+    shaping["training"]["learning_rate"] = spec.learning_rate
+    shaping["dataset"]["resolution"] = spec.resolution
     for name, default in ADDED_TRAINING_FIELDS.items():
         if shaping["training"].get(name) == default:
             del shaping["training"][name]
@@ -95,11 +98,15 @@ def check_compatible(checkpoint: Checkpoint, *, fingerprint: str, output_field: 
         )
 
 
-def save(accelerator: Any, root: Path, *, step: int, state: dict[str, Any], keep_last: int) -> Checkpoint:
-    """Write a checkpoint for ``step`` (every process takes part) and prune the oldest."""
+def save(
+    accelerator: Any, root: Path, *, step: int, state: dict[str, Any], keep_last: int, writer: str = ""
+) -> Checkpoint:
+    """Write a checkpoint for ``step`` (every process takes part) and prune the oldest.
+
+    ``writer`` tags the temporary name: the same on every process of this run (they all write
+    into it), another for any other writer."""
     final = root / checkpoint_name(step)
-    # The same temporary name on every process: they all write into it.
-    tmp = root / f"{storage.TEMP_PREFIX}{final.name}"
+    tmp = root / f"{storage.TEMP_PREFIX}{final.name}{'.' + writer if writer else ''}"
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():

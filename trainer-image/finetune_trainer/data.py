@@ -8,6 +8,8 @@ resumed run repeat the one that was interrupted exactly.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,6 +36,7 @@ class Example:
     path: Path
     pixels: torch.Tensor  # uint8, 3 x H x W
     prompt: str
+    digest: str = ""  # SHA-256 of the file's bytes (with the caption, the prompt): what the dataset fingerprint hashes
 
 
 @dataclass
@@ -117,7 +120,8 @@ def load_folder(folder: Path, *, prompt: str, resolution: int, field_name: str) 
         caption = caption_file.read_text(errors="replace").strip() if caption_file else None
         resized = resize_shorter_side(image, resolution)
         pixels = torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
-        examples.append(Example(path=path, pixels=pixels, prompt=prompt_for(caption, prompt)))
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        examples.append(Example(path=path, pixels=pixels, prompt=prompt_for(caption, prompt), digest=digest))
     result = ImageFolder(examples=examples, skipped=skipped)
     if not examples:
         why = f" ({len(skipped)} file(s) skipped: {result.skipped_warning(field_name)})" if skipped else ""
@@ -127,6 +131,13 @@ def load_folder(folder: Path, *, prompt: str, resolution: int, field_name: str) 
             field=field_name,
         )
     return result
+
+
+def dataset_fingerprint(*groups: Sequence[Example]) -> str:
+    """What the run learns from, as a short hash: each image's file name, content hash and
+    prompt (its caption included), per group (instance images, class images)."""
+    listing = [[[e.path.name, e.digest, e.prompt] for e in group] for group in groups]
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
 
 
 # --- randomness from (seed, position) -----------------------------------------------------------

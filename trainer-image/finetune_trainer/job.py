@@ -120,6 +120,8 @@ def compiler_present(*, cuda: bool) -> bool:
 # the compile repays itself after some 2,300 steps.  Below this many steps an unset
 # ``compile`` stays off.
 COMPILE_MIN_STEPS = 2500
+# Below this a LoRA run is warned: diffusers' and kohya's LoRA runs use 1e-4.
+LORA_LOW_LEARNING_RATE = 1.0e-5
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,10 @@ class Settings:
     cache_latents: bool
     prediction_type: str
     device: str
+    # The peak learning rate and the resolution in effect (the spec's, else the defaults of
+    # the method and the family), so that the resource shows what actually ran.
+    learning_rate: float = 0.0
+    resolution: int = 0
     compile_mode: str = "default"
     # torch.optim.AdamW(fused=True): one kernel for all parameters (CUDA; AdamW only).
     fused_optimizer: bool = False
@@ -193,6 +199,12 @@ def resolve_settings(
         )
         optimizer = "AdamW"
 
+    if spec.method == Method.LORA and spec.learning_rate < LORA_LOW_LEARNING_RATE:
+        warnings.append(
+            f"spec.training.learningRate: {spec.learning_rate:g} is low for LoRA (adapters start from zero; "
+            f"diffusers and kohya use 1e-4): the model may learn almost nothing; unset it for 1e-4"
+        )
+
     compile_, compile_mode, compile_warnings = _resolve_compile(spec, device, total_steps=total_steps)
     warnings += compile_warnings
     cuda = device.type == "cuda"
@@ -205,6 +217,8 @@ def resolve_settings(
         cache_latents=training.cache_latents,
         prediction_type=PREDICTION_TYPES[ModelType(spec.base_model.type)],
         device=device.type,
+        learning_rate=spec.learning_rate,
+        resolution=spec.resolution,
         compile_mode=compile_mode,
         fused_optimizer=cuda and optimizer == "AdamW",
         # bitsandbytes makes every parameter contiguous again at each step (a copy of the

@@ -1,5 +1,13 @@
-"""LoRA: low-rank adapters on the UNet's attention projections (and optionally the text
-encoder's), trained while the base model stays frozen, and the files people load them from.
+"""LoRA: low-rank adapters on the UNet's transformer blocks (and optionally the text
+encoder's layers), trained while the base model stays frozen, and the files people load them from.
+
+Which layers (``spec.training.lora.targets``):
+
+- ``kohya`` (the default): what kohya's scripts and the web UIs' LoRA files adapt, every linear
+  and 1x1 projection of each transformer block (attention, feed-forward, ``proj_in``/``proj_out``)
+  and of each text-encoder layer (attention and MLP).  "Rank 8" means the same as there.
+- ``attention``: the attention projections only, as diffusers' ``train_dreambooth_lora.py``;
+  about a third of the weights at the same rank.
 
 - ``lora/pytorch_lora_weights.safetensors``: diffusers' layout with the adapter's config in
   the metadata, so ``pipeline.load_lora_weights("<output>/lora")`` applies it at its alpha.
@@ -18,7 +26,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from finetune_api.v1alpha1 import LoRASettings
+from finetune_api.v1alpha1 import LoRASettings, LoRATargets
 from finetune_trainer import storage
 from finetune_trainer.errors import TrainerError
 
@@ -27,8 +35,18 @@ if TYPE_CHECKING:
 
 LORA_DIR = "lora"
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
-UNET_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
-TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+UNET_ATTENTION = ("to_k", "to_q", "to_v", "to_out.0")
+TEXT_ENCODER_ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
+# peft matches a name against the end of each module's path: these are the linear and 1x1
+# convolution layers of diffusers' Transformer2DModel blocks, and CLIP's MLP.
+UNET_TARGETS = {
+    LoRATargets.KOHYA: (*UNET_ATTENTION, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"),
+    LoRATargets.ATTENTION: UNET_ATTENTION,
+}
+TEXT_ENCODER_TARGETS = {
+    LoRATargets.KOHYA: (*TEXT_ENCODER_ATTENTION, "fc1", "fc2"),
+    LoRATargets.ATTENTION: TEXT_ENCODER_ATTENTION,
+}
 # The "modelspec" architecture names of LoRA files, which model browsers read.
 ARCHITECTURES = {
     "v1x": "stable-diffusion-v1/lora",
@@ -56,9 +74,10 @@ def add_adapters(unet: Any, text_encoder: Any | None, settings: LoRASettings) ->
     else stays frozen.  The adapters are fp32 whatever the base model's precision."""
     import torch
 
-    unet.add_adapter(lora_config(settings, UNET_TARGETS))
+    targets = LoRATargets(settings.targets)
+    unet.add_adapter(lora_config(settings, UNET_TARGETS[targets]))
     if text_encoder is not None:
-        text_encoder.add_adapter(lora_config(settings, TEXT_ENCODER_TARGETS))
+        text_encoder.add_adapter(lora_config(settings, TEXT_ENCODER_TARGETS[targets]))
     for model in (unet, text_encoder):
         if model is None:
             continue
@@ -117,9 +136,11 @@ def _text_model_name(module: str) -> str:
 
 
 def diffusers_layers(state: dict[str, torch.Tensor], *, text_encoder: bool, dtype: torch.dtype) -> dict[str, Any]:
-    from diffusers.utils import convert_state_dict_to_diffusers
-
-    layers = {k: v.detach().to(dtype).cpu().contiguous() for k, v in convert_state_dict_to_diffusers(state).items()}
+    """peft's own names (``...to_q.lora_A.weight``), which ``load_lora_weights`` reads as they are.
+    (diffusers' ``convert_state_dict_to_diffusers`` renames only the attention layers to its
+    older ``lora.down``/``lora.up`` names and leaves the feed-forward and projection layers as
+    they were: a file mixing both loads with those layers missing.)"""
+    layers = {k: v.detach().to(dtype).cpu().contiguous() for k, v in state.items()}
     return {_text_model_name(k): v for k, v in layers.items()} if text_encoder else layers
 
 
@@ -208,6 +229,7 @@ def export_kohya(
         "ss_network_dim": str(settings.rank),
         "ss_network_alpha": str(settings.alpha),
         "ss_network_args": json.dumps({"dropout": settings.dropout}),
+        "finetune.lora_targets": str(settings.targets),
         "ss_base_model_version": {"v1x": "sd_v1", "v2x-512": "sd_v2", "v2x": "sd_v2_768_v"}.get(model_type, ""),
         "ss_v2": str(model_type != "v1x"),
         "ss_steps": str(step),

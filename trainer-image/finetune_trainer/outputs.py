@@ -21,10 +21,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +79,110 @@ class Output:
         if self.remote is None:
             return str(path)
         return self.remote.uri_of(path.relative_to(self.local).as_posix())
+
+    # --- small markers at the top of the folder (the owner record, the lock) ---------------------
+
+    def read_marker(self, name: str) -> dict[str, Any] | None:
+        """A JSON marker, or None where there is none (or it is unreadable: being rewritten)."""
+        try:
+            if self.remote is not None:
+                self.remote.fs.invalidate_cache()
+                with self.remote.fs.open(self.remote.key(name), "rb") as handle:
+                    raw = handle.read()
+            else:
+                raw = (self.local / name).read_bytes()
+            data = json.loads(raw)
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def create_marker(self, name: str, text: str) -> bool:
+        """Write a marker only where none is: True if this call created it."""
+        if self.remote is not None:
+            try:
+                self.remote.fs.pipe_file(self.remote.key(name), text.encode(), mode="create")
+            except (FileExistsError, OSError) as exc:
+                if isinstance(exc, FileExistsError) or self.remote.fs.exists(self.remote.key(name)):
+                    return False
+                raise
+            return True
+        self.local.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(self.local / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        return True
+
+    def write_marker(self, name: str, text: str) -> None:
+        if self.remote is not None:
+            self.remote.fs.pipe_file(self.remote.key(name), text.encode())
+            return
+        storage.write_text_atomic(self.local / name, text)
+        storage.make_readable(self.local / name)
+
+    def delete_marker(self, name: str) -> None:
+        if self.remote is not None:
+            self.remote.delete(name)
+        else:
+            (self.local / name).unlink(missing_ok=True)
+
+    def marker_age(self, name: str) -> float | None:
+        """Seconds since the marker was last written, by the store's clock where it has one."""
+        try:
+            if self.remote is not None:
+                self.remote.fs.invalidate_cache()
+                info = self.remote.fs.info(self.remote.key(name))
+                stamp = info.get("LastModified") or info.get("updated") or info.get("mtime")
+                if isinstance(stamp, str):
+                    stamp = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+                modified = stamp.timestamp() if isinstance(stamp, datetime) else float(stamp)
+            else:
+                modified = (self.local / name).stat().st_mtime
+        except (OSError, TypeError, ValueError):
+            return None
+        return max(0.0, time.time() - modified)
+
+    def entries(self) -> list[str]:
+        """The names at the top of the folder (the local one, or the store's)."""
+        if self.remote is not None:
+            remote = self.remote
+            remote.fs.invalidate_cache()
+            if not remote.fs.isdir(remote.root):
+                return []
+            return sorted(key.rstrip("/").rsplit("/", 1)[-1] for key in remote.fs.ls(remote.root, detail=False))
+        return sorted(p.name for p in self.local.iterdir()) if self.local.is_dir() else []
+
+    def holds_any(self, names: Iterable[str]) -> bool:
+        return bool(set(self.entries()) & set(names))
+
+    def move_aside(self, folder: str, *, keep: Iterable[str] = ()) -> list[str]:
+        """Move everything at the top of the folder into ``folder`` (inside it): nothing is
+        deleted.  Earlier ``.replaced-*`` folders, temporaries and ``keep`` stay where they are."""
+        skip = {*keep, folder}
+        names = [
+            n
+            for n in self.entries()
+            if n not in skip and not n.startswith(".replaced-") and not n.startswith(storage.TEMP_PREFIX)
+        ]
+        if self.remote is not None:
+            remote = self.remote
+            for name in names:
+                remote.fs.mv(remote.key(name), remote.key(f"{folder}/{name}"), recursive=True)
+            remote.fs.invalidate_cache()
+            # The staging folder mirrors the store: what moved there is gone here too.
+            if self.local.is_dir():
+                shutil.rmtree(self.local)
+        else:
+            (self.local / folder).mkdir(parents=True, exist_ok=True)
+            for name in names:
+                (self.local / name).rename(self.local / folder / name)
+            storage.fsync_dir(self.local / folder)
+            storage.fsync_dir(self.local)
+        return names
 
     # --- object stores only; each is a no-op for a local output ----------------------------------
 

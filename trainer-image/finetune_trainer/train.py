@@ -56,7 +56,18 @@ from typing import Any
 
 from finetune_api import contract
 from finetune_api.v1alpha1 import FineTuneJob, Method, Stage
-from finetune_trainer import checkpoints, class_images, data, export, lora, outputs, pictures, samples, storage
+from finetune_trainer import (
+    checkpoints,
+    class_images,
+    data,
+    export,
+    lora,
+    outputs,
+    ownership,
+    pictures,
+    samples,
+    storage,
+)
 from finetune_trainer.errors import OutOfMemory
 from finetune_trainer.job import (
     Device,
@@ -127,6 +138,8 @@ class DreamBoothRecipe:
         self._sample_failure_warned = False
         self.settings: Settings
         self.accelerator: Any = None
+        self.identity = ownership.Identity.of(job)
+        self.claim = ownership.Claim(self.out, self.identity, overwrite=self.spec.output.overwrite)
 
     # --- setup ----------------------------------------------------------------------------------
 
@@ -153,6 +166,9 @@ class DreamBoothRecipe:
         set_seed(training.seed)
         self.reporter.set_stage(Stage.DOWNLOADING, message=f"reading the base model {spec.base_model.uri}")
         if accelerator.is_main_process:
+            # Before anything is written: this run holds the folder, and what is there is its own.
+            self.claim.acquire()
+            self.claim.check_owner()
             self.output.mkdir(parents=True, exist_ok=True)
             generated = self.output / class_images.OUTPUT_SUBDIR
             for folder in (self.output, self.checkpoint_dir, self.samples_dir, generated):
@@ -174,6 +190,15 @@ class DreamBoothRecipe:
         for warning in warnings:
             self.reporter.warn(warning)
         self.fingerprint = checkpoints.training_fingerprint(spec)
+        if accelerator.is_main_process:
+            # The images are read: the folder was trained on them, or it becomes this run's.
+            self.claim.settle(dataset=data.dataset_fingerprint(self.instance, self.class_examples))
+            if self.claim.replaced:
+                self.reporter.warn(
+                    f"spec.output.overwrite: what {self.out.location()} held was moved into {self.claim.replaced}/ "
+                    "inside it; this run starts from step 0"
+                )
+        accelerator.wait_for_everyone()
         resume = checkpoints.newest(self.checkpoint_dir)
         if resume is not None:
             checkpoints.check_compatible(resume, fingerprint=self.fingerprint)
@@ -184,7 +209,7 @@ class DreamBoothRecipe:
         self._prepare_data()
         self.sampler = samples.SampleRenderer(
             spec.samples,
-            resolution=spec.dataset.resolution,
+            resolution=self.settings.resolution,
             base=self.base,
             folder=self.samples_dir,
             device=accelerator.device,
@@ -204,7 +229,7 @@ class DreamBoothRecipe:
         folder = storage.fetch(dataset.instance_images, field=field, cache_dir=cache_dir(), store=self.store)
         assert folder is not None  # missing_ok is off: a missing folder is bad input
         loaded = data.load_folder(
-            folder, prompt=dataset.instance_prompt, resolution=dataset.resolution, field_name=field
+            folder, prompt=dataset.instance_prompt, resolution=self.settings.resolution, field_name=field
         )
         if (warning := loaded.skipped_warning(field)) is not None:
             self.reporter.warn(warning)
@@ -241,7 +266,7 @@ class DreamBoothRecipe:
                     target,
                     count=missing,
                     prompt=dataset.class_prompt,
-                    resolution=dataset.resolution,
+                    resolution=self.settings.resolution,
                     seed=self.spec.training.seed,
                     device=accelerator.device,
                     mixed_precision=self.settings.mixed_precision,
@@ -260,7 +285,7 @@ class DreamBoothRecipe:
             if not folder.is_dir():
                 continue
             loaded = data.load_folder(
-                folder, prompt=dataset.class_prompt, resolution=dataset.resolution, field_name=class_images.FIELD
+                folder, prompt=dataset.class_prompt, resolution=self.settings.resolution, field_name=class_images.FIELD
             )
             if (warning := loaded.skipped_warning(class_images.FIELD)) is not None:
                 self.reporter.warn(warning)
@@ -347,7 +372,7 @@ class DreamBoothRecipe:
         params = [p for p in itertools.chain(*(m.parameters() for m in models)) if p.requires_grad]
         optimizer: Any
         options: dict[str, Any] = {
-            "lr": training.learning_rate,
+            "lr": self.settings.learning_rate,
             "betas": (training.adam_beta1, training.adam_beta2),
             "weight_decay": training.adam_weight_decay,
             "eps": training.adam_epsilon,
@@ -412,7 +437,7 @@ class DreamBoothRecipe:
                         data.LatentCache.build(
                             self.base.vae,
                             examples,
-                            resolution=dataset.resolution,
+                            resolution=self.settings.resolution,
                             center_crop=dataset.center_crop,
                             random_flip=dataset.random_flip,
                             seed=training.seed,
@@ -560,7 +585,7 @@ class DreamBoothRecipe:
                 pixels = torch.stack(
                     [
                         data.crop_and_flip(
-                            examples[i].pixels, dataset.resolution, center=dataset.center_crop, flip=f, gen=gen
+                            examples[i].pixels, self.settings.resolution, center=dataset.center_crop, flip=f, gen=gen
                         )
                         for i, f in zip(picks, flips, strict=True)
                     ]
@@ -663,7 +688,7 @@ class DreamBoothRecipe:
                 rows,
                 self.spec.samples.prompts,
                 self.output / pictures.SAMPLES_FILE,
-                resolution=self.spec.dataset.resolution,
+                resolution=self.settings.resolution,
             )
             if sheet is not None:
                 drawn.append(sheet)
@@ -714,6 +739,7 @@ class DreamBoothRecipe:
             step=self.step,
             state=state,
             keep_last=self.spec.checkpoints.keep_last,
+            writer=self.identity.token,
         )
         if accelerator.is_main_process:
             if self.out.remote is not None:
@@ -775,6 +801,7 @@ class DreamBoothRecipe:
         )
 
     def cleanup(self) -> None:
+        self.claim.release()
         accelerator = self.accelerator
         if accelerator is None:
             return
@@ -804,7 +831,7 @@ class DreamBoothRecipe:
     def out_of_memory_message(self) -> str:
         import torch
 
-        training, dataset = self.spec.training, self.spec.dataset
+        training = self.spec.training
         fixes = []
         if not training.gradient_checkpointing:
             fixes.append("spec.training.gradientCheckpointing: true")
@@ -825,7 +852,7 @@ class DreamBoothRecipe:
         if settings is not None and settings.compile_mode == "reduce-overhead":
             fixes.append("spec.training.compileMode: default (CUDA graphs keep memory of their own)")
         if not fixes:
-            fixes.append(f"a smaller spec.dataset.resolution (now {dataset.resolution}) or a GPU with more memory")
+            fixes.append(f"a smaller spec.dataset.resolution (now {self.spec.resolution}) or a GPU with more memory")
         peak = ""
         if torch.cuda.is_available():
             total = torch.cuda.get_device_properties(0).total_memory
