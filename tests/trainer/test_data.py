@@ -92,12 +92,17 @@ def test_crops_are_square_at_the_resolution_and_repeatable(tmp_path: Path) -> No
     assert float(first.max()) <= 1.0
 
 
-def test_batch_plan_visits_every_example_each_epoch_in_a_seeded_order() -> None:
-    plan = data.BatchPlan(num_examples=5, batch_size=2, seed=7)
-    assert plan.per_epoch == 3
-    epoch0 = [plan.indices(g) for g in range(3)]
-    assert {e for e, _ in epoch0} == {0}
-    assert sorted(i for _, batch in epoch0 for i in batch) == [0, 1, 2, 3, 4]
-    assert plan.indices(4) == data.BatchPlan(num_examples=5, batch_size=2, seed=7).indices(4)
-    orders = {tuple(i for g in range(e * 3, e * 3 + 3) for i in plan.indices(g)[1]) for e in range(4)}
+def test_every_example_is_seen_once_an_epoch_in_a_seeded_order() -> None:
+    order = data.ExampleOrder(num_examples=5, seed=7)
+    epoch0 = order.examples(range(5))
+    assert sorted(epoch0) == [0, 1, 2, 3, 4]
+    assert order.example(7) == data.ExampleOrder(num_examples=5, seed=7).example(7)
+    orders = {tuple(order.examples(range(e * 5, e * 5 + 5))) for e in range(4)}
     assert len(orders) > 1  # reshuffled between epochs
+
+
+def test_the_slots_of_a_micro_batch_do_not_depend_on_how_it_is_split_over_processes() -> None:
+    one = data.slots_of(3, batch_size=4, num_processes=1, process_index=0)
+    two = [s for p in range(2) for s in data.slots_of(3, batch_size=2, num_processes=2, process_index=p)]
+    four = [s for p in range(4) for s in data.slots_of(3, batch_size=1, num_processes=4, process_index=p)]
+    assert one == two == four == [12, 13, 14, 15]

@@ -73,6 +73,11 @@ def test_prediction_type_follows_the_model_type() -> None:
 def test_total_steps_is_steps_per_image_times_images_unless_max_steps() -> None:
     assert total_steps(_spec(), 10) == 1500
     assert total_steps(_spec(maxSteps=42), 10) == 42
+    # Each image is seen stepsPerImage times, whatever the batch: the web UI's meaning.
+    assert total_steps(_spec(batchSize=2), 10) == 750
+    assert total_steps(_spec(batchSize=2, gradientAccumulationSteps=3), 10) == 250
+    assert total_steps(_spec(batchSize=4), 10, num_processes=2) == 188  # 1500 / 8, rounded up
+    assert total_steps(_spec(stepsPerImage=1, batchSize=4), 3) == 1
 
 
 @pytest.mark.parametrize(
@@ -238,3 +243,31 @@ def test_an_unset_compile_says_nothing_until_the_length_of_the_run_is_known() ->
     assert (early.compile, warnings) == (False, [])
     late, warnings = resolve_settings(spec, H100, total_steps=COMPILE_MIN_STEPS)
     assert (late.compile, late.compile_mode, warnings) == (True, "reduce-overhead", [])
+
+
+def test_the_barrier_timeout_of_several_processes_outlasts_what_the_main_process_does_alone() -> None:
+    from finetune_trainer.job import MIN_PROCESS_GROUP_TIMEOUT_S, process_group_timeout
+
+    plain = _spec()
+    assert process_group_timeout(plain, remote_output=False) == MIN_PROCESS_GROUP_TIMEOUT_S  # NCCL's is 10 min
+    prior = parse_manifest(
+        {
+            "spec": {
+                "baseModel": {"uri": "/m", "type": "v2x"},
+                "dataset": {
+                    "instanceImages": "/d",
+                    "instancePrompt": "a photo of nick",
+                    "classPrompt": "a photo of a man",
+                    "priorPreservation": True,
+                    "numClassImages": 200,
+                },
+                "training": {"stepsPerImage": 150},
+                "output": {"uri": "s3://bucket/out"},
+            }
+        }
+    ).spec
+    # 200 class images of 25 guided steps at 768 px on a slow GPU: hours, not minutes.
+    assert process_group_timeout(prior, remote_output=False) > 200 * 25 * 2 * 2.25
+    # A DreamBooth checkpoint of SD 2.x (about 10 GB with AdamW's state) over a slow link.
+    uploads = process_group_timeout(_spec(optimizer="AdamW"), remote_output=True)
+    assert uploads > 866e6 * 12 / (10 * 2**20)

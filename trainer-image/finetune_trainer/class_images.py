@@ -15,6 +15,7 @@ from typing import Any
 from finetune_api.v1alpha1 import FineTuneJobSpec
 from finetune_trainer import data, storage
 from finetune_trainer.export import scheduler_for
+from finetune_trainer.job import CLASS_IMAGE_STEPS
 from finetune_trainer.model import BaseModel
 from finetune_trainer.report import ProgressReporter
 
@@ -22,7 +23,7 @@ log = logging.getLogger("finetune_trainer")
 
 FIELD = "spec.dataset.classImages"
 OUTPUT_SUBDIR = "class_images"
-INFERENCE_STEPS = 25
+INFERENCE_STEPS = CLASS_IMAGE_STEPS
 GENERATION_BATCH = 4
 
 

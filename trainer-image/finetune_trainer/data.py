@@ -8,9 +8,9 @@ resumed run repeat the one that was interrupted exactly.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,30 +158,49 @@ def generator(*parts: int, device: Any = "cpu") -> torch.Generator:
 
 # Streams of randomness, kept apart so that changing one use does not shift another.
 STREAM_ORDER, STREAM_AUGMENT, STREAM_NOISE, STREAM_CACHE, STREAM_CLASS_IMAGES = 1, 2, 3, 4, 5
+# The class image beside each instance image (prior preservation) draws from streams of its own.
+STREAM_CLASS_ORDER, STREAM_CLASS_NOISE = 6, 7
 
 
 @dataclass(frozen=True)
-class BatchPlan:
-    """Which examples every micro-batch of the run holds.
+class ExampleOrder:
+    """Which example every *slot* of the run holds.
 
-    Micro-batch ``g`` (counted over the whole run and all processes) is batch ``g % per_epoch``
-    of epoch ``g // per_epoch``, whose order is a permutation seeded by (seed, epoch).
+    The run is a sequence of slots, one per example seen, counted over the whole run and every
+    process: optimizer step ``s``, micro-batch ``m`` of it and process ``p`` hold the slots
+    ``(s * accumulation + m) * global_batch + p * batch_size + j``.  Slot ``k`` is position
+    ``k % n`` of epoch ``k // n``, whose order is a permutation seeded by (seed, epoch); each
+    slot's random draws (flip, crop, noise, timestep) come from a generator of its own.  So a
+    batch of 2 on one process and a batch of 1 on each of two processes see the same examples
+    with the same noise, and a resumed run sees what the uninterrupted one would.
     """
 
     num_examples: int
-    batch_size: int
     seed: int
+    stream: int = STREAM_ORDER
 
-    @property
-    def per_epoch(self) -> int:
-        return math.ceil(self.num_examples / self.batch_size)
+    def epoch_order(self, epoch: int) -> list[int]:
+        return _permutation(self.num_examples, self.seed, self.stream, epoch)
 
-    def indices(self, micro_batch: int) -> tuple[int, list[int]]:
-        import torch
+    def example(self, slot: int) -> int:
+        epoch, position = divmod(slot, self.num_examples)
+        return self.epoch_order(epoch)[position]
 
-        epoch, position = divmod(micro_batch, self.per_epoch)
-        order = torch.randperm(self.num_examples, generator=generator(self.seed, STREAM_ORDER, epoch)).tolist()
-        return epoch, order[position * self.batch_size : (position + 1) * self.batch_size]
+    def examples(self, slots: Sequence[int]) -> list[int]:
+        return [self.example(k) for k in slots]
+
+
+@functools.lru_cache(maxsize=64)
+def _permutation(n: int, seed: int, stream: int, epoch: int) -> list[int]:
+    import torch
+
+    return list(torch.randperm(n, generator=generator(seed, stream, epoch)).tolist())
+
+
+def slots_of(micro_batch: int, *, batch_size: int, num_processes: int, process_index: int) -> list[int]:
+    """The slots one process trains on in one micro-batch of the run."""
+    first = micro_batch * batch_size * num_processes + process_index * batch_size
+    return list(range(first, first + batch_size))
 
 
 def crop_and_flip(
@@ -257,21 +276,35 @@ class LatentCache:
         return cls(torch.cat(means), torch.cat(stds))
 
     def sample(
-        self, indices: Sequence[int], flips: Sequence[bool], gen: torch.Generator, *, pin: bool = False
+        self, indices: Sequence[int], flips: Sequence[bool], gens: Sequence[torch.Generator], *, pin: bool = False
     ) -> torch.Tensor:
-        """Latents of the examples at ``indices`` (flipped where asked), on the cache's device.
+        """Latents of the examples at ``indices`` (flipped where asked), on the cache's device,
+        each sampled with the noise of its own generator.
 
         Each example is picked with plain integers (a view: no index tensor travels to the
-        GPU), and the noise comes from the seeded CPU generator (``pin``: into pinned memory,
-        for a copy to the GPU that does not wait for it)."""
+        GPU), and the noise comes from seeded CPU generators (``pin``: into pinned memory, for
+        a copy to the GPU that does not wait for it)."""
         import torch
 
         variants = self.mean.shape[1]
         picked = [(int(i), 1 if flipped and variants > 1 else 0) for i, flipped in zip(indices, flips, strict=True)]
         mean = torch.stack([self.mean[i, v] for i, v in picked])
         std = torch.stack([self.std[i, v] for i, v in picked])
-        noise = host_randn(mean.shape, gen, dtype=mean.dtype, pin=pin).to(mean.device, non_blocking=True)
+        noise = host_randn_rows(mean.shape[1:], gens, dtype=mean.dtype, pin=pin).to(mean.device, non_blocking=True)
         return mean + std * noise
+
+
+def host_randn_rows(
+    shape: Sequence[int], gens: Sequence[torch.Generator], *, dtype: torch.dtype | None = None, pin: bool = False
+) -> torch.Tensor:
+    """One row of standard normal noise per generator, stacked (``len(gens) x shape``), in one
+    buffer (pinned with ``pin``: see ``host_randn``)."""
+    import torch
+
+    rows = torch.empty((len(gens), *shape), dtype=dtype or torch.get_default_dtype(), pin_memory=pin)
+    for row, gen in zip(rows, gens, strict=True):
+        torch.randn(tuple(shape), generator=gen, out=row)
+    return rows
 
 
 def host_randn(

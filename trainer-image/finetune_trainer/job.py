@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import math
 import os
 import shutil
 import sysconfig
@@ -26,6 +27,9 @@ from finetune_api.v1alpha1 import (
 )
 from finetune_trainer import storage
 from finetune_trainer.errors import BadInput
+
+# Denoising steps of each generated class image (class_images.py uses it).
+CLASS_IMAGE_STEPS = 25
 
 PREDICTION_TYPES = {
     ModelType.V1X: "epsilon",
@@ -268,9 +272,57 @@ def _resolve_compile(spec: FineTuneJobSpec, device: Device, *, total_steps: int 
     return compile_, mode, warnings
 
 
-def total_steps(spec: FineTuneJobSpec, num_images: int) -> int:
-    """Optimizer steps in the whole run: maxSteps, else stepsPerImage x instance images."""
-    if spec.training.max_steps is not None:
-        return spec.training.max_steps
-    assert spec.training.steps_per_image is not None  # the model validator requires one of the two
-    return spec.training.steps_per_image * num_images
+# --- several processes ------------------------------------------------------------------------
+#
+# The main process alone pulls an object-store output, generates class images, renders samples
+# and uploads checkpoints, while the other processes wait at a barrier.  A barrier over NCCL
+# gives up after the process group's timeout (10 minutes by default), which a slow upload or a
+# hundred class images outlast: the timeout is set from the work instead.
+
+# A UNet pass at 512 px on a slow GPU (a T4 in fp16 takes about 0.2 s): five times that.
+SECONDS_PER_UNET_PASS_512 = 1.0
+# A slow link to an object store.
+UPLOAD_BYTES_PER_SECOND = 10 * 2**20
+MIN_PROCESS_GROUP_TIMEOUT_S = 30 * 60
+# Parameters of what a DreamBooth checkpoint holds (the UNet; the text encoders).
+_UNET_PARAMS = {ModelType.V1X: 860e6, ModelType.V2X_512: 866e6, ModelType.V2X: 866e6, ModelType.SDXL: 2.57e9}
+_TEXT_PARAMS = {ModelType.V1X: 123e6, ModelType.V2X_512: 340e6, ModelType.V2X: 340e6, ModelType.SDXL: 817e6}
+_LORA_CHECKPOINT_BYTES = 512 * 2**20
+
+
+def checkpoint_bytes(spec: FineTuneJobSpec) -> float:
+    """About how large one checkpoint is: fp32 weights and the optimizer's state."""
+    if spec.method == Method.LORA:
+        return _LORA_CHECKPOINT_BYTES
+    model_type = ModelType(spec.base_model.type)
+    params = _UNET_PARAMS[model_type] + (_TEXT_PARAMS[model_type] if spec.training.train_text_encoder else 0)
+    per_param = 4 + (2 if str(spec.training.optimizer) == "AdamW8bit" else 8)
+    return params * per_param
+
+
+def process_group_timeout(spec: FineTuneJobSpec, *, remote_output: bool) -> int:
+    """Seconds the other processes may wait at a barrier for the main process: twice the
+    longest of what it does alone, estimated for a slow GPU and a slow link, and at least 30
+    minutes."""
+    scale = (spec.resolution / 512) ** 2
+    passes = 0
+    if spec.dataset.prior_preservation:
+        passes = max(passes, spec.dataset.num_class_images * CLASS_IMAGE_STEPS * 2)  # with guidance
+    passes = max(passes, len(spec.samples.prompts) * spec.samples.num_inference_steps * 2)
+    seconds = passes * SECONDS_PER_UNET_PASS_512 * scale
+    if remote_output:
+        # A checkpoint uploaded (or the newest pulled back) at each save.
+        seconds = max(seconds, checkpoint_bytes(spec) / UPLOAD_BYTES_PER_SECOND)
+    return int(max(MIN_PROCESS_GROUP_TIMEOUT_S, 2 * seconds + 600))
+
+
+def total_steps(spec: FineTuneJobSpec, num_images: int, *, num_processes: int = 1) -> int:
+    """Optimizer steps in the whole run: maxSteps, else as many as it takes for each instance
+    image to be seen ``stepsPerImage`` times (the web UI's "steps per image", which are epochs):
+    ceil(stepsPerImage x images / (batchSize x gradientAccumulationSteps x processes))."""
+    training = spec.training
+    if training.max_steps is not None:
+        return training.max_steps
+    assert training.steps_per_image is not None  # the model validator requires one of the two
+    per_step = training.batch_size * training.gradient_accumulation_steps * num_processes
+    return max(1, math.ceil(training.steps_per_image * num_images / per_step))

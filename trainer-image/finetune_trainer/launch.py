@@ -52,7 +52,23 @@ def combine(codes: Sequence[int], launcher_code: int) -> int:
     return launcher_code or int(ExitCode.ERROR)
 
 
-def accelerate_command(job: Path, num_processes: int) -> list[str]:
+def accelerate_command(job: Path, num_processes: int, *, cpu: bool = False) -> list[str]:
+    """One worker per GPU (``accelerate launch``).  ``cpu``: worker processes on the CPU that
+    talk over gloo, started by torchrun (``accelerate launch --cpu`` starts one process unless
+    given MPI); that is how the tests run data parallelism without a GPU."""
+    if cpu:
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(num_processes),
+            "-m",
+            "finetune_trainer",
+            "run",
+            str(job),
+        ]
     return [
         sys.executable,
         "-m",
@@ -71,11 +87,11 @@ def accelerate_command(job: Path, num_processes: int) -> list[str]:
     ]
 
 
-def launch_workers(job: Path, num_processes: int, *, command: Sequence[str] | None = None) -> int:
+def launch_workers(job: Path, num_processes: int, *, cpu: bool = False, command: Sequence[str] | None = None) -> int:
     """Run the job in ``num_processes`` workers and return the run's exit code."""
     with tempfile.TemporaryDirectory(prefix="finetune-exit-") as codes_dir:
         env = {**os.environ, EXIT_CODE_DIR: codes_dir}
-        process = subprocess.Popen(list(command or accelerate_command(job, num_processes)), env=env)
+        process = subprocess.Popen(list(command or accelerate_command(job, num_processes, cpu=cpu)), env=env)
 
         def forward(signum: int, frame: object) -> None:
             process.send_signal(signum)

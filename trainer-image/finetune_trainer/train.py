@@ -73,6 +73,7 @@ from finetune_trainer.job import (
     Device,
     Settings,
     detect_device,
+    process_group_timeout,
     resolve_settings,
     total_steps,
     trains_text_encoder,
@@ -144,23 +145,28 @@ class DreamBoothRecipe:
     # --- setup ----------------------------------------------------------------------------------
 
     def setup(self) -> None:
+        from datetime import timedelta
+
         import torch
         from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration, set_seed
+        from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
 
         spec, training = self.spec, self.spec.training
         self.settings, warnings = resolve_settings(spec, self.device_info)
+        barrier_timeout = process_group_timeout(spec, remote_output=self.out.remote is not None)
         self.accelerator = Accelerator(
             mixed_precision=self.settings.mixed_precision,
             gradient_accumulation_steps=training.gradient_accumulation_steps,
             cpu=self.device_info.type == "cpu",
             project_config=ProjectConfiguration(project_dir=str(self.output), automatic_checkpoint_naming=False),
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=barrier_timeout))],
         )
         accelerator = self.accelerator
         self.reporter.enabled = accelerator.is_main_process
         if self.device_info.type == "cuda":
             self.reporter.peak_memory = lambda: int(torch.cuda.max_memory_allocated())
-        self.reporter.settings = self.settings.as_report()
+        self.barrier_timeout = barrier_timeout
+        self._report_settings()
         for warning in warnings:
             self.reporter.warn(warning)
         set_seed(training.seed)
@@ -182,11 +188,11 @@ class DreamBoothRecipe:
         self.instance = self._load_instance_images()
         self.class_examples = self._class_examples() if spec.dataset.prior_preservation else []
 
-        self.total_steps = total_steps(spec, len(self.instance))
+        self.total_steps = total_steps(spec, len(self.instance), num_processes=accelerator.num_processes)
         self.reporter.total_steps = self.total_steps
         # Now that the length of the run is known: whether compiling the UNet pays.
         self.settings, warnings = resolve_settings(spec, self.device_info, total_steps=self.total_steps)
-        self.reporter.settings = self.settings.as_report()
+        self._report_settings()
         for warning in warnings:
             self.reporter.warn(warning)
         self.fingerprint = checkpoints.training_fingerprint(spec)
@@ -222,6 +228,12 @@ class DreamBoothRecipe:
             self.reporter.step = self.step
             self.history = [(int(s), float(v), float(r)) for s, v, r in resume.state.get("loss_history", [])]
             log.info(f"resuming from {resume.path} at step {resume.step}", extra={"event": "resume"})
+
+    def _report_settings(self) -> None:
+        self.reporter.settings = self.settings.as_report()
+        if self.accelerator.num_processes > 1:
+            self.reporter.settings["processes"] = str(self.accelerator.num_processes)
+            self.reporter.settings["barrier_timeout_s"] = str(self.barrier_timeout)
 
     def _load_instance_images(self) -> list[data.Example]:
         dataset = self.spec.dataset
@@ -417,8 +429,8 @@ class DreamBoothRecipe:
         import torch
 
         dataset, training = self.spec.dataset, self.spec.training
-        n = max(len(self.instance), len(self.class_examples))
-        self.plan = data.BatchPlan(num_examples=n, batch_size=training.batch_size, seed=training.seed)
+        self.instance_order = data.ExampleOrder(len(self.instance), training.seed, data.STREAM_ORDER)
+        self.class_order = data.ExampleOrder(max(1, len(self.class_examples)), training.seed, data.STREAM_CLASS_ORDER)
         self.latents: list[data.LatentCache] = []
         self.prompt_cache: dict[str, torch.Tensor] = {}
         needs_cache = self.settings.cache_latents or not self.trains_text_encoder
@@ -502,8 +514,7 @@ class DreamBoothRecipe:
         accumulation = training.gradient_accumulation_steps
         losses: list[Any] = []
         for micro in range(accumulation):
-            micro_batch = ((self.step * accumulation) + micro) * accelerator.num_processes
-            micro_batch += accelerator.process_index
+            micro_batch = self.step * accumulation + micro
             with accelerator.accumulate(*self.models):
                 if self.settings.compile_mode == "reduce-overhead":
                     import torch
@@ -517,7 +528,12 @@ class DreamBoothRecipe:
                 self.optimizer.step()
                 self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.detach())
+            loss = loss.detach()
+            if accelerator.num_processes > 1:
+                # The loss of the whole micro-batch (the gradients are averaged the same way);
+                # it stays on the device until the next report reads it.
+                loss = accelerator.reduce(loss, reduction="mean")
+            losses.append(loss)
         return losses
 
     def _compile(self) -> list[Any]:
@@ -557,53 +573,62 @@ class DreamBoothRecipe:
             record(finished.step, loss=loss, learning_rate=finished.learning_rate, at=finished.at)
 
     def loss(self, micro_batch: int) -> Any:
-        """The DreamBooth loss of one micro-batch (instance images, then class images)."""
+        """The DreamBooth loss of this process's share of one micro-batch (instance images,
+        then as many class images).  Every slot draws from its own generator (see
+        data.ExampleOrder), in this order: flip, crop, latent sample, noise, offset, timestep."""
         import torch
         import torch.nn.functional as F  # noqa: N812
 
         dataset, training = self.spec.dataset, self.spec.training
-        _, indices = self.plan.indices(micro_batch)
-        gen = data.generator(training.seed, data.STREAM_NOISE, micro_batch)
-        groups: list[tuple[list[data.Example], list[int]]] = [
-            (self.instance, [i % len(self.instance) for i in indices])
+        accelerator = self.accelerator
+        slots = data.slots_of(
+            micro_batch,
+            batch_size=training.batch_size,
+            num_processes=accelerator.num_processes,
+            process_index=accelerator.process_index,
+        )
+        groups: list[tuple[list[data.Example], data.ExampleOrder, int]] = [
+            (self.instance, self.instance_order, data.STREAM_NOISE)
         ]
         if self.class_examples:
-            groups.append((self.class_examples, [i % len(self.class_examples) for i in indices]))
+            groups.append((self.class_examples, self.class_order, data.STREAM_CLASS_NOISE))
 
-        device = self.accelerator.device
+        device = accelerator.device
         # Draws bound for a GPU go through pinned memory (see data.host_randn).
         pin = device.type == "cuda"
-        latents_parts = []
+        resolution = self.settings.resolution
+        steps = self.noise_scheduler.config.num_train_timesteps
+        latents_parts, noise_parts, timestep_parts = [], [], []
         prompts: list[str] = []
-        for group, (examples, picks) in enumerate(groups):
-            flips = (
-                (torch.rand(len(picks), generator=gen) < 0.5).tolist() if dataset.random_flip else [False] * len(picks)
-            )
+        for group, (examples, order, stream) in enumerate(groups):
+            picks = order.examples(slots)
+            gens = [data.generator(training.seed, stream, slot) for slot in slots]
+            flips = [bool(torch.rand(1, generator=g) < 0.5) if dataset.random_flip else False for g in gens]
             if self.latents:
-                latents_parts.append(self.latents[group].sample(picks, flips, gen, pin=pin))
+                part = self.latents[group].sample(picks, flips, gens, pin=pin)
             else:
                 pixels = torch.stack(
                     [
-                        data.crop_and_flip(
-                            examples[i].pixels, self.settings.resolution, center=dataset.center_crop, flip=f, gen=gen
-                        )
-                        for i, f in zip(picks, flips, strict=True)
+                        data.crop_and_flip(examples[i].pixels, resolution, center=dataset.center_crop, flip=f, gen=g)
+                        for i, f, g in zip(picks, flips, gens, strict=True)
                     ]
                 ).to(device, dtype=self.weight_dtype)
                 with torch.no_grad():
                     dist = self.base.vae.encode(pixels).latent_dist
-                    sampled = data.host_randn(dist.mean.shape, gen, pin=pin).to(device, non_blocking=True)
-                    latents_parts.append((dist.mean + dist.std * sampled).float())
+                    sampled = data.host_randn_rows(dist.mean.shape[1:], gens, pin=pin).to(device, non_blocking=True)
+                    part = (dist.mean + dist.std * sampled).float()
+            latents_parts.append(part)
+            noise = data.host_randn_rows(part.shape[1:], gens, pin=pin).to(device, non_blocking=True)
+            if training.noise_offset:
+                offset = data.host_randn_rows((part.shape[1], 1, 1), gens, pin=pin).to(device, non_blocking=True)
+                noise += training.noise_offset * offset
+            noise_parts.append(noise)
+            drawn = [int(torch.randint(0, steps, (1,), generator=g)) for g in gens]
+            timestep_parts.append(torch.tensor(drawn, pin_memory=pin).to(device, non_blocking=True))
             prompts += [examples[i].prompt for i in picks]
         latents = torch.cat(latents_parts) * self.base.vae.config.scaling_factor
-
-        noise = data.host_randn(latents.shape, gen, pin=pin).to(device, non_blocking=True)
-        if training.noise_offset:
-            offset = data.host_randn((*latents.shape[:2], 1, 1), gen, pin=pin).to(device, non_blocking=True)
-            noise += training.noise_offset * offset
-        steps = self.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, steps, (latents.shape[0],), generator=gen, pin_memory=pin)
-        timesteps = timesteps.to(device, non_blocking=True)
+        noise = torch.cat(noise_parts)
+        timesteps = torch.cat(timestep_parts)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         if self.settings.channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
@@ -618,7 +643,7 @@ class DreamBoothRecipe:
         else:
             target = noise
 
-        half = len(indices)
+        half = len(slots)
         instance_pred, instance_target = prediction[:half].float(), target[:half].float()
         if training.snr_gamma is None:
             loss = F.mse_loss(instance_pred, instance_target)
@@ -718,15 +743,17 @@ class DreamBoothRecipe:
         accelerator = self.accelerator
         self.reporter.set_stage(Stage.CHECKPOINTING, message=f"saving checkpoint at step {self.step}")
         accumulation = self.spec.training.gradient_accumulation_steps
+        slots = self.step * accumulation * self.spec.training.batch_size * accelerator.num_processes
         state = {
             "step": self.step,
             "total_steps": self.total_steps,
             "seed": self.spec.training.seed,
             "fingerprint": self.fingerprint,
-            "micro_batches": self.step * accumulation * accelerator.num_processes,
-            "epoch": (self.step * accumulation * accelerator.num_processes) // self.plan.per_epoch,
-            "examples_per_epoch": self.plan.num_examples,
-            "batch_size": self.plan.batch_size,
+            # How far through the data: slots seen over every process (see data.ExampleOrder).
+            "slots": slots,
+            "epoch": slots // len(self.instance),
+            "instance_images": len(self.instance),
+            "batch_size": self.spec.training.batch_size,
             "num_processes": accelerator.num_processes,
             "method": str(self.spec.method),
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
