@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune_api.v1alpha1 import FineTuneJob, Method, ModelType, OutputFile, OutputFormat
-from finetune_trainer import convert, lora, storage
+from finetune_trainer import convert, lora, original_config, storage
 from finetune_trainer.model import CONFIG_METADATA_KEY, BaseModel
 from finetune_trainer.report import now_rfc3339
 
@@ -99,9 +99,11 @@ def export_all(
         if OutputFormat.DIFFUSERS in formats:
             written.append(export_diffusers(trained, output / DIFFUSERS_DIR))
         if OutputFormat.SAFETENSORS in formats:
-            written.append(
-                export_single_file(trained, output / single_file_name(job), title=job.metadata.name, step=step)
-            )
+            single = export_single_file(trained, output / single_file_name(job), title=job.metadata.name, step=step)
+            written.append(single)
+            if trained.base.model_type != ModelType.V1X:
+                # The web UIs read an SD 2.x file's architecture (and v-prediction) from this.
+                written.append(export_original_config(trained, single.with_suffix(".yaml")))
     written += [p for p in pictures if p.is_file()]
     files = list_files(output, written)
     write_manifest(
@@ -170,7 +172,8 @@ def export_single_file(trained: Trained, dest: Path, *, title: str | None, step:
         "format": "pt",
         "modelspec.architecture": _ARCHITECTURES[base.model_type],
         "modelspec.title": title or "model",
-        "modelspec.prediction_type": base.prediction_type,
+        # The model-spec spelling: "epsilon" or "v".
+        "modelspec.prediction_type": "v" if base.prediction_type == "v_prediction" else "epsilon",
         "finetune.step": str(step),
         # The exact architecture, so that this file can be the base model of another run
         # offline whatever its size (see model.load_single_file).
@@ -181,6 +184,20 @@ def export_single_file(trained: Trained, dest: Path, *, title: str | None, step:
         storage.make_readable(tmp)
     del tensors
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return dest
+
+
+def export_original_config(trained: Trained, dest: Path) -> Path:
+    """``<name>.yaml`` beside the single file: its architecture in the original layout's terms."""
+    config = original_config.original_config(
+        unet=dict(trained.unet.config),
+        vae=dict(trained.vae.config),
+        v2=trained.base.model_type != ModelType.V1X,
+        prediction_type=trained.base.prediction_type,
+        scheduler=trained.base.scheduler_config,
+    )
+    storage.write_text_atomic(dest, original_config.dump(config))
+    storage.make_readable(dest)
     return dest
 
 

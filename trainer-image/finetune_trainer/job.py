@@ -13,7 +13,9 @@ import importlib.util
 import math
 import os
 import shutil
+import sys
 import sysconfig
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -88,10 +90,18 @@ class Device:
     bf16: bool = False
     xformers: bool = False
     bitsandbytes: bool = False
+    # Why an installed xformers or bitsandbytes cannot be used here (its probe failed).
+    xformers_problem: str = ""
+    bitsandbytes_problem: str = ""
     compiler: bool = False  # what torch.compile needs to build code here (see compiler_present)
 
 
-def detect_device() -> Device:
+def detect_device(spec: FineTuneJobSpec | None = None) -> Device:
+    """What this machine can do.  With a spec, the optional libraries (xformers, bitsandbytes)
+    are probed: imported, and where the spec asks for them run once on the device.  A wheel
+    built for another CUDA or ABI fails at import or at its first kernel, and diffusers,
+    transformers and peft import whatever they find installed: a library that fails its probe
+    is hidden from them (see ``hide_library``), so that it costs a warning, not the run."""
     import torch
 
     cuda = torch.cuda.is_available()
@@ -101,13 +111,94 @@ def detect_device() -> Device:
             bf16 = bool(torch.cuda.is_bf16_supported())
     else:
         bf16 = True  # autocast to bfloat16 runs on any CPU (slowly without native support)
+    device = "cuda" if cuda else "cpu"
+    xformers = cuda and _installed("xformers")
+    bitsandbytes = _installed("bitsandbytes")
+    xformers_problem = bitsandbytes_problem = ""
+    if spec is not None:
+        if _installed("xformers"):
+            wanted = cuda and str(spec.training.attention) == "xformers"
+            xformers_problem = probe(_xformers_op if wanted else _import("xformers.ops"), device)
+            if xformers_problem:
+                hide_library("xformers")
+                xformers = False
+        if bitsandbytes:
+            wanted = str(spec.training.optimizer) == "AdamW8bit"
+            bitsandbytes_problem = probe(_adamw8bit_step if wanted else _import("bitsandbytes"), device)
+            if bitsandbytes_problem:
+                bitsandbytes = False
+                if _import_fails("bitsandbytes"):  # not only its kernels: its import breaks others
+                    hide_library("bitsandbytes")
     return Device(
-        type="cuda" if cuda else "cpu",
+        type=device,
         bf16=bf16,
-        xformers=cuda and importlib.util.find_spec("xformers") is not None,
-        bitsandbytes=importlib.util.find_spec("bitsandbytes") is not None,
+        xformers=xformers,
+        bitsandbytes=bitsandbytes,
+        xformers_problem=xformers_problem,
+        bitsandbytes_problem=bitsandbytes_problem,
         compiler=compiler_present(cuda=cuda),
     )
+
+
+def _installed(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _import(name: str) -> Callable[[str], None]:
+    def load(device: str) -> None:
+        importlib.import_module(name)
+
+    return load
+
+
+def _import_fails(name: str) -> bool:
+    return bool(probe(_import(name), "cpu"))
+
+
+def hide_library(name: str) -> None:
+    """Make ``name`` look not installed to every later import check (``find_spec`` answers None
+    for a module that ``sys.modules`` maps to None), and drop what a failed import left."""
+    for module in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+        del sys.modules[module]
+    sys.modules[name] = None  # type: ignore[assignment]
+
+
+def probe(operation: Callable[[str], None], device: str) -> str:
+    """Run ``operation`` once on ``device``: "" where it works, else what went wrong, in one line."""
+    try:
+        operation(device)
+    except BaseException as exc:  # an import of a broken wheel can raise anything, SystemExit included
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0]
+        return f"{type(exc).__name__}: {first[:300]}" if first else type(exc).__name__
+    return ""
+
+
+def _adamw8bit_step(device: str) -> None:
+    import bitsandbytes
+    import torch
+
+    # 4,096 elements: the smallest a tensor may be for bitsandbytes to keep its state in 8 bits.
+    parameter = torch.nn.Parameter(torch.ones(4096, device=device))
+    optimizer = bitsandbytes.optim.AdamW8bit([parameter], lr=1e-3)
+    parameter.grad = torch.full_like(parameter, 0.5)
+    optimizer.step()
+    if not bool(torch.isfinite(parameter).all()) or float(parameter.max()) >= 1.0:
+        raise RuntimeError("one step of AdamW8bit did not update the parameter")
+
+
+def _xformers_op(device: str) -> None:
+    import torch
+    import xformers.ops
+
+    query = torch.randn(1, 16, 2, 32, device=device, dtype=torch.float16)
+    out = xformers.ops.memory_efficient_attention(query, query, query)
+    if out.shape != query.shape or not bool(torch.isfinite(out).all()):
+        raise RuntimeError("memory_efficient_attention returned a wrong result")
 
 
 def compiler_present(*, cuda: bool) -> bool:
@@ -191,14 +282,25 @@ def resolve_settings(
 
     attention = str(training.attention)
     if attention == "xformers" and not device.xformers:
-        why = "xformers is not installed" if device.type == "cuda" else "xformers needs a CUDA GPU"
+        why = "xformers needs a CUDA GPU"
+        if device.type == "cuda":
+            why = (
+                f"xformers is installed but does not work here ({device.xformers_problem})"
+                if device.xformers_problem
+                else "xformers is not installed"
+            )
         warnings.append(f"spec.training.attention: {why}; using sdpa (PyTorch's fused attention) instead")
         attention = "sdpa"
 
     optimizer = str(training.optimizer)
     if optimizer == "AdamW8bit" and not device.bitsandbytes:
+        why = (
+            f"bitsandbytes, which is installed but does not work here ({device.bitsandbytes_problem})"
+            if device.bitsandbytes_problem
+            else "bitsandbytes, which is not installed"
+        )
         warnings.append(
-            "spec.training.optimizer: AdamW8bit needs bitsandbytes, which is not installed; "
+            f"spec.training.optimizer: AdamW8bit needs {why}; "
             "using AdamW (about four times the optimizer memory) instead"
         )
         optimizer = "AdamW"

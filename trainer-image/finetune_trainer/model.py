@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from finetune_api.v1alpha1 import BaseModelSource, ModelType
-from finetune_trainer import convert, storage
+from finetune_trainer import convert, original_config, storage
 from finetune_trainer.errors import BadInput
 from finetune_trainer.job import PREDICTION_TYPES
 
@@ -245,7 +245,42 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
     state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
     if not isinstance(state, dict):
         raise BadInput(f"{path} holds no state dict", field=FIELD)
-    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}, {}
+    extra = {}
+    if isinstance(loaded, dict) and isinstance(loaded.get("global_step"), int):
+        extra[GLOBAL_STEP_KEY] = str(loaded["global_step"])
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}, extra
+
+
+# SD 2.0-base's released .ckpt was saved at this step; the 768 px v-prediction ones were not
+# (diffusers' single-file loader tells them apart the same way).
+SD2_BASE_GLOBAL_STEP = "875000"
+GLOBAL_STEP_KEY = "global_step"
+
+
+def detect_prediction_type(
+    path: Path, metadata: dict[str, str], configs: dict[str, Any] | None
+) -> tuple[str, str] | None:
+    """What a single file says of its prediction type, and where it says it: the ``.yaml``
+    beside it (the web UIs' convention), its model-spec or kohya metadata, the configs this
+    trainer embeds, or the training step of a released SD 2.0-base checkpoint."""
+    beside = path.with_suffix(".yaml")
+    if beside.is_file():
+        found = original_config.prediction_type_of(original_config.read(beside))
+        if found is not None:
+            return found, f"{beside.name} beside it"
+    spec = metadata.get("modelspec.prediction_type", "").lower()
+    if spec in ("v", "v_prediction"):
+        return "v_prediction", "its modelspec.prediction_type metadata"
+    if spec in ("epsilon", "eps"):
+        return "epsilon", "its modelspec.prediction_type metadata"
+    kohya = metadata.get("ss_v_parameterization", "").lower()
+    if kohya in ("true", "false"):
+        return ("v_prediction" if kohya == "true" else "epsilon"), "its ss_v_parameterization metadata"
+    if configs and configs.get("model_type") and configs.get("scheduler", {}).get("prediction_type"):
+        return str(configs["scheduler"]["prediction_type"]), "the configs in its metadata"
+    if metadata.get(GLOBAL_STEP_KEY) == SD2_BASE_GLOBAL_STEP:
+        return "epsilon", "its global_step (SD 2.0-base's)"
+    return None
 
 
 def load_single_file(path: Path, *, model_type: ModelType) -> BaseModel:
@@ -271,9 +306,13 @@ def load_single_file(path: Path, *, model_type: ModelType) -> BaseModel:
             f"{model_type} does not match the checkpoint: {path.name} is {actual}; set spec.baseModel.type to {fix}",
             field=TYPE_FIELD,
         )
-    configs = _embedded_configs(metadata) or _shipped_configs(model_type)
-    if "prediction_type" in configs["scheduler"] and configs.get("model_type"):
-        _check_prediction(model_type, configs["scheduler"].get("prediction_type"), what=path.name)
+    embedded = _embedded_configs(metadata)
+    configs = embedded or _shipped_configs(model_type)
+    # A v2 model's objective must not rest on the declared type alone: the wrong one trains
+    # silently toward the wrong target.
+    detected = detect_prediction_type(path, metadata, embedded)
+    if detected is not None:
+        _check_prediction(model_type, detected[0], what=f"{path.name} (as {detected[1]} says)")
 
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(configs["unet"])

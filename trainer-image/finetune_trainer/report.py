@@ -85,7 +85,35 @@ class JsonLines(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+# Messages libraries print that are only noise to a person reading a run: (logger, text, why).
+NOISE = (
+    # bitsandbytes on a CPU with AVX-512 looks for an optional 4-bit kernel package at import;
+    # nothing here uses 4-bit CPU matrix products.
+    ("bitsandbytes.backends.cpu.ops", "gemm_4bit_forward", "an optional 4-bit CPU kernel"),
+    # transformers without torchvision falls back to PIL image processors, which nothing of a
+    # Stable Diffusion pipeline needs (its feature extractor is the unused safety checker's).
+    ("transformers.utils.import_utils", "requires torchvision", "image processors the pipelines do not use"),
+)
+
+
+class _DropNoise(logging.Filter):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def silence_noise() -> None:
+    for name, text, _ in NOISE:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNoise) and f.text == text for f in logger.filters):
+            logger.addFilter(_DropNoise(text))
+
+
 def configure_logging(job: str, *, stream: IO[str] | None = None, main_process: bool = True) -> None:
+    silence_noise()
     handler = logging.StreamHandler(stream or sys.stdout)
     handler.setFormatter(JsonLines(job))
     log.handlers[:] = [handler]

@@ -52,17 +52,24 @@ def tiny_vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return vocab, merges
 
 
-def build_tiny_pipeline(dest: Path, *, seed: int = 0, prediction_type: str = "epsilon") -> Path:
+def build_tiny_pipeline(
+    dest: Path, *, seed: int = 0, prediction_type: str | None = None, model_type: str = "v1x"
+) -> Path:
     """Write a tiny diffusers StableDiffusionPipeline folder to ``dest`` and return it.
 
     Shapes follow SD 1.x (a CLIP text encoder, cross-attention in all but the deepest UNet
     block, a 4-channel latent VAE) with two or three blocks each, so layout conversions meet the same
-    structure as on a real model, only smaller.
+    structure as on a real model, only smaller.  ``model_type`` v2x-512 or v2x gives it SD 2.x's
+    traits: linear projections in the transformer blocks, heads of equal width, a GELU text
+    encoder, and for v2x v-prediction.
     """
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    v2 = model_type != "v1x"
+    if prediction_type is None:
+        prediction_type = "v_prediction" if model_type == "v2x" else "epsilon"
     torch.manual_seed(seed)
     vocab, _ = tiny_vocabulary()
     tokenizer = _tiny_tokenizer(dest)
@@ -75,6 +82,7 @@ def build_tiny_pipeline(dest: Path, *, seed: int = 0, prediction_type: str = "ep
             num_attention_heads=4,
             max_position_embeddings=77,
             projection_dim=32,
+            hidden_act="gelu" if v2 else "quick_gelu",
             bos_token_id=vocab[BOS],
             eos_token_id=vocab[EOS],
             pad_token_id=vocab[EOS],
@@ -89,7 +97,9 @@ def build_tiny_pipeline(dest: Path, *, seed: int = 0, prediction_type: str = "ep
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32,
-        attention_head_dim=4,
+        # SD 2.x counts heads per block (of 64 channels each there, of 8 here).
+        attention_head_dim=(4, 8) if v2 else 4,
+        use_linear_projection=v2,
         norm_num_groups=8,
     )
     vae = AutoencoderKL(

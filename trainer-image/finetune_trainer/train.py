@@ -122,7 +122,7 @@ class DreamBoothRecipe:
         self.job = job
         self.spec = job.spec
         self.reporter = reporter
-        self.device_info = device or detect_device()
+        self.device_info = device or detect_device(job.spec)
         self.store = storage.ObjectStore.for_spec(self.spec)
         self.out = outputs.Output(self.spec.output.uri, cache_dir=cache_dir(), store=self.store)
         self.output = self.out.local
@@ -792,13 +792,7 @@ class DreamBoothRecipe:
         if accelerator.is_main_process:
             drawn = sampled if sampled is not None else self.draw_pictures()
             self.reporter.set_stage(Stage.EXPORTING, message=f"exporting to {self.output}")
-            trained = export.Trained(
-                unet=accelerator.unwrap_model(self.unet, keep_torch_compile=False),
-                vae=self.base.vae,
-                text_encoder=accelerator.unwrap_model(self.text_encoder),
-                base=self.base,
-                text_encoder_adapters=self.lora and self.trains_text_encoder,
-            )
+            trained = self._trained_for_export()
             files = export.export_all(
                 trained,
                 self.output,
@@ -825,6 +819,44 @@ class DreamBoothRecipe:
             output=self.out.location(),
             files=files,
             samples=list(self.reporter.samples),
+        )
+
+    def _trained_for_export(self) -> export.Trained:
+        """What the exports are made of.  The frozen parts ran in the mixed precision (and a
+        LoRA run's whole base model did): where that precision would show in an export (an
+        fp32 export, an fp16 one of weights that went through bf16, a LoRA merged into the
+        base) they come from a fresh fp32 read of the base model instead, and a LoRA is merged
+        there, in fp32."""
+        accelerator = self.accelerator
+        unet = accelerator.unwrap_model(self.unet, keep_torch_compile=False)
+        text_encoder = accelerator.unwrap_model(self.text_encoder)
+        vae = self.base.vae
+        text_adapters = self.lora and self.trains_text_encoder
+        output = self.spec.output
+        low = self.settings.mixed_precision
+        full_model = not self.lora or output.merge_lora
+        lossy = low != "no" and (self.lora or not output.half_precision or low == "bf16")
+        if full_model and lossy:
+            import torch
+
+            self.reporter.set_stage(Stage.EXPORTING, message="reading the base model again in fp32 for the export")
+            pristine = load_base_model(self.spec.base_model, cache_dir=cache_dir(), store=self.store)
+            vae = pristine.vae
+            if self.lora:
+                # The trained adapters on an fp32 copy of the base: merged there, in fp32.
+                lora.add_adapters(pristine.unet, pristine.text_encoder if text_adapters else None, self.spec.lora)
+                lora.load_adapter_state(pristine.unet, lora.adapter_state(unet), source="the trained UNet")
+                if text_adapters:
+                    lora.load_adapter_state(
+                        pristine.text_encoder, lora.adapter_state(text_encoder), source="the trained text encoder"
+                    )
+                unet, text_encoder = pristine.unet, pristine.text_encoder
+            elif not self.trains_text_encoder:
+                text_encoder = pristine.text_encoder
+            for module in (unet, vae, text_encoder):
+                module.to(torch.device("cpu"))
+        return export.Trained(
+            unet=unet, vae=vae, text_encoder=text_encoder, base=self.base, text_encoder_adapters=text_adapters
         )
 
     def cleanup(self) -> None:
