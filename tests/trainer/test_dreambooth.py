@@ -19,6 +19,7 @@ from typing import Any
 import numpy
 import pytest
 import torch
+import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -98,11 +99,35 @@ def test_run_ends_with_every_export_and_a_manifest(straight: Run) -> None:
     assert manifest_data["settings"]["mixed_precision"] == "no"
     listed = {f["path"]: f for f in manifest_data["files"]}
     exported = {p.relative_to(out).as_posix() for p in (out / "diffusers").rglob("*") if p.is_file()}
-    assert set(listed) == exported | {f"{NAME}.safetensors", "loss.png", "samples.png"}
+    assert set(listed) == exported | {f"{NAME}.safetensors", "loss.png", "samples.png", "README.md"}
     assert manifest_data["samples"] == [f"samples/step-{s:06d}-{i}.png" for s in SAMPLE_STEPS for i in (0, 1)]
     for path, entry in listed.items():
         assert entry["sizeBytes"] == (out / path).stat().st_size
         assert entry["sha256"] == sha256_file(out / path)
+
+
+def test_a_model_card_says_what_was_trained_and_how_to_load_each_file(straight: Run) -> None:
+    card = (straight.output / "README.md").read_text()
+    front, body = card.removeprefix("---\n").split("\n---\n", 1)
+    meta = yaml.safe_load(front)
+    assert meta["base_model"] == straight_spec_base(straight) and meta["library_name"] == "diffusers"
+    assert "dreambooth" in meta["tags"] and meta["instance_prompt"] == "a photo of sks ball"
+    assert f"trained for {STEPS} steps" in body
+    assert "Class prompt: `a photo of a ball`, prior preservation with 2 class images" in body
+    # Every exported file is listed (the folder once), and each kind says how to load it.
+    for path in (f"{NAME}.safetensors", "diffusers/", "loss.png", "samples.png"):
+        assert f"| `{path}` |" in body, path
+    assert 'StableDiffusionPipeline.from_pretrained("diffusers")' in body
+    assert "models/Stable-diffusion/" in body and f'from_single_file("{NAME}.safetensors")' in body
+    assert "![loss](loss.png)" in body and "![samples](samples.png)" in body
+    # The settings that ran, not only the ones asked for (fp16 falls back to fp32 on a CPU).
+    assert f"| mixed precision | {straight.summary['settings']['mixed_precision']} |" in body
+    assert "| mixed precision | no |" in body
+    assert "README.md" in {f["path"] for f in json.loads((straight.output / "manifest.json").read_text())["files"]}
+
+
+def straight_spec_base(run: Run) -> str:
+    return str(json.loads((run.output / "manifest.json").read_text())["baseModel"]["uri"])
 
 
 def test_the_single_file_is_fp16_in_the_original_layout(straight: Run) -> None:
@@ -146,6 +171,23 @@ def test_exports_load_and_generate_in_diffusers(straight: Run, tmp_path: Path) -
     for a, b in ((from_folder.unet, from_file.unet), (from_folder.text_encoder, from_file.text_encoder)):
         theirs = b.state_dict()
         assert all(torch.equal(v, theirs[k]) for k, v in a.state_dict().items() if "position_ids" not in k)
+
+
+def test_the_half_precision_folder_loads_and_generates_the_plain_way(straight: Run, tmp_path: Path) -> None:
+    """As a user loads it: no dtype argument (diffusers' UNet and VAE default to fp32, and
+    transformers 5 would load an fp16 text encoder as fp16), then moved to a device."""
+    from diffusers import StableDiffusionPipeline
+
+    folder = straight.output / "diffusers"
+    plain = StableDiffusionPipeline.from_pretrained(folder)
+    assert {plain.unet.dtype, plain.vae.dtype, plain.text_encoder.dtype} == {torch.float32}
+    _generate(plain, tmp_path, "plain.png")
+    _generate(plain.to("cpu"), tmp_path, "plain-to-device.png")
+    # The files are half precision (the "half model"), and asking for fp16 gets fp16 throughout.
+    with safe_open(str(folder / "text_encoder" / "model.safetensors"), framework="pt") as handle:
+        assert handle.get_tensor(next(iter(handle.keys()))).dtype == torch.float16
+    half = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float16)
+    assert {half.unet.dtype, half.vae.dtype, half.text_encoder.dtype} == {torch.float16}
 
 
 def test_the_single_file_can_be_the_next_base_model(straight: Run) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune_api.v1alpha1 import FineTuneJob, Method, ModelType, OutputFile, OutputFormat
-from finetune_trainer import convert, lora, original_config, storage
+from finetune_trainer import convert, lora, model_card, original_config, storage
 from finetune_trainer.model import CONFIG_METADATA_KEY, BaseModel
 from finetune_trainer.report import now_rfc3339
 
@@ -106,6 +106,8 @@ def export_all(
                 written.append(export_original_config(trained, single.with_suffix(".yaml")))
     written += [p for p in pictures if p.is_file()]
     files = list_files(output, written)
+    card = model_card.render(job, step=step, settings=settings, files=files)
+    files.append(describe(output, model_card.write(output / model_card.CARD, card)))
     write_manifest(
         output,
         files=files,
@@ -141,8 +143,26 @@ def export_diffusers(trained: Trained, dest: Path) -> Path:
     )
     with storage.atomic_path(dest) as tmp:
         pipeline.save_pretrained(tmp, safe_serialization=True)
+        load_in_fp32_by_default(tmp)
         storage.make_readable(tmp)
     return dest
+
+
+def load_in_fp32_by_default(folder: Path) -> None:
+    """A half-precision folder loads as people load it, with no dtype argument.
+
+    diffusers loads a UNet and a VAE in fp32 unless told otherwise, whatever their files hold;
+    transformers 5 loads a text encoder in the dtype its config names, which saving an fp16
+    model sets to float16: the plain ``from_pretrained(folder)`` then mixes fp16 and fp32 and
+    fails at the first prompt.  The text encoders' configs name float32, as the rest of the
+    pipeline loads; the files stay fp16 (half the size), and ``torch_dtype=torch.float16``
+    still loads every part in fp16."""
+    for config_path in sorted(folder.glob("text_encoder*/config.json")):
+        config = json.loads(config_path.read_text())
+        for key in ("dtype", "torch_dtype"):
+            if key in config:
+                config[key] = "float32"
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def original_state_dict(trained: Trained) -> dict[str, Any]:

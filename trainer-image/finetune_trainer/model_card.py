@@ -1,0 +1,165 @@
+"""``README.md`` in the output folder: what was trained, on what, how, and how to load each
+file, as diffusers' training scripts write one (Hugging Face's model-card front matter, so the
+folder can be pushed to a hub as it is)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+from finetune_api.v1alpha1 import FineTuneJob, Method, ModelType, OutputFile
+from finetune_trainer.job import trains_text_encoder
+
+CARD = "README.md"
+_FAMILY = {
+    ModelType.V1X: "Stable Diffusion 1.x",
+    ModelType.V2X_512: "Stable Diffusion 2.x (512 px)",
+    ModelType.V2X: "Stable Diffusion 2.x (768 px, v-prediction)",
+    ModelType.SDXL: "Stable Diffusion XL",
+}
+_PIPELINE = {ModelType.SDXL: "StableDiffusionXLPipeline"}
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000  # type: ignore[assignment]
+    return f"{n} B"
+
+
+def _what(path: str, *, name: str) -> str:
+    if path.startswith("diffusers/"):
+        return "diffusers folder"
+    if path.startswith("lora/"):
+        return "LoRA, diffusers (PEFT) layout"
+    if path == f"{name}-lora.safetensors":
+        return "LoRA, kohya / web-UI layout"
+    if path == f"{name}.safetensors":
+        return "the whole model in one file (original layout, web UIs)"
+    if path == f"{name}.yaml":
+        return "its original config (web UIs read it beside the file)"
+    if path == "loss.png":
+        return "loss and learning rate by step"
+    if path == "samples.png":
+        return "the preview samples, by step"
+    return ""
+
+
+def render(job: FineTuneJob, *, step: int, settings: dict[str, str], files: Sequence[OutputFile]) -> str:
+    spec = job.spec
+    name = job.metadata.name or "model"
+    model_type = ModelType(spec.base_model.type)
+    lora = spec.method == Method.LORA
+    pipeline = _PIPELINE.get(model_type, "StableDiffusionPipeline")
+    paths = {f.path for f in files}
+    front = {
+        "base_model": spec.base_model.uri,
+        "library_name": "diffusers",
+        "tags": [
+            "text-to-image",
+            "diffusers",
+            "stable-diffusion",
+            "lora" if lora else "dreambooth",
+            "finetune-operator",
+        ],
+        "instance_prompt": spec.dataset.instance_prompt,
+        "inference": True,
+    }
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", ""]
+    lines += [
+        f"# {name}",
+        "",
+        f"A {'LoRA' if lora else 'DreamBooth'} fine-tune of `{spec.base_model.uri}` ({_FAMILY[model_type]}), "
+        f"trained for {step} steps by finetune-operator. The files below are in this folder.",
+        "",
+        "## Prompts",
+        "",
+        f"- Instance prompt: `{spec.dataset.instance_prompt}` (use its token in your prompts).",
+    ]
+    if spec.dataset.class_prompt:
+        prior = (
+            f", prior preservation with {spec.dataset.num_class_images} class images"
+            if spec.dataset.prior_preservation
+            else ""
+        )
+        lines.append(f"- Class prompt: `{spec.dataset.class_prompt}`{prior}.")
+    for prompt in spec.samples.prompts:
+        lines.append(f"- Sample prompt: `{prompt}`")
+    training = spec.training
+    rows = [
+        ("method", str(spec.method)),
+        ("steps", str(step)),
+        ("resolution", settings.get("resolution", str(spec.resolution))),
+        ("batch size x accumulation", f"{training.batch_size} x {training.gradient_accumulation_steps}"),
+        ("learning rate", f"{settings.get('learning_rate', spec.learning_rate)} ({training.lr_scheduler})"),
+        ("optimizer", settings.get("optimizer", str(training.optimizer))),
+        ("mixed precision", settings.get("mixed_precision", str(training.mixed_precision))),
+        ("text encoder trained", "yes" if trains_text_encoder(spec) else "no"),
+        ("seed", str(training.seed)),
+        ("exported in", "fp16" if spec.output.half_precision else "fp32"),
+    ]
+    if lora:
+        settings_of = spec.lora
+        rows.insert(1, ("LoRA", f"rank {settings_of.rank}, alpha {settings_of.alpha:g}, targets {settings_of.targets}"))
+    lines += ["", "## Training", "", "| setting | value |", "|---|---|"]
+    lines += [f"| {key} | {value} |" for key, value in rows]
+    lines += ["", "## Files", "", "| file | size | what it is |", "|---|---|---|"]
+    for entry in files:
+        if entry.path.startswith("diffusers/") and not entry.path.endswith("model_index.json"):
+            continue
+        what = _what(entry.path, name=name)
+        shown = "diffusers/" if entry.path == "diffusers/model_index.json" else entry.path
+        folder_bytes = sum(f.size_bytes for f in files if f.path.startswith("diffusers/"))
+        size = _size(folder_bytes if shown == "diffusers/" else entry.size_bytes)
+        lines.append(f"| `{shown}` | {size} | {what} |")
+    lines += ["", "`manifest.json` lists every file with its SHA-256.", "", "## How to use", ""]
+    if "diffusers/model_index.json" in paths:
+        lines += [
+            "The diffusers folder (fp32 unless you ask for `torch_dtype=torch.float16`):",
+            "",
+            "```python",
+            f"from diffusers import {pipeline}",
+            "",
+            f'pipe = {pipeline}.from_pretrained("diffusers")  # this folder',
+            f'image = pipe("{spec.dataset.instance_prompt}").images[0]',
+            "```",
+            "",
+        ]
+    if f"{name}.safetensors" in paths:
+        beside = f" with `{name}.yaml` beside it" if f"{name}.yaml" in paths else ""
+        lines += [
+            f"The single file: copy `{name}.safetensors`{beside} into the web UI's `models/Stable-diffusion/` "
+            f'(ComfyUI: `models/checkpoints/`), or `{pipeline}.from_single_file("{name}.safetensors")`.',
+            "",
+        ]
+    if f"{name}-lora.safetensors" in paths:
+        lines += [
+            "The LoRA, on the base model:",
+            "",
+            "```python",
+            f'pipe = {pipeline}.from_pretrained("<the base model>")',
+            'pipe.load_lora_weights("lora")  # or the single file: pipe.load_lora_weights("'
+            + f'{name}-lora.safetensors")',
+            "```",
+            "",
+            f"In a web UI: `{name}-lora.safetensors` into `models/Lora/`, then `<lora:{name}-lora:1>` in the prompt. "
+            f"In ComfyUI: into `models/loras/`, applied with a LoraLoader node.",
+            "",
+        ]
+    pictures = [p for p in ("loss.png", "samples.png") if p in paths]
+    if pictures:
+        lines += ["## How it went", ""]
+        lines += [f"![{p.removesuffix('.png')}]({p})" for p in pictures]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write(path: Path, text: str) -> Path:
+    from finetune_trainer import storage
+
+    storage.write_text_atomic(path, text)
+    storage.make_readable(path)
+    return path
