@@ -60,7 +60,10 @@ def test_gpu_nodes_are_ready(kube: Kube) -> None:
 def test_crd_is_served_and_explained(kube: Kube) -> None:
     explained = kube.kubectl("explain", "ftj.spec.training")
     assert "stepsPerImage" in explained
-    assert "Training steps per instance image" in explained
+    assert "How many times each instance image is seen" in explained
+    # The default learning rate depends on the method, and explain says which.
+    rate = kube.kubectl("explain", "ftj.spec.training.learningRate")
+    assert "2e-6 for method DreamBooth" in rate and "1e-4 for method LoRA" in rate
     assert "optimizer" in explained
     assert "FineTuneJob" in kube.kubectl("explain", "ftj.spec")
 
