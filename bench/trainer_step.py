@@ -2,6 +2,8 @@
 
     make bench-trainer                          # CPU: a tiny pipeline built here, 64 px
     make bench-trainer BENCH_ARGS=--sd15        # SD 1.5's architecture, random weights, 512 px (a GPU)
+    make bench-trainer BENCH_ARGS=--sdxl        # SDXL's architecture, random weights, 1024 px (a GPU;
+                                                # on a CPU the tiny SDXL pipeline at 64 px)
 
 The textbook step is written here the way diffusers' ``train_dreambooth.py`` and
 ``train_dreambooth_lora.py`` do it: encode the image with the VAE and the prompt with the
@@ -66,6 +68,16 @@ SETTINGS = {
                              True, 2e-6, (2.3, 9.4), 4.6),
     "lora": Setting("LoRA rank 8, fp16", "LoRA", "AdamW", "fp16", False, True, 1e-4, (4.8, 3.4), 12.0),
 }  # fmt: skip
+# SDXL: diffusers' train_dreambooth_lora_sdxl.py step (LoRA on the attention projections; the
+# VAE in fp32, as that script runs it) and the same loop training the whole UNet.  No reference
+# figures were measured for them: the comparison is the run's own.
+SDXL_SETTINGS = {
+    "sdxl-lora": Setting("SDXL LoRA rank 8, fp16, gradient checkpointing, 8-bit AdamW", "LoRA", "AdamW8bit", "fp16",
+                         True, True, 1e-4, (0.0, 0.0), 0.0),
+    "sdxl-dreambooth": Setting("SDXL DreamBooth (full UNet), fp16, gradient checkpointing, 8-bit AdamW", "DreamBooth",
+                               "AdamW8bit", "fp16", True, True, 1e-5, (0.0, 0.0), 0.0),
+}  # fmt: skip
+ALL_SETTINGS = {**SETTINGS, **SDXL_SETTINGS}
 LORA_RANK = 8
 
 
@@ -201,6 +213,118 @@ def textbook(job: dict[str, Any], setting: Setting, *, warmup: int, steps: int) 
     }
 
 
+def textbook_sdxl(job: dict[str, Any], setting: Setting, *, warmup: int, steps: int) -> dict[str, Any]:
+    """diffusers' SDXL DreamBooth LoRA example loop, as a plain script has it: both text
+    encoders every step, the pooled embedding and the size-and-crop time ids."""
+
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+    from accelerate import Accelerator
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    from diffusers.optimization import get_scheduler
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from finetune_trainer import data
+
+    model, device = Path(job["model"]), job["device"]
+    precision = setting.precision if device == "cuda" else "no"
+    accelerator = Accelerator(mixed_precision=precision, cpu=device == "cpu")
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+    tokenizers = [
+        CLIPTokenizer.from_pretrained(model / "tokenizer"),
+        CLIPTokenizer.from_pretrained(model / "tokenizer_2"),
+    ]
+    encoders = [
+        CLIPTextModel.from_pretrained(model / "text_encoder"),
+        CLIPTextModelWithProjection.from_pretrained(model / "text_encoder_2"),
+    ]
+    vae = AutoencoderKL.from_pretrained(model, subfolder="vae")
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
+    noise_scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
+    vae.requires_grad_(False)
+    for encoder in encoders:
+        encoder.requires_grad_(False)
+    unet.set_attn_processor(AttnProcessor2_0())
+    if setting.method == "LoRA":
+        from peft import LoraConfig
+
+        unet.requires_grad_(False)
+        unet.to(accelerator.device, dtype=weight_dtype)
+        unet.add_adapter(
+            LoraConfig(
+                r=LORA_RANK,
+                lora_alpha=LORA_RANK,
+                init_lora_weights="gaussian",
+                target_modules=["to_k", "to_q", "to_v", "to_out.0"],
+            )
+        )
+        for parameter in unet.parameters():
+            if parameter.requires_grad:
+                parameter.data = parameter.data.float()
+    if setting.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    if setting.optimizer == "AdamW8bit":
+        import bitsandbytes
+
+        optimizer: Any = bitsandbytes.optim.AdamW8bit(params, lr=setting.learning_rate)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=setting.learning_rate)
+    lr_scheduler = get_scheduler("constant", optimizer=optimizer)
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    vae.to(accelerator.device, dtype=torch.float32)  # the SDXL VAE overflows in fp16
+    for encoder in encoders:
+        encoder.to(accelerator.device, dtype=weight_dtype)
+    unet.train()
+    resolution = job["resolution"]
+    folder = data.load_folder(Path(job["images"]), prompt=PROMPT, resolution=resolution, field_name="images")
+    pixels = [data.crop_and_flip(e.pixels, resolution, center=True, flip=False) for e in folder.examples]
+    time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], device=accelerator.device)
+
+    stops = _windows(warmup, steps)
+    marks: list[float] = []
+    for step in range(1 + warmup + steps):
+        pixel_values = pixels[step % len(pixels)][None].to(accelerator.device, dtype=torch.float32)
+        with accelerator.accumulate(unet):
+            latents = vae.encode(pixel_values).latent_dist.sample() * vae.config.scaling_factor
+            latents = latents.to(weight_dtype)
+            noise = torch.randn_like(latents)
+            timesteps = torch.randint(
+                0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
+            ).long()
+            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+            hidden, pooled = [], None
+            for tokenizer, encoder in zip(tokenizers, encoders, strict=True):
+                ids = tokenizer(
+                    [PROMPT], padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                    return_tensors="pt",
+                ).input_ids.to(accelerator.device)  # fmt: skip
+                out = encoder(ids, output_hidden_states=True)
+                pooled = out[0]
+                hidden.append(out.hidden_states[-2])
+            added = {"text_embeds": pooled, "time_ids": time_ids.to(weight_dtype)}
+            prediction = unet(noisy, timesteps, torch.cat(hidden, dim=-1), added_cond_kwargs=added).sample
+            loss = F.mse_loss(prediction.float(), noise.float(), reduction="mean")
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=setting.set_grads_to_none)
+        logs = {"loss": loss.detach().item()}  # a progress bar's
+        if step + 1 in stops:
+            _sync(device)
+            marks.append(time.perf_counter())
+    return {
+        **_rates(stops, marks, warmup=warmup),
+        "first_step_s": marks[0] - STARTED,
+        "peak_bytes": _peak(device),
+        "last_loss": logs["loss"],
+        "choices": {"mixed_precision": precision, "optimizer": setting.optimizer, "attention": "sdpa"},
+    }
+
+
 def trainer(job: dict[str, Any], setting: Setting, *, warmup: int, steps: int) -> dict[str, Any]:
     """``DreamBoothRecipe`` from a manifest with the same settings; its own train loop."""
     from finetune_api.v1alpha1 import parse_manifest
@@ -221,14 +345,15 @@ def trainer(job: dict[str, Any], setting: Setting, *, warmup: int, steps: int) -
     if job["compile"] != "auto":
         training["compile"] = job["compile"] == "on"
     if setting.method == "LoRA":
-        training["lora"] = {"rank": LORA_RANK, "alpha": LORA_RANK}
+        # The textbook scripts' layers (the attention projections), so both train the same weights.
+        training["lora"] = {"rank": LORA_RANK, "alpha": LORA_RANK, "targets": "attention"}
     manifest = {
         "apiVersion": "finetune.dev/v1alpha1",
         "kind": "FineTuneJob",
         "metadata": {"name": "bench"},
         "spec": {
             "method": setting.method,
-            "baseModel": {"uri": job["model"], "type": "v1x"},
+            "baseModel": {"uri": job["model"], "type": "sdxl" if job["family"] == "sdxl" else "v1x"},
             "dataset": {
                 "instanceImages": job["images"],
                 "instancePrompt": PROMPT,
@@ -267,8 +392,8 @@ def child(job: dict[str, Any]) -> None:
 
     if job["threads"]:
         torch.set_num_threads(job["threads"])
-    setting = SETTINGS[job["setting"]]
-    run = textbook if job["variant"] == "textbook" else trainer
+    setting = ALL_SETTINGS[job["setting"]]
+    run = trainer if job["variant"] == "trainer" else textbook_sdxl if job["family"] == "sdxl" else textbook
     result = run(job, setting, warmup=job["warmup"], steps=job["steps"])
     print("RESULT " + json.dumps(result))
 
@@ -307,10 +432,14 @@ def measure(job: dict[str, Any], *, timeout_s: int) -> dict[str, Any]:
     raise SystemExit(f"{job['variant']} / {job['setting']} failed (exit {completed.returncode}):\n{tail}")
 
 
-def build_model(folder: Path, *, sd15: bool) -> Path:
-    from finetune_trainer.tiny import build_random_pipeline, build_tiny_pipeline
+def build_model(folder: Path, *, model: str) -> Path:
+    from finetune_trainer.tiny import build_random_pipeline, build_tiny_pipeline, build_tiny_sdxl_pipeline
 
-    return build_random_pipeline(folder, model_type="v1x") if sd15 else build_tiny_pipeline(folder)
+    if model == "sd15":
+        return build_random_pipeline(folder, model_type="v1x")
+    if model == "sdxl":
+        return build_random_pipeline(folder, model_type="sdxl")
+    return build_tiny_sdxl_pipeline(folder) if model == "tiny-sdxl" else build_tiny_pipeline(folder)
 
 
 def gib(value: int) -> str:
@@ -334,7 +463,7 @@ def markdown(runs: list[dict[str, Any]]) -> str:
     lines = [
         "# Trainer step vs. a textbook DreamBooth step",
         "",
-        "Written by `bench/trainer_step.py` (`make bench-trainer`, `make bench-trainer BENCH_ARGS=--sd15`).",
+        "Written by `bench/trainer_step.py` (`make bench-trainer`, `BENCH_ARGS=--sd15`, `BENCH_ARGS=--sdxl`).",
         "Steps/s after the warm-up; first step: seconds from the start of the process to the end of the",
         "first step (imports, loading, caching and compiling included); peak: allocated GPU memory, or on",
         "a CPU the process's peak resident memory (Python and torch included). Batch 1, SDPA attention.",
@@ -371,7 +500,7 @@ def markdown(runs: list[dict[str, Any]]) -> str:
                 "|---|---|---|---|---|",
             ]
             for row in run["results"]:
-                setting = SETTINGS[row["setting"]]
+                setting = ALL_SETTINGS[row["setting"]]
                 ours = row["trainer"]
                 met = ours["steps_per_s"] >= setting.target_steps_per_s and ours["peak_bytes"] <= setting.reference[
                     1
@@ -387,7 +516,12 @@ def markdown(runs: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sd15", action="store_true", help="SD 1.5's architecture (random weights) at 512 px")
-    parser.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, of {', '.join(SETTINGS)}")
+    parser.add_argument(
+        "--sdxl",
+        action="store_true",
+        help="SDXL's architecture (random weights) at 1024 px on a GPU; on a CPU the tiny SDXL pipeline at 64 px",
+    )
+    parser.add_argument("--settings", help=f"comma-separated, of {', '.join(ALL_SETTINGS)}")
     parser.add_argument("--steps", type=int, help="timed steps (default 100; 280 with --sd15)")
     parser.add_argument("--warmup", type=int, help="steps before timing (default 5; 20 with --sd15)")
     parser.add_argument(
@@ -411,20 +545,24 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    names = [s.strip() for s in args.settings.split(",") if s.strip()]
-    unknown = [n for n in names if n not in SETTINGS]
+    family = "sdxl" if args.sdxl else "sd"
+    full_size = args.sd15 or (args.sdxl and device == "cuda")
+    model_name = ("sdxl" if device == "cuda" else "tiny-sdxl") if args.sdxl else ("sd15" if args.sd15 else "tiny")
+    default_settings = SDXL_SETTINGS if args.sdxl else SETTINGS
+    names = [s.strip() for s in (args.settings or ",".join(default_settings)).split(",") if s.strip()]
+    unknown = [n for n in names if n not in default_settings]
     if unknown:
-        parser.error(f"unknown settings {unknown}; choose from {', '.join(SETTINGS)}")
-    resolution = 512 if args.sd15 else 64
+        parser.error(f"unknown settings {unknown}; choose from {', '.join(default_settings)}")
+    resolution = {"sd15": 512, "sdxl": 1024}.get(model_name, 64)
     steps = args.steps or (280 if args.sd15 else 100)
-    warmup = args.warmup if args.warmup is not None else (20 if args.sd15 else 5)
+    warmup = args.warmup if args.warmup is not None else (20 if full_size else 5)
     compile_ = args.compile or ("on" if device == "cuda" else "auto")
     threads = 0 if device == "cuda" else (args.threads or 1)
-    rounds = args.rounds or (1 if args.sd15 else 2)
+    rounds = args.rounds or (1 if full_size else 2)
     run: dict[str, Any] = {
         "device": device,
         "device_name": device_name(device),
-        "model": "sd15" if args.sd15 else "tiny",
+        "model": model_name,
         "resolution": resolution,
         "batch_size": 1,
         "torch": torch.__version__,
@@ -440,11 +578,11 @@ def main(argv: list[str] | None = None) -> int:
         from finetune_trainer.tiny import write_demo_images
 
         print(f"building the {run['model']} pipeline ...", flush=True)
-        model = build_model(Path(tmp) / "model", sd15=args.sd15)
+        model = build_model(Path(tmp) / "model", model=model_name)
         images = Path(tmp) / "images"
         write_demo_images(images, IMAGES, resolution)
         for name in names:
-            row: dict[str, Any] = {"setting": name, "label": SETTINGS[name].label}
+            row: dict[str, Any] = {"setting": name, "label": ALL_SETTINGS[name].label}
             measured: dict[str, list[dict[str, Any]]] = {"textbook": [], "trainer": []}
             for round_ in range(rounds):
                 # Alternating order (ABBA): a machine that slows down or speeds up during the
@@ -453,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
                 for variant in order:
                     job = {
                         "variant": variant,
+                        "family": family,
                         "setting": name,
                         "model": str(model),
                         "images": str(images),
@@ -486,7 +625,7 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.suppress(OSError, ValueError):
         runs = json.loads(path.read_text())["runs"]
     runs = [r for r in runs if (r["device_name"], r["model"]) != (run["device_name"], run["model"])] + [run]
-    path.write_text(json.dumps({"runs": runs, "settings": {k: asdict(v) for k, v in SETTINGS.items()}}, indent=2))
+    path.write_text(json.dumps({"runs": runs, "settings": {k: asdict(v) for k, v in ALL_SETTINGS.items()}}, indent=2))
     (args.results / "trainer-step.md").write_text(markdown(runs))
     print(markdown([run]))
     return 0

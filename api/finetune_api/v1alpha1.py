@@ -159,10 +159,18 @@ class BaseModelSource(_Model):
         default=ModelType.V1X,
         description=(
             "Model family: v1x (SD 1.x, 512 px), v2x-512 (SD 2.x base, 512 px, epsilon), "
-            "v2x (SD 2.x, 768 px, v-prediction), sdxl (not yet supported by the trainer)."
+            "v2x (SD 2.x, 768 px, v-prediction), sdxl (Stable Diffusion XL, 1024 px)."
         ),
     )
     revision: str | None = Field(default=None, description="Branch, tag or commit of an hf:// model.")
+    vae_uri: Uri | None = Field(
+        default=None,
+        description=(
+            "A replacement VAE (a diffusers AutoencoderKL folder), e.g. an fp16-safe one for sdxl, whose own VAE "
+            f"overflows in fp16 and otherwise runs in fp32. {URI_HELP}."
+        ),
+        json_schema_extra={"x-kubernetes-validations": _uri_rules("spec.baseModel.vaeUri")},
+    )
     credentials_secret: str | None = Field(
         default=None,
         description=(
@@ -175,6 +183,11 @@ class BaseModelSource(_Model):
     @classmethod
     def _uri(cls, value: str) -> str:
         return check_uri(value, field="spec.baseModel.uri")
+
+    @field_validator("vae_uri")
+    @classmethod
+    def _vae_uri(cls, value: str | None) -> str | None:
+        return None if value is None else check_uri(value, field="spec.baseModel.vaeUri")
 
 
 class Dataset(_Model):

@@ -14,6 +14,9 @@ from finetune_trainer.model import CONFIGS
 pytestmark = pytest.mark.trainer
 
 
+SLOTS = {"clip": convert.SD1_TEXT, "open_clip": convert.SD2_TEXT}
+
+
 def _components(folder: Path, layout: convert.TextLayout = "clip") -> tuple[convert.Components, object]:
     from diffusers import StableDiffusionPipeline
 
@@ -21,10 +24,10 @@ def _components(folder: Path, layout: convert.TextLayout = "clip") -> tuple[conv
     components = convert.Components(
         unet=pipe.unet.state_dict(),
         vae=pipe.vae.state_dict(),
-        text_encoder=pipe.text_encoder.state_dict(),
+        texts=[pipe.text_encoder.state_dict()],
         unet_config=pipe.unet.config,
         vae_config=pipe.vae.config,
-        text_layout=layout,
+        slots=SLOTS[layout],
     )
     return components, pipe
 
@@ -36,8 +39,8 @@ def _back(original: dict[str, torch.Tensor], c: convert.Components) -> convert.C
         unet_config=c.unet_config,
         vae_keys=c.vae,
         vae_config=c.vae_config,
-        text_keys=c.text_encoder,
-        text_layout=c.text_layout,
+        text_keys=list(c.texts),
+        slots=c.slots,
     )
 
 
@@ -46,15 +49,15 @@ def test_round_trip_is_exact(tiny_model: Path, layout: convert.TextLayout) -> No
     components, _ = _components(tiny_model, layout)
     original = convert.to_original(components)
     assert all(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")) for k in original)
-    assert convert.detect_text_layout(original) == layout
+    assert convert.detect_text_slots(original) == SLOTS[layout]
     back = _back(original, components)
     assert back.missing == []
     for ours, theirs in ((components.unet, back.unet), (components.vae, back.vae)):
         assert ours.keys() == theirs.keys()
         assert all(torch.equal(ours[k], theirs[k]) for k in ours)
-    text = {k: v for k, v in components.text_encoder.items() if "position_ids" not in k}
-    assert text.keys() == back.text_encoder.keys()
-    assert all(torch.equal(text[k], back.text_encoder[k]) for k in text)
+    text = {k: v for k, v in components.texts[0].items() if "position_ids" not in k}
+    assert text.keys() == back.texts[0].keys()
+    assert all(torch.equal(text[k], back.texts[0][k]) for k in text)
 
 
 def test_diffusers_single_file_loader_reads_our_layout(tiny_model: Path, tmp_path: Path) -> None:
@@ -70,7 +73,7 @@ def test_diffusers_single_file_loader_reads_our_layout(tiny_model: Path, tmp_pat
     for ours, module in (
         (components.unet, loaded.unet),
         (components.vae, loaded.vae),
-        (components.text_encoder, loaded.text_encoder),
+        (components.texts[0], loaded.text_encoder),
     ):
         theirs = module.state_dict()
         compared = [k for k in ours if "position_ids" not in k]
@@ -103,9 +106,9 @@ def test_shipped_configs_are_the_real_architectures(
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
         text = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
-    layout: convert.TextLayout = "clip" if model_type == "v1x" else "open_clip"
+    slots = convert.SD1_TEXT if model_type == "v1x" else convert.SD2_TEXT
     original = convert.to_original(
-        convert.Components(unet.state_dict(), vae.state_dict(), text.state_dict(), unet.config, vae.config, layout)
+        convert.Components(unet.state_dict(), vae.state_dict(), [text.state_dict()], unet.config, vae.config, slots)
     )
 
     def count(prefix: str) -> int:

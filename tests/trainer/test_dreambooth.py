@@ -186,6 +186,8 @@ def test_the_half_precision_folder_loads_and_generates_the_plain_way(straight: R
     # The files are half precision (the "half model"), and asking for fp16 gets fp16 throughout.
     with safe_open(str(folder / "text_encoder" / "model.safetensors"), framework="pt") as handle:
         assert handle.get_tensor(next(iter(handle.keys()))).dtype == torch.float16
+        # Named as every transformers version names them (earlier ones read no other names).
+        assert all(k.startswith("text_model.") for k in handle.keys())  # noqa: SIM118
     half = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float16)
     assert {half.unet.dtype, half.vae.dtype, half.text_encoder.dtype} == {torch.float16}
 

@@ -88,7 +88,6 @@ def test_total_steps_is_steps_per_image_times_images_unless_max_steps() -> None:
             "spec.training.trainTextEncoder",
             "set spec.training.lora.trainTextEncoder: true",
         ),
-        ({"baseModel": {"uri": "/m", "type": "sdxl"}}, "spec.baseModel.type", "use v1x, v2x-512 or v2x"),
         ({"baseModel": {"uri": "pvc://models/sd15", "type": "v1x"}}, "spec.baseModel.uri", "use a local path"),
         ({"output": {"uri": "https://example.com/out"}}, "spec.output.uri", "s3://BUCKET/path or gs://BUCKET/path"),
         ({"output": {"uri": "hf://me/my-model"}}, "spec.output.uri", "s3://BUCKET/path or gs://BUCKET/path"),

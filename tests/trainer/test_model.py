@@ -59,10 +59,10 @@ def test_a_ckpt_in_a_folder_is_found_and_checked_against_the_model_type(tiny_mod
         convert.Components(
             pipe.unet.state_dict(),
             pipe.vae.state_dict(),
-            pipe.text_encoder.state_dict(),
+            [pipe.text_encoder.state_dict()],
             pipe.unet.config,
             pipe.vae.config,
-            "clip",
+            convert.SD1_TEXT,
         )
     )
     folder = tmp_path / "checkpoint"

@@ -18,8 +18,10 @@ pytestmark = pytest.mark.trainer
 
 
 def _weights(folder: Path, part: str) -> dict[str, torch.Tensor]:
+    """A part's tensors by name (a text encoder's without the ``text_model.`` that exports add
+    for earlier transformers versions)."""
     (path,) = sorted((folder / part).glob("*.safetensors"))
-    return load_file(str(path))
+    return {k.removeprefix("text_model."): v for k, v in load_file(str(path)).items()}
 
 
 def _run(tmp_path: Path, name: str, spec: dict[str, Any]) -> Run:

@@ -32,9 +32,13 @@ def checkpoint_name(step: int) -> str:
     return f"checkpoint-{step:06d}"
 
 
-# Training fields added after checkpoints were first written, with their defaults: left out of
-# the fingerprint while at the default, so a run checkpointed by an earlier trainer resumes.
-ADDED_TRAINING_FIELDS: dict[str, Any] = {"compile_mode": "default", "prefer_bf16": True}
+# Fields added after checkpoints were first written, with their defaults: left out of the
+# fingerprint while at the default, so a run checkpointed by an earlier trainer resumes.
+ADDED_FIELDS: dict[tuple[str, str], Any] = {
+    ("training", "compile_mode"): "default",
+    ("training", "prefer_bf16"): True,
+    ("base_model", "vae_uri"): None,
+}
 
 
 def training_fingerprint(spec: FineTuneJobSpec) -> str:
@@ -44,9 +48,9 @@ def training_fingerprint(spec: FineTuneJobSpec) -> str:
     # The values in effect: an unset rate or resolution trains exactly as its default written out.
     shaping["training"]["learning_rate"] = spec.learning_rate
     shaping["dataset"]["resolution"] = spec.resolution
-    for name, default in ADDED_TRAINING_FIELDS.items():
-        if shaping["training"].get(name) == default:
-            del shaping["training"][name]
+    for (section, name), default in ADDED_FIELDS.items():
+        if name in shaping[section] and shaping[section][name] == default:
+            del shaping[section][name]
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
 
 

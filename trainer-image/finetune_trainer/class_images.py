@@ -14,9 +14,8 @@ from typing import Any
 
 from finetune_api.v1alpha1 import FineTuneJobSpec
 from finetune_trainer import data, storage
-from finetune_trainer.export import scheduler_for
+from finetune_trainer.families import BaseModel
 from finetune_trainer.job import CLASS_IMAGE_STEPS
-from finetune_trainer.model import BaseModel
 from finetune_trainer.report import ProgressReporter
 
 log = logging.getLogger("finetune_trainer")
@@ -81,19 +80,9 @@ def generate(
 ) -> list[Path]:
     """Generate ``count`` class images into ``dest`` with the base model."""
     import torch
-    from diffusers import StableDiffusionPipeline
 
     dest.mkdir(parents=True, exist_ok=True)
-    pipeline: Any = StableDiffusionPipeline(
-        vae=base.vae,
-        text_encoder=base.text_encoder,
-        tokenizer=base.tokenizer,
-        unet=base.unet,
-        scheduler=scheduler_for(base),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipeline: Any = base.family.pipeline(base=base, unet=base.unet, text_encoders=base.text_encoders)
     pipeline.set_progress_bar_config(disable=True)
     pipeline.to(device)
     autocast: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()

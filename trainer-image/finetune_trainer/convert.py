@@ -1,8 +1,10 @@
-"""Key layouts: diffusers' three models <-> one Stable Diffusion checkpoint in the original layout.
+"""Key layouts: diffusers' models <-> one Stable Diffusion checkpoint in the original layout.
 
-The original (CompVis/Stability "LDM") layout is what the web UIs load: one state dict with
-``model.diffusion_model.*`` (UNet), ``first_stage_model.*`` (VAE) and ``cond_stage_model.*``
-(text encoder: ``transformer.*`` for SD 1.x's CLIP, ``model.*`` for SD 2.x's OpenCLIP).
+The original (CompVis/Stability "LDM", and for SDXL "SGM") layout is what the web UIs load: one
+state dict with ``model.diffusion_model.*`` (UNet), ``first_stage_model.*`` (VAE) and the text
+encoders, each in a *slot*: ``cond_stage_model.transformer.*`` for SD 1.x's CLIP,
+``cond_stage_model.model.*`` for SD 2.x's OpenCLIP, ``conditioner.embedders.0.transformer.*``
+(CLIP) and ``conditioner.embedders.1.model.*`` (OpenCLIP, with its text projection) for SDXL.
 
 Every map is computed from a model's own keys and config, never from a table of SD 1.5's
 names, so the same code serves the real architectures and the tiny test model (any number
@@ -21,10 +23,24 @@ import torch
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-CLIP_PREFIX = "cond_stage_model.transformer.text_model."
-OPEN_CLIP_PREFIX = "cond_stage_model.model."
 
 TextLayout = Literal["clip", "open_clip"]
+
+
+@dataclass(frozen=True)
+class TextSlot:
+    """Where one text encoder sits in an original-layout checkpoint, and in which layout."""
+
+    layout: TextLayout
+    prefix: str
+
+
+SD1_TEXT = (TextSlot("clip", "cond_stage_model.transformer."),)
+SD2_TEXT = (TextSlot("open_clip", "cond_stage_model.model."),)
+SDXL_TEXT = (
+    TextSlot("clip", "conditioner.embedders.0.transformer."),
+    TextSlot("open_clip", "conditioner.embedders.1.model."),
+)
 
 StateDict = dict[str, torch.Tensor]
 
@@ -74,6 +90,9 @@ def unet_key_map(keys: Iterable[str], config: Mapping[str, Any]) -> dict[str, st
         "conv_in.": "input_blocks.0.0.",
         "time_embedding.linear_1.": "time_embed.0.",
         "time_embedding.linear_2.": "time_embed.2.",
+        # SDXL's embedding of the pooled text and the size/crop conditioning.
+        "add_embedding.linear_1.": "label_emb.0.0.",
+        "add_embedding.linear_2.": "label_emb.0.2.",
         "conv_norm_out.": "out.0.",
         "conv_out.": "out.2.",
     }
@@ -124,7 +143,7 @@ def _unet_block_key(
         # The upsampler follows the block's last layer: after its attention where it has one.
         slot = 2 if "CrossAttn" in up_types[block] else 1
         return f"output_blocks.{up_start[block] + up_layers[block] - 1}.{slot}.conv.{m[2]}"
-    raise ValueError(f"no original-layout name for UNet key {key!r} (not a Stable Diffusion 1.x/2.x UNet?)")
+    raise ValueError(f"no original-layout name for UNet key {key!r} (not a Stable Diffusion UNet?)")
 
 
 # --- VAE ----------------------------------------------------------------------------------------
@@ -171,7 +190,7 @@ def _is_vae_attention_weight(original_key: str) -> bool:
     return bool(re.search(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$", original_key))
 
 
-# --- text encoder -------------------------------------------------------------------------------
+# --- text encoders ------------------------------------------------------------------------------
 
 
 def _strip_text_model(key: str) -> str:
@@ -180,9 +199,13 @@ def _strip_text_model(key: str) -> str:
     return key.removeprefix("text_model.")
 
 
-def clip_key_map(keys: Iterable[str]) -> dict[str, str]:
-    """CLIPTextModel key -> original SD 1.x key (with its ``cond_stage_model`` prefix)."""
-    return {key: CLIP_PREFIX + _strip_text_model(key) for key in keys}
+def _text_keys(keys: Iterable[str]) -> list[str]:
+    return [k for k in keys if _strip_text_model(k) != "embeddings.position_ids"]
+
+
+def clip_key_map(keys: Iterable[str], slot: TextSlot = SD1_TEXT[0]) -> dict[str, str]:
+    """CLIPTextModel key -> original key (with its slot's prefix)."""
+    return {key: f"{slot.prefix}text_model.{_strip_text_model(key)}" for key in keys}
 
 
 _OPEN_CLIP_NAMES = (
@@ -196,32 +219,109 @@ _OPEN_CLIP_NAMES = (
     (r"encoder\.layers\.(\d+)\.self_attn\.out_proj\.(weight|bias)", r"transformer.resblocks.\1.attn.out_proj.\2"),
 )
 _QKV = re.compile(r"encoder\.layers\.(\d+)\.self_attn\.(q|k|v)_proj\.(weight|bias)")
+# CLIPTextModelWithProjection's projection (SDXL's second encoder): a Linear whose weight is
+# the transpose of OpenCLIP's ``text_projection`` matrix.
+_PROJECTION = "text_projection.weight"
 
 
-def open_clip_key_map(keys: Iterable[str]) -> dict[str, str]:
-    """CLIPTextModel key -> original SD 2.x (OpenCLIP) key, except q/k/v, which the original
-    keeps as one ``in_proj`` tensor (see ``to_original`` and ``from_original``)."""
+def open_clip_key_map(keys: Iterable[str], slot: TextSlot = SD2_TEXT[0]) -> dict[str, str]:
+    """CLIPTextModel(WithProjection) key -> original OpenCLIP key, except q/k/v, which the
+    original keeps as one ``in_proj`` tensor, and the projection, which it keeps transposed
+    (see ``to_original`` and ``from_original``)."""
     mapping: dict[str, str] = {}
     for key in keys:
         plain = _strip_text_model(key)
-        if _QKV.fullmatch(plain) or plain == "embeddings.position_ids":
+        if _QKV.fullmatch(plain) or plain in ("embeddings.position_ids", _PROJECTION):
             continue
         for pattern, replacement in _OPEN_CLIP_NAMES:
             if re.fullmatch(pattern, plain):
-                mapping[key] = OPEN_CLIP_PREFIX + re.sub(pattern, replacement, plain)
+                mapping[key] = slot.prefix + re.sub(pattern, replacement, plain)
                 break
         else:
             raise ValueError(f"no OpenCLIP name for text encoder key {key!r}")
     return mapping
 
 
-def detect_text_layout(checkpoint: Mapping[str, Any]) -> TextLayout | None:
-    """Which text encoder an original-layout checkpoint holds (None: neither)."""
-    if any(k.startswith("cond_stage_model.transformer.") for k in checkpoint):
-        return "clip"
-    if any(k.startswith(OPEN_CLIP_PREFIX) for k in checkpoint):
-        return "open_clip"
+def detect_text_slots(checkpoint: Mapping[str, Any]) -> tuple[TextSlot, ...] | None:
+    """Which text encoders an original-layout checkpoint holds (None: none it knows)."""
+    if any(k.startswith(SDXL_TEXT[1].prefix) for k in checkpoint):
+        return SDXL_TEXT
+    if any(k.startswith(SD1_TEXT[0].prefix) for k in checkpoint):
+        return SD1_TEXT
+    if any(k.startswith(SD2_TEXT[0].prefix) for k in checkpoint):
+        return SD2_TEXT
     return None
+
+
+def _text_to_original(text: StateDict, slot: TextSlot) -> StateDict:
+    out: StateDict = {}
+    text = {k: v for k, v in text.items() if _strip_text_model(k) != "embeddings.position_ids"}
+    if slot.layout == "clip":
+        for key, new in clip_key_map(text, slot).items():
+            out[new] = text[key]
+        positions = text[_find(text, "embeddings.position_embedding.weight")].shape[0]
+        # SD 1.x checkpoints carry CLIP's position ids; some loaders expect them.
+        out[f"{slot.prefix}text_model.embeddings.position_ids"] = torch.arange(positions, dtype=torch.int64)[None]
+        return out
+    for key, new in open_clip_key_map(text, slot).items():
+        out[new] = text[key]
+    layers = sorted({int(m[1]) for k in text if (m := _QKV.fullmatch(_strip_text_model(k)))})
+    for layer in layers:
+        for kind in ("weight", "bias"):
+            parts = [text[_find(text, f"encoder.layers.{layer}.self_attn.{p}_proj.{kind}")] for p in "qkv"]
+            out[f"{slot.prefix}transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat(parts)
+    if _PROJECTION in text:
+        out[f"{slot.prefix}text_projection"] = text[_PROJECTION].t().contiguous()
+    return out
+
+
+def _text_from_original(
+    checkpoint: Mapping[str, torch.Tensor], keys: list[str], slot: TextSlot, missing: list[str]
+) -> tuple[StateDict, set[str]]:
+    """One text encoder's state dict from its slot, and the checkpoint keys it used."""
+    text: StateDict = {}
+    used: set[str] = set()
+    if slot.layout == "clip":
+        for key in keys:
+            plain = _strip_text_model(key)
+            for source in (f"{slot.prefix}text_model.{plain}", f"{slot.prefix}{plain}"):
+                if source in checkpoint:
+                    text[key] = checkpoint[source]
+                    used.add(source)
+                    break
+            else:
+                missing.append(key)
+        used.add(f"{slot.prefix}text_model.embeddings.position_ids")
+        return text, used
+    mapping = open_clip_key_map(keys, slot)
+    for key, source in mapping.items():
+        if source in checkpoint:
+            text[key] = checkpoint[source]
+            used.add(source)
+        else:
+            missing.append(key)
+    width = next((v.shape[0] for k, v in text.items() if _strip_text_model(k) == "final_layer_norm.weight"), 0)
+    for key in keys:
+        plain = _strip_text_model(key)
+        if plain == _PROJECTION:
+            source = f"{slot.prefix}text_projection"
+            if source in checkpoint:
+                text[key] = checkpoint[source].t().contiguous()
+                used.add(source)
+            else:
+                missing.append(key)
+            continue
+        m = _QKV.fullmatch(plain)
+        if not m:
+            continue
+        source = f"{slot.prefix}transformer.resblocks.{m[1]}.attn.in_proj_{m[3]}"
+        if source not in checkpoint:
+            missing.append(key)
+            continue
+        used.add(source)
+        part = "qkv".index(m[2])
+        text[key] = checkpoint[source][part * width : (part + 1) * width]
+    return text, used
 
 
 # --- whole checkpoints --------------------------------------------------------------------------
@@ -229,21 +329,21 @@ def detect_text_layout(checkpoint: Mapping[str, Any]) -> TextLayout | None:
 
 @dataclass
 class Components:
-    """The three models' state dicts in diffusers' layout, and what the converter needs to know."""
+    """The models' state dicts in diffusers' layout, and what the converter needs to know."""
 
     unet: StateDict
     vae: StateDict
-    text_encoder: StateDict
+    texts: list[StateDict]
     unet_config: Mapping[str, Any]
     vae_config: Mapping[str, Any]
-    text_layout: TextLayout
+    slots: tuple[TextSlot, ...]
     # Original-layout tensors with no diffusers counterpart that belong in a re-export
     # (SD 2.x's last OpenCLIP layer and text projection, which SD does not use).
     extras: StateDict = field(default_factory=dict)
 
 
 def to_original(components: Components) -> StateDict:
-    """One original-layout state dict from the three diffusers models."""
+    """One original-layout state dict from the diffusers models."""
     out: StateDict = {}
     unet_map = unet_key_map(components.unet, components.unet_config)
     for key, tensor in components.unet.items():
@@ -252,21 +352,8 @@ def to_original(components: Components) -> StateDict:
     for key, tensor in components.vae.items():
         new = vae_map[key]
         out[VAE_PREFIX + new] = tensor[:, :, None, None] if _is_vae_attention_weight(new) else tensor
-    text = {k: v for k, v in components.text_encoder.items() if _strip_text_model(k) != "embeddings.position_ids"}
-    if components.text_layout == "clip":
-        for key, new in clip_key_map(text).items():
-            out[new] = text[key]
-        positions = text[_find(text, "embeddings.position_embedding.weight")].shape[0]
-        # SD 1.x checkpoints carry CLIP's position ids; some loaders expect them.
-        out[CLIP_PREFIX + "embeddings.position_ids"] = torch.arange(positions, dtype=torch.int64)[None]
-    else:
-        for key, new in open_clip_key_map(text).items():
-            out[new] = text[key]
-        layers = sorted({int(m[1]) for k in text if (m := _QKV.fullmatch(_strip_text_model(k)))})
-        for layer in layers:
-            for kind in ("weight", "bias"):
-                parts = [text[_find(text, f"encoder.layers.{layer}.self_attn.{p}_proj.{kind}")] for p in "qkv"]
-                out[f"{OPEN_CLIP_PREFIX}transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat(parts)
+    for text, slot in zip(components.texts, components.slots, strict=True):
+        out.update(_text_to_original(text, slot))
     for key, tensor in components.extras.items():
         out.setdefault(key, tensor)
     return out
@@ -283,7 +370,7 @@ def _find(state: Mapping[str, Any], plain: str) -> str:
 class Converted:
     unet: StateDict
     vae: StateDict
-    text_encoder: StateDict
+    texts: list[StateDict]
     extras: StateDict
     missing: list[str]  # diffusers keys the checkpoint did not provide
 
@@ -295,10 +382,10 @@ def from_original(
     unet_config: Mapping[str, Any],
     vae_keys: Iterable[str],
     vae_config: Mapping[str, Any],
-    text_keys: Iterable[str],
-    text_layout: TextLayout,
+    text_keys: list[Iterable[str]],
+    slots: tuple[TextSlot, ...],
 ) -> Converted:
-    """Split an original-layout checkpoint into the three diffusers state dicts.
+    """Split an original-layout checkpoint into the diffusers state dicts.
 
     ``*_keys`` are the target models' own state-dict keys (a model built on the meta device
     gives them), so the result loads with ``strict=True`` when the checkpoint fits.
@@ -318,44 +405,20 @@ def from_original(
 
     unet_keys = list(unet_keys)
     vae_keys = list(vae_keys)
-    text_keys = [k for k in text_keys if _strip_text_model(k) != "embeddings.position_ids"]
     unet = take(unet_keys, unet_key_map(unet_keys, unet_config), UNET_PREFIX)
     vae = take(vae_keys, vae_key_map(vae_keys, vae_config), VAE_PREFIX, vae=True)
-    used: set[str] = set()
-    if text_layout == "clip":
-        text: StateDict = {}
-        for key in text_keys:
-            plain = _strip_text_model(key)
-            for source in (CLIP_PREFIX + plain, "cond_stage_model.transformer." + plain):
-                if source in checkpoint:
-                    text[key] = checkpoint[source]
-                    break
-            else:
-                missing.append(key)
-    else:
-        text = take(
-            [k for k in text_keys if not _QKV.fullmatch(_strip_text_model(k))], open_clip_key_map(text_keys), ""
-        )
-        width = next(v.shape[0] for k, v in text.items() if _strip_text_model(k) == "final_layer_norm.weight")
-        for key in text_keys:
-            m = _QKV.fullmatch(_strip_text_model(key))
-            if not m:
-                continue
-            source = f"{OPEN_CLIP_PREFIX}transformer.resblocks.{m[1]}.attn.in_proj_{m[3]}"
-            if source not in checkpoint:
-                missing.append(key)
-                continue
-            used.add(source)
-            part = "qkv".index(m[2])
-            text[key] = checkpoint[source][part * width : (part + 1) * width]
-    used |= {UNET_PREFIX + v for v in unet_key_map(unet_keys, unet_config).values()}
+    used = {UNET_PREFIX + v for v in unet_key_map(unet_keys, unet_config).values()}
     used |= {VAE_PREFIX + v for v in vae_key_map(vae_keys, vae_config).values()}
-    used |= (
-        set(clip_key_map(text_keys).values()) if text_layout == "clip" else set(open_clip_key_map(text_keys).values())
-    )
+    texts: list[StateDict] = []
+    for keys, slot in zip(text_keys, slots, strict=True):
+        text, slot_used = _text_from_original(checkpoint, _text_keys(keys), slot, missing)
+        texts.append(text)
+        used |= slot_used
+    # What an OpenCLIP slot holds beyond the diffusers model (SD 2.x's unused last layer, its
+    # projection; the logit scale) goes back into a re-export as it was.
     extras = {
         k: v
         for k, v in checkpoint.items()
-        if k.startswith(OPEN_CLIP_PREFIX) and k not in used and text_layout == "open_clip"
+        if k not in used and any(slot.layout == "open_clip" and k.startswith(slot.prefix) for slot in slots)
     }
-    return Converted(unet=unet, vae=vae, text_encoder=text, extras=extras, missing=missing)
+    return Converted(unet=unet, vae=vae, texts=texts, extras=extras, missing=missing)

@@ -36,7 +36,11 @@ class Example:
     path: Path
     pixels: torch.Tensor  # uint8, 3 x H x W
     prompt: str
-    digest: str = ""  # SHA-256 of the file's bytes (with the caption, the prompt): what the dataset fingerprint hashes
+    # SHA-256 of the file's bytes: with the prompt (and so the caption), what the dataset
+    # fingerprint hashes.
+    digest: str = ""
+    # (height, width) of the file before resizing: SDXL conditions on it.
+    original_size: tuple[int, int] = (0, 0)
 
 
 @dataclass
@@ -121,7 +125,15 @@ def load_folder(folder: Path, *, prompt: str, resolution: int, field_name: str) 
         resized = resize_shorter_side(image, resolution)
         pixels = torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        examples.append(Example(path=path, pixels=pixels, prompt=prompt_for(caption, prompt), digest=digest))
+        examples.append(
+            Example(
+                path=path,
+                pixels=pixels,
+                prompt=prompt_for(caption, prompt),
+                digest=digest,
+                original_size=(image.height, image.width),
+            )
+        )
     result = ImageFolder(examples=examples, skipped=skipped)
     if not examples:
         why = f" ({len(skipped)} file(s) skipped: {result.skipped_warning(field_name)})" if skipped else ""
@@ -207,6 +219,14 @@ def crop_and_flip(
     pixels: torch.Tensor, resolution: int, *, center: bool, flip: bool, gen: torch.Generator | None = None
 ) -> torch.Tensor:
     """A ``resolution`` square of the image as floats in [-1, 1]."""
+    return crop_at(pixels, resolution, center=center, flip=flip, gen=gen)[0]
+
+
+def crop_at(
+    pixels: torch.Tensor, resolution: int, *, center: bool, flip: bool, gen: torch.Generator | None = None
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """A ``resolution`` square of the image as floats in [-1, 1], and where its top-left corner
+    lies in the (flipped, where flipped) resized image: SDXL conditions on it."""
     import torch
 
     _, height, width = pixels.shape
@@ -218,7 +238,13 @@ def crop_and_flip(
     square = pixels[:, top : top + resolution, left : left + resolution]
     if flip:
         square = square.flip(-1)
-    return square.float() / 127.5 - 1.0
+    return square.float() / 127.5 - 1.0, (top, flipped_left(left, width, resolution) if flip else left)
+
+
+def flipped_left(left: int, width: int, resolution: int) -> int:
+    """The left edge of a crop once the image is mirrored (as diffusers' SDXL script records it,
+    flipping first and cropping after)."""
+    return width - left - resolution
 
 
 def is_square(example: Example) -> bool:
@@ -236,9 +262,11 @@ class LatentCache:
     drawn once per image here; the trainer warns where that differs from cropping each epoch.
     """
 
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, crops: list[list[tuple[int, int]]] | None = None) -> None:
         self.mean = mean  # examples x variants x C x h x w
         self.std = std
+        # (top, left) of each example's cached crop, per variant (as crop_at reports it).
+        self.crops = crops or [[(0, 0)] * mean.shape[1] for _ in range(mean.shape[0])]
 
     @classmethod
     def build(
@@ -260,20 +288,29 @@ class LatentCache:
         variants = (False, True) if random_flip else (False,)
         means: list[torch.Tensor] = []
         stds: list[torch.Tensor] = []
+        crops: list[list[tuple[int, int]]] = []
         with torch.no_grad():
             for start in range(0, len(examples), batch_size):
                 chunk = examples[start : start + batch_size]
                 pixels = []
                 for offset, example in enumerate(chunk):
                     gen = generator(seed, STREAM_CACHE, stream, start + offset)
-                    base = crop_and_flip(example.pixels, resolution, center=center_crop, flip=False, gen=gen)
+                    base, (top, left) = crop_at(example.pixels, resolution, center=center_crop, flip=False, gen=gen)
                     pixels += [base.flip(-1) if flipped else base for flipped in variants]
+                    width = example.pixels.shape[2]
+                    crops.append(
+                        [(top, flipped_left(left, width, resolution) if flipped else left) for flipped in variants]
+                    )
                 batch = torch.stack(pixels).to(device=device, dtype=dtype)
                 dist = vae.encode(batch).latent_dist
                 shape = (len(chunk), len(variants), *dist.mean.shape[1:])
                 means.append(dist.mean.float().reshape(shape))
                 stds.append(dist.std.float().reshape(shape))
-        return cls(torch.cat(means), torch.cat(stds))
+        return cls(torch.cat(means), torch.cat(stds), crops)
+
+    def crop(self, index: int, flipped: bool) -> tuple[int, int]:
+        variants = len(self.crops[index])
+        return self.crops[index][1 if flipped and variants > 1 else 0]
 
     def sample(
         self, indices: Sequence[int], flips: Sequence[bool], gens: Sequence[torch.Generator], *, pin: bool = False

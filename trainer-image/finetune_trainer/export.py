@@ -15,21 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune_api.v1alpha1 import FineTuneJob, Method, ModelType, OutputFile, OutputFormat
-from finetune_trainer import convert, lora, model_card, original_config, storage
-from finetune_trainer.model import CONFIG_METADATA_KEY, BaseModel
+from finetune_api.v1alpha1 import FineTuneJob, Method, OutputFile, OutputFormat
+from finetune_trainer import lora, model_card, storage
+from finetune_trainer.families import BaseModel, ModelFamily
+from finetune_trainer.families.base import CONFIG_METADATA_KEY
 from finetune_trainer.report import now_rfc3339
 
 log = logging.getLogger("finetune_trainer")
 
 DIFFUSERS_DIR = "diffusers"
 MANIFEST = "manifest.json"
-# The "modelspec" architecture names that model browsers and web UIs read from the header.
-_ARCHITECTURES = {
-    ModelType.V1X: "stable-diffusion-v1",
-    ModelType.V2X_512: "stable-diffusion-v2-512",
-    ModelType.V2X: "stable-diffusion-v2-768-v",
-}
 
 
 @dataclass
@@ -38,10 +33,14 @@ class Trained:
 
     unet: Any
     vae: Any
-    text_encoder: Any
+    text_encoders: list[Any]
     base: BaseModel
-    # Method LoRA: whether the text encoder carries adapters too.
+    # Method LoRA: whether the text encoders carry adapters too.
     text_encoder_adapters: bool = False
+
+    @property
+    def family(self) -> ModelFamily:
+        return self.base.family
 
 
 def single_file_name(job: FineTuneJob) -> str:
@@ -73,15 +72,17 @@ def export_all(
     written: list[Path] = []
     full_model = True
     if spec.method == Method.LORA:
-        text_encoder = trained.text_encoder if trained.text_encoder_adapters else None
-        written.append(lora.export_diffusers(trained.unet, text_encoder, output / lora.LORA_DIR, dtype=dtype))
+        text_encoders = trained.text_encoders if trained.text_encoder_adapters else []
+        family, model_type = trained.family, trained.base.model_type
+        written.append(lora.export_diffusers(family, trained.unet, text_encoders, output / lora.LORA_DIR, dtype=dtype))
         written.append(
             lora.export_kohya(
+                family,
                 trained.unet,
-                text_encoder,
+                text_encoders,
                 output / lora_file_name(job),
                 settings=spec.lora,
-                model_type=str(trained.base.model_type),
+                model_type=model_type,
                 title=job.metadata.name or "model",
                 step=step,
                 dtype=dtype,
@@ -89,11 +90,11 @@ def export_all(
         )
         full_model = spec.output.merge_lora
         if full_model:
-            lora.merge(trained.unet, text_encoder)
+            lora.merge(trained.unet, text_encoders)
     if full_model:
         # Training is over (its final state is in the last checkpoint), so the models are cast
         # in place rather than copied: a copy of an SD UNet would cost gigabytes.
-        for module in (trained.unet, trained.vae, trained.text_encoder):
+        for module in (trained.unet, trained.vae, *trained.text_encoders):
             module.to(dtype)
         formats = set(spec.output.formats)
         if OutputFormat.DIFFUSERS in formats:
@@ -101,9 +102,8 @@ def export_all(
         if OutputFormat.SAFETENSORS in formats:
             single = export_single_file(trained, output / single_file_name(job), title=job.metadata.name, step=step)
             written.append(single)
-            if trained.base.model_type != ModelType.V1X:
-                # The web UIs read an SD 2.x file's architecture (and v-prediction) from this.
-                written.append(export_original_config(trained, single.with_suffix(".yaml")))
+            # What belongs beside it (SD 2.x: the .yaml the web UIs read v-prediction from).
+            written += trained.family.extra_exports(trained=trained, single_file=single)
     written += [p for p in pictures if p.is_file()]
     files = list_files(output, written)
     card = model_card.render(job, step=step, settings=settings, files=files)
@@ -120,30 +120,14 @@ def export_all(
     return [*files, describe(output, output / MANIFEST)]
 
 
-def scheduler_for(base: BaseModel) -> Any:
-    import diffusers
-
-    config = {**base.scheduler_config, "prediction_type": base.prediction_type}
-    scheduler_class = getattr(diffusers, str(config.get("_class_name", "PNDMScheduler")), diffusers.PNDMScheduler)
-    return scheduler_class.from_config(config)
-
-
 def export_diffusers(trained: Trained, dest: Path) -> Path:
-    from diffusers import StableDiffusionPipeline
-
-    pipeline: Any = StableDiffusionPipeline(
-        vae=trained.vae,
-        text_encoder=trained.text_encoder,
-        tokenizer=trained.base.tokenizer,
-        unet=trained.unet,
-        scheduler=scheduler_for(trained.base),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+    pipeline = trained.family.pipeline(
+        base=trained.base, unet=trained.unet, text_encoders=trained.text_encoders, vae=trained.vae
     )
     with storage.atomic_path(dest) as tmp:
         pipeline.save_pretrained(tmp, safe_serialization=True)
         load_in_fp32_by_default(tmp)
+        name_text_encoder_weights_as_before(tmp)
         storage.make_readable(tmp)
     return dest
 
@@ -165,17 +149,45 @@ def load_in_fp32_by_default(folder: Path) -> None:
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def name_text_encoder_weights_as_before(folder: Path) -> None:
+    """Text encoders' weights under the names every transformers version reads.
+
+    transformers 5.6 flattened CLIPTextModel, and saves its weights without the ``text_model.``
+    prefix that every earlier version writes and expects; an earlier transformers (InvokeAI
+    6.14 pins 5.5) then reads none of them and leaves the text encoder random, saying so only
+    in a load report.  The prefix is put back (current versions read either name)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    for encoder in sorted(folder.glob("text_encoder*")):
+        files = sorted(encoder.glob("*.safetensors"))
+        renamed: dict[str, str] = {}
+        for path in files:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata()
+                tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+            names = {k: k if k.startswith(("text_model.", "text_projection.")) else f"text_model.{k}" for k in tensors}
+            if all(k == v for k, v in names.items()):
+                continue
+            renamed.update(names)
+            save_file({names[k]: v for k, v in tensors.items()}, str(path), metadata=metadata)
+        index = encoder / "model.safetensors.index.json"
+        if renamed and index.is_file():
+            data = json.loads(index.read_text())
+            data["weight_map"] = {renamed.get(k, k): v for k, v in data.get("weight_map", {}).items()}
+            index.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
 def original_state_dict(trained: Trained) -> dict[str, Any]:
-    components = convert.Components(
-        unet=trained.unet.state_dict(),
-        vae=trained.vae.state_dict(),
-        text_encoder=trained.text_encoder.state_dict(),
-        unet_config=trained.unet.config,
-        vae_config=trained.vae.config,
-        text_layout=trained.base.text_layout,
-        extras=trained.base.extras,
+    return dict(
+        trained.family.original_state_dict(
+            model_type=trained.base.model_type,
+            unet=trained.unet,
+            vae=trained.vae,
+            text_encoders=trained.text_encoders,
+            extras=trained.base.extras,
+        )
     )
-    return convert.to_original(components)
 
 
 def export_single_file(trained: Trained, dest: Path, *, title: str | None, step: int) -> Path:
@@ -190,7 +202,7 @@ def export_single_file(trained: Trained, dest: Path, *, title: str | None, step:
     base = trained.base
     metadata = {
         "format": "pt",
-        "modelspec.architecture": _ARCHITECTURES[base.model_type],
+        "modelspec.architecture": base.family.architecture(base.model_type),
         "modelspec.title": title or "model",
         # The model-spec spelling: "epsilon" or "v".
         "modelspec.prediction_type": "v" if base.prediction_type == "v_prediction" else "epsilon",
@@ -207,20 +219,6 @@ def export_single_file(trained: Trained, dest: Path, *, title: str | None, step:
     return dest
 
 
-def export_original_config(trained: Trained, dest: Path) -> Path:
-    """``<name>.yaml`` beside the single file: its architecture in the original layout's terms."""
-    config = original_config.original_config(
-        unet=dict(trained.unet.config),
-        vae=dict(trained.vae.config),
-        v2=trained.base.model_type != ModelType.V1X,
-        prediction_type=trained.base.prediction_type,
-        scheduler=trained.base.scheduler_config,
-    )
-    storage.write_text_atomic(dest, original_config.dump(config))
-    storage.make_readable(dest)
-    return dest
-
-
 def _plain(config: Any) -> dict[str, Any]:
     # Where a model was read from is not part of its architecture.
     return {k: v for k, v in dict(config).items() if k not in ("_name_or_path", "_commit_hash")}
@@ -230,7 +228,10 @@ def base_configs(trained: Trained) -> dict[str, Any]:
     return {
         "unet": _plain(trained.unet.config),
         "vae": _plain(trained.vae.config),
-        "text_encoder": _plain(trained.text_encoder.config.to_dict()),
+        **{
+            part: _plain(encoder.config.to_dict())
+            for part, encoder in zip(trained.family.text_encoder_parts, trained.text_encoders, strict=True)
+        },
         "scheduler": {**trained.base.scheduler_config, "prediction_type": trained.base.prediction_type},
         "model_type": str(trained.base.model_type),
     }

@@ -18,6 +18,7 @@ import sysconfig
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from finetune_api.v1alpha1 import (
     FineTuneJob,
@@ -37,6 +38,7 @@ PREDICTION_TYPES = {
     ModelType.V1X: "epsilon",
     ModelType.V2X_512: "epsilon",
     ModelType.V2X: "v_prediction",
+    ModelType.SDXL: "epsilon",
 }
 
 
@@ -60,12 +62,11 @@ def check_supported(spec: FineTuneJobSpec) -> None:
             "spec.training.lora.trainTextEncoder: true to put adapters on it instead",
             field="spec.training.trainTextEncoder",
         )
-    if spec.base_model.type == ModelType.SDXL:
-        raise BadInput("sdxl is not supported by the trainer yet; use v1x, v2x-512 or v2x", field="spec.baseModel.type")
     if spec.base_model.type not in PREDICTION_TYPES:
         raise BadInput(f"unknown model type {spec.base_model.type}", field="spec.baseModel.type")
     for field, uri in (
         ("spec.baseModel.uri", spec.base_model.uri),
+        ("spec.baseModel.vaeUri", spec.base_model.vae_uri),
         ("spec.dataset.instanceImages", spec.dataset.instance_images),
         ("spec.dataset.classImages", spec.dataset.class_images),
         ("spec.output.uri", spec.output.uri),
@@ -94,6 +95,7 @@ class Device:
     xformers_problem: str = ""
     bitsandbytes_problem: str = ""
     compiler: bool = False  # what torch.compile needs to build code here (see compiler_present)
+    memory_bytes: int = 0  # the GPU's memory (0: no GPU)
 
 
 def detect_device(spec: FineTuneJobSpec | None = None) -> Device:
@@ -129,8 +131,13 @@ def detect_device(spec: FineTuneJobSpec | None = None) -> Device:
                 bitsandbytes = False
                 if _import_fails("bitsandbytes"):  # not only its kernels: its import breaks others
                     hide_library("bitsandbytes")
+    memory = 0
+    if cuda:
+        with contextlib.suppress(Exception):
+            memory = int(torch.cuda.get_device_properties(0).total_memory)
     return Device(
         type=device,
+        memory_bytes=memory,
         bf16=bf16,
         xformers=xformers,
         bitsandbytes=bitsandbytes,
@@ -416,6 +423,78 @@ def process_group_timeout(spec: FineTuneJobSpec, *, remote_output: bool) -> int:
         # A checkpoint uploaded (or the newest pulled back) at each save.
         seconds = max(seconds, checkpoint_bytes(spec) / UPLOAD_BYTES_PER_SECOND)
     return int(max(MIN_PROCESS_GROUP_TIMEOUT_S, 2 * seconds + 600))
+
+
+# --- memory ---------------------------------------------------------------------------------------
+
+GIB = 2**30
+# What of a GPU's memory a run may plan to use: the CUDA context, the allocator's fragments and
+# the caching of kernels take the rest.
+USABLE_FRACTION = 0.95
+
+
+# A setting that saves memory: its name, the change, and the optimizer it switches to.
+_Change = tuple[str, Callable[[FineTuneJobSpec], FineTuneJobSpec], str | None]
+
+
+def memory_check(
+    spec: FineTuneJobSpec, family: Any, *, mixed_precision: str, optimizer: str, gpu_bytes: int
+) -> str | None:
+    """None where the run fits the GPU by the family's estimate; else a sentence saying what it
+    needs and which settings, applied in order, would make it fit."""
+    need = family.memory_needed(spec, mixed_precision=mixed_precision, optimizer=optimizer)
+    usable = gpu_bytes * USABLE_FRACTION
+    if need is None or need.bytes <= usable:
+        return None
+    # Changes that save memory, cheapest for the result first; each is tried on top of the ones
+    # before it until the estimate fits.
+    changes: list[_Change] = []
+    training = spec.training
+    if not training.gradient_checkpointing:
+        changes.append(("spec.training.gradientCheckpointing: true", _with_training(gradient_checkpointing=True), None))
+    if optimizer != "AdamW8bit":
+        changes.append(("spec.training.optimizer: AdamW8bit", lambda s: s, "AdamW8bit"))
+    if spec.method == Method.DREAMBOOTH and training.train_text_encoder:
+        changes.append(("spec.training.trainTextEncoder: false", _with_training(train_text_encoder=False), None))
+    if spec.method == Method.DREAMBOOTH:
+        changes.append(("spec.method: LoRA", lambda s: s.model_copy(update={"method": Method.LORA}), None))
+    if training.batch_size > 1:
+        changes.append(
+            (
+                "spec.training.batchSize: 1 (with gradientAccumulationSteps for the same batch)",
+                _with_training(batch_size=1),
+                None,
+            )
+        )
+    if spec.resolution > 768:
+        changes.append(("spec.dataset.resolution: 768", _with_dataset(resolution=768), None))
+    fixes: list[str] = []
+    fitted = False
+    current = spec
+    for name, change, new_optimizer in changes:
+        current = change(current)
+        optimizer = new_optimizer or optimizer
+        fixes.append(name)
+        estimate = family.memory_needed(current, mixed_precision=mixed_precision, optimizer=optimizer)
+        if estimate is not None and estimate.bytes <= usable:
+            fitted = True
+            break
+    what = f"{family.name} {spec.method} at {spec.resolution} px"
+    head = (
+        f"{what} needs about {need.bytes / GIB:.1f} GiB of GPU memory ({need.basis}); this GPU has "
+        f"{gpu_bytes / GIB:.1f} GiB"
+    )
+    if fitted:
+        return f"{head}. Settings that fit: {'; '.join(fixes)}"
+    return f"{head}, and no change of settings makes it fit; a GPU with more memory (spec.resources) is needed"
+
+
+def _with_training(**update: Any) -> Callable[[FineTuneJobSpec], FineTuneJobSpec]:
+    return lambda s: s.model_copy(update={"training": s.training.model_copy(update=update)})
+
+
+def _with_dataset(**update: Any) -> Callable[[FineTuneJobSpec], FineTuneJobSpec]:
+    return lambda s: s.model_copy(update={"dataset": s.dataset.model_copy(update=update)})
 
 
 def total_steps(spec: FineTuneJobSpec, num_images: int, *, num_processes: int = 1) -> int:

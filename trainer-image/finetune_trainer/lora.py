@@ -26,12 +26,14 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from finetune_api.v1alpha1 import LoRASettings, LoRATargets
+from finetune_api.v1alpha1 import LoRASettings, LoRATargets, ModelType
 from finetune_trainer import storage
 from finetune_trainer.errors import TrainerError
 
 if TYPE_CHECKING:
     import torch
+
+    from finetune_trainer.families import ModelFamily
 
 LORA_DIR = "lora"
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
@@ -46,12 +48,6 @@ UNET_TARGETS = {
 TEXT_ENCODER_TARGETS = {
     LoRATargets.KOHYA: (*TEXT_ENCODER_ATTENTION, "fc1", "fc2"),
     LoRATargets.ATTENTION: TEXT_ENCODER_ATTENTION,
-}
-# The "modelspec" architecture names of LoRA files, which model browsers read.
-ARCHITECTURES = {
-    "v1x": "stable-diffusion-v1/lora",
-    "v2x-512": "stable-diffusion-v2-512/lora",
-    "v2x": "stable-diffusion-v2-768-v/lora",
 }
 
 
@@ -69,18 +65,21 @@ def lora_config(settings: LoRASettings, targets: tuple[str, ...]) -> Any:
     )
 
 
-def add_adapters(unet: Any, text_encoder: Any | None, settings: LoRASettings) -> None:
-    """Put trainable LoRA layers on the UNet (and the text encoder, when given); everything
-    else stays frozen.  The adapters are fp32 whatever the base model's precision."""
+def add_adapters(
+    unet: Any, text_encoders: list[Any], settings: LoRASettings, *, family: ModelFamily | None = None
+) -> None:
+    """Put trainable LoRA layers on the UNet (and the text encoders given); everything else
+    stays frozen.  The adapters are fp32 whatever the base model's precision."""
     import torch
 
     targets = LoRATargets(settings.targets)
-    unet.add_adapter(lora_config(settings, UNET_TARGETS[targets]))
-    if text_encoder is not None:
-        text_encoder.add_adapter(lora_config(settings, TEXT_ENCODER_TARGETS[targets]))
-    for model in (unet, text_encoder):
-        if model is None:
-            continue
+    unet_targets, text_targets = (
+        family.lora_targets(targets) if family is not None else (UNET_TARGETS[targets], TEXT_ENCODER_TARGETS[targets])
+    )
+    unet.add_adapter(lora_config(settings, unet_targets))
+    for text_encoder in text_encoders:
+        text_encoder.add_adapter(lora_config(settings, text_targets))
+    for model in (unet, *text_encoders):
         for parameter in model.parameters():
             if parameter.requires_grad:
                 parameter.data = parameter.data.to(torch.float32)
@@ -154,49 +153,50 @@ def inference_config(model: Any) -> dict[str, Any]:
     return config
 
 
-def export_diffusers(unet: Any, text_encoder: Any | None, dest_dir: Path, *, dtype: torch.dtype) -> Path:
+def export_diffusers(
+    family: ModelFamily, unet: Any, text_encoders: list[Any], dest_dir: Path, *, dtype: torch.dtype
+) -> Path:
     """``dest_dir/pytorch_lora_weights.safetensors`` for ``pipeline.load_lora_weights(dest_dir)``."""
-    from diffusers import StableDiffusionPipeline
+    import diffusers
 
+    pipeline_class = getattr(diffusers, family.pipeline_class)
+    layers: dict[str, Any] = {
+        "unet_lora_layers": diffusers_layers(adapter_state(unet), text_encoder=False, dtype=dtype),
+        "unet_lora_adapter_metadata": inference_config(unet),
+    }
+    for part, encoder in zip(family.text_encoder_parts, text_encoders, strict=False):
+        layers[f"{part}_lora_layers"] = diffusers_layers(adapter_state(encoder), text_encoder=True, dtype=dtype)
+        layers[f"{part}_lora_adapter_metadata"] = inference_config(encoder)
     with storage.atomic_path(dest_dir) as tmp:
-        StableDiffusionPipeline.save_lora_weights(
-            tmp,
-            unet_lora_layers=diffusers_layers(adapter_state(unet), text_encoder=False, dtype=dtype),
-            text_encoder_lora_layers=(
-                diffusers_layers(adapter_state(text_encoder), text_encoder=True, dtype=dtype)
-                if text_encoder is not None
-                else None
-            ),
-            unet_lora_adapter_metadata=inference_config(unet),
-            text_encoder_lora_adapter_metadata=inference_config(text_encoder) if text_encoder is not None else None,
-        )
+        pipeline_class.save_lora_weights(tmp, **layers)
         storage.make_readable(tmp)
     return dest_dir / DIFFUSERS_FILE
 
 
 def kohya_state_dict(
-    unet: dict[str, torch.Tensor],
-    text_encoder: dict[str, torch.Tensor] | None,
+    family: ModelFamily,
+    unet: Any,
+    text_encoders: list[Any],
     *,
     alpha: float,
     dtype: torch.dtype,
 ) -> dict[str, torch.Tensor]:
-    """peft adapter weights -> kohya's layout: ``lora_unet_<module, dots as underscores>``
-    with ``.lora_down.weight`` (A), ``.lora_up.weight`` (B) and ``.alpha``."""
+    """peft adapter weights -> kohya's layout: ``lora_unet_<module>`` (named as kohya's scripts
+    name the family's modules) and ``lora_te<n>_<module>``, dots as underscores, with
+    ``.lora_down.weight`` (A), ``.lora_up.weight`` (B) and ``.alpha``."""
     import torch
 
     out: dict[str, torch.Tensor] = {}
-    parts: list[tuple[str, dict[str, torch.Tensor]]] = [("lora_unet", unet)]
-    if text_encoder is not None:
-        parts.append(("lora_te", text_encoder))
-    for prefix, state in parts:
+    parts: list[tuple[str, dict[str, torch.Tensor], bool]] = [("lora_unet", adapter_state(unet), False)]
+    for prefix, encoder in zip(family.kohya_text_prefixes, text_encoders, strict=False):
+        parts.append((prefix, adapter_state(encoder), True))
+    for prefix, state, text in parts:
         for key, tensor in state.items():
             module, _, kind = key.rpartition(".lora_")
             if kind not in ("A.weight", "B.weight"):
                 raise ValueError(f"unexpected adapter weight {key!r}")
-            if prefix == "lora_te":
-                module = _text_model_name(module)
-            name = f"{prefix}_{module.replace('.', '_')}"
+            name = _text_model_name(module).replace(".", "_") if text else family.kohya_unet_name(module, unet.config)
+            name = f"{prefix}_{name}"
             out[f"{name}.{'lora_down' if kind == 'A.weight' else 'lora_up'}.weight"] = (
                 tensor.detach().to(dtype).cpu().contiguous()
             )
@@ -205,24 +205,20 @@ def kohya_state_dict(
 
 
 def export_kohya(
+    family: ModelFamily,
     unet: Any,
-    text_encoder: Any | None,
+    text_encoders: list[Any],
     dest: Path,
     *,
     settings: LoRASettings,
-    model_type: str,
+    model_type: ModelType,
     title: str,
     step: int,
     dtype: torch.dtype,
 ) -> Path:
     from safetensors.torch import save_file
 
-    tensors = kohya_state_dict(
-        adapter_state(unet),
-        adapter_state(text_encoder) if text_encoder is not None else None,
-        alpha=settings.alpha,
-        dtype=dtype,
-    )
+    tensors = kohya_state_dict(family, unet, text_encoders, alpha=settings.alpha, dtype=dtype)
     metadata = {
         "format": "pt",
         "ss_network_module": "networks.lora",
@@ -230,28 +226,28 @@ def export_kohya(
         "ss_network_alpha": str(settings.alpha),
         "ss_network_args": json.dumps({"dropout": settings.dropout}),
         "finetune.lora_targets": str(settings.targets),
-        "ss_base_model_version": {"v1x": "sd_v1", "v2x-512": "sd_v2", "v2x": "sd_v2_768_v"}.get(model_type, ""),
-        "ss_v2": str(model_type != "v1x"),
+        "ss_base_model_version": family.kohya_base_version(model_type),
+        "ss_v2": str(model_type in (ModelType.V2X, ModelType.V2X_512)),
         "ss_steps": str(step),
-        "modelspec.architecture": ARCHITECTURES.get(model_type, ""),
+        "modelspec.architecture": f"{family.architecture(model_type)}/lora",
         "modelspec.implementation": "diffusers",
         "modelspec.title": title,
     }
+    if model_type == ModelType.V2X:
+        metadata["ss_v_parameterization"] = "True"
     with storage.atomic_path(dest) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
         storage.make_readable(tmp)
     return dest
 
 
-def merge(unet: Any, text_encoder: Any | None) -> None:
+def merge(unet: Any, text_encoders: list[Any]) -> None:
     """Fold the adapters into the base weights and remove them: plain diffusers/transformers
     models again, which export as a full model."""
     from diffusers.utils.peft_utils import recurse_remove_peft_layers
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    for model in (unet, text_encoder):
-        if model is None:
-            continue
+    for model in (unet, *text_encoders):
         for module in model.modules():
             if isinstance(module, BaseTunerLayer):
                 module.merge()

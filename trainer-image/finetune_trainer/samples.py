@@ -22,8 +22,7 @@ from typing import Any
 from finetune_api.report import Thumbnail
 from finetune_api.v1alpha1 import Samples
 from finetune_trainer import storage
-from finetune_trainer.export import scheduler_for
-from finetune_trainer.model import BaseModel
+from finetune_trainer.families import BaseModel
 
 log = logging.getLogger("finetune_trainer")
 
@@ -87,27 +86,17 @@ class SampleRenderer:
         row = existing(self.folder).get(step, {})
         return all(index in row for index in range(len(self.spec.prompts)))
 
-    def render(self, step: int, *, unet: Any, text_encoder: Any) -> Rendered:
+    def render(self, step: int, *, unet: Any, text_encoders: list[Any]) -> Rendered:
         """One PNG per prompt for ``step`` (those already there are kept: the weights at a
         step are the same in a resumed run)."""
         import torch
-        from diffusers import StableDiffusionPipeline
 
-        pipeline: Any = StableDiffusionPipeline(
-            vae=self.base.vae,
-            text_encoder=text_encoder,
-            tokenizer=self.base.tokenizer,
-            unet=unet,
-            scheduler=scheduler_for(self.base),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        pipeline: Any = self.base.family.pipeline(base=self.base, unet=unet, text_encoders=text_encoders)
         pipeline.set_progress_bar_config(disable=True)
         autocast: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
         if self.dtype != torch.float32:
             autocast = torch.autocast(torch.device(self.device).type, dtype=self.dtype)
-        modes = [(m, m.training) for m in (unet, text_encoder)]
+        modes = [(m, m.training) for m in (unet, *text_encoders)]
         row = existing(self.folder).get(step, {})
         paths: list[Path] = []
         failures: list[str] = []

@@ -127,6 +127,94 @@ def build_tiny_pipeline(
     return _save_pipeline(dest, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
 
 
+def build_tiny_sdxl_pipeline(dest: Path, *, seed: int = 0) -> Path:
+    """Write a tiny diffusers StableDiffusionXLPipeline folder to ``dest`` and return it.
+
+    SDXL's shapes in small: two text encoders (a CLIP one and one with a projection, whose
+    pooled output and both penultimate layers condition the UNet), a UNet with the size-and-
+    crop embedding (``text_time``), blocks whose first has no attention and whose second has
+    two transformer layers (as SDXL's 2 and 10), heads of equal width, and the SDXL VAE's
+    scaling factor.
+    """
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    vocab, _ = tiny_vocabulary()
+
+    # The two encoders differ in width, as SDXL's (768 and 1280) do: loaders tell them apart by it.
+    def text_config(act: str, width: int) -> Any:
+        return CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=width,
+            intermediate_size=2 * width,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=width,
+            hidden_act=act,
+            bos_token_id=vocab[BOS],
+            eos_token_id=vocab[EOS],
+            pad_token_id=vocab[EOS],
+        )
+
+    tokenizer = _tiny_tokenizer(dest)
+    tokenizer_2 = _tiny_tokenizer(dest, folder="tokenizer_2")
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        cross_attention_dim=32 + 48,  # both encoders' hidden states, side by side
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=48 + 6 * 8,  # the second's pooled projection + six time ids
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=0.13025,
+        force_upcast=True,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type="epsilon",
+    )
+    pipeline: Any = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=CLIPTextModel(text_config("quick_gelu", 32)),
+        text_encoder_2=CLIPTextModelWithProjection(text_config("gelu", 48)),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        add_watermarker=False,
+    )
+    dest.mkdir(parents=True, exist_ok=True)
+    pipeline.save_pretrained(dest, safe_serialization=True)
+    return dest
+
+
 def _save_pipeline(dest: Path, **components: Any) -> Path:
     """Save a Stable Diffusion pipeline of these components (no safety checker) under ``dest``."""
     from diffusers import StableDiffusionPipeline
@@ -139,14 +227,14 @@ def _save_pipeline(dest: Path, **components: Any) -> Path:
     return dest
 
 
-def _tiny_tokenizer(dest: Path) -> Any:
-    """A CLIP tokenizer of the tiny vocabulary, its files written under ``dest/tokenizer``."""
+def _tiny_tokenizer(dest: Path, *, folder: str = "tokenizer") -> Any:
+    """A CLIP tokenizer of the tiny vocabulary, its files written under ``dest/<folder>``."""
     from transformers import CLIPTokenizer
 
     vocab, merges = tiny_vocabulary()
     # The two files a CLIP tokenizer is made of, written out as any version of transformers
     # reads them; save_pretrained adds its own fast-tokenizer file beside them.
-    tokenizer_dir = dest / "tokenizer"
+    tokenizer_dir = dest / folder
     tokenizer_dir.mkdir(parents=True, exist_ok=True)
     (tokenizer_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (tokenizer_dir / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
@@ -157,13 +245,33 @@ def build_random_pipeline(dest: Path, *, model_type: str = "v1x", seed: int = 0)
     """A full-size pipeline with random weights, from the architecture configs this package
     ships (``configs/<type>/``): SD 1.5's exact shapes for ``v1x``, with nothing downloaded.
     Its tokenizer is the tiny one (the real vocabulary is not shipped), which changes no
-    shape: prompts are padded to 77 tokens either way.  For benchmarks: about 4 GB in fp32."""
+    shape: prompts are padded to 77 tokens either way.  For benchmarks: about 4 GB in fp32
+    (``sdxl``: about 14 GB)."""
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     configs = Path(__file__).parent / "configs" / model_type
     torch.manual_seed(seed)
+    if model_type == "sdxl":
+        from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+        from transformers import CLIPTextModelWithProjection
+
+        pipeline: Any = StableDiffusionXLPipeline(
+            vae=AutoencoderKL.from_config(AutoencoderKL.load_config(configs / "vae")),
+            text_encoder=CLIPTextModel(CLIPTextConfig.from_json_file(configs / "text_encoder" / "config.json")),
+            text_encoder_2=CLIPTextModelWithProjection(
+                CLIPTextConfig.from_json_file(configs / "text_encoder_2" / "config.json")
+            ),
+            tokenizer=_tiny_tokenizer(dest),
+            tokenizer_2=_tiny_tokenizer(dest, folder="tokenizer_2"),
+            unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(configs / "unet")),
+            scheduler=EulerDiscreteScheduler.from_config(EulerDiscreteScheduler.load_config(configs / "scheduler")),
+            add_watermarker=False,
+        )
+        dest.mkdir(parents=True, exist_ok=True)
+        pipeline.save_pretrained(dest, safe_serialization=True)
+        return dest
     return _save_pipeline(
         dest,
         vae=AutoencoderKL.from_config(AutoencoderKL.load_config(configs / "vae")),

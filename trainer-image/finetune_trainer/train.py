@@ -61,6 +61,7 @@ from finetune_trainer import (
     class_images,
     data,
     export,
+    families,
     lora,
     outputs,
     ownership,
@@ -73,6 +74,7 @@ from finetune_trainer.job import (
     Device,
     Settings,
     detect_device,
+    memory_check,
     process_group_timeout,
     resolve_settings,
     total_steps,
@@ -129,6 +131,7 @@ class DreamBoothRecipe:
         self.checkpoint_dir = self.output / CHECKPOINTS_DIR
         self.samples_dir = self.output / samples.SAMPLES_DIR
         self.lora = self.spec.method == Method.LORA
+        self.family = families.family_of(self.spec.base_model.type)
         self.trains_text_encoder = trains_text_encoder(self.spec)
         self.step = 0
         self.pending: list[PendingStep] = []
@@ -169,6 +172,17 @@ class DreamBoothRecipe:
         self._report_settings()
         for warning in warnings:
             self.reporter.warn(warning)
+        if self.device_info.memory_bytes:
+            # Before minutes of downloads: a run the GPU cannot hold is refused now.
+            problem = memory_check(
+                spec,
+                self.family,
+                mixed_precision=self.settings.mixed_precision,
+                optimizer=self.settings.optimizer,
+                gpu_bytes=self.device_info.memory_bytes,
+            )
+            if problem is not None:
+                raise OutOfMemory(problem)
         set_seed(training.seed)
         self.reporter.set_stage(Stage.DOWNLOADING, message=f"reading the base model {spec.base_model.uri}")
         if accelerator.is_main_process:
@@ -318,23 +332,37 @@ class DreamBoothRecipe:
         base.vae.requires_grad_(False)
         base.vae.eval()
         # The frozen parts never need fp32: running them in the low precision is what the
-        # memory figures in the docs assume.
-        base.vae.to(device, dtype=self.weight_dtype)
+        # memory figures in the docs assume.  Except a VAE that overflows in fp16 (SDXL's).
+        self.vae_dtype = self.weight_dtype
+        if self.family.vae_overflows_in_fp16 and base.vae_source is None and self.weight_dtype != torch.float32:
+            self.vae_dtype = torch.float32
+            self.reporter.warn(
+                f"spec.baseModel.vaeUri: the {self.family.name} VAE overflows in fp16 (black or NaN images), so it "
+                f"runs in fp32 while the rest runs in {self.settings.mixed_precision} (more memory and time for "
+                "encoding); set spec.baseModel.vaeUri to an fp16-safe VAE (such as the community's sdxl-vae-fp16-fix) "
+                "to run it in the mixed precision"
+            )
+        base.vae.to(device, dtype=self.vae_dtype)
+        encoders = base.text_encoders
         if self.lora:
             # The whole base model is frozen; only the adapters (fp32) learn.
             base.unet.requires_grad_(False)
-            base.text_encoder.requires_grad_(False)
             base.unet.to(device, dtype=self.weight_dtype)
-            base.text_encoder.to(device, dtype=self.weight_dtype)
-            lora.add_adapters(base.unet, base.text_encoder if self.trains_text_encoder else None, self.spec.lora)
+            for encoder in encoders:
+                encoder.requires_grad_(False)
+                encoder.to(device, dtype=self.weight_dtype)
+            adapted = encoders if self.trains_text_encoder else []
+            lora.add_adapters(base.unet, adapted, self.spec.lora, family=self.family)
             lora.register_checkpoint_hooks(self.accelerator)
         else:
-            base.text_encoder.requires_grad_(self.trains_text_encoder)
             base.unet.requires_grad_(True)
-            if not self.trains_text_encoder:
-                base.text_encoder.to(device, dtype=self.weight_dtype)
+            for encoder in encoders:
+                encoder.requires_grad_(self.trains_text_encoder)
+                if not self.trains_text_encoder:
+                    encoder.to(device, dtype=self.weight_dtype)
         base.unet.train()
-        base.text_encoder.train(self.trains_text_encoder)
+        for encoder in encoders:
+            encoder.train(self.trains_text_encoder)
         if self.settings.channels_last:
             # (Checkpoints still hold contiguous tensors: accelerate makes them so for
             # safetensors, and loading copies them back into this layout.)
@@ -343,9 +371,10 @@ class DreamBoothRecipe:
         if self.settings.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
             if self.trains_text_encoder:
-                # transformers 5 renamed it; older versions only have the first name.
-                enable = getattr(base.text_encoder, "activation_checkpointing_enable", None)
-                (enable or base.text_encoder.gradient_checkpointing_enable)()
+                for encoder in encoders:
+                    # transformers 5 renamed it; older versions only have the first name.
+                    enable = getattr(encoder, "activation_checkpointing_enable", None)
+                    (enable or encoder.gradient_checkpointing_enable)()
         from diffusers import DDPMScheduler
 
         self.noise_scheduler = DDPMScheduler.from_config(
@@ -379,7 +408,7 @@ class DreamBoothRecipe:
 
         training = self.spec.training
         accelerator = self.accelerator
-        models = [self.base.unet, self.base.text_encoder] if self.trains_text_encoder else [self.base.unet]
+        models = [self.base.unet, *self.base.text_encoders] if self.trains_text_encoder else [self.base.unet]
         # Everything of a DreamBooth run; only the adapters of a LoRA run.
         params = [p for p in itertools.chain(*(m.parameters() for m in models)) if p.requires_grad]
         optimizer: Any
@@ -407,14 +436,15 @@ class DreamBoothRecipe:
             num_training_steps=self.total_steps * accelerator.num_processes,
         )
         if self.trains_text_encoder:
-            self.unet, self.text_encoder, self.optimizer, self.lr_scheduler = accelerator.prepare(
-                self.base.unet, self.base.text_encoder, optimizer, scheduler
+            self.unet, *encoders, self.optimizer, self.lr_scheduler = accelerator.prepare(
+                self.base.unet, *self.base.text_encoders, optimizer, scheduler
             )
+            self.text_encoders = list(encoders)
         else:
             self.unet, self.optimizer, self.lr_scheduler = accelerator.prepare(self.base.unet, optimizer, scheduler)
-            self.text_encoder = self.base.text_encoder
+            self.text_encoders = list(self.base.text_encoders)
         self.trainable = params
-        self.models = [self.unet, self.text_encoder] if self.trains_text_encoder else [self.unet]
+        self.models = [self.unet, *self.text_encoders] if self.trains_text_encoder else [self.unet]
         if self.settings.compile:
             import torch
 
@@ -432,7 +462,7 @@ class DreamBoothRecipe:
         self.instance_order = data.ExampleOrder(len(self.instance), training.seed, data.STREAM_ORDER)
         self.class_order = data.ExampleOrder(max(1, len(self.class_examples)), training.seed, data.STREAM_CLASS_ORDER)
         self.latents: list[data.LatentCache] = []
-        self.prompt_cache: dict[str, torch.Tensor] = {}
+        self.prompt_cache: dict[str, families.Conditioning] = {}
         needs_cache = self.settings.cache_latents or not self.trains_text_encoder
         if needs_cache:
             self.reporter.set_stage(Stage.CACHING, message="encoding images and prompts once")
@@ -455,26 +485,20 @@ class DreamBoothRecipe:
                             seed=training.seed,
                             stream=stream,
                             device=self.accelerator.device,
-                            dtype=self.weight_dtype,
+                            dtype=self.vae_dtype,
                         )
                     )
         prompts = sorted({e.prompt for e in (*self.instance, *self.class_examples)})
         # Token ids live on the device too: a trained text encoder reads them every step.
-        self.token_cache = {p: self._tokenize([p])[0].to(self.accelerator.device) for p in prompts}
+        device = self.accelerator.device
+        self.token_cache = {
+            p: [ids[0].to(device) for ids in self.family.tokenize(self.base.tokenizers, [p])] for p in prompts
+        }
         if not self.trains_text_encoder:
             with torch.no_grad():
                 for prompt in prompts:
-                    self.prompt_cache[prompt] = self.text_encoder(self.token_cache[prompt][None])[0][0]
-
-    def _tokenize(self, prompts: list[str]) -> Any:
-        tokenizer = self.base.tokenizer
-        return tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
+                    ids = [i[None] for i in self.token_cache[prompt]]
+                    self.prompt_cache[prompt] = self.family.encode(self.text_encoders, ids).one(0)
 
     # --- train ----------------------------------------------------------------------------------
 
@@ -600,19 +624,22 @@ class DreamBoothRecipe:
         steps = self.noise_scheduler.config.num_train_timesteps
         latents_parts, noise_parts, timestep_parts = [], [], []
         prompts: list[str] = []
+        time_ids: list[list[int] | None] = []
         for group, (examples, order, stream) in enumerate(groups):
             picks = order.examples(slots)
             gens = [data.generator(training.seed, stream, slot) for slot in slots]
             flips = [bool(torch.rand(1, generator=g) < 0.5) if dataset.random_flip else False for g in gens]
             if self.latents:
-                part = self.latents[group].sample(picks, flips, gens, pin=pin)
+                cache = self.latents[group]
+                part = cache.sample(picks, flips, gens, pin=pin)
+                crops = [cache.crop(i, f) for i, f in zip(picks, flips, strict=True)]
             else:
-                pixels = torch.stack(
-                    [
-                        data.crop_and_flip(examples[i].pixels, resolution, center=dataset.center_crop, flip=f, gen=g)
-                        for i, f, g in zip(picks, flips, gens, strict=True)
-                    ]
-                ).to(device, dtype=self.weight_dtype)
+                cropped = [
+                    data.crop_at(examples[i].pixels, resolution, center=dataset.center_crop, flip=f, gen=g)
+                    for i, f, g in zip(picks, flips, gens, strict=True)
+                ]
+                crops = [corner for _, corner in cropped]
+                pixels = torch.stack([square for square, _ in cropped]).to(device, dtype=self.vae_dtype)
                 with torch.no_grad():
                     dist = self.base.vae.encode(pixels).latent_dist
                     sampled = data.host_randn_rows(dist.mean.shape[1:], gens, pin=pin).to(device, non_blocking=True)
@@ -626,6 +653,10 @@ class DreamBoothRecipe:
             drawn = [int(torch.randint(0, steps, (1,), generator=g)) for g in gens]
             timestep_parts.append(torch.tensor(drawn, pin_memory=pin).to(device, non_blocking=True))
             prompts += [examples[i].prompt for i in picks]
+            time_ids += [
+                self.family.time_ids(original_size=examples[i].original_size, crop=crop, target=resolution)
+                for i, crop in zip(picks, crops, strict=True)
+            ]
         latents = torch.cat(latents_parts) * self.base.vae.config.scaling_factor
         noise = torch.cat(noise_parts)
         timesteps = torch.cat(timestep_parts)
@@ -634,10 +665,16 @@ class DreamBoothRecipe:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
 
         if self.trains_text_encoder:
-            hidden = self.text_encoder(torch.stack([self.token_cache[p] for p in prompts]))[0]
+            ids = [torch.stack([self.token_cache[p][k] for p in prompts]) for k in range(len(self.text_encoders))]
+            conditioning = self.family.encode(self.text_encoders, ids)
         else:
-            hidden = torch.stack([self.prompt_cache[p] for p in prompts])
-        prediction = self.unet(noisy, timesteps, hidden).sample
+            conditioning = families.stack([self.prompt_cache[p] for p in prompts])
+        sizes = None
+        if time_ids[0] is not None:
+            sizes = torch.tensor(time_ids, dtype=conditioning.hidden.dtype, pin_memory=pin).to(
+                device, non_blocking=True
+            )
+        prediction = self.family.denoise(self.unet, noisy, timesteps, conditioning, sizes)
         if self.settings.prediction_type == "v_prediction":
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
@@ -678,7 +715,7 @@ class DreamBoothRecipe:
             rendered = self.sampler.render(
                 self.step,
                 unet=accelerator.unwrap_model(self.unet, keep_torch_compile=False),
-                text_encoder=accelerator.unwrap_model(self.text_encoder),
+                text_encoders=[accelerator.unwrap_model(e) for e in self.text_encoders],
             )
             if rendered.failures and not self._sample_failure_warned:
                 self._sample_failure_warned = True
@@ -829,7 +866,7 @@ class DreamBoothRecipe:
         there, in fp32."""
         accelerator = self.accelerator
         unet = accelerator.unwrap_model(self.unet, keep_torch_compile=False)
-        text_encoder = accelerator.unwrap_model(self.text_encoder)
+        text_encoders = [accelerator.unwrap_model(e) for e in self.text_encoders]
         vae = self.base.vae
         text_adapters = self.lora and self.trains_text_encoder
         output = self.spec.output
@@ -844,19 +881,18 @@ class DreamBoothRecipe:
             vae = pristine.vae
             if self.lora:
                 # The trained adapters on an fp32 copy of the base: merged there, in fp32.
-                lora.add_adapters(pristine.unet, pristine.text_encoder if text_adapters else None, self.spec.lora)
+                adapted = pristine.text_encoders if text_adapters else []
+                lora.add_adapters(pristine.unet, adapted, self.spec.lora, family=self.family)
                 lora.load_adapter_state(pristine.unet, lora.adapter_state(unet), source="the trained UNet")
-                if text_adapters:
-                    lora.load_adapter_state(
-                        pristine.text_encoder, lora.adapter_state(text_encoder), source="the trained text encoder"
-                    )
-                unet, text_encoder = pristine.unet, pristine.text_encoder
+                for fresh, trained in zip(adapted, text_encoders, strict=False):
+                    lora.load_adapter_state(fresh, lora.adapter_state(trained), source="a trained text encoder")
+                unet, text_encoders = pristine.unet, pristine.text_encoders
             elif not self.trains_text_encoder:
-                text_encoder = pristine.text_encoder
-            for module in (unet, vae, text_encoder):
+                text_encoders = pristine.text_encoders
+            for module in (unet, vae, *text_encoders):
                 module.to(torch.device("cpu"))
         return export.Trained(
-            unet=unet, vae=vae, text_encoder=text_encoder, base=self.base, text_encoder_adapters=text_adapters
+            unet=unet, vae=vae, text_encoders=text_encoders, base=self.base, text_encoder_adapters=text_adapters
         )
 
     def cleanup(self) -> None:
