@@ -11,6 +11,7 @@ PYTEST_ARGS ?=
 
 
 .PHONY: system-packages
+.PHONY: check-webui-loaders
 .PHONY: help setup binaries lint test test-unit test-fast crds crds-check demo cluster-up cluster-down \
         bench bench-trainer chart-docs clean
 
@@ -24,6 +25,7 @@ help:
 	@echo "make cluster-down  stop it"
 	@echo "make bench         operator-at-scale benchmark (results in bench/results/)"
 	@echo "make bench-trainer trainer step benchmark (results in bench/results/)"
+	@echo "make check-webui-loaders  our exports through InvokeAI's model probe and loader (own venv, ~4 min; ~8 min cold)"
 
 setup: $(VENV)/.finetune-ready
 
@@ -78,3 +80,9 @@ clean:
 
 chart-docs: setup
 	$(PY) scripts/chart_docs.py
+
+# InvokeAI (from PyPI, in a venv of its own in ~/.cache/finetune-operator) identifies and loads the
+# single file, the diffusers folder and the LoRA files our exporters write: see
+# trainer-image/README.md, "Checked by a web UI's own loader".
+check-webui-loaders: setup
+	$(PY) scripts/webui_loaders.py

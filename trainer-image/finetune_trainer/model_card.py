@@ -146,7 +146,8 @@ def render(job: FineTuneJob, *, step: int, settings: dict[str, str], files: Sequ
             "```",
             "",
             f"In a web UI: `{name}-lora.safetensors` into `models/Lora/`, then `<lora:{name}-lora:1>` in the prompt. "
-            f"In ComfyUI: into `models/loras/`, applied with a LoraLoader node.",
+            f"In ComfyUI: into `models/loras/`, applied with a LoraLoader node. InvokeAI reads this file too "
+            "(not the `lora/` folder's).",
             "",
         ]
     pictures = [p for p in ("loss.png", "samples.png") if p in paths]
