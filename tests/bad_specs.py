@@ -114,6 +114,25 @@ BAD_SPECS = [
         "spec.training.lora.targets",
     ),
     BadSpec("no-output", _delete("output"), "spec.output"),
+    # datasets
+    BadSpec(
+        "images-and-concepts",
+        _set("dataset.concepts", [{"images": "pvc://datasets/a/", "instancePrompt": "a photo of zqx"}]),
+        "spec.dataset.instanceImages",
+    ),
+    BadSpec("no-images-no-concepts", _delete("dataset.instanceImages"), "spec.dataset.instanceImages"),
+    BadSpec(
+        "concept-blank-prompt",
+        _both(
+            _delete("dataset.instanceImages"),
+            _delete("dataset.instancePrompt"),
+            _set("dataset.concepts", [{"images": "pvc://datasets/a/", "instancePrompt": "  "}]),
+        ),
+        "instancePrompt",
+    ),
+    BadSpec("layout-unknown", _set("dataset.layout", "dreambooth"), "spec.dataset.layout"),
+    BadSpec("bucket-side-not-64", _set("dataset.bucketMinSide", 300), "spec.dataset.bucketMinSide"),
+    BadSpec("caption-dropout-over-one", _set("dataset.captionDropout", 1.5), "spec.dataset.captionDropout"),
 ]
 
 

@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from finetune_api.v1alpha1 import CheckpointRef, OutputFile, Stage, _Model
+from finetune_api.v1alpha1 import CheckpointRef, DatasetStatus, OutputFile, Stage, _Model
 
 SUMMARY_LIMIT_BYTES = 4096
 MAX_REPORT_BYTES = 256 * 1024
@@ -68,6 +68,7 @@ class ProgressEvent(_Model):
     settings: dict[str, str] = Field(
         default_factory=dict, description="Choices the trainer made (precision, attention, compile, ...)."
     )
+    dataset: DatasetStatus | None = None
 
 
 class TrainerSummary(_Model):
@@ -86,3 +87,4 @@ class TrainerSummary(_Model):
     settings: dict[str, str] = Field(
         default_factory=dict, description="Choices the trainer made (precision, attention, compile, ...)."
     )
+    dataset: DatasetStatus | None = None

@@ -44,6 +44,11 @@ def _cel(rule: str, message: str, **extra: str) -> Any:
 NOT_BLANK = r"\S"
 
 
+DATASET_SOURCE = "set spec.dataset.instanceImages (one subject) or spec.dataset.concepts (several), not both"
+DATASET_PROMPT = (
+    "spec.dataset.instancePrompt is required unless spec.dataset.layout is kohya (prompts from folder names): "
+    "set it, e.g. 'a photo of nickxxxawesome'"
+)
 BLANK_PROMPT = (
     "is empty or only whitespace: write the prompt that describes the images, e.g. 'a photo of nickxxxawesome'"
 )
@@ -190,21 +195,133 @@ class BaseModelSource(_Model):
         return None if value is None else check_uri(value, field="spec.baseModel.vaeUri")
 
 
-class Dataset(_Model):
-    """The photos to learn from and the prompts that describe them."""
+class DatasetLayout(StrEnum):
+    AUTO = "auto"
+    FOLDER = "folder"
+    KOHYA = "kohya"
+    IMAGEFOLDER = "imagefolder"
 
-    instance_images: Uri = Field(
+
+class Concept(_Model):
+    """One subject of a job with several: its photos, its prompts, its class images."""
+
+    images: Uri = Field(
         description=(
-            "Folder of the subject's photos (.jpg, .jpeg, .png, .webp; an optional .txt caption "
-            f"beside each). {URI_HELP}."
+            f"Folder of this concept's photos (a .txt caption beside each, or a metadata.jsonl, optional). {URI_HELP}."
         ),
-        json_schema_extra={"x-kubernetes-validations": _uri_rules("spec.dataset.instanceImages")},
+        json_schema_extra={"x-kubernetes-validations": _uri_rules("spec.dataset.concepts[].images")},
     )
     instance_prompt: str = Field(
         min_length=1,
         max_length=1000,
-        description="Prompt naming the subject with a unique token, e.g. 'a photo of nickxxxawesome'.",
+        description="Prompt naming this concept with its own unique token.",
         json_schema_extra={"x-kubernetes-validations": [_cel(f"self.matches(r'{NOT_BLANK}')", BLANK_PROMPT)]},
+    )
+    class_prompt: str | None = Field(
+        default=None,
+        max_length=1000,
+        description="Prompt for this concept's class (prior preservation).",
+        json_schema_extra={"x-kubernetes-validations": [_cel(f"self.matches(r'{NOT_BLANK}')", BLANK_PROMPT)]},
+    )
+    class_images: Uri | None = Field(
+        default=None,
+        description="Folder of this concept's class images (generated there, or under the output, when missing).",
+        json_schema_extra={"x-kubernetes-validations": _uri_rules("spec.dataset.concepts[].classImages")},
+    )
+    repeats: int = Field(
+        default=1, ge=1, le=10000, description="How many times each of its photos counts per epoch (kohya's repeats)."
+    )
+
+    @field_validator("images", "class_images")
+    @classmethod
+    def _uris(cls, value: str | None) -> str | None:
+        return None if value is None else check_uri(value, field="concepts")
+
+    @field_validator("instance_prompt", "class_prompt")
+    @classmethod
+    def _not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not re.search(NOT_BLANK, value):
+            raise ValueError(BLANK_PROMPT)
+        return value
+
+
+class Dataset(_Model):
+    """The photos to learn from and the prompts that describe them."""
+
+    layout: DatasetLayout = Field(
+        default=DatasetLayout.AUTO,
+        description=(
+            "How instanceImages is laid out: folder (photos, an optional same-name .txt caption beside each), "
+            "kohya (subfolders '<repeats>_<token> <class>', prompts and repeats from their names; classImages "
+            "holds '<repeats>_<class>' folders), imagefolder (photos and a metadata.jsonl with file_name and a "
+            "caption column), or auto (detected; what was found is reported on the resource)."
+        ),
+    )
+    instance_images: Uri | None = Field(
+        default=None,
+        description=(
+            "Folder of the subject's photos (.jpg, .jpeg, .png, .webp; captions as the layout says). "
+            f"Set this or concepts. {URI_HELP}."
+        ),
+        json_schema_extra={"x-kubernetes-validations": _uri_rules("spec.dataset.instanceImages")},
+    )
+    instance_prompt: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=1000,
+        description=(
+            "Prompt naming the subject with a unique token, e.g. 'a photo of nickxxxawesome'. A caption "
+            "replaces it for its photo (or fills [filewords] in it). Not needed with layout kohya or concepts."
+        ),
+        json_schema_extra={"x-kubernetes-validations": [_cel(f"self.matches(r'{NOT_BLANK}')", BLANK_PROMPT)]},
+    )
+    concepts: list[Concept] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=32,
+        description="Several subjects in one job, each with its photos, prompts, class images and repeats.",
+    )
+    caption_column: str = Field(
+        default="text", min_length=1, max_length=100, description="The caption column of a metadata.jsonl."
+    )
+    caption_extension: str = Field(
+        default=".txt", pattern=r"^\.[A-Za-z0-9]+$", description="The extension of caption files beside photos."
+    )
+    require_captions: bool = Field(
+        default=False, description="Refuse a photo without a caption (instead of training it on the prompt)."
+    )
+    trigger_word: str | None = Field(
+        default=None,
+        max_length=200,
+        description=(
+            "The subject's token in captions: [trigger] in a caption becomes it, and a caption without it gets "
+            "it in front (ai-toolkit's convention)."
+        ),
+    )
+    caption_dropout: float = Field(
+        default=0.0, ge=0, le=1, description="Share of steps on which a photo's prompt is left empty."
+    )
+    shuffle_caption: bool = Field(
+        default=False, description="Shuffle a caption's comma-separated tags each time (kohya's shuffle_caption)."
+    )
+    keep_tokens: int = Field(
+        default=0, ge=0, le=100, description="With shuffleCaption: how many leading tags stay in place."
+    )
+    buckets: bool | None = Field(
+        default=None,
+        description=(
+            "Aspect-ratio buckets: each photo trained at about resolution² pixels in the nearest of a set of "
+            "shapes, not cropped square. Unset: on for sdxl, off for SD 1.x/2.x."
+        ),
+    )
+    bucket_min_side: int | None = Field(
+        default=None, ge=64, le=4096, multiple_of=64, description="Shortest bucket side (unset: half the resolution)."
+    )
+    bucket_max_side: int | None = Field(
+        default=None, ge=64, le=4096, multiple_of=64, description="Longest bucket side (unset: twice the resolution)."
+    )
+    bucket_max_ratio: float = Field(
+        default=2.0, ge=1, le=4, description="Largest ratio of a bucket's long side to its short side."
     )
     class_prompt: str | None = Field(
         default=None,
@@ -258,13 +375,24 @@ class Dataset(_Model):
         return value
 
     @model_validator(mode="after")
-    def _prior_needs_class_prompt(self) -> Dataset:
-        if self.prior_preservation and not self.class_prompt:
+    def _cross_field(self) -> Dataset:
+        # The same rules as the CEL ones on spec.dataset (see FineTuneJobSpec.dataset).
+        if (self.instance_images is None) == (self.concepts is None):
+            raise ValueError(DATASET_SOURCE)
+        if self.instance_images is not None and self.instance_prompt is None and self.layout != DatasetLayout.KOHYA:
+            raise ValueError(DATASET_PROMPT)
+        if self.prior_preservation and not self._prior_prompts():
             raise ValueError(
                 "priorPreservation needs classPrompt: set spec.dataset.classPrompt "
                 "(e.g. 'a photo of a man') or turn priorPreservation off"
             )
         return self
+
+    def _prior_prompts(self) -> bool:
+        if self.concepts is not None:
+            return all(c.class_prompt for c in self.concepts)
+        # kohya's regularisation folders name their class (the trainer checks there are some).
+        return bool(self.class_prompt) or self.layout == DatasetLayout.KOHYA
 
 
 class LoRASettings(_Model):
@@ -540,9 +668,17 @@ class FineTuneJobSpec(_Model):
         json_schema_extra={
             "x-kubernetes-validations": [
                 _cel("self == oldSelf", f"spec.dataset {_IMMUTABLE}"),
+                _cel("has(self.instanceImages) != has(self.concepts)", DATASET_SOURCE),
                 _cel(
-                    "!self.priorPreservation || has(self.classPrompt)",
-                    "spec.dataset.priorPreservation needs spec.dataset.classPrompt (e.g. 'a photo of a man')",
+                    "!has(self.instanceImages) || has(self.instancePrompt) || self.layout == 'kohya'",
+                    DATASET_PROMPT,
+                ),
+                _cel(
+                    "!self.priorPreservation || has(self.classPrompt) || "
+                    "(has(self.concepts) && self.concepts.all(c, has(c.classPrompt))) || "
+                    "self.layout == 'kohya'",
+                    "spec.dataset.priorPreservation needs spec.dataset.classPrompt (e.g. 'a photo of a man'), "
+                    "a classPrompt on every concept, or with layout kohya regularisation folders",
                 ),
             ]
         },
@@ -694,6 +830,33 @@ class OutputStatus(_Model):
     samples: list[str] = Field(default_factory=list, description="Preview image URIs, newest last.")
 
 
+class ConceptFound(_Model):
+    name: str = Field(description="The concept: its folder, or the prompt it trains.")
+    images: int = Field(ge=0, description="Photos used.")
+    repeats: int = Field(default=1, ge=1, description="Times each counts per epoch.")
+    captioned: int = Field(default=0, ge=0, description="Photos with a caption of their own.")
+    class_images: int = Field(default=0, ge=0, description="Class images (prior preservation).")
+    prompt: str = Field(default="", description="Its instance prompt (where photos have no caption).")
+
+
+class BucketFound(_Model):
+    width: int = Field(ge=1)
+    height: int = Field(ge=1)
+    images: int = Field(ge=0, description="Photos in this bucket.")
+
+
+class DatasetStatus(_Model):
+    """What the trainer found in the dataset, checked before the first step."""
+
+    layout: str = Field(description="folder, kohya, imagefolder or concepts.")
+    images: int = Field(ge=0, description="Photos in all.")
+    concepts: list[ConceptFound] = Field(default_factory=list, max_length=64)
+    buckets: list[BucketFound] = Field(
+        default_factory=list, max_length=128, description="Aspect-ratio buckets in use, with their photos."
+    )
+    caption_coverage: float = Field(default=0, ge=0, le=100, description="Percent of photos with a caption.")
+
+
 class FineTuneJobStatus(_Model):
     phase: Phase | None = Field(default=None, description="Where the job is in its life.")
     reason: str | None = Field(default=None, description="Why it is in this phase (CamelCase).")
@@ -719,6 +882,7 @@ class FineTuneJobStatus(_Model):
         default_factory=list,
         description="Settings the trainer could not honour and what it did instead.",
     )
+    dataset: DatasetStatus | None = Field(default=None, description="What the trainer found in the dataset.")
 
 
 class ObjectMeta(BaseModel):

@@ -43,7 +43,7 @@ def test_any_case_suffixes_captions_and_skipped_files(tmp_path: Path) -> None:
         Image.new("RGB", (70, 90), (10, 20, 30)).save(tmp_path / name)
     (tmp_path / "b.txt").write_text("sks dog on a beach\n")
     (tmp_path / "notes.md").write_text("not an image")
-    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (tmp_path / "orphan.txt").write_text("a caption without its image")
     loaded = _load(tmp_path)
     assert [e.path.name for e in loaded.examples] == ["a.jpg", "b.JPEG", "c.Png", "d.webp"]
     prompts = {e.path.name: e.prompt for e in loaded.examples}
@@ -52,8 +52,14 @@ def test_any_case_suffixes_captions_and_skipped_files(tmp_path: Path) -> None:
     warning = loaded.skipped_warning("spec.dataset.instanceImages")
     assert warning is not None
     assert warning.startswith("spec.dataset.instanceImages: skipped 2 file(s)")
-    assert "broken.png" in warning
-    assert "notes.md" in warning
+    assert "notes.md" in warning and "orphan.txt (caption without an image)" in warning
+
+
+def test_an_image_that_cannot_be_read_is_bad_input_naming_it(tmp_path: Path) -> None:
+    Image.new("RGB", (70, 90), (10, 20, 30)).save(tmp_path / "a.jpg")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(BadInput, match=r"broken\.png is not a readable image"):
+        _load(tmp_path)
 
 
 def test_filewords_in_the_prompt_takes_the_caption() -> None:
@@ -61,22 +67,21 @@ def test_filewords_in_the_prompt_takes_the_caption() -> None:
     assert data.prompt_for(None, "a photo of sks dog [filewords]") == "a photo of sks dog"
 
 
-def test_a_folder_of_only_corrupt_files_is_bad_input(tmp_path: Path) -> None:
-    (tmp_path / "one.jpg").write_bytes(b"garbage")
-    (tmp_path / "two.png").write_bytes(b"")
+def test_a_folder_of_only_files_that_are_not_images_is_bad_input(tmp_path: Path) -> None:
+    (tmp_path / "one.gif").write_bytes(b"GIF89a")
+    (tmp_path / "notes.md").write_text("")
     with pytest.raises(BadInput) as caught:
         _load(tmp_path)
     message = str(caught.value)
     assert message.startswith("spec.x:")
-    assert "no usable images" in message
-    assert "one.jpg" in message
-    assert "two.png" in message
+    assert "holds no images" in message
+    assert "one.gif" in message and "notes.md" in message
 
 
 def test_missing_and_empty_folders_are_bad_input(tmp_path: Path) -> None:
     with pytest.raises(BadInput, match="does not exist"):
         _load(tmp_path / "nope")
-    with pytest.raises(BadInput, match=r"no usable images \(looked for \.jpg, \.jpeg, \.png, \.webp\)"):
+    with pytest.raises(BadInput, match=r"holds no images \(looked for \.jpg, \.jpeg, \.png, \.webp\)"):
         _load(tmp_path)
 
 

@@ -456,7 +456,7 @@ def test_no_images_is_bad_input(tiny_model: Path, tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     run = _bad(tmp_path, base_spec(tiny_model, empty, tmp_path / "out"))
-    assert run.summary["message"].startswith(f"spec.dataset.instanceImages: {empty} holds no usable images")
+    assert run.summary["message"].startswith(f"spec.dataset.instanceImages: {empty} holds no images")
 
 
 def test_a_folder_of_corrupt_files_is_bad_input(tiny_model: Path, tmp_path: Path) -> None:
@@ -466,9 +466,8 @@ def test_a_folder_of_corrupt_files_is_bad_input(tiny_model: Path, tmp_path: Path
     (corrupt / "face2.PNG").write_text("not a png")
     run = _bad(tmp_path, base_spec(tiny_model, corrupt, tmp_path / "out"))
     message = run.summary["message"]
-    assert "no usable images" in message
-    assert "face.jpg (unreadable" in message
-    assert "face2.PNG (unreadable" in message
+    assert message.startswith("spec.dataset.instanceImages: ")
+    assert "face.jpg is not a readable image" in message
 
 
 def test_a_missing_base_model_is_bad_input(photos: Path, tmp_path: Path) -> None:

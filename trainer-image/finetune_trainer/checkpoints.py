@@ -38,6 +38,19 @@ ADDED_FIELDS: dict[tuple[str, str], Any] = {
     ("training", "compile_mode"): "default",
     ("training", "prefer_bf16"): True,
     ("base_model", "vae_uri"): None,
+    ("dataset", "layout"): "auto",
+    ("dataset", "concepts"): None,
+    ("dataset", "caption_column"): "text",
+    ("dataset", "caption_extension"): ".txt",
+    ("dataset", "require_captions"): False,
+    ("dataset", "trigger_word"): None,
+    ("dataset", "caption_dropout"): 0.0,
+    ("dataset", "shuffle_caption"): False,
+    ("dataset", "keep_tokens"): 0,
+    ("dataset", "buckets"): None,
+    ("dataset", "bucket_min_side"): None,
+    ("dataset", "bucket_max_side"): None,
+    ("dataset", "bucket_max_ratio"): 2.0,
 }
 
 

@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from finetune_api.v1alpha1 import FineTuneJobSpec
 from finetune_trainer import data, storage
 from finetune_trainer.families import BaseModel
 from finetune_trainer.job import CLASS_IMAGE_STEPS
@@ -41,16 +40,14 @@ def _writable(folder: Path) -> bool:
 
 
 def plan_folders(
-    spec: FineTuneJobSpec, output: Path, *, user_dir: Path | None, user_writable: bool
+    wanted: int, generated_dir: Path, *, user_dir: Path | None, user_writable: bool
 ) -> tuple[list[Path], Path | None, int]:
     """(folders to read class images from, folder to generate into, how many to generate).
 
     ``user_dir`` is ``classImages`` as a local folder (for an object store, the downloaded
     copy, which is not written to).  It is used first; missing images are generated into it
-    when it is writable, else under the output.
+    when it is writable, else into ``generated_dir`` under the output.
     """
-    wanted = spec.dataset.num_class_images
-    generated_dir = output / OUTPUT_SUBDIR
     folders: list[Path] = []
     have = 0
     if user_dir is not None:

@@ -128,6 +128,7 @@ def run(job_path: Path) -> int:
         summary.samples = summary.samples or list(reporter.samples)
         summary.warnings = reporter.warnings
         summary.settings = dict(reporter.settings)
+        summary.dataset = reporter.dataset
         report.write_summary(summary)
     launch.record_exit_code(code)
     return int(code)

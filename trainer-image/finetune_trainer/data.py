@@ -11,13 +11,15 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from finetune_trainer import buckets
+from finetune_trainer.buckets import Bucket
 from finetune_trainer.errors import BadInput
 
 if TYPE_CHECKING:
@@ -31,7 +33,7 @@ FILEWORDS = "[filewords]"
 
 @dataclass
 class Example:
-    """One training image, resized so that its shorter side is the resolution (not cropped yet)."""
+    """One training image, resized to cover its bucket (the training size it is cropped to)."""
 
     path: Path
     pixels: torch.Tensor  # uint8, 3 x H x W
@@ -41,6 +43,10 @@ class Example:
     digest: str = ""
     # (height, width) of the file before resizing: SDXL conditions on it.
     original_size: tuple[int, int] = (0, 0)
+    # The size it trains at: the square of the resolution, or its aspect-ratio bucket.
+    bucket: Bucket = field(default_factory=lambda: Bucket(0, 0))
+    caption: str | None = None  # its own caption, where it has one
+    concept: int = 0  # which concept of the job it belongs to
 
 
 @dataclass
@@ -53,7 +59,7 @@ class ImageFolder:
             return None
         listed = ", ".join(f"{p.name} ({why})" for p, why in self.skipped[:20])
         more = f" and {len(self.skipped) - 20} more" if len(self.skipped) > 20 else ""
-        return f"{field_name}: skipped {len(self.skipped)} file(s) that are not usable images: {listed}{more}"
+        return f"{field_name}: skipped {len(self.skipped)} file(s) that are not images: {listed}{more}"
 
 
 def prompt_for(caption: str | None, prompt: str) -> str:
@@ -82,64 +88,114 @@ def read_image(path: Path) -> Image.Image:
 
 
 def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
+    return resize_to_cover(image, Bucket(size, size))
+
+
+def resize_to_cover(image: Image.Image, bucket: Bucket) -> Image.Image:
     from PIL import Image
 
-    width, height = image.size
-    scale = size / min(width, height)
-    new = (max(size, round(width * scale)), max(size, round(height * scale)))
-    return image if new == image.size else image.resize(new, Image.Resampling.BICUBIC)
+    height, width = buckets.cover(image.height, image.width, bucket)
+    return image if (width, height) == image.size else image.resize((width, height), Image.Resampling.BICUBIC)
 
 
-def load_folder(folder: Path, *, prompt: str, resolution: int, field_name: str) -> ImageFolder:
-    """Every usable image in ``folder`` (not recursive), sorted by name; the rest is listed in
-    ``skipped`` so that one warning can name it."""
+def load_image(
+    path: Path,
+    *,
+    prompt: str,
+    caption: str | None,
+    size_for: Callable[[int, int], Bucket],
+    field_name: str,
+    concept: int = 0,
+) -> Example:
+    """One photo, read, checked and resized to cover its training size (``size_for(height,
+    width)``).  A file that is not a readable image is bad input naming the file."""
     import torch
 
+    try:
+        image = read_image(path)
+    except Exception as exc:
+        raise BadInput(
+            f"{path} is not a readable image ({type(exc).__name__}: {str(exc)[:120]}); replace it or remove it",
+            field=field_name,
+        ) from None
+    bucket = size_for(image.height, image.width)
+    resized = resize_to_cover(image, bucket)
+    pixels = torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+    return Example(
+        path=path,
+        pixels=pixels,
+        prompt=prompt_for(caption, prompt),
+        digest=hashlib.sha256(path.read_bytes()).hexdigest(),
+        original_size=(image.height, image.width),
+        bucket=bucket,
+        caption=caption,
+        concept=concept,
+    )
+
+
+def read_caption(path: Path, extension: str = CAPTION_SUFFIX) -> str | None:
+    """The caption beside an image (``NAME.txt``, any case of the extension), or None."""
+    for candidate in (path.with_suffix(extension), path.with_suffix(extension.upper())):
+        if candidate.is_file():
+            return candidate.read_text(errors="replace").strip() or None
+    return None
+
+
+def list_folder(
+    folder: Path, *, field_name: str, caption_extension: str = CAPTION_SUFFIX
+) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The images of a folder (not recursive, sorted by name) and what else lies there."""
     if not folder.exists():
         raise BadInput(f"{folder} does not exist", field=field_name)
     if not folder.is_dir():
         raise BadInput(f"{folder} is not a folder; point it at the folder that holds the images", field=field_name)
-    examples: list[Example] = []
+    entries = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    images = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES]
+    stems = {p.with_suffix("").name for p in images}
     skipped: list[tuple[Path, str]] = []
-    entries = sorted(p for p in folder.iterdir() if p.is_file())
-    images = {p.with_suffix("").name for p in entries if p.suffix.lower() in IMAGE_SUFFIXES}
     for path in entries:
         suffix = path.suffix.lower()
-        if suffix == CAPTION_SUFFIX:
-            if path.with_suffix("").name not in images:
+        if suffix in IMAGE_SUFFIXES:
+            continue
+        if suffix == caption_extension.lower():
+            if path.with_suffix("").name not in stems:
                 skipped.append((path, "caption without an image"))
             continue
-        if suffix not in IMAGE_SUFFIXES:
+        if path.name not in ("metadata.jsonl", "DEMO-README.txt"):
             skipped.append((path, "not .jpg, .jpeg, .png or .webp"))
-            continue
-        try:
-            image = read_image(path)
-        except Exception as exc:
-            skipped.append((path, f"unreadable: {type(exc).__name__}"))
-            continue
-        caption_file = next(
-            (c for c in (path.with_suffix(".txt"), path.with_suffix(".TXT")) if c.is_file()),
-            None,
+    return images, skipped
+
+
+def load_folder(
+    folder: Path,
+    *,
+    prompt: str,
+    resolution: int,
+    field_name: str,
+    size_for: Callable[[int, int], Bucket] | None = None,
+    caption_extension: str = CAPTION_SUFFIX,
+) -> ImageFolder:
+    """Every image in ``folder`` (not recursive), sorted by name, with the caption beside it;
+    files that are not images are listed in ``skipped`` so that one warning can name them,
+    and an image that cannot be read is bad input naming it."""
+    images, skipped = list_folder(folder, field_name=field_name, caption_extension=caption_extension)
+    sizer = size_for or (lambda height, width: Bucket(resolution, resolution))
+    examples = [
+        load_image(
+            path,
+            prompt=prompt,
+            caption=read_caption(path, caption_extension),
+            size_for=sizer,
+            field_name=field_name,
         )
-        caption = caption_file.read_text(errors="replace").strip() if caption_file else None
-        resized = resize_shorter_side(image, resolution)
-        pixels = torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        examples.append(
-            Example(
-                path=path,
-                pixels=pixels,
-                prompt=prompt_for(caption, prompt),
-                digest=digest,
-                original_size=(image.height, image.width),
-            )
-        )
+        for path in images
+    ]
     result = ImageFolder(examples=examples, skipped=skipped)
     if not examples:
-        why = f" ({len(skipped)} file(s) skipped: {result.skipped_warning(field_name)})" if skipped else ""
+        why = f" ({result.skipped_warning(field_name)})" if skipped else ""
         raise BadInput(
-            f"{folder} holds no usable images (looked for .jpg, .jpeg, .png, .webp){why}; "
-            "add photos of the subject to the folder",
+            f"{folder} holds no images (looked for .jpg, .jpeg, .png, .webp){why}; add photos of the subject to "
+            "the folder",
             field=field_name,
         )
     return result
@@ -180,22 +236,33 @@ class ExampleOrder:
 
     The run is a sequence of slots, one per example seen, counted over the whole run and every
     process: optimizer step ``s``, micro-batch ``m`` of it and process ``p`` hold the slots
-    ``(s * accumulation + m) * global_batch + p * batch_size + j``.  Slot ``k`` is position
-    ``k % n`` of epoch ``k // n``, whose order is a permutation seeded by (seed, epoch); each
-    slot's random draws (flip, crop, noise, timestep) come from a generator of its own.  So a
-    batch of 2 on one process and a batch of 1 on each of two processes see the same examples
-    with the same noise, and a resumed run sees what the uninterrupted one would.
+    ``(s * accumulation + m) * global_batch + p * batch_size + j``.  An epoch is every example
+    ``repeats`` times, in an order seeded by (seed, epoch); each slot's random draws (flip,
+    crop, noise, timestep) come from a generator of its own.  So a batch of 2 on one process
+    and a batch of 1 on each of two processes see the same examples with the same noise, and a
+    resumed run sees what the uninterrupted one would.
+
+    With aspect-ratio buckets (``groups``: each example's bucket) the epoch is laid out in runs
+    of ``group_size`` slots from one bucket (a process's share of a micro-batch is one tensor),
+    a bucket's last run filled up with its own first examples, and the runs shuffled.
     """
 
     num_examples: int
     seed: int
     stream: int = STREAM_ORDER
+    repeats: tuple[int, ...] | None = None
+    groups: tuple[int, ...] | None = None
+    group_size: int = 1
 
     def epoch_order(self, epoch: int) -> list[int]:
-        return _permutation(self.num_examples, self.seed, self.stream, epoch)
+        return _epoch_order(self, epoch)
+
+    @property
+    def per_epoch(self) -> int:
+        return len(self.epoch_order(0))
 
     def example(self, slot: int) -> int:
-        epoch, position = divmod(slot, self.num_examples)
+        epoch, position = divmod(slot, self.per_epoch)
         return self.epoch_order(epoch)[position]
 
     def examples(self, slots: Sequence[int]) -> list[int]:
@@ -203,10 +270,28 @@ class ExampleOrder:
 
 
 @functools.lru_cache(maxsize=64)
-def _permutation(n: int, seed: int, stream: int, epoch: int) -> list[int]:
+def _epoch_order(order: ExampleOrder, epoch: int) -> list[int]:
     import torch
 
-    return list(torch.randperm(n, generator=generator(seed, stream, epoch)).tolist())
+    repeats = order.repeats or (1,) * order.num_examples
+    expanded = [i for i in range(order.num_examples) for _ in range(repeats[i])]
+    permutation = torch.randperm(len(expanded), generator=generator(order.seed, order.stream, epoch)).tolist()
+    ordered = [expanded[j] for j in permutation]
+    if order.groups is None:
+        return ordered
+    by_group: dict[int, list[int]] = {}
+    for index in ordered:
+        by_group.setdefault(order.groups[index], []).append(index)
+    runs: list[list[int]] = []
+    size = order.group_size
+    for group in sorted(by_group):
+        members = by_group[group]
+        for start in range(0, len(members), size):
+            run = members[start : start + size]
+            run += [members[k % len(members)] for k in range(size - len(run))]
+            runs.append(run)
+    shuffled = torch.randperm(len(runs), generator=generator(order.seed, order.stream, epoch, 1)).tolist()
+    return [index for r in shuffled for index in runs[r]]
 
 
 def slots_of(micro_batch: int, *, batch_size: int, num_processes: int, process_index: int) -> list[int]:
@@ -216,35 +301,51 @@ def slots_of(micro_batch: int, *, batch_size: int, num_processes: int, process_i
 
 
 def crop_and_flip(
-    pixels: torch.Tensor, resolution: int, *, center: bool, flip: bool, gen: torch.Generator | None = None
+    pixels: torch.Tensor, size: int | Bucket, *, center: bool, flip: bool, gen: torch.Generator | None = None
 ) -> torch.Tensor:
-    """A ``resolution`` square of the image as floats in [-1, 1]."""
-    return crop_at(pixels, resolution, center=center, flip=flip, gen=gen)[0]
+    """A crop of ``size`` (a square side, or a bucket) of the image as floats in [-1, 1]."""
+    return crop_at(pixels, size, center=center, flip=flip, gen=gen)[0]
 
 
 def crop_at(
-    pixels: torch.Tensor, resolution: int, *, center: bool, flip: bool, gen: torch.Generator | None = None
+    pixels: torch.Tensor, size: int | Bucket, *, center: bool, flip: bool, gen: torch.Generator | None = None
 ) -> tuple[torch.Tensor, tuple[int, int]]:
-    """A ``resolution`` square of the image as floats in [-1, 1], and where its top-left corner
-    lies in the (flipped, where flipped) resized image: SDXL conditions on it."""
+    """A crop of ``size`` of the image as floats in [-1, 1], and where its top-left corner lies
+    in the (flipped, where flipped) resized image: SDXL conditions on it.  The image must cover
+    ``size`` (see ``fit``)."""
     import torch
 
+    bucket = size if isinstance(size, Bucket) else Bucket(size, size)
     _, height, width = pixels.shape
     if center:
-        top, left = (height - resolution) // 2, (width - resolution) // 2
+        top, left = (height - bucket.height) // 2, (width - bucket.width) // 2
     else:
-        top = int(torch.randint(0, height - resolution + 1, (1,), generator=gen))
-        left = int(torch.randint(0, width - resolution + 1, (1,), generator=gen))
-    square = pixels[:, top : top + resolution, left : left + resolution]
+        top = int(torch.randint(0, height - bucket.height + 1, (1,), generator=gen))
+        left = int(torch.randint(0, width - bucket.width + 1, (1,), generator=gen))
+    crop = pixels[:, top : top + bucket.height, left : left + bucket.width]
     if flip:
-        square = square.flip(-1)
-    return square.float() / 127.5 - 1.0, (top, flipped_left(left, width, resolution) if flip else left)
+        crop = crop.flip(-1)
+    return crop.float() / 127.5 - 1.0, (top, flipped_left(left, width, bucket.width) if flip else left)
 
 
-def flipped_left(left: int, width: int, resolution: int) -> int:
+def fit(pixels: torch.Tensor, bucket: Bucket) -> torch.Tensor:
+    """An image's pixels resized to cover another bucket (a class image beside a photo of
+    another shape); unchanged where they already cover it exactly."""
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+
+    _, height, width = pixels.shape
+    target = buckets.cover(height, width, bucket)
+    if target == (height, width):
+        return pixels
+    resized = F.interpolate(pixels[None].float(), size=target, mode="bicubic", antialias=True, align_corners=False)
+    return resized[0].round().clamp(0, 255).to(torch.uint8)
+
+
+def flipped_left(left: int, width: int, crop_width: int) -> int:
     """The left edge of a crop once the image is mirrored (as diffusers' SDXL script records it,
     flipping first and cropping after)."""
-    return width - left - resolution
+    return width - left - crop_width
 
 
 def is_square(example: Example) -> bool:
@@ -255,78 +356,96 @@ def is_square(example: Example) -> bool:
 
 
 class LatentCache:
-    """The VAE's latent distribution (mean, std) of each example, computed once.
+    """The VAE's latent distribution (mean, std) of each (example, size, flip), computed once.
 
     Sampling from the cached distribution each step is exactly what encoding each step does,
     without the encoder.  With random flips both orientations are cached.  A random crop is
-    drawn once per image here; the trainer warns where that differs from cropping each epoch.
+    drawn once per example and size here, from a generator of its own (so it does not depend
+    on when it is computed); the trainer warns where that differs from cropping each epoch.
+    Entries are made up front for the sizes known then, and on first use for the others (a
+    class image beside a photo of another bucket).
     """
 
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor, crops: list[list[tuple[int, int]]] | None = None) -> None:
-        self.mean = mean  # examples x variants x C x h x w
-        self.std = std
-        # (top, left) of each example's cached crop, per variant (as crop_at reports it).
-        self.crops = crops or [[(0, 0)] * mean.shape[1] for _ in range(mean.shape[0])]
-
-    @classmethod
-    def build(
-        cls,
+    def __init__(
+        self,
         vae: Any,
         examples: Sequence[Example],
         *,
-        resolution: int,
         center_crop: bool,
         random_flip: bool,
         seed: int,
         stream: int,
         device: Any,
         dtype: torch.dtype,
-        batch_size: int = 8,
-    ) -> LatentCache:
+    ) -> None:
+        self.vae = vae
+        self.examples = examples
+        self.center_crop = center_crop
+        self.variants = (False, True) if random_flip else (False,)
+        self.seed = seed
+        self.stream = stream
+        self.device = device
+        self.dtype = dtype
+        # (example, bucket) -> (mean, std: variants x C x h x w, crops: (top, left) per variant)
+        self.entries: dict[tuple[int, Bucket], tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]] = {}
+
+    def fill(self, keys: Sequence[tuple[int, Bucket]], *, batch_size: int = 8) -> None:
+        """Encode what is missing of ``keys``, a batch of one size at a time."""
         import torch
 
-        variants = (False, True) if random_flip else (False,)
-        means: list[torch.Tensor] = []
-        stds: list[torch.Tensor] = []
-        crops: list[list[tuple[int, int]]] = []
+        missing = sorted({k for k in keys if k not in self.entries}, key=lambda k: (k[1], k[0]))
+        by_size: dict[Bucket, list[int]] = {}
+        for index, bucket in missing:
+            by_size.setdefault(bucket, []).append(index)
         with torch.no_grad():
-            for start in range(0, len(examples), batch_size):
-                chunk = examples[start : start + batch_size]
-                pixels = []
-                for offset, example in enumerate(chunk):
-                    gen = generator(seed, STREAM_CACHE, stream, start + offset)
-                    base, (top, left) = crop_at(example.pixels, resolution, center=center_crop, flip=False, gen=gen)
-                    pixels += [base.flip(-1) if flipped else base for flipped in variants]
-                    width = example.pixels.shape[2]
-                    crops.append(
-                        [(top, flipped_left(left, width, resolution) if flipped else left) for flipped in variants]
-                    )
-                batch = torch.stack(pixels).to(device=device, dtype=dtype)
-                dist = vae.encode(batch).latent_dist
-                shape = (len(chunk), len(variants), *dist.mean.shape[1:])
-                means.append(dist.mean.float().reshape(shape))
-                stds.append(dist.std.float().reshape(shape))
-        return cls(torch.cat(means), torch.cat(stds), crops)
+            for bucket, indices in by_size.items():
+                for start in range(0, len(indices), batch_size):
+                    chunk = indices[start : start + batch_size]
+                    pixels, crops = [], []
+                    for index in chunk:
+                        gen = generator(self.seed, STREAM_CACHE, self.stream, index, bucket.height, bucket.width)
+                        source = fit(self.examples[index].pixels, bucket)
+                        base, (top, left) = crop_at(source, bucket, center=self.center_crop, flip=False, gen=gen)
+                        pixels += [base.flip(-1) if flipped else base for flipped in self.variants]
+                        width = source.shape[2]
+                        crops.append(
+                            [(top, flipped_left(left, width, bucket.width) if f else left) for f in self.variants]
+                        )
+                    dist = self.vae.encode(torch.stack(pixels).to(device=self.device, dtype=self.dtype)).latent_dist
+                    shape = (len(chunk), len(self.variants), *dist.mean.shape[1:])
+                    means, stds = dist.mean.float().reshape(shape), dist.std.float().reshape(shape)
+                    for offset, index in enumerate(chunk):
+                        self.entries[(index, bucket)] = (means[offset], stds[offset], crops[offset])
 
-    def crop(self, index: int, flipped: bool) -> tuple[int, int]:
-        variants = len(self.crops[index])
-        return self.crops[index][1 if flipped and variants > 1 else 0]
+    def crop(self, index: int, bucket: Bucket, flipped: bool) -> tuple[int, int]:
+        crops = self.entries[(index, bucket)][2]
+        return crops[1 if flipped and len(crops) > 1 else 0]
 
     def sample(
-        self, indices: Sequence[int], flips: Sequence[bool], gens: Sequence[torch.Generator], *, pin: bool = False
+        self,
+        indices: Sequence[int],
+        bucket: Bucket,
+        flips: Sequence[bool],
+        gens: Sequence[torch.Generator],
+        *,
+        pin: bool = False,
     ) -> torch.Tensor:
-        """Latents of the examples at ``indices`` (flipped where asked), on the cache's device,
-        each sampled with the noise of its own generator.
+        """Latents of the examples at ``indices`` at size ``bucket`` (flipped where asked), on
+        the cache's device, each sampled with the noise of its own generator.
 
         Each example is picked with plain integers (a view: no index tensor travels to the
         GPU), and the noise comes from seeded CPU generators (``pin``: into pinned memory, for
         a copy to the GPU that does not wait for it)."""
         import torch
 
-        variants = self.mean.shape[1]
-        picked = [(int(i), 1 if flipped and variants > 1 else 0) for i, flipped in zip(indices, flips, strict=True)]
-        mean = torch.stack([self.mean[i, v] for i, v in picked])
-        std = torch.stack([self.std[i, v] for i, v in picked])
+        self.fill([(int(i), bucket) for i in indices])
+        picked = []
+        for i, flipped in zip(indices, flips, strict=True):
+            mean, std, _ = self.entries[(int(i), bucket)]
+            variant = 1 if flipped and len(self.variants) > 1 else 0
+            picked.append((mean[variant], std[variant]))
+        mean = torch.stack([m for m, _ in picked])
+        std = torch.stack([s for _, s in picked])
         noise = host_randn_rows(mean.shape[1:], gens, dtype=mean.dtype, pin=pin).to(mean.device, non_blocking=True)
         return mean + std * noise
 

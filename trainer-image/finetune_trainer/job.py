@@ -244,6 +244,8 @@ class Settings:
     # the method and the family), so that the resource shows what actually ran.
     learning_rate: float = 0.0
     resolution: int = 0
+    # Aspect-ratio buckets (the spec's, else on for the families trained at 1024 px).
+    buckets: bool = False
     compile_mode: str = "default"
     # torch.optim.AdamW(fused=True): one kernel for all parameters (CUDA; AdamW only).
     fused_optimizer: bool = False
@@ -332,6 +334,7 @@ def resolve_settings(
         device=device.type,
         learning_rate=spec.learning_rate,
         resolution=spec.resolution,
+        buckets=spec.dataset.buckets if spec.dataset.buckets is not None else spec.base_model.type == ModelType.SDXL,
         compile_mode=compile_mode,
         fused_optimizer=cuda and optimizer == "AdamW",
         # bitsandbytes makes every parameter contiguous again at each step (a copy of the
@@ -497,13 +500,17 @@ def _with_dataset(**update: Any) -> Callable[[FineTuneJobSpec], FineTuneJobSpec]
     return lambda s: s.model_copy(update={"dataset": s.dataset.model_copy(update=update)})
 
 
-def total_steps(spec: FineTuneJobSpec, num_images: int, *, num_processes: int = 1) -> int:
+def total_steps(
+    spec: FineTuneJobSpec, num_images: int, *, num_processes: int = 1, seen_per_epoch: int | None = None
+) -> int:
     """Optimizer steps in the whole run: maxSteps, else as many as it takes for each instance
-    image to be seen ``stepsPerImage`` times (the web UI's "steps per image", which are epochs):
-    ceil(stepsPerImage x images / (batchSize x gradientAccumulationSteps x processes))."""
+    image to be seen ``stepsPerImage`` times (the web UI's "steps per image", which are epochs;
+    an epoch sees each image as often as its concept's repeats say, ``seen_per_epoch`` in all):
+    ceil(stepsPerImage x images x repeats / (batchSize x gradientAccumulationSteps x processes))."""
     training = spec.training
     if training.max_steps is not None:
         return training.max_steps
     assert training.steps_per_image is not None  # the model validator requires one of the two
     per_step = training.batch_size * training.gradient_accumulation_steps * num_processes
-    return max(1, math.ceil(training.steps_per_image * num_images / per_step))
+    seen = seen_per_epoch if seen_per_epoch is not None else num_images
+    return max(1, math.ceil(training.steps_per_image * seen / per_step))

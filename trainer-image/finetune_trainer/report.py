@@ -37,7 +37,7 @@ from finetune_api.report import (
     Thumbnail,
     TrainerSummary,
 )
-from finetune_api.v1alpha1 import CheckpointRef, OutputFile, Stage
+from finetune_api.v1alpha1 import CheckpointRef, DatasetStatus, OutputFile, Stage
 
 log = logging.getLogger("finetune_trainer")
 
@@ -331,6 +331,7 @@ class ProgressReporter:
         self.learning_rate: float | None = None
         self.warnings: list[str] = []
         self.settings: dict[str, str] = {}
+        self.dataset: DatasetStatus | None = None
         self.checkpoints: list[CheckpointRef] = []
         self.output_uri: str | None = None
         self.files: list[OutputFile] = []
@@ -399,6 +400,7 @@ class ProgressReporter:
             thumbnails=self.thumbnails[:16],
             warnings=self.warnings[:50],
             settings=dict(self.settings),
+            dataset=self.dataset,
         )
         event = fit_event(event)
         self._seq += 1
@@ -479,11 +481,13 @@ def fit_summary(summary: TrainerSummary, *, limit: int = SUMMARY_LIMIT_BYTES) ->
         lambda: setattr(data, "samples", data.samples[-16:]),
         lambda: setattr(data, "samples", data.samples[-1:]),
         lambda: setattr(data, "files", [f for f in data.files if "/" not in f.path]),
+        lambda: setattr(data, "dataset", data.dataset and _dataset_totals(data.dataset)),
         lambda: setattr(data, "settings", {}),
         lambda: setattr(data, "warnings", [w[:200] for w in data.warnings[:5]]),
         lambda: setattr(data, "files", []),
         lambda: setattr(data, "samples", []),
         lambda: setattr(data, "warnings", []),
+        lambda: setattr(data, "dataset", None),
     ]
     body = encoded()
     for step in steps:
@@ -495,6 +499,11 @@ def fit_summary(summary: TrainerSummary, *, limit: int = SUMMARY_LIMIT_BYTES) ->
         data.message = data.message[: max(0, len(data.message) - (len(body) - limit) - 16)] + "..."
         body = encoded()
     return body
+
+
+def _dataset_totals(dataset: DatasetStatus) -> DatasetStatus:
+    """The dataset's totals without its per-concept and per-bucket lists."""
+    return dataset.model_copy(update={"concepts": [], "buckets": []})
 
 
 def write_summary(summary: TrainerSummary) -> Path | None:

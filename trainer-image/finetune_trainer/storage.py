@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -42,6 +43,11 @@ DOWNLOADS_DIR = "downloads"
 # (the MD5 of a single-part upload), GCS's MD5/CRC32C, an HTTP ETag; a modification time
 # only where a store offers nothing better.
 _CONTENT_TAGS = ("ETag", "etag", "md5Hash", "crc32c", "md5", "checksum", "LastModified", "updated", "mtime")
+
+
+def slug(text: str, length: int = 40) -> str:
+    """A short, file-system-safe name for a folder made from ``text`` (a prompt, say)."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:length] or "x"
 
 
 def scheme(uri: str) -> str:

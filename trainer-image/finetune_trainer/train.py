@@ -57,11 +57,14 @@ from typing import Any
 from finetune_api import contract
 from finetune_api.v1alpha1 import FineTuneJob, Method, Stage
 from finetune_trainer import (
+    buckets,
+    captions,
     checkpoints,
     class_images,
     data,
     export,
     families,
+    layouts,
     lora,
     outputs,
     ownership,
@@ -69,7 +72,8 @@ from finetune_trainer import (
     samples,
     storage,
 )
-from finetune_trainer.errors import OutOfMemory
+from finetune_trainer.buckets import Bucket
+from finetune_trainer.errors import BadInput, OutOfMemory
 from finetune_trainer.job import (
     Device,
     Settings,
@@ -86,6 +90,8 @@ from finetune_trainer.report import ProgressReporter
 log = logging.getLogger("finetune_trainer")
 
 CHECKPOINTS_DIR = "checkpoints"
+# Prompt embeddings kept at most: shuffled captions make new prompts every step.
+PROMPT_CACHE_LIMIT = 4096
 # What torch.compile builds with.  Inductor is the one that makes steps faster; tests on a
 # CPU may use a cheaper backend that traces the same graphs without generating code.
 COMPILE_BACKEND = "inductor"
@@ -199,10 +205,19 @@ class DreamBoothRecipe:
         accelerator.wait_for_everyone()
 
         self.base = load_base_model(spec.base_model, cache_dir=cache_dir(), store=self.store)
-        self.instance = self._load_instance_images()
-        self.class_examples = self._class_examples() if spec.dataset.prior_preservation else []
+        self.found = self._read_dataset()
+        self.instance = self.found.examples
+        self.class_examples: list[data.Example] = []
+        if spec.dataset.prior_preservation:
+            for index, concept in enumerate(self.found.concepts):
+                concept.class_examples = self._class_examples(concept, index)
+                self.class_examples += concept.class_examples
+        self.reporter.dataset = self.found.status()
+        self.reporter.emit(message=self.found.describe())
 
-        self.total_steps = total_steps(spec, len(self.instance), num_processes=accelerator.num_processes)
+        self.total_steps = total_steps(
+            spec, len(self.instance), num_processes=accelerator.num_processes, seen_per_epoch=sum(self.found.repeats)
+        )
         self.reporter.total_steps = self.total_steps
         # Now that the length of the run is known: whether compiling the UNet pays.
         self.settings, warnings = resolve_settings(spec, self.device_info, total_steps=self.total_steps)
@@ -249,38 +264,65 @@ class DreamBoothRecipe:
             self.reporter.settings["processes"] = str(self.accelerator.num_processes)
             self.reporter.settings["barrier_timeout_s"] = str(self.barrier_timeout)
 
-    def _load_instance_images(self) -> list[data.Example]:
-        dataset = self.spec.dataset
-        field = "spec.dataset.instanceImages"
-        folder = storage.fetch(dataset.instance_images, field=field, cache_dir=cache_dir(), store=self.store)
-        assert folder is not None  # missing_ok is off: a missing folder is bad input
-        loaded = data.load_folder(
-            folder, prompt=dataset.instance_prompt, resolution=self.settings.resolution, field_name=field
-        )
-        if (warning := loaded.skipped_warning(field)) is not None:
-            self.reporter.warn(warning)
-        return loaded.examples
+    def size_for(self, height: int, width: int) -> Bucket:
+        """The training size of a photo of this size: its aspect-ratio bucket, or the square."""
+        return buckets.nearest(self.bucket_sizes, height=height, width=width)
 
-    def _class_examples(self) -> list[data.Example]:
+    def _read_dataset(self) -> layouts.Found:
         dataset = self.spec.dataset
-        assert dataset.class_prompt is not None  # the spec's validator requires it with prior preservation
+        resolution = self.settings.resolution
+        if self.settings.buckets:
+            low, high = buckets.limits(resolution, min_side=dataset.bucket_min_side, max_side=dataset.bucket_max_side)
+            self.bucket_sizes = buckets.bucket_sizes(
+                resolution, min_side=low, max_side=high, max_ratio=dataset.bucket_max_ratio
+            )
+        else:
+            self.bucket_sizes = [buckets.square(resolution)]
+
+        def fetch(uri: str, field: str) -> Path:
+            folder = storage.fetch(uri, field=field, cache_dir=cache_dir(), store=self.store)
+            assert folder is not None  # missing_ok is off: a missing folder is bad input
+            return folder
+
+        found = layouts.read(self.spec, fetch=fetch, size_for=self.size_for)
+        for warning in found.warnings:
+            self.reporter.warn(warning)
+        long = captions.too_long(found.examples, self.base.tokenizer)
+        if long:
+            self.reporter.warn(captions.too_long_warning(long, self.base.tokenizer))
+        log.info(found.describe(), extra={"event": "dataset"})
+        return found
+
+    def _class_examples(self, concept: layouts.Concept, index: int) -> list[data.Example]:
+        dataset = self.spec.dataset
+        prompt = concept.class_prompt
+        if prompt is None:
+            raise BadInput(
+                f"prior preservation needs a class prompt for {concept.name}: set its classPrompt",
+                field=concept.class_field,
+            )
         accelerator = self.accelerator
         user_dir: Path | None = None
         writable = False
-        if dataset.class_images is not None:
-            user_dir = storage.local_path(dataset.class_images, field=class_images.FIELD)
+        if isinstance(concept.class_images, Path):
+            user_dir = concept.class_images  # kohya's regularisation folder: read, not written
+        elif concept.class_images is not None:
+            user_dir = storage.local_path(concept.class_images, field=concept.class_field)
             writable = user_dir is not None
             if user_dir is None:
                 # An object store: read its images; what is missing is generated under the output.
                 user_dir = storage.fetch(
-                    dataset.class_images,
-                    field=class_images.FIELD,
+                    concept.class_images,
+                    field=concept.class_field,
                     cache_dir=cache_dir(),
                     store=self.store,
                     missing_ok=True,
                 )
+        generated_dir = self.output / class_images.OUTPUT_SUBDIR
+        if len(self.found.concepts) > 1:
+            generated_dir = generated_dir / f"{index:02d}-{storage.slug(prompt)}"
         folders, target, missing = class_images.plan_folders(
-            self.spec, self.output, user_dir=user_dir, user_writable=writable
+            dataset.num_class_images, generated_dir, user_dir=user_dir, user_writable=writable
         )
         if missing and target is not None:
             self.reporter.set_stage(
@@ -291,7 +333,7 @@ class DreamBoothRecipe:
                     self.base,
                     target,
                     count=missing,
-                    prompt=dataset.class_prompt,
+                    prompt=prompt,
                     resolution=self.settings.resolution,
                     seed=self.spec.training.seed,
                     device=accelerator.device,
@@ -311,10 +353,16 @@ class DreamBoothRecipe:
             if not folder.is_dir():
                 continue
             loaded = data.load_folder(
-                folder, prompt=dataset.class_prompt, resolution=self.settings.resolution, field_name=class_images.FIELD
+                folder,
+                prompt=prompt,
+                resolution=self.settings.resolution,
+                field_name=concept.class_field,
+                size_for=self.size_for,
             )
-            if (warning := loaded.skipped_warning(class_images.FIELD)) is not None:
+            if (warning := loaded.skipped_warning(concept.class_field)) is not None:
                 self.reporter.warn(warning)
+            for example in loaded.examples:
+                example.concept = index
             examples.extend(loaded.examples)
         return examples[: dataset.num_class_images]
 
@@ -451,6 +499,13 @@ class DreamBoothRecipe:
             mode: dict[str, Any] = {}
             if self.settings.compile_mode == "reduce-overhead":
                 mode = {"mode": "reduce-overhead"}
+            if self.settings.buckets:
+                # One graph per bucket (static shapes, each compiled the first time it comes up;
+                # with reduce-overhead one CUDA graph each), rather than dynamic shapes, which
+                # are slower: enough room in dynamo's cache for every bucket.
+                sizes = len({e.bucket for e in self.instance})
+                torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, sizes + 8)
+                mode["dynamic"] = False
             # Compiled lazily, in the first step (the "compiling" stage); checkpoints, samples
             # and exports use the module inside, so its weights keep their names.
             self.unet = torch.compile(self.unet, backend=COMPILE_BACKEND, **mode)
@@ -459,46 +514,92 @@ class DreamBoothRecipe:
         import torch
 
         dataset, training = self.spec.dataset, self.spec.training
-        self.instance_order = data.ExampleOrder(len(self.instance), training.seed, data.STREAM_ORDER)
-        self.class_order = data.ExampleOrder(max(1, len(self.class_examples)), training.seed, data.STREAM_CLASS_ORDER)
+        sizes = sorted({e.bucket for e in self.instance})
+        self.instance_order = data.ExampleOrder(
+            len(self.instance),
+            training.seed,
+            data.STREAM_ORDER,
+            repeats=tuple(self.found.repeats),
+            # Buckets: each process's share of a micro-batch from one bucket (one tensor).
+            groups=tuple(sizes.index(e.bucket) for e in self.instance) if self.settings.buckets else None,
+            group_size=training.batch_size,
+        )
+        # Each concept's class images, in an order of their own; a slot's class image comes
+        # from the concept of its photo.
+        self.class_pools: dict[int, list[int]] = {}
+        for index, example in enumerate(self.class_examples):
+            self.class_pools.setdefault(example.concept, []).append(index)
+        self.class_orders = {
+            concept: data.ExampleOrder(len(pool), training.seed, data.STREAM_CLASS_ORDER + 100 * concept)
+            for concept, pool in self.class_pools.items()
+        }
         self.latents: list[data.LatentCache] = []
         self.prompt_cache: dict[str, families.Conditioning] = {}
         needs_cache = self.settings.cache_latents or not self.trains_text_encoder
         if needs_cache:
             self.reporter.set_stage(Stage.CACHING, message="encoding images and prompts once")
         if self.settings.cache_latents:
-            if not dataset.center_crop and not all(map(data.is_square, [*self.instance, *self.class_examples])):
+            shaped = all(tuple(e.pixels.shape[1:]) == (e.bucket.height, e.bucket.width) for e in self.instance)
+            if not dataset.center_crop and not shaped:
                 self.reporter.warn(
-                    "spec.training.cacheLatents: some images are not square and spec.dataset.centerCrop is false; "
-                    "their random crop is drawn once and cached instead of anew each epoch (set centerCrop: true, "
-                    "or cacheLatents: false for a new crop every epoch)"
+                    "spec.training.cacheLatents: some images do not have their training size's shape and "
+                    "spec.dataset.centerCrop is false; their random crop is drawn once and cached instead of anew "
+                    "each epoch (set centerCrop: true, or cacheLatents: false for a new crop every epoch)"
                 )
             for stream, examples in enumerate((self.instance, self.class_examples)):
-                if examples:
-                    self.latents.append(
-                        data.LatentCache.build(
-                            self.base.vae,
-                            examples,
-                            resolution=self.settings.resolution,
-                            center_crop=dataset.center_crop,
-                            random_flip=dataset.random_flip,
-                            seed=training.seed,
-                            stream=stream,
-                            device=self.accelerator.device,
-                            dtype=self.vae_dtype,
-                        )
-                    )
-        prompts = sorted({e.prompt for e in (*self.instance, *self.class_examples)})
+                cache = data.LatentCache(
+                    self.base.vae,
+                    examples,
+                    center_crop=dataset.center_crop,
+                    random_flip=dataset.random_flip,
+                    seed=training.seed,
+                    stream=stream,
+                    device=self.accelerator.device,
+                    dtype=self.vae_dtype,
+                )
+                # Photos at their own size now; class images at the sizes of the photos beside
+                # them, as they come (each size once).
+                cache.fill([(i, e.bucket) for i, e in enumerate(examples) if stream == 0 or e.bucket in sizes])
+                self.latents.append(cache)
+        prompts = {e.prompt for e in (*self.instance, *self.class_examples)}
+        if dataset.caption_dropout:
+            prompts.add("")
         # Token ids live on the device too: a trained text encoder reads them every step.
-        device = self.accelerator.device
-        self.token_cache = {
-            p: [ids[0].to(device) for ids in self.family.tokenize(self.base.tokenizers, [p])] for p in prompts
-        }
+        self.token_cache = {p: self._tokens(p) for p in sorted(prompts)}
         if not self.trains_text_encoder:
             with torch.no_grad():
-                for prompt in prompts:
-                    ids = [i[None] for i in self.token_cache[prompt]]
-                    self.prompt_cache[prompt] = self.family.encode(self.text_encoders, ids).one(0)
+                for prompt in sorted(prompts):
+                    self.prompt_cache[prompt] = self._encode_one(prompt)
+
+    def _tokens(self, prompt: str) -> list[Any]:
+        return [ids[0].to(self.accelerator.device) for ids in self.family.tokenize(self.base.tokenizers, [prompt])]
+
+    def _encode_one(self, prompt: str) -> families.Conditioning:
+        ids = [i[None] for i in self.token_cache.setdefault(prompt, self._tokens(prompt))]
+        return self.family.encode(self.text_encoders, ids).one(0)
+
+    def _conditioning(self, prompts: list[str]) -> families.Conditioning:
+        """The text conditioning of a micro-batch: encoded now when the text encoders train,
+        else from the cache (a shuffled caption not seen before is encoded once, and kept while
+        the cache is small)."""
+        import torch
+
+        if self.trains_text_encoder:
+            for prompt in prompts:
+                if prompt not in self.token_cache:
+                    self.token_cache[prompt] = self._tokens(prompt)
+            ids = [torch.stack([self.token_cache[p][k] for p in prompts]) for k in range(len(self.text_encoders))]
+            return self.family.encode(self.text_encoders, ids)
+        rows = []
+        for prompt in prompts:
+            cached = self.prompt_cache.get(prompt)
+            if cached is None:
+                with torch.no_grad():
+                    cached = self._encode_one(prompt)
+                if len(self.prompt_cache) < PROMPT_CACHE_LIMIT:
+                    self.prompt_cache[prompt] = cached
+            rows.append(cached)
+        return families.stack(rows)
 
     # --- train ----------------------------------------------------------------------------------
 
@@ -598,8 +699,9 @@ class DreamBoothRecipe:
 
     def loss(self, micro_batch: int) -> Any:
         """The DreamBooth loss of this process's share of one micro-batch (instance images,
-        then as many class images).  Every slot draws from its own generator (see
-        data.ExampleOrder), in this order: flip, crop, latent sample, noise, offset, timestep."""
+        then as many class images, each from the concept of its photo, at its photo's size).
+        Every slot draws from its own generator (see data.ExampleOrder), in this order: flip,
+        crop, latent sample, noise, offset, timestep, and for a photo its caption's variation."""
         import torch
         import torch.nn.functional as F  # noqa: N812
 
@@ -611,32 +713,37 @@ class DreamBoothRecipe:
             num_processes=accelerator.num_processes,
             process_index=accelerator.process_index,
         )
-        groups: list[tuple[list[data.Example], data.ExampleOrder, int]] = [
-            (self.instance, self.instance_order, data.STREAM_NOISE)
-        ]
-        if self.class_examples:
-            groups.append((self.class_examples, self.class_order, data.STREAM_CLASS_NOISE))
-
         device = accelerator.device
         # Draws bound for a GPU go through pinned memory (see data.host_randn).
         pin = device.type == "cuda"
-        resolution = self.settings.resolution
         steps = self.noise_scheduler.config.num_train_timesteps
+        picks = self.instance_order.examples(slots)
+        # Every example of this share of the micro-batch trains at one size.
+        bucket = self.instance[picks[0]].bucket
+        groups: list[tuple[list[data.Example], list[int], int]] = [(self.instance, picks, data.STREAM_NOISE)]
+        if self.class_examples:
+            class_picks = []
+            for slot, pick in zip(slots, picks, strict=True):
+                concept = self.instance[pick].concept
+                class_picks.append(self.class_pools[concept][self.class_orders[concept].example(slot)])
+            groups.append((self.class_examples, class_picks, data.STREAM_CLASS_NOISE))
+
         latents_parts, noise_parts, timestep_parts = [], [], []
         prompts: list[str] = []
         time_ids: list[list[int] | None] = []
-        for group, (examples, order, stream) in enumerate(groups):
-            picks = order.examples(slots)
+        for group, (examples, chosen, stream) in enumerate(groups):
             gens = [data.generator(training.seed, stream, slot) for slot in slots]
             flips = [bool(torch.rand(1, generator=g) < 0.5) if dataset.random_flip else False for g in gens]
             if self.latents:
                 cache = self.latents[group]
-                part = cache.sample(picks, flips, gens, pin=pin)
-                crops = [cache.crop(i, f) for i, f in zip(picks, flips, strict=True)]
+                part = cache.sample(chosen, bucket, flips, gens, pin=pin)
+                crops = [cache.crop(i, bucket, f) for i, f in zip(chosen, flips, strict=True)]
             else:
                 cropped = [
-                    data.crop_at(examples[i].pixels, resolution, center=dataset.center_crop, flip=f, gen=g)
-                    for i, f, g in zip(picks, flips, gens, strict=True)
+                    data.crop_at(
+                        data.fit(examples[i].pixels, bucket), bucket, center=dataset.center_crop, flip=f, gen=g
+                    )
+                    for i, f, g in zip(chosen, flips, gens, strict=True)
                 ]
                 crops = [corner for _, corner in cropped]
                 pixels = torch.stack([square for square, _ in cropped]).to(device, dtype=self.vae_dtype)
@@ -652,10 +759,23 @@ class DreamBoothRecipe:
             noise_parts.append(noise)
             drawn = [int(torch.randint(0, steps, (1,), generator=g)) for g in gens]
             timestep_parts.append(torch.tensor(drawn, pin_memory=pin).to(device, non_blocking=True))
-            prompts += [examples[i].prompt for i in picks]
+            for i, g in zip(chosen, gens, strict=True):
+                prompt = examples[i].prompt
+                if group == 0:
+                    # Caption dropout and shuffling: the last draws of the slot's generator.
+                    prompt = captions.vary(
+                        prompt,
+                        gen=g,
+                        dropout=dataset.caption_dropout,
+                        shuffle=dataset.shuffle_caption,
+                        keep_tokens=dataset.keep_tokens,
+                    )
+                prompts.append(prompt)
             time_ids += [
-                self.family.time_ids(original_size=examples[i].original_size, crop=crop, target=resolution)
-                for i, crop in zip(picks, crops, strict=True)
+                self.family.time_ids(
+                    original_size=examples[i].original_size, crop=crop, target=(bucket.height, bucket.width)
+                )
+                for i, crop in zip(chosen, crops, strict=True)
             ]
         latents = torch.cat(latents_parts) * self.base.vae.config.scaling_factor
         noise = torch.cat(noise_parts)
@@ -664,11 +784,7 @@ class DreamBoothRecipe:
         if self.settings.channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
 
-        if self.trains_text_encoder:
-            ids = [torch.stack([self.token_cache[p][k] for p in prompts]) for k in range(len(self.text_encoders))]
-            conditioning = self.family.encode(self.text_encoders, ids)
-        else:
-            conditioning = families.stack([self.prompt_cache[p] for p in prompts])
+        conditioning = self._conditioning(prompts)
         sizes = None
         if time_ids[0] is not None:
             sizes = torch.tensor(time_ids, dtype=conditioning.hidden.dtype, pin_memory=pin).to(

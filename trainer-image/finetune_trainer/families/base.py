@@ -285,7 +285,9 @@ class ModelFamily:
     def encode(self, text_encoders: list[Any], ids: list[torch.Tensor]) -> Conditioning:
         raise NotImplementedError
 
-    def time_ids(self, *, original_size: tuple[int, int], crop: tuple[int, int], target: int) -> list[int] | None:
+    def time_ids(
+        self, *, original_size: tuple[int, int], crop: tuple[int, int], target: tuple[int, int]
+    ) -> list[int] | None:
         """SDXL's micro-conditioning of one image; None for families without it."""
         return None
 

@@ -100,8 +100,10 @@ class StableDiffusionXL(ModelFamily):
         hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
         return Conditioning(hidden, second.text_embeds)
 
-    def time_ids(self, *, original_size: tuple[int, int], crop: tuple[int, int], target: int) -> list[int] | None:
-        return [original_size[0], original_size[1], crop[0], crop[1], target, target]
+    def time_ids(
+        self, *, original_size: tuple[int, int], crop: tuple[int, int], target: tuple[int, int]
+    ) -> list[int] | None:
+        return [original_size[0], original_size[1], crop[0], crop[1], target[0], target[1]]
 
     def denoise(self, unet: Any, noisy: Any, timesteps: Any, conditioning: Conditioning, time_ids: Any) -> Any:
         added = {"text_embeds": conditioning.pooled, "time_ids": time_ids}
