@@ -43,6 +43,13 @@ def report_path(namespace: str, name: str) -> str:
     return f"/v1alpha1/namespaces/{namespace}/finetunejobs/{name}/progress"
 
 
+# --- credentials ----------------------------------------------------------------------------------
+
+# The Secret named by spec.baseModel.credentialsSecret is mounted here, one file per key
+# (HF_TOKEN, AWS_ACCESS_KEY_ID, ...): files, not environment variables, which every child
+# process inherits and many tools print.  The trainer reads them where it needs them.
+CREDENTIALS_DIR = "/var/run/finetune/credentials"
+
 # --- environment variables the operator sets and the trainer reads ------------------------------
 
 ENV_JOB = "FINETUNE_JOB"  # namespace/name
@@ -53,6 +60,8 @@ ENV_REPORT_TOKEN_FILE = "FINETUNE_REPORT_TOKEN_FILE"
 ENV_REPORT_CA_FILE = "FINETUNE_REPORT_CA_FILE"
 ENV_TERMINATION_LOG = "FINETUNE_TERMINATION_LOG"
 ENV_CACHE_DIR = "FINETUNE_CACHE_DIR"
+ENV_CREDENTIALS_DIR = "FINETUNE_CREDENTIALS_DIR"  # where the credentials Secret is mounted
+ENV_CREDENTIALS_SECRET = "FINETUNE_CREDENTIALS_SECRET"  # its name, for the trainer's messages
 
 # --- labels and annotations ----------------------------------------------------------------------
 
