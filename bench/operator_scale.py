@@ -81,16 +81,17 @@ def say(message: str) -> None:
 
 
 def spec(name: str) -> dict[str, Any]:
-    """A one-GPU FineTuneJob with local paths (no claims: the pods are simulated)."""
+    """A one-GPU FineTuneJob in object storage (no claims: the pods are simulated; a cluster
+    refuses plain paths)."""
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "FineTuneJob",
         "metadata": {"name": name},
         "spec": {
-            "baseModel": {"uri": "/models/sd15", "type": "v1x"},
-            "dataset": {"instanceImages": "/data/nick", "instancePrompt": "a photo of sks"},
+            "baseModel": {"uri": "s3://models/sd15", "type": "v1x"},
+            "dataset": {"instanceImages": "s3://datasets/nick", "instancePrompt": "a photo of sks"},
             "training": {"stepsPerImage": 150},
-            "output": {"uri": "/outputs/nick"},
+            "output": {"uri": "s3://outputs/nick"},
             "resources": {"gpus": 1, "cpu": "1", "memory": "2Gi"},
         },
     }

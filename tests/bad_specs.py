@@ -94,6 +94,14 @@ BAD_SPECS = [
     BadSpec("output-bad-pvc", _set("output.uri", "pvc://Not_A_Claim/x"), "spec.output.uri"),
     BadSpec("class-images-colon", _set("dataset.classImages", "c:weird"), "spec.dataset.classImages"),
     BadSpec("s3-endpoint-not-a-url", _set("storage.s3EndpointUrl", "minio:9000"), "spec.storage.s3EndpointUrl"),
+    # paths that leave the claim's mount
+    BadSpec("output-pvc-parent", _set("output.uri", "pvc://outputs/../.."), "spec.output.uri"),
+    BadSpec(
+        "images-pvc-parent",
+        _set("dataset.instanceImages", "pvc://datasets/nick/../../etc/"),
+        "spec.dataset.instanceImages",
+    ),
+    BadSpec("queue-name-not-a-label", _set("runPolicy.queueName", "team a/gpus"), "spec.runPolicy.queueName"),
     # cross-field rules
     BadSpec(
         "prior-without-class-prompt",
@@ -133,6 +141,16 @@ BAD_SPECS = [
     BadSpec("layout-unknown", _set("dataset.layout", "dreambooth"), "spec.dataset.layout"),
     BadSpec("bucket-side-not-64", _set("dataset.bucketMinSide", 300), "spec.dataset.bucketMinSide"),
     BadSpec("caption-dropout-over-one", _set("dataset.captionDropout", 1.5), "spec.dataset.captionDropout"),
+]
+
+
+# Valid for `finetune-trainer run` on a workstation, refused by the cluster's admission (the
+# CRD) and by the operator: a plain path or file:// in a pod is the pod's own file system.
+CLUSTER_ONLY_BAD_SPECS = [
+    BadSpec("base-model-plain-path", _set("baseModel.uri", "/models/sd15"), "spec.baseModel.uri"),
+    BadSpec("images-file-uri", _set("dataset.instanceImages", "file:///data/nick"), "spec.dataset.instanceImages"),
+    BadSpec("class-images-relative", _set("dataset.classImages", "men/"), "spec.dataset.classImages"),
+    BadSpec("output-file-uri", _set("output.uri", "file:///outputs/nick"), "spec.output.uri"),
 ]
 
 

@@ -24,6 +24,7 @@ from finetune_api.v1alpha1 import (
     VERSION,
     FineTuneJobSpec,
     FineTuneJobStatus,
+    started_rules,
 )
 
 CRD_FILE = Path("crds") / f"{PLURAL}.{GROUP}.yaml"
@@ -136,7 +137,8 @@ def build_crd() -> dict[str, Any]:
     status_schema = schema_of(FineTuneJobStatus)
     status_schema["description"] = "What the operator observed; written only by the operator."
     spec_schema["description"] = (
-        "What to train, on what, and where the result goes. The model, dataset and method cannot change once created."
+        "What to train, on what, and where the result goes. The model, dataset and method cannot change once "
+        "created; what the Job is made from (training, output, resources, ...) cannot change once the Job exists."
     )
     printer_columns = [
         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
@@ -194,6 +196,7 @@ def build_crd() -> dict[str, Any]:
                                 "spec": spec_schema,
                                 "status": status_schema,
                             },
+                            "x-kubernetes-validations": started_rules(),
                         }
                     },
                 }

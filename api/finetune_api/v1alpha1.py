@@ -33,6 +33,14 @@ URI_PATTERN = r"^((hf|pvc|s3|gs|https?|file)://[^\s]+|[^:\s][^:]*)$"
 PVC_PATTERN = r"^pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/.*)?$"
 URI_HELP = "hf://, pvc://CLAIM/path, s3://, gs://, https://, file:// or a plain path"
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$"
+# A ".." segment in a pvc:// path would resolve outside the claim's mount in the pod.
+PVC_PARENT_PATTERN = r"/\.\.(/|$)"
+# What a pod can reach: a plain path or file:// would be read (or written) inside the pod's
+# own file system, which vanishes with it.  They stay valid for `finetune-trainer run` on a
+# workstation, so only the CRD (the cluster's admission) refuses them, not the models.
+CLUSTER_URI_PATTERN = r"^(hf|pvc|s3|gs|https?)://"
+CLUSTER_URI_HELP = "pvc://CLAIM/path, s3://, gs://, hf:// or https://"
+LABEL_VALUE_PATTERN = r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$"
 ENDPOINT_PATTERN = r"^https?://[^\s/?#]+(/[^\s?#]*)?$"
 
 
@@ -64,6 +72,15 @@ def _uri_rules(path: str) -> Any:
             f"!self.startsWith('pvc://') || self.matches(r'{PVC_PATTERN}')",
             f"{path}: a pvc:// URI is pvc://CLAIM/path where CLAIM is a PersistentVolumeClaim name",
         ),
+        _cel(
+            f"!self.startsWith('pvc://') || !self.matches(r'{PVC_PARENT_PATTERN}')",
+            f"{path}: a pvc:// path may not contain '..'; name a folder inside the claim, e.g. pvc://CLAIM/path",
+        ),
+        _cel(
+            f"self.matches(r'{CLUSTER_URI_PATTERN}')",
+            f"{path}: a plain path or file:// URI would be inside the training pod and vanish with it; "
+            f"in a cluster use {CLUSTER_URI_HELP} (plain paths are for finetune-trainer run on a workstation)",
+        ),
     ]
 
 
@@ -73,7 +90,20 @@ def check_uri(value: str, *, field: str) -> str:
         raise ValueError(f"must be {URI_HELP}; got {value!r}")
     if value.startswith("pvc://") and not re.match(PVC_PATTERN, value):
         raise ValueError(f"a pvc:// URI is pvc://CLAIM/path where CLAIM is a PersistentVolumeClaim name; got {value!r}")
+    if value.startswith("pvc://") and re.search(PVC_PARENT_PATTERN, value):
+        raise ValueError(f"a pvc:// path may not contain '..'; name a folder inside the claim; got {value!r}")
     return value
+
+
+def cluster_uri_problem(value: str | None, *, field: str) -> str | None:
+    """The CRD's cluster-only URI rule, for the operator: a spec admitted by an older CRD
+    (Helm never upgrades CRDs) is refused when the operator renders it for a cluster."""
+    if value is None or re.match(CLUSTER_URI_PATTERN, value):
+        return None
+    return (
+        f"{field}: a plain path or file:// URI would be inside the training pod and vanish with it; "
+        f"in a cluster use {CLUSTER_URI_HELP} (plain paths are for finetune-trainer run on a workstation)"
+    )
 
 
 Uri = Annotated[str, Field(min_length=1, max_length=2048)]
@@ -179,8 +209,10 @@ class BaseModelSource(_Model):
     credentials_secret: str | None = Field(
         default=None,
         description=(
-            "Name of a Secret in the job's namespace whose keys become the trainer's environment "
-            "(HF_TOKEN, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...)."
+            "Name of a Secret in the job's namespace whose keys the trainer reads as files, never as "
+            "environment variables (HF_TOKEN, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, "
+            "GOOGLE_APPLICATION_CREDENTIALS holding a key file's JSON, ...). A missing Secret fails the job "
+            "as bad input."
         ),
     )
 
@@ -630,6 +662,12 @@ class Resources(_Model):
     priority_class_name: str = Field(default="", max_length=253, description="PriorityClass of the pod.")
 
 
+_QUEUE_HELP = (
+    "must be a Kueue LocalQueue name, which is a label value: letters, digits, '-', '_' and '.', "
+    "beginning and ending with a letter or digit"
+)
+
+
 class RunPolicy(_Model):
     """Retries, deadlines and queueing of the underlying batch/v1 Job."""
 
@@ -640,15 +678,78 @@ class RunPolicy(_Model):
     ttl_seconds_after_finished: int | None = Field(
         default=None,
         ge=0,
-        description="Delete the Job (not the FineTuneJob, whose status stays) this long after it ends.",
+        description=(
+            "Delete the Job (not the FineTuneJob, whose status stays) this long after it ends; "
+            "set on the Job only once the operator has recorded the result."
+        ),
     )
     suspend: bool = Field(default=False, description="Stop the pods now (true) and continue later (false).")
     queue_name: str = Field(
-        default="", max_length=63, description="Kueue LocalQueue name; the Job waits to be admitted."
+        default="",
+        max_length=63,
+        description="Kueue LocalQueue name (a label value); the Job waits to be admitted.",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel(f"self.matches(r'{LABEL_VALUE_PATTERN}')", f"spec.runPolicy.queueName {_QUEUE_HELP}")
+            ]
+        },
     )
+
+    @field_validator("queue_name")
+    @classmethod
+    def _queue_name(cls, value: str) -> str:
+        if not re.match(LABEL_VALUE_PATTERN, value):
+            raise ValueError(f"{_QUEUE_HELP}; got {value!r}")
+        return value
 
 
 _IMMUTABLE = "is immutable once the job exists: create a new FineTuneJob to change it"
+
+# What the Job is made from: fixed once the Job exists (status.jobName), so that the running
+# Job and the status (which maps the trainer's paths with the spec) never disagree.  Until then
+# (a Job the apiserver refused) they stay editable, so that the fix can be applied.  The rest
+# of runPolicy (suspend, ttlSecondsAfterFinished) follows the spec while the job runs.
+STARTED_IMMUTABLE = (
+    "training",
+    "checkpoints",
+    "output",
+    "samples",
+    "resources",
+    "storage",
+    "image",
+    "runPolicy.backoffLimit",
+    "runPolicy.activeDeadlineSeconds",
+    "runPolicy.queueName",
+)
+
+
+def started_rules() -> list[dict[str, str]]:
+    """CEL transition rules for the object's root (they need status.jobName and the spec).
+
+    Every field here has a default except activeDeadlineSeconds, so plain field access works;
+    CEL's optional access (``.?``) would be simpler to write, but the apiserver then estimates
+    the rule's cost as unbounded and refuses the CRD."""
+    started = "has(oldSelf.status) && has(oldSelf.status.jobName)"
+    rules = []
+    for path in STARTED_IMMUTABLE:
+        *parents, leaf = path.split(".")
+        new, old = f"self.spec.{path}", f"oldSelf.spec.{path}"
+        if path == "runPolicy.activeDeadlineSeconds":
+            holder = "".join(f".{p}" for p in parents)
+            has_new, has_old = f"has(self.spec{holder}.{leaf})", f"has(oldSelf.spec{holder}.{leaf})"
+            same = f"({has_new} ? ({has_old} && {new} == {old}) : !{has_old})"
+        else:
+            same = f"{new} == {old}"
+        rules.append(
+            _cel(
+                f"!({started}) || {same}",
+                f"spec.{path} cannot change once the job's Job exists (status.jobName): "
+                "create a new FineTuneJob to change it",
+                fieldPath=f".spec.{path}",
+                reason="FieldValueForbidden",
+            )
+        )
+    return rules
 
 
 class FineTuneJobSpec(_Model):

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.bad_specs import BAD_SPECS, BadSpec, bad_manifest, good_manifest
+from tests.bad_specs import BAD_SPECS, CLUSTER_ONLY_BAD_SPECS, BadSpec, bad_manifest, good_manifest
 from tests.kube import Kube, wait_for
 
 pytestmark = pytest.mark.cluster
@@ -87,6 +87,22 @@ def test_bad_spec_is_rejected_by_the_apiserver(kube: Kube, namespace: str, case:
     out = kube.kubectl("apply", "--dry-run=server", "-f", "-", check=False, input=yaml.safe_dump(manifest))
     assert "created (server dry run)" not in out, f"{case.id} was accepted"
     assert case.field in out, f"{case.id}: the apiserver's message does not name {case.field}:\n{out}"
+
+
+@pytest.mark.parametrize("case", CLUSTER_ONLY_BAD_SPECS, ids=lambda c: c.id)
+def test_a_path_the_pod_would_keep_to_itself_is_refused_by_the_cluster(
+    kube: Kube, namespace: str, case: BadSpec
+) -> None:
+    """A plain path or file:// would be read and written inside the pod and vanish with it (they
+    stay valid for `finetune-trainer run` on a workstation: see the model tests)."""
+    import yaml
+
+    manifest = bad_manifest(case, name="bad")
+    manifest["metadata"]["namespace"] = namespace
+    out = kube.kubectl("apply", "--dry-run=server", "-f", "-", check=False, input=yaml.safe_dump(manifest))
+    assert "created (server dry run)" not in out, f"{case.id} was accepted"
+    assert f"{case.field}: a plain path or file:// URI would be inside the training pod" in out, out
+    assert "pvc://CLAIM/path" in out
 
 
 def test_spec_model_is_immutable_but_suspend_is_not(kube: Kube, namespace: str) -> None:

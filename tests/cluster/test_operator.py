@@ -4,6 +4,7 @@ restarts.  These jobs never need the trainer to succeed (see tests/e2e for that)
 from __future__ import annotations
 
 import copy
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -59,9 +60,9 @@ def test_more_gpus_than_any_node_is_queued_with_the_schedulers_reason(
 ) -> None:
     manifest = good_manifest("too-big")
     manifest["spec"]["resources"] = {"gpus": 4, "cpu": "1", "memory": "1Gi"}
-    manifest["spec"]["baseModel"]["uri"] = "/nonexistent/model"
-    manifest["spec"]["dataset"]["instanceImages"] = "/nonexistent/images"
-    manifest["spec"]["output"]["uri"] = "/nonexistent/out"
+    manifest["spec"]["baseModel"]["uri"] = "s3://nonexistent/model"
+    manifest["spec"]["dataset"]["instanceImages"] = "s3://nonexistent/images"
+    manifest["spec"]["output"]["uri"] = "s3://nonexistent/out"
     kube.create_ftj(namespace, manifest)
     status = kube.wait_phase(namespace, "too-big", "Queued", timeout=60)
     assert status["reason"] == "Unschedulable"
@@ -221,3 +222,36 @@ def test_two_replicas_with_leader_election_never_both_act(
         first.stop()
         second.stop()
         operator.start()
+
+
+def test_what_the_job_is_made_from_cannot_change_once_the_job_exists(
+    kube: Kube, namespace: str, operator: OperatorProcess
+) -> None:
+    """Otherwise status would map the trainer's paths with a spec the running Job never saw."""
+    manifest = good_manifest("fixed")
+    manifest["spec"]["resources"] = {"gpus": 4}
+    kube.create_ftj(namespace, manifest)
+    kube.wait_phase(namespace, "fixed", "Queued", timeout=60)
+    assert kube.status(namespace, "fixed")["jobName"] == "fixed"
+    changes = [
+        ({"output": {"uri": "pvc://outputs/elsewhere/"}}, "spec.output"),
+        ({"training": {"learningRate": 1.0e-4}}, "spec.training"),
+        ({"resources": {"memory": "64Gi"}}, "spec.resources"),
+        ({"checkpoints": {"everySteps": 5}}, "spec.checkpoints"),
+        ({"samples": {"everySteps": 5}}, "spec.samples"),
+        ({"storage": {"s3EndpointUrl": "http://minio:9000"}}, "spec.storage"),
+        ({"image": "trainer:other"}, "spec.image"),
+        ({"runPolicy": {"backoffLimit": 9}}, "spec.runPolicy.backoffLimit"),
+        ({"runPolicy": {"activeDeadlineSeconds": 60}}, "spec.runPolicy.activeDeadlineSeconds"),
+        ({"runPolicy": {"queueName": "team-a"}}, "spec.runPolicy.queueName"),
+    ]
+    for change, field in changes:
+        out = kube.kubectl(
+            "-n", namespace, "patch", "ftj", "fixed", "--type=merge", "-p", json.dumps({"spec": change}), check=False
+        )
+        assert f"{field} cannot change once the job's Job exists" in out, (change, out)
+        assert "create a new FineTuneJob" in out
+    # What a running job may change still changes.
+    kube.patch_ftj(namespace, "fixed", {"spec": {"runPolicy": {"ttlSecondsAfterFinished": 60}}})
+    kube.patch_ftj(namespace, "fixed", {"spec": {"runPolicy": {"suspend": True}}})
+    kube.wait_phase(namespace, "fixed", "Suspended", timeout=30)

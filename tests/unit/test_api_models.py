@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from finetune_api import FineTuneJob, ManifestError, load_manifest, parse_manifest
-from tests.bad_specs import BAD_SPECS, BadSpec, bad_manifest, good_manifest
+from tests.bad_specs import BAD_SPECS, CLUSTER_ONLY_BAD_SPECS, BadSpec, bad_manifest, good_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
@@ -67,6 +67,12 @@ def test_bad_spec_is_refused_naming_the_field(case: BadSpec) -> None:
     with pytest.raises(ManifestError) as info:
         parse_manifest(bad_manifest(case))
     assert case.field in str(info.value), f"{case.id}: {info.value}"
+
+
+@pytest.mark.parametrize("case", CLUSTER_ONLY_BAD_SPECS, ids=lambda c: c.id)
+def test_plain_paths_stay_valid_for_a_workstation_run(case: BadSpec) -> None:
+    """The cluster refuses these (the CRD, the operator); `finetune-trainer run` reads them."""
+    parse_manifest(bad_manifest(case))
 
 
 def test_the_table_covers_every_rule() -> None:
