@@ -110,3 +110,36 @@ def test_fields_added_later_leave_fingerprints_of_earlier_checkpoints_alone() ->
     assert checkpoints.training_fingerprint(spec()) == "a6efe1362f54bcf9"
     assert checkpoints.training_fingerprint(spec(preferBf16=False)) != "a6efe1362f54bcf9"
     assert checkpoints.training_fingerprint(spec(compileMode="reduce-overhead")) != "a6efe1362f54bcf9"
+
+
+def test_a_checkpoint_is_on_disk_before_the_rename_that_makes_it_final(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a node crash, a checkpoint-* folder must be whole: every file and the folder's
+    entries are fsynced before the rename, and the rename (the parent folder) after it."""
+    import os
+
+    happened: list[tuple[str, str]] = []
+    real_fsync, real_rename = os.fsync, Path.rename
+
+    def fsync(fd: int) -> None:
+        happened.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def rename(self: Path, target: Path | str) -> Path:
+        happened.append(("rename", f"{self} -> {target}"))
+        return real_rename(self, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(Path, "rename", rename)
+    for step in (100, 100):  # the second replaces a checkpoint of the same step
+        happened.clear()
+        _save(tmp_path, step)
+        tmp = str(tmp_path / ".tmp-checkpoint-000100")
+        final = tmp_path / "checkpoint-000100"
+        made_final = happened.index(("rename", f"{tmp} -> {final}"))
+        synced_before = {path for kind, path in happened[:made_final] if kind == "fsync"}
+        for name in ("model.safetensors", checkpoints.STATE_FILE):
+            assert f"{tmp}/{name}" in synced_before, happened
+        assert tmp in synced_before, happened
+        assert ("fsync", str(tmp_path)) in happened[made_final + 1 :], happened

@@ -2,16 +2,19 @@
 
 Each holds accelerate's state (models, optimizer, LR scheduler, RNG, gradient scaler) and
 ``trainer_state.json`` (step, seed, how far through the data, a fingerprint of the settings
-that shape training).  It is written under a hidden temporary name and renamed when
-complete, so a directory named ``checkpoint-*`` is always whole; the state file is written
-last, as a second guard.  Older checkpoints are pruned only after a newer one is complete.
+that shape training).  It is written under a hidden temporary name, synced to disk and
+renamed when complete, so a directory named ``checkpoint-*`` is always whole, after a node
+crash too; the state file is written last, as a second guard.  Older checkpoints are
+pruned only after a newer one is complete.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -135,17 +138,49 @@ def save(
     checkpoint = Checkpoint(step=step, path=final, state=state)
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
+        # The rename is what makes a checkpoint final: the files and the folder's entries must
+        # be on disk before it, and the rename itself after it, or a node crash leaves a
+        # checkpoint-* that looks whole and is not.
+        sync_tree(tmp)
         if final.exists():
             aside = root / f"{storage.TEMP_PREFIX}{final.name}.old"
             final.rename(aside)
             tmp.rename(final)
+            _fsync(root, folder=True)
             shutil.rmtree(aside, ignore_errors=True)
         else:
             tmp.rename(final)
+            _fsync(root, folder=True)
         storage.make_readable(final)
         prune(root, keep_last=keep_last)
     accelerator.wait_for_everyone()
     return checkpoint
+
+
+def _fsync(path: Path, *, folder: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if folder else 0))
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        # Some file systems cannot sync a folder (EINVAL); a file that cannot be synced is an error.
+        if not folder or exc.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def sync_tree(folder: Path) -> None:
+    """fsync every file under ``folder``, then every folder from the deepest up, ``folder`` last."""
+    folders = [folder]
+    for path in folder.rglob("*"):
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            folders.append(path)
+        elif path.is_file():
+            _fsync(path)
+    for directory in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+        _fsync(directory, folder=True)
 
 
 def prune(root: Path, *, keep_last: int) -> list[Path]:
