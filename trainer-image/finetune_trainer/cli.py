@@ -21,7 +21,7 @@ from types import FrameType
 
 from finetune_api.report import ExitCode, FailureReason, TrainerSummary
 from finetune_api.v1alpha1 import Stage
-from finetune_trainer import launch, report
+from finetune_trainer import credentials, launch, report
 from finetune_trainer.errors import BadInput, Stopped, TrainerError
 
 log = logging.getLogger("finetune_trainer")
@@ -77,6 +77,7 @@ def run(job_path: Path) -> int:
         from finetune_trainer.job import load_job
 
         job = load_job(job_path)
+        credentials.check_mounted()
         name = job.metadata.name or job_path.stem
         report.configure_logging(name, main_process=main_process)
         reporter.job = name

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from finetune_api.v1alpha1 import BaseModelSource, ModelType
-from finetune_trainer import convert, original_config, storage
+from finetune_trainer import convert, credentials, original_config, storage
 from finetune_trainer.errors import BadInput
 from finetune_trainer.families import family_of
 from finetune_trainer.families.base import CONFIG_METADATA_KEY, CONFIGS, FIELD, TYPE_FIELD, BaseModel, embedded_configs
@@ -115,7 +115,7 @@ def _from_hub(uri: str, *, revision: str | None, cache_dir: Path, patterns: list
     if len(parts) < 2:
         raise BadInput(f"{uri}: an hf:// URI is hf://OWNER/REPO or hf://OWNER/REPO/FILE.safetensors", field=FIELD)
     repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
-    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or None
+    token = credentials.hf_token()
     offline = hub_offline()
     try:
         if filename:

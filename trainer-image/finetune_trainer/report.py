@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from finetune_api import contract
+from finetune_api.redact import redact
 from finetune_api.report import (
     MAX_REPORT_BYTES,
     SUMMARY_LIMIT_BYTES,
@@ -82,7 +83,8 @@ class JsonLines(logging.Formatter):
             line["message"] = record.getMessage()
         if record.exc_info and record.levelno >= logging.ERROR:
             line["traceback"] = self.formatException(record.exc_info)
-        return json.dumps(line, default=str)
+        # A URI of the spec may carry a password or a presigned query: never in a log line.
+        return redact(json.dumps(line, default=str))
 
 
 # Messages libraries print that are only noise to a person reading a run: (logger, text, why).
@@ -388,7 +390,7 @@ class ProgressReporter:
             step=self.step,
             total_steps=self.total_steps,
             loss=_finite(self.clock.loss),
-            learning_rate=self.learning_rate,
+            learning_rate=_finite(self.learning_rate),
             steps_per_second=self.clock.steps_per_second,
             eta_seconds=self.clock.eta_seconds(self.step, self.total_steps) if self.stage == Stage.TRAINING else None,
             peak_memory_bytes=self.peak_memory(),

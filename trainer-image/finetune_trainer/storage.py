@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
+from finetune_trainer import credentials
 from finetune_trainer.errors import BadInput
 
 if TYPE_CHECKING:
@@ -75,8 +76,9 @@ def local_path(uri: str, *, field: str) -> Path | None:
 class ObjectStore:
     """The fsspec file systems behind the job's remote URIs, with the job's storage settings.
 
-    Credentials are the libraries' own: ``AWS_*`` for s3fs, ``GOOGLE_APPLICATION_CREDENTIALS``
-    for gcsfs, from the Secret named by ``spec.baseModel.credentialsSecret`` in a pod."""
+    Credentials come from the Secret named by ``spec.baseModel.credentialsSecret``, mounted as
+    files in a pod (``credentials``); on a workstation the libraries' own environment
+    (``AWS_*`` for s3fs, ``GOOGLE_APPLICATION_CREDENTIALS`` for gcsfs)."""
 
     s3_endpoint_url: str | None = None
 
@@ -88,8 +90,10 @@ class ObjectStore:
         """(file system, path inside it) for a remote URI."""
         import fsspec
 
-        options: dict[str, Any] = {}
+        options: dict[str, Any] = credentials.filesystem_options(scheme(uri))
         if scheme(uri) == "s3" and self.s3_endpoint_url:
+            # The spec's endpoint wins over one from the Secret.
+            options.get("client_kwargs", {}).pop("endpoint_url", None)
             options["endpoint_url"] = self.s3_endpoint_url
         return fsspec.core.url_to_fs(uri, **options)
 
