@@ -132,3 +132,52 @@ def unschedulable(pod: dict[str, Any]) -> str | None:
     if condition and condition.get("reason") == "Unschedulable":
         return str(condition.get("message") or "no node can run the pod")
     return None
+
+
+# Where a Job field the apiserver names comes from in the FineTuneJob, most specific first.
+_JOB_FIELD_SOURCES = (
+    ("spec.template.annotations", "spec"),
+    ("spec.template.metadata.annotations", "spec"),
+    ("spec.template.spec.tolerations", "spec.resources.tolerations"),
+    ("spec.template.spec.affinity", "spec.resources.affinity"),
+    ("spec.template.spec.nodeSelector", "spec.resources.nodeSelector"),
+    ("spec.template.spec.priorityClassName", "spec.resources.priorityClassName"),
+    ("spec.template.spec.containers[0].image", "spec.image"),
+    ("spec.template.spec.containers[0].resources", "spec.resources"),
+    ("spec.template.spec.volumes", "spec.baseModel.credentialsSecret or the pvc:// URIs"),
+    ("spec.template.spec.containers[0].volumeMounts", "spec.baseModel.credentialsSecret or the pvc:// URIs"),
+    ("spec.activeDeadlineSeconds", "spec.runPolicy.activeDeadlineSeconds"),
+    ("spec.backoffLimit", "spec.runPolicy.backoffLimit"),
+    ("metadata.labels", "spec.runPolicy.queueName"),
+    ("spec.template.spec", "spec.resources"),
+)
+
+
+def rejected_fields(exc: Any) -> list[str]:
+    """The FineTuneJob fields behind the Job fields an apiserver refusal names (``exc`` is a
+    ``kubeapi.ApiError``: its causes, else its message)."""
+    named = [str(c.get("field") or "") for c in exc.causes] or [str(exc.message)]
+    fields: list[str] = []
+    for text in named:
+        for job_field, source in _JOB_FIELD_SOURCES:
+            if job_field in text:
+                if source not in fields:
+                    fields.append(source)
+                break
+    return fields
+
+
+def explain_rejection(exc: Any) -> str:
+    """A Job the apiserver refused -> one sentence: the FineTuneJob field to fix, and the
+    apiserver's own words."""
+    fields = rejected_fields(exc)
+    words = " ".join(str(exc.message or exc.reason).split())[:600]
+    if "spec" in fields:
+        # The pod template's annotations are ours alone (the job file): only their size can be wrong.
+        return (
+            "spec: the job file is too big to travel in the pod template (annotations hold at most 256 KiB): "
+            "shorten spec.resources.affinity, spec.resources.tolerations or spec.samples.prompts "
+            f"(the apiserver said: {words})"
+        )
+    where = " and ".join(fields) or "the spec"
+    return f"{where}: the apiserver refused the Job ({words}); fix {where} and the Job is created again"

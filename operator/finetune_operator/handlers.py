@@ -2,7 +2,8 @@
 
 The handlers do no work of their own.  Indexes keep slim copies of FineTuneJobs, of
 the Jobs and of the Pods the operator made (labelled ``managed-by:
-finetune-operator``), keyed by the owning FineTuneJob.  kopf fills the indexes
+finetune-operator``), filed under the FineTuneJob name they carry; the reconciler uses only
+those whose owner reference names the FineTuneJob's (or its Job's) uid.  kopf fills the indexes
 before it calls any event handler, so the first reconcile already sees every Job
 and Pod that existed when the operator started: a restart adopts, never duplicates.
 
@@ -61,10 +62,19 @@ def slim_finetunejob(body: kopf.Body) -> dict[str, Any]:
     }
 
 
+def _controller(body: kopf.Body) -> list[dict[str, Any]]:
+    """The controlling owner reference alone: the reconciler matches owners by uid."""
+    refs = body.get("metadata", {}).get("ownerReferences") or []
+    return [{k: ref.get(k) for k in ("kind", "name", "uid", "controller")} for ref in refs if ref.get("controller")]
+
+
 def slim_job(body: kopf.Body) -> dict[str, Any]:
     spec = body.get("spec", {})
     return {
-        "metadata": _meta(body, "name", "namespace", "uid", "resourceVersion", "creationTimestamp"),
+        "metadata": {
+            **_meta(body, "name", "namespace", "uid", "resourceVersion", "creationTimestamp", "deletionTimestamp"),
+            "ownerReferences": _controller(body),
+        },
         "spec": {k: spec[k] for k in ("suspend", "activeDeadlineSeconds", "ttlSecondsAfterFinished") if k in spec},
         "status": dict(body.get("status", {})),
     }
@@ -73,7 +83,10 @@ def slim_job(body: kopf.Body) -> dict[str, Any]:
 def slim_pod(body: kopf.Body) -> dict[str, Any]:
     status = body.get("status", {})
     return {
-        "metadata": _meta(body, "name", "namespace", "uid", "creationTimestamp", "deletionTimestamp"),
+        "metadata": {
+            **_meta(body, "name", "namespace", "uid", "creationTimestamp", "deletionTimestamp"),
+            "ownerReferences": _controller(body),
+        },
         "spec": {"nodeName": body.get("spec", {}).get("nodeName")},
         "status": {
             k: status[k]
@@ -84,6 +97,8 @@ def slim_pod(body: kopf.Body) -> dict[str, Any]:
 
 
 def owner_key(namespace: str | None, body: kopf.Body) -> tuple[str, str] | None:
+    """The FineTuneJob an object is filed under, by the name it carries.  Only a key: whether
+    the object is really that FineTuneJob's (its owner's uid) the reconciler decides."""
     name = body.get("metadata", {}).get("annotations", {}).get(ANNOTATION_FULL_NAME)
     if not name or not namespace:
         return None

@@ -21,6 +21,7 @@ from urllib.parse import quote
 
 import aiohttp
 
+from finetune_api.redact import redact
 from finetune_api.v1alpha1 import GROUP, PLURAL, VERSION
 from finetune_operator import __version__
 
@@ -30,20 +31,22 @@ MERGE_PATCH = "application/merge-patch+json"
 
 
 class ApiError(Exception):
-    """An answer of the apiserver other than success."""
+    """An answer of the apiserver other than success; ``causes`` are its ``details.causes``
+    (``{"field": ..., "message": ...}``), which name the fields of an invalid object."""
 
-    def __init__(self, status: int, reason: str, message: str) -> None:
+    def __init__(self, status: int, reason: str, message: str, causes: list[dict[str, Any]] | None = None) -> None:
         super().__init__(f"{status} {message or reason}")
         self.status = status
         self.reason = reason
         self.message = message
+        self.causes = list(causes or [])
 
 
 def describe_error(exc: BaseException) -> str:
     """One line for a log: for an API error, its status and the apiserver's own message."""
     if isinstance(exc, ApiError):
-        return f"{exc.status} {exc.message or exc.reason}"
-    return f"{type(exc).__name__}: {exc}"
+        return redact(f"{exc.status} {exc.message or exc.reason}")
+    return redact(f"{type(exc).__name__}: {exc}")
 
 
 class Outcome(StrEnum):
@@ -108,14 +111,13 @@ class KubeAPI:
         retry_auth: bool = True,
     ) -> dict[str, Any]:
         await asyncio.wait_for(self._configured.wait(), timeout=120)
-        assert self._session is not None
+        session = self._session
+        assert session is not None
         data = None if body is None else json.dumps(body)
         headers = {"Content-Type": content_type} if body is not None else {}
         if method in ("POST", "PUT", "PATCH", "DELETE"):
             self.writes += 1
-        async with self._session.request(
-            method, self._server + path, data=data, headers=headers, params=params
-        ) as response:
+        async with session.request(method, self._server + path, data=data, headers=headers, params=params) as response:
             text = await response.text()
             if response.status == 401 and retry_auth and self._relogin is not None:
                 # A rotated service-account token: log in again, once.
@@ -128,10 +130,15 @@ class KubeAPI:
                     status = json.loads(text)
                 except ValueError:
                     status = {}
+                if not isinstance(status, dict):
+                    status = {}
+                details = status.get("details") if isinstance(status.get("details"), dict) else {}
+                causes = [c for c in (details or {}).get("causes") or [] if isinstance(c, dict)]
                 raise ApiError(
                     response.status,
                     str(status.get("reason") or response.reason),
                     str(status.get("message") or text[:300]),
+                    causes,
                 )
             return json.loads(text) if text else {}
 

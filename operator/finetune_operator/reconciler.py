@@ -25,11 +25,13 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from finetune_api.redact import redact
 from finetune_api.v1alpha1 import FineTuneJob, ManifestError, Phase, parse_manifest
 from finetune_operator import names
-from finetune_operator.kubeapi import KubeAPI, Outcome, describe_error
+from finetune_operator.failures import explain_rejection
+from finetune_operator.kubeapi import ApiError, KubeAPI, Outcome, describe_error
 from finetune_operator.metrics import JobView, Metrics
-from finetune_operator.render import ClaimMount, claim_mounts, render
+from finetune_operator.render import ClaimMount, claim_mounts, cluster_problems, render
 from finetune_operator.reports import ProgressStore
 from finetune_operator.settings import OperatorSettings
 from finetune_operator.status import Observed, compute_status, parse_rfc3339, status_patch
@@ -40,6 +42,9 @@ FINAL = {Phase.SUCCEEDED.value, Phase.FAILED.value}
 RUNNING_PHASES = {Phase.INITIALIZING.value, Phase.TRAINING.value, Phase.EXPORTING.value}
 MAX_BACKOFF = 60.0
 PARSED_CACHE = 128
+# A Job the apiserver refused is tried again after 5 s, 10 s, ... up to this; a change of the
+# spec tries at once.
+MAX_REJECTED_BACKOFF = 300.0
 
 
 def _values(index: Mapping[Any, Any] | None, key: Key) -> list[dict[str, Any]]:
@@ -49,6 +54,14 @@ def _values(index: Mapping[Any, Any] | None, key: Key) -> list[dict[str, Any]]:
         return list(index.get(key, []))
     except KeyError:
         return []
+
+
+def controller_uid(obj: Mapping[str, Any]) -> str | None:
+    """The uid of the object's controlling owner (a Job's FineTuneJob, a Pod's Job)."""
+    for ref in obj.get("metadata", {}).get("ownerReferences") or []:
+        if ref.get("controller"):
+            return str(ref.get("uid") or "") or None
+    return None
 
 
 def _rv(obj: Mapping[str, Any]) -> int:
@@ -77,8 +90,10 @@ def _news(patch: dict[str, Any]) -> bool:
 
 @dataclass
 class JobMemory:
-    """What the reconciler remembers of one FineTuneJob between reconciles."""
+    """What the reconciler remembers of one FineTuneJob between reconciles.  ``uid`` says of
+    which one: a FineTuneJob deleted and created again under the same name starts afresh."""
 
+    uid: str = ""
     status: dict[str, Any] | None = None
     status_rv: int = 0
     last_progress_patch: float = 0.0
@@ -90,6 +105,8 @@ class JobMemory:
     created_at: float | None = None
     counted_queue: bool = False
     counted_first_step: bool = False
+    rejections: int = 0
+    rejected: str = ""
 
 
 class Reconciler:
@@ -140,8 +157,25 @@ class Reconciler:
         values = _values(self.ftj_index, key)
         return values[0] if values else None
 
+    def our_job(self, key: Key, uid: str) -> dict[str, Any] | None:
+        """The Job of the FineTuneJob with ``uid``, by its owner reference: a Job that only
+        carries the name (an earlier FineTuneJob's, orphaned or not yet collected) is not it."""
+        return next((j for j in _values(self.job_index, key) if controller_uid(j) == uid), None)
+
+    def pods_of_job(self, key: Key, job: dict[str, Any] | None) -> list[dict[str, Any]]:
+        """The pods the Job ``job`` owns (by its uid; an annotation any pod can carry)."""
+        job_uid = (job or {}).get("metadata", {}).get("uid")
+        if not job_uid:
+            return []
+        return [p for p in _values(self.pod_index, key) if controller_uid(p) == job_uid]
+
     def pods_of(self, key: Key) -> list[dict[str, Any]]:
-        return _values(self.pod_index, key)
+        """The pods of the current Job of the FineTuneJob ``key``."""
+        body = self.ftj(key)
+        uid = (body or {}).get("metadata", {}).get("uid")
+        if not uid:
+            return []
+        return self.pods_of_job(key, self.our_job(key, uid))
 
     def start(self) -> None:
         for number in range(max(1, self.settings.workers)):
@@ -264,9 +298,18 @@ class Reconciler:
     def _base_status(self, body: dict[str, Any], memory: JobMemory) -> dict[str, Any]:
         """The status as the server has it: our last write, unless the cache has seen a newer one."""
         cached = dict(body.get("status") or {})
-        if memory.status is not None and memory.status_rv > _rv(body):
+        if memory.status is not None and memory.status_rv > _rv(body) and memory.uid == body["metadata"].get("uid"):
             return dict(memory.status)
         return cached
+
+    def _memory(self, key: Key, uid: str) -> JobMemory:
+        memory = self.memory.get(key)
+        if memory is None or memory.uid != uid:
+            if memory is not None:
+                # The same name, another FineTuneJob: nothing of the earlier one carries over.
+                self.forget(key)
+            memory = self.memory[key] = JobMemory(uid=uid)
+        return memory
 
     async def reconcile(self, key: Key) -> None:
         namespace, name = key
@@ -276,35 +319,41 @@ class Reconciler:
             return
         if body.get("metadata", {}).get("deletionTimestamp"):
             return
-        memory = self.memory.setdefault(key, JobMemory())
+        uid = str(body["metadata"].get("uid") or "")
+        memory = self._memory(key, uid)
         if memory.created_at is None:
             memory.created_at = time.time()
         previous = self._base_status(body, memory)
         if previous.get("phase") in FINAL:
-            self._track_gpu(key, previous, memory)
+            await self._finished(key, body, memory, previous)
             return
         try:
             job_model = self._parse(key, body, memory)
+            problems = cluster_problems(job_model)
+            if problems:
+                raise ManifestError(problems, source=f"{namespace}/{name}")
         except ManifestError as exc:
+            message = redact(str(exc))
             await self._write(
                 key,
                 body,
                 memory,
                 previous,
-                {**previous, "phase": "Failed", "reason": "InvalidSpec", "message": str(exc)[:1000]},
-                events=[("Warning", "InvalidSpec", str(exc))],
+                {**previous, "phase": "Failed", "reason": "InvalidSpec", "message": message[:1000]},
+                events=[("Warning", "InvalidSpec", message)],
                 cause="phase",
             )
             return
 
         job_name = names.job_name(name)
-        jobs = _values(self.job_index, key)
-        job = jobs[0] if jobs else None
+        job = self.our_job(key, uid)
         missing_confirmed = False
         if job is None:
             if previous.get("jobName"):
                 # The index may lag behind a Job we just created: ask the API.
                 job = await self.api.read_job(namespace, job_name)
+                if job is not None and controller_uid(job) != uid:
+                    job = None
                 missing_confirmed = job is None
             else:
                 job = await self._create(key, body, job_model, memory, previous)
@@ -313,7 +362,7 @@ class Reconciler:
         else:
             await self._sync_job(key, job, job_model)
 
-        pods = _values(self.pod_index, key)
+        pods = self.pods_of_job(key, job)
         memory.seen_pods.update(p["metadata"]["uid"] for p in pods if p.get("metadata", {}).get("uid"))
         observed = Observed(
             job=job,
@@ -354,6 +403,33 @@ class Reconciler:
             events=[(e.type, e.reason, e.message) for e in result.events],
             cause=cause,
         )
+        if new.get("phase") in FINAL:
+            await self._finished(key, body, memory, new, job=job)
+
+    async def _finished(
+        self,
+        key: Key,
+        body: dict[str, Any],
+        memory: JobMemory,
+        status: dict[str, Any],
+        *,
+        job: dict[str, Any] | None = None,
+    ) -> None:
+        """A final status is written: only now may the Job's TTL delete it (with its pods and
+        their termination messages, the fallback record of the result)."""
+        self._track_gpu(key, status, memory)
+        ttl = ((body.get("spec") or {}).get("runPolicy") or {}).get("ttlSecondsAfterFinished")
+        if ttl is None:
+            return
+        job = job or self.our_job(key, memory.uid)
+        if job is None or (job.get("spec") or {}).get("ttlSecondsAfterFinished") == ttl:
+            return
+        LOG.info("event=job-ttl namespace=%s name=%s ttl=%s", key[0], key[1], ttl)
+        try:
+            await self.api.patch_job(key[0], job["metadata"]["name"], {"spec": {"ttlSecondsAfterFinished": ttl}})
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
 
     async def _write(
         self,
@@ -449,22 +525,51 @@ class Reconciler:
             trainer_uid=settings.trainer_uid,
             report_ca=self.report_ca,
         )
-        ensured = await self.api.ensure(rendered.job, owner_uid=body["metadata"]["uid"])
+        job_name = rendered.job["metadata"]["name"]
+        try:
+            ensured = await self.api.ensure(rendered.job, owner_uid=body["metadata"]["uid"])
+        except ApiError as exc:
+            if not 400 <= exc.status < 500 or exc.status in (401, 409, 429):
+                raise
+            await self._rejected(key, body, memory, previous, exc)
+            return None
+        memory.rejections, memory.rejected = 0, ""
         if ensured.outcome == Outcome.CONFLICT:
-            message = (
-                f"a Job named {rendered.job['metadata']['name']} already exists and is not owned by this "
-                "FineTuneJob: delete or rename it"
+            existing = ensured.obj.get("metadata", {})
+            earlier = existing.get("deletionTimestamp") or any(
+                ref.get("kind") == "FineTuneJob"
+                and ref.get("name") == name
+                and ref.get("uid") != body["metadata"]["uid"]
+                for ref in existing.get("ownerReferences") or []
             )
-            await self._write(
-                key,
-                body,
-                memory,
-                previous,
-                {**previous, "phase": "Pending", "reason": "NameConflict", "message": message},
-                events=[("Warning", "NameConflict", message)] if previous.get("reason") != "NameConflict" else [],
-                cause="phase",
-            )
-            self.enqueue(key, delay=30)
+            if earlier:
+                # An earlier FineTuneJob of this name was deleted and its Job is still being
+                # collected: wait for it to go (its deletion wakes us), never adopt it.
+                reason = "WaitingForOldJob"
+                message = (
+                    f"the Job {job_name} of an earlier FineTuneJob named {name} is still being deleted; "
+                    "this one's Job is created once it is gone"
+                )
+                events = []
+            else:
+                reason = "NameConflict"
+                message = (
+                    f"a Job named {job_name} already exists and is not owned by this FineTuneJob (an earlier "
+                    f"one's, kept by a delete with --cascade=orphan, or someone else's): delete it "
+                    f"(kubectl -n {namespace} delete job {job_name}) and this one starts"
+                )
+                events = [("Warning", "NameConflict", message)]
+            if previous.get("reason") != reason:
+                await self._write(
+                    key,
+                    body,
+                    memory,
+                    previous,
+                    {**previous, "phase": "Pending", "reason": reason, "message": message},
+                    events=events,
+                    cause="phase",
+                )
+            self.enqueue(key, delay=5 if earlier else 30)
             return None
         LOG.info(
             "event=job-%s namespace=%s name=%s job=%s",
@@ -475,8 +580,43 @@ class Reconciler:
         )
         return ensured.obj
 
+    async def _rejected(
+        self, key: Key, body: dict[str, Any], memory: JobMemory, previous: dict[str, Any], exc: ApiError
+    ) -> None:
+        """The apiserver refused the Job: its words in the status and an Event (once per new
+        refusal), and another try later, sooner when the spec changes."""
+        message = redact(explain_rejection(exc))
+        memory.rejections += 1
+        delay = min(MAX_REJECTED_BACKOFF, 5.0 * 2 ** (memory.rejections - 1))
+        LOG.warning(
+            "event=job-rejected namespace=%s name=%s retry_in=%.0fs error=%s",
+            key[0],
+            key[1],
+            delay,
+            json.dumps(describe_error(exc)),
+        )
+        if memory.rejected != message or previous.get("reason") != "JobRejected":
+            await self._write(
+                key,
+                body,
+                memory,
+                previous,
+                {
+                    **previous,
+                    "phase": "Pending",
+                    "reason": "JobRejected",
+                    "message": message[:1000],
+                    "observedGeneration": body.get("metadata", {}).get("generation"),
+                },
+                events=[("Warning", "JobRejected", message)],
+                cause="phase",
+            )
+            memory.rejected = message
+        self.enqueue(key, delay=delay)
+
     async def _sync_job(self, key: Key, job: dict[str, Any], job_model: FineTuneJob) -> None:
-        """Apply the mutable settings: suspension (both ways) and the TTL."""
+        """Apply the mutable settings: suspension, both ways.  (The TTL waits for the final
+        status: see ``_finished``.)"""
         policy = job_model.spec.run_policy
         spec = job.get("spec") or {}
         finished = any(
@@ -491,9 +631,6 @@ class Reconciler:
             patch["suspend"] = True
         elif not policy.suspend and suspended and not policy.queue_name:
             patch["suspend"] = False
-        ttl = policy.ttl_seconds_after_finished
-        if ttl is not None and spec.get("ttlSecondsAfterFinished") != ttl:
-            patch["ttlSecondsAfterFinished"] = ttl
         if patch:
             LOG.info("event=job-sync namespace=%s name=%s patch=%s", key[0], key[1], patch)
             await self.api.patch_job(key[0], job["metadata"]["name"], {"spec": patch})

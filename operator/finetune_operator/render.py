@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import posixpath
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -24,9 +25,12 @@ from finetune_api.contract import (
     CA_FILE,
     CACHE_DIR,
     CONTAINER_NAME,
+    CREDENTIALS_DIR,
     DATA_ROOT,
     ENV_ATTEMPT,
     ENV_CACHE_DIR,
+    ENV_CREDENTIALS_DIR,
+    ENV_CREDENTIALS_SECRET,
     ENV_JOB,
     ENV_REPORT_CA_FILE,
     ENV_REPORT_TOKEN_FILE,
@@ -46,7 +50,7 @@ from finetune_api.contract import (
     trainer_command,
 )
 from finetune_api.report import ExitCode
-from finetune_api.v1alpha1 import API_VERSION, KIND, FineTuneJob, dump_spec
+from finetune_api.v1alpha1 import API_VERSION, KIND, FineTuneJob, cluster_uri_problem, dump_spec
 from finetune_operator import __version__, names
 
 
@@ -96,12 +100,29 @@ def claim_mounts(job: FineTuneJob) -> tuple[ClaimMount, ...]:
     )
 
 
+def cluster_problems(job: FineTuneJob) -> list[str]:
+    """What a pod cannot use: a plain path or file:// would be the pod's own file system.  The
+    CRD refuses them at admission; this is for specs an older CRD admitted."""
+    spec = job.spec
+    uris = (
+        ("spec.baseModel.uri", spec.base_model.uri),
+        ("spec.dataset.instanceImages", spec.dataset.instance_images),
+        ("spec.dataset.classImages", spec.dataset.class_images),
+        ("spec.output.uri", spec.output.uri),
+    )
+    return [p for field, uri in uris if (p := cluster_uri_problem(uri, field=field)) is not None]
+
+
 def resolve_uri(uri: str | None) -> str | None:
-    """pvc://claim/path -> the path where the pod sees it."""
+    """pvc://claim/path -> the path where the pod sees it, never outside the claim's mount."""
     if uri is None or not uri.startswith("pvc://"):
         return uri
     claim, path = split_pvc(uri)
-    return f"{DATA_ROOT}/{claim}/{path}" if path else f"{DATA_ROOT}/{claim}"
+    mount = f"{DATA_ROOT}/{claim}"
+    resolved = posixpath.normpath(f"{mount}/{path}")
+    if resolved != mount and not resolved.startswith(mount + "/"):
+        raise ValueError(f"{uri} leaves the claim {claim}: a pvc:// path may not contain '..'")
+    return f"{mount}/{path}" if path else mount
 
 
 def display_uri(path: str | None, mounts: tuple[ClaimMount, ...] | list[ClaimMount]) -> str | None:
@@ -209,9 +230,12 @@ def render(
         env.insert(0, {"name": ENV_REPORT_URL, "value": url})
     if report_ca:
         env.append({"name": ENV_REPORT_CA_FILE, "value": CA_FILE})
-    env_from = []
-    if spec.base_model.credentials_secret:
-        env_from.append({"secretRef": {"name": spec.base_model.credentials_secret}})
+    secret = spec.base_model.credentials_secret
+    if secret:
+        env += [
+            {"name": ENV_CREDENTIALS_DIR, "value": CREDENTIALS_DIR},
+            {"name": ENV_CREDENTIALS_SECRET, "value": secret},
+        ]
 
     report_sources: list[dict[str, Any]] = [
         {
@@ -256,6 +280,13 @@ def render(
         {"name": "cache", "mountPath": CACHE_DIR},
         {"name": "tmp", "mountPath": "/tmp"},
     ]
+    if secret:
+        # Optional: a missing Secret leaves the folder empty, and the trainer says so (bad input,
+        # naming spec.baseModel.credentialsSecret) instead of the pod waiting without a word.
+        volumes.append(
+            {"name": "credentials", "secret": {"secretName": secret, "defaultMode": 0o440, "optional": True}}
+        )
+        volume_mounts.append({"name": "credentials", "mountPath": CREDENTIALS_DIR, "readOnly": True})
     for mount in mounts:
         volumes.append(
             {
@@ -272,7 +303,6 @@ def render(
         "imagePullPolicy": image_pull_policy,
         "command": trainer_command(),
         "env": env,
-        "envFrom": env_from,
         "resources": {"requests": {"cpu": resources.cpu, "memory": resources.memory}, "limits": limits},
         "volumeMounts": volume_mounts,
         "terminationMessagePath": TERMINATION_LOG,
@@ -282,8 +312,6 @@ def render(
             "capabilities": {"drop": ["ALL"]},
         },
     }
-    if not env_from:
-        del container["envFrom"]
 
     tolerations = [copy.deepcopy(t) for t in default_tolerations]
     tolerations += [t for t in resources.tolerations if t not in tolerations]
@@ -347,8 +375,8 @@ def render(
     }
     if policy.active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = policy.active_deadline_seconds
-    if policy.ttl_seconds_after_finished is not None:
-        job_spec["ttlSecondsAfterFinished"] = policy.ttl_seconds_after_finished
+    # No ttlSecondsAfterFinished here: the operator sets it once the final status is written,
+    # so that a Job (and its pods' termination messages) outlives an operator that was down.
     job_meta = _metadata(name, namespace, uid, names.job_name(name))
     job_meta["labels"] = job_labels
     job_meta["annotations"][ANNOTATION_OPERATOR_VERSION] = __version__

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from finetune_api.redact import redact
 from finetune_api.report import ProgressEvent, TrainerSummary
 from finetune_api.v1alpha1 import FineTuneJobSpec, Phase, Stage
 from finetune_operator.failures import (
@@ -225,7 +226,7 @@ def _progress_fields(
         out["checkpoints"] = [
             {
                 **c.model_dump(mode="json", by_alias=True, exclude_none=True),
-                "uri": display_uri(c.uri, list(mounts)) or c.uri,
+                "uri": _shown(c.uri, mounts),
             }
             for c in event.checkpoints
         ]
@@ -233,15 +234,39 @@ def _progress_fields(
     if uri or event.files or event.samples:
         output: dict[str, Any] = {}
         if uri:
-            output["uri"] = display_uri(uri, list(mounts)) or uri
+            output["uri"] = _shown(uri, mounts)
         if event.files:
             output["files"] = [f.model_dump(mode="json", by_alias=True) for f in event.files]
         if event.samples:
-            output["samples"] = [display_uri(s, list(mounts)) or s for s in event.samples]
+            output["samples"] = [_shown(s, mounts) for s in event.samples]
         out["output"] = output
     if event.warnings:
-        out["warnings"] = list(event.warnings)
+        out["warnings"] = [redact(w) for w in event.warnings]
     return out
+
+
+def _shown(path: str, mounts: Sequence[ClaimMount]) -> str:
+    """A path the trainer reported, as a person sees it: pvc:// for a mount, and no secret."""
+    return redact(display_uri(path, list(mounts)) or path)
+
+
+def _the_record(status: dict[str, Any], summary: TrainerSummary, mounts: Sequence[ClaimMount]) -> None:
+    """At the end, the trainer's termination summary is the record of what it wrote: a report
+    (which may have come late, or from someone holding the pod's token) cannot change the
+    output folder or a file's size and hash.  Files only a report lists (the summary leaves
+    out files inside folders when it runs out of its 4 KiB) are kept."""
+    recorded = _progress_fields(summary, mounts, final=True).get("output") or {}
+    if not recorded:
+        return
+    output = dict(status.get("output") or {})
+    if recorded.get("uri"):
+        output["uri"] = recorded["uri"]
+    if recorded.get("files"):
+        record = {f["path"]: f for f in recorded["files"]}
+        reported = [record.get(f["path"], f) for f in output.get("files") or []]
+        listed = {f["path"] for f in reported}
+        output["files"] = reported + [f for f in recorded["files"] if f["path"] not in listed]
+    status["output"] = output
 
 
 def compute_status(
@@ -261,6 +286,7 @@ def compute_status(
         return StatusResult(previous)
 
     decision = decide_phase(spec, previous, observed)
+    decision = Decision(decision.phase, decision.reason, redact(decision.message))
     status = copy.deepcopy(previous)
     status["phase"] = decision.phase.value
     status["reason"] = decision.reason
@@ -296,6 +322,8 @@ def compute_status(
         status.update(_progress_fields(event, mounts, final=decision.phase == Phase.SUCCEEDED))
     elif final_summary is not None:
         status.update(_progress_fields(final_summary, mounts, final=True))
+    if final_summary is not None and final_summary.phase == decision.phase.value == Phase.SUCCEEDED:
+        _the_record(status, final_summary, mounts)
     if decision.phase == Phase.SUCCEEDED and status.get("progress"):
         total = status["progress"].get("totalSteps") or 0
         if total:

@@ -224,6 +224,75 @@ def test_two_replicas_with_leader_election_never_both_act(
         operator.start()
 
 
+def events_of(kube: Kube, namespace: str, name: str, reason: str) -> list[Any]:
+    return [
+        e
+        for e in kube.core.list_namespaced_event(namespace).items
+        if e.involved_object.name == name and e.reason == reason and e.source.component == "finetune-operator"
+    ]
+
+
+def test_a_job_the_apiserver_refuses_is_named_in_status_and_made_once_the_spec_is_fixed(
+    kube: Kube, namespace: str, operator: OperatorProcess
+) -> None:
+    manifest = good_manifest("refused")
+    # The CRD passes tolerations through; Kubernetes refuses this one in a Job.
+    bad = {"key": "dedicated", "operator": "Exists", "value": "ml", "effect": "NoSchedule"}
+    manifest["spec"]["resources"] = {"gpus": 8, "tolerations": [bad]}
+    kube.create_ftj(namespace, manifest)
+
+    def rejected() -> dict[str, Any] | None:
+        status = kube.status(namespace, "refused")
+        return status if status.get("reason") == "JobRejected" else None
+
+    status = wait_for(rejected, timeout=30, what="JobRejected on the resource")
+    assert status["phase"] == "Pending"
+    assert status["message"].startswith("spec.resources.tolerations: the apiserver refused the Job (")
+    assert "value must be empty when `operator` is 'Exists'" in status["message"]
+    assert "fix spec.resources.tolerations" in status["message"]
+    assert not kube.batch.list_namespaced_job(namespace).items
+    # Tried again with a growing pause, not in a tight loop, and one Event, not one a try.
+    wait_for(
+        lambda: (
+            operator.log.read_text().count(f'"namespace": "{namespace}", "name": "refused"') >= 2
+            and operator.log.read_text().count('"event": "job-rejected"') >= 2
+        ),
+        timeout=30,
+        what="a second try",
+    )
+    assert len(events_of(kube, namespace, "refused", "JobRejected")) == 1
+    assert "jobName" not in kube.status(namespace, "refused")
+
+    # Fixed: the Job is made at once, not after the pause.
+    good = {"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"}
+    kube.patch_ftj(namespace, "refused", {"spec": {"resources": {"tolerations": [good]}}})
+    fixed = kube.wait_phase(namespace, "refused", "Queued", timeout=15)
+    assert fixed["reason"] == "Unschedulable"
+    job = kube.batch.read_namespaced_job("refused", namespace)
+    assert {"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"} in [
+        kube.plain(t) for t in job.spec.template.spec.tolerations
+    ]
+
+
+def test_a_job_file_too_big_for_the_pod_template_says_what_to_shorten(
+    kube: Kube, namespace: str, operator: OperatorProcess
+) -> None:
+    manifest = good_manifest("bulky")
+    pools = [f"pool-{i:05d}-" + "x" * 50 for i in range(5000)]
+    term = {"matchExpressions": [{"key": "pool", "operator": "In", "values": pools}]}
+    affinity = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [term]}}}
+    manifest["spec"]["resources"] = {"gpus": 8, "affinity": affinity}
+    kube.create_ftj(namespace, manifest)
+    status = wait_for(
+        lambda: (s := kube.status(namespace, "bulky")).get("reason") == "JobRejected" and s,
+        timeout=30,
+        what="JobRejected on the resource",
+    )
+    assert status["message"].startswith("spec: the job file is too big to travel in the pod template")
+    assert "spec.resources.affinity" in status["message"]
+    assert "262144" in status["message"]  # the apiserver's own words
+
+
 def test_what_the_job_is_made_from_cannot_change_once_the_job_exists(
     kube: Kube, namespace: str, operator: OperatorProcess
 ) -> None:

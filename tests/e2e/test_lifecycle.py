@@ -295,3 +295,110 @@ def test_an_evicted_pod_is_retried_without_using_the_retry_budget(
     assert status["progress"]["step"] == 600
     job = kube.batch.read_namespaced_job("evicted", namespace)
     assert (job.status.failed or 0) == 0  # the disruption did not count against backoffLimit
+
+
+def test_a_ttl_of_zero_cannot_take_a_result_the_operator_has_not_recorded(
+    kube: Kube, namespace: str, operator: OperatorProcess, tiny_assets: Path
+) -> None:
+    """The operator is down when the trainer finishes: the Job (and the pod's termination
+    message, the record) must wait for it, however short the TTL."""
+    paths = prepare_claims(kube, namespace, tiny_assets)
+    manifest = job_manifest(
+        "ttl",
+        training={"maxSteps": 600},
+        checkpoints={"everySteps": 0, "keepLast": 1},
+        runPolicy={"ttlSecondsAfterFinished": 0},
+    )
+    kube.create_ftj(namespace, manifest)
+    wait_step(kube, namespace, "ttl", 1, timeout=180)
+    try:
+        operator.stop()
+        if not trainer_processes(namespace, "ttl"):
+            pytest.fail("the trainer finished before the operator stopped: make the job longer")
+        wait_for(lambda: not trainer_processes(namespace, "ttl"), timeout=600, what="the trainer to finish")
+
+        def ended() -> bool:
+            jobs = kube.batch.list_namespaced_job(namespace, field_selector="metadata.name=ttl").items
+            # Complete, or (with the TTL set at creation, as before) already deleted.
+            return not jobs or any(c.type == "Complete" and c.status == "True" for c in jobs[0].status.conditions or [])
+
+        wait_for(ended, timeout=120, what="the Job to complete")
+    finally:
+        operator.start()
+    status = kube.wait_phase(namespace, "ttl", "Succeeded", "Failed", timeout=120)
+    assert status["phase"] == "Succeeded", status
+    files = {f["path"]: f for f in status["output"]["files"]}
+    assert files["ttl.safetensors"]["sha256"] == sha256(paths["outputs"] / "ttl" / "ttl.safetensors")
+    assert status["progress"]["step"] == 600
+    # Recorded: now the TTL applies, and the result stays on the resource.
+    wait_for(
+        lambda: not kube.batch.list_namespaced_job(namespace, field_selector="metadata.name=ttl").items,
+        timeout=60,
+        what="the TTL to delete the Job",
+    )
+    after = kube.status(namespace, "ttl")
+    assert (after["phase"], after["output"]["files"]) == ("Succeeded", status["output"]["files"])
+
+
+def test_credentials_reach_the_trainer_as_files_never_as_its_environment(
+    kube: Kube, namespace: str, operator: OperatorProcess, tiny_assets: Path
+) -> None:
+    import uuid
+
+    prepare_claims(kube, namespace, tiny_assets)
+    value = f"hf_{uuid.uuid4().hex}"
+    kube.core.create_namespaced_secret(namespace, {"metadata": {"name": "hub"}, "stringData": {"HF_TOKEN": value}})
+    manifest = job_manifest("creds", training={"maxSteps": 2000}, baseModel={"credentialsSecret": "hub"})
+    kube.create_ftj(namespace, manifest)
+    wait_step(kube, namespace, "creds", 1, timeout=180)
+    pids = trainer_processes(namespace, "creds")
+    assert pids
+    for pid in pids:
+        environment = Path(f"/proc/{pid}/environ").read_bytes()
+        assert value.encode() not in environment and b"HF_TOKEN=" not in environment
+    # The pod sees the Secret as a file where the trainer looks (in its own mount namespace;
+    # through /proc an absolute link such as /var/run -> /run would leave it, so resolve first).
+    inside = Path("/var/run/finetune/credentials/HF_TOKEN").resolve().relative_to("/")
+    mounted = Path(f"/proc/{pids[0]}/root") / inside
+    assert mounted.read_text() == value
+    kube.kubectl("-n", namespace, "delete", "ftj", "creds", "--wait=false")
+
+    # A Secret named but missing: bad input at once, naming the field, not a silent wait.
+    kube.create_ftj(namespace, job_manifest("nosecret", baseModel={"credentialsSecret": "absent"}))
+    status = kube.wait_phase(namespace, "nosecret", "Failed", "Succeeded", timeout=180)
+    assert (status["phase"], status["reason"]) == ("Failed", "BadInput"), status
+    assert status["message"].startswith("spec.baseModel.credentialsSecret: the Secret absent does not exist")
+
+
+def test_a_uri_with_a_password_or_a_signed_query_shows_without_them(
+    kube: Kube, namespace: str, operator: OperatorProcess, tiny_assets: Path
+) -> None:
+    """Where a status message, an Event, the web page or a log repeats a URI of the spec, it
+    leaves out the user-info and the query string."""
+    import json
+    import urllib.request
+
+    prepare_claims(kube, namespace, tiny_assets)
+    # An address that answers 404 (the operator's web port), so the trainer names the URI.
+    uri = f"http://nick:hunter2@127.0.0.1:{operator.web_port}/nope/model.safetensors?X-Amz-Signature=deadbeef"
+    manifest = job_manifest("secretive", baseModel={"uri": uri})
+    kube.create_ftj(namespace, manifest)
+    status = kube.wait_phase(namespace, "secretive", "Failed", "Succeeded", timeout=180)
+    assert status["phase"] == "Failed", status
+    assert f"127.0.0.1:{operator.web_port}/nope/model.safetensors" in status["message"], status
+    events = kube.kubectl("-n", namespace, "get", "events", "-o", "json")
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{operator.web_port}/api/jobs/{namespace}/secretive",
+        headers={"Authorization": f"Bearer {kube.cluster.admin_token}"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        page = response.read().decode()
+    shown = {
+        "status": json.dumps(status),
+        "events": events,
+        "web page": page,
+        "trainer log": pod_logs(kube, namespace),
+        "operator log": operator.log.read_text(),
+    }
+    for where, text in shown.items():
+        assert "hunter2" not in text and "deadbeef" not in text, where

@@ -13,6 +13,7 @@ from finetune_operator import names
 from finetune_operator.render import (
     ANNOTATION_FULL_NAME,
     KUEUE_QUEUE_LABEL,
+    cluster_problems,
     display_uri,
     render,
     resolve_uri,
@@ -115,10 +116,20 @@ def test_the_job_is_owned_and_labelled() -> None:
     assert template["labels"]["finetune.dev/job-name"] == "nick-portrait"
 
 
-def test_credentials_secret_becomes_environment_and_report_url_is_per_job() -> None:
-    container = _render(portrait()).job["spec"]["template"]["spec"]["containers"][0]
-    assert container["envFrom"] == [{"secretRef": {"name": "hf-token"}}]
+def test_credentials_secret_arrives_as_files_not_environment_and_report_url_is_per_job() -> None:
+    pod = _render(portrait()).job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    # Environment variables reach every child process and many a crash report: none from the Secret.
+    assert "envFrom" not in container
+    assert not any("valueFrom" in e and "secretKeyRef" in e["valueFrom"] for e in container["env"])
+    volume = next(v for v in pod["volumes"] if v["name"] == "credentials")
+    assert volume["secret"]["secretName"] == "hf-token"
+    assert volume["secret"]["optional"] is True
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "credentials")
+    assert mount == {"name": "credentials", "mountPath": "/var/run/finetune/credentials", "readOnly": True}
     env = {e["name"]: e for e in container["env"]}
+    assert env["FINETUNE_CREDENTIALS_DIR"]["value"] == "/var/run/finetune/credentials"
+    assert env["FINETUNE_CREDENTIALS_SECRET"]["value"] == "hf-token"
     assert env["FINETUNE_REPORT_URL"]["value"] == (
         "http://op.svc:8081/v1alpha1/namespaces/team-a/finetunejobs/nick-portrait/progress"
     )
@@ -139,7 +150,8 @@ def test_job_file_and_report_token_come_without_a_configmap_or_secret() -> None:
     assert pod["metadata"]["annotations"]["finetune.dev/report-ca"].startswith("-----BEGIN")
     env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
     assert env["FINETUNE_REPORT_CA_FILE"] == "/var/run/finetune/report/ca.crt"
-    assert not any("configMap" in v or "secret" in v for v in pod["spec"]["volumes"])
+    # (The portrait names a credentials Secret: the user's own, mounted as it is.)
+    assert not any("configMap" in v or "secret" in v for v in pod["spec"]["volumes"] if v["name"] != "credentials")
     # The pod gets no token for the Kubernetes API, only the audience-bound one.
     assert pod["spec"]["automountServiceAccountToken"] is False
 
@@ -155,7 +167,9 @@ def test_run_policy_maps_onto_the_job() -> None:
     spec = _render(manifest).job["spec"]
     assert spec["backoffLimit"] == 5
     assert spec["activeDeadlineSeconds"] == 3600
-    assert spec["ttlSecondsAfterFinished"] == 600
+    # The TTL is set only once the final status is written (a Job deleted earlier takes the
+    # result with it): never at creation.
+    assert "ttlSecondsAfterFinished" not in spec
     assert spec["suspend"] is True
 
 
@@ -207,6 +221,24 @@ def test_uris_round_trip_between_pvc_and_mount_paths() -> None:
     assert path == "/data/outputs/nick/checkpoints/checkpoint-000100"
     assert display_uri(path, rendered.mounts) == "pvc://outputs/nick/checkpoints/checkpoint-000100"
     assert display_uri("s3://bucket/x", rendered.mounts) == "s3://bucket/x"
+
+
+def test_a_pvc_path_never_resolves_outside_its_claim() -> None:
+    assert resolve_uri("pvc://outputs/a/../b") == "/data/outputs/a/../b"
+    for uri in ("pvc://outputs/..", "pvc://outputs/../../etc", "pvc://outputs/nick/../../../root"):
+        with pytest.raises(ValueError, match="leaves the claim outputs"):
+            resolve_uri(uri)
+
+
+def test_plain_paths_and_file_uris_are_refused_for_a_cluster_but_parse_for_a_workstation() -> None:
+    manifest = good_manifest()
+    manifest["spec"]["baseModel"]["uri"] = "/models/sd15"
+    manifest["spec"]["output"]["uri"] = "file:///outputs/nick"
+    job = parse_manifest(_body(manifest))
+    problems = cluster_problems(job)
+    assert [p.split(":")[0] for p in problems] == ["spec.baseModel.uri", "spec.output.uri"]
+    assert all("pvc://CLAIM/path" in p for p in problems)
+    assert cluster_problems(parse_manifest(_body(good_manifest()))) == []
 
 
 def test_every_example_renders() -> None:

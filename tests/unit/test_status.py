@@ -7,6 +7,7 @@ from typing import Any
 
 from finetune_api import parse_manifest
 from finetune_api.report import ProgressEvent
+from finetune_api.v1alpha1 import OutputFile
 from finetune_operator.render import ClaimMount
 from finetune_operator.status import Observed, compute_status, format_duration, status_patch
 from tests.bad_specs import good_manifest
@@ -244,3 +245,52 @@ def test_durations_read_like_kubectl() -> None:
     assert format_duration(36) == "36s"
     assert format_duration(200) == "3m20s"
     assert format_duration(7300) == "2h01m"
+
+
+def test_at_the_end_the_termination_summary_is_the_record_not_a_report() -> None:
+    """A report that says done (it may have come late, or from someone holding the pod's token)
+    cannot change the output folder or a file's hash that the trainer's summary records."""
+    summary = {
+        "phase": "Succeeded",
+        "step": 100,
+        "totalSteps": 100,
+        "outputUri": "/data/outputs/good",
+        "files": [{"path": "good.safetensors", "sizeBytes": 10, "sha256": "ab" * 32}],
+    }
+    done = pod(phase="Succeeded", state=terminated(0, json.dumps(summary), "Completed"))
+    complete = job(succeeded=1, conditions=[{"type": "Complete", "status": "True"}])
+    forged = event(stage="done", step=100).model_copy(
+        update={
+            "output_uri": "/data/outputs/elsewhere",
+            "files": [
+                OutputFile(path="good.safetensors", size_bytes=66, sha256="ee" * 32),
+                OutputFile(path="diffusers/model_index.json", size_bytes=5, sha256="cd" * 32),
+            ],
+        }
+    )
+    status = status_of(Observed(job=complete, pods=[done], progress=forged))
+    assert status["phase"] == "Succeeded"
+    assert status["output"]["uri"] == "pvc://outputs/good"
+    files = {f["path"]: f for f in status["output"]["files"]}
+    assert files["good.safetensors"] == {"path": "good.safetensors", "sizeBytes": 10, "sha256": "ab" * 32}
+    # What the summary had no room for (files inside folders) still shows.
+    assert files["diffusers/model_index.json"]["sha256"] == "cd" * 32
+
+
+def test_messages_and_uris_on_the_resource_carry_no_credentials() -> None:
+    secret_uri = "https://nick:hunter2@models.example.com/sd.safetensors?X-Amz-Signature=deadbeef"
+    message = f"cannot read {secret_uri}: 403 Forbidden"
+    summary = {"phase": "Failed", "reason": "BadInput", "message": message}
+    failed = pod(phase="Failed", state=terminated(2, json.dumps(summary)))
+    ended = job(failed=1, conditions=[{"type": "Failed", "status": "True", "reason": "PodFailurePolicy"}])
+    result = compute_status(None, SPEC, Observed(job=ended, pods=[failed]), generation=1, job_name="good")
+    shown = json.dumps(result.status) + json.dumps([e.message for e in result.events])
+    assert "models.example.com/sd.safetensors" in result.status["message"]
+    assert "hunter2" not in shown and "X-Amz-Signature" not in shown and "nick:" not in shown
+
+    report = event().model_copy(
+        update={"checkpoints": [], "output_uri": "s3://bucket/out?versionId=7", "warnings": [f"slow: {secret_uri}"]}
+    )
+    status = status_of(Observed(job=job(active=1), pods=[pod()], progress=report))
+    assert status["output"]["uri"] == "s3://bucket/out"
+    assert "hunter2" not in json.dumps(status) and "deadbeef" not in json.dumps(status)
