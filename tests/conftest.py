@@ -15,6 +15,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
+# A user whose every API request the apiserver's audit log records: a test that must count an
+# operator's calls (TokenReviews under a flood) runs that operator as this user.
+AUDITED_USER = "audited-operator"
 
 # Nothing in a test may reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,7 +35,7 @@ def cluster() -> Iterator[object]:
 
         devcluster.load(state).stop()
     shutil.rmtree(state, ignore_errors=True)
-    local = LocalCluster(state_dir=state)
+    local = LocalCluster(state_dir=state, audit_users=(AUDITED_USER,), extra_users=(AUDITED_USER,))
     local.start(agent=True, timeout=90)
     try:
         local.install_crds(ROOT / "crds")

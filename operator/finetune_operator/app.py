@@ -21,7 +21,6 @@ from finetune_operator.reports import ProgressStore
 from finetune_operator.servers import (
     Health,
     ProgressHandler,
-    ReportAuthenticator,
     health_app,
     metrics_app,
     progress_app,
@@ -29,6 +28,7 @@ from finetune_operator.servers import (
     tls_context,
 )
 from finetune_operator.settings import OperatorSettings
+from finetune_operator.tokens import TokenGate
 
 LOG = logging.getLogger("finetune_operator")
 
@@ -71,16 +71,18 @@ async def run_operator(settings: OperatorSettings, *, stop: asyncio.Event | None
     metrics.bind_jobs(reconciler.job_views)
     health = Health()
 
+    async def review_report_token(token: str) -> dict[str, Any]:
+        return await api.review_token(token, audience=settings.report_audience)
+
+    gate = TokenGate(
+        review_report_token,
+        audience=settings.report_audience,
+        on_review=lambda result: metrics.token_reviews.labels("report", result).inc(),
+    )
     runners = [
         await serve(
             progress_app(
-                ProgressHandler(
-                    reconciler=reconciler,
-                    store=store,
-                    authenticator=ReportAuthenticator(api, reconciler, audience=settings.report_audience),
-                    metrics=metrics,
-                    is_leader=is_leader,
-                )
+                ProgressHandler(reconciler=reconciler, store=store, gate=gate, metrics=metrics, is_leader=is_leader)
             ),
             host=settings.bind_address,
             port=settings.progress_port,

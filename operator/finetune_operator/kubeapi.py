@@ -71,34 +71,48 @@ def _collection(obj: dict[str, Any]) -> str:
 
 
 class KubeAPI:
-    """A few typed calls over one aiohttp session; ``configure`` it once kopf has logged in."""
+    """A few typed calls over one aiohttp session; ``configure`` it once kopf has logged in.
+
+    TokenReviews (which anyone who reaches the progress endpoint can cause) go over a small
+    pool of their own: however many of them wait, Job creation and the leader's Lease renewals
+    never queue behind them."""
+
+    REVIEW_CONNECTIONS = 4
 
     def __init__(self) -> None:
         self._server = ""
         self._session: aiohttp.ClientSession | None = None
+        self._review_session: aiohttp.ClientSession | None = None
         self._configured = asyncio.Event()
         self._relogin: Callable[[], Awaitable[Any]] | None = None
         self.writes = 0
 
     def configure(self, info: Any, *, relogin: Callable[[], Awaitable[Any]] | None = None) -> None:
         """Use the credentials kopf logged in with (a ``kopf.ConnectionInfo``)."""
-        old = self._session
+        old = (self._session, self._review_session)
         self._server = str(info.server).rstrip("/")
         headers = {"User-Agent": USER_AGENT, "Accept": "application/json", **info.as_http_headers()}
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=32, ssl=info.as_ssl_context()),
-            headers=headers,
-            auth=info.as_aiohttp_basic_auth(),
-            timeout=aiohttp.ClientTimeout(total=60, connect=10),
-        )
+
+        def session(connections: int, timeout: float) -> aiohttp.ClientSession:
+            return aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=connections, ssl=info.as_ssl_context()),
+                headers=headers,
+                auth=info.as_aiohttp_basic_auth(),
+                timeout=aiohttp.ClientTimeout(total=timeout, connect=10),
+            )
+
+        self._session = session(32, 60)
+        self._review_session = session(self.REVIEW_CONNECTIONS, 10)
         self._relogin = relogin
         self._configured.set()
-        if old is not None:
-            asyncio.get_running_loop().create_task(old.close())
+        for stale in old:
+            if stale is not None:
+                asyncio.get_running_loop().create_task(stale.close())
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        for session in (self._session, self._review_session):
+            if session is not None:
+                await session.close()
 
     async def request(
         self,
@@ -109,9 +123,10 @@ class KubeAPI:
         content_type: str = "application/json",
         params: dict[str, str] | None = None,
         retry_auth: bool = True,
+        review: bool = False,
     ) -> dict[str, Any]:
         await asyncio.wait_for(self._configured.wait(), timeout=120)
-        session = self._session
+        session = self._review_session if review else self._session
         assert session is not None
         data = None if body is None else json.dumps(body)
         headers = {"Content-Type": content_type} if body is not None else {}
@@ -123,7 +138,7 @@ class KubeAPI:
                 # A rotated service-account token: log in again, once.
                 await self._relogin()
                 return await self.request(
-                    method, path, body=body, content_type=content_type, params=params, retry_auth=False
+                    method, path, body=body, content_type=content_type, params=params, retry_auth=False, review=review
                 )
             if response.status >= 400:
                 try:
@@ -255,14 +270,14 @@ class KubeAPI:
 
     # --- authentication of trainer reports ---------------------------------------------------------
 
-    async def review_token(self, token: str, *, audience: str) -> dict[str, Any]:
-        """A TokenReview: who the apiserver says the bearer of ``token`` is."""
-        body = {
-            "apiVersion": "authentication.k8s.io/v1",
-            "kind": "TokenReview",
-            "spec": {"token": token, "audiences": [audience]},
-        }
-        result = await self.request("POST", "/apis/authentication.k8s.io/v1/tokenreviews", body=body)
+    async def review_token(self, token: str, *, audience: str | None) -> dict[str, Any]:
+        """A TokenReview: who the apiserver says the bearer of ``token`` is.  ``audience`` None:
+        the apiserver's own (a person's token, as kubectl sends it)."""
+        spec: dict[str, Any] = {"token": token}
+        if audience is not None:
+            spec["audiences"] = [audience]
+        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": spec}
+        result = await self.request("POST", "/apis/authentication.k8s.io/v1/tokenreviews", body=body, review=True)
         return dict(result.get("status") or {})
 
     # --- leader election -------------------------------------------------------------------------

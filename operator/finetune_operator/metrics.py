@@ -117,6 +117,12 @@ class Metrics:
         self.reports = Counter(
             "finetune_progress_reports", "Progress reports received, by result.", ["result", "reason"], registry=r
         )
+        self.token_reviews = Counter(
+            "finetune_token_reviews",
+            "TokenReviews and SubjectAccessReviews the operator asked the apiserver for, by purpose and result.",
+            ["purpose", "result"],
+            registry=r,
+        )
         self.status_patches = Counter("finetune_status_patches", "Status patches sent.", ["cause"], registry=r)
         self.status_patch_errors = Counter("finetune_status_patch_errors", "Status patches that failed.", registry=r)
         self._gpu_seconds: dict[str, float] = {}

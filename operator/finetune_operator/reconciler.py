@@ -169,13 +169,25 @@ class Reconciler:
             return []
         return [p for p in _values(self.pod_index, key) if controller_uid(p) == job_uid]
 
-    def pods_of(self, key: Key) -> list[dict[str, Any]]:
-        """The pods of the current Job of the FineTuneJob ``key``."""
+    def pods_filed(self, key: Key) -> list[dict[str, Any]]:
+        """Every pod that carries the FineTuneJob's name, its own or not."""
+        return _values(self.pod_index, key)
+
+    def current_pods(self, key: Key) -> list[dict[str, Any]]:
+        """The pods of the current Job of the FineTuneJob ``key`` (those that may report)."""
         body = self.ftj(key)
         uid = (body or {}).get("metadata", {}).get("uid")
         if not uid:
             return []
         return self.pods_of_job(key, self.our_job(key, uid))
+
+    def is_final(self, key: Key) -> bool:
+        body = self.ftj(key)
+        if body is None:
+            return False
+        memory = self.memory.get(key)
+        status = self._base_status(body, memory) if memory is not None else dict(body.get("status") or {})
+        return status.get("phase") in FINAL
 
     def start(self) -> None:
         for number in range(max(1, self.settings.workers)):

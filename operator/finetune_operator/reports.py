@@ -1,4 +1,4 @@
-"""The newest progress report of each FineTuneJob, in memory.
+"""The newest progress report of each FineTuneJob, in memory, and what makes a report acceptable.
 
 The progress server puts accepted reports here; the reconciler reads the newest
 when it computes a status.  Old or repeated reports are dropped: a retried
@@ -8,6 +8,8 @@ earlier attempt must not overwrite the current one.
 
 from __future__ import annotations
 
+import datetime as dt
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,12 +22,62 @@ FINAL_STAGES = {Stage.DONE, Stage.FAILED}
 
 
 HISTORY_POINTS = 1000
+# A trainer's clock may run ahead of ours by this much; a report from further ahead would make
+# every later report look stale.
+CLOCK_SKEW = dt.timedelta(minutes=5)
 
 
 @dataclass
 class Entry:
     event: ProgressEvent
     received: float
+    moment: dt.datetime
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Why a report is refused: a reason (the metric's label) and a sentence for the trainer."""
+
+    reason: str
+    message: str
+
+
+def parse_time(stamp: str) -> dt.datetime | None:
+    """An RFC 3339 time with a zone (``Z`` or an offset), or None."""
+    try:
+        moment = dt.datetime.fromisoformat(stamp.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo is not None else None
+
+
+def check_report(event: ProgressEvent, *, now: dt.datetime | None = None) -> Rejection | None:
+    """What the schema cannot say about a report: finite numbers, a step within the run, and a
+    time that is a time and not in the future.  None: acceptable.
+
+    A NaN would make the status patch invalid JSON (the apiserver refuses it, and the patch
+    would be retried forever); a step past totalSteps a percent above 100, which the CRD
+    refuses; a time far ahead would make every later report look stale."""
+    for field, value in (
+        ("loss", event.loss),
+        ("learningRate", event.learning_rate),
+        ("stepsPerSecond", event.steps_per_second),
+    ):
+        if value is not None and not math.isfinite(value):
+            return Rejection("NotFinite", f"{field} must be a finite number or null; got {value}")
+    if event.total_steps and event.step > event.total_steps:
+        return Rejection(
+            "OutOfRange", f"step {event.step} is past totalSteps {event.total_steps}: a step counts up to totalSteps"
+        )
+    moment = parse_time(event.time)
+    if moment is None:
+        return Rejection(
+            "BadTime", f"time must be an RFC 3339 time with a zone, e.g. 2026-01-02T03:04:05Z; got {event.time!r}"
+        )
+    now = now or dt.datetime.now(dt.UTC)
+    if moment - now > CLOCK_SKEW:
+        return Rejection("BadTime", f"time {event.time} is in the future: check the clock of the trainer's node")
+    return None
 
 
 def _thin(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
@@ -40,15 +92,18 @@ class ProgressStore:
         self.on_update = on_update
 
     def accept(self, key: Key, event: ProgressEvent) -> bool:
-        """Keep ``event`` if it is newer than what we have; tell the reconciler.  False: stale."""
+        """Keep ``event`` if it is newer than what we have; tell the reconciler.  False: stale.
+
+        ``event`` must have passed ``check_report`` (its time parses)."""
+        moment = parse_time(event.time) or dt.datetime.now(dt.UTC)
         current = self._entries.get(key)
         if current is not None:
             old = current.event
             if old.attempt == event.attempt and event.seq <= old.seq:
                 return False
-            if old.attempt != event.attempt and event.time < old.time:
+            if old.attempt != event.attempt and moment < current.moment:
                 return False
-        self._entries[key] = Entry(event, time.monotonic())
+        self._entries[key] = Entry(event, time.monotonic(), moment)
         if event.loss is not None:
             history = self._history.setdefault(key, [])
             if not history or event.step > history[-1][0]:

@@ -2,32 +2,35 @@
 
 Progress: ``POST /v1alpha1/namespaces/{ns}/finetunejobs/{name}/progress`` with
 ``Authorization: Bearer <token>``, the service-account token projected into the trainer pod
-for the operator's audience (see ``render``).  The server answers quickly and never makes the trainer wait
-for a status write: it validates, keeps the newest report, and the reconciler
-patches the status on its own schedule.
+for the operator's audience (see ``render``; who may report is ``tokens``' business).  The
+server answers quickly and never makes the trainer wait for a status write: it validates,
+keeps the newest report, and the reconciler patches the status on its own schedule.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
+import re
 import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 from pydantic import ValidationError
 
-from finetune_api.contract import ANNOTATION_FULL_NAME
+from finetune_api.redact import redact
 from finetune_api.report import MAX_REPORT_BYTES, ProgressEvent
-from finetune_operator.kubeapi import ApiError, KubeAPI, describe_error
+from finetune_operator import names
+from finetune_operator.kubeapi import ApiError, describe_error
 from finetune_operator.metrics import Metrics, prometheus_text
 from finetune_operator.reconciler import Reconciler
-from finetune_operator.reports import ProgressStore
+from finetune_operator.reports import ProgressStore, check_report
 from finetune_operator.settings import OperatorSettings
+from finetune_operator.tokens import TokenGate, Verdict, peek_claims
 
 LOG = logging.getLogger("finetune_operator.servers")
 PROGRESS_ROUTE = "/v1alpha1/namespaces/{namespace}/finetunejobs/{name}/progress"
@@ -42,85 +45,30 @@ class Health:
         return self.started
 
 
-@dataclass(frozen=True)
-class Reporter:
-    """Who a report token belongs to, as the apiserver's TokenReview says."""
-
-    namespace: str
-    pod_name: str
-    pod_uid: str
-    until: float
-
-
-class ReportAuthenticator:
-    """Bearer tokens of trainer pods: projected service-account tokens for the operator's audience,
-    bound to a pod.  A token is good for a FineTuneJob when its pod is one of that job's pods.
-
-    TokenReview answers are cached (by the token's hash) for a few minutes, so a trainer's
-    reports cost one review, not one each."""
-
-    def __init__(self, api: KubeAPI, reconciler: Reconciler, *, audience: str, cache_seconds: float = 300) -> None:
-        self.api = api
-        self.reconciler = reconciler
-        self.audience = audience
-        self.cache_seconds = cache_seconds
-        self._cache: dict[str, Reporter] = {}
-
-    async def reporter(self, token: str) -> Reporter | None:
-        digest = hashlib.sha256(token.encode()).hexdigest()
-        now = time.monotonic()
-        cached = self._cache.get(digest)
-        if cached is not None and cached.until > now:
-            return cached
-        status = await self.api.review_token(token, audience=self.audience)
-        if not status.get("authenticated"):
-            return None
-        user = status.get("user") or {}
-        extra = user.get("extra") or {}
-        username = str(user.get("username", ""))
-        pod_uid = (extra.get("authentication.kubernetes.io/pod-uid") or [""])[0]
-        pod_name = (extra.get("authentication.kubernetes.io/pod-name") or [""])[0]
-        if not username.startswith("system:serviceaccount:") or not pod_uid:
-            return None
-        reporter = Reporter(username.split(":")[2], pod_name, pod_uid, now + self.cache_seconds)
-        if len(self._cache) > 20000:
-            self._cache = {k: v for k, v in self._cache.items() if v.until > now}
-        self._cache[digest] = reporter
-        return reporter
-
-    async def belongs(self, reporter: Reporter, key: tuple[str, str]) -> bool:
-        if reporter.namespace != key[0]:
-            return False
-        pods = self.reconciler.pods_of(key)
-        if any(p.get("metadata", {}).get("uid") == reporter.pod_uid for p in pods):
-            return True
-        # The pod may be newer than the operator's cache: ask once.
-        pod = await self.api.read_pod(reporter.namespace, reporter.pod_name)
-        if pod is None or pod.get("metadata", {}).get("uid") != reporter.pod_uid:
-            return False
-        return bool(pod["metadata"].get("annotations", {}).get(ANNOTATION_FULL_NAME) == key[1])
-
-
 class ProgressHandler:
+    """``POST .../progress``.  Everything that costs nothing is checked before anything that
+    costs the apiserver a call (see ``tokens``); the report itself is checked last."""
+
     def __init__(
         self,
         *,
         reconciler: Reconciler,
         store: ProgressStore,
-        authenticator: ReportAuthenticator,
+        gate: TokenGate,
         metrics: Metrics | None,
         is_leader: Callable[[], bool],
     ) -> None:
         self.reconciler = reconciler
         self.store = store
-        self.authenticator = authenticator
+        self.gate = gate
         self.metrics = metrics
         self.is_leader = is_leader
 
-    def _reject(self, status: int, reason: str, message: str) -> web.Response:
+    def _reject(self, status: int, reason: str, message: str, *, retry_after: int | None = None) -> web.Response:
         if self.metrics:
             self.metrics.reports.labels("rejected", reason).inc()
-        return web.json_response({"error": reason, "message": message}, status=status)
+        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+        return web.json_response({"error": reason, "message": message}, status=status, headers=headers)
 
     async def post(self, request: web.Request) -> web.Response:
         namespace = request.match_info["namespace"]
@@ -128,16 +76,39 @@ class ProgressHandler:
         if not self.is_leader():
             return web.json_response({"error": "NotLeader"}, status=503, headers={"Retry-After": "2"})
         header = request.headers.get("Authorization", "")
-        if not header.startswith("Bearer ") or not header[7:].strip():
+        token = header[7:].strip() if header.startswith("Bearer ") else ""
+        if not token:
             return self._reject(401, "Unauthenticated", "send Authorization: Bearer <the pod's report token>")
         if request.content_length is not None and request.content_length > MAX_REPORT_BYTES:
             return self._reject(413, "TooLarge", f"a report is at most {MAX_REPORT_BYTES} bytes")
         key = (namespace, name)
         if self.reconciler.ftj(key) is None:
             return self._reject(404, "UnknownJob", f"no FineTuneJob {namespace}/{name} is watched here")
+
+        claims = peek_claims(token)
+        if (
+            claims is None
+            or claims.namespace != namespace
+            or self.gate.audience not in claims.audiences
+            or claims.expires < time.time()
+        ):
+            return self._reject(403, "Forbidden", "the token is not a valid report token of a trainer pod")
+        pods = self.reconciler.current_pods(key)
+        pod = next((p for p in pods if p["metadata"].get("uid") == claims.pod_uid), None)
+        if pod is None:
+            # The Job controller names its pods JOB-xxxxx: one we have not seen may be new.
+            ours = re.fullmatch(rf"{re.escape(names.job_name(name))}-[a-z0-9]{{5}}", claims.pod_name)
+            seen = any(p["metadata"].get("uid") == claims.pod_uid for p in self.reconciler.pods_filed(key))
+            if ours and not seen and all(p["metadata"].get("name") != claims.pod_name for p in pods):
+                # Perhaps a pod the watch has not shown us yet: the trainer asks again shortly.
+                return self._reject(503, "UnknownPod", "the reporting pod is not known yet", retry_after=2)
+            return self._reject(403, "Forbidden", "the token belongs to a pod that is not this job's")
+        if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+            return self._reject(409, "Finished", "the pod has finished: its termination message is the record")
+
         try:
-            reporter = await self.authenticator.reporter(header[7:].strip())
-        except ApiError as exc:
+            outcome = await self.gate.check(token, claims)
+        except (ApiError, aiohttp.ClientError, TimeoutError) as exc:
             LOG.warning(
                 "event=token-review-failed namespace=%s name=%s error=%s",
                 namespace,
@@ -145,10 +116,12 @@ class ProgressHandler:
                 json.dumps(describe_error(exc)),
             )
             return web.json_response({"error": "ReviewFailed"}, status=503, headers={"Retry-After": "2"})
-        if reporter is None:
+        if outcome.verdict == Verdict.THROTTLED:
+            return self._reject(429, "Throttled", "too many token checks for this pod; try again", retry_after=2)
+        if outcome.reporter is None:
             return self._reject(403, "Forbidden", "the token is not a valid report token of a trainer pod")
-        if not await self.authenticator.belongs(reporter, key):
-            return self._reject(403, "Forbidden", "the token belongs to a pod of another job")
+        reporter = outcome.reporter
+
         try:
             raw = await request.content.read(MAX_REPORT_BYTES + 1)
         except ValueError:
@@ -157,8 +130,22 @@ class ProgressHandler:
             return self._reject(413, "TooLarge", f"a report is at most {MAX_REPORT_BYTES} bytes")
         try:
             event = ProgressEvent.model_validate(json.loads(raw))
-        except (ValueError, ValidationError) as exc:
-            return self._reject(422, "Invalid", str(exc)[:500])
+        except ValueError as exc:
+            if isinstance(exc, ValidationError):
+                return self._reject(400, "Invalid", redact(str(exc))[:500])
+            return self._reject(422, "Invalid", f"the report is not JSON: {exc}"[:500])
+        if event.attempt != reporter.pod_name:
+            return self._reject(
+                403,
+                "WrongAttempt",
+                f"attempt {event.attempt!r} is not the reporting pod ({reporter.pod_name}): "
+                "a pod reports its own attempt",
+            )
+        problem = check_report(event)
+        if problem is not None:
+            return self._reject(400, problem.reason, problem.message)
+        if self.reconciler.is_final(key):
+            return self._reject(409, "Finished", "the job is final: its termination message is the record")
         accepted = self.store.accept(key, event)
         if self.metrics:
             self.metrics.reports.labels("accepted" if accepted else "stale", "").inc()

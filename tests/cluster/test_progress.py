@@ -42,8 +42,12 @@ def queued_job(kube: Kube, namespace: str, name: str) -> str:
     kube.wait_phase(namespace, name, "Queued", timeout=60)
     # Settled: the operator has also copied the Job's start time (a write of its own, throttled).
     wait_for(lambda: kube.status(namespace, name).get("startTime"), timeout=30, what=f"{name}'s startTime")
-    pod = kube.pods(namespace, f"finetune.dev/job-name={name}")[0]
-    return pod_token(kube, namespace, pod)
+    return pod_token(kube, namespace, pod_of(kube, namespace, name))
+
+
+def pod_of(kube: Kube, namespace: str, name: str) -> Any:
+    """The job's pod: its name is the attempt its reports carry."""
+    return kube.pods(namespace, f"finetune.dev/job-name={name}")[0]
 
 
 def report(step: int, *, total: int = 100, stage: str = "training", attempt: str = "pod-a") -> dict[str, Any]:
@@ -92,7 +96,8 @@ def test_a_report_with_the_right_token_reaches_status_and_metrics(
     kube: Kube, namespace: str, operator: OperatorProcess
 ) -> None:
     token = queued_job(kube, namespace, "reported")
-    code, body = post(operator, namespace, "reported", token, report(42))
+    attempt = pod_of(kube, namespace, "reported").metadata.name
+    code, body = post(operator, namespace, "reported", token, report(42, attempt=attempt))
     assert (code, body) == (202, {"accepted": True})
     status = wait_for(
         lambda: (s := kube.status(namespace, "reported")).get("progress", {}).get("step") == 42 and s,
@@ -137,6 +142,7 @@ def test_a_flood_of_reports_yields_a_bounded_number_of_patches(
     from kubernetes import watch
 
     token = queued_job(kube, namespace, "flooded")
+    attempt = pod_of(kube, namespace, "flooded").metadata.name
     time.sleep(1.5)
     changes: list[int] = []
     stop = threading.Event()
@@ -165,7 +171,10 @@ def test_a_flood_of_reports_yields_a_bounded_number_of_patches(
     started = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         codes = list(
-            pool.map(lambda i: post(operator, namespace, "flooded", token, report(i, total=1000))[0], range(1, 1001))
+            pool.map(
+                lambda i: post(operator, namespace, "flooded", token, report(i, total=1000, attempt=attempt))[0],
+                range(1, 1001),
+            )
         )
     flood_seconds = time.monotonic() - started
     assert codes.count(202) == 1000
@@ -184,8 +193,9 @@ def test_a_flood_of_reports_yields_a_bounded_number_of_patches(
 
 def test_stale_reports_do_not_overwrite_newer_ones(kube: Kube, namespace: str, operator: OperatorProcess) -> None:
     token = queued_job(kube, namespace, "ordered")
-    assert post(operator, namespace, "ordered", token, report(50))[1] == {"accepted": True}
-    assert post(operator, namespace, "ordered", token, report(49))[1] == {"accepted": False}
+    attempt = pod_of(kube, namespace, "ordered").metadata.name
+    assert post(operator, namespace, "ordered", token, report(50, attempt=attempt))[1] == {"accepted": True}
+    assert post(operator, namespace, "ordered", token, report(49, attempt=attempt))[1] == {"accepted": False}
     wait_for(
         lambda: kube.status(namespace, "ordered").get("progress", {}).get("step") == 50,
         timeout=15,
@@ -193,3 +203,87 @@ def test_stale_reports_do_not_overwrite_newer_ones(kube: Kube, namespace: str, o
     )
     time.sleep(1.5)
     assert kube.status(namespace, "ordered")["progress"]["step"] == 50
+
+
+def test_reports_that_would_poison_the_status_are_refused_with_400_and_a_reason(
+    kube: Kube, namespace: str, operator: OperatorProcess
+) -> None:
+    token = queued_job(kube, namespace, "poisoned")
+    attempt = pod_of(kube, namespace, "poisoned").metadata.name
+    before = operator.metrics()
+    cases = [
+        ({"loss": float("nan")}, "NotFinite"),  # json.dumps writes NaN, as a careless client would
+        ({"learningRate": float("inf")}, "NotFinite"),
+        ({"step": 150, "totalSteps": 100}, "OutOfRange"),
+        ({"time": "9999"}, "BadTime"),
+        ({"time": "9999-12-31T23:59:59Z"}, "BadTime"),
+    ]
+    for fields, reason in cases:
+        body = json.dumps({**report(5, attempt=attempt), **fields}).encode()
+        code, answer = post(operator, namespace, "poisoned", token, body)
+        assert (code, answer.get("error")) == (400, reason), (fields, answer)
+        assert next(iter(fields)) in answer["message"] or reason == "OutOfRange"
+    # None of them froze the status: a sound report afterwards (dated now, after one "from 9999")
+    # is accepted and reaches the resource.
+    assert post(operator, namespace, "poisoned", token, report(7, attempt=attempt)) == (202, {"accepted": True})
+    wait_for(
+        lambda: kube.status(namespace, "poisoned").get("progress", {}).get("step") == 7,
+        timeout=15,
+        what="step 7 on the resource",
+    )
+    after = operator.metrics()
+    for reason in ("NotFinite", "OutOfRange", "BadTime"):
+        label = f'reason="{reason}",result="rejected"'
+        assert metric(after, "finetune_progress_reports_total", label) > metric(
+            before, "finetune_progress_reports_total", label
+        ), reason
+    assert metric(after, "finetune_status_patch_errors_total") == metric(before, "finetune_status_patch_errors_total")
+
+
+def test_a_token_counts_only_for_the_pods_the_jobs_current_job_owns(
+    kube: Kube, namespace: str, operator: OperatorProcess
+) -> None:
+    """A pod that carries the job's name, labels and annotation is not the job's pod: anyone who
+    may create pods in the namespace can make one, and its token must not write the status."""
+    token = queued_job(kube, namespace, "owned")
+    real = pod_of(kube, namespace, "owned")
+    impostor = kube.core.create_namespaced_pod(
+        namespace,
+        {
+            "metadata": {
+                "name": "owned-zzzzz",
+                "labels": dict(real.metadata.labels),
+                "annotations": {"finetune.dev/finetunejob": "owned"},
+            },
+            "spec": {
+                "restartPolicy": "Never",
+                "containers": [
+                    {
+                        "name": "trainer",
+                        "image": "busybox",
+                        "command": ["sleep", "600"],
+                        "resources": {"limits": {"nvidia.com/gpu": "8"}},
+                    }
+                ],
+                "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            },
+        },
+    )
+    impostor_token = pod_token(kube, namespace, impostor)
+    forged = report(60, attempt="owned-zzzzz")
+    # 503 only while the operator has not seen the new pod yet; then a plain no.
+    code = wait_for(
+        lambda: (c := post(operator, namespace, "owned", impostor_token, forged)[0]) != 503 and c,
+        timeout=30,
+        what="an answer other than 'not known yet'",
+    )
+    assert code == 403
+    # The real pod's token speaks for the real pod's attempt only.
+    answer = post(operator, namespace, "owned", token, report(61, attempt="owned-zzzzz"))
+    assert answer[0] == 403 and answer[1]["error"] == "WrongAttempt", answer
+    assert post(operator, namespace, "owned", token, report(62, attempt="someone-else"))[0] == 403
+    assert post(operator, namespace, "owned", token, report(63, attempt=real.metadata.name)) == (
+        202,
+        {"accepted": True},
+    )
+    wait_for(lambda: kube.status(namespace, "owned").get("progress", {}).get("step") == 63, timeout=15, what="63")

@@ -1,6 +1,6 @@
 """A FineTuneJob owns only the Job made for it: one created again under the same name (after a
 delete that kept the old Job, or while the garbage collector is still removing it) never
-takes the old Job's result for its own."""
+takes the old Job's result for its own.  And once a job is final, its record stays."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 
 from finetune_api.v1alpha1 import GROUP, PLURAL, VERSION
+from tests.cluster.test_progress import pod_token, post, report
+from tests.e2e.test_lifecycle import sha256
 from tests.jobs import job_manifest, prepare_claims
 from tests.kube import Kube, OperatorProcess, wait_for
 
@@ -74,7 +76,7 @@ def job_of(kube: Kube, namespace: str, name: str) -> Any:
 def test_a_finetunejob_made_again_never_takes_the_old_jobs_result(
     kube: Kube, namespace: str, operator: OperatorProcess, tiny_assets: Path
 ) -> None:
-    prepare_claims(kube, namespace, tiny_assets)
+    paths = prepare_claims(kube, namespace, tiny_assets)
     small = {"training": {"maxSteps": 20}, "checkpoints": {"everySteps": 0, "keepLast": 1}, "samples": {"prompts": []}}
     seen = Incarnations(kube, namespace, "a")
     try:
@@ -109,6 +111,16 @@ def test_a_finetunejob_made_again_never_takes_the_old_jobs_result(
         # Its own pod ran before it was Succeeded: never the old Job's result.
         ran = pods[0].status.container_statuses[0].state.terminated
         assert ran.started_at.strftime("%Y-%m-%dT%H:%M:%SZ") <= status["completionTime"]
+
+        # Final: the record is the trainer's own; a report now (with the finished pod's token,
+        # which stays good while the pod exists) changes nothing.
+        token = pod_token(kube, namespace, pods[0])
+        forged = report(20, total=20, stage="done", attempt=pods[0].metadata.name)
+        forged["files"] = [{"path": "a.safetensors", "sizeBytes": 1, "sha256": "00" * 32}]
+        code, answer = post(operator, namespace, "a", token, forged)
+        assert (code, answer["error"]) == (409, "Finished"), answer
+        files = {f["path"]: f for f in kube.status(namespace, "a")["output"]["files"]}
+        assert files["a.safetensors"]["sha256"] == sha256(paths["outputs"] / "a" / "a.safetensors")
 
         # Twenty times: delete and create again at once, the garbage collector behind (the first
         # time the old Job is a completed one). Each time, only its own Job.
