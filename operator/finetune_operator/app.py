@@ -96,7 +96,11 @@ async def run_operator(settings: OperatorSettings, *, stop: asyncio.Event | None
     if settings.web:
         from finetune_operator.web import web_app
 
-        runners.append(await serve(web_app(reconciler, store, api), host=settings.bind_address, port=settings.web_port))
+        runners.append(
+            await serve(
+                web_app(reconciler, store, api, metrics=metrics), host=settings.bind_address, port=settings.web_port
+            )
+        )
 
     registry = build_registry(reconciler)
 

@@ -73,9 +73,9 @@ def _collection(obj: dict[str, Any]) -> str:
 class KubeAPI:
     """A few typed calls over one aiohttp session; ``configure`` it once kopf has logged in.
 
-    TokenReviews (which anyone who reaches the progress endpoint can cause) go over a small
-    pool of their own: however many of them wait, Job creation and the leader's Lease renewals
-    never queue behind them."""
+    Reviews (TokenReviews and SubjectAccessReviews, which anyone who reaches the progress
+    endpoint or the web page can cause) go over a small pool of their own: however many of
+    them wait, Job creation and the leader's Lease renewals never queue behind them."""
 
     REVIEW_CONNECTIONS = 4
 
@@ -278,6 +278,24 @@ class KubeAPI:
             spec["audiences"] = [audience]
         body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": spec}
         result = await self.request("POST", "/apis/authentication.k8s.io/v1/tokenreviews", body=body, review=True)
+        return dict(result.get("status") or {})
+
+    async def review_access(self, user: dict[str, Any], *, attributes: dict[str, Any]) -> dict[str, Any]:
+        """A SubjectAccessReview: whether ``user`` (a TokenReview's ``status.user``) may do
+        what ``attributes`` (a ``resourceAttributes``) says."""
+        spec: dict[str, Any] = {
+            "user": user.get("username", ""),
+            "groups": list(user.get("groups") or []),
+            "resourceAttributes": attributes,
+        }
+        if user.get("uid"):
+            spec["uid"] = user["uid"]
+        if user.get("extra"):
+            spec["extra"] = user["extra"]
+        body = {"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview", "spec": spec}
+        result = await self.request(
+            "POST", "/apis/authorization.k8s.io/v1/subjectaccessreviews", body=body, review=True
+        )
         return dict(result.get("status") or {})
 
     # --- leader election -------------------------------------------------------------------------

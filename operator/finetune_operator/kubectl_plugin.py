@@ -8,18 +8,25 @@ kubectl finds this as a plugin (the console script ``kubectl-ftj`` on the PATH):
     kubectl ftj logs NAME [-n NS] [-f]            the trainer's log, current attempt
 
 It talks to the cluster through kubectl itself (your kubeconfig, context and namespace), and
-for thumbnails to the operator's read-only web API: through the apiserver's service proxy by
-default, or at ``--operator-url`` / ``$FINETUNE_OPERATOR_URL``.
+for thumbnails to the operator's read-only web API: through ``kubectl port-forward`` to its
+Service by default, or at ``--operator-url`` / ``$FINETUNE_OPERATOR_URL``.  That API lets you
+see a namespace's jobs only if Kubernetes lets you list its FineTuneJobs: it is sent your
+bearer token (``--token``, ``$FINETUNE_TOKEN``, or your kubeconfig's).  The apiserver's
+service proxy would not pass the token on, so it is not used.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
+import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,19 +95,69 @@ def list_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _operator_get(args: argparse.Namespace, path: str) -> bytes:
+def _token(args: argparse.Namespace) -> str:
+    token = args.token or os.environ.get("FINETUNE_TOKEN", "")
+    if token:
+        return str(token)
+    token = _kubectl(args, "config", "view", "--minify", "--raw", "-o", "jsonpath={.users[0].user.token}").strip()
+    if not token:
+        raise SystemExit(
+            "the operator's web API needs a bearer token and your kubeconfig has none (client certificates or "
+            "an exec plugin): pass --token (e.g. from kubectl create token) or set FINETUNE_TOKEN"
+        )
+    return token
+
+
+@contextlib.contextmanager
+def _operator(args: argparse.Namespace) -> Iterator[str]:
+    """The operator's web address: ``--operator-url``, else a ``kubectl port-forward`` to its
+    Service for as long as the block runs."""
     url = args.operator_url or os.environ.get("FINETUNE_OPERATOR_URL", "")
     if url:
-        with urllib.request.urlopen(url.rstrip("/") + path, timeout=30) as response:
+        yield url.rstrip("/")
+        return
+    forward = subprocess.Popen(
+        [
+            *_kubectl_base(args),
+            "port-forward",
+            "-n",
+            args.operator_namespace,
+            f"service/{args.operator_service}",
+            ":web",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert forward.stdout is not None
+        match = re.search(r"127\.0\.0\.1:(\d+)", forward.stdout.readline())
+        if match is None:
+            forward.terminate()
+            error = (forward.communicate(timeout=10)[1] or "").strip()
+            raise SystemExit(
+                f"cannot reach the operator's web API (kubectl port-forward service/{args.operator_service} "
+                f"-n {args.operator_namespace}): {error} (install the chart with web.enabled=true, or pass "
+                "--operator-url)"
+            )
+        yield f"http://127.0.0.1:{match[1]}"
+    finally:
+        forward.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            forward.wait(timeout=10)
+
+
+def _operator_get(base: str, path: str, token: str) -> bytes:
+    request = urllib.request.Request(base + path, headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
             return bytes(response.read())
-    proxy = f"/api/v1/namespaces/{args.operator_namespace}/services/{args.operator_service}:web/proxy{path}"
-    result = subprocess.run([*_kubectl_base(args), "get", "--raw", proxy], capture_output=True, check=False)
-    if result.returncode != 0:
-        raise SystemExit(
-            f"cannot reach the operator's web API through {proxy}: {result.stderr.decode().strip()} "
-            "(install the chart with web.enabled=true, or pass --operator-url)"
-        )
-    return bytes(result.stdout)
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read()).get("message", "")
+        except ValueError:
+            message = ""
+        raise SystemExit(f"the operator's web API answered {exc.code} for {path}: {message or exc.reason}") from None
 
 
 def samples(args: argparse.Namespace) -> int:
@@ -112,16 +169,18 @@ def samples(args: argparse.Namespace) -> int:
     uri = output.get("uri") or ""
     if uri.startswith(("s3://", "gs://")):
         return _samples_from_store(job, uri, out)
-    detail = json.loads(_operator_get(args, f"/api/jobs/{namespace}/{args.name}"))
-    thumbnails = detail.get("thumbnails") or []
-    if not thumbnails:
-        print(f"{namespace}/{args.name} has no samples yet", file=sys.stderr)
-        return 1
-    for thumb in thumbnails:
-        data = _operator_get(args, f"/api/jobs/{namespace}/{args.name}/thumbnails/{thumb['index']}.jpg")
-        target = out / (Path(thumb["name"]).stem + ".jpg")
-        target.write_bytes(data)
-        print(f"{target}  (step {thumb['step']}: {thumb['prompt']})")
+    token = _token(args)
+    with _operator(args) as base:
+        detail = json.loads(_operator_get(base, f"/api/jobs/{namespace}/{args.name}", token))
+        thumbnails = detail.get("thumbnails") or []
+        if not thumbnails:
+            print(f"{namespace}/{args.name} has no samples yet", file=sys.stderr)
+            return 1
+        for thumb in thumbnails:
+            data = _operator_get(base, f"/api/jobs/{namespace}/{args.name}/thumbnails/{thumb['index']}.jpg", token)
+            target = out / (Path(thumb["name"]).stem + ".jpg")
+            target.write_bytes(data)
+            print(f"{target}  (step {thumb['step']}: {thumb['prompt']})")
     return 0
 
 
@@ -177,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     pictures.add_argument("name")
     pictures.add_argument("-n", "--namespace", default="")
     pictures.add_argument("-o", "--output", required=True, help="directory to write the pictures to")
-    pictures.add_argument("--operator-url", default="", help="the operator's web address (default: service proxy)")
+    pictures.add_argument("--operator-url", default="", help="the operator's web address (default: port-forward)")
+    pictures.add_argument("--token", default="", help="bearer token for the web API (default: your kubeconfig's)")
     pictures.add_argument("--operator-namespace", default="finetune-system")
     pictures.add_argument("--operator-service", default="finetune-operator")
     pictures.set_defaults(run=samples)

@@ -428,8 +428,10 @@ class Reconciler:
         job: dict[str, Any] | None = None,
     ) -> None:
         """A final status is written: only now may the Job's TTL delete it (with its pods and
-        their termination messages, the fallback record of the result)."""
+        their termination messages, the fallback record of the result), and what is kept of
+        the job's reports shrinks to what a finished job shows."""
         self._track_gpu(key, status, memory)
+        self.progress.finish(key)
         ttl = ((body.get("spec") or {}).get("runPolicy") or {}).get("ttlSecondsAfterFinished")
         if ttl is None:
             return

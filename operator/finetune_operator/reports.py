@@ -4,6 +4,10 @@ The progress server puts accepted reports here; the reconciler reads the newest
 when it computes a status.  Old or repeated reports are dropped: a retried
 trainer's client may deliver an event twice or out of order, and a report from an
 earlier attempt must not overwrite the current one.
+
+What the store keeps per job is bounded, and smaller still once the job is final: a finished
+job keeps a short loss curve and its headline numbers; only the most recently finished few keep
+their sample thumbnails.  Memory does not grow with every job ever run.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,6 +27,10 @@ FINAL_STAGES = {Stage.DONE, Stage.FAILED}
 
 
 HISTORY_POINTS = 1000
+# A finished job's loss curve: enough for the job page's chart and the list's sparkline.
+FINISHED_HISTORY_POINTS = 120
+# Finished jobs whose thumbnails stay (newest first); the others keep none.
+FINISHED_WITH_THUMBNAILS = 32
 # A trainer's clock may run ahead of ours by this much; a report from further ahead would make
 # every later report look stale.
 CLOCK_SKEW = dt.timedelta(minutes=5)
@@ -85,10 +94,19 @@ def _thin(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
     return [*points[:-1:2], points[-1]]
 
 
+def _shrink(points: list[tuple[int, float]], size: int) -> list[tuple[int, float]]:
+    while len(points) > size:
+        points = _thin(points)
+    return points
+
+
 class ProgressStore:
     def __init__(self, *, on_update: Callable[[Key, bool], None] | None = None) -> None:
         self._entries: dict[Key, Entry] = {}
         self._history: dict[Key, list[tuple[int, float]]] = {}
+        # Finished jobs that still have their thumbnails, oldest first: whose to drop next.
+        self._finished: OrderedDict[Key, None] = OrderedDict()
+        self._done: set[Key] = set()
         self.on_update = on_update
 
     def accept(self, key: Key, event: ProgressEvent) -> bool:
@@ -118,6 +136,26 @@ class ProgressStore:
             self.on_update(key, event.stage in FINAL_STAGES)
         return True
 
+    def finish(self, key: Key) -> None:
+        """The job is final: keep only what the web page shows of a finished job."""
+        if key in self._done:
+            return
+        self._done.add(key)
+        self._finished[key] = None
+        entry = self._entries.get(key)
+        if entry is not None:
+            entry.event = entry.event.model_copy(
+                update={"files": [], "checkpoints": [], "samples": [], "settings": {}, "warnings": [], "message": ""}
+            )
+        history = self._history.get(key)
+        if history:
+            self._history[key] = _shrink(history, FINISHED_HISTORY_POINTS)
+        while len(self._finished) > FINISHED_WITH_THUMBNAILS:
+            oldest, _ = self._finished.popitem(last=False)
+            old = self._entries.get(oldest)
+            if old is not None and old.event.thumbnails:
+                old.event = old.event.model_copy(update={"thumbnails": []})
+
     def latest(self, key: Key) -> ProgressEvent | None:
         entry = self._entries.get(key)
         return entry.event if entry else None
@@ -129,6 +167,14 @@ class ProgressStore:
     def forget(self, key: Key) -> None:
         self._entries.pop(key, None)
         self._history.pop(key, None)
+        self._finished.pop(key, None)
+        self._done.discard(key)
+
+    def retained_bytes(self) -> int:
+        """About how many bytes of reports and loss curves the store holds (for tests and
+        /metrics): the JSON size of every kept event plus 16 bytes a history point."""
+        events = sum(len(e.event.model_dump_json()) for e in self._entries.values())
+        return events + 16 * sum(len(h) for h in self._history.values())
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -5,21 +5,35 @@ and its Events.
 Everything comes from what the operator already holds (its caches and the newest progress
 report of each job) plus one Events list per job page.  No write actions, no Secrets; the
 pages fill themselves from JSON with ``textContent``, so nothing a user typed (a prompt, a
-message) is ever parsed as HTML.  ``?namespace=NS`` filters, on the pages and the API.
+message) is ever parsed as HTML.
+
+Who sees what is Kubernetes' decision (``WebAccess``): every API request carries a bearer
+token, the apiserver says whose it is (a TokenReview) and whether they may ``list
+finetunejobs`` in the namespace asked (a SubjectAccessReview; with no ``?namespace=``, in all
+namespaces).  The HTML and script carry no data and need no token.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from enum import StrEnum
 from importlib import resources
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
+from finetune_api.redact import redact
+from finetune_api.v1alpha1 import GROUP, PLURAL
 from finetune_operator.kubeapi import ApiError, KubeAPI
+from finetune_operator.metrics import Metrics
 from finetune_operator.reconciler import Reconciler
 from finetune_operator.reports import ProgressStore
+from finetune_operator.tokens import TokenGate
 
 SPARKLINE_POINTS = 60
 
@@ -35,11 +49,158 @@ def _sparkline(points: list[tuple[int, float]]) -> list[float]:
     return [points[int(i * stride)][1] for i in range(SPARKLINE_POINTS - 1)] + [points[-1][1]]
 
 
+class Access(StrEnum):
+    ALLOWED = "allowed"
+    UNAUTHENTICATED = "unauthenticated"
+    FORBIDDEN = "forbidden"
+    THROTTLED = "throttled"
+
+
+@dataclass(frozen=True)
+class Identity:
+    user: dict[str, Any] | None
+    until: float
+
+
+class WebAccess:
+    """Bearer token -> may its holder list FineTuneJobs in a namespace?  Asked of the apiserver
+    (TokenReview, then SubjectAccessReview) and remembered for ``seconds``.
+
+    Reviews go over the API client's review pool; at most ``max_concurrent`` at once and about
+    ``rate`` a second (a person sends one token, not thousands): beyond that the answer is 429."""
+
+    def __init__(
+        self,
+        api: KubeAPI,
+        *,
+        metrics: Metrics | None = None,
+        seconds: float = 30.0,
+        max_concurrent: int = 4,
+        rate: float = 5.0,
+        burst: float = 20.0,
+        max_remembered: int = 10000,
+    ) -> None:
+        self.api = api
+        self.metrics = metrics
+        self.seconds = seconds
+        self.max_concurrent = max_concurrent
+        self.rate = rate
+        self.burst = burst
+        self.max_remembered = max_remembered
+        self._identities: OrderedDict[str, Identity] = OrderedDict()
+        self._decisions: OrderedDict[tuple[str, str], tuple[bool, float]] = OrderedDict()
+        self._in_flight = 0
+        self._allowance = burst
+        self._refilled = time.monotonic()
+
+    def _take(self) -> bool:
+        now = time.monotonic()
+        self._allowance = min(self.burst, self._allowance + (now - self._refilled) * self.rate)
+        self._refilled = now
+        if self._in_flight >= self.max_concurrent or self._allowance < 1:
+            return False
+        self._allowance -= 1
+        return True
+
+    def _count(self, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.token_reviews.labels("web", result).inc()
+
+    @staticmethod
+    def _remember(table: OrderedDict[Any, Any], key: Any, value: Any, limit: int) -> None:
+        table[key] = value
+        table.move_to_end(key)
+        while len(table) > limit:
+            table.popitem(last=False)
+
+    async def _identity(self, token: str, digest: str) -> Identity | None:
+        now = time.monotonic()
+        known = self._identities.get(digest)
+        if known is not None and known.until > now:
+            return known
+        if not self._take():
+            return None
+        self._in_flight += 1
+        try:
+            status = await self.api.review_token(token, audience=None)
+        finally:
+            self._in_flight -= 1
+        user = status.get("user") if status.get("authenticated") else None
+        self._count("token-accepted" if user else "token-refused")
+        identity = Identity(user=dict(user) if isinstance(user, dict) else None, until=now + self.seconds)
+        self._remember(self._identities, digest, identity, self.max_remembered)
+        return identity
+
+    async def check(self, token: str, namespace: str) -> Access:
+        """Whether the bearer of ``token`` may list FineTuneJobs in ``namespace`` ("" = all)."""
+        if not token:
+            return Access.UNAUTHENTICATED
+        digest = TokenGate.digest(token)
+        now = time.monotonic()
+        decided = self._decisions.get((digest, namespace))
+        if decided is not None and decided[1] > now:
+            return Access.ALLOWED if decided[0] else Access.FORBIDDEN
+        identity = await self._identity(token, digest)
+        if identity is None:
+            return Access.THROTTLED
+        if identity.user is None:
+            return Access.UNAUTHENTICATED
+        if not self._take():
+            return Access.THROTTLED
+        self._in_flight += 1
+        try:
+            status = await self.api.review_access(
+                identity.user,
+                attributes={"namespace": namespace, "verb": "list", "group": GROUP, "resource": PLURAL},
+            )
+        finally:
+            self._in_flight -= 1
+        allowed = bool(status.get("allowed")) and not status.get("denied")
+        self._count("access-allowed" if allowed else "access-denied")
+        self._remember(self._decisions, (digest, namespace), (allowed, now + self.seconds), self.max_remembered)
+        return Access.ALLOWED if allowed else Access.FORBIDDEN
+
+
 class WebPage:
-    def __init__(self, reconciler: Reconciler, store: ProgressStore, api: KubeAPI) -> None:
+    def __init__(self, reconciler: Reconciler, store: ProgressStore, api: KubeAPI, access: WebAccess) -> None:
         self.reconciler = reconciler
         self.store = store
         self.api = api
+        self.access = access
+
+    async def _authorize(self, request: web.Request, namespace: str) -> None:
+        """Raise the HTTP error a request without the right to list FineTuneJobs in
+        ``namespace`` ("" = all namespaces) gets."""
+        header = request.headers.get("Authorization", "")
+        token = header[7:].strip() if header.startswith("Bearer ") else ""
+        try:
+            access = await self.access.check(token, namespace)
+        except (ApiError, aiohttp.ClientError, TimeoutError):
+            raise web.HTTPServiceUnavailable(
+                text='{"error": "ReviewFailed", "message": "the apiserver did not answer; try again"}',
+                content_type="application/json",
+                headers={"Retry-After": "2", **_headers()},
+            ) from None
+        where = f"in namespace {namespace}" if namespace else "in all namespaces (add ?namespace=NAME)"
+        if access == Access.UNAUTHENTICATED:
+            raise web.HTTPUnauthorized(
+                text='{"error": "Unauthenticated", "message": "send Authorization: Bearer <token>: your '
+                "kubeconfig's, or one from kubectl create token\"}",
+                content_type="application/json",
+                headers={"WWW-Authenticate": "Bearer", **_headers()},
+            )
+        if access == Access.THROTTLED:
+            raise web.HTTPTooManyRequests(
+                text='{"error": "Throttled", "message": "too many token checks; try again"}',
+                content_type="application/json",
+                headers={"Retry-After": "2", **_headers()},
+            )
+        if access == Access.FORBIDDEN:
+            raise web.HTTPForbidden(
+                text=f'{{"error": "Forbidden", "message": "this token may not list finetunejobs {where}"}}',
+                content_type="application/json",
+                headers=_headers(),
+            )
 
     def _summary(self, key: tuple[str, str]) -> dict[str, Any] | None:
         body = self.reconciler.ftj(key)
@@ -58,7 +219,7 @@ class WebPage:
             "name": key[1],
             "phase": status.get("phase") or "Pending",
             "reason": status.get("reason") or "",
-            "message": status.get("message") or "",
+            "message": redact(status.get("message") or ""),
             "step": progress.get("step"),
             "totalSteps": progress.get("totalSteps"),
             "percent": progress.get("percent") or 0,
@@ -70,8 +231,7 @@ class WebPage:
             "created": body.get("metadata", {}).get("creationTimestamp"),
         }
 
-    def _keys(self, request: web.Request) -> list[tuple[str, str]]:
-        namespace = request.query.get("namespace")
+    def _keys(self, namespace: str) -> list[tuple[str, str]]:
         keys = sorted(self.reconciler.keys())
         return [k for k in keys if not namespace or k[0] == namespace]
 
@@ -81,12 +241,18 @@ class WebPage:
     async def job_page(self, request: web.Request) -> web.Response:
         return web.Response(text=_static("job.html"), content_type="text/html", headers=_headers())
 
+    async def script(self, request: web.Request) -> web.Response:
+        return web.Response(text=_static("auth.js"), content_type="text/javascript", headers=_headers())
+
     async def jobs(self, request: web.Request) -> web.Response:
-        items = [s for k in self._keys(request) if (s := self._summary(k)) is not None]
+        namespace = request.query.get("namespace", "")
+        await self._authorize(request, namespace)
+        items = [s for k in self._keys(namespace) if (s := self._summary(k)) is not None]
         return web.json_response({"items": items}, headers=_headers())
 
     async def job(self, request: web.Request) -> web.Response:
         key = (request.match_info["namespace"], request.match_info["name"])
+        await self._authorize(request, key[0])
         summary = self._summary(key)
         if summary is None:
             raise web.HTTPNotFound(text="no such FineTuneJob")
@@ -105,7 +271,7 @@ class WebPage:
             {
                 "type": e.get("type"),
                 "reason": e.get("reason"),
-                "message": e.get("message"),
+                "message": redact(str(e.get("message") or "")),
                 "time": e.get("eventTime") or e.get("lastTimestamp"),
             }
             for e in events
@@ -114,6 +280,7 @@ class WebPage:
 
     async def thumbnail(self, request: web.Request) -> web.Response:
         key = (request.match_info["namespace"], request.match_info["name"])
+        await self._authorize(request, key[0])
         event = self.store.latest(key)
         index = int(request.match_info["index"])
         if self.reconciler.ftj(key) is None or event is None or not 0 <= index < len(event.thumbnails):
@@ -128,17 +295,20 @@ class WebPage:
 def _headers() -> dict[str, str]:
     # Read-only pages: nothing from elsewhere may run in them.
     return {
-        "Content-Security-Policy": "default-src 'self'; img-src 'self'; style-src 'self' 'unsafe-inline'; "
+        "Content-Security-Policy": "default-src 'self'; img-src 'self' blob:; style-src 'self' 'unsafe-inline'; "
         "script-src 'self' 'unsafe-inline'; frame-ancestors 'none'",
         "X-Content-Type-Options": "nosniff",
         "Cache-Control": "no-store",
     }
 
 
-def web_app(reconciler: Reconciler, store: ProgressStore, api: KubeAPI) -> web.Application:
-    page = WebPage(reconciler, store, api)
+def web_app(
+    reconciler: Reconciler, store: ProgressStore, api: KubeAPI, *, metrics: Metrics | None = None
+) -> web.Application:
+    page = WebPage(reconciler, store, api, WebAccess(api, metrics=metrics))
     app = web.Application()
     app.router.add_get("/", page.index)
+    app.router.add_get("/auth.js", page.script)
     app.router.add_get("/jobs/{namespace}/{name}", page.job_page)
     app.router.add_get("/api/jobs", page.jobs)
     app.router.add_get("/api/jobs/{namespace}/{name}", page.job)

@@ -113,6 +113,8 @@ def test_rbac_has_no_wildcards_and_secures_the_pod() -> None:
         for rule in doc.get("rules", []):
             for field in ("apiGroups", "resources", "verbs"):
                 assert "*" not in rule[field], rule
+            # Without the web page, nobody's access is the operator's to ask about.
+            assert "subjectaccessreviews" not in rule["resources"], rule
     deployment = next(d for d in docs if d["kind"] == "Deployment")
     pod = deployment["spec"]["template"]["spec"]
     container = pod["containers"][0]
@@ -130,10 +132,14 @@ def test_every_optional_feature_renders() -> None:
     kinds = [d["kind"] for d in docs]
     for kind in ("ServiceMonitor", "NetworkPolicy", "PodDisruptionBudget"):
         assert kind in kinds
-    # Watching two namespaces: the job permissions are Roles there; only TokenReviews are cluster-wide.
+    # Watching two namespaces: the job permissions are Roles there; only the reviews are cluster-wide
+    # (TokenReviews; with the web page, SubjectAccessReviews for its readers).
     cluster_roles = [d for d in docs if d["kind"] == "ClusterRole"]
     assert [r["rules"] for r in cluster_roles] == [
-        [{"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]}]
+        [
+            {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
+            {"apiGroups": ["authorization.k8s.io"], "resources": ["subjectaccessreviews"], "verbs": ["create"]},
+        ]
     ]
     roles = [d for d in docs if d["kind"] == "Role" and d["metadata"]["namespace"] in ("team-a", "team-b")]
     assert len(roles) == 2

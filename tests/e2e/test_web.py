@@ -37,8 +37,11 @@ CHROMIUM_ARGS = [
 HOSTILE_PROMPT = 'a photo of sks toy <img src=x onerror="document.title=1"><b>bold</b>'
 
 
-def api(operator: OperatorProcess, path: str) -> Any:
-    with urllib.request.urlopen(f"http://127.0.0.1:{operator.web_port}{path}", timeout=10) as response:
+def api(operator: OperatorProcess, path: str, token: str) -> Any:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{operator.web_port}{path}", headers={"Authorization": f"Bearer {token}"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
         return json.loads(response.read())
 
 
@@ -60,7 +63,7 @@ def watched(kube: Kube, operator: OperatorProcess, tiny_assets: Path) -> Iterato
     kube.create_ftj(namespace, manifest)
 
     def with_thumbnails() -> Any:
-        items = api(operator, f"/api/jobs?namespace={namespace}")["items"]
+        items = api(operator, f"/api/jobs?namespace={namespace}", kube.cluster.admin_token)["items"]
         return items[0] if items and items[0]["thumbnails"] and items[0]["phase"] == "Training" else None
 
     wait_for(with_thumbnails, timeout=300, what="a Training job with sample thumbnails on the web API")
@@ -68,7 +71,9 @@ def watched(kube: Kube, operator: OperatorProcess, tiny_assets: Path) -> Iterato
     kube.core.delete_namespace(namespace)
 
 
-def test_page_shows_a_running_job_with_samples_and_updates_itself(operator: OperatorProcess, watched: str) -> None:
+def test_page_shows_a_running_job_with_samples_and_updates_itself(
+    kube: Kube, operator: OperatorProcess, watched: str
+) -> None:
     from playwright.sync_api import sync_playwright
 
     namespace = watched
@@ -76,7 +81,7 @@ def test_page_shows_a_running_job_with_samples_and_updates_itself(operator: Oper
     if chromium is None:
         pytest.fail("chromium is not installed: `make test` installs Debian's chromium package")
     # Another namespace's jobs are filtered out.
-    assert api(operator, "/api/jobs?namespace=nobody-here")["items"] == []
+    assert api(operator, "/api/jobs?namespace=nobody-here", kube.cluster.admin_token)["items"] == []
 
     shots = ARTIFACTS / "web"
     shots.mkdir(parents=True, exist_ok=True)
@@ -84,7 +89,10 @@ def test_page_shows_a_running_job_with_samples_and_updates_itself(operator: Oper
         browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1200, "height": 700})
+            # The page asks for a token and Kubernetes decides what it shows: the admin's here.
             page.goto(f"http://127.0.0.1:{operator.web_port}/?namespace={namespace}")
+            page.locator("#login input").fill(kube.cluster.admin_token)
+            page.locator("#login button").click()
             row = page.locator(f'tr[data-job="{namespace}/watched"]')
             row.wait_for(timeout=15000)
             assert "Training" in row.inner_text()

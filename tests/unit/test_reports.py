@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from finetune_api.report import ProgressEvent
+from finetune_api.report import ProgressEvent, Thumbnail
 from finetune_operator.reports import ProgressStore, check_report
 from finetune_operator.tokens import peek_claims, reporter_from_review
 
@@ -55,6 +55,52 @@ def test_reports_of_two_attempts_are_ordered_by_time_not_by_its_spelling() -> No
     # The same moment in another zone: later than 12:00:09Z, though "11:..." sorts before "12:...".
     assert store.accept(("ns", "a"), report(attempt="a-2", time="2026-11-25T11:00:10-01:00", step=1))
     assert not store.accept(("ns", "a"), report(attempt="a-1", time="2026-11-25T12:00:05Z", seq=9, step=10))
+
+
+def _thumbnail(step: int) -> Thumbnail:
+    return Thumbnail(name=f"step-{step:06d}-0.png", step=step, jpeg_base64=base64.b64encode(b"j" * 6000).decode())
+
+
+def test_what_is_kept_of_finished_jobs_stays_bounded() -> None:
+    store = ProgressStore()
+
+    def run(number: int) -> ProgressEvent:
+        key = ("ns", f"job-{number}")
+        for step in range(1, 1001):
+            store.accept(key, report(seq=step, step=step, totalSteps=1000, loss=1.0 / step))
+        last = report(
+            seq=2000,
+            stage="done",
+            step=1000,
+            totalSteps=1000,
+            loss=0.001,
+            thumbnails=[_thumbnail(1000).model_dump(by_alias=True) for _ in range(16)],
+            samples=[f"/data/out/samples/step-{i:06d}-0.png" for i in range(500)],
+            files=[{"path": f"diffusers/f{i}", "sizeBytes": 1, "sha256": "ab" * 32} for i in range(500)],
+        )
+        store.accept(key, last)
+        return last
+
+    running = run(0)
+    a_running_job = store.retained_bytes()
+    assert a_running_job > len(running.model_dump_json()) > 200_000
+    store.finish(("ns", "job-0"))
+    for number in range(1, 100):
+        run(number)
+        store.finish(("ns", f"job-{number}"))
+        store.finish(("ns", f"job-{number}"))  # every reconcile of a final job says so again: no harm
+    after_100 = store.retained_bytes()
+    for number in range(100, 200):
+        run(number)
+        store.finish(("ns", f"job-{number}"))
+    # Past the newest few (which keep their thumbnails), a finished job costs a few KB, not the
+    # 200+ KB of its last report and curve.
+    assert (store.retained_bytes() - after_100) / 100 < 4000
+    newest, oldest = ("ns", "job-199"), ("ns", "job-0")
+    assert store.latest(newest).thumbnails  # type: ignore[union-attr]
+    assert not store.latest(oldest).thumbnails  # type: ignore[union-attr]
+    assert store.latest(oldest).loss == 0.001  # type: ignore[union-attr]
+    assert 2 <= len(store.history(oldest)) <= 120
 
 
 def _jwt(payload: dict[str, Any]) -> str:

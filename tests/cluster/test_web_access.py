@@ -1,0 +1,91 @@
+"""The web page shows a namespace's jobs (photos of real people among them) only to those
+Kubernetes lets list that namespace's FineTuneJobs: the operator asks the apiserver."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+import pytest
+
+from tests.bad_specs import good_manifest
+from tests.kube import Kube, OperatorProcess, wait_for
+
+pytestmark = pytest.mark.cluster
+
+
+def get(operator: OperatorProcess, path: str, token: str | None) -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(f"http://127.0.0.1:{operator.web_port}{path}", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def viewer_token(kube: Kube, namespace: str) -> str:
+    """A ServiceAccount's token that may list FineTuneJobs in ``namespace`` and nowhere else."""
+    kube.core.create_namespaced_service_account(namespace, {"metadata": {"name": "viewer"}})
+    kube.rbac.create_namespaced_role(
+        namespace,
+        {
+            "metadata": {"name": "ftj-viewer"},
+            "rules": [{"apiGroups": ["finetune.dev"], "resources": ["finetunejobs"], "verbs": ["get", "list"]}],
+        },
+    )
+    kube.rbac.create_namespaced_role_binding(
+        namespace,
+        {
+            "metadata": {"name": "ftj-viewer"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "ftj-viewer"},
+            "subjects": [{"kind": "ServiceAccount", "name": "viewer", "namespace": namespace}],
+        },
+    )
+    request = {"spec": {"expirationSeconds": 3600}}
+    return str(kube.core.create_namespaced_service_account_token("viewer", namespace, request).status.token)
+
+
+def test_the_web_api_shows_a_namespace_only_to_those_who_may_list_its_jobs(
+    kube: Kube, namespace: str, operator: OperatorProcess
+) -> None:
+    other = f"{namespace[:50]}-other"
+    kube.create_namespace(other)
+    try:
+        for where, name in ((namespace, "mine"), (other, "theirs")):
+            manifest = good_manifest(name)
+            manifest["spec"]["resources"] = {"gpus": 8}
+            kube.create_ftj(where, manifest)
+        admin = kube.cluster.admin_token
+        wait_for(
+            lambda: get(operator, f"/api/jobs?namespace={other}", admin)[1].get("items"),
+            timeout=30,
+            what="the operator to see both jobs",
+        )
+        viewer = viewer_token(kube, namespace)
+
+        # No token, a made-up token: nothing, whatever the filter says.
+        for path in (f"/api/jobs?namespace={namespace}", "/api/jobs", f"/api/jobs/{namespace}/mine"):
+            assert get(operator, path, None)[0] == 401, path
+            assert get(operator, path, "made-up-token")[0] == 401, path
+        # The viewer sees its namespace...
+        code, body = get(operator, f"/api/jobs?namespace={namespace}", viewer)
+        assert code == 200 and [j["name"] for j in body["items"]] == ["mine"]
+        assert get(operator, f"/api/jobs/{namespace}/mine", viewer)[0] == 200
+        # ...and not another one, nor all of them; ?namespace= is a question, not a filter.
+        for path in (f"/api/jobs?namespace={other}", "/api/jobs", f"/api/jobs/{other}/theirs"):
+            code, body = get(operator, path, viewer)
+            assert code == 403, (path, body)
+            assert "may not list finetunejobs" in body["message"]
+        code, _ = get(operator, f"/api/jobs/{other}/theirs/thumbnails/0.jpg", viewer)
+        assert code == 403
+        # Someone who may list everywhere sees everything.
+        code, body = get(operator, "/api/jobs", admin)
+        assert code == 200 and {"mine", "theirs"} <= {j["name"] for j in body["items"]}
+        # The page itself carries no data and opens without a token.
+        with urllib.request.urlopen(f"http://127.0.0.1:{operator.web_port}/", timeout=10) as page:
+            assert page.status == 200 and b"auth.js" in page.read()
+    finally:
+        kube.core.delete_namespace(other)
