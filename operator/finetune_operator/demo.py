@@ -199,8 +199,10 @@ class Demo:
         sample_files = sorted((local_output / "samples").glob("*.png")) if (local_output / "samples").is_dir() else []
         if sample_files:
             print(f"                        ->  {sample_files[-1]}")
-        if self.keep:
-            print(f"  the web page:         http://127.0.0.1:{self.ports['web']}/?namespace={NAMESPACE}")
+        if self.keep and self.cluster is not None:
+            # The page shows what the token's holder may list: here the local cluster's admin.
+            page = f"http://127.0.0.1:{self.ports['web']}/?namespace={NAMESPACE}#token={self.cluster.admin_token}"
+            print(f"  the web page:         {page}")
         print("  look at it with kubectl:")
         print(f"    export KUBECONFIG={self.state_dir / 'kubeconfig'}")
         print("    kubectl -n demo get ftj demo")
