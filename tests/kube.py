@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -44,10 +45,22 @@ def wait_for(check: Callable[[], T | None], *, timeout: float = 60, interval: fl
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what or check}: last saw {last!r}")
 
 
+# Below the kernel's ephemeral range (32768-60999 by default): the test operator keeps its ports
+# across a stop and a start, and while it is down an outgoing connection's local port (drawn
+# from the ephemeral range) could take one, and its restart would fail.
+PORTS = range(20000, 32000)
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    for _ in range(500):
+        port = random.choice(PORTS)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free loopback port in {PORTS.start}-{PORTS.stop - 1}")
 
 
 @dataclass

@@ -157,6 +157,8 @@ def test_a_flood_of_bad_report_tokens_costs_nothing(kube: Kube, namespace: str, 
         if generator is not None and generator.poll() is None:
             generator.kill()
             generator.wait()
+        # Nothing of this test for the next operator to act on while the namespace goes away.
+        kube.kubectl("-n", namespace, "delete", "ftj", "--all", "--wait=true", "--timeout=60s", check=False)
         flooded.stop()
         operator.start()
 
