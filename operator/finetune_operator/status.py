@@ -198,7 +198,7 @@ def _set_condition(
 def _progress_fields(
     event: ProgressEvent | TrainerSummary, mounts: Sequence[ClaimMount], *, final: bool
 ) -> dict[str, Any]:
-    """status.progress / checkpoints / output / warnings from a report or the final summary."""
+    """status.progress / checkpoints / output / warnings / dataset from a report or the final summary."""
     out: dict[str, Any] = {}
     total = event.total_steps
     step = event.step
@@ -242,6 +242,8 @@ def _progress_fields(
         out["output"] = output
     if event.warnings:
         out["warnings"] = [redact(w) for w in event.warnings]
+    if event.dataset is not None:
+        out["dataset"] = event.dataset.model_dump(mode="json", by_alias=True, exclude_none=True)
     return out
 
 

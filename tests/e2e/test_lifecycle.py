@@ -7,6 +7,7 @@ Every job here trains the tiny pipeline for real on CPU through the pod the oper
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
 import time
 from pathlib import Path
@@ -129,8 +130,12 @@ def test_happy_path_phases_progress_checkpoints_and_outputs(
     image = pipe("a photo of sks toy", num_inference_steps=2, height=64, width=64, output_type="np").images[0]
     assert image.shape == (64, 64, 3)
 
+    # What the trainer found in the dataset, as kubectl describe shows it.
+    assert status["dataset"]["layout"] == "folder" and status["dataset"]["images"] > 0, status.get("dataset")
     described = kube.kubectl("-n", namespace, "describe", "ftj", "happy")
     assert "happy.safetensors" in described
+    images = status["dataset"]["images"]
+    assert re.search(rf"Dataset:\s+Caption Coverage:.*\n(.*\n)*?\s+Images:\s+{images}\n", described), described
     assert "Succeeded" in described
     printed = kube.kubectl("-n", namespace, "get", "ftj", "happy").splitlines()[1]
     assert "Succeeded" in printed and "400/400 (100%)" in printed

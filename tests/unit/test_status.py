@@ -7,7 +7,7 @@ from typing import Any
 
 from finetune_api import parse_manifest
 from finetune_api.report import ProgressEvent
-from finetune_api.v1alpha1 import OutputFile
+from finetune_api.v1alpha1 import DatasetStatus, OutputFile
 from finetune_operator.render import ClaimMount
 from finetune_operator.status import Observed, compute_status, format_duration, status_patch
 from tests.bad_specs import good_manifest
@@ -108,6 +108,21 @@ def test_training_progress_fills_status_and_printer_columns() -> None:
     assert status["progressText"] == "10/100 (10%)"
     assert status["etaText"] == "36s"
     assert status["checkpoints"][0]["uri"] == "pvc://outputs/good/checkpoints/checkpoint-000010"
+
+
+def test_what_the_trainer_found_in_the_dataset_reaches_status() -> None:
+    found = {
+        "layout": "kohya",
+        "images": 12,
+        "concepts": [
+            {"name": "sks dog", "images": 12, "repeats": 10, "captioned": 6, "classImages": 0, "prompt": "sks dog"}
+        ],
+        "buckets": [{"width": 512, "height": 512, "images": 12}],
+        "captionCoverage": 50.0,
+    }
+    progress = event().model_copy(update={"dataset": DatasetStatus.model_validate(found)})
+    status = status_of(Observed(job=job(active=1), pods=[pod()], progress=progress))
+    assert status["dataset"] == found
 
 
 def test_progress_of_an_earlier_attempt_is_not_the_current_state() -> None:
