@@ -16,12 +16,12 @@ PYTEST_ARGS ?=
         bench bench-trainer chart-docs clean
 
 help:
-	@echo "make demo          run a tiny fine-tune on a local control plane, end to end"
+	@echo "make demo          run a tiny fine-tune on a local control plane, end to end (KUEUE=1: three jobs, one GPU of quota)"
 	@echo "make test          lint, then every test (unit, cluster, trainer, end to end)"
 	@echo "make setup         create .venv (dependencies cached in ~/.cache/finetune-operator)"
 	@echo "make lint          ruff + mypy + hadolint"
 	@echo "make crds          regenerate crds/ and the chart's CRD from the API models"
-	@echo "make cluster-up    start the local control plane (KUBECONFIG=.cluster/kubeconfig)"
+	@echo "make cluster-up    start the local control plane (KUBECONFIG=.cluster/kubeconfig; KUEUE=1 adds Kueue)"
 	@echo "make cluster-down  stop it"
 	@echo "make bench         operator-at-scale benchmark (results in bench/results/)"
 	@echo "make bench-trainer trainer step benchmark (results in bench/results/)"
@@ -34,7 +34,7 @@ $(VENV)/.finetune-ready: pyproject.toml constraints.txt scripts/setup_env.py
 	@touch $@
 
 binaries: setup
-	$(PY) -m finetune_operator.devcluster.binaries etcd kube-apiserver kube-controller-manager kube-scheduler helm
+	$(PY) -m finetune_operator.devcluster.binaries etcd kube-apiserver kube-controller-manager kube-scheduler helm kueue
 
 lint: setup
 	$(VENV)/bin/ruff check api operator trainer-image tests bench scripts
@@ -60,10 +60,10 @@ test-unit: setup
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 demo: setup binaries
-	$(PY) -m finetune_operator.demo $(if $(KEEP),--keep,)
+	$(PY) -m finetune_operator.demo $(if $(KEEP),--keep,) $(if $(KUEUE),--kueue,)
 
 cluster-up: setup binaries
-	$(PY) -m finetune_operator.devcluster up
+	$(PY) -m finetune_operator.devcluster up $(if $(KUEUE),--kueue,)
 
 cluster-down: setup
 	$(PY) -m finetune_operator.devcluster down

@@ -14,16 +14,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["up", "down", "status"])
     parser.add_argument("--state-dir", type=Path, default=cluster.DEFAULT_STATE_DIR)
     parser.add_argument("--no-agent", action="store_true", help="start no node agent (no GPU nodes)")
+    parser.add_argument(
+        "--kueue",
+        action="store_true",
+        help="start Kueue too (batch/Job integration, webhooks, pending-workloads API)",
+    )
     args = parser.parse_args(argv)
     state = args.state_dir
     if args.command == "up":
         try:
-            local = cluster.LocalCluster(state_dir=state).start(agent=not args.no_agent)
-        except cluster.ClusterError as exc:
+            local = cluster.LocalCluster(state_dir=state).start(agent=not args.no_agent, kueue=args.kueue)
+        except (cluster.ClusterError, RuntimeError) as exc:
             print(f"cluster-up failed: {exc}", file=sys.stderr)
             return 1
         print(f"export KUBECONFIG={local.kubeconfig}")
         print("kubectl get nodes   # the GPU nodes; `make cluster-down` stops everything")
+        if args.kueue:
+            print("kubectl get clusterqueues,localqueues -A   # Kueue runs; examples/kueue/ has a setup")
         return 0
     if not (state / "processes.json").is_file():
         print(f"no cluster is running from {state}")

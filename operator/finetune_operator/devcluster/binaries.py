@@ -28,6 +28,7 @@ STAGING_VERSION = "v0.36.3"
 ETCD_VERSION = "v3.6.16"
 HELM_VERSION = "v3.22.0"
 KWOK_VERSION = "v0.8.0"
+KUEUE_VERSION = "v0.17.0"
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ BINARIES: dict[str, GoBinary] = {
     "etcd": GoBinary("etcd", ETCD_VERSION, "go.etcd.io/etcd/server/v3", "go.etcd.io/etcd/server/v3/etcdmain"),
     "helm": GoBinary("helm", HELM_VERSION, "helm.sh/helm/v3", "helm.sh/helm/v3/cmd/helm"),
     "kwok": GoBinary("kwok", KWOK_VERSION, "sigs.k8s.io/kwok", "sigs.k8s.io/kwok/cmd/kwok"),
+    "kueue": GoBinary("kueue", KUEUE_VERSION, "sigs.k8s.io/kueue", "sigs.k8s.io/kueue/cmd/kueue"),
 }
 
 CONTROL_PLANE = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
@@ -263,6 +265,31 @@ def _build_single(binary: GoBinary) -> Path:
     partial.chmod(0o755)
     partial.rename(target)
     return target
+
+
+def module_dir(name: str) -> Path:
+    """The source of the Go module that builds ``name``, from the module cache (downloaded
+    through the module proxy when missing): Kueue's CRDs and webhook manifests are read there,
+    at the version of the binary, and never copied into this repository."""
+    binary = BINARIES[name]
+    env = _go_env()
+    with tempfile.TemporaryDirectory(prefix=f"finetune-{name}-source-") as tmp:
+        result = subprocess.run(
+            [_go(), "mod", "download", "-json", f"{binary.module}@{binary.version}"],
+            cwd=tmp,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    try:
+        directory = Path(json.loads(result.stdout)["Dir"])
+    except (ValueError, KeyError):
+        raise BinaryError(
+            f"could not download the source of {binary.module}@{binary.version} "
+            f"(go mod download said: {(result.stderr or result.stdout).strip()[:500]})"
+        ) from None
+    return directory
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,6 +4,10 @@ kube-scheduler, and the local node agent that acts as the kubelet of a few GPU n
 Everything lives in one state directory (``.cluster/`` by default): certificates,
 etcd data, logs, the admin kubeconfig, the volumes of PersistentVolumeClaims and a
 ``processes.json`` that lets ``down`` stop what ``up`` started from another process.
+
+With ``kueue=True`` (``make cluster-up KUEUE=1``) Kueue runs too: see ``kueue.py``.  The
+apiserver's aggregation layer (front-proxy certificates) is always configured, so an
+aggregated API such as Kueue's pending-workloads API can be served.
 """
 
 from __future__ import annotations
@@ -84,6 +88,8 @@ class LocalCluster:
     audit_users: tuple[str, ...] = ()
     # More users with admin rights, each with a token and a kubeconfig of its own.
     extra_users: tuple[str, ...] = ()
+    # Kueue's loopback ports (webhooks, visibility API, health, metrics) once it runs.
+    kueue_ports: dict[str, int] = field(default_factory=dict)
 
     # --- paths ---------------------------------------------------------------------------------
 
@@ -113,7 +119,7 @@ class LocalCluster:
 
     # --- life cycle ----------------------------------------------------------------------------
 
-    def start(self, *, agent: bool = True, timeout: float = 60) -> LocalCluster:
+    def start(self, *, agent: bool = True, kueue: bool = False, timeout: float = 60) -> LocalCluster:
         self.state_dir = self.state_dir.resolve()
         if (self.state_dir / "processes.json").is_file():
             existing = load(self.state_dir)
@@ -149,15 +155,32 @@ class LocalCluster:
                 )
             self._save()
             self._wait_ready(timeout, agent=agent)
+            if kueue:
+                self.start_kueue(timeout=max(timeout, 120))
         except BaseException:
             self.stop()
             raise
         _log(f"control plane ready in {time.monotonic() - started:.1f}s; KUBECONFIG={self.kubeconfig}")
         return self
 
+    def start_kueue(self, *, timeout: float = 120) -> None:
+        """Start Kueue against this running control plane (once; a second call does nothing)."""
+        from finetune_operator.devcluster import kueue
+
+        if not self.kueue_running:
+            kueue.start(self, timeout=timeout)
+
+    @property
+    def kueue_running(self) -> bool:
+        return any(p.name == "kueue" and _pid_alive(p.pid) for p in self.processes)
+
+    def component_kubeconfig(self, user: str) -> Path:
+        """The kubeconfig of a control-plane component's user (``system:kueue``, ...)."""
+        return self._component_kubeconfig(user)
+
     def stop(self) -> None:
         """Stop every process, apiserver first (it hangs on exit when etcd is gone)."""
-        order = ["node-agent", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "etcd"]
+        order = ["node-agent", "kueue", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "etcd"]
         procs = sorted(self.processes, key=lambda p: order.index(p.name) if p.name in order else 0)
         for proc in procs:
             _terminate_group(proc.pid, STOP_GRACE_SECONDS)
@@ -220,6 +243,10 @@ class LocalCluster:
 
     # --- internals -----------------------------------------------------------------------------
 
+    def spawn(self, name: str, argv: Sequence[str]) -> None:
+        """Start one more process of this cluster (stopped with it, listed in processes.json)."""
+        self._spawn(name, argv)
+
     def _spawn(self, name: str, argv: Sequence[str]) -> None:
         log_path = self.logs / f"{name}.log"
         with open(log_path, "ab") as log:
@@ -234,11 +261,16 @@ class LocalCluster:
         self.processes.append(Process(name, proc.pid, str(log_path)))
         self._save()
 
+    def save(self) -> None:
+        """Write processes.json (ports, processes) for ``load`` in another process."""
+        self._save()
+
     def _save(self) -> None:
         data = {
             "ports": self.ports.__dict__,
             "processes": [p.__dict__ for p in self.processes],
             "admin_token": self.admin_token,
+            "kueue_ports": self.kueue_ports,
         }
         path = self.state_dir / "processes.json"
         tmp = path.with_suffix(".tmp")
@@ -298,18 +330,112 @@ class LocalCluster:
             )
             _openssl("genrsa", "-out", str(pki / "sa.key"), "2048")
             _openssl("rsa", "-in", str(pki / "sa.key"), "-pubout", "-out", str(pki / "sa.pub"))
+        self._write_front_proxy_pki()
         tokens = pki / "tokens.csv"
-        if not tokens.is_file():
-            rows = [
-                (secrets.token_hex(16), "admin", "admin", "system:masters"),
-                (secrets.token_hex(16), "system:kube-controller-manager", "kcm", "system:masters"),
-                (secrets.token_hex(16), "system:kube-scheduler", "scheduler", ""),
-                (secrets.token_hex(16), "system:node-agent", "node-agent", "system:masters"),
-                *[(secrets.token_hex(16), user, user, "system:masters") for user in self.extra_users],
-            ]
-            tokens.write_text("".join(f'{t},{user},{uid},"{groups}"\n' for t, user, uid, groups in rows))
+        rows = [
+            ("admin", "admin", "system:masters"),
+            ("system:kube-controller-manager", "kcm", "system:masters"),
+            ("system:kube-scheduler", "scheduler", ""),
+            ("system:node-agent", "node-agent", "system:masters"),
+            ("system:kueue", "kueue", "system:masters"),
+            *[(user, user, "system:masters") for user in self.extra_users],
+        ]
+        # A state directory from an earlier start keeps its tokens; users added since get theirs.
+        known = {line.split(",")[1] for line in tokens.read_text().splitlines()} if tokens.is_file() else set()
+        missing = [row for row in rows if row[0] not in known]
+        if missing:
+            with open(tokens, "a") as handle:
+                handle.writelines(f'{secrets.token_hex(16)},{user},{uid},"{groups}"\n' for user, uid, groups in missing)
             tokens.chmod(0o600)
         self.admin_token = self._token("admin")
+
+    def _write_front_proxy_pki(self) -> None:
+        """The aggregation layer's CA and the client certificate the apiserver proxies with."""
+        pki = self.pki
+        if (pki / "front-proxy-client.crt").is_file():
+            return
+        _openssl("genrsa", "-out", str(pki / "front-proxy-ca.key"), "2048")
+        _openssl(
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            str(pki / "front-proxy-ca.key"),
+            "-subj",
+            "/CN=finetune-local-front-proxy-ca",
+            "-days",
+            "3650",
+            "-out",
+            str(pki / "front-proxy-ca.crt"),
+        )
+        _openssl("genrsa", "-out", str(pki / "front-proxy-client.key"), "2048")
+        _openssl(
+            "req",
+            "-new",
+            "-key",
+            str(pki / "front-proxy-client.key"),
+            "-subj",
+            "/CN=front-proxy-client",
+            "-out",
+            str(pki / "front-proxy-client.csr"),
+        )
+        ext = pki / "front-proxy-client.ext"
+        ext.write_text("extendedKeyUsage=clientAuth\n")
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            str(pki / "front-proxy-client.csr"),
+            "-CA",
+            str(pki / "front-proxy-ca.crt"),
+            "-CAkey",
+            str(pki / "front-proxy-ca.key"),
+            "-CAcreateserial",
+            "-days",
+            "3650",
+            "-extfile",
+            str(ext),
+            "-out",
+            str(pki / "front-proxy-client.crt"),
+        )
+
+    def sign_serving_cert(self, name: str, *, hosts: Sequence[str], directory: Path) -> None:
+        """``directory``/tls.crt and tls.key: a serving certificate of this cluster's CA for
+        ``hosts`` (IP addresses and DNS names), made once."""
+        if (directory / "tls.crt").is_file():
+            return
+        directory.mkdir(parents=True, exist_ok=True)
+        names = ",".join(f"IP:{h}" if h.replace(".", "").isdigit() else f"DNS:{h}" for h in hosts)
+        ext = directory / "tls.ext"
+        ext.write_text(f"subjectAltName={names}\nextendedKeyUsage=serverAuth\n")
+        _openssl("genrsa", "-out", str(directory / "tls.key"), "2048")
+        _openssl(
+            "req",
+            "-new",
+            "-key",
+            str(directory / "tls.key"),
+            "-subj",
+            f"/CN={name}",
+            "-out",
+            str(directory / "tls.csr"),
+        )
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            str(directory / "tls.csr"),
+            "-CA",
+            str(self.pki / "ca.crt"),
+            "-CAkey",
+            str(self.pki / "ca.key"),
+            "-CAcreateserial",
+            "-days",
+            "3650",
+            "-extfile",
+            str(ext),
+            "-out",
+            str(directory / "tls.crt"),
+        )
 
     def _token(self, user: str) -> str:
         for line in (self.pki / "tokens.csv").read_text().splitlines():
@@ -350,6 +476,15 @@ class LocalCluster:
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             f"--service-account-key-file={pki / 'sa.pub'}",
             f"--service-account-signing-key-file={pki / 'sa.key'}",
+            # The aggregation layer: the apiserver proxies aggregated APIs (Kueue's pending
+            # workloads) with this client certificate and the user in these headers.
+            f"--requestheader-client-ca-file={pki / 'front-proxy-ca.crt'}",
+            "--requestheader-allowed-names=front-proxy-client",
+            "--requestheader-username-headers=X-Remote-User",
+            "--requestheader-group-headers=X-Remote-Group",
+            "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+            f"--proxy-client-cert-file={pki / 'front-proxy-client.crt'}",
+            f"--proxy-client-key-file={pki / 'front-proxy-client.key'}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--allow-privileged=true",
             "--profiling=false",
@@ -426,6 +561,7 @@ class LocalCluster:
             ("system:kube-controller-manager", self._component_kubeconfig("system:kube-controller-manager")),
             ("system:kube-scheduler", self._component_kubeconfig("system:kube-scheduler")),
             ("system:node-agent", self._component_kubeconfig("system:node-agent")),
+            ("system:kueue", self._component_kubeconfig("system:kueue")),
             *[(user, self._component_kubeconfig(user)) for user in self.extra_users],
         ]:
             write_kubeconfig(path, server=self.server, ca_file=self.ca_file, token=self._token(user), user=user)
@@ -526,6 +662,7 @@ def load(state_dir: Path = DEFAULT_STATE_DIR) -> LocalCluster:
     cluster = LocalCluster(state_dir=state_dir.resolve(), ports=Ports(**data["ports"]))
     cluster.processes = [Process(**p) for p in data["processes"]]
     cluster.admin_token = data.get("admin_token", "")
+    cluster.kueue_ports = dict(data.get("kueue_ports") or {})
     return cluster
 
 
