@@ -93,6 +93,11 @@ BAD_SPECS = [
     ),
     BadSpec("output-bad-pvc", _set("output.uri", "pvc://Not_A_Claim/x"), "spec.output.uri"),
     BadSpec("class-images-colon", _set("dataset.classImages", "c:weird"), "spec.dataset.classImages"),
+    BadSpec(
+        "priority-class-not-a-name",
+        _both(_set("runPolicy.queueName", "gpu"), _set("runPolicy.priorityClass", "High Priority")),
+        "spec.runPolicy.priorityClass",
+    ),
     BadSpec("s3-endpoint-not-a-url", _set("storage.s3EndpointUrl", "minio:9000"), "spec.storage.s3EndpointUrl"),
     # paths that leave the claim's mount
     BadSpec("output-pvc-parent", _set("output.uri", "pvc://outputs/../.."), "spec.output.uri"),

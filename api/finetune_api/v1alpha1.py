@@ -42,6 +42,9 @@ CLUSTER_URI_PATTERN = r"^(hf|pvc|s3|gs|https?)://"
 CLUSTER_URI_HELP = "pvc://CLAIM/path, s3://, gs://, hf:// or https://"
 LABEL_VALUE_PATTERN = r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$"
 ENDPOINT_PATTERN = r"^https?://[^\s/?#]+(/[^\s?#]*)?$"
+# A Kubernetes object name that is also a label value (Kueue reads it from a label).
+LABEL_VALUE_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+_IMMUTABLE_TEXT = "is immutable once the job exists: create a new FineTuneJob to change it"
 
 
 def _cel(rule: str, message: str, **extra: str) -> Any:
@@ -694,6 +697,34 @@ class RunPolicy(_Model):
             ]
         },
     )
+    priority_class: str = Field(
+        default="",
+        max_length=63,
+        description=(
+            "Kueue WorkloadPriorityClass name (with queueName): a higher value is admitted first "
+            "and may preempt lower ones; a preempted job resumes from its newest checkpoint."
+        ),
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel(
+                    f"self == '' || self.matches(r'{LABEL_VALUE_PATTERN}')",
+                    "spec.runPolicy.priorityClass must name a Kueue WorkloadPriorityClass: lowercase letters, "
+                    "digits, '-' and '.', starting and ending with a letter or digit (e.g. high)",
+                ),
+                _cel("self == oldSelf", f"spec.runPolicy.priorityClass {_IMMUTABLE_TEXT}"),
+            ]
+        },
+    )
+
+    @field_validator("priority_class")
+    @classmethod
+    def _priority_class_is_a_name(cls, value: str) -> str:
+        if value and not re.match(LABEL_VALUE_PATTERN, value):
+            raise ValueError(
+                "must name a Kueue WorkloadPriorityClass: lowercase letters, digits, '-' and '.', "
+                f"starting and ending with a letter or digit (e.g. high); got {value!r}"
+            )
+        return value
 
     @field_validator("queue_name")
     @classmethod
@@ -703,7 +734,7 @@ class RunPolicy(_Model):
         return value
 
 
-_IMMUTABLE = "is immutable once the job exists: create a new FineTuneJob to change it"
+_IMMUTABLE = _IMMUTABLE_TEXT
 
 # What the Job is made from: fixed once the Job exists (status.jobName), so that the running
 # Job and the status (which maps the trainer's paths with the spec) never disagree.  Until then
@@ -868,6 +899,9 @@ class Phase(StrEnum):
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
     SUSPENDED = "Suspended"
+    # Kueue took the job's quota for a job of higher priority; it continues from its newest
+    # checkpoint once admitted again.
+    PREEMPTED = "Preempted"
 
     @property
     def final(self) -> bool:
@@ -958,6 +992,20 @@ class DatasetStatus(_Model):
     caption_coverage: float = Field(default=0, ge=0, le=100, description="Percent of photos with a caption.")
 
 
+class QueueStatus(_Model):
+    """Where Kueue has the job (spec.runPolicy.queueName)."""
+
+    name: str = Field(description="The LocalQueue (spec.runPolicy.queueName).")
+    workload: str | None = Field(default=None, description="Kueue's Workload of the Job.")
+    cluster_queue: str | None = Field(default=None, description="The ClusterQueue that admitted it.")
+    position: int | None = Field(
+        default=None, ge=1, description="While it waits: its place in the LocalQueue (1 = next), as Kueue says."
+    )
+    position_in_cluster_queue: int | None = Field(
+        default=None, ge=1, description="While it waits: its place among all of the ClusterQueue's pending jobs."
+    )
+
+
 class FineTuneJobStatus(_Model):
     phase: Phase | None = Field(default=None, description="Where the job is in its life.")
     reason: str | None = Field(default=None, description="Why it is in this phase (CamelCase).")
@@ -979,6 +1027,7 @@ class FineTuneJobStatus(_Model):
     eta_text: str | None = Field(default=None, description="Time left for display, e.g. 3m20s.")
     checkpoints: list[CheckpointRef] = Field(default_factory=list, description="Checkpoints on storage.")
     output: OutputStatus | None = Field(default=None, description="The trained model's files.")
+    queue: QueueStatus | None = Field(default=None, description="Kueue's view of the job, with queueName.")
     warnings: list[str] = Field(
         default_factory=list,
         description="Settings the trainer could not honour and what it did instead.",

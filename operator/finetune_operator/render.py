@@ -37,6 +37,7 @@ from finetune_api.contract import (
     ENV_REPORT_URL,
     ENV_TERMINATION_LOG,
     JOB_FILE_DIR,
+    KUEUE_PRIORITY_LABEL,
     KUEUE_QUEUE_LABEL,
     LABEL_JOB_NAME,
     LABEL_MANAGED_BY,
@@ -344,6 +345,9 @@ def render(
     job_labels = dict(labels)
     if policy.queue_name:
         job_labels[KUEUE_QUEUE_LABEL] = policy.queue_name
+    if policy.priority_class:
+        # Kueue's WorkloadPriorityClass: the order of admission and who may preempt whom.
+        job_labels[KUEUE_PRIORITY_LABEL] = policy.priority_class
     job_spec: dict[str, Any] = {
         "completions": 1,
         "parallelism": 1,

@@ -12,6 +12,7 @@ from finetune_api import load_manifest, parse_manifest
 from finetune_operator import names
 from finetune_operator.render import (
     ANNOTATION_FULL_NAME,
+    KUEUE_PRIORITY_LABEL,
     KUEUE_QUEUE_LABEL,
     cluster_problems,
     display_uri,
@@ -179,6 +180,16 @@ def test_kueue_queue_label_and_job_created_suspended() -> None:
     job = _render(manifest).job
     assert job["metadata"]["labels"][KUEUE_QUEUE_LABEL] == "gpu-queue"
     assert job["spec"]["suspend"] is True
+    assert KUEUE_PRIORITY_LABEL not in job["metadata"]["labels"]
+
+
+def test_priority_class_becomes_kueues_workload_priority_label() -> None:
+    manifest = good_manifest()
+    manifest["spec"]["runPolicy"] = {"queueName": "gpu-queue", "priorityClass": "high"}
+    job = _render(manifest).job
+    assert job["metadata"]["labels"][KUEUE_PRIORITY_LABEL] == "high"
+    # On the Job only: Kueue reads it there; the pods' labels stay ours.
+    assert KUEUE_PRIORITY_LABEL not in job["spec"]["template"]["metadata"]["labels"]
 
 
 def test_placement_settings_reach_the_pod() -> None:
