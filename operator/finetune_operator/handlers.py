@@ -20,6 +20,7 @@ import kopf
 
 from finetune_api.contract import ANNOTATION_FULL_NAME, LABEL_MANAGED_BY, MANAGED_BY
 from finetune_api.v1alpha1 import GROUP, PLURAL, VERSION
+from finetune_operator.queueing import WORKLOAD_GROUP, WORKLOAD_VERSION
 from finetune_operator.reconciler import Reconciler
 
 OWNED = {LABEL_MANAGED_BY: MANAGED_BY}
@@ -96,6 +97,34 @@ def slim_pod(body: kopf.Body) -> dict[str, Any]:
     }
 
 
+def slim_workload(body: kopf.Body) -> dict[str, Any]:
+    """What the status needs of a Kueue Workload: its owner, ``active``, conditions, ClusterQueue."""
+    spec, status = body.get("spec", {}), body.get("status", {})
+    admission = status.get("admission") or {}
+    return {
+        "metadata": {
+            **_meta(body, "name", "namespace", "uid", "creationTimestamp"),
+            "ownerReferences": [
+                {k: ref.get(k) for k in ("kind", "name", "uid")}
+                for ref in body.get("metadata", {}).get("ownerReferences") or []
+            ],
+        },
+        "spec": {k: spec[k] for k in ("active", "queueName") if k in spec},
+        "status": {
+            "conditions": list(status.get("conditions") or []),
+            **({"admission": {"clusterQueue": admission.get("clusterQueue")}} if admission else {}),
+        },
+    }
+
+
+def owning_job(body: kopf.Body) -> str | None:
+    """The name of the batch/v1 Job a Workload belongs to (Kueue makes one per Job)."""
+    for ref in body.get("metadata", {}).get("ownerReferences") or []:
+        if ref.get("kind") == "Job" and str(ref.get("apiVersion", "")).startswith("batch/"):
+            return str(ref.get("name"))
+    return None
+
+
 def owner_key(namespace: str | None, body: kopf.Body) -> tuple[str, str] | None:
     """The FineTuneJob an object is filed under, by the name it carries.  Only a key: whether
     the object is really that FineTuneJob's (its owner's uid) the reconciler decides."""
@@ -117,6 +146,18 @@ def build_registry(reconciler: Reconciler) -> kopf.OperatorRegistry:
         key = owner_key(namespace, body)
         return {key: slim_job(body)} if key else None
 
+    @kopf.index("batch", "v1", "jobs", labels=OWNED, id="ftj_job_owners", registry=registry)
+    async def ftj_job_owners(*, namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any] | None:
+        key = owner_key(namespace, body)
+        return {(namespace, name): key[1]} if key else None
+
+    # Kueue's Workloads, filed under their Job's name.  Served when Kueue's API exists at the
+    # operator's start (kopf scans the API once): install Kueue first, or restart the operator.
+    @kopf.index(WORKLOAD_GROUP, WORKLOAD_VERSION, "workloads", id="ftj_workloads", registry=registry)
+    async def ftj_workloads(*, namespace: str | None, body: kopf.Body, **_: Any) -> dict[Any, Any] | None:
+        job = owning_job(body)
+        return {(namespace, job): slim_workload(body)} if job and namespace else None
+
     @kopf.index("", "v1", "pods", labels=OWNED, id="ftj_pods", registry=registry)
     async def ftj_pods(*, namespace: str | None, body: kopf.Body, **_: Any) -> dict[Any, Any] | None:
         key = owner_key(namespace, body)
@@ -136,7 +177,13 @@ def build_registry(reconciler: Reconciler) -> kopf.OperatorRegistry:
         # 1,000 jobs (3,000 objects in one burst) 5 s (the default) meant ~40 MB more peak RSS.
         settings.queueing.idle_timeout = 0.5
         # The indexes arrive as kwargs named after their functions.
-        reconciler.bind(ftjs=kwargs["ftj_bodies"], jobs=kwargs["ftj_jobs"], pods=kwargs["ftj_pods"])
+        reconciler.bind(
+            ftjs=kwargs["ftj_bodies"],
+            jobs=kwargs["ftj_jobs"],
+            pods=kwargs["ftj_pods"],
+            workloads=kwargs["ftj_workloads"],
+            job_owners=kwargs["ftj_job_owners"],
+        )
         reconciler.start()
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
@@ -147,6 +194,13 @@ def build_registry(reconciler: Reconciler) -> kopf.OperatorRegistry:
     @kopf.on.event("batch", "v1", "jobs", labels=OWNED, registry=registry)
     async def job_changed(*, namespace: str | None, body: kopf.Body, **_: Any) -> None:
         key = owner_key(namespace, body)
+        if key:
+            reconciler.enqueue(key)
+
+    @kopf.on.event(WORKLOAD_GROUP, WORKLOAD_VERSION, "workloads", registry=registry)
+    async def workload_changed(*, namespace: str | None, body: kopf.Body, **_: Any) -> None:
+        job = owning_job(body)
+        key = reconciler.owner_of_job(namespace, job) if namespace and job else None
         if key:
             reconciler.enqueue(key)
 

@@ -197,6 +197,25 @@ class KubeAPI:
                 return None
             raise
 
+    # --- Kueue ------------------------------------------------------------------------------------
+
+    async def patch_workload(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
+        """Merge-patch a Kueue Workload (``spec.active``: how a FineTuneJob's suspend reaches Kueue)."""
+        await self.request(
+            "PATCH",
+            f"/apis/kueue.x-k8s.io/v1beta2/namespaces/{quote(namespace)}/workloads/{quote(name)}",
+            body=patch,
+            content_type=MERGE_PATCH,
+        )
+
+    async def pending_workloads(self, namespace: str, queue: str) -> dict[str, Any]:
+        """Kueue's pending-workloads (visibility) API: the LocalQueue's waiting Workloads in order."""
+        return await self.request(
+            "GET",
+            f"/apis/visibility.kueue.x-k8s.io/v1beta2/namespaces/{quote(namespace)}/localqueues/"
+            f"{quote(queue)}/pendingworkloads",
+        )
+
     # --- the FineTuneJob -------------------------------------------------------------------------
 
     async def patch_status(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None:

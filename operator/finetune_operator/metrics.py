@@ -33,6 +33,7 @@ class JobView:
     loss: float | None = None
     steps_per_second: float | None = None
     gpus: int = 0
+    queue: str = ""  # the Kueue LocalQueue (spec.runPolicy.queueName), if any
 
 
 class _JobsCollector(Collector):
@@ -55,10 +56,18 @@ class _JobsCollector(Collector):
             "One series per FineTuneJob, labelled with its phase.",
             labels=["namespace", "name", "phase"],
         )
+        by_queue = GaugeMetricFamily(
+            "finetune_queue_jobs",
+            "FineTuneJobs with a Kueue LocalQueue, by namespace, queue and phase: which team waits.",
+            labels=["namespace", "queue", "phase"],
+        )
         counts = {phase.value: 0 for phase in Phase}
+        queues: dict[tuple[str, str, str], int] = {}
         for job in self._jobs():
             phase = job.phase or Phase.PENDING.value
             counts[phase] = counts.get(phase, 0) + 1
+            if job.queue:
+                queues[(job.namespace, job.queue, phase)] = queues.get((job.namespace, job.queue, phase), 0) + 1
             labels = [job.namespace, job.name]
             info.add_metric([*labels, phase], 1)
             if job.step is not None:
@@ -71,12 +80,14 @@ class _JobsCollector(Collector):
                 speed.add_metric(labels, job.steps_per_second)
         for phase, count in counts.items():
             by_phase.add_metric([phase], count)
+        for labels_, count in sorted(queues.items()):
+            by_queue.add_metric(list(labels_), count)
         gpu = CounterMetricFamily(
             "finetune_gpu_seconds", "GPU-seconds held by training pods, by namespace.", labels=["namespace"]
         )
         for namespace, seconds in sorted(self._gpu_seconds().items()):
             gpu.add_metric([namespace], seconds)
-        yield from (by_phase, info, step, total, loss, speed, gpu)
+        yield from (by_phase, by_queue, info, step, total, loss, speed, gpu)
 
 
 class Metrics:
@@ -88,7 +99,8 @@ class Metrics:
         )
         self.queued_seconds = Histogram(
             "finetune_queued_seconds",
-            "Time from creation until the training pod first ran.",
+            'Time from creation until the training pod first ran, by namespace and Kueue LocalQueue ("" without one).',
+            ["namespace", "queue"],
             buckets=DURATION_BUCKETS,
             registry=r,
         )

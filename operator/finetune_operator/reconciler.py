@@ -27,10 +27,11 @@ from typing import Any
 
 from finetune_api.redact import redact
 from finetune_api.v1alpha1 import FineTuneJob, ManifestError, Phase, parse_manifest
-from finetune_operator import names
+from finetune_operator import names, queueing
 from finetune_operator.failures import explain_rejection
 from finetune_operator.kubeapi import ApiError, KubeAPI, Outcome, describe_error
 from finetune_operator.metrics import JobView, Metrics
+from finetune_operator.positions import PendingPositions
 from finetune_operator.render import ClaimMount, claim_mounts, cluster_problems, render
 from finetune_operator.reports import ProgressStore
 from finetune_operator.settings import OperatorSettings
@@ -41,6 +42,9 @@ Key = tuple[str, str]
 FINAL = {Phase.SUCCEEDED.value, Phase.FAILED.value}
 RUNNING_PHASES = {Phase.INITIALIZING.value, Phase.TRAINING.value, Phase.EXPORTING.value}
 MAX_BACKOFF = 60.0
+# A job waiting in a Kueue LocalQueue is looked at again this often: its position changes
+# without any change to its own objects.
+POSITION_REFRESH = 10.0
 PARSED_CACHE = 128
 # A Job the apiserver refused is tried again after 5 s, 10 s, ... up to this; a change of the
 # spec tries at once.
@@ -128,6 +132,9 @@ class Reconciler:
         self.ftj_index: Mapping[Any, Any] | None = None
         self.job_index: Mapping[Any, Any] | None = None
         self.pod_index: Mapping[Any, Any] | None = None
+        self.workload_index: Mapping[Any, Any] | None = None
+        self.job_owner_index: Mapping[Any, Any] | None = None
+        self.positions = PendingPositions(api)
         # New FineTuneJobs (no Job yet) go first: creating a Job is what a user waits for;
         # status updates of running jobs can wait a moment.
         self._queue: asyncio.PriorityQueue[tuple[int, int, Key]] = asyncio.PriorityQueue()
@@ -147,8 +154,29 @@ class Reconciler:
 
     # --- wiring ----------------------------------------------------------------------------------
 
-    def bind(self, *, ftjs: Mapping[Any, Any], jobs: Mapping[Any, Any], pods: Mapping[Any, Any]) -> None:
+    def bind(
+        self,
+        *,
+        ftjs: Mapping[Any, Any],
+        jobs: Mapping[Any, Any],
+        pods: Mapping[Any, Any],
+        workloads: Mapping[Any, Any] | None = None,
+        job_owners: Mapping[Any, Any] | None = None,
+    ) -> None:
         self.ftj_index, self.job_index, self.pod_index = ftjs, jobs, pods
+        self.workload_index, self.job_owner_index = workloads, job_owners
+
+    def owner_of_job(self, namespace: str, job_name: str) -> Key | None:
+        """The FineTuneJob whose Job is ``namespace/job_name`` (Kueue's Workloads name only the Job)."""
+        names_ = _values(self.job_owner_index, (namespace, job_name))
+        return (namespace, str(names_[0])) if names_ else None
+
+    def workload_of(self, namespace: str, job: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Kueue's Workload of ``job``, if Kueue made one."""
+        if job is None:
+            return None
+        filed = _values(self.workload_index, (namespace, job.get("metadata", {}).get("name")))
+        return queueing.workload_of(job, filed)
 
     def keys(self) -> list[Key]:
         return list(self.ftj_index.keys()) if self.ftj_index is not None else []
@@ -376,12 +404,15 @@ class Reconciler:
 
         pods = self.pods_of_job(key, job)
         memory.seen_pods.update(p["metadata"]["uid"] for p in pods if p.get("metadata", {}).get("uid"))
+        workload, position = await self._kueue(key, job, job_model)
         observed = Observed(
             job=job,
             pods=pods,
             progress=self.progress.latest(key),
             job_missing_confirmed=missing_confirmed,
             seen_pods=len(memory.seen_pods),
+            workload=workload,
+            position=position,
         )
         result = compute_status(
             previous,
@@ -445,6 +476,20 @@ class Reconciler:
             if exc.status != 404:
                 raise
 
+    async def _kueue(
+        self, key: Key, job: dict[str, Any] | None, job_model: FineTuneJob
+    ) -> tuple[dict[str, Any] | None, queueing.Position | None]:
+        """Kueue's Workload of the Job and, while it waits for quota, its place in the queue."""
+        queue = job_model.spec.run_policy.queue_name
+        if not queue:
+            return None, None
+        workload = self.workload_of(key[0], job)
+        if not queueing.waiting_for_quota(workload):
+            return workload, None
+        assert workload is not None
+        self.enqueue(key, delay=POSITION_REFRESH)
+        return workload, await self.positions.of(key[0], queue, workload["metadata"]["name"])
+
     async def _write(
         self,
         key: Key,
@@ -498,7 +543,8 @@ class Reconciler:
             return
         if phase in RUNNING_PHASES and not memory.counted_queue:
             memory.counted_queue = True
-            self.metrics.queued_seconds.observe(age)
+            queue = ((body.get("spec") or {}).get("runPolicy") or {}).get("queueName") or ""
+            self.metrics.queued_seconds.labels(key[0], queue).observe(age)
         if (new.get("progress") or {}).get("step") and not memory.counted_first_step:
             memory.counted_first_step = True
             self.metrics.first_step_seconds.observe(age)
@@ -641,13 +687,34 @@ class Reconciler:
             return
         patch: dict[str, Any] = {}
         suspended = bool(spec.get("suspend"))
-        if policy.suspend and not suspended:
+        if policy.queue_name:
+            # Kueue owns this Job's suspension and undoes anyone else's: spec.runPolicy.suspend
+            # reaches it as the Workload's spec.active instead.
+            await self._sync_workload(key, job, suspend=policy.suspend)
+        elif policy.suspend and not suspended:
             patch["suspend"] = True
-        elif not policy.suspend and suspended and not policy.queue_name:
+        elif not policy.suspend and suspended:
             patch["suspend"] = False
         if patch:
             LOG.info("event=job-sync namespace=%s name=%s patch=%s", key[0], key[1], patch)
             await self.api.patch_job(key[0], job["metadata"]["name"], {"spec": patch})
+
+    async def _sync_workload(self, key: Key, job: dict[str, Any], *, suspend: bool) -> None:
+        """Deactivate the Workload while the FineTuneJob is suspended (Kueue then stops the Job
+        and keeps it out of the queue), activate it again when it is resumed."""
+        workload = self.workload_of(key[0], job)
+        if workload is None:
+            return  # Kueue has not made it yet; its creation wakes us.
+        active = (workload.get("spec") or {}).get("active", True) is not False
+        if active != suspend:
+            return
+        name = workload["metadata"]["name"]
+        LOG.info("event=workload-sync namespace=%s name=%s workload=%s active=%s", key[0], key[1], name, not suspend)
+        try:
+            await self.api.patch_workload(key[0], name, {"spec": {"active": not suspend}})
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
 
     def forget(self, key: Key) -> None:
         self.memory.pop(key, None)
@@ -678,6 +745,7 @@ class Reconciler:
                     loss=event.loss if event and event.loss is not None else progress.get("loss"),
                     steps_per_second=event.steps_per_second if event else progress.get("stepsPerSecond"),
                     gpus=gpus,
+                    queue=((body.get("spec") or {}).get("runPolicy") or {}).get("queueName") or "",
                 )
             )
         return views

@@ -15,6 +15,7 @@ from typing import Any
 from finetune_api.redact import redact
 from finetune_api.report import ProgressEvent, TrainerSummary
 from finetune_api.v1alpha1 import FineTuneJobSpec, Phase, Stage
+from finetune_operator import queueing
 from finetune_operator.failures import (
     Failure,
     classify_job_failure,
@@ -55,6 +56,9 @@ class Observed:
     progress: ProgressEvent | None = None
     job_missing_confirmed: bool = False
     seen_pods: int = 0
+    # Kueue's Workload of the Job, and its place in the queue while it waits (where known).
+    workload: dict[str, Any] | None = None
+    position: queueing.Position | None = None
 
 
 @dataclass(frozen=True)
@@ -138,11 +142,14 @@ def decide_phase(
         if active:
             message = "stopping the training pod (spec.runPolicy.suspend is true)"
         return Decision(Phase.SUSPENDED, "Suspended", message)
+    queue = spec.run_policy.queue_name
     if suspended:
-        queue = spec.run_policy.queue_name
         if queue:
-            return Decision(Phase.QUEUED, "WaitingForAdmission", f"waiting for Kueue to admit the Job (queue {queue})")
+            held = queueing.held(observed.workload, queue=queue, position=observed.position)
+            return Decision(held.phase, held.reason, held.message)
         return Decision(Phase.QUEUED, "JobSuspended", "the Job is suspended")
+    # Admitted by Kueue, the pod not yet running: Initializing, not back to Pending.
+    kueue_admitted = bool(queue) and queueing.admitted(observed.workload)
 
     if not active:
         failed = [p for p in pods if p.get("status", {}).get("phase") == "Failed"]
@@ -150,6 +157,9 @@ def decide_phase(
             failure = classify_pod(failed[-1], memory=spec.resources.memory) or Failure("Retrying", "")
             return Decision(Phase.PENDING, "Retrying", f"retrying after {failure.reason}: {failure.message}"[:1000])
         previous_phase = previous.get("phase")
+        if kueue_admitted and previous_phase not in (Phase.TRAINING, Phase.EXPORTING):
+            assert observed.workload is not None
+            return Decision(Phase.INITIALIZING, "Admitted", queueing.admitted_message(observed.workload))
         if previous_phase in (Phase.SUSPENDED, None, Phase.PENDING):
             return Decision(Phase.PENDING, "Starting", "waiting for the training pod")
         return Decision(Phase(previous_phase), previous.get("reason") or "", previous.get("message") or "")
@@ -164,7 +174,11 @@ def decide_phase(
     pod_phase = pod.get("status", {}).get("phase")
     node = pod.get("spec", {}).get("nodeName")
     if not node:
-        return Decision(Phase.PENDING, "Scheduling", "waiting for the scheduler to place the training pod")
+        return Decision(
+            Phase.INITIALIZING if kueue_admitted else Phase.PENDING,
+            "Scheduling",
+            "waiting for the scheduler to place the training pod",
+        )
     if pod_phase != "Running":
         return Decision(Phase.INITIALIZING, "PodStarting", f"starting the trainer on {node}")
     progress = observed.progress
@@ -296,6 +310,11 @@ def compute_status(
     status["observedGeneration"] = generation
     if observed.job is not None or previous.get("jobName"):
         status["jobName"] = job_name
+    queue = queueing.queue_status(observed.workload, queue=spec.run_policy.queue_name, position=observed.position)
+    if queue is not None:
+        status["queue"] = queue
+    else:
+        status.pop("queue", None)
 
     job = observed.job or {}
     job_status = job.get("status", {})
@@ -358,7 +377,7 @@ def compute_status(
     if observed.job is not None:
         _set_condition(conditions, "Created", True, reason="JobCreated", message=f"created Job {job_name}", now=stamp)
     for kind, active in (
-        ("Queued", phase == Phase.QUEUED),
+        ("Queued", phase in (Phase.QUEUED, Phase.PREEMPTED)),
         ("Running", running),
         ("Suspended", phase == Phase.SUSPENDED),
         ("Succeeded", phase == Phase.SUCCEEDED),
@@ -374,7 +393,12 @@ def compute_status(
     if (not first and previous.get("phase") != phase.value) or (
         previous.get("reason") != decision.reason and phase in (Phase.QUEUED, Phase.INITIALIZING)
     ):
-        warning = phase == Phase.FAILED or decision.reason in ("Unschedulable", "ImagePullBackOff", "Retrying")
+        warning = phase == Phase.FAILED or decision.reason in (
+            "Unschedulable",
+            "ImagePullBackOff",
+            "Retrying",
+            "Preempted",
+        )
         events.append(
             Transition(
                 "Warning" if warning else "Normal",
