@@ -88,6 +88,27 @@ def operator(cluster: object) -> Iterator[object]:
 
 
 @pytest.fixture(scope="session")
+def kueue(cluster: object, operator: object) -> object:
+    """Kueue (built from its Go module) against the session's control plane, started by the
+    first test that needs it.  The operator looks for Kueue's API when it starts, so the
+    session's operator is restarted once Kueue is in."""
+    cluster.start_kueue(timeout=180)  # type: ignore[attr-defined]
+    operator.stop()  # type: ignore[attr-defined]
+    operator.start()  # type: ignore[attr-defined]
+    return cluster
+
+
+@pytest.fixture
+def queues(kube: object, kueue: object) -> Iterator[object]:
+    """Makes a test's ClusterQueues and LocalQueues; deletes its ClusterQueues afterwards."""
+    from tests.queues import Queues
+
+    made = Queues(kube)  # type: ignore[arg-type]
+    yield made
+    made.delete_all()
+
+
+@pytest.fixture(scope="session")
 def prometheus(operator: object) -> Iterator[object]:
     """A real Prometheus server (Debian's package) scraping the test operator every second."""
     from tests.kube import Prometheus, free_port, wait_for
