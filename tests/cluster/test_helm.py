@@ -165,11 +165,12 @@ def test_rendered_manifests_pass_server_side_validation(kube: Kube, features: li
 
 
 @pytest.fixture(scope="module")
-def installed(kube: Kube, operator: OperatorProcess) -> Iterator[Path]:
+def installed(kube: Kube, operator: OperatorProcess, kueue: object) -> Iterator[Path]:
     """The chart installed for real; yields a kubeconfig with its ServiceAccount's token.
 
     The shared test operator (cluster-admin) is stopped meanwhile: two operators must not act
-    on the same jobs.
+    on the same jobs.  Kueue runs (started first, since starting it restarts the shared
+    operator), so the chart's permissions are tested with Kueue's API there.
     """
     kubeconfig = kube.cluster.kubeconfig
     helm(kubeconfig, "uninstall", RELEASE, "-n", RELEASE_NAMESPACE, "--wait", check=False)
@@ -218,6 +219,52 @@ def test_operator_under_the_charts_service_account_runs_a_job_without_denials(
         log = operator.log.read_text()
     finally:
         operator.stop()
+    denials = [line for line in log.splitlines() if "forbidden" in line.lower() or '"403 ' in line]
+    assert not denials, "RBAC denials in the operator's log:\n" + "\n".join(denials[:5])
+
+
+def test_the_charts_service_account_runs_a_queued_job_through_kueue_without_denials(
+    kube: Kube, installed: Path, namespace: str, tiny_assets: Path
+) -> None:
+    """Watch Workloads, deactivate one (runPolicy.suspend), read a position: all allowed."""
+    from tests.jobs import job_manifest, prepare_claims
+    from tests.queues import GROUP, VERSION, Queues, workloads
+
+    prepare_claims(kube, namespace, tiny_assets)
+    queues = Queues(kube)
+    operator = _operator_with(installed, "least-privilege-kueue").start()
+    try:
+        cluster_queue = queues.gpu_queue(namespace, gpus=0)
+        manifest = job_manifest(
+            "queued",
+            training={"maxSteps": 20},
+            samples={"prompts": [], "everySteps": 0},
+            resources={"gpus": 1, "cpu": "1", "memory": "2Gi"},
+            runPolicy={"queueName": "gpu", "suspend": True},
+        )
+        kube.create_ftj(namespace, manifest)
+        kube.wait_phase(namespace, "queued", "Suspended", timeout=60)
+        wait_for(
+            lambda: [w for w in workloads(kube, namespace) if w["spec"].get("active") is False],
+            timeout=60,
+            what="the Workload deactivated by the operator",
+        )
+        kube.patch_ftj(namespace, "queued", {"spec": {"runPolicy": {"suspend": False}}})
+        waiting = wait_for(
+            lambda: (s := kube.status(namespace, "queued")).get("queue", {}).get("position") and s,
+            timeout=60,
+            what="a position from the pending-workloads API",
+        )
+        assert waiting["phase"] == "Queued" and "insufficient" in waiting["message"], waiting
+        queue = kube.custom.get_cluster_custom_object(GROUP, VERSION, "clusterqueues", cluster_queue)
+        queue["spec"]["resourceGroups"][0]["flavors"][0]["resources"][2]["nominalQuota"] = 1
+        kube.custom.replace_cluster_custom_object(GROUP, VERSION, "clusterqueues", cluster_queue, queue)
+        status = kube.wait_phase(namespace, "queued", "Succeeded", "Failed", timeout=300)
+        assert status["phase"] == "Succeeded", status
+        log = operator.log.read_text()
+    finally:
+        operator.stop()
+        queues.delete_all()
     denials = [line for line in log.splitlines() if "forbidden" in line.lower() or '"403 ' in line]
     assert not denials, "RBAC denials in the operator's log:\n" + "\n".join(denials[:5])
 
@@ -316,3 +363,44 @@ def test_the_charts_arguments_fit_the_operator_images_entrypoint() -> None:
     assert parsed.report_url.startswith("http://ftop-finetune-operator.finetune-system.svc:")
     user = next(line.split()[1] for line in dockerfile.splitlines() if line.startswith("USER"))
     assert user.split(":")[0] == str(deployment["spec"]["template"]["spec"]["securityContext"]["runAsUser"])
+
+
+def test_local_queues_from_values_are_real_kueue_queues(kube: Kube, kueue: object, namespace: str) -> None:
+    from tests.queues import Queues, active
+
+    queues = Queues(kube)
+    try:
+        cluster_queue = queues.gpu_queue(namespace, gpus=1)
+        docs = template(
+            "--set", f"kueue.localQueues[0].namespace={namespace}",
+            "--set", "kueue.localQueues[0].name=charted",
+            "--set", f"kueue.localQueues[0].clusterQueue={cluster_queue}",
+        )  # fmt: skip
+        (local_queue,) = [d for d in docs if d["kind"] == "LocalQueue"]
+        kube.kubectl("apply", "--server-side", "-f", "-", input=json.dumps(local_queue))
+        wait_for(
+            lambda: active(
+                kube.custom.get_namespaced_custom_object(
+                    "kueue.x-k8s.io", "v1beta2", namespace, "localqueues", "charted"
+                )
+            ),
+            timeout=60,
+            what="the chart's LocalQueue active in Kueue",
+        )
+    finally:
+        queues.delete_all()
+    assert not [d for d in template() if d["kind"] == "LocalQueue"]
+
+
+def test_the_operator_may_read_kueues_workloads_and_positions() -> None:
+    rules = next(d for d in template() if d["kind"] == "ClusterRole")["rules"]
+    assert {
+        "apiGroups": ["kueue.x-k8s.io"],
+        "resources": ["workloads"],
+        "verbs": ["get", "list", "watch", "patch"],
+    } in rules
+    assert {
+        "apiGroups": ["visibility.kueue.x-k8s.io"],
+        "resources": ["localqueues/pendingworkloads"],
+        "verbs": ["get"],
+    } in rules
