@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
         bench bench-trainer chart-docs clean
 
 help:
-	@echo "make demo          run a tiny fine-tune on a local control plane, end to end (KUEUE=1: three jobs, one GPU of quota)"
+	@echo "make demo          run a tiny fine-tune on a local control plane, end to end (KUEUE=1: two jobs through Kueue, one GPU of quota)"
 	@echo "make test          lint, then every test (unit, cluster, trainer, end to end)"
 	@echo "make setup         create .venv (dependencies cached in ~/.cache/finetune-operator)"
 	@echo "make lint          ruff + mypy + hadolint"

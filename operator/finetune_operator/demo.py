@@ -5,6 +5,10 @@ the node agent with two GPU nodes), the CRD, the operator, three PersistentVolum
 a tiny Stable Diffusion pipeline with random weights and four synthetic pictures, and
 ``examples/demo.yaml`` applied with kubectl.  It prints ``kubectl get ftj -w`` lines until
 the job ends, then where the results are.
+
+With ``--kueue`` (``make demo KUEUE=1``) Kueue runs too, with one GPU of quota for the demo
+namespace (``examples/kueue/demo-queue.yaml``), and two such jobs go through its LocalQueue: one
+runs while the other is Queued in Kueue's words, then runs.
 """
 
 from __future__ import annotations
@@ -44,10 +48,13 @@ def _free_port() -> int:
 
 
 class Demo:
-    def __init__(self, *, state_dir: Path, keep: bool, timeout: float) -> None:
+    def __init__(self, *, state_dir: Path, keep: bool, timeout: float, kueue: bool = False) -> None:
         self.state_dir = state_dir
         self.keep = keep
         self.timeout = timeout
+        self.kueue = kueue
+        # With Kueue, a second job waits in the queue behind the first.
+        self.jobs = ["demo", "demo-2"] if kueue else ["demo"]
         self.cluster: devcluster.LocalCluster | None = None
         self.started_cluster = False
         self.operator: subprocess.Popen[bytes] | None = None
@@ -65,9 +72,14 @@ class Demo:
             if existing.alive():
                 say(f"using the control plane already running from {self.state_dir} (make cluster-up)")
                 self.cluster = existing
+                if self.kueue and not existing.kueue_running:
+                    say("starting Kueue (built from sigs.k8s.io/kueue; webhooks and pending-workloads API on loopback)")
+                    existing.start_kueue()
                 return
         say("starting a local control plane: etcd, kube-apiserver, kube-controller-manager, kube-scheduler, node agent")
-        self.cluster = devcluster.LocalCluster(state_dir=self.state_dir).start(agent=True, timeout=90)
+        if self.kueue:
+            say("and Kueue (built from sigs.k8s.io/kueue; webhooks and pending-workloads API on loopback)")
+        self.cluster = devcluster.LocalCluster(state_dir=self.state_dir).start(agent=True, kueue=self.kueue, timeout=90)
         self.started_cluster = True
         print(self.kubectl("get", "nodes", "-L", "nvidia.com/gpu.count"), flush=True)
 
@@ -139,11 +151,47 @@ class Demo:
                 (folder / "DEMO-README.txt").write_text(DEMO_NOTE)
         return paths
 
+    def set_up_queue(self) -> None:
+        say("Kueue: one GPU of quota for namespace demo (kubectl apply -f examples/kueue/demo-queue.yaml)")
+        print(self.kubectl("apply", "-f", str(ROOT / "examples" / "kueue" / "demo-queue.yaml")).strip(), flush=True)
+        self.kubectl(
+            "-n", NAMESPACE, "wait", "--for=condition=Active", "localqueue/gpu", "--timeout=60s"
+        )  # fmt: skip
+
+    def manifests(self) -> list[dict[str, Any]]:
+        """examples/demo.yaml, and with Kueue a second copy of it: both in the LocalQueue gpu."""
+        import yaml
+
+        base = yaml.safe_load((ROOT / "examples" / "demo.yaml").read_text())
+        if not self.kueue:
+            return [base]
+        out = []
+        for name in self.jobs:
+            manifest = json.loads(json.dumps(base))
+            manifest["metadata"]["name"] = name
+            manifest["spec"]["output"]["uri"] = f"pvc://outputs/{name}/"
+            manifest["spec"].setdefault("runPolicy", {})["queueName"] = "gpu"
+            out.append(manifest)
+        return out
+
     def run_job(self) -> dict[str, Any]:
-        say("kubectl apply -f examples/demo.yaml")
-        self.kubectl("-n", NAMESPACE, "delete", "ftj", "demo", "--ignore-not-found", "--wait=true")
-        print(self.kubectl("apply", "-f", str(ROOT / "examples" / "demo.yaml")).strip(), flush=True)
-        say("kubectl -n demo get ftj -w")
+        self.kubectl("-n", NAMESPACE, "delete", "ftj", *self.jobs, "--ignore-not-found", "--wait=true")
+        if self.kueue:
+            say("two copies of examples/demo.yaml (demo, demo-2) with spec.runPolicy.queueName: gpu")
+            print(
+                self.kubectl(
+                    "apply",
+                    "-f",
+                    "-",
+                    input=json.dumps({"apiVersion": "v1", "kind": "List", "items": self.manifests()}),
+                ).strip(),
+                flush=True,
+            )
+            say("kubectl -n demo get ftj -w -o wide   (REASON: Kueue's; kubectl describe ftj shows its message)")
+        else:
+            say("kubectl apply -f examples/demo.yaml")
+            print(self.kubectl("apply", "-f", str(ROOT / "examples" / "demo.yaml")).strip(), flush=True)
+            say("kubectl -n demo get ftj -w")
         assert self.cluster is not None
         watch = subprocess.Popen(
             [
@@ -155,25 +203,37 @@ class Demo:
                 "get",
                 "ftj",
                 "-w",
+                *(["-o", "wide"] if self.kueue else []),
             ],
             stdout=sys.stdout,
             stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + self.timeout
-        status: dict[str, Any] = {}
+        statuses: dict[str, dict[str, Any]] = {}
+        waited: dict[str, str] = {}
         try:
             while time.monotonic() < deadline:
-                raw = self.kubectl("-n", NAMESPACE, "get", "ftj", "demo", "-o", "json", check=False)
-                with contextlib.suppress(ValueError):
-                    status = json.loads(raw).get("status") or {}
-                if status.get("phase") in ("Succeeded", "Failed"):
+                for name in self.jobs:
+                    raw = self.kubectl("-n", NAMESPACE, "get", "ftj", name, "-o", "json", check=False)
+                    with contextlib.suppress(ValueError):
+                        statuses[name] = json.loads(raw).get("status") or {}
+                    status = statuses.get(name) or {}
+                    if status.get("phase") == "Queued" and status.get("reason") != "WaitingForAdmission":
+                        waited[name] = status.get("message") or ""
+                if all((statuses.get(n) or {}).get("phase") in ("Succeeded", "Failed") for n in self.jobs):
                     time.sleep(1.0)  # let the watch print the last line
                     break
                 time.sleep(0.5)
         finally:
             watch.terminate()
             watch.wait(timeout=5)
-        return status
+        for name, message in waited.items():
+            say(f"{name} waited in Kueue's queue: {message}")
+        for name in self.jobs[1:]:
+            status = statuses.get(name) or {}
+            output = (status.get("output") or {}).get("uri")
+            say(f"{name}: {status.get('phase')} ({status.get('progressText', '')}), output {output}")
+        return statuses.get("demo") or {}
 
     def report(self, status: dict[str, Any], paths: dict[str, Path]) -> int:
         phase = status.get("phase")
@@ -240,14 +300,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", default=os.environ.get("KEEP") == "1")
     parser.add_argument("--state-dir", type=Path, default=ROOT / ".cluster")
     parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument(
+        "--kueue",
+        action="store_true",
+        default=os.environ.get("KUEUE") == "1",
+        help="run Kueue too: two jobs, one GPU of quota, the second waits in the queue",
+    )
     args = parser.parse_args(argv)
     started = time.monotonic()
-    demo = Demo(state_dir=args.state_dir.resolve(), keep=args.keep, timeout=args.timeout)
+    demo = Demo(state_dir=args.state_dir.resolve(), keep=args.keep, timeout=args.timeout, kueue=args.kueue)
     try:
         demo.start_cluster()
         demo.install_crd()
         demo.start_operator()
         paths = demo.prepare_data()
+        if demo.kueue:
+            demo.set_up_queue()
         status = demo.run_job()
         code = demo.report(status, paths)
     finally:

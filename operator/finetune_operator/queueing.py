@@ -10,6 +10,7 @@ the pending-workloads API's position, when the operator could read it, into ``st
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -87,6 +88,17 @@ def waiting_for_quota(workload: Mapping[str, Any] | None) -> bool:
     if workload is None or _true(workload, "Finished") or (workload.get("spec") or {}).get("active") is False:
         return False
     return _true(workload, "QuotaReserved") is None
+
+
+def waiting_since(workload: Mapping[str, Any] | None) -> dt.datetime | None:
+    """When the Workload last began to wait for quota (its QuotaReserved condition turned False)."""
+    found = condition(workload, "QuotaReserved")
+    if found is None or found.get("status") != "False":
+        return None
+    try:
+        return dt.datetime.fromisoformat(str(found.get("lastTransitionTime")).replace("Z", "+00:00"))
+    except ValueError:
+        return None
 
 
 def _kueue(message: str) -> str:

@@ -45,6 +45,7 @@ MAX_BACKOFF = 60.0
 # A job waiting in a Kueue LocalQueue is looked at again this often: its position changes
 # without any change to its own objects.
 POSITION_REFRESH = 10.0
+POSITION_RETRY = 2.0
 PARSED_CACHE = 128
 # A Job the apiserver refused is tried again after 5 s, 10 s, ... up to this; a change of the
 # spec tries at once.
@@ -487,8 +488,13 @@ class Reconciler:
         if not queueing.waiting_for_quota(workload):
             return workload, None
         assert workload is not None
-        self.enqueue(key, delay=POSITION_REFRESH)
-        return workload, await self.positions.of(key[0], queue, workload["metadata"]["name"])
+        position = await self.positions.of(key[0], queue, workload["metadata"]["name"])
+        # Kueue lists a Workload only between its scheduling attempts: one that has just begun
+        # to wait may be missing for a moment, so look again soon, for a while.
+        since = queueing.waiting_since(workload)
+        young = since is not None and (dt.datetime.now(dt.UTC) - since).total_seconds() < POSITION_REFRESH * 3
+        self.enqueue(key, delay=POSITION_REFRESH if position is not None or not young else POSITION_RETRY)
+        return workload, position
 
     async def _write(
         self,

@@ -213,3 +213,13 @@ def test_without_a_queue_name_there_is_no_queue_status() -> None:
         job_name="good",
     )
     assert "queue" not in result.status
+
+
+def test_waiting_since_is_when_quota_reservation_turned_false() -> None:
+    import datetime as dt
+
+    pending = copy.deepcopy(PENDING)
+    pending["status"]["conditions"][0]["lastTransitionTime"] = "2026-11-30T00:25:32Z"
+    assert queueing.waiting_since(pending) == dt.datetime(2026, 11, 30, 0, 25, 32, tzinfo=dt.UTC)
+    assert queueing.waiting_since(ADMITTED) is None
+    assert queueing.waiting_since(None) is None
