@@ -43,7 +43,7 @@ CLUSTER_URI_HELP = "pvc://CLAIM/path, s3://, gs://, hf:// or https://"
 LABEL_VALUE_PATTERN = r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$"
 ENDPOINT_PATTERN = r"^https?://[^\s/?#]+(/[^\s?#]*)?$"
 # A Kubernetes object name that is also a label value (Kueue reads it from a label).
-LABEL_VALUE_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+OBJECT_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 _IMMUTABLE_TEXT = "is immutable once the job exists: create a new FineTuneJob to change it"
 
 
@@ -707,7 +707,7 @@ class RunPolicy(_Model):
         json_schema_extra={
             "x-kubernetes-validations": [
                 _cel(
-                    f"self == '' || self.matches(r'{LABEL_VALUE_PATTERN}')",
+                    f"self == '' || self.matches(r'{OBJECT_NAME_PATTERN}')",
                     "spec.runPolicy.priorityClass must name a Kueue WorkloadPriorityClass: lowercase letters, "
                     "digits, '-' and '.', starting and ending with a letter or digit (e.g. high)",
                 ),
@@ -719,7 +719,7 @@ class RunPolicy(_Model):
     @field_validator("priority_class")
     @classmethod
     def _priority_class_is_a_name(cls, value: str) -> str:
-        if value and not re.match(LABEL_VALUE_PATTERN, value):
+        if value and not re.match(OBJECT_NAME_PATTERN, value):
             raise ValueError(
                 "must name a Kueue WorkloadPriorityClass: lowercase letters, digits, '-' and '.', "
                 f"starting and ending with a letter or digit (e.g. high); got {value!r}"
