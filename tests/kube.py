@@ -45,6 +45,37 @@ def wait_for(check: Callable[[], T | None], *, timeout: float = 60, interval: fl
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what or check}: last saw {last!r}")
 
 
+def wait_moving(
+    check: Callable[[], T | None],
+    *,
+    moved: Callable[[], Any],
+    stall: float,
+    interval: float = 0.25,
+    what: str = "",
+) -> T:
+    """Poll ``check`` until it returns something truthy, for as long as ``moved()`` keeps
+    changing: fail only once it has stood still for ``stall`` seconds."""
+    mark: Any = object()
+    still_since = time.monotonic()
+    last: Any = None
+    while True:
+        try:
+            last = check()
+            if last:
+                return last
+            now_mark = moved()
+        except ApiException as exc:
+            last = now_mark = f"ApiException {exc.status}: {exc.reason}"
+        except OSError as exc:  # a server still starting: connection refused
+            last = now_mark = repr(exc)
+        now = time.monotonic()
+        if now_mark != mark:
+            mark, still_since = now_mark, now
+        elif now - still_since > stall:
+            raise AssertionError(f"nothing moved for {stall:.0f}s waiting for {what or check}: last saw {last!r}")
+        time.sleep(interval)
+
+
 # Below the kernel's ephemeral range (32768-60999 by default): the test operator keeps its ports
 # across a stop and a start, and while it is down an outgoing connection's local port (drawn
 # from the ephemeral range) could take one, and its restart would fail.
@@ -95,12 +126,38 @@ class Kube:
         return dict(self.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, patch))
 
     def wait_phase(self, namespace: str, name: str, *phases: str, timeout: float = 120) -> dict[str, Any]:
+        """The status once its phase is one of ``phases``; ``timeout`` as in ``wait_status``."""
+        return self.wait_status(
+            namespace, name, lambda s: s.get("phase") in phases, timeout=timeout, what=f"phase in {phases}"
+        )
+
+    def wait_status(
+        self, namespace: str, name: str, done: Callable[[dict[str, Any]], Any], *, timeout: float = 120, what: str = ""
+    ) -> dict[str, Any]:
+        """The status once ``done(status)`` holds.  ``timeout`` is how long the job may stand
+        still (phase, reason, attempts, stage, step and checkpoints all unchanged), not a limit on
+        the whole wait: on a busy machine a job that trains slowly but steadily is waited for,
+        one that stops moving fails the test."""
+        seen: dict[str, Any] = {}
+
         def check() -> dict[str, Any] | None:
-            status = self.status(namespace, name)
-            return status if status.get("phase") in phases else None
+            seen["status"] = status = self.status(namespace, name)
+            return status if done(status) else None
+
+        def moved() -> tuple[Any, ...]:
+            status = seen.get("status") or {}
+            progress = status.get("progress") or {}
+            return (
+                status.get("phase"),
+                status.get("reason"),
+                status.get("attempts"),
+                progress.get("stage"),
+                progress.get("step"),
+                len(status.get("checkpoints") or []),
+            )
 
         try:
-            return wait_for(check, timeout=timeout, what=f"{namespace}/{name} in phase {phases}")
+            return wait_moving(check, moved=moved, stall=timeout, what=f"{namespace}/{name}: {what or done}")
         except AssertionError as exc:
             raise AssertionError(f"{exc}\nstatus now: {json.dumps(self.status(namespace, name), indent=1)}") from None
 

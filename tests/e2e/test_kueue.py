@@ -148,9 +148,7 @@ def test_a_high_priority_job_preempts_a_low_one_that_resumes_to_the_same_weights
         recorder = PhaseRecorder(kube, namespace, "low")
         try:
             kube.create_ftj(namespace, low)
-            wait_for(
-                lambda: kube.status(namespace, "low").get("checkpoints"), timeout=300, what="low's first checkpoint"
-            )
+            kube.wait_status(namespace, "low", lambda s: s.get("checkpoints"), timeout=300, what="a first checkpoint")
             kube.create_ftj(namespace, queued_job("high", steps=20, priorityClass=high_class))
             preempted = kube.wait_phase(namespace, "low", "Preempted", *FINAL, timeout=120)
             assert preempted["phase"] == "Preempted", f"low ended before the preemption; make it longer: {preempted}"
@@ -239,7 +237,7 @@ def test_suspending_a_queued_job_deactivates_its_workload_and_nothing_fights(
     flips = SuspendRecorder(kube, namespace, "paused")
     try:
         kube.create_ftj(namespace, queued_job("paused", steps=120, every=20))
-        wait_for(lambda: kube.status(namespace, "paused").get("checkpoints"), timeout=300, what="a first checkpoint")
+        kube.wait_status(namespace, "paused", lambda s: s.get("checkpoints"), timeout=300, what="a first checkpoint")
         kube.patch_ftj(namespace, "paused", {"spec": {"runPolicy": {"suspend": True}}})
         status = kube.wait_phase(namespace, "paused", "Suspended", *FINAL, timeout=60)
         assert status["phase"] == "Suspended", f"training ended before the suspension; make it longer: {status}"

@@ -71,10 +71,12 @@ def sha256(path: Path) -> str:
 
 
 def wait_step(kube: Kube, namespace: str, name: str, at_least: int, timeout: float = 120) -> dict[str, Any]:
-    return wait_for(
-        lambda: (s := kube.status(namespace, name)).get("progress", {}).get("step", 0) >= at_least and s,
+    return kube.wait_status(
+        namespace,
+        name,
+        lambda s: s.get("progress", {}).get("step", 0) >= at_least,
         timeout=timeout,
-        what=f"{name} past step {at_least}",
+        what=f"past step {at_least}",
     )
 
 
@@ -134,8 +136,12 @@ def test_happy_path_phases_progress_checkpoints_and_outputs(
     assert status["dataset"]["layout"] == "folder" and status["dataset"]["images"] > 0, status.get("dataset")
     described = kube.kubectl("-n", namespace, "describe", "ftj", "happy")
     assert "happy.safetensors" in described
+    # The status follows the spec in describe's output: the last "Dataset:" is what was found,
+    # its own fields indented as its "Caption Coverage:" is (a concept's are deeper).
+    found = described[described.rindex("Dataset:") :]
     images = status["dataset"]["images"]
-    assert re.search(rf"Dataset:\s+Caption Coverage:.*\n(.*\n)*?\s+Images:\s+{images}\n", described), described
+    assert re.search(rf"\n( +)Caption Coverage: .*\n(?:.*\n)*?\1Images: +{images}\n", found), found
+    assert re.search(r"\n( +)Caption Coverage: .*\n(?:.*\n)*?\1Layout: +folder\n", found), found
     assert "Succeeded" in described
     printed = kube.kubectl("-n", namespace, "get", "ftj", "happy").splitlines()[1]
     assert "Succeeded" in printed and "400/400 (100%)" in printed
@@ -172,7 +178,7 @@ def test_killed_trainer_is_retried_and_resumes_from_its_checkpoint(
     paths = prepare_claims(kube, namespace, tiny_assets)
     manifest = job_manifest("resumed", training={"maxSteps": 600}, checkpoints={"everySteps": 100, "keepLast": 10})
     kube.create_ftj(namespace, manifest)
-    wait_for(lambda: kube.status(namespace, "resumed").get("checkpoints"), timeout=180, what="a first checkpoint")
+    kube.wait_status(namespace, "resumed", lambda s: s.get("checkpoints"), timeout=180, what="a first checkpoint")
     assert kill_trainer(namespace, "resumed") >= 1
     checkpoint_root = paths["outputs"] / "resumed" / "checkpoints"
     before = {
@@ -200,7 +206,7 @@ def test_suspend_mid_training_then_resume_continues_from_the_checkpoint(
     prepare_claims(kube, namespace, tiny_assets)
     manifest = job_manifest("paused", training={"maxSteps": 600}, checkpoints={"everySteps": 100, "keepLast": 3})
     kube.create_ftj(namespace, manifest)
-    wait_for(lambda: kube.status(namespace, "paused").get("checkpoints"), timeout=180, what="a first checkpoint")
+    kube.wait_status(namespace, "paused", lambda s: s.get("checkpoints"), timeout=180, what="a first checkpoint")
     kube.patch_ftj(namespace, "paused", {"spec": {"runPolicy": {"suspend": True}}})
     status = kube.wait_phase(namespace, "paused", "Suspended", "Succeeded", timeout=60)
     if status["phase"] == "Succeeded":
@@ -225,7 +231,7 @@ def test_delete_mid_training_stops_it_and_keeps_what_was_written(
     paths = prepare_claims(kube, namespace, tiny_assets)
     manifest = job_manifest("deleted", training={"maxSteps": 5000}, checkpoints={"everySteps": 100, "keepLast": 5})
     kube.create_ftj(namespace, manifest)
-    wait_for(lambda: kube.status(namespace, "deleted").get("checkpoints"), timeout=180, what="a first checkpoint")
+    kube.wait_status(namespace, "deleted", lambda s: s.get("checkpoints"), timeout=180, what="a first checkpoint")
     kube.kubectl("-n", namespace, "delete", "ftj", "deleted", "--wait=true", "--timeout=60s")
     wait_for(lambda: not trainer_processes(namespace, "deleted"), timeout=90, what="the trainer process to stop")
     selector = "finetune.dev/job-name=deleted"
