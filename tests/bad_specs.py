@@ -146,6 +146,43 @@ BAD_SPECS = [
     BadSpec("layout-unknown", _set("dataset.layout", "dreambooth"), "spec.dataset.layout"),
     BadSpec("bucket-side-not-64", _set("dataset.bucketMinSide", 300), "spec.dataset.bucketMinSide"),
     BadSpec("caption-dropout-over-one", _set("dataset.captionDropout", 1.5), "spec.dataset.captionDropout"),
+    # flux1
+    BadSpec("flux-dreambooth", _set("baseModel.type", "flux1"), "spec.method"),
+    BadSpec(
+        "components-for-sd",
+        _set("baseModel.componentsUri", "pvc://models/flux-dev/"),
+        "spec.baseModel.componentsUri",
+    ),
+    BadSpec(
+        "components-bad-scheme",
+        _both(
+            _set("method", "LoRA"),
+            _set("baseModel.type", "flux1"),
+            _set("baseModel.componentsUri", "ftp://example.com/flux"),
+        ),
+        "spec.baseModel.componentsUri",
+    ),
+    BadSpec(
+        "quantization-for-sd",
+        _both(_set("method", "LoRA"), _set("training.baseQuantization", "nf4")),
+        "spec.training.baseQuantization",
+    ),
+    BadSpec(
+        "quantization-unknown",
+        _both(_set("method", "LoRA"), _set("baseModel.type", "flux1"), _set("training.baseQuantization", "fp4")),
+        "spec.training.baseQuantization",
+    ),
+    BadSpec("timesteps-for-sd", _set("training.timestepSampling", "uniform"), "spec.training.timestepSampling"),
+    BadSpec(
+        "timesteps-unknown",
+        _both(_set("method", "LoRA"), _set("baseModel.type", "flux1"), _set("training.timestepSampling", "cosmap")),
+        "spec.training.timestepSampling",
+    ),
+    BadSpec(
+        "flux-merge-lora",
+        _both(_set("method", "LoRA"), _set("baseModel.type", "flux1"), _set("output.mergeLoRA", True)),
+        "spec.output.mergeLoRA",
+    ),
 ]
 
 

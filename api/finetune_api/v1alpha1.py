@@ -134,10 +134,17 @@ class ModelType(StrEnum):
     V2X_512 = "v2x-512"
     V2X = "v2x"
     SDXL = "sdxl"
+    FLUX1 = "flux1"
 
 
 # The size each family was trained at; a dataset without a resolution trains at it.
-NATIVE_RESOLUTION = {ModelType.V1X: 512, ModelType.V2X_512: 512, ModelType.V2X: 768, ModelType.SDXL: 1024}
+NATIVE_RESOLUTION = {
+    ModelType.V1X: 512,
+    ModelType.V2X_512: 512,
+    ModelType.V2X: 768,
+    ModelType.SDXL: 1024,
+    ModelType.FLUX1: 1024,
+}
 # diffusers' train_dreambooth.py and the web UI use 2e-6 for a full UNet; diffusers' LoRA
 # scripts use 1e-4 (kohya's too): at 2e-6 an adapter starting from zero barely moves.
 DEFAULT_LEARNING_RATE = {Method.DREAMBOOTH: 2.0e-6, Method.LORA: 1.0e-4}
@@ -183,6 +190,40 @@ class OutputFormat(StrEnum):
     SAFETENSORS = "safetensors"
 
 
+class BaseQuantization(StrEnum):
+    NONE = "none"
+    INT8 = "int8"
+    NF4 = "nf4"
+
+
+class TimestepSampling(StrEnum):
+    LOGIT_NORMAL = "logit_normal"
+    MODE = "mode"
+    UNIFORM = "uniform"
+
+
+# Rules of the flux1 family, written once for CEL and pydantic (see FineTuneJobSpec).
+FLUX_LORA_ONLY = (
+    "spec.method: flux1 trains LoRA only (a full Flux.1 fine-tune needs several 80 GB GPUs); set spec.method: LoRA"
+)
+FLUX_COMPONENTS = (
+    "spec.baseModel.componentsUri is for type flux1 (the text encoders, VAE and scheduler of a single-file "
+    "transformer); remove it or set spec.baseModel.type: flux1"
+)
+FLUX_QUANTIZATION = (
+    "spec.training.baseQuantization quantizes a flux1 transformer under LoRA; set it to none (or remove it) for "
+    "other model types"
+)
+FLUX_TIMESTEPS = (
+    "spec.training.timestepSampling is for flux1 (flow matching); remove it for other model types, which draw "
+    "timesteps uniformly"
+)
+FLUX_MERGE = (
+    "spec.output.mergeLoRA: a Flux.1 LoRA is not merged into a full model here (24 GB in bf16); load the LoRA onto "
+    "the base instead (diffusers' load_lora_weights, ComfyUI's LoRA loader) and remove mergeLoRA"
+)
+
+
 class BaseModelSource(_Model):
     """Where the model to fine-tune comes from."""
 
@@ -197,7 +238,9 @@ class BaseModelSource(_Model):
         default=ModelType.V1X,
         description=(
             "Model family: v1x (SD 1.x, 512 px), v2x-512 (SD 2.x base, 512 px, epsilon), "
-            "v2x (SD 2.x, 768 px, v-prediction), sdxl (Stable Diffusion XL, 1024 px)."
+            "v2x (SD 2.x, 768 px, v-prediction), sdxl (Stable Diffusion XL, 1024 px), flux1 (Flux.1 dev or "
+            "schnell, 1024 px, flow matching, method LoRA only; dev is told from schnell by its guidance "
+            "embedding)."
         ),
     )
     revision: str | None = Field(default=None, description="Branch, tag or commit of an hf:// model.")
@@ -208,6 +251,16 @@ class BaseModelSource(_Model):
             f"overflows in fp16 and otherwise runs in fp32. {URI_HELP}."
         ),
         json_schema_extra={"x-kubernetes-validations": _uri_rules("spec.baseModel.vaeUri")},
+    )
+    components_uri: Uri | None = Field(
+        default=None,
+        description=(
+            "flux1 with uri a single-file transformer in the original (Black Forest Labs) layout, such as "
+            "flux1-dev.safetensors: a diffusers Flux.1 folder or hf:// repository whose text encoders, tokenizers, "
+            "VAE and scheduler go with it (its transformer weights are not read; its transformer/config.json, "
+            f"where present, gives the architecture). {URI_HELP}."
+        ),
+        json_schema_extra={"x-kubernetes-validations": _uri_rules("spec.baseModel.componentsUri")},
     )
     credentials_secret: str | None = Field(
         default=None,
@@ -228,6 +281,11 @@ class BaseModelSource(_Model):
     @classmethod
     def _vae_uri(cls, value: str | None) -> str | None:
         return None if value is None else check_uri(value, field="spec.baseModel.vaeUri")
+
+    @field_validator("components_uri")
+    @classmethod
+    def _components_uri(cls, value: str | None) -> str | None:
+        return None if value is None else check_uri(value, field="spec.baseModel.componentsUri")
 
 
 class DatasetLayout(StrEnum):
@@ -346,7 +404,7 @@ class Dataset(_Model):
         default=None,
         description=(
             "Aspect-ratio buckets: each photo trained at about resolution² pixels in the nearest of a set of "
-            "shapes, not cropped square. Unset: on for sdxl, off for SD 1.x/2.x."
+            "shapes, not cropped square. Unset: on for sdxl and flux1, off for SD 1.x/2.x."
         ),
     )
     bucket_min_side: int | None = Field(
@@ -389,7 +447,7 @@ class Dataset(_Model):
         multiple_of=8,
         description=(
             "Training resolution in pixels (square); images are resized and cropped to it. "
-            "Unset: the model family's native size (v1x and v2x-512: 512, v2x: 768, sdxl: 1024)."
+            "Unset: the model family's native size (v1x and v2x-512: 512, v2x: 768, sdxl and flux1: 1024)."
         ),
     )
     center_crop: bool = Field(
@@ -537,6 +595,23 @@ class Training(_Model):
         ),
     )
     seed: int = Field(default=1234, ge=0, le=2**32 - 1, description="Random seed; runs with one seed repeat.")
+    base_quantization: BaseQuantization = Field(
+        default=BaseQuantization.NONE,
+        description=(
+            "flux1: the frozen transformer in 8 bits (int8) or 4 bits (nf4, QLoRA) through bitsandbytes, the "
+            "LoRA in full precision: about 24 GB of weights become 12 GB (int8) or 6.7 GB (nf4). Needs a CUDA "
+            "GPU; elsewhere the trainer trains unquantized and says so in status.warnings. none for other types."
+        ),
+    )
+    timestep_sampling: TimestepSampling | None = Field(
+        default=None,
+        description=(
+            "flux1 (flow matching): how each image's timestep is drawn, as diffusers' train_dreambooth_lora_flux.py "
+            "offers: logit_normal (mean 0, std 1: most draws mid-schedule; SD3's best setting), mode (mode scale "
+            "1.29) or uniform; then shifted as the model's scheduler shifts it (dev by the image's size, as at "
+            "inference). Unset: logit_normal. Only for flux1."
+        ),
+    )
     lora: LoRASettings | None = Field(default=None, description="LoRA settings; only with method LoRA.")
 
     @model_validator(mode="after")
@@ -601,7 +676,15 @@ class Samples(_Model):
     )
     every_steps: int = Field(default=0, ge=0, description="Render every N steps (0: only at the end).")
     num_inference_steps: int = Field(default=25, ge=1, le=500, description="Denoising steps per sample.")
-    guidance_scale: float = Field(default=7.5, ge=0, le=50, description="Classifier-free guidance scale.")
+    guidance_scale: float | None = Field(
+        default=None,
+        ge=0,
+        le=50,
+        description=(
+            "Guidance scale. Unset: 7.5 (classifier-free guidance) for SD and SDXL, 3.5 for flux1 (dev's distilled "
+            "guidance; schnell takes none)."
+        ),
+    )
     negative_prompt: str = Field(default="", max_length=1000, description="Negative prompt for all samples.")
     seed: int = Field(default=0, ge=0, le=2**32 - 1, description="Seed of the sample noise (fixed across steps).")
 
@@ -857,6 +940,15 @@ class FineTuneJobSpec(_Model):
                     "self.method == 'LoRA' || !self.output.mergeLoRA",
                     "spec.output.mergeLoRA is only for method LoRA",
                 ),
+                _cel("self.baseModel.type != 'flux1' || self.method == 'LoRA'", FLUX_LORA_ONLY),
+                _cel("!has(self.baseModel.componentsUri) || self.baseModel.type == 'flux1'", FLUX_COMPONENTS),
+                _cel(
+                    "!has(self.training.baseQuantization) || self.training.baseQuantization == 'none' || "
+                    "self.baseModel.type == 'flux1'",
+                    FLUX_QUANTIZATION,
+                ),
+                _cel("!has(self.training.timestepSampling) || self.baseModel.type == 'flux1'", FLUX_TIMESTEPS),
+                _cel("self.baseModel.type != 'flux1' || !self.output.mergeLoRA", FLUX_MERGE),
             ]
         }
     )
@@ -867,6 +959,17 @@ class FineTuneJobSpec(_Model):
             raise ValueError("spec.training.lora is only for method LoRA: set spec.method: LoRA or remove it")
         if self.method != Method.LORA and self.output.merge_lora:
             raise ValueError("spec.output.mergeLoRA is only for method LoRA")
+        flux = self.base_model.type == ModelType.FLUX1
+        if flux and self.method != Method.LORA:
+            raise ValueError(FLUX_LORA_ONLY)
+        if not flux and self.base_model.components_uri is not None:
+            raise ValueError(FLUX_COMPONENTS)
+        if not flux and self.training.base_quantization != BaseQuantization.NONE:
+            raise ValueError(FLUX_QUANTIZATION)
+        if not flux and self.training.timestep_sampling is not None:
+            raise ValueError(FLUX_TIMESTEPS)
+        if flux and self.output.merge_lora:
+            raise ValueError(FLUX_MERGE)
         return self
 
     @property

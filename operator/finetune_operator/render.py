@@ -85,6 +85,9 @@ def claim_mounts(job: FineTuneJob) -> tuple[ClaimMount, ...]:
     spec = job.spec
     uses: list[tuple[str | None, bool]] = [
         (spec.base_model.uri, False),
+        (spec.base_model.vae_uri, False),
+        # A single-file Flux transformer's text encoders, VAE and scheduler.
+        (spec.base_model.components_uri, False),
         (spec.dataset.instance_images, False),
         # Class images generated when missing are saved there for reuse.
         (spec.dataset.class_images, True),
@@ -142,6 +145,8 @@ def resolved_manifest(job: FineTuneJob, *, namespace: str, name: str, uid: str) 
     resolved = job.model_copy(deep=True)
     spec = resolved.spec
     spec.base_model.uri = resolve_uri(spec.base_model.uri) or spec.base_model.uri
+    spec.base_model.vae_uri = resolve_uri(spec.base_model.vae_uri)
+    spec.base_model.components_uri = resolve_uri(spec.base_model.components_uri)
     spec.dataset.instance_images = resolve_uri(spec.dataset.instance_images) or spec.dataset.instance_images
     spec.dataset.class_images = resolve_uri(spec.dataset.class_images)
     spec.output.uri = resolve_uri(spec.output.uri) or spec.output.uri

@@ -92,6 +92,28 @@ def test_pvc_inputs_mount_read_only_and_output_read_write() -> None:
     assert parse_manifest(resolved).spec.training.steps_per_image == 150
 
 
+def test_model_parts_on_claims_are_mounted_and_resolved() -> None:
+    """A Flux transformer's single file with its components folder, and a replacement VAE, each on
+    a claim of its own: every claim is mounted read-only and the trainer reads mount paths."""
+    manifest = good_manifest()
+    manifest["spec"]["method"] = "LoRA"
+    manifest["spec"]["baseModel"] = {
+        "uri": "pvc://models/flux1-dev.safetensors",
+        "type": "flux1",
+        "componentsUri": "pvc://flux-parts/FLUX.1-dev",
+        "vaeUri": "pvc://vaes/ae",
+    }
+    rendered = _render(manifest)
+    pod = rendered.job["spec"]["template"]["spec"]
+    claims = {v["persistentVolumeClaim"]["claimName"]: v for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    for claim in ("models", "flux-parts", "vaes"):
+        assert claims[claim]["persistentVolumeClaim"]["readOnly"] is True, claim
+    resolved = yaml.safe_load(rendered.job["spec"]["template"]["metadata"]["annotations"]["finetune.dev/job-yaml"])
+    assert resolved["spec"]["baseModel"]["componentsUri"] == "/data/flux-parts/FLUX.1-dev"
+    assert resolved["spec"]["baseModel"]["vaeUri"] == "/data/vaes/ae"
+    assert resolved["spec"]["baseModel"]["uri"] == "/data/models/flux1-dev.safetensors"
+
+
 def test_same_claim_for_input_and_output_is_mounted_once_writable() -> None:
     manifest = good_manifest()
     manifest["spec"]["dataset"]["instanceImages"] = "pvc://shared/images"
