@@ -65,7 +65,7 @@ def test_the_v_prediction_target_and_its_snr_weighting(tiny_v2: Path, photos: Pa
     try:
         recipe.setup()
         assert recipe.settings.prediction_type == "v_prediction"
-        scheduler, unet = recipe.noise_scheduler, recipe.unet
+        scheduler, unet = recipe.objective.scheduler, recipe.unet  # the family's DiffusionObjective
         add_noise = scheduler.add_noise
 
         def spy_add_noise(latents: Any, noise: Any, timesteps: Any) -> Any:

@@ -38,6 +38,7 @@ def test_good_spec_gets_the_documented_defaults() -> None:
         ("LoRA", "v2x-512", 1.0e-4, 512),
         ("DreamBooth", "v2x", 2.0e-6, 768),
         ("LoRA", "sdxl", 1.0e-4, 1024),
+        ("LoRA", "flux1", 1.0e-4, 1024),
     ],
 )
 def test_learning_rate_and_resolution_default_by_method_and_family(

@@ -29,10 +29,11 @@ def vary(prompt: str, *, gen: torch.Generator, dropout: float, shuffle: bool, ke
     return ", ".join(kept + [rest[i] for i in order])
 
 
-def too_long(examples: Sequence[Example], tokenizer: Any) -> list[tuple[str, int]]:
+def too_long(examples: Sequence[Example], tokenizer: Any, *, window: int | None = None) -> list[tuple[str, int]]:
     """(file, tokens) of each photo whose prompt is longer than the tokenizer's window (CLIP
-    reads 75 tokens between its start and end tokens and drops the rest)."""
-    window = int(tokenizer.model_max_length) - 2
+    reads 75 tokens between its start and end tokens and drops the rest; Flux's T5, 511 before
+    its end token)."""
+    window = int(tokenizer.model_max_length) - 2 if window is None else window
     found: list[tuple[str, int]] = []
     counted: dict[str, int] = {}
     for example in examples:
@@ -43,8 +44,8 @@ def too_long(examples: Sequence[Example], tokenizer: Any) -> list[tuple[str, int
     return found
 
 
-def too_long_warning(found: list[tuple[str, int]], tokenizer: Any) -> str:
-    window = int(tokenizer.model_max_length) - 2
+def too_long_warning(found: list[tuple[str, int]], tokenizer: Any, *, window: int | None = None) -> str:
+    window = int(tokenizer.model_max_length) - 2 if window is None else window
     listed = ", ".join(f"{name} ({tokens} tokens)" for name, tokens in found[:10])
     more = f" and {len(found) - 10} more" if len(found) > 10 else ""
     return (

@@ -79,7 +79,7 @@ def generate(
     import torch
 
     dest.mkdir(parents=True, exist_ok=True)
-    pipeline: Any = base.family.pipeline(base=base, unet=base.unet, text_encoders=base.text_encoders)
+    pipeline: Any = base.family.pipeline(base=base, unet=base.denoiser(), text_encoders=base.text_encoders)
     pipeline.set_progress_bar_config(disable=True)
     pipeline.to(device)
     autocast: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()

@@ -72,8 +72,8 @@ def export_all(
     written: list[Path] = []
     full_model = True
     if spec.method == Method.LORA:
-        text_encoders = trained.text_encoders if trained.text_encoder_adapters else []
         family, model_type = trained.family, trained.base.model_type
+        text_encoders = lora.adapted(family, trained.text_encoders) if trained.text_encoder_adapters else []
         written.append(lora.export_diffusers(family, trained.unet, text_encoders, output / lora.LORA_DIR, dtype=dtype))
         written.append(
             lora.export_kohya(
@@ -86,6 +86,7 @@ def export_all(
                 title=job.metadata.name or "model",
                 step=step,
                 dtype=dtype,
+                architecture=family.architecture(model_type, base=trained.base),
             )
         )
         full_model = spec.output.merge_lora
@@ -202,7 +203,7 @@ def export_single_file(trained: Trained, dest: Path, *, title: str | None, step:
     base = trained.base
     metadata = {
         "format": "pt",
-        "modelspec.architecture": base.family.architecture(base.model_type),
+        "modelspec.architecture": base.family.architecture(base.model_type, base=base),
         "modelspec.title": title or "model",
         # The model-spec spelling: "epsilon" or "v".
         "modelspec.prediction_type": "v" if base.prediction_type == "v_prediction" else "epsilon",

@@ -18,7 +18,7 @@ import sysconfig
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from finetune_api.v1alpha1 import (
     FineTuneJob,
@@ -39,7 +39,11 @@ PREDICTION_TYPES = {
     ModelType.V2X_512: "epsilon",
     ModelType.V2X: "v_prediction",
     ModelType.SDXL: "epsilon",
+    ModelType.FLUX1: "flow_matching",
 }
+# Families whose aspect-ratio buckets are on unless the spec says otherwise: those trained at
+# 1024 px on photos of every shape.
+BUCKETED = (ModelType.SDXL, ModelType.FLUX1)
 
 
 def load_job(path: str | Path) -> FineTuneJob:
@@ -64,9 +68,16 @@ def check_supported(spec: FineTuneJobSpec) -> None:
         )
     if spec.base_model.type not in PREDICTION_TYPES:
         raise BadInput(f"unknown model type {spec.base_model.type}", field="spec.baseModel.type")
+    if spec.base_model.type == ModelType.FLUX1 and spec.resolution % 16:
+        raise BadInput(
+            f"{spec.resolution} is not a multiple of 16: Flux.1's latents (8 px each) are packed in 2 x 2 patches; "
+            f"set it to {spec.resolution // 16 * 16} or {spec.resolution // 16 * 16 + 16}",
+            field="spec.dataset.resolution",
+        )
     for field, uri in (
         ("spec.baseModel.uri", spec.base_model.uri),
         ("spec.baseModel.vaeUri", spec.base_model.vae_uri),
+        ("spec.baseModel.componentsUri", spec.base_model.components_uri),
         ("spec.dataset.instanceImages", spec.dataset.instance_images),
         ("spec.dataset.classImages", spec.dataset.class_images),
         ("spec.output.uri", spec.output.uri),
@@ -94,6 +105,8 @@ class Device:
     # Why an installed xformers or bitsandbytes cannot be used here (its probe failed).
     xformers_problem: str = ""
     bitsandbytes_problem: str = ""
+    # Why the base model cannot be quantized here (spec.training.baseQuantization; "" where it can).
+    quantization_problem: str = ""
     compiler: bool = False  # what torch.compile needs to build code here (see compiler_present)
     memory_bytes: int = 0  # the GPU's memory (0: no GPU)
 
@@ -131,6 +144,13 @@ def detect_device(spec: FineTuneJobSpec | None = None) -> Device:
                 bitsandbytes = False
                 if _import_fails("bitsandbytes"):  # not only its kernels: its import breaks others
                     hide_library("bitsandbytes")
+    quantization_problem = ""
+    quantization = str(spec.training.base_quantization) if spec is not None else "none"
+    if quantization != "none":
+        if not bitsandbytes:
+            quantization_problem = bitsandbytes_problem or "bitsandbytes is not installed"
+        else:
+            quantization_problem = probe(_quantized_layer(quantization), device)
     memory = 0
     if cuda:
         with contextlib.suppress(Exception):
@@ -143,6 +163,7 @@ def detect_device(spec: FineTuneJobSpec | None = None) -> Device:
         bitsandbytes=bitsandbytes,
         xformers_problem=xformers_problem,
         bitsandbytes_problem=bitsandbytes_problem,
+        quantization_problem=quantization_problem,
         compiler=compiler_present(cuda=cuda),
     )
 
@@ -196,6 +217,37 @@ def _adamw8bit_step(device: str) -> None:
     optimizer.step()
     if not bool(torch.isfinite(parameter).all()) or float(parameter.max()) >= 1.0:
         raise RuntimeError("one step of AdamW8bit did not update the parameter")
+
+
+def _quantized_layer(quantization: str) -> Callable[[str], None]:
+    """One layer quantized the way the base model will be: diffusers' bitsandbytes quantizer must
+    accept this machine (diffusers 0.42 wants a GPU: "No GPU found. A GPU is needed for
+    quantization.", although bitsandbytes 0.50's own 4-bit and 8-bit layers run on a CPU), and a
+    bitsandbytes layer of that kind must run forward and backward on the device (a wheel built
+    for another CUDA fails here, not at step 1)."""
+
+    def run(device: str) -> None:
+        import bitsandbytes
+        import torch
+        from diffusers import BitsAndBytesConfig
+        from diffusers.quantizers import DiffusersAutoQuantizer
+
+        dtype = torch.bfloat16 if device == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
+        if quantization == "int8":
+            config = BitsAndBytesConfig(load_in_8bit=True)
+            layer: Any = bitsandbytes.nn.Linear8bitLt(64, 64, has_fp16_weights=False)
+        else:
+            config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+            layer = bitsandbytes.nn.Linear4bit(64, 64, compute_dtype=dtype, quant_type="nf4")
+        quantizer = DiffusersAutoQuantizer.from_config(cast(Any, config))
+        quantizer.validate_environment(torch_dtype=dtype, device_map=None)
+        layer = layer.to(device)
+        inputs = torch.randn(2, 64, device=device, dtype=dtype, requires_grad=True)
+        layer(inputs).float().sum().backward()
+        if inputs.grad is None or not bool(torch.isfinite(inputs.grad).all()):
+            raise RuntimeError(f"a {quantization} layer gave no finite gradient")
+
+    return run
 
 
 def _xformers_op(device: str) -> None:
@@ -255,6 +307,9 @@ class Settings:
     cache_prompts: bool = False
     # cuDNN tries its convolution kernels at the first step and keeps the fastest.
     cudnn_benchmark: bool = False
+    # flux1: the frozen transformer's quantization, and how timesteps are drawn.
+    base_quantization: str = "none"
+    timestep_sampling: str = ""
 
     def as_report(self) -> dict[str, str]:
         return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in asdict(self).items()}
@@ -314,13 +369,38 @@ def resolve_settings(
         )
         optimizer = "AdamW"
 
+    model_type = ModelType(spec.base_model.type)
+    flux = model_type == ModelType.FLUX1
+    if flux and attention != "sdpa":
+        warnings.append(
+            f"spec.training.attention: Flux.1's transformer attends through PyTorch's SDPA here; {attention} is not "
+            "used"
+        )
+        attention = "sdpa"
+    quantization = str(training.base_quantization)
+    if quantization != "none" and device.quantization_problem:
+        warnings.append(
+            f"spec.training.baseQuantization: {quantization} needs bitsandbytes quantization through diffusers, which "
+            f"does not work on this device ({device.quantization_problem}); the transformer is trained unquantized in "
+            f"{'fp32' if precision == 'no' else precision} instead (about 24 GB of weights for Flux.1 instead of "
+            f"{'12' if quantization == 'int8' else '6.7'} GB)"
+        )
+        quantization = "none"
+    if flux and spec.samples.prompts and spec.samples.negative_prompt:
+        warnings.append(
+            "spec.samples.negativePrompt: Flux.1 is guidance-distilled and its samples take no negative prompt; "
+            "it is not used"
+        )
+
     if spec.method == Method.LORA and spec.learning_rate < LORA_LOW_LEARNING_RATE:
         warnings.append(
             f"spec.training.learningRate: {spec.learning_rate:g} is low for LoRA (adapters start from zero; "
             f"diffusers and kohya use 1e-4): the model may learn almost nothing; unset it for 1e-4"
         )
 
-    compile_, compile_mode, compile_warnings = _resolve_compile(spec, device, total_steps=total_steps)
+    compile_, compile_mode, compile_warnings = _resolve_compile(
+        spec, device, total_steps=total_steps, quantized=quantization != "none"
+    )
     warnings += compile_warnings
     cuda = device.type == "cuda"
     settings = Settings(
@@ -330,18 +410,21 @@ def resolve_settings(
         compile=compile_,
         gradient_checkpointing=training.gradient_checkpointing,
         cache_latents=training.cache_latents,
-        prediction_type=PREDICTION_TYPES[ModelType(spec.base_model.type)],
+        prediction_type=PREDICTION_TYPES[model_type],
         device=device.type,
         learning_rate=spec.learning_rate,
         resolution=spec.resolution,
-        buckets=spec.dataset.buckets if spec.dataset.buckets is not None else spec.base_model.type == ModelType.SDXL,
+        buckets=spec.dataset.buckets if spec.dataset.buckets is not None else model_type in BUCKETED,
         compile_mode=compile_mode,
         fused_optimizer=cuda and optimizer == "AdamW",
         # bitsandbytes makes every parameter contiguous again at each step (a copy of the
-        # UNet a step, and under torch.compile a recompile): no channels_last with it.
-        channels_last=cuda and optimizer != "AdamW8bit",
+        # UNet a step, and under torch.compile a recompile): no channels_last with it.  Flux's
+        # transformer has no convolutions to gain from it.
+        channels_last=cuda and optimizer != "AdamW8bit" and not flux,
         cache_prompts=not trains_text_encoder(spec),
         cudnn_benchmark=cuda,
+        base_quantization=quantization,
+        timestep_sampling=str(training.timestep_sampling or "logit_normal") if flux else "",
     )
     return settings, warnings
 
@@ -351,13 +434,19 @@ def trains_text_encoder(spec: FineTuneJobSpec) -> bool:
     return spec.lora.train_text_encoder if spec.method == Method.LORA else spec.training.train_text_encoder
 
 
-def _resolve_compile(spec: FineTuneJobSpec, device: Device, *, total_steps: int | None) -> tuple[bool, str, list[str]]:
+def _resolve_compile(
+    spec: FineTuneJobSpec, device: Device, *, total_steps: int | None, quantized: bool = False
+) -> tuple[bool, str, list[str]]:
     training = spec.training
     warnings: list[str] = []
     if training.compile is None and total_steps is None:
         return False, "default", warnings  # decided once the length of the run is known
     if training.compile is None:
-        compile_ = device.type == "cuda" and device.compiler and (total_steps or 0) >= COMPILE_MIN_STEPS
+        # bitsandbytes' quantized layers under torch.compile have not been measured here: an unset
+        # compile leaves a quantized base eager.
+        compile_ = (
+            device.type == "cuda" and device.compiler and (total_steps or 0) >= COMPILE_MIN_STEPS and not quantized
+        )
     elif training.compile and not device.compiler:
         needs = "a C compiler and Python's headers (gcc, python3-dev)" if device.type == "cuda" else "a C++ compiler"
         warnings.append(
@@ -421,7 +510,9 @@ def process_group_timeout(spec: FineTuneJobSpec, *, remote_output: bool) -> int:
     if spec.dataset.prior_preservation:
         passes = max(passes, spec.dataset.num_class_images * CLASS_IMAGE_STEPS * 2)  # with guidance
     passes = max(passes, len(spec.samples.prompts) * spec.samples.num_inference_steps * 2)
-    seconds = passes * SECONDS_PER_UNET_PASS_512 * scale
+    from finetune_trainer.families import family_of
+
+    seconds = passes * SECONDS_PER_UNET_PASS_512 * scale * family_of(spec.base_model.type).pass_cost
     if remote_output:
         # A checkpoint uploaded (or the newest pulled back) at each save.
         seconds = max(seconds, checkpoint_bytes(spec) / UPLOAD_BYTES_PER_SECOND)
@@ -461,6 +552,32 @@ def memory_check(
         changes.append(("spec.training.trainTextEncoder: false", _with_training(train_text_encoder=False), None))
     if spec.method == Method.DREAMBOOTH:
         changes.append(("spec.method: LoRA", lambda s: s.model_copy(update={"method": Method.LORA}), None))
+    if spec.base_model.type == ModelType.FLUX1:
+        for quantization in ("int8", "nf4"):
+            if str(training.base_quantization) not in (quantization, "nf4"):
+                changes.append(
+                    (
+                        f"spec.training.baseQuantization: {quantization}",
+                        _with_training(base_quantization=quantization),
+                        None,
+                    )
+                )
+        if spec.lora.train_text_encoder:
+            changes.append(
+                (
+                    "spec.training.lora.trainTextEncoder: false (T5-XXL then leaves the GPU)",
+                    _with_lora(train_text_encoder=False),
+                    None,
+                )
+            )
+        if spec.dataset.shuffle_caption:
+            changes.append(
+                (
+                    "spec.dataset.shuffleCaption: false (T5-XXL then leaves the GPU)",
+                    _with_dataset(shuffle_caption=False),
+                    None,
+                )
+            )
     if training.batch_size > 1:
         changes.append(
             (
@@ -471,6 +588,8 @@ def memory_check(
         )
     if spec.resolution > 768:
         changes.append(("spec.dataset.resolution: 768", _with_dataset(resolution=768), None))
+    if spec.resolution > 512 and spec.base_model.type == ModelType.FLUX1:
+        changes.append(("spec.dataset.resolution: 512", _with_dataset(resolution=512), None))
     fixes: list[str] = []
     fitted = False
     current = spec
@@ -494,6 +613,13 @@ def memory_check(
 
 def _with_training(**update: Any) -> Callable[[FineTuneJobSpec], FineTuneJobSpec]:
     return lambda s: s.model_copy(update={"training": s.training.model_copy(update=update)})
+
+
+def _with_lora(**update: Any) -> Callable[[FineTuneJobSpec], FineTuneJobSpec]:
+    def change(s: FineTuneJobSpec) -> FineTuneJobSpec:
+        return _with_training(lora=s.lora.model_copy(update=update))(s)
+
+    return change
 
 
 def _with_dataset(**update: Any) -> Callable[[FineTuneJobSpec], FineTuneJobSpec]:

@@ -51,7 +51,7 @@ TEXT_ENCODER_TARGETS = {
 }
 
 
-def lora_config(settings: LoRASettings, targets: tuple[str, ...]) -> Any:
+def lora_config(settings: LoRASettings, targets: tuple[str, ...] | str) -> Any:
     from peft import LoraConfig
 
     return LoraConfig(
@@ -61,7 +61,8 @@ def lora_config(settings: LoRASettings, targets: tuple[str, ...]) -> Any:
         lora_dropout=settings.dropout,
         # A gaussian, B zero: the adapted model starts out as the base model.
         init_lora_weights="gaussian",
-        target_modules=list(targets),
+        # A string is a regular expression peft matches against a module's whole path.
+        target_modules=targets if isinstance(targets, str) else list(targets),
     )
 
 
@@ -77,12 +78,21 @@ def add_adapters(
         family.lora_targets(targets) if family is not None else (UNET_TARGETS[targets], TEXT_ENCODER_TARGETS[targets])
     )
     unet.add_adapter(lora_config(settings, unet_targets))
+    if family is not None:
+        text_encoders = adapted(family, text_encoders)
     for text_encoder in text_encoders:
         text_encoder.add_adapter(lora_config(settings, text_targets))
     for model in (unet, *text_encoders):
         for parameter in model.parameters():
             if parameter.requires_grad:
                 parameter.data = parameter.data.to(torch.float32)
+
+
+def adapted(family: ModelFamily, text_encoders: list[Any]) -> list[Any]:
+    """The text encoders that take adapters with lora.trainTextEncoder (Flux: CLIP, not T5)."""
+    if family.adapted_text_encoders is None:
+        return list(text_encoders)
+    return [text_encoders[i] for i in family.adapted_text_encoders if i < len(text_encoders)]
 
 
 def adapter_state(model: Any) -> dict[str, torch.Tensor]:
@@ -160,9 +170,10 @@ def export_diffusers(
     import diffusers
 
     pipeline_class = getattr(diffusers, family.pipeline_class)
+    denoiser = family.denoiser_part
     layers: dict[str, Any] = {
-        "unet_lora_layers": diffusers_layers(adapter_state(unet), text_encoder=False, dtype=dtype),
-        "unet_lora_adapter_metadata": inference_config(unet),
+        f"{denoiser}_lora_layers": diffusers_layers(adapter_state(unet), text_encoder=False, dtype=dtype),
+        f"{denoiser}_lora_adapter_metadata": inference_config(unet),
     }
     for part, encoder in zip(family.text_encoder_parts, text_encoders, strict=False):
         layers[f"{part}_lora_layers"] = diffusers_layers(adapter_state(encoder), text_encoder=True, dtype=dtype)
@@ -182,26 +193,55 @@ def kohya_state_dict(
     dtype: torch.dtype,
 ) -> dict[str, torch.Tensor]:
     """peft adapter weights -> kohya's layout: ``lora_unet_<module>`` (named as kohya's scripts
-    name the family's modules) and ``lora_te<n>_<module>``, dots as underscores, with
-    ``.lora_down.weight`` (A), ``.lora_up.weight`` (B) and ``.alpha``."""
+    name the family's modules, some fused: see ``ModelFamily.kohya_unet_layers``) and
+    ``lora_te<n>_<module>``, dots as underscores, with ``.lora_down.weight`` (A),
+    ``.lora_up.weight`` (B) and ``.alpha``."""
+    return kohya_tensors(
+        family,
+        unet,
+        adapter_pairs(adapter_state(unet)),
+        [adapter_pairs(adapter_state(e)) for e in text_encoders],
+        alpha=alpha,
+        dtype=dtype,
+    )
+
+
+def kohya_tensors(
+    family: ModelFamily,
+    unet: Any,
+    unet_pairs: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    text_pairs: list[dict[str, tuple[torch.Tensor, torch.Tensor]]],
+    *,
+    alpha: float,
+    dtype: torch.dtype,
+) -> dict[str, torch.Tensor]:
+    """Adapters given as module -> (A, B), the denoiser's and each adapted text encoder's, in
+    kohya's layout (``unet`` for its module names and sizes)."""
     import torch
 
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {
+        f"lora_unet_{name}": layer for name, layer in family.kohya_unet_layers(unet_pairs, unet, alpha=alpha).items()
+    }
+    for prefix, pairs in zip(family.kohya_text_prefixes, text_pairs, strict=False):
+        for module, (down, up) in pairs.items():
+            layers[f"{prefix}_{_text_model_name(module).replace('.', '_')}"] = (down, up, alpha)
     out: dict[str, torch.Tensor] = {}
-    parts: list[tuple[str, dict[str, torch.Tensor], bool]] = [("lora_unet", adapter_state(unet), False)]
-    for prefix, encoder in zip(family.kohya_text_prefixes, text_encoders, strict=False):
-        parts.append((prefix, adapter_state(encoder), True))
-    for prefix, state, text in parts:
-        for key, tensor in state.items():
-            module, _, kind = key.rpartition(".lora_")
-            if kind not in ("A.weight", "B.weight"):
-                raise ValueError(f"unexpected adapter weight {key!r}")
-            name = _text_model_name(module).replace(".", "_") if text else family.kohya_unet_name(module, unet.config)
-            name = f"{prefix}_{name}"
-            out[f"{name}.{'lora_down' if kind == 'A.weight' else 'lora_up'}.weight"] = (
-                tensor.detach().to(dtype).cpu().contiguous()
-            )
-            out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
+    for name, (down, up, scale) in layers.items():
+        out[f"{name}.lora_down.weight"] = down.detach().to(dtype).cpu().contiguous()
+        out[f"{name}.lora_up.weight"] = up.detach().to(dtype).cpu().contiguous()
+        out[f"{name}.alpha"] = torch.tensor(float(scale), dtype=dtype)
     return out
+
+
+def adapter_pairs(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """peft's ``<module>.lora_A.weight`` / ``.lora_B.weight`` -> module -> (A, B)."""
+    halves: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        module, _, kind = key.rpartition(".lora_")
+        if kind not in ("A.weight", "B.weight"):
+            raise ValueError(f"unexpected adapter weight {key!r}")
+        halves.setdefault(module, {})[kind[0]] = tensor
+    return {module: (pair["A"], pair["B"]) for module, pair in halves.items()}
 
 
 def export_kohya(
@@ -215,13 +255,14 @@ def export_kohya(
     title: str,
     step: int,
     dtype: torch.dtype,
+    architecture: str,
 ) -> Path:
     from safetensors.torch import save_file
 
     tensors = kohya_state_dict(family, unet, text_encoders, alpha=settings.alpha, dtype=dtype)
     metadata = {
         "format": "pt",
-        "ss_network_module": "networks.lora",
+        "ss_network_module": family.kohya_network_module,
         "ss_network_dim": str(settings.rank),
         "ss_network_alpha": str(settings.alpha),
         "ss_network_args": json.dumps({"dropout": settings.dropout}),
@@ -229,7 +270,7 @@ def export_kohya(
         "ss_base_model_version": family.kohya_base_version(model_type),
         "ss_v2": str(model_type in (ModelType.V2X, ModelType.V2X_512)),
         "ss_steps": str(step),
-        "modelspec.architecture": f"{family.architecture(model_type)}/lora",
+        "modelspec.architecture": f"{architecture}/lora",
         "modelspec.implementation": "diffusers",
         "modelspec.title": title,
     }

@@ -15,10 +15,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from finetune_api.v1alpha1 import BaseModelSource, ModelType
-from finetune_trainer import convert, credentials, original_config, storage
+from finetune_trainer import convert, credentials, flux_layout, original_config, storage
 from finetune_trainer.errors import BadInput
 from finetune_trainer.families import family_of
-from finetune_trainer.families.base import CONFIG_METADATA_KEY, CONFIGS, FIELD, TYPE_FIELD, BaseModel, embedded_configs
+from finetune_trainer.families.base import (
+    CONFIG_METADATA_KEY,
+    CONFIGS,
+    FIELD,
+    TYPE_FIELD,
+    BaseModel,
+    LoadOptions,
+    embedded_configs,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -26,6 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("finetune_trainer")
 
 VAE_FIELD = "spec.baseModel.vaeUri"
+COMPONENTS_FIELD = "spec.baseModel.componentsUri"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 _FAMILY_OF_SLOTS = {
     convert.SD1_TEXT: ("an SD 1.x checkpoint (CLIP text encoder)", "v1x"),
@@ -38,7 +47,15 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
-def load_base_model(source: BaseModelSource, *, cache_dir: Path, store: storage.ObjectStore | None = None) -> BaseModel:
+def load_base_model(
+    source: BaseModelSource,
+    *,
+    cache_dir: Path,
+    store: storage.ObjectStore | None = None,
+    options: LoadOptions | None = None,
+) -> BaseModel:
+    """The base model, its parts as its family reads them (``options``: the run's precision,
+    quantization and device, for a family that reads its denoiser straight onto the GPU)."""
     model_type = ModelType(source.type)
     family = family_of(model_type)
     path = locate(source, cache_dir=cache_dir, store=store)
@@ -51,15 +68,55 @@ def load_base_model(source: BaseModelSource, *, cache_dir: Path, store: storage.
                 field=FIELD,
             )
         path = checkpoints[0]
-    base = (
-        family.load_folder(path, model_type=model_type)
-        if path.is_dir()
-        else load_single_file(path, model_type=model_type)
-    )
+    if family.single_file_is_denoiser:
+        base = _load_denoiser_family(source, path, cache_dir=cache_dir, store=store, options=options or LoadOptions())
+    elif path.is_dir():
+        base = family.load_folder(path, model_type=model_type)
+    else:
+        base = load_single_file(path, model_type=model_type)
     if source.vae_uri:
         base.vae = load_vae(source.vae_uri, cache_dir=cache_dir, store=store)
         base.vae_source = source.vae_uri
     return base
+
+
+def _load_denoiser_family(
+    source: BaseModelSource,
+    path: Path,
+    *,
+    cache_dir: Path,
+    store: storage.ObjectStore | None,
+    options: LoadOptions,
+) -> BaseModel:
+    """A family whose single file is the denoiser alone (Flux): a folder holds everything, a file
+    takes the rest from spec.baseModel.componentsUri."""
+    model_type = ModelType(source.type)
+    family = family_of(model_type)
+    if path.is_dir():
+        if source.components_uri:
+            raise BadInput(
+                f"{source.uri} is a diffusers folder with its own text encoders, VAE and scheduler; "
+                "spec.baseModel.componentsUri is for a single-file transformer: remove it",
+                field=COMPONENTS_FIELD,
+            )
+        return family.load_folder(path, model_type=model_type, options=options)
+    components = None
+    if source.components_uri:
+        components = _locate_components(source.components_uri, cache_dir=cache_dir, store=store)
+    return family.load_original_file(path, model_type=model_type, components=components, options=options)
+
+
+def _locate_components(uri: str, *, cache_dir: Path, store: storage.ObjectStore | None) -> Path:
+    family = family_of(ModelType.FLUX1)
+    if storage.scheme(uri) == "hf":
+        return _from_hub(
+            uri, revision=None, cache_dir=cache_dir, patterns=family.component_patterns(), field=COMPONENTS_FIELD
+        )
+    fetched = storage.fetch(uri, field=COMPONENTS_FIELD, cache_dir=cache_dir, store=store)
+    assert fetched is not None
+    if not fetched.is_dir():
+        raise BadInput(f"{uri} is not a folder: give a diffusers Flux.1 folder", field=COMPONENTS_FIELD)
+    return fetched
 
 
 def load_vae(uri: str, *, cache_dir: Path, store: storage.ObjectStore | None = None) -> Any:
@@ -100,7 +157,7 @@ def locate(source: BaseModelSource, *, cache_dir: Path, store: storage.ObjectSto
     return path
 
 
-def _from_hub(uri: str, *, revision: str | None, cache_dir: Path, patterns: list[str]) -> Path:
+def _from_hub(uri: str, *, revision: str | None, cache_dir: Path, patterns: list[str], field: str = FIELD) -> Path:
     from huggingface_hub import HfApi, hf_hub_download, snapshot_download
     from huggingface_hub.errors import (
         EntryNotFoundError,
@@ -113,7 +170,7 @@ def _from_hub(uri: str, *, revision: str | None, cache_dir: Path, patterns: list
 
     parts = uri.removeprefix("hf://").strip("/").split("/")
     if len(parts) < 2:
-        raise BadInput(f"{uri}: an hf:// URI is hf://OWNER/REPO or hf://OWNER/REPO/FILE.safetensors", field=FIELD)
+        raise BadInput(f"{uri}: an hf:// URI is hf://OWNER/REPO or hf://OWNER/REPO/FILE.safetensors", field=field)
     repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
     token = credentials.hf_token()
     offline = hub_offline()
@@ -138,18 +195,18 @@ def _from_hub(uri: str, *, revision: str | None, cache_dir: Path, patterns: list
         raise BadInput(
             f"{uri} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
             "unset HF_HUB_OFFLINE to download it, or use a local path",
-            field=FIELD,
+            field=field,
         ) from None
     except (GatedRepoError, RepositoryNotFoundError):
         raise BadInput(
             f"{uri}: the repository does not exist or needs a token with access; check the name, and put HF_TOKEN "
             "in the Secret named by spec.baseModel.credentialsSecret",
-            field=FIELD,
+            field=field,
         ) from None
     except RevisionNotFoundError:
         raise BadInput(f"{uri} has no revision {revision!r}", field="spec.baseModel.revision") from None
     except EntryNotFoundError:
-        raise BadInput(f"{uri}: no file {filename!r} in {repo_id}", field=FIELD) from None
+        raise BadInput(f"{uri}: no file {filename!r} in {repo_id}", field=field) from None
 
 
 # --- single files ---------------------------------------------------------------------------------
@@ -214,6 +271,12 @@ def detect_prediction_type(
 def load_single_file(path: Path, *, model_type: ModelType) -> BaseModel:
     family = family_of(model_type)
     checkpoint, metadata = read_checkpoint(path)
+    if flux_layout.is_original(set(checkpoint)):
+        raise BadInput(
+            f"{model_type} does not match the checkpoint: {path.name} is a Flux.1 transformer; set "
+            "spec.baseModel.type to flux1 and spec.baseModel.componentsUri to a diffusers Flux.1 folder",
+            field=TYPE_FIELD,
+        )
     if not any(k.startswith(convert.UNET_PREFIX) for k in checkpoint):
         raise BadInput(
             f"{path} is not a Stable Diffusion checkpoint in the original layout (no {convert.UNET_PREFIX}* keys)",

@@ -18,8 +18,9 @@ _FAMILY = {
     ModelType.V2X_512: "Stable Diffusion 2.x (512 px)",
     ModelType.V2X: "Stable Diffusion 2.x (768 px, v-prediction)",
     ModelType.SDXL: "Stable Diffusion XL",
+    ModelType.FLUX1: "Flux.1",
 }
-_PIPELINE = {ModelType.SDXL: "StableDiffusionXLPipeline"}
+_PIPELINE = {ModelType.SDXL: "StableDiffusionXLPipeline", ModelType.FLUX1: "FluxPipeline"}
 
 
 def _size(n: int) -> str:
@@ -61,7 +62,7 @@ def render(job: FineTuneJob, *, step: int, settings: dict[str, str], files: Sequ
         "tags": [
             "text-to-image",
             "diffusers",
-            "stable-diffusion",
+            "flux" if model_type == ModelType.FLUX1 else "stable-diffusion",
             "lora" if lora else "dreambooth",
             "finetune-operator",
         ],
@@ -145,9 +146,15 @@ def render(job: FineTuneJob, *, step: int, settings: dict[str, str], files: Sequ
             + f'{name}-lora.safetensors")',
             "```",
             "",
-            f"In a web UI: `{name}-lora.safetensors` into `models/Lora/`, then `<lora:{name}-lora:1>` in the prompt. "
-            f"In ComfyUI: into `models/loras/`, applied with a LoraLoader node. InvokeAI reads this file too "
-            "(not the `lora/` folder's).",
+            (
+                f"In ComfyUI: `{name}-lora.safetensors` into `models/loras/`, applied to the Flux model with a "
+                "LoraLoaderModelOnly node (its module names are the original Flux.1 layout's, as kohya's scripts "
+                "write them)."
+                if model_type == ModelType.FLUX1
+                else f"In a web UI: `{name}-lora.safetensors` into `models/Lora/`, then `<lora:{name}-lora:1>` in "
+                f"the prompt. In ComfyUI: into `models/loras/`, applied with a LoraLoader node. InvokeAI reads this "
+                "file too (not the `lora/` folder's)."
+            ),
             "",
         ]
     pictures = [p for p in ("loss.png", "samples.png") if p in paths]

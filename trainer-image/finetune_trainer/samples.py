@@ -15,6 +15,7 @@ import contextlib
 import io
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,15 @@ class SampleRenderer:
     """Renders the job's sample prompts with the models as they are now."""
 
     def __init__(
-        self, spec: Samples, *, resolution: int, base: BaseModel, folder: Path, device: Any, dtype: Any
+        self,
+        spec: Samples,
+        *,
+        resolution: int,
+        base: BaseModel,
+        folder: Path,
+        device: Any,
+        dtype: Any,
+        prompt_inputs: Callable[[str], dict[str, Any]] | None = None,
     ) -> None:
         self.spec = spec
         self.resolution = resolution
@@ -73,6 +82,15 @@ class SampleRenderer:
         self.folder = folder
         self.device = device
         self.dtype = dtype
+        # A family whose text encoders have left the GPU renders from the prompts' embeddings.
+        self.prompt_inputs = prompt_inputs
+
+    @property
+    def guidance_scale(self) -> float:
+        """The spec's, else the family's (7.5 classifier-free; Flux.1 dev's distilled 3.5)."""
+        if self.spec.guidance_scale is not None:
+            return self.spec.guidance_scale
+        return self.base.family.sample_guidance
 
     @property
     def enabled(self) -> bool:
@@ -96,7 +114,7 @@ class SampleRenderer:
         autocast: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
         if self.dtype != torch.float32:
             autocast = torch.autocast(torch.device(self.device).type, dtype=self.dtype)
-        modes = [(m, m.training) for m in (unet, *text_encoders)]
+        modes = [(m, m.training) for m in (unet, *text_encoders) if m is not None]
         row = existing(self.folder).get(step, {})
         paths: list[Path] = []
         failures: list[str] = []
@@ -110,15 +128,21 @@ class SampleRenderer:
                     continue
                 try:
                     generator = torch.Generator(device=self.device).manual_seed(self.spec.seed)
+                    inputs: dict[str, Any] = {
+                        "prompt": prompt,
+                        "negative_prompt": self.spec.negative_prompt or None,
+                    }
+                    if self.prompt_inputs is not None:
+                        inputs = self.prompt_inputs(prompt)
                     with torch.no_grad(), autocast:
                         image = pipeline(
-                            prompt,
-                            negative_prompt=self.spec.negative_prompt or None,
+                            **inputs,
                             height=self.resolution,
                             width=self.resolution,
                             num_inference_steps=self.spec.num_inference_steps,
-                            guidance_scale=self.spec.guidance_scale,
+                            guidance_scale=self.guidance_scale,
                             generator=generator,
+                            **self.base.family.sample_options(self.base),
                         ).images[0]
                     self._save(image, dest, prompt=prompt, step=step)
                     paths.append(dest)
@@ -144,7 +168,7 @@ class SampleRenderer:
         negative = f"\nNegative prompt: {spec.negative_prompt}" if spec.negative_prompt else ""
         info.add_text(
             "parameters",
-            f"{prompt}{negative}\nSteps: {spec.num_inference_steps}, CFG scale: {spec.guidance_scale}, "
+            f"{prompt}{negative}\nSteps: {spec.num_inference_steps}, CFG scale: {self.guidance_scale}, "
             f"Seed: {spec.seed}, Size: {self.resolution}x{self.resolution}, Training step: {step}",
         )
         with storage.atomic_path(dest) as tmp:

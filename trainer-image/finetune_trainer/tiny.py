@@ -1,9 +1,11 @@
-"""A tiny Stable Diffusion pipeline with random weights, and a few synthetic photos.
+"""Tiny Stable Diffusion, SDXL and Flux.1 pipelines with random weights, and a few synthetic
+photos.
 
-Tests and ``make demo`` train on these: the real code paths (diffusers folder, tokenizer,
-VAE, UNet with cross-attention, scheduler) at a size where a few dozen steps at 32-64 px
-take seconds on a CPU.  Nothing is downloaded: the tokenizer's vocabulary and merges are
-made here, the weights come from a seeded random init.
+Tests and ``make demo`` train on these: the real code paths (diffusers folder, tokenizers,
+VAE, UNet with cross-attention or Flux's transformer, scheduler) at a size where a few dozen
+steps at 32-64 px take seconds on a CPU.  Nothing is downloaded: the tokenizers' vocabularies
+(CLIP's byte-pair merges, T5's unigram pieces) are made here, the weights come from a seeded
+random init.
 """
 
 from __future__ import annotations
@@ -215,6 +217,148 @@ def build_tiny_sdxl_pipeline(dest: Path, *, seed: int = 0) -> Path:
     return dest
 
 
+def tiny_t5_tokenizer(*, max_length: int = 32) -> Any:
+    """A T5 tokenizer of the tiny vocabulary: a unigram model (as T5's SentencePiece one is) with
+    a piece for each of ``_WORDS`` and for every letter, so any prompt tokenizes; pad 0, end of
+    text 1, unknown 2, as T5's.  ``max_length`` stands in for Flux's 512 tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [("\u2581" + word, -1.0) for word in _WORDS]
+    pieces += [(c, -5.0) for c in "\u2581abcdefghijklmnopqrstuvwxyz0123456789,.'-"]
+    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tokenizer.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    # transformers 5's T5Tokenizer is the fast (tokenizers-backed) one.
+    return T5Tokenizer(
+        tokenizer_object=tokenizer,
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_ids=0,
+        model_max_length=max_length,
+    )
+
+
+def build_tiny_flux_pipeline(dest: Path, *, seed: int = 0, schnell: bool = False) -> Path:
+    """Write a tiny diffusers FluxPipeline folder to ``dest`` and return it.
+
+    Flux.1's shapes in small: a CLIP text encoder whose pooled output and a T5 encoder whose
+    hidden states condition the transformer, a transformer with double-stream and single-stream
+    blocks, rotary position axes and (dev) the guidance embedding, a 16-channel VAE with Flux's
+    shift and scale factors and no quant convs, and the flow-matching scheduler (dev: shifted by
+    resolution; ``schnell``: no guidance embedding, no shift).
+    """
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    vocab, _ = tiny_vocabulary()
+    t5_tokenizer = tiny_t5_tokenizer()
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=32,
+            hidden_act="quick_gelu",
+            bos_token_id=vocab[BOS],
+            eos_token_id=vocab[EOS],
+            pad_token_id=vocab[EOS],
+        )
+    )
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(t5_tokenizer),
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=32,
+            feed_forward_proj="gated-gelu",
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,  # 16 latent channels, packed 2 x 2
+        num_layers=1,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,  # T5's width
+        pooled_projection_dim=32,  # CLIP's
+        guidance_embeds=not schnell,
+        axes_dims_rope=(4, 6, 6),  # adding up to the head width, as Flux.1's (16, 56, 56) to 128
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 16, 32, 32),
+        latent_channels=16,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    if schnell:
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
+    else:
+        scheduler = FlowMatchEulerDiscreteScheduler(
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        )
+    pipeline: Any = FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=clip,
+        tokenizer=_tiny_tokenizer(dest),
+        text_encoder_2=t5,
+        tokenizer_2=t5_tokenizer,
+        transformer=transformer,
+    )
+    dest.mkdir(parents=True, exist_ok=True)
+    pipeline.save_pretrained(dest, safe_serialization=True)
+    return dest
+
+
+def write_flux_single_file(folder: Path, dest: Path, *, prefix: str = "") -> Path:
+    """The transformer of a diffusers Flux folder as one ``.safetensors`` in the original (Black
+    Forest Labs) layout, as ``flux1-dev.safetensors`` is (``prefix``: ComfyUI's
+    ``model.diffusion_model.``)."""
+    from safetensors.torch import load_file, save_file
+
+    from finetune_trainer import flux_layout
+
+    state: dict[str, Any] = {}
+    for shard in sorted((folder / "transformer").glob("*.safetensors")):
+        state.update(load_file(str(shard)))
+    original = {prefix + k: v.contiguous() for k, v in flux_layout.to_original(state).items()}
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    save_file(original, str(dest))
+    return dest
+
+
 def _save_pipeline(dest: Path, **components: Any) -> Path:
     """Save a Stable Diffusion pipeline of these components (no safety checker) under ``dest``."""
     from diffusers import StableDiffusionPipeline
@@ -246,13 +390,15 @@ def build_random_pipeline(dest: Path, *, model_type: str = "v1x", seed: int = 0)
     ships (``configs/<type>/``): SD 1.5's exact shapes for ``v1x``, with nothing downloaded.
     Its tokenizer is the tiny one (the real vocabulary is not shipped), which changes no
     shape: prompts are padded to 77 tokens either way.  For benchmarks: about 4 GB in fp32
-    (``sdxl``: about 14 GB)."""
+    (``sdxl``: about 14 GB; ``flux1``: about 34 GB in bf16, see ``_random_flux``)."""
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     configs = Path(__file__).parent / "configs" / model_type
     torch.manual_seed(seed)
+    if model_type == "flux1":
+        return _random_flux(dest, configs)
     if model_type == "sdxl":
         from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
         from transformers import CLIPTextModelWithProjection
@@ -280,6 +426,45 @@ def build_random_pipeline(dest: Path, *, model_type: str = "v1x", seed: int = 0)
         unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(configs / "unet")),
         scheduler=PNDMScheduler.from_config(PNDMScheduler.load_config(configs / "scheduler")),
     )
+
+
+def _random_flux(dest: Path, configs: Path) -> Path:
+    """Flux.1-dev's architecture with random weights, in bf16 (as the released weights are: 24 GB
+    for the transformer, 9.5 GB for T5-XXL; fp32 would not fit most hosts), built on the GPU where
+    there is one (initialising 16 B parameters on a CPU takes minutes).  The tokenizers are the
+    tiny ones, T5's with Flux's 512-token window."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            config = FluxTransformer2DModel.load_config(configs / "transformer")
+            transformer = FluxTransformer2DModel.from_config(config)
+            t5 = T5EncoderModel(T5Config.from_json_file(configs / "text_encoder_2" / "config.json"))
+            clip = CLIPTextModel(CLIPTextConfig.from_json_file(configs / "text_encoder" / "config.json"))
+    finally:
+        torch.set_default_dtype(previous)
+    pipeline: Any = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(
+            FlowMatchEulerDiscreteScheduler.load_config(configs / "scheduler")
+        ),
+        vae=AutoencoderKL.from_config(AutoencoderKL.load_config(configs / "vae")),
+        text_encoder=clip,
+        tokenizer=_tiny_tokenizer(dest),
+        text_encoder_2=t5,
+        tokenizer_2=tiny_t5_tokenizer(max_length=512),
+        transformer=transformer,
+    )
+    dest.mkdir(parents=True, exist_ok=True)
+    pipeline.save_pretrained(dest, safe_serialization=True)
+    del pipeline, transformer, t5
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return dest
 
 
 def write_demo_images(dest: Path, count: int, size: int, *, seed: int = 0) -> list[Path]:

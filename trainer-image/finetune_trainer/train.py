@@ -20,9 +20,13 @@ their own modules.  What each setting costs:
   ``compileMode: reduce-overhead`` adds CUDA graphs: less launch overhead at batch 1, more
   memory.
 - prior preservation: a class image beside every instance image; twice the work per step.
-- method LoRA: adapters on the attention projections only; the frozen UNet runs in the mixed
-  precision and only the adapters have gradients and optimizer state (a fraction of the
-  memory; LoRA usually wants a learning rate near 1e-4 rather than DreamBooth's 2e-6).
+- method LoRA: adapters on kohya's layers (or the attention projections only); the frozen
+  denoiser runs in the mixed precision (Flux's optionally quantized, ``baseQuantization``) and
+  only the adapters have gradients and optimizer state (a fraction of the memory; LoRA usually
+  wants a learning rate near 1e-4 rather than DreamBooth's 2e-6).
+- the objective is the family's (``families/``): DDPM noise with the epsilon or velocity target
+  for the UNet families, flow matching for Flux; the recipe draws each slot's example, flip,
+  latent sample and noise, and the family's objective its timestep, from the slot's generator.
 - ``samples``: ``numInferenceSteps`` UNet passes per prompt at each sample step, on the main
   process, while the others wait.
 
@@ -146,6 +150,11 @@ class DreamBoothRecipe:
         self.history: list[tuple[int, float, float]] = []  # (step, loss, learning rate)
         self.sampler: samples.SampleRenderer | None = None
         self._sample_failure_warned = False
+        # Each distinct prompt's token ids and (while the text encoders are frozen) conditioning.
+        self.token_cache: dict[str, list[Any]] = {}
+        self.prompt_cache: dict[str, families.Conditioning] = {}
+        # The text encoders have left the GPU (and host memory): every prompt is in the cache.
+        self.encoders_released = False
         self.settings: Settings
         self.accelerator: Any = None
         self.identity = ownership.Identity.of(job)
@@ -181,7 +190,12 @@ class DreamBoothRecipe:
         if self.device_info.memory_bytes:
             # Before minutes of downloads: a run the GPU cannot hold is refused now.
             problem = memory_check(
-                spec,
+                # With the quantization in effect (a fallback trains unquantized).
+                spec.model_copy(
+                    update={
+                        "training": training.model_copy(update={"base_quantization": self.settings.base_quantization})
+                    }
+                ),
                 self.family,
                 mixed_precision=self.settings.mixed_precision,
                 optimizer=self.settings.optimizer,
@@ -204,7 +218,9 @@ class DreamBoothRecipe:
             self.out.pull()
         accelerator.wait_for_everyone()
 
-        self.base = load_base_model(spec.base_model, cache_dir=cache_dir(), store=self.store)
+        self.base = load_base_model(
+            spec.base_model, cache_dir=cache_dir(), store=self.store, options=self._load_options()
+        )
         self.found = self._read_dataset()
         self.instance = self.found.examples
         self.class_examples: list[data.Example] = []
@@ -249,6 +265,7 @@ class DreamBoothRecipe:
             folder=self.samples_dir,
             device=accelerator.device,
             dtype=self.weight_dtype,
+            prompt_inputs=self._sample_inputs if self.family.text_encoders_leave_gpu else None,
         )
         self._report_samples()
         if resume is not None:
@@ -257,6 +274,15 @@ class DreamBoothRecipe:
             self.reporter.step = self.step
             self.history = [(int(s), float(v), float(r)) for s, v, r in resume.state.get("loss_history", [])]
             log.info(f"resuming from {resume.path} at step {resume.step}", extra={"event": "resume"})
+
+    def _load_options(self) -> families.LoadOptions:
+        """How a family that reads its models in the run's precision reads them (Flux: the frozen
+        transformer straight onto this process's device, quantized where asked)."""
+        return families.LoadOptions(
+            precision=self.settings.mixed_precision,
+            quantization=self.settings.base_quantization,
+            device=str(self.accelerator.device),
+        )
 
     def _report_settings(self) -> None:
         self.reporter.settings = self.settings.as_report()
@@ -287,9 +313,11 @@ class DreamBoothRecipe:
         found = layouts.read(self.spec, fetch=fetch, size_for=self.size_for)
         for warning in found.warnings:
             self.reporter.warn(warning)
-        long = captions.too_long(found.examples, self.base.tokenizer)
+        # The tokenizer that reads the most of a prompt (CLIP's 75 tokens; Flux's T5 more).
+        tokenizer, window = self.family.prompt_window(self.base.tokenizers)
+        long = captions.too_long(found.examples, tokenizer, window=window)
         if long:
-            self.reporter.warn(captions.too_long_warning(long, self.base.tokenizer))
+            self.reporter.warn(captions.too_long_warning(long, tokenizer, window=window))
         log.info(found.describe(), extra={"event": "dataset"})
         return found
 
@@ -392,15 +420,28 @@ class DreamBoothRecipe:
             )
         base.vae.to(device, dtype=self.vae_dtype)
         encoders = base.text_encoders
+        if self.family.text_encoders_leave_gpu:
+            # Flux: the prompts are encoded before the transformer comes to the GPU, and where
+            # nothing is left to encode the text encoders leave it (9.5 GB of T5-XXL in bf16).
+            self._encode_prompts_first()
         if self.lora:
             # The whole base model is frozen; only the adapters (fp32) learn.
-            base.unet.requires_grad_(False)
-            base.unet.to(device, dtype=self.weight_dtype)
+            unet = base.denoiser()
+            unet.requires_grad_(False)
+            if base.quantized == "none":
+                unet.to(device, dtype=self.weight_dtype)
             for encoder in encoders:
                 encoder.requires_grad_(False)
-                encoder.to(device, dtype=self.weight_dtype)
+                if self.encoders_released:
+                    continue
+                if self.family.text_encoders_leave_gpu:
+                    # A family that loads in the run's precision has its encoders in theirs (T5
+                    # never in fp16, whose range its activations exceed).
+                    encoder.to(device)
+                else:
+                    encoder.to(device, dtype=self.weight_dtype)
             adapted = encoders if self.trains_text_encoder else []
-            lora.add_adapters(base.unet, adapted, self.spec.lora, family=self.family)
+            lora.add_adapters(unet, adapted, self.spec.lora, family=self.family)
             lora.register_checkpoint_hooks(self.accelerator)
         else:
             base.unet.requires_grad_(True)
@@ -409,44 +450,67 @@ class DreamBoothRecipe:
                 if not self.trains_text_encoder:
                     encoder.to(device, dtype=self.weight_dtype)
         base.unet.train()
+        trained = self._trained_encoders()
         for encoder in encoders:
-            encoder.train(self.trains_text_encoder)
+            encoder.train(any(encoder is t for t in trained))
         if self.settings.channels_last:
             # (Checkpoints still hold contiguous tensors: accelerate makes them so for
             # safetensors, and loading copies them back into this layout.)
             base.unet.to(memory_format=torch.channels_last)
-        self._set_attention()
+        self.family.set_attention(base.unet, self.settings.attention)
         if self.settings.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
             if self.trains_text_encoder:
-                for encoder in encoders:
+                for encoder in self._trained_encoders():
                     # transformers 5 renamed it; older versions only have the first name.
                     enable = getattr(encoder, "activation_checkpointing_enable", None)
                     (enable or encoder.gradient_checkpointing_enable)()
-        from diffusers import DDPMScheduler
-
-        self.noise_scheduler = DDPMScheduler.from_config(
-            {**base.scheduler_config, "prediction_type": self.settings.prediction_type}
+        self.objective = self.family.objective(
+            base,
+            self.spec.training,
+            prediction_type=self.settings.prediction_type,
+            channels_last=self.settings.channels_last,
+            device=device,
         )
-        self.snr: Any = None
-        if self.spec.training.snr_gamma is not None:
-            from diffusers.training_utils import compute_snr
 
-            # The SNR of every timestep, on the device: a step looks its own up there
-            # (compute_snr would copy the schedule to the GPU at every step).
-            every_timestep = torch.arange(self.noise_scheduler.config.num_train_timesteps)
-            self.snr = compute_snr(self.noise_scheduler, every_timestep).to(device)
+    def _trained_encoders(self) -> list[Any]:
+        """The text encoders this run trains (LoRA on Flux: CLIP alone)."""
+        if not self.trains_text_encoder:
+            return []
+        return lora.adapted(self.family, self.base.text_encoders) if self.lora else list(self.base.text_encoders)
 
-    def _set_attention(self) -> None:
-        from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+    def _encode_prompts_first(self) -> None:
+        """Every prompt the run can see, and the sample prompts, encoded now with the text
+        encoders alone on the GPU; where no new prompt can come (no trained text encoder, no
+        shuffled captions, not more prompts than the cache holds) the encoders then leave the
+        GPU and host memory (to the meta device: anything that still used them would fail loudly
+        rather than fall back to minutes of encoding on a CPU)."""
+        import torch
 
-        unet = self.base.unet
-        if self.settings.attention == "xformers":
-            unet.enable_xformers_memory_efficient_attention()
-        elif self.settings.attention == "sdpa":
-            unet.set_attn_processor(AttnProcessor2_0())
-        else:
-            unet.set_attn_processor(AttnProcessor())
+        prompts = self._prompts()
+        closed = (
+            not self.trains_text_encoder
+            and not self.spec.dataset.shuffle_caption
+            and len(prompts) + len(self.spec.samples.prompts) <= PROMPT_CACHE_LIMIT
+        )
+        if not closed:
+            return
+        device = self.accelerator.device
+        self.reporter.set_stage(Stage.CACHING, message=f"encoding {len(prompts)} prompts once")
+        for encoder in self.base.text_encoders:
+            encoder.requires_grad_(False)
+            encoder.eval()
+            encoder.to(device)
+        self._cache_prompts(self.base.text_encoders, extra=list(self.spec.samples.prompts))
+        for encoder in self.base.text_encoders:
+            encoder.to("meta")
+        self.encoders_released = True
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        log.info(
+            f"encoded {len(self.prompt_cache)} prompts; the text encoders left the GPU",
+            extra={"event": "text-encoders-released"},
+        )
 
     def _build_optimizer(self) -> None:
         import itertools
@@ -456,7 +520,8 @@ class DreamBoothRecipe:
 
         training = self.spec.training
         accelerator = self.accelerator
-        models = [self.base.unet, *self.base.text_encoders] if self.trains_text_encoder else [self.base.unet]
+        trained = self._trained_encoders()
+        models = [self.base.unet, *trained]
         # Everything of a DreamBooth run; only the adapters of a LoRA run.
         params = [p for p in itertools.chain(*(m.parameters() for m in models)) if p.requires_grad]
         optimizer: Any
@@ -484,15 +549,17 @@ class DreamBoothRecipe:
             num_training_steps=self.total_steps * accelerator.num_processes,
         )
         if self.trains_text_encoder:
-            self.unet, *encoders, self.optimizer, self.lr_scheduler = accelerator.prepare(
-                self.base.unet, *self.base.text_encoders, optimizer, scheduler
+            self.unet, *prepared, self.optimizer, self.lr_scheduler = accelerator.prepare(
+                self.base.unet, *trained, optimizer, scheduler
             )
-            self.text_encoders = list(encoders)
+            # The prepared (trained) encoders in their places, the frozen ones as they are.
+            swap = {id(t): p for t, p in zip(trained, prepared, strict=True)}
+            self.text_encoders = [swap.get(id(e), e) for e in self.base.text_encoders]
         else:
             self.unet, self.optimizer, self.lr_scheduler = accelerator.prepare(self.base.unet, optimizer, scheduler)
             self.text_encoders = list(self.base.text_encoders)
         self.trainable = params
-        self.models = [self.unet, *self.text_encoders] if self.trains_text_encoder else [self.unet]
+        self.models = [self.unet, *(swap[id(t)] for t in trained)] if self.trains_text_encoder else [self.unet]
         if self.settings.compile:
             import torch
 
@@ -511,8 +578,6 @@ class DreamBoothRecipe:
             self.unet = torch.compile(self.unet, backend=COMPILE_BACKEND, **mode)
 
     def _prepare_data(self) -> None:
-        import torch
-
         dataset, training = self.spec.dataset, self.spec.training
         sizes = sorted({e.bucket for e in self.instance})
         self.instance_order = data.ExampleOrder(
@@ -534,7 +599,6 @@ class DreamBoothRecipe:
             for concept, pool in self.class_pools.items()
         }
         self.latents: list[data.LatentCache] = []
-        self.prompt_cache: dict[str, families.Conditioning] = {}
         needs_cache = self.settings.cache_latents or not self.trains_text_encoder
         if needs_cache:
             self.reporter.set_stage(Stage.CACHING, message="encoding images and prompts once")
@@ -561,22 +625,50 @@ class DreamBoothRecipe:
                 # them, as they come (each size once).
                 cache.fill([(i, e.bucket) for i, e in enumerate(examples) if stream == 0 or e.bucket in sizes])
                 self.latents.append(cache)
+        self._cache_prompts(self.text_encoders)
+
+    def _prompts(self) -> list[str]:
+        """Every prompt a step can see without caption shuffling."""
         prompts = {e.prompt for e in (*self.instance, *self.class_examples)}
-        if dataset.caption_dropout:
+        if self.spec.dataset.caption_dropout:
             prompts.add("")
+        return sorted(prompts)
+
+    def _cache_prompts(self, encoders: list[Any], *, extra: list[str] | None = None) -> None:
+        """Token ids of every prompt, and while the text encoders are frozen their conditioning
+        (what is cached already is kept)."""
+        import torch
+
         # Token ids live on the device too: a trained text encoder reads them every step.
-        self.token_cache = {p: self._tokens(p) for p in sorted(prompts)}
-        if not self.trains_text_encoder:
-            with torch.no_grad():
-                for prompt in sorted(prompts):
-                    self.prompt_cache[prompt] = self._encode_one(prompt)
+        for prompt in self._prompts():
+            if prompt not in self.token_cache:
+                self.token_cache[prompt] = self._tokens(prompt)
+        if self.trains_text_encoder:
+            return
+        with torch.no_grad():
+            for prompt in [*self._prompts(), *(extra or [])]:
+                if prompt not in self.prompt_cache:
+                    self.prompt_cache[prompt] = self._encode_one(prompt, encoders)
 
     def _tokens(self, prompt: str) -> list[Any]:
         return [ids[0].to(self.accelerator.device) for ids in self.family.tokenize(self.base.tokenizers, [prompt])]
 
-    def _encode_one(self, prompt: str) -> families.Conditioning:
+    def _encode_one(self, prompt: str, encoders: list[Any] | None = None) -> families.Conditioning:
+        if self.encoders_released:
+            raise RuntimeError(f"the text encoders have left, and the prompt {prompt!r} was not encoded before")
         ids = [i[None] for i in self.token_cache.setdefault(prompt, self._tokens(prompt))]
-        return self.family.encode(self.text_encoders, ids).one(0)
+        return self.family.encode(encoders if encoders is not None else self.text_encoders, ids).one(0)
+
+    def _sample_inputs(self, prompt: str) -> dict[str, Any]:
+        """A sample prompt's pipeline arguments from its embeddings: cached (frozen text
+        encoders), or encoded now by the encoders being trained."""
+        import torch
+
+        cached = self.prompt_cache.get(prompt)
+        if cached is None:
+            with torch.no_grad():
+                cached = self._encode_one(prompt)
+        return self.family.prompt_inputs(cached)
 
     def _conditioning(self, prompts: list[str]) -> families.Conditioning:
         """The text conditioning of a micro-batch: encoded now when the text encoders train,
@@ -716,7 +808,6 @@ class DreamBoothRecipe:
         device = accelerator.device
         # Draws bound for a GPU go through pinned memory (see data.host_randn).
         pin = device.type == "cuda"
-        steps = self.noise_scheduler.config.num_train_timesteps
         picks = self.instance_order.examples(slots)
         # Every example of this share of the micro-batch trains at one size.
         bucket = self.instance[picks[0]].bucket
@@ -757,7 +848,8 @@ class DreamBoothRecipe:
                 offset = data.host_randn_rows((part.shape[1], 1, 1), gens, pin=pin).to(device, non_blocking=True)
                 noise += training.noise_offset * offset
             noise_parts.append(noise)
-            drawn = [int(torch.randint(0, steps, (1,), generator=g)) for g in gens]
+            # The family's objective draws the timestep (a DDPM step, or a flow-matching sigma).
+            drawn = [self.objective.draw(g, bucket) for g in gens]
             timestep_parts.append(torch.tensor(drawn, pin_memory=pin).to(device, non_blocking=True))
             for i, g in zip(chosen, gens, strict=True):
                 prompt = examples[i].prompt
@@ -777,35 +869,28 @@ class DreamBoothRecipe:
                 )
                 for i, crop in zip(chosen, crops, strict=True)
             ]
-        latents = torch.cat(latents_parts) * self.base.vae.config.scaling_factor
+        latents = torch.cat(latents_parts)
         noise = torch.cat(noise_parts)
         timesteps = torch.cat(timestep_parts)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        if self.settings.channels_last:
-            noisy = noisy.contiguous(memory_format=torch.channels_last)
-
         conditioning = self._conditioning(prompts)
         sizes = None
         if time_ids[0] is not None:
             sizes = torch.tensor(time_ids, dtype=conditioning.hidden.dtype, pin_memory=pin).to(
                 device, non_blocking=True
             )
-        prediction = self.family.denoise(self.unet, noisy, timesteps, conditioning, sizes)
-        if self.settings.prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            target = noise
+        predicted = self.objective.predict(
+            self.unet, latents=latents, noise=noise, timesteps=timesteps, conditioning=conditioning, time_ids=sizes
+        )
+        prediction, target = predicted.prediction, predicted.target
 
         half = len(slots)
         instance_pred, instance_target = prediction[:half].float(), target[:half].float()
-        if training.snr_gamma is None:
+        if predicted.weights is None:
             loss = F.mse_loss(instance_pred, instance_target)
         else:
-            snr = self.snr[timesteps[:half]]
-            weights = torch.minimum(snr, torch.full_like(snr, training.snr_gamma))
-            weights = weights / (snr + 1 if self.settings.prediction_type == "v_prediction" else snr)
-            per_item = F.mse_loss(instance_pred, instance_target, reduction="none").mean(dim=(1, 2, 3))
-            loss = (per_item * weights).mean()
+            per_item = F.mse_loss(instance_pred, instance_target, reduction="none")
+            per_item = per_item.mean(dim=tuple(range(1, per_item.ndim)))
+            loss = (per_item * predicted.weights[:half]).mean()
         if self.class_examples:
             prior = F.mse_loss(prediction[half:].float(), target[half:].float())
             loss = loss + dataset.prior_loss_weight * prior
@@ -828,10 +913,11 @@ class DreamBoothRecipe:
             self.reporter.set_stage(
                 Stage.SAMPLING, message=f"rendering {len(self.spec.samples.prompts)} samples at step {self.step}"
             )
+            encoders = [None if self.encoders_released else accelerator.unwrap_model(e) for e in self.text_encoders]
             rendered = self.sampler.render(
                 self.step,
                 unet=accelerator.unwrap_model(self.unet, keep_torch_compile=False),
-                text_encoders=[accelerator.unwrap_model(e) for e in self.text_encoders],
+                text_encoders=encoders,
             )
             if rendered.failures and not self._sample_failure_warned:
                 self._sample_failure_warned = True

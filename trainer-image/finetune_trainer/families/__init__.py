@@ -5,7 +5,8 @@ is a module and one line in ``FAMILIES``."""
 from __future__ import annotations
 
 from finetune_api.v1alpha1 import ModelType
-from finetune_trainer.families.base import BaseModel, Conditioning, MemoryEstimate, ModelFamily, stack
+from finetune_trainer.families.base import BaseModel, Conditioning, LoadOptions, MemoryEstimate, ModelFamily, stack
+from finetune_trainer.families.flux import FLUX
 from finetune_trainer.families.sd import SD
 from finetune_trainer.families.sdxl import SDXL
 
@@ -14,6 +15,7 @@ FAMILIES: dict[ModelType, ModelFamily] = {
     ModelType.V2X_512: SD,
     ModelType.V2X: SD,
     ModelType.SDXL: SDXL,
+    ModelType.FLUX1: FLUX,
 }
 
 
@@ -21,4 +23,13 @@ def family_of(model_type: ModelType | str) -> ModelFamily:
     return FAMILIES[ModelType(model_type)]
 
 
-__all__ = ["FAMILIES", "BaseModel", "Conditioning", "MemoryEstimate", "ModelFamily", "family_of", "stack"]
+__all__ = [
+    "FAMILIES",
+    "BaseModel",
+    "Conditioning",
+    "LoadOptions",
+    "MemoryEstimate",
+    "ModelFamily",
+    "family_of",
+    "stack",
+]

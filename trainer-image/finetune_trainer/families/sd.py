@@ -29,7 +29,7 @@ from typing import Any
 from finetune_api.v1alpha1 import ModelType
 from finetune_trainer import convert
 from finetune_trainer.errors import BadInput
-from finetune_trainer.families.base import TYPE_FIELD, Conditioning, ModelFamily, check_prediction
+from finetune_trainer.families.base import TYPE_FIELD, BaseModel, Conditioning, ModelFamily, check_prediction
 
 PREDICTION_TYPES = {ModelType.V1X: "epsilon", ModelType.V2X_512: "epsilon", ModelType.V2X: "v_prediction"}
 _WIDTHS = {768: "v1x", 1024: "v2x"}  # cross-attention width of SD 1.x and 2.x
@@ -86,7 +86,7 @@ class StableDiffusion(ModelFamily):
     def encode(self, text_encoders: list[Any], ids: list[Any]) -> Conditioning:
         return Conditioning(text_encoders[0](ids[0])[0])
 
-    def architecture(self, model_type: ModelType) -> str:
+    def architecture(self, model_type: ModelType, *, base: BaseModel | None = None) -> str:
         return _ARCHITECTURES[model_type]
 
     def kohya_base_version(self, model_type: ModelType) -> str:

@@ -37,7 +37,14 @@ from typing import Any
 from finetune_api.v1alpha1 import FineTuneJobSpec, Method, ModelType
 from finetune_trainer import convert
 from finetune_trainer.errors import BadInput
-from finetune_trainer.families.base import TYPE_FIELD, Conditioning, MemoryEstimate, ModelFamily, check_prediction
+from finetune_trainer.families.base import (
+    TYPE_FIELD,
+    BaseModel,
+    Conditioning,
+    MemoryEstimate,
+    ModelFamily,
+    check_prediction,
+)
 
 UNET_PARAMS = 2.567e9
 TEXT_PARAMS = (123e6, 695e6)
@@ -114,7 +121,7 @@ class StableDiffusionXL(ModelFamily):
         original = convert.unet_key_map([f"{module}.weight"], unet_config)[f"{module}.weight"]
         return original.removesuffix(".weight").replace(".", "_")
 
-    def architecture(self, model_type: ModelType) -> str:
+    def architecture(self, model_type: ModelType, *, base: BaseModel | None = None) -> str:
         return "stable-diffusion-xl-v1-base"
 
     def kohya_base_version(self, model_type: ModelType) -> str:
