@@ -4,6 +4,9 @@
     make bench-trainer BENCH_ARGS=--sd15        # SD 1.5's architecture, random weights, 512 px (a GPU)
     make bench-trainer BENCH_ARGS=--sdxl        # SDXL's architecture, random weights, 1024 px (a GPU;
                                                 # on a CPU the tiny SDXL pipeline at 64 px)
+    make bench-trainer BENCH_ARGS=--flux        # Flux.1-dev's architecture, random weights, 1024 px,
+                                                # unquantized and nf4 (a GPU; on a CPU the tiny
+                                                # Flux pipeline at 64 px, where nf4 falls back)
 
 The textbook step is written here the way diffusers' ``train_dreambooth.py`` and
 ``train_dreambooth_lora.py`` do it: encode the image with the VAE and the prompt with the
@@ -59,6 +62,8 @@ class Setting:
     # diffusers' scripts on one H100 (steps/s, peak allocated GB), and the issue's targets.
     reference: tuple[float, float]
     target_steps_per_s: float
+    # Flux: the frozen transformer's quantization (bitsandbytes through diffusers, CUDA only).
+    quantization: str = "none"
 
 
 SETTINGS = {
@@ -77,7 +82,17 @@ SDXL_SETTINGS = {
     "sdxl-dreambooth": Setting("SDXL DreamBooth (full UNet), fp16, gradient checkpointing, 8-bit AdamW", "DreamBooth",
                                "AdamW8bit", "fp16", True, True, 1e-5, (0.0, 0.0), 0.0),
 }  # fmt: skip
-ALL_SETTINGS = {**SETTINGS, **SDXL_SETTINGS}
+# Flux.1: diffusers' train_dreambooth_lora_flux.py step (LoRA on the attention projections,
+# text embeddings computed once, the image encoded every step, logit-normal timesteps, dev's
+# guidance at 1), on the base as loaded and in 4 bits (Hugging Face's QLoRA recipe).  No
+# reference figures were measured for them: the comparison is the run's own.
+FLUX_SETTINGS = {
+    "flux-lora": Setting("Flux.1 LoRA rank 8, bf16, gradient checkpointing, 8-bit AdamW", "LoRA", "AdamW8bit", "bf16",
+                         True, True, 1e-4, (0.0, 0.0), 0.0),
+    "flux-qlora": Setting("Flux.1 QLoRA (nf4 base) rank 8, bf16, gradient checkpointing, 8-bit AdamW", "LoRA",
+                          "AdamW8bit", "bf16", True, True, 1e-4, (0.0, 0.0), 0.0, quantization="nf4"),
+}  # fmt: skip
+ALL_SETTINGS = {**SETTINGS, **SDXL_SETTINGS, **FLUX_SETTINGS}
 LORA_RANK = 8
 
 
@@ -325,6 +340,160 @@ def textbook_sdxl(job: dict[str, Any], setting: Setting, *, warmup: int, steps: 
     }
 
 
+def textbook_flux(job: dict[str, Any], setting: Setting, *, warmup: int, steps: int) -> dict[str, Any]:
+    """diffusers' Flux DreamBooth LoRA example loop, as a plain script has it (its QLoRA variant
+    loads the transformer through BitsAndBytesConfig): the prompt encoded once by CLIP and T5,
+    which are then deleted; the image through the VAE every step; sigmas looked up in the
+    scheduler's schedule; the loss read back every step."""
+
+    import torch
+    from accelerate import Accelerator
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokenizer
+
+    from finetune_trainer import data
+
+    model, device = Path(job["model"]), job["device"]
+    precision = setting.precision if device == "cuda" else "no"
+    accelerator = Accelerator(mixed_precision=precision, cpu=device == "cpu")
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+    tokenizer_one = CLIPTokenizer.from_pretrained(model / "tokenizer")
+    tokenizer_two = T5Tokenizer.from_pretrained(model / "tokenizer_2")
+    text_encoder_one = CLIPTextModel.from_pretrained(model / "text_encoder", dtype=weight_dtype)
+    text_encoder_two = T5EncoderModel.from_pretrained(model / "text_encoder_2", dtype=weight_dtype)
+    vae = AutoencoderKL.from_pretrained(model, subfolder="vae")
+    quantized = setting.quantization != "none" and device == "cuda"  # diffusers' quantizer wants a GPU
+    if quantized:
+        from diffusers import BitsAndBytesConfig
+
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=weight_dtype)
+        transformer = FluxTransformer2DModel.from_pretrained(
+            model, subfolder="transformer", quantization_config=config, torch_dtype=weight_dtype
+        )
+    else:
+        transformer = FluxTransformer2DModel.from_pretrained(model, subfolder="transformer", torch_dtype=weight_dtype)
+    noise_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(model, subfolder="scheduler")
+    for frozen in (transformer, vae, text_encoder_one, text_encoder_two):
+        frozen.requires_grad_(False)
+    vae.to(accelerator.device, dtype=weight_dtype)
+    if not quantized:
+        transformer.to(accelerator.device, dtype=weight_dtype)
+    text_encoder_one.to(accelerator.device)
+    text_encoder_two.to(accelerator.device)
+    if setting.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    from peft import LoraConfig
+
+    transformer.add_adapter(
+        LoraConfig(
+            r=LORA_RANK,
+            lora_alpha=LORA_RANK,
+            init_lora_weights="gaussian",
+            target_modules=["to_k", "to_q", "to_v", "to_out.0"],
+        )
+    )
+    for parameter in transformer.parameters():
+        if parameter.requires_grad:
+            parameter.data = parameter.data.float()
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    if setting.optimizer == "AdamW8bit":
+        import bitsandbytes
+
+        optimizer: Any = bitsandbytes.optim.AdamW8bit(params, lr=setting.learning_rate)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=setting.learning_rate)
+    lr_scheduler = get_scheduler("constant", optimizer=optimizer)
+    transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
+    with torch.no_grad():
+        ids_one = tokenizer_one(
+            [PROMPT], padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+        ).input_ids
+        length = min(int(tokenizer_two.model_max_length), 512)
+        ids_two = tokenizer_two(
+            [PROMPT], padding="max_length", max_length=length, truncation=True, return_tensors="pt"
+        ).input_ids
+        pooled = text_encoder_one(ids_one.to(accelerator.device), output_hidden_states=False).pooler_output
+        hidden = text_encoder_two(ids_two.to(accelerator.device))[0]
+        text_ids = torch.zeros(hidden.shape[1], 3, device=accelerator.device, dtype=weight_dtype)
+    del text_encoder_one, text_encoder_two
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    transformer.train()
+    resolution = job["resolution"]
+    folder = data.load_folder(Path(job["images"]), prompt=PROMPT, resolution=resolution, field_name="images")
+    pixels = [data.crop_and_flip(e.pixels, resolution, center=True, flip=False) for e in folder.examples]
+    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    guidance_embeds = accelerator.unwrap_model(transformer).config.guidance_embeds
+
+    def get_sigmas(timesteps: Any, n_dim: int) -> Any:
+        sigmas = noise_scheduler.sigmas.to(device=accelerator.device, dtype=torch.float32)
+        schedule = noise_scheduler.timesteps.to(accelerator.device)
+        indices = [(schedule == t).nonzero().item() for t in timesteps.to(accelerator.device)]
+        sigma = sigmas[indices].flatten()
+        while len(sigma.shape) < n_dim:
+            sigma = sigma.unsqueeze(-1)
+        return sigma
+
+    stops = _windows(warmup, steps)
+    marks: list[float] = []
+    for step in range(1 + warmup + steps):
+        pixel_values = pixels[step % len(pixels)][None].to(accelerator.device, dtype=weight_dtype)
+        with accelerator.accumulate(transformer):
+            latents = vae.encode(pixel_values).latent_dist.sample()
+            latents = ((latents - vae.config.shift_factor) * vae.config.scaling_factor).to(weight_dtype)
+            batch, channels, height, width = latents.shape
+            image_ids = FluxPipeline._prepare_latent_image_ids(
+                batch, height // 2, width // 2, accelerator.device, weight_dtype
+            )
+            noise = torch.randn_like(latents)
+            u = compute_density_for_timestep_sampling("logit_normal", batch, logit_mean=0.0, logit_std=1.0)
+            indices = (u * noise_scheduler.config.num_train_timesteps).long()
+            timesteps = noise_scheduler.timesteps[indices].to(device=accelerator.device)
+            sigmas = get_sigmas(timesteps, latents.ndim).to(latents.dtype)
+            noisy = (1.0 - sigmas) * latents + sigmas * noise
+            packed = FluxPipeline._pack_latents(noisy, batch, channels, height, width)
+            guidance = torch.ones(batch, device=accelerator.device) if guidance_embeds else None
+            prediction = transformer(
+                hidden_states=packed,
+                timestep=timesteps / 1000,
+                guidance=guidance,
+                pooled_projections=pooled,
+                encoder_hidden_states=hidden,
+                txt_ids=text_ids,
+                img_ids=image_ids,
+                return_dict=False,
+            )[0]
+            prediction = FluxPipeline._unpack_latents(prediction, height * vae_scale, width * vae_scale, vae_scale)
+            weighting = compute_loss_weighting_for_sd3("logit_normal", sigmas)
+            target = noise - latents
+            loss = torch.mean((weighting.float() * (prediction.float() - target.float()) ** 2).reshape(batch, -1), 1)
+            loss = loss.mean()
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=setting.set_grads_to_none)
+        logs = {"loss": loss.detach().item()}  # a progress bar's
+        if step + 1 in stops:
+            _sync(device)
+            marks.append(time.perf_counter())
+    return {
+        **_rates(stops, marks, warmup=warmup),
+        "first_step_s": marks[0] - STARTED,
+        "peak_bytes": _peak(device),
+        "last_loss": logs["loss"],
+        "choices": {
+            "mixed_precision": precision,
+            "optimizer": setting.optimizer,
+            "attention": "sdpa",
+            "base_quantization": setting.quantization if quantized else "none",
+        },
+    }
+
+
 def trainer(job: dict[str, Any], setting: Setting, *, warmup: int, steps: int) -> dict[str, Any]:
     """``DreamBoothRecipe`` from a manifest with the same settings; its own train loop."""
     from finetune_api.v1alpha1 import parse_manifest
@@ -347,13 +516,17 @@ def trainer(job: dict[str, Any], setting: Setting, *, warmup: int, steps: int) -
     if setting.method == "LoRA":
         # The textbook scripts' layers (the attention projections), so both train the same weights.
         training["lora"] = {"rank": LORA_RANK, "alpha": LORA_RANK, "targets": "attention"}
+    if job["family"] == "flux":
+        # bf16 runs as fp32 on a CPU, as the textbook's does; nf4 falls back there with a warning.
+        training["mixedPrecision"] = setting.precision if device == "cuda" else "no"
+        training["baseQuantization"] = setting.quantization
     manifest = {
         "apiVersion": "finetune.dev/v1alpha1",
         "kind": "FineTuneJob",
         "metadata": {"name": "bench"},
         "spec": {
             "method": setting.method,
-            "baseModel": {"uri": job["model"], "type": "sdxl" if job["family"] == "sdxl" else "v1x"},
+            "baseModel": {"uri": job["model"], "type": {"sdxl": "sdxl", "flux": "flux1"}.get(job["family"], "v1x")},
             "dataset": {
                 "instanceImages": job["images"],
                 "instancePrompt": PROMPT,
@@ -393,7 +566,8 @@ def child(job: dict[str, Any]) -> None:
     if job["threads"]:
         torch.set_num_threads(job["threads"])
     setting = ALL_SETTINGS[job["setting"]]
-    run = trainer if job["variant"] == "trainer" else textbook_sdxl if job["family"] == "sdxl" else textbook
+    textbooks = {"sdxl": textbook_sdxl, "flux": textbook_flux}
+    run = trainer if job["variant"] == "trainer" else textbooks.get(job["family"], textbook)
     result = run(job, setting, warmup=job["warmup"], steps=job["steps"])
     print("RESULT " + json.dumps(result))
 
@@ -433,12 +607,21 @@ def measure(job: dict[str, Any], *, timeout_s: int) -> dict[str, Any]:
 
 
 def build_model(folder: Path, *, model: str) -> Path:
-    from finetune_trainer.tiny import build_random_pipeline, build_tiny_pipeline, build_tiny_sdxl_pipeline
+    from finetune_trainer.tiny import (
+        build_random_pipeline,
+        build_tiny_flux_pipeline,
+        build_tiny_pipeline,
+        build_tiny_sdxl_pipeline,
+    )
 
     if model == "sd15":
         return build_random_pipeline(folder, model_type="v1x")
     if model == "sdxl":
         return build_random_pipeline(folder, model_type="sdxl")
+    if model == "flux1":
+        return build_random_pipeline(folder, model_type="flux1")
+    if model == "tiny-flux":
+        return build_tiny_flux_pipeline(folder)
     return build_tiny_sdxl_pipeline(folder) if model == "tiny-sdxl" else build_tiny_pipeline(folder)
 
 
@@ -450,6 +633,8 @@ def short_choices(choices: dict[str, str]) -> str:
     precision = choices.get("mixed_precision", "?")
     optimizer = choices.get("optimizer", "?") + (" (fused)" if choices.get("fused_optimizer") == "true" else "")
     parts = ["fp32" if precision == "no" else precision, optimizer]
+    if choices.get("base_quantization", "none") != "none":
+        parts.append(f"{choices['base_quantization']} base")
     if choices.get("channels_last") == "true":
         parts.append("channels_last")
     if choices.get("compile") == "true":
@@ -463,7 +648,7 @@ def markdown(runs: list[dict[str, Any]]) -> str:
     lines = [
         "# Trainer step vs. a textbook DreamBooth step",
         "",
-        "Written by `bench/trainer_step.py` (`make bench-trainer`, `BENCH_ARGS=--sd15`, `BENCH_ARGS=--sdxl`).",
+        "Written by `bench/trainer_step.py` (`make bench-trainer`, `BENCH_ARGS=--sd15`, `--sdxl`, `--flux`).",
         "Steps/s after the warm-up; first step: seconds from the start of the process to the end of the",
         "first step (imports, loading, caching and compiling included); peak: allocated GPU memory, or on",
         "a CPU the process's peak resident memory (Python and torch included). Batch 1, SDPA attention.",
@@ -521,6 +706,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="SDXL's architecture (random weights) at 1024 px on a GPU; on a CPU the tiny SDXL pipeline at 64 px",
     )
+    parser.add_argument(
+        "--flux",
+        action="store_true",
+        help="Flux.1-dev's architecture (random weights) at 1024 px on a GPU; on a CPU the tiny Flux pipeline at 64 px",
+    )
     parser.add_argument("--settings", help=f"comma-separated, of {', '.join(ALL_SETTINGS)}")
     parser.add_argument("--steps", type=int, help="timed steps (default 100; 280 with --sd15)")
     parser.add_argument("--warmup", type=int, help="steps before timing (default 5; 20 with --sd15)")
@@ -545,15 +735,20 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    family = "sdxl" if args.sdxl else "sd"
-    full_size = args.sd15 or (args.sdxl and device == "cuda")
-    model_name = ("sdxl" if device == "cuda" else "tiny-sdxl") if args.sdxl else ("sd15" if args.sd15 else "tiny")
-    default_settings = SDXL_SETTINGS if args.sdxl else SETTINGS
+    family = "flux" if args.flux else "sdxl" if args.sdxl else "sd"
+    full_size = args.sd15 or ((args.sdxl or args.flux) and device == "cuda")
+    if args.flux:
+        model_name = "flux1" if device == "cuda" else "tiny-flux"
+    elif args.sdxl:
+        model_name = "sdxl" if device == "cuda" else "tiny-sdxl"
+    else:
+        model_name = "sd15" if args.sd15 else "tiny"
+    default_settings = FLUX_SETTINGS if args.flux else SDXL_SETTINGS if args.sdxl else SETTINGS
     names = [s.strip() for s in (args.settings or ",".join(default_settings)).split(",") if s.strip()]
     unknown = [n for n in names if n not in default_settings]
     if unknown:
         parser.error(f"unknown settings {unknown}; choose from {', '.join(default_settings)}")
-    resolution = {"sd15": 512, "sdxl": 1024}.get(model_name, 64)
+    resolution = {"sd15": 512, "sdxl": 1024, "flux1": 1024}.get(model_name, 64)
     steps = args.steps or (280 if args.sd15 else 100)
     warmup = args.warmup if args.warmup is not None else (20 if full_size else 5)
     compile_ = args.compile or ("on" if device == "cuda" else "auto")
