@@ -1,11 +1,12 @@
-"""kopf wiring: three watches that fill in-memory indexes and wake the reconciler.
+"""The operator's watches: kopf's of FineTuneJobs and Kueue's Workloads, our own of Jobs and Pods.
 
-The handlers do no work of their own.  Indexes keep slim copies of FineTuneJobs, of
-the Jobs and of the Pods the operator made (labelled ``managed-by:
-finetune-operator``), filed under the FineTuneJob name they carry; the reconciler uses only
-those whose owner reference names the FineTuneJob's (or its Job's) uid.  kopf fills the indexes
-before it calls any event handler, so the first reconcile already sees every Job
-and Pod that existed when the operator started: a restart adopts, never duplicates.
+The handlers do no work of their own.  Indexes keep slim copies of FineTuneJobs, of the Jobs
+and of the Pods the operator made (labelled ``managed-by: finetune-operator``), filed under the
+FineTuneJob name they carry; the reconciler uses only those whose owner reference names the
+FineTuneJob's (or its Job's) uid.  Jobs and Pods are watched by ``watches.Informer`` with a
+server-side label selector (kopf would list and watch every pod and Job in the cluster and
+filter in the client), listed before the reconciler starts, so the first reconcile already sees
+every Job and Pod that existed when the operator started: a restart adopts, never duplicates.
 
 Only event handlers are used: kopf then keeps no state of its own on our objects
 (no annotations, no finalizers, no ``status.kopf``), so it never fights the status
@@ -14,14 +15,18 @@ the reconciler writes.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Mapping
 from typing import Any
 
 import kopf
 
 from finetune_api.contract import ANNOTATION_FULL_NAME, LABEL_MANAGED_BY, MANAGED_BY
 from finetune_api.v1alpha1 import GROUP, PLURAL, VERSION
+from finetune_operator import watches
 from finetune_operator.queueing import WORKLOAD_GROUP, WORKLOAD_VERSION
 from finetune_operator.reconciler import Reconciler
+from finetune_operator.watches import Informer
 
 OWNED = {LABEL_MANAGED_BY: MANAGED_BY}
 
@@ -46,12 +51,12 @@ class NoDiffBase(kopf.DiffBaseStorage):
 # each watch event is parsed afresh and nothing mutates it afterwards.
 
 
-def _meta(body: kopf.Body, *keys: str) -> dict[str, Any]:
+def _meta(body: Mapping[str, Any], *keys: str) -> dict[str, Any]:
     meta = body.get("metadata", {})
     return {k: meta[k] for k in keys if k in meta}
 
 
-def slim_finetunejob(body: kopf.Body) -> dict[str, Any]:
+def slim_finetunejob(body: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "apiVersion": body.get("apiVersion"),
         "kind": body.get("kind"),
@@ -63,13 +68,13 @@ def slim_finetunejob(body: kopf.Body) -> dict[str, Any]:
     }
 
 
-def _controller(body: kopf.Body) -> list[dict[str, Any]]:
+def _controller(body: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The controlling owner reference alone: the reconciler matches owners by uid."""
     refs = body.get("metadata", {}).get("ownerReferences") or []
     return [{k: ref.get(k) for k in ("kind", "name", "uid", "controller")} for ref in refs if ref.get("controller")]
 
 
-def slim_job(body: kopf.Body) -> dict[str, Any]:
+def slim_job(body: Mapping[str, Any]) -> dict[str, Any]:
     spec = body.get("spec", {})
     return {
         "metadata": {
@@ -81,7 +86,7 @@ def slim_job(body: kopf.Body) -> dict[str, Any]:
     }
 
 
-def slim_pod(body: kopf.Body) -> dict[str, Any]:
+def slim_pod(body: Mapping[str, Any]) -> dict[str, Any]:
     status = body.get("status", {})
     return {
         "metadata": {
@@ -97,7 +102,7 @@ def slim_pod(body: kopf.Body) -> dict[str, Any]:
     }
 
 
-def slim_workload(body: kopf.Body) -> dict[str, Any]:
+def slim_workload(body: Mapping[str, Any]) -> dict[str, Any]:
     """What the status needs of a Kueue Workload: its owner, ``active``, conditions, ClusterQueue."""
     spec, status = body.get("spec", {}), body.get("status", {})
     admission = status.get("admission") or {}
@@ -117,7 +122,7 @@ def slim_workload(body: kopf.Body) -> dict[str, Any]:
     }
 
 
-def owning_job(body: kopf.Body) -> str | None:
+def owning_job(body: Mapping[str, Any]) -> str | None:
     """The name of the batch/v1 Job a Workload belongs to (Kueue makes one per Job)."""
     for ref in body.get("metadata", {}).get("ownerReferences") or []:
         if ref.get("kind") == "Job" and str(ref.get("apiVersion", "")).startswith("batch/"):
@@ -125,7 +130,7 @@ def owning_job(body: kopf.Body) -> str | None:
     return None
 
 
-def owner_key(namespace: str | None, body: kopf.Body) -> tuple[str, str] | None:
+def owner_key(namespace: str | None, body: Mapping[str, Any]) -> tuple[str, str] | None:
     """The FineTuneJob an object is filed under, by the name it carries.  Only a key: whether
     the object is really that FineTuneJob's (its owner's uid) the reconciler decides."""
     name = body.get("metadata", {}).get("annotations", {}).get(ANNOTATION_FULL_NAME)
@@ -134,22 +139,48 @@ def owner_key(namespace: str | None, body: kopf.Body) -> tuple[str, str] | None:
     return (namespace, name)
 
 
+def owned_informers(reconciler: Reconciler) -> tuple[Informer, Informer]:
+    """Watches of the Jobs and the Pods labelled as ours, in the namespaces the operator serves.
+    Each object is filed under the FineTuneJob it names (and a Job also under its own name);
+    any change wakes that FineTuneJob's reconcile."""
+    selector = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
+    namespaces = reconciler.settings.namespaces
+    if any(set(n) & set("*?[!") for n in namespaces):
+        namespaces = ()  # kopf's namespace patterns: watch all, the reconciler keys only its own
+
+    def job_owner(namespace: str | None, body: dict[str, Any]) -> Any:
+        key = owner_key(namespace, body)
+        return (namespace, body["metadata"]["name"]) if key else None
+
+    jobs = Informer(
+        reconciler.api,
+        "/apis/batch/v1/jobs",
+        selector,
+        slim=slim_job,
+        indexes={"ftj_jobs": owner_key, "ftj_job_owners": job_owner},
+        values={"ftj_job_owners": lambda namespace, body: (owner_key(namespace, body) or ("", ""))[1]},
+        on_change=reconciler.enqueue,
+        namespaces=namespaces,
+    )
+    pods = Informer(
+        reconciler.api,
+        "/api/v1/pods",
+        selector,
+        slim=slim_pod,
+        indexes={"ftj_pods": owner_key},
+        on_change=reconciler.enqueue,
+        namespaces=namespaces,
+    )
+    return jobs, pods
+
+
 def build_registry(reconciler: Reconciler) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
+    watching: list[asyncio.Task[None]] = []
 
     @kopf.index(GROUP, VERSION, PLURAL, id="ftj_bodies", registry=registry)
     async def ftj_bodies(*, namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
         return {(namespace, name): slim_finetunejob(body)}
-
-    @kopf.index("batch", "v1", "jobs", labels=OWNED, id="ftj_jobs", registry=registry)
-    async def ftj_jobs(*, namespace: str | None, body: kopf.Body, **_: Any) -> dict[Any, Any] | None:
-        key = owner_key(namespace, body)
-        return {key: slim_job(body)} if key else None
-
-    @kopf.index("batch", "v1", "jobs", labels=OWNED, id="ftj_job_owners", registry=registry)
-    async def ftj_job_owners(*, namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any] | None:
-        key = owner_key(namespace, body)
-        return {(namespace, name): key[1]} if key else None
 
     # Kueue's Workloads, filed under their Job's name.  Served when Kueue's API exists at the
     # operator's start (kopf scans the API once): install Kueue first, or restart the operator.
@@ -157,11 +188,6 @@ def build_registry(reconciler: Reconciler) -> kopf.OperatorRegistry:
     async def ftj_workloads(*, namespace: str | None, body: kopf.Body, **_: Any) -> dict[Any, Any] | None:
         job = owning_job(body)
         return {(namespace, job): slim_workload(body)} if job and namespace else None
-
-    @kopf.index("", "v1", "pods", labels=OWNED, id="ftj_pods", registry=registry)
-    async def ftj_pods(*, namespace: str | None, body: kopf.Body, **_: Any) -> dict[Any, Any] | None:
-        key = owner_key(namespace, body)
-        return {key: slim_pod(body)} if key else None
 
     @kopf.on.startup(registry=registry)
     async def bind(*, settings: kopf.OperatorSettings, **kwargs: Any) -> None:
@@ -176,37 +202,40 @@ def build_registry(reconciler: Reconciler) -> kopf.OperatorRegistry:
         # event's whole body; our handlers only enqueue, so an idle worker is pure memory. At
         # 1,000 jobs (3,000 objects in one burst) 5 s (the default) meant ~40 MB more peak RSS.
         settings.queueing.idle_timeout = 0.5
-        # The indexes arrive as kwargs named after their functions.
+        # Our Jobs and Pods, filtered by the apiserver; kopf's indexes arrive as kwargs named
+        # after their functions.  The reconciler starts once our watches have listed what
+        # exists (so a restart adopts, never duplicates); until then keys wait in its queue.
+        # Not awaited here: kopf logs in (our API calls wait for that) after startup.
+        jobs, pods = owned_informers(reconciler)
         reconciler.bind(
             ftjs=kwargs["ftj_bodies"],
-            jobs=kwargs["ftj_jobs"],
-            pods=kwargs["ftj_pods"],
+            jobs=jobs["ftj_jobs"],
+            pods=pods["ftj_pods"],
             workloads=kwargs["ftj_workloads"],
-            job_owners=kwargs["ftj_job_owners"],
+            job_owners=jobs["ftj_job_owners"],
         )
-        reconciler.start()
+        watching.extend(watches.start([jobs, pods]))
+
+        async def start_when_listed() -> None:
+            await watches.listed([jobs, pods])
+            reconciler.start()
+
+        watching.append(asyncio.create_task(start_when_listed(), name="start-reconciler"))
+
+    @kopf.on.cleanup(registry=registry)
+    async def unwatch(**_: Any) -> None:
+        for task in watching:
+            task.cancel()
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
     async def finetunejob_changed(*, namespace: str | None, name: str, **_: Any) -> None:
         if namespace:
             reconciler.enqueue((namespace, name))
 
-    @kopf.on.event("batch", "v1", "jobs", labels=OWNED, registry=registry)
-    async def job_changed(*, namespace: str | None, body: kopf.Body, **_: Any) -> None:
-        key = owner_key(namespace, body)
-        if key:
-            reconciler.enqueue(key)
-
     @kopf.on.event(WORKLOAD_GROUP, WORKLOAD_VERSION, "workloads", registry=registry)
     async def workload_changed(*, namespace: str | None, body: kopf.Body, **_: Any) -> None:
         job = owning_job(body)
         key = reconciler.owner_of_job(namespace, job) if namespace and job else None
-        if key:
-            reconciler.enqueue(key)
-
-    @kopf.on.event("", "v1", "pods", labels=OWNED, registry=registry)
-    async def pod_changed(*, namespace: str | None, body: kopf.Body, **_: Any) -> None:
-        key = owner_key(namespace, body)
         if key:
             reconciler.enqueue(key)
 

@@ -1,5 +1,5 @@
-"""The operator's own calls to the Kubernetes API (kopf owns the watches), on aiohttp in the
-operator's event loop.
+"""The operator's own calls to the Kubernetes API and its watches of its Jobs and Pods (kopf
+watches FineTuneJobs and Kueue's Workloads), on aiohttp in the operator's event loop.
 
 It takes the credentials kopf logged in with (a ``kopf.ConnectionInfo``: kubeconfig or the
 in-cluster service account), so both speak to one cluster as one identity, and it does not
@@ -13,7 +13,7 @@ import asyncio
 import datetime as dt
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -83,17 +83,19 @@ class KubeAPI:
         self._server = ""
         self._session: aiohttp.ClientSession | None = None
         self._review_session: aiohttp.ClientSession | None = None
+        self._watch_session: aiohttp.ClientSession | None = None
+        self._make_session: Callable[[int, float | None], aiohttp.ClientSession] | None = None
         self._configured = asyncio.Event()
         self._relogin: Callable[[], Awaitable[Any]] | None = None
         self.writes = 0
 
     def configure(self, info: Any, *, relogin: Callable[[], Awaitable[Any]] | None = None) -> None:
         """Use the credentials kopf logged in with (a ``kopf.ConnectionInfo``)."""
-        old = (self._session, self._review_session)
+        old = (self._session, self._review_session, self._watch_session)
         self._server = str(info.server).rstrip("/")
         headers = {"User-Agent": USER_AGENT, "Accept": "application/json", **info.as_http_headers()}
 
-        def session(connections: int, timeout: float) -> aiohttp.ClientSession:
+        def session(connections: int, timeout: float | None) -> aiohttp.ClientSession:
             return aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=connections, ssl=info.as_ssl_context()),
                 headers=headers,
@@ -101,8 +103,10 @@ class KubeAPI:
                 timeout=aiohttp.ClientTimeout(total=timeout, connect=10),
             )
 
+        self._make_session = session
         self._session = session(32, 60)
         self._review_session = session(self.REVIEW_CONNECTIONS, 10)
+        self._watch_session = None  # made by the first watch
         self._relogin = relogin
         self._configured.set()
         for stale in old:
@@ -110,7 +114,7 @@ class KubeAPI:
                 asyncio.get_running_loop().create_task(stale.close())
 
     async def close(self) -> None:
-        for session in (self._session, self._review_session):
+        for session in (self._session, self._review_session, self._watch_session):
             if session is not None:
                 await session.close()
 
@@ -156,6 +160,40 @@ class KubeAPI:
                     causes,
                 )
             return json.loads(text) if text else {}
+
+    async def stream(
+        self, path: str, *, params: dict[str, str], read_timeout: float, retry_auth: bool = True
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The events of a watch (``params`` with ``watch=1``), one JSON object a line, until the
+        server ends the stream.  Over a session of its own: a watch holds its connection for
+        minutes, with no total timeout, only one between reads."""
+        await asyncio.wait_for(self._configured.wait(), timeout=120)
+        if self._watch_session is None or self._watch_session.closed:
+            assert self._make_session is not None
+            self._watch_session = self._make_session(0, None)  # one connection per watch, unlimited
+        async with self._watch_session.request(
+            "GET", self._server + path, params=params, timeout=aiohttp.ClientTimeout(sock_read=read_timeout)
+        ) as response:
+            if response.status == 401 and retry_auth and self._relogin is not None:
+                await self._relogin()
+                async for event in self.stream(path, params=params, read_timeout=read_timeout, retry_auth=False):
+                    yield event
+                return
+            if response.status >= 400:
+                text = await response.text()
+                try:
+                    status = json.loads(text)
+                except ValueError:
+                    status = {}
+                status = status if isinstance(status, dict) else {}
+                raise ApiError(response.status, str(status.get("reason") or response.reason), text[:300])
+            pending = b""
+            async for chunk in response.content.iter_any():
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        yield json.loads(line)
 
     # --- owned objects ---------------------------------------------------------------------------
 
