@@ -464,18 +464,13 @@ def job_posts(requests: list[Request], namespace: str) -> dict[str, float]:
     return posts
 
 
-def run_size(n: int, cluster: LocalCluster, api: client.ApiClient, results: dict[str, Any]) -> None:
-    core = client.CoreV1Api(api)
-    raw = Raw(cluster)
-    finish_timeout = 120 + n * 0.6
-
-    # --- plain Jobs -----------------------------------------------------------------------------
-    namespace = f"bench-plain-{n}"
+def plain_burst(n: int, namespace: str, raw: Raw, core: client.CoreV1Api, finish_timeout: float) -> dict[str, Any]:
+    """N plain Jobs applied at once in ``namespace``: when their pods ran and finished."""
     new_namespace(core, namespace)
     plain = Timeline()
     watcher = Watcher(raw, namespace, plain, job_key="plain-job")
     time.sleep(1)
-    say(f"N={n}: applying {n} plain Jobs")
+    say(f"N={n}: applying {n} plain Jobs in {namespace}")
     burst = apply_all(
         [plain_job(namespace, f"job-{i:05d}") for i in range(n)],
         lambda obj: raw.post(f"/apis/batch/v1/namespaces/{namespace}/jobs", obj),
@@ -486,15 +481,36 @@ def run_size(n: int, cluster: LocalCluster, api: client.ApiClient, results: dict
     wait_until(lambda: len(plain.finished) >= n, finish_timeout, "plain pods Succeeded")
     watcher.stop()
     first = min(plain.applied.values())
-    plain_result = {
+    result = {
         "apply_burst_seconds": burst,
         "apply_to_running": summary(latencies(plain.applied, plain.running)),
         "stages": stages(plain),
         "all_running_after": max(plain.running.values()) - first,
         "all_finished_after": max(plain.finished.values()) - first,
     }
-    say(f"N={n}: plain Jobs done: {json.dumps(plain_result['apply_to_running'])}")
+    say(f"N={n}: plain Jobs done: {json.dumps(result['apply_to_running'])}")
     delete_namespace(core, namespace)
+    return result
+
+
+def run_size(n: int, cluster: LocalCluster, api: client.ApiClient, results: dict[str, Any]) -> None:
+    core = client.CoreV1Api(api)
+    raw = Raw(cluster)
+    finish_timeout = 120 + n * 0.6
+
+    # --- plain Jobs -----------------------------------------------------------------------------
+    plain_result = plain_burst(n, f"bench-plain-{n}", raw, core, finish_timeout)
+
+    # --- the same burst of plain Jobs (not the operator's) while the operator runs --------------
+    # What other people's Jobs pay for the operator's presence, and what their pods cost it: a
+    # fresh operator with no FineTuneJobs, the cluster's pods coming and going around it.
+    beside_operator = OperatorRun(cluster.user_kubeconfig(OPERATOR_USER), STATE / f"operator-beside-{n}.log")
+    time.sleep(3)
+    beside = plain_burst(n, f"bench-beside-{n}", raw, core, finish_timeout)
+    beside["operator_peak_rss_mb"] = beside_operator.peak_rss / 2**20
+    beside["operator_cpu_seconds"] = beside_operator.cpu() - beside_operator.cpu_start
+    beside_operator.stop()
+    say(f"N={n}: plain Jobs beside the operator: RSS {beside['operator_peak_rss_mb']:.0f} MB")
 
     # --- the operator ---------------------------------------------------------------------------
     namespace = f"bench-ftj-{n}"
@@ -552,6 +568,10 @@ def run_size(n: int, cluster: LocalCluster, api: client.ApiClient, results: dict
     say(f"N={n}: operator done: {json.dumps(operator_result['apply_to_running'])}")
     results[str(n)] = {
         "plain": plain_result,
+        "beside": beside,
+        "ratio_beside_running_p95": (beside["apply_to_running"]["p95"] or 0)
+        / (plain_result["apply_to_running"]["p95"] or 1),
+        "ratio_beside_all_running": beside["all_running_after"] / plain_result["all_running_after"],
         "operator": operator_result,
         "ratio_running_p95": (operator_result["apply_to_running"]["p95"] or 0)
         / (plain_result["apply_to_running"]["p95"] or 1),
@@ -826,6 +846,11 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
         writes = op["writes_at_creation"]["max"] or 0
         row("<= 2 API writes per job at creation (max over jobs)", writes, writes <= 2)
         row("operator peak RSS <= 120 MB at 1,000 jobs", op["peak_rss_mb"], op["peak_rss_mb"] <= 120)
+        if "beside" in n1000:
+            ratio = n1000["ratio_beside_running_p95"]
+            row("1,000 plain Jobs beside the operator: pods Running p95 within 1.05x", ratio, ratio <= 1.05)
+            rss = n1000["beside"]["operator_peak_rss_mb"]
+            row("the operator's peak RSS through them <= 120 MB", rss, rss <= 120)
     fresh = results.get("freshness", {})
     if "1000" in fresh:
         p99 = fresh["1000"]["post_to_watch"]["p99"] or 99.0
@@ -871,6 +896,18 @@ def markdown(results: dict[str, Any]) -> str:
             f"{fmt(op['all_finished_after'])} (Succeeded on the resource: "
             f"{fmt(op['all_succeeded_on_resource_after'])}) | |",
             f"| {n} | operator peak RSS (MB) / CPU (s) | | {fmt(op['peak_rss_mb'])} / {fmt(op['cpu_seconds'])} | |",
+        ]
+        beside = data.get("beside")
+        if beside:
+            lines += [
+                f"| {n} | plain Jobs alone / beside the operator: apply -> pod Running p95, all Running (s) | "
+                f"{fmt(plain['apply_to_running']['p95'])}, {fmt(plain['all_running_after'])} | "
+                f"{fmt(beside['apply_to_running']['p95'])}, {fmt(beside['all_running_after'])} | "
+                f"{fmt(data['ratio_beside_running_p95'])} (p95), {fmt(data['ratio_beside_all_running'])} (all) |",
+                f"| {n} | the operator through those plain Jobs: peak RSS (MB) / CPU (s) | | "
+                f"{fmt(beside['operator_peak_rss_mb'])} / {fmt(beside['operator_cpu_seconds'])} | |",
+            ]
+        lines += [
             f"| {n} | API writes per job: at creation / before the pod runs / whole life / status | | "
             f"{fmt(op['writes_at_creation']['p50'])} (max {fmt(op['writes_at_creation']['max'])}) / "
             f"{fmt(op['writes_before_running']['p50'])} (max {fmt(op['writes_before_running']['max'])}) / "
