@@ -65,6 +65,18 @@ BLANK_PROMPT = (
 )
 
 
+def _not_blank_rule() -> dict[str, Any]:
+    """The CEL rule of a prompt field: something other than whitespace."""
+    return {"x-kubernetes-validations": [_cel(f"self.matches(r'{NOT_BLANK}')", BLANK_PROMPT)]}
+
+
+def _prompt_not_blank(value: str | None) -> str | None:
+    """The models' twin of ``_not_blank_rule`` (a field validator)."""
+    if value is not None and not re.search(NOT_BLANK, value):
+        raise ValueError(BLANK_PROMPT)
+    return value
+
+
 def _uri_rules(path: str) -> Any:
     return [
         _cel(
@@ -308,13 +320,13 @@ class Concept(_Model):
         min_length=1,
         max_length=1000,
         description="Prompt naming this concept with its own unique token.",
-        json_schema_extra={"x-kubernetes-validations": [_cel(f"self.matches(r'{NOT_BLANK}')", BLANK_PROMPT)]},
+        json_schema_extra=_not_blank_rule(),
     )
     class_prompt: str | None = Field(
         default=None,
         max_length=1000,
         description="Prompt for this concept's class (prior preservation).",
-        json_schema_extra={"x-kubernetes-validations": [_cel(f"self.matches(r'{NOT_BLANK}')", BLANK_PROMPT)]},
+        json_schema_extra=_not_blank_rule(),
     )
     class_images: Uri | None = Field(
         default=None,
@@ -330,12 +342,7 @@ class Concept(_Model):
     def _uris(cls, value: str | None) -> str | None:
         return None if value is None else check_uri(value, field="concepts")
 
-    @field_validator("instance_prompt", "class_prompt")
-    @classmethod
-    def _not_blank(cls, value: str | None) -> str | None:
-        if value is not None and not re.search(NOT_BLANK, value):
-            raise ValueError(BLANK_PROMPT)
-        return value
+    _not_blank = field_validator("instance_prompt", "class_prompt")(_prompt_not_blank)
 
 
 class Dataset(_Model):
@@ -366,7 +373,7 @@ class Dataset(_Model):
             "Prompt naming the subject with a unique token, e.g. 'a photo of nickxxxawesome'. A caption "
             "replaces it for its photo (or fills [filewords] in it). Not needed with layout kohya or concepts."
         ),
-        json_schema_extra={"x-kubernetes-validations": [_cel(f"self.matches(r'{NOT_BLANK}')", BLANK_PROMPT)]},
+        json_schema_extra=_not_blank_rule(),
     )
     concepts: list[Concept] | None = Field(
         default=None,
@@ -420,7 +427,7 @@ class Dataset(_Model):
         default=None,
         max_length=1000,
         description="Prompt for the subject's class, e.g. 'a photo of a man' (prior preservation).",
-        json_schema_extra={"x-kubernetes-validations": [_cel(f"self.matches(r'{NOT_BLANK}')", BLANK_PROMPT)]},
+        json_schema_extra=_not_blank_rule(),
     )
     class_images: Uri | None = Field(
         default=None,
@@ -460,12 +467,7 @@ class Dataset(_Model):
     def _uris(cls, value: str | None) -> str | None:
         return None if value is None else check_uri(value, field="dataset")
 
-    @field_validator("instance_prompt", "class_prompt")
-    @classmethod
-    def _not_blank(cls, value: str | None) -> str | None:
-        if value is not None and not re.search(NOT_BLANK, value):
-            raise ValueError(BLANK_PROMPT)
-        return value
+    _not_blank = field_validator("instance_prompt", "class_prompt")(_prompt_not_blank)
 
     @model_validator(mode="after")
     def _cross_field(self) -> Dataset:
