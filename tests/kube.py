@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -74,6 +75,45 @@ def wait_moving(
         elif now - still_since > stall:
             raise AssertionError(f"nothing moved for {stall:.0f}s waiting for {what or check}: last saw {last!r}")
         time.sleep(interval)
+
+
+class BackgroundWatch:
+    """``on_event(obj)`` for every object a watch (``list_fn(*args, **kwargs)``) sees, in a
+    thread until ``stop``: each 5 s stream resumes from the last resourceVersion seen, so no
+    change between two streams is missed; after an error it lists afresh."""
+
+    def __init__(self, list_fn: Callable[..., Any], *args: Any, on_event: Callable[[Any], None], **kwargs: Any):
+        from kubernetes import watch
+
+        self._stop = threading.Event()
+        self._watch = watch.Watch()
+
+        def version_of(obj: Any) -> str | None:
+            if isinstance(obj, dict):
+                return str(obj.get("metadata", {}).get("resourceVersion") or "") or None
+            return str(obj.metadata.resource_version or "") or None
+
+        def run() -> None:
+            version: str | None = None
+            while not self._stop.is_set():
+                try:
+                    resume = {"resource_version": version} if version else {}
+                    for event in self._watch.stream(list_fn, *args, timeout_seconds=5, **kwargs, **resume):
+                        version = version_of(event["object"]) or version
+                        on_event(event["object"])
+                        if self._stop.is_set():
+                            return
+                except Exception:
+                    version = None
+                    time.sleep(0.2)
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._watch.stop()
+        self._thread.join(timeout=10)
 
 
 # Below the kernel's ephemeral range (32768-60999 by default): the test operator keeps its ports

@@ -7,7 +7,6 @@ Every job trains the tiny pipeline for real through the operator and the node ag
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from safetensors.torch import load_file
 
 from tests.e2e.test_lifecycle import PhaseRecorder, pod_logs
 from tests.jobs import job_manifest, prepare_claims, trainer_processes
-from tests.kube import Kube, OperatorProcess, wait_for
+from tests.kube import BackgroundWatch, Kube, OperatorProcess, wait_for
 from tests.queues import Queues, priority_class, workloads
 
 pytestmark = pytest.mark.e2e
@@ -194,39 +193,19 @@ class SuspendRecorder:
     from the last resourceVersion it saw, so that no flip between two streams is missed."""
 
     def __init__(self, kube: Kube, namespace: str, name: str) -> None:
-        from kubernetes import watch
-
         self.values: list[bool] = []
-        self._stop = threading.Event()
-        self._watch = watch.Watch()
 
-        def run() -> None:
-            version: str | None = None
-            while not self._stop.is_set():
-                try:
-                    for event in self._watch.stream(
-                        kube.batch.list_namespaced_job,
-                        namespace,
-                        field_selector=f"metadata.name={name}",
-                        timeout_seconds=5,
-                        **({"resource_version": version} if version else {}),
-                    ):
-                        version = event["object"].metadata.resource_version
-                        value = bool(event["object"].spec.suspend)
-                        if not self.values or self.values[-1] != value:
-                            self.values.append(value)
-                        if self._stop.is_set():
-                            return
-                except Exception:
-                    time.sleep(0.2)
+        def seen(job: Any) -> None:
+            value = bool(job.spec.suspend)
+            if not self.values or self.values[-1] != value:
+                self.values.append(value)
 
-        self._thread = threading.Thread(target=run, daemon=True)
-        self._thread.start()
+        self._watch = BackgroundWatch(
+            kube.batch.list_namespaced_job, namespace, field_selector=f"metadata.name={name}", on_event=seen
+        )
 
     def stop(self) -> None:
-        self._stop.set()
         self._watch.stop()
-        self._thread.join(timeout=10)
 
 
 def test_suspending_a_queued_job_deactivates_its_workload_and_nothing_fights(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import pytest
 
 from finetune_api.v1alpha1 import GROUP, PLURAL, VERSION
 from tests.jobs import job_manifest, kill_trainer, prepare_claims, trainer_processes
-from tests.kube import Kube, OperatorProcess, wait_for
+from tests.kube import BackgroundWatch, Kube, OperatorProcess, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -26,44 +25,30 @@ class PhaseRecorder:
     """Every phase and step a watch on one FineTuneJob sees, in order."""
 
     def __init__(self, kube: Kube, namespace: str, name: str) -> None:
-        from kubernetes import watch
-
         self.phases: list[str] = []
         self.steps: list[int] = []
-        self._stop = threading.Event()
-        self._watch = watch.Watch()
 
-        def run() -> None:
-            while not self._stop.is_set():
-                try:
-                    for event in self._watch.stream(
-                        kube.custom.list_namespaced_custom_object,
-                        GROUP,
-                        VERSION,
-                        namespace,
-                        PLURAL,
-                        field_selector=f"metadata.name={name}",
-                        timeout_seconds=5,
-                    ):
-                        status = event["object"].get("status") or {}
-                        phase = status.get("phase")
-                        if phase and (not self.phases or self.phases[-1] != phase):
-                            self.phases.append(phase)
-                        step = (status.get("progress") or {}).get("step")
-                        if step is not None and (not self.steps or self.steps[-1] != step):
-                            self.steps.append(step)
-                        if self._stop.is_set():
-                            return
-                except Exception:
-                    time.sleep(0.2)
+        def seen(obj: dict[str, Any]) -> None:
+            status = obj.get("status") or {}
+            phase = status.get("phase")
+            if phase and (not self.phases or self.phases[-1] != phase):
+                self.phases.append(phase)
+            step = (status.get("progress") or {}).get("step")
+            if step is not None and (not self.steps or self.steps[-1] != step):
+                self.steps.append(step)
 
-        self._thread = threading.Thread(target=run, daemon=True)
-        self._thread.start()
+        self._watch = BackgroundWatch(
+            kube.custom.list_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            namespace,
+            PLURAL,
+            field_selector=f"metadata.name={name}",
+            on_event=seen,
+        )
 
     def stop(self) -> None:
-        self._stop.set()
         self._watch.stop()
-        self._thread.join(timeout=10)
 
 
 def sha256(path: Path) -> str:

@@ -4,8 +4,6 @@ takes the old Job's result for its own.  And once a job is final, its record sta
 
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +13,7 @@ from finetune_api.v1alpha1 import GROUP, PLURAL, VERSION
 from tests.cluster.test_progress import pod_token, post, report
 from tests.e2e.test_lifecycle import sha256
 from tests.jobs import job_manifest, prepare_claims
-from tests.kube import Kube, OperatorProcess, wait_for
+from tests.kube import BackgroundWatch, Kube, OperatorProcess, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -24,44 +22,29 @@ class Incarnations:
     """Every (uid, phase) a watch on one FineTuneJob name sees, across deletes and re-creates."""
 
     def __init__(self, kube: Kube, namespace: str, name: str) -> None:
-        from kubernetes import watch
-
         self.seen: list[tuple[str, str, str]] = []
-        self._stop = threading.Event()
-        self._watch = watch.Watch()
 
-        def run() -> None:
-            while not self._stop.is_set():
-                try:
-                    for event in self._watch.stream(
-                        kube.custom.list_namespaced_custom_object,
-                        GROUP,
-                        VERSION,
-                        namespace,
-                        PLURAL,
-                        field_selector=f"metadata.name={name}",
-                        timeout_seconds=5,
-                    ):
-                        obj = event["object"]
-                        status = obj.get("status") or {}
-                        entry = (obj["metadata"]["uid"], status.get("phase") or "", status.get("reason") or "")
-                        if not self.seen or self.seen[-1] != entry:
-                            self.seen.append(entry)
-                        if self._stop.is_set():
-                            return
-                except Exception:
-                    time.sleep(0.2)
+        def seen(obj: dict[str, Any]) -> None:
+            status = obj.get("status") or {}
+            entry = (obj["metadata"]["uid"], status.get("phase") or "", status.get("reason") or "")
+            if not self.seen or self.seen[-1] != entry:
+                self.seen.append(entry)
 
-        self._thread = threading.Thread(target=run, daemon=True)
-        self._thread.start()
+        self._watch = BackgroundWatch(
+            kube.custom.list_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            namespace,
+            PLURAL,
+            field_selector=f"metadata.name={name}",
+            on_event=seen,
+        )
 
     def phases(self, uid: str) -> list[str]:
         return [phase for who, phase, _ in self.seen if who == uid]
 
     def stop(self) -> None:
-        self._stop.set()
         self._watch.stop()
-        self._thread.join(timeout=10)
 
 
 def owner_uid(obj: Any) -> str | None:
