@@ -34,11 +34,11 @@ $(VENV)/.finetune-ready: pyproject.toml constraints.txt scripts/setup_env.py
 	@touch $@
 
 binaries: setup
-	$(PY) -m finetune_operator.devcluster.binaries etcd kube-apiserver kube-controller-manager kube-scheduler helm kueue
+	$(PY) -m finetune_devcluster.binaries etcd kube-apiserver kube-controller-manager kube-scheduler helm kueue
 
 lint: setup
-	$(VENV)/bin/ruff check api operator trainer-image tests bench scripts
-	$(VENV)/bin/ruff format --check api operator trainer-image tests bench scripts
+	$(VENV)/bin/ruff check api operator trainer-image devcluster tests bench scripts
+	$(VENV)/bin/ruff format --check api operator trainer-image devcluster tests bench scripts
 	$(VENV)/bin/mypy
 	$(VENV)/bin/hadolint --config trainer-image/.hadolint.yaml trainer-image/Dockerfile operator/Dockerfile
 
@@ -60,13 +60,13 @@ test-unit: setup
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 demo: setup binaries
-	$(PY) -m finetune_operator.demo $(if $(KEEP),--keep,) $(if $(KUEUE),--kueue,)
+	$(PY) -m finetune_devcluster.demo $(if $(KEEP),--keep,) $(if $(KUEUE),--kueue,)
 
 cluster-up: setup binaries
-	$(PY) -m finetune_operator.devcluster up $(if $(KUEUE),--kueue,)
+	$(PY) -m finetune_devcluster up $(if $(KUEUE),--kueue,)
 
 cluster-down: setup
-	$(PY) -m finetune_operator.devcluster down
+	$(PY) -m finetune_devcluster down
 
 bench: setup
 	$(PY) bench/operator_scale.py
@@ -75,7 +75,7 @@ bench-trainer: setup
 	$(PY) bench/trainer_step.py $(BENCH_ARGS)
 
 clean:
-	-$(PY) -m finetune_operator.devcluster down
+	-$(PY) -m finetune_devcluster down
 	rm -rf .cluster .pytest_cache .mypy_cache .ruff_cache
 
 chart-docs: setup

@@ -40,9 +40,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import kwok  # noqa: E402
 from finetune_api.v1alpha1 import GROUP, PLURAL, VERSION, parse_manifest  # noqa: E402
+from finetune_devcluster import binaries  # noqa: E402
+from finetune_devcluster.cluster import LocalCluster  # noqa: E402
 from finetune_operator import names  # noqa: E402
-from finetune_operator.devcluster import binaries  # noqa: E402
-from finetune_operator.devcluster.cluster import LocalCluster  # noqa: E402
 from finetune_operator.render import render  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"

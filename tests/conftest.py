@@ -27,11 +27,11 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[object]:
-    from finetune_operator.devcluster.cluster import LocalCluster
+    from finetune_devcluster.cluster import LocalCluster
 
     state = ARTIFACTS / "cluster"
     if (state / "processes.json").is_file():
-        from finetune_operator.devcluster import cluster as devcluster
+        from finetune_devcluster import cluster as devcluster
 
         devcluster.load(state).stop()
     shutil.rmtree(state, ignore_errors=True)

@@ -23,7 +23,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from finetune_api.v1alpha1 import GROUP, PLURAL, VERSION
-from finetune_operator.devcluster.cluster import LocalCluster
+from finetune_devcluster.cluster import LocalCluster
 
 T = TypeVar("T")
 

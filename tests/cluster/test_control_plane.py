@@ -215,7 +215,7 @@ def _processes_mentioning(text: str) -> list[str]:
 
 def test_cluster_up_then_down_leaves_no_process(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    command = [sys.executable, "-m", "finetune_operator.devcluster"]
+    command = [sys.executable, "-m", "finetune_devcluster"]
     started = time.monotonic()
     up = subprocess.run(
         [*command, "up", "--state-dir", str(state)], capture_output=True, text=True, timeout=120, check=False

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import yaml
 
-from finetune_operator.devcluster import binaries
-from finetune_operator.devcluster.cluster import write_kubeconfig
+from finetune_devcluster import binaries
+from finetune_devcluster.cluster import write_kubeconfig
 from tests.conftest import ARTIFACTS, ROOT
 from tests.kube import Kube, OperatorProcess, wait_for
 

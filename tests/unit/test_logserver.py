@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune_operator.devcluster.logserver import LogServer
+from finetune_devcluster.logserver import LogServer
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune_operator.devcluster import binaries
+from finetune_devcluster import binaries
 
 DEFAULT_STATE_DIR = Path(".cluster")
 SERVICE_CIDR = "10.96.0.0/16"
@@ -148,7 +148,7 @@ class LocalCluster:
                     [
                         sys.executable,
                         "-m",
-                        "finetune_operator.devcluster.agent",
+                        "finetune_devcluster.agent",
                         "--state-dir",
                         str(self.state_dir),
                     ],
@@ -165,7 +165,7 @@ class LocalCluster:
 
     def start_kueue(self, *, timeout: float = 120) -> None:
         """Start Kueue against this running control plane (once; a second call does nothing)."""
-        from finetune_operator.devcluster import kueue
+        from finetune_devcluster import kueue
 
         if not self.kueue_running:
             kueue.start(self, timeout=timeout)

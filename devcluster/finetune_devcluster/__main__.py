@@ -1,4 +1,4 @@
-"""``python -m finetune_operator.devcluster up|down|status``: the local control plane for people."""
+"""``python -m finetune_devcluster up|down|status``: the local control plane for people."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from finetune_operator.devcluster import cluster
+from finetune_devcluster import cluster
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m finetune_operator.devcluster", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m finetune_devcluster", description=__doc__)
     parser.add_argument("command", choices=["up", "down", "status"])
     parser.add_argument("--state-dir", type=Path, default=cluster.DEFAULT_STATE_DIR)
     parser.add_argument("--no-agent", action="store_true", help="start no node agent (no GPU nodes)")

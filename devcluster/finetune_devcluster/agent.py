@@ -40,7 +40,7 @@ from typing import Any
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
-from finetune_operator.devcluster.logserver import LogServer
+from finetune_devcluster.logserver import LogServer
 
 LOG = logging.getLogger("node-agent")
 
@@ -744,7 +744,7 @@ class NodeAgent:
         }
         spec_file = run.directory / f"{container.name}.exec.json"
         spec_file.write_text(json.dumps(spec))
-        launcher = [sys.executable, "-m", "finetune_operator.devcluster.podexec", str(spec_file)]
+        launcher = [sys.executable, "-m", "finetune_devcluster.podexec", str(spec_file)]
         if mounts:
             launcher = ["unshare", "--mount", "--propagation", "private", "--", *launcher]
         with open(result.log, "ab") as log:

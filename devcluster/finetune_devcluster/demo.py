@@ -26,7 +26,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from finetune_operator.devcluster import cluster as devcluster
+from finetune_devcluster import cluster as devcluster
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMESPACE = "demo"

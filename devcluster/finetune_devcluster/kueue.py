@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from finetune_operator.devcluster import binaries
+from finetune_devcluster import binaries
 
 if TYPE_CHECKING:
-    from finetune_operator.devcluster.cluster import LocalCluster
+    from finetune_devcluster.cluster import LocalCluster
 
 NAMESPACE = "kueue-system"
 USER = "system:kueue"
@@ -238,7 +238,7 @@ def start(cluster: LocalCluster, *, timeout: float = 120) -> None:
             "--",
             sys.executable,
             "-m",
-            "finetune_operator.devcluster.podexec",
+            "finetune_devcluster.podexec",
             str(exec_spec),
         ],
     )
