@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -45,6 +46,36 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def trainer_command() -> str:
+    """The trainer's CLI: beside this Python (the project's venv), else on the PATH."""
+    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    found = shutil.which("finetune-trainer", path=search)
+    if found is None:
+        raise SystemExit("the demo needs the trainer's CLI, finetune-trainer: `make setup` installs it")
+    return found
+
+
+def build_demo_data(model: Path, images: Path) -> None:
+    """The tiny pipeline at ``model`` and four pictures in ``images``, through ``finetune-trainer tiny``.
+
+    The demo starts the trainer as a user would, through its CLI: the trainer (torch, diffusers)
+    is no part of the dev cluster. ``tiny`` writes model/ and images/ side by side; the demo keeps
+    them on separate claims.
+    """
+    staging = model.parent / ".tiny-build"
+    shutil.rmtree(staging, ignore_errors=True)
+    command = [trainer_command(), "tiny", str(staging), "--images", "4", "--size", "64"]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} exited {result.returncode}:\n{result.stdout}{result.stderr}")
+    shutil.rmtree(model, ignore_errors=True)
+    (staging / "model").replace(model)
+    images.mkdir(parents=True, exist_ok=True)
+    for picture in sorted((staging / "images").iterdir()):
+        picture.replace(images / picture.name)
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 class Demo:
@@ -143,10 +174,7 @@ class Demo:
         images = paths["datasets"] / "subject"
         if not (model / "model_index.json").is_file():
             say("building the tiny demo pipeline (random weights) and four synthetic pictures")
-            from finetune_trainer.tiny import build_tiny_pipeline, write_demo_images
-
-            build_tiny_pipeline(model, seed=0)
-            write_demo_images(images, 4, 64)
+            build_demo_data(model, images)
             for folder in (model, images):
                 (folder / "DEMO-README.txt").write_text(DEMO_NOTE)
         return paths
