@@ -8,12 +8,23 @@ operator maps mount paths back to the ``pvc://CLAIM/path`` form a person can use
 
 from __future__ import annotations
 
-from enum import IntEnum, StrEnum
+from enum import IntEnum
 from typing import Literal
 
 from pydantic import Field
 
-from finetune_api.v1alpha1 import CheckpointRef, DatasetStatus, OutputFile, Stage, _Model
+# FailureReason lives with the status's other reasons; the trainer's summary names one.
+from finetune_api.v1alpha1 import CheckpointRef, DatasetStatus, FailureReason, OutputFile, Stage, _Model
+
+__all__ = [
+    "MAX_REPORT_BYTES",
+    "SUMMARY_LIMIT_BYTES",
+    "ExitCode",
+    "FailureReason",
+    "ProgressEvent",
+    "Thumbnail",
+    "TrainerSummary",
+]
 
 SUMMARY_LIMIT_BYTES = 4096
 MAX_REPORT_BYTES = 256 * 1024
@@ -26,12 +37,6 @@ class ExitCode(IntEnum):
     ERROR = 1  # anything unexpected: treated as transient, retried
     BAD_INPUT = 2  # the job cannot succeed as written: not retried
     OUT_OF_MEMORY = 3  # the GPU ran out of memory: not retried; the message names settings that fit
-
-
-class FailureReason(StrEnum):
-    BAD_INPUT = "BadInput"
-    OUT_OF_MEMORY = "OutOfMemory"
-    ERROR = "TrainerError"
 
 
 class Thumbnail(_Model):

@@ -1013,6 +1013,74 @@ class Phase(StrEnum):
         return self in (Phase.SUCCEEDED, Phase.FAILED)
 
 
+class Reason(StrEnum):
+    """Why a FineTuneJob is where it is (status.reason, a condition's reason, an Event's), short
+    of a failure: those are ``FailureReason``.  Kueue's and Kubernetes' own reasons, where the
+    status passes them on (a Workload's eviction or quota reason, a Job's failure reason that
+    nothing of ours explains), are theirs and keep their words."""
+
+    CREATING = "Creating"
+    STARTING = "Starting"
+    SCHEDULING = "Scheduling"
+    UNSCHEDULABLE = "Unschedulable"
+    POD_STARTING = "PodStarting"
+    TRAINER_STARTING = "TrainerStarting"
+    RETRYING = "Retrying"
+    # The trainer's stages before the first step (Stage, in CamelCase).
+    DOWNLOADING = "Downloading"
+    CLASS_IMAGES = "ClassImages"
+    CACHING = "Caching"
+    COMPILING = "Compiling"
+    # The trainer reported that it failed; its pod has not ended yet.
+    TRAINER_FAILED = "Failed"
+    TRAINING = "Training"
+    EXPORTING = "Exporting"
+    COMPLETED = "Completed"
+    SUSPENDED = "Suspended"
+    JOB_SUSPENDED = "JobSuspended"
+    # Creating the Job.
+    WAITING_FOR_OLD_JOB = "WaitingForOldJob"
+    NAME_CONFLICT = "NameConflict"
+    JOB_REJECTED = "JobRejected"
+    # Kueue.
+    WAITING_FOR_ADMISSION = "WaitingForAdmission"
+    PENDING = "Pending"
+    QUOTA_RESERVED = "QuotaReserved"
+    ADMITTED = "Admitted"
+    PREEMPTED = "Preempted"
+    EVICTED = "Evicted"
+    # The conditions' own: the Created condition's, and each condition's while it is False.
+    JOB_CREATED = "JobCreated"
+    NOT_QUEUED = "NotQueued"
+    NOT_RUNNING = "NotRunning"
+    NOT_SUSPENDED = "NotSuspended"
+    NOT_SUCCEEDED = "NotSucceeded"
+    NOT_FAILED = "NotFailed"
+
+
+class FailureReason(StrEnum):
+    """Why a training pod or Job failed, or why its pod cannot start: the trainer's own (its
+    summary's reason, by exit code) and what the operator reads from the pod and the Job."""
+
+    BAD_INPUT = "BadInput"
+    OUT_OF_MEMORY = "OutOfMemory"
+    ERROR = "TrainerError"
+    OOM_KILLED = "OOMKilled"
+    # The cluster stopped the pod: retried.
+    PREEMPTED = "Preempted"
+    NODE_LOST = "NodeLost"
+    EVICTED = "Evicted"
+    DEADLINE_EXCEEDED = "DeadlineExceeded"
+    BACKOFF_LIMIT = "BackoffLimit"
+    JOB_FAILED = "JobFailed"
+    JOB_DELETED = "JobDeleted"
+    INVALID_SPEC = "InvalidSpec"
+    # The pod cannot start (it stays Pending).
+    IMAGE_PULL_BACK_OFF = "ImagePullBackOff"
+    CREATE_CONTAINER_CONFIG_ERROR = "CreateContainerConfigError"
+    CREATE_CONTAINER_ERROR = "CreateContainerError"
+
+
 class Stage(StrEnum):
     """What the trainer is doing, finer than the phase."""
 

@@ -8,13 +8,16 @@ from typing import Any
 
 from finetune_api.contract import CONTAINER_NAME
 from finetune_api.report import ExitCode
+from finetune_api.v1alpha1 import FailureReason
 
+# The kubelet's reasons for a container that cannot start.
 IMAGE_PULL_REASONS = {"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull"}
-CONFIG_REASONS = {"CreateContainerConfigError", "CreateContainerError"}
+CONFIG_REASONS = {FailureReason.CREATE_CONTAINER_CONFIG_ERROR, FailureReason.CREATE_CONTAINER_ERROR}
 
 
 @dataclass(frozen=True)
 class Failure:
+    # A FailureReason, or the Job's own reason where nothing of ours explains its failure.
     reason: str
     message: str
     retried: bool = False
@@ -67,24 +70,30 @@ def classify_pod(pod: dict[str, Any], *, memory: str = "") -> Failure | None:
     code = terminated.get("exitCode")
     if disruption is not None:
         reason = disruption.get("reason") or "Disrupted"
-        kind = "Preempted" if "Preemption" in reason else "NodeLost" if "Taint" in reason else "Evicted"
+        kind = (
+            FailureReason.PREEMPTED
+            if "Preemption" in reason
+            else FailureReason.NODE_LOST
+            if "Taint" in reason
+            else FailureReason.EVICTED
+        )
         return Failure(kind, f"the pod was stopped by the cluster ({reason}): retrying", retried=True)
     if code == ExitCode.BAD_INPUT:
-        return Failure("BadInput", _message_of(pod) or "the trainer rejected its input")
+        return Failure(FailureReason.BAD_INPUT, _message_of(pod) or "the trainer rejected its input")
     if code == ExitCode.OUT_OF_MEMORY:
-        return Failure("OutOfMemory", _message_of(pod) or "the GPU ran out of memory")
+        return Failure(FailureReason.OUT_OF_MEMORY, _message_of(pod) or "the GPU ran out of memory")
     if terminated.get("reason") == "OOMKilled":
         return Failure(
-            "OOMKilled",
+            FailureReason.OOM_KILLED,
             f"the trainer used more host memory than its limit (spec.resources.memory={memory or 'unset'}): "
             "raise spec.resources.memory, or lower spec.training.batchSize",
         )
     status_reason = pod.get("status", {}).get("reason")
     if status_reason in ("Evicted", "NodeLost", "Shutdown", "Terminated"):
-        return Failure("NodeLost", pod.get("status", {}).get("message") or status_reason, retried=True)
+        return Failure(FailureReason.NODE_LOST, pod.get("status", {}).get("message") or status_reason, retried=True)
     message = _message_of(pod)
     detail = f"exit code {code}" if code is not None else "no exit code"
-    return Failure("TrainerError", f"{detail}: {message}" if message else detail, retried=True)
+    return Failure(FailureReason.ERROR, f"{detail}: {message}" if message else detail, retried=True)
 
 
 def classify_job_failure(
@@ -99,20 +108,24 @@ def classify_job_failure(
     if job_reason == "DeadlineExceeded":
         deadline = job.get("spec", {}).get("activeDeadlineSeconds")
         return Failure(
-            "DeadlineExceeded",
+            FailureReason.DEADLINE_EXCEEDED,
             f"ran longer than spec.runPolicy.activeDeadlineSeconds={deadline}: raise it, or lower the steps",
         )
-    if last is not None and last.reason in ("BadInput", "OutOfMemory", "OOMKilled"):
+    if last is not None and last.reason in (
+        FailureReason.BAD_INPUT,
+        FailureReason.OUT_OF_MEMORY,
+        FailureReason.OOM_KILLED,
+    ):
         return last
     if job_reason == "BackoffLimitExceeded":
         tail = f"; last error: {last.message}" if last else ""
         return Failure(
-            "BackoffLimit",
+            FailureReason.BACKOFF_LIMIT,
             f"the trainer failed {backoff_limit + 1} times (spec.runPolicy.backoffLimit={backoff_limit}){tail}",
         )
     if last is not None:
         return last
-    return Failure(job_reason or "JobFailed", condition.get("message") or "the Job failed")
+    return Failure(job_reason or FailureReason.JOB_FAILED, condition.get("message") or "the Job failed")
 
 
 def waiting_problem(pod: dict[str, Any]) -> Failure | None:
@@ -120,9 +133,11 @@ def waiting_problem(pod: dict[str, Any]) -> Failure | None:
     waiting = trainer_state(pod).get("waiting") or {}
     reason = waiting.get("reason", "")
     if reason in IMAGE_PULL_REASONS:
-        return Failure("ImagePullBackOff", waiting.get("message") or f"cannot pull the trainer image ({reason})")
+        return Failure(
+            FailureReason.IMAGE_PULL_BACK_OFF, waiting.get("message") or f"cannot pull the trainer image ({reason})"
+        )
     if reason in CONFIG_REASONS:
-        return Failure(reason, waiting.get("message") or reason)
+        return Failure(FailureReason(reason), waiting.get("message") or reason)
     return None
 
 

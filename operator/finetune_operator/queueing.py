@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from finetune_api.v1alpha1 import Phase
+from finetune_api.v1alpha1 import Phase, Reason
 
 WORKLOAD_GROUP = "kueue.x-k8s.io"
 WORKLOAD_VERSION = "v1beta2"
@@ -116,7 +116,7 @@ def held(workload: Mapping[str, Any] | None, *, queue: str, position: Position |
     if workload is None:
         return KueueState(
             Phase.QUEUED,
-            "WaitingForAdmission",
+            Reason.WAITING_FOR_ADMISSION,
             f"waiting for Kueue to create the Job's Workload in LocalQueue {queue}; if this lasts, "
             "check that Kueue runs with the batch/job integration",
         )
@@ -128,26 +128,28 @@ def held(workload: Mapping[str, Any] | None, *, queue: str, position: Position |
         if pending is not None and pending.get("status") == "False" and pending_message != preempted.get("message"):
             message += f"; waiting to be admitted again. Kueue: {pending_message}"
         message += "; it continues from its newest checkpoint once admitted again" + _where(queue, position)
-        return KueueState(Phase.PREEMPTED, "Preempted", message)
+        return KueueState(Phase.PREEMPTED, Reason.PREEMPTED, message)
     evicted = _true(workload, "Evicted")
     if evicted is not None and evicted.get("reason") not in OWN_EVICTIONS:
         return KueueState(
-            Phase.QUEUED, str(evicted.get("reason") or "Evicted"), "evicted by " + _kueue(evicted.get("message") or "")
+            Phase.QUEUED,
+            str(evicted.get("reason") or Reason.EVICTED),
+            "evicted by " + _kueue(evicted.get("message") or ""),
         )
     if admitted(workload):
-        return KueueState(Phase.INITIALIZING, "Admitted", admitted_message(workload))
+        return KueueState(Phase.INITIALIZING, Reason.ADMITTED, admitted_message(workload))
     if pending is not None and pending.get("status") == "True":
         # Quota reserved, admission checks not yet all Ready.
-        return KueueState(Phase.QUEUED, "QuotaReserved", _kueue(pending_message))
+        return KueueState(Phase.QUEUED, Reason.QUOTA_RESERVED, _kueue(pending_message))
     if pending is None:
         return KueueState(
             Phase.QUEUED,
-            "Pending",
+            Reason.PENDING,
             f"Kueue: the Workload {workload.get('metadata', {}).get('name', '')} waits in LocalQueue {queue}"
             + _where(queue, position),
         )
     return KueueState(
-        Phase.QUEUED, str(pending.get("reason") or "Pending"), _kueue(pending_message) + _where(queue, position)
+        Phase.QUEUED, str(pending.get("reason") or Reason.PENDING), _kueue(pending_message) + _where(queue, position)
     )
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from finetune_api.redact import redact
-from finetune_api.v1alpha1 import FineTuneJob, ManifestError, Phase, parse_manifest
+from finetune_api.v1alpha1 import FailureReason, FineTuneJob, ManifestError, Phase, Reason, parse_manifest
 from finetune_operator import names, queueing
 from finetune_operator.failures import explain_rejection
 from finetune_operator.kubeapi import ApiError, KubeAPI, Outcome, describe_error
@@ -380,8 +380,8 @@ class Reconciler:
                 body,
                 memory,
                 previous,
-                {**previous, "phase": "Failed", "reason": "InvalidSpec", "message": message[:1000]},
-                events=[("Warning", "InvalidSpec", message)],
+                {**previous, "phase": Phase.FAILED, "reason": FailureReason.INVALID_SPEC, "message": message[:1000]},
+                events=[("Warning", FailureReason.INVALID_SPEC, message)],
                 cause="phase",
             )
             return
@@ -611,27 +611,27 @@ class Reconciler:
             if earlier:
                 # An earlier FineTuneJob of this name was deleted and its Job is still being
                 # collected: wait for it to go (its deletion wakes us), never adopt it.
-                reason = "WaitingForOldJob"
+                reason = Reason.WAITING_FOR_OLD_JOB
                 message = (
                     f"the Job {job_name} of an earlier FineTuneJob named {name} is still being deleted; "
                     "this one's Job is created once it is gone"
                 )
                 events = []
             else:
-                reason = "NameConflict"
+                reason = Reason.NAME_CONFLICT
                 message = (
                     f"a Job named {job_name} already exists and is not owned by this FineTuneJob (an earlier "
                     f"one's, kept by a delete with --cascade=orphan, or someone else's): delete it "
                     f"(kubectl -n {namespace} delete job {job_name}) and this one starts"
                 )
-                events = [("Warning", "NameConflict", message)]
+                events = [("Warning", Reason.NAME_CONFLICT, message)]
             if previous.get("reason") != reason:
                 await self._write(
                     key,
                     body,
                     memory,
                     previous,
-                    {**previous, "phase": "Pending", "reason": reason, "message": message},
+                    {**previous, "phase": Phase.PENDING, "reason": reason, "message": message},
                     events=events,
                     cause="phase",
                 )
@@ -661,7 +661,7 @@ class Reconciler:
             delay,
             json.dumps(describe_error(exc)),
         )
-        if memory.rejected != message or previous.get("reason") != "JobRejected":
+        if memory.rejected != message or previous.get("reason") != Reason.JOB_REJECTED:
             await self._write(
                 key,
                 body,
@@ -669,12 +669,12 @@ class Reconciler:
                 previous,
                 {
                     **previous,
-                    "phase": "Pending",
-                    "reason": "JobRejected",
+                    "phase": Phase.PENDING,
+                    "reason": Reason.JOB_REJECTED,
                     "message": message[:1000],
                     "observedGeneration": body.get("metadata", {}).get("generation"),
                 },
-                events=[("Warning", "JobRejected", message)],
+                events=[("Warning", Reason.JOB_REJECTED, message)],
                 cause="phase",
             )
             memory.rejected = message

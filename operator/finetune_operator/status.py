@@ -14,7 +14,7 @@ from typing import Any
 
 from finetune_api.redact import redact
 from finetune_api.report import ProgressEvent, TrainerSummary
-from finetune_api.v1alpha1 import FineTuneJobSpec, Phase, Stage
+from finetune_api.v1alpha1 import FailureReason, FineTuneJobSpec, Phase, Reason, Stage
 from finetune_operator import queueing
 from finetune_operator.failures import (
     Failure,
@@ -31,6 +31,17 @@ INITIALIZING_STAGES = {Stage.STARTING, Stage.DOWNLOADING, Stage.CLASS_IMAGES, St
 TRAINING_STAGES = {Stage.TRAINING, Stage.CHECKPOINTING, Stage.SAMPLING}
 EXPORTING_STAGES = {Stage.EXPORTING, Stage.UPLOADING, Stage.DONE}
 CONDITION_TYPES = ("Created", "Queued", "Running", "Suspended", "Succeeded", "Failed")
+FINAL_PHASES = frozenset(phase for phase in Phase if phase.final)
+# Before the first step the reason is the trainer's stage, in CamelCase ("class-images": ClassImages).
+STAGE_REASONS = {
+    stage: Reason(stage.value.title().replace("-", ""))
+    for stage in Stage
+    if stage not in TRAINING_STAGES | EXPORTING_STAGES
+}
+# Reasons whose Event is a warning (every failure's is too).
+WARNING_REASONS = frozenset(
+    {Reason.UNSCHEDULABLE, FailureReason.IMAGE_PULL_BACK_OFF, Reason.RETRYING, Reason.PREEMPTED}
+)
 
 
 def rfc3339(moment: dt.datetime) -> str:
@@ -121,14 +132,14 @@ def decide_phase(
         if observed.job_missing_confirmed and previous.get("jobName"):
             return Decision(
                 Phase.FAILED,
-                "JobDeleted",
+                FailureReason.JOB_DELETED,
                 f"the Job {previous['jobName']} was deleted before the training finished; outputs already "
                 "written stay in place; create a new FineTuneJob to train again",
             )
-        return Decision(Phase.PENDING, "Creating", "creating the training Job")
+        return Decision(Phase.PENDING, Reason.CREATING, "creating the training Job")
 
     if has_condition(job, "Complete") or has_condition(job, "SuccessCriteriaMet"):
-        return Decision(Phase.SUCCEEDED, "Completed", "training finished; the model is exported")
+        return Decision(Phase.SUCCEEDED, Reason.COMPLETED, "training finished; the model is exported")
     if has_condition(job, "Failed") or has_condition(job, "FailureTarget"):
         failure = classify_job_failure(
             job, list(pods), backoff_limit=spec.run_policy.backoff_limit, memory=spec.resources.memory
@@ -141,33 +152,35 @@ def decide_phase(
         message = "suspended by spec.runPolicy.suspend; set it to false to continue from the newest checkpoint"
         if active:
             message = "stopping the training pod (spec.runPolicy.suspend is true)"
-        return Decision(Phase.SUSPENDED, "Suspended", message)
+        return Decision(Phase.SUSPENDED, Reason.SUSPENDED, message)
     queue = spec.run_policy.queue_name
     if suspended:
         if queue:
             held = queueing.held(observed.workload, queue=queue, position=observed.position)
             return Decision(held.phase, held.reason, held.message)
-        return Decision(Phase.QUEUED, "JobSuspended", "the Job is suspended")
+        return Decision(Phase.QUEUED, Reason.JOB_SUSPENDED, "the Job is suspended")
     # Admitted by Kueue, the pod not yet running: Initializing, not back to Pending.
     kueue_admitted = bool(queue) and queueing.admitted(observed.workload)
 
     if not active:
         failed = [p for p in pods if p.get("status", {}).get("phase") == "Failed"]
         if failed:
-            failure = classify_pod(failed[-1], memory=spec.resources.memory) or Failure("Retrying", "")
-            return Decision(Phase.PENDING, "Retrying", f"retrying after {failure.reason}: {failure.message}"[:1000])
+            failure = classify_pod(failed[-1], memory=spec.resources.memory) or Failure(Reason.RETRYING, "")
+            return Decision(
+                Phase.PENDING, Reason.RETRYING, f"retrying after {failure.reason}: {failure.message}"[:1000]
+            )
         previous_phase = previous.get("phase")
         if kueue_admitted and previous_phase not in (Phase.TRAINING, Phase.EXPORTING):
             assert observed.workload is not None
-            return Decision(Phase.INITIALIZING, "Admitted", queueing.admitted_message(observed.workload))
+            return Decision(Phase.INITIALIZING, Reason.ADMITTED, queueing.admitted_message(observed.workload))
         if previous_phase in (Phase.SUSPENDED, None, Phase.PENDING):
-            return Decision(Phase.PENDING, "Starting", "waiting for the training pod")
+            return Decision(Phase.PENDING, Reason.STARTING, "waiting for the training pod")
         return Decision(Phase(previous_phase), previous.get("reason") or "", previous.get("message") or "")
 
     pod = active[-1]
     scheduler_message = unschedulable(pod)
     if scheduler_message is not None:
-        return Decision(Phase.QUEUED, "Unschedulable", scheduler_message)
+        return Decision(Phase.QUEUED, Reason.UNSCHEDULABLE, scheduler_message)
     problem = waiting_problem(pod)
     if problem is not None:
         return Decision(Phase.INITIALIZING, problem.reason, problem.message)
@@ -176,21 +189,21 @@ def decide_phase(
     if not node:
         return Decision(
             Phase.INITIALIZING if kueue_admitted else Phase.PENDING,
-            "Scheduling",
+            Reason.SCHEDULING,
             "waiting for the scheduler to place the training pod",
         )
     if pod_phase != "Running":
-        return Decision(Phase.INITIALIZING, "PodStarting", f"starting the trainer on {node}")
+        return Decision(Phase.INITIALIZING, Reason.POD_STARTING, f"starting the trainer on {node}")
     progress = observed.progress
     pod_name = pod["metadata"]["name"]
     if progress is None or (progress.attempt and progress.attempt != pod_name):
-        return Decision(Phase.INITIALIZING, "TrainerStarting", "the trainer is starting")
+        return Decision(Phase.INITIALIZING, Reason.TRAINER_STARTING, "the trainer is starting")
     stage = Stage(progress.stage)
     if stage in TRAINING_STAGES:
-        return Decision(Phase.TRAINING, "Training", progress.message or f"training ({stage.value})")
+        return Decision(Phase.TRAINING, Reason.TRAINING, progress.message or f"training ({stage.value})")
     if stage in EXPORTING_STAGES:
-        return Decision(Phase.EXPORTING, "Exporting", progress.message or f"{stage.value}")
-    return Decision(Phase.INITIALIZING, stage.value.title().replace("-", ""), progress.message or stage.value)
+        return Decision(Phase.EXPORTING, Reason.EXPORTING, progress.message or f"{stage.value}")
+    return Decision(Phase.INITIALIZING, STAGE_REASONS[stage], progress.message or stage.value)
 
 
 def _set_condition(
@@ -232,7 +245,7 @@ def _progress_fields(
                 progress[key] = round(value, 6) if isinstance(value, float) else value
         progress["updateTime"] = event.time
     else:
-        progress["stage"] = Stage.DONE if event.phase == "Succeeded" else Stage.FAILED
+        progress["stage"] = Stage.DONE if event.phase == Phase.SUCCEEDED else Stage.FAILED
     if final:
         progress["etaSeconds"] = 0
     out["progress"] = progress
@@ -298,7 +311,7 @@ def compute_status(
     """The whole new status.  A final phase is kept as it is: nothing overwrites a result."""
     previous = copy.deepcopy(previous or {})
     stamp = rfc3339(now or dt.datetime.now(dt.UTC))
-    if previous.get("phase") in (Phase.SUCCEEDED, Phase.FAILED):
+    if previous.get("phase") in FINAL_PHASES:
         return StatusResult(previous)
 
     decision = decide_phase(spec, previous, observed)
@@ -375,15 +388,17 @@ def compute_status(
     running = phase in (Phase.INITIALIZING, Phase.TRAINING, Phase.EXPORTING)
     reason, message = decision.reason, decision.message
     if observed.job is not None:
-        _set_condition(conditions, "Created", True, reason="JobCreated", message=f"created Job {job_name}", now=stamp)
-    for kind, active in (
-        ("Queued", phase in (Phase.QUEUED, Phase.PREEMPTED)),
-        ("Running", running),
-        ("Suspended", phase == Phase.SUSPENDED),
-        ("Succeeded", phase == Phase.SUCCEEDED),
-        ("Failed", phase == Phase.FAILED),
+        _set_condition(
+            conditions, "Created", True, reason=Reason.JOB_CREATED, message=f"created Job {job_name}", now=stamp
+        )
+    for kind, active, inactive in (
+        ("Queued", phase in (Phase.QUEUED, Phase.PREEMPTED), Reason.NOT_QUEUED),
+        ("Running", running, Reason.NOT_RUNNING),
+        ("Suspended", phase == Phase.SUSPENDED, Reason.NOT_SUSPENDED),
+        ("Succeeded", phase == Phase.SUCCEEDED, Reason.NOT_SUCCEEDED),
+        ("Failed", phase == Phase.FAILED, Reason.NOT_FAILED),
     ):
-        _set_condition(conditions, kind, active, reason=reason if active else f"Not{kind}", message=message, now=stamp)
+        _set_condition(conditions, kind, active, reason=reason if active else inactive, message=message, now=stamp)
     conditions.sort(key=lambda c: CONDITION_TYPES.index(c["type"]) if c["type"] in CONDITION_TYPES else 99)
     status["conditions"] = conditions
 
@@ -393,12 +408,7 @@ def compute_status(
     if (not first and previous.get("phase") != phase.value) or (
         previous.get("reason") != decision.reason and phase in (Phase.QUEUED, Phase.INITIALIZING)
     ):
-        warning = phase == Phase.FAILED or decision.reason in (
-            "Unschedulable",
-            "ImagePullBackOff",
-            "Retrying",
-            "Preempted",
-        )
+        warning = phase == Phase.FAILED or decision.reason in WARNING_REASONS
         events.append(
             Transition(
                 "Warning" if warning else "Normal",

@@ -28,7 +28,7 @@ import aiohttp
 from aiohttp import web
 
 from finetune_api.redact import redact
-from finetune_api.v1alpha1 import GROUP, PLURAL
+from finetune_api.v1alpha1 import GROUP, PLURAL, Phase
 from finetune_operator.kubeapi import ApiError, KubeAPI
 from finetune_operator.metrics import Metrics
 from finetune_operator.reconciler import Reconciler
@@ -217,7 +217,7 @@ class WebPage:
         return {
             "namespace": key[0],
             "name": key[1],
-            "phase": status.get("phase") or "Pending",
+            "phase": status.get("phase") or Phase.PENDING,
             "reason": status.get("reason") or "",
             "message": redact(status.get("message") or ""),
             "step": progress.get("step"),

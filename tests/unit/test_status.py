@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import ast
 import json
+from pathlib import Path
 from typing import Any
 
+import finetune_operator
 from finetune_api import parse_manifest
 from finetune_api.report import ProgressEvent
-from finetune_api.v1alpha1 import DatasetStatus, OutputFile
+from finetune_api.v1alpha1 import DatasetStatus, FailureReason, OutputFile, Phase, Reason, Stage
 from finetune_operator.render import ClaimMount
-from finetune_operator.status import Observed, compute_status, format_duration, status_patch
+from finetune_operator.status import (
+    EXPORTING_STAGES,
+    STAGE_REASONS,
+    TRAINING_STAGES,
+    Observed,
+    compute_status,
+    format_duration,
+    status_patch,
+)
 from tests.bad_specs import good_manifest
 
 SPEC = parse_manifest(good_manifest()).spec
@@ -309,3 +320,94 @@ def test_messages_and_uris_on_the_resource_carry_no_credentials() -> None:
     status = status_of(Observed(job=job(active=1), pods=[pod()], progress=report))
     assert status["output"]["uri"] == "s3://bucket/out"
     assert "hunter2" not in json.dumps(status) and "deadbeef" not in json.dumps(status)
+
+
+# --- one vocabulary -----------------------------------------------------------------------------
+
+OPERATOR = Path(finetune_operator.__file__).parent
+# Where a reason or a phase is written: the positional argument of each constructor.
+REASON_ARGUMENT = {"Decision": 1, "KueueState": 1, "Transition": 1, "Failure": 0}
+PHASE_ARGUMENT = {"Decision": 0, "KueueState": 0}
+
+
+def _spelled_out(node: ast.AST | None) -> bool:
+    return isinstance(node, ast.JoinedStr) or (isinstance(node, ast.Constant) and isinstance(node.value, str))
+
+
+def literal_reasons_and_phases(source: str) -> list[tuple[int, str]]:
+    """(line, code) of each place ``source`` writes a reason or a phase as a string of its own
+    rather than a member of Reason, FailureReason or Phase."""
+    found: list[tuple[int, str]] = []
+
+    def flag(node: ast.AST) -> None:
+        found.append((getattr(node, "lineno", 0), ast.unparse(node)))
+
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call):
+            name = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", "")
+            for table in (REASON_ARGUMENT, PHASE_ARGUMENT):
+                index = table.get(name)
+                if index is not None and index < len(node.args) and _spelled_out(node.args[index]):
+                    flag(node)
+            if any(k.arg in ("reason", "phase") and _spelled_out(k.value) for k in node.keywords):
+                flag(node)
+        elif isinstance(node, ast.Dict):
+            for key, value in zip(node.keys, node.values, strict=True):
+                if isinstance(key, ast.Constant) and key.value in ("reason", "phase") and _spelled_out(value):
+                    flag(node)
+        elif isinstance(node, ast.Assign):
+            named = [t.id for t in node.targets if isinstance(t, ast.Name)]
+            if any(n in ("reason", "phase") for n in named) and _spelled_out(node.value):
+                flag(node)
+        elif isinstance(node, ast.Tuple) and len(node.elts) == 3:
+            # An Event: (type, reason, message).
+            kind = node.elts[0]
+            if isinstance(kind, ast.Constant) and kind.value in ("Normal", "Warning") and _spelled_out(node.elts[1]):
+                flag(node)
+    return sorted(found)
+
+
+def test_the_scan_finds_a_reason_or_phase_spelled_out() -> None:
+    source = """
+Decision(Phase.FAILED, "JobDeleted", "gone")
+Decision("Failed", Reason.CREATING, "x")
+Failure(f"{kind}Error", "x")
+status = {"phase": "Pending", "reason": Reason.CREATING}
+reason = "NameConflict"
+events = [("Warning", "NameConflict", message)]
+post_event(body, type="Warning", reason="Oops", message="")
+"""
+    assert [line for line, _ in literal_reasons_and_phases(source)] == [2, 3, 4, 5, 6, 7, 8]
+    assert literal_reasons_and_phases('Decision(Phase.FAILED, FailureReason.JOB_DELETED, "gone")') == []
+
+
+def test_every_reason_and_phase_the_operator_writes_is_a_member_of_the_vocabulary() -> None:
+    spelled_out = [
+        f"{path.relative_to(OPERATOR)}:{line}: {code}"
+        for path in sorted(OPERATOR.rglob("*.py"))
+        # The local cluster's node agent writes pods' phases and reasons, not a FineTuneJob's.
+        if "devcluster" not in path.relative_to(OPERATOR).parts
+        for line, code in literal_reasons_and_phases(path.read_text())
+    ]
+    assert spelled_out == []
+    # Before the first step the reason is the trainer's stage: each stage has its member.
+    before_training = set(Stage) - TRAINING_STAGES - EXPORTING_STAGES
+    assert set(STAGE_REASONS) == before_training
+    assert all(isinstance(reason, Reason) for reason in STAGE_REASONS.values())
+
+
+def test_the_reasons_of_the_scenarios_above_are_members() -> None:
+    vocabulary = {*Reason, *FailureReason}
+    for failed_pod, condition in (
+        (pod(phase="Failed", state=terminated(2, json.dumps({"phase": "Failed"}))), "PodFailurePolicy"),
+        (pod(phase="Failed", state=terminated(137, "", "OOMKilled")), "PodFailurePolicy"),
+        (pod(phase="Failed", state=terminated(1, "boom")), "BackoffLimitExceeded"),
+        (pod(phase="Failed", state=terminated(1, "boom")), "DeadlineExceeded"),
+    ):  # fmt: skip
+        ended = job(failed=1, conditions=[{"type": "Failed", "status": "True", "reason": condition}])
+        status = status_of(Observed(job=ended, pods=[failed_pod]))
+        assert status["phase"] in set(Phase) and status["reason"] in vocabulary
+        assert {c["reason"] for c in status["conditions"]} <= vocabulary
+    for stage in Stage:
+        status = status_of(Observed(job=job(active=1), pods=[pod()], progress=event(stage=stage.value)))
+        assert status["phase"] in set(Phase) and status["reason"] in vocabulary
