@@ -2,6 +2,10 @@
 
 Pure functions.  The reconciler feeds them what its caches hold and patches the
 difference; nothing here talks to the API.
+
+The status is built from the API's status model (``FineTuneJobStatus`` and its parts:
+``Progress``, ``Condition``, ``OutputStatus``...), field by field, and handed on in its wire
+form (``wire``): camelCase, only the fields that are set, no nulls.
 """
 
 from __future__ import annotations
@@ -14,7 +18,20 @@ from typing import Any
 
 from finetune_api.redact import redact
 from finetune_api.report import ProgressEvent, TrainerSummary
-from finetune_api.v1alpha1 import FailureReason, FineTuneJobSpec, Phase, Reason, Stage
+from finetune_api.v1alpha1 import (
+    CheckpointRef,
+    Condition,
+    DatasetStatus,
+    FailureReason,
+    FineTuneJobSpec,
+    FineTuneJobStatus,
+    OutputStatus,
+    Phase,
+    Progress,
+    QueueStatus,
+    Reason,
+    Stage,
+)
 from finetune_operator import queueing
 from finetune_operator.failures import (
     Failure,
@@ -42,6 +59,8 @@ STAGE_REASONS = {
 WARNING_REASONS = frozenset(
     {Reason.UNSCHEDULABLE, FailureReason.IMAGE_PULL_BACK_OFF, Reason.RETRYING, Reason.PREEMPTED}
 )
+# The status's fields as the API spells them.
+_WIRE_NAMES = frozenset(field.alias or name for name, field in FineTuneJobStatus.model_fields.items())
 
 
 def rfc3339(moment: dt.datetime) -> str:
@@ -206,55 +225,56 @@ def decide_phase(
     return Decision(Phase.INITIALIZING, STAGE_REASONS[stage], progress.message or stage.value)
 
 
-def _set_condition(
-    conditions: list[dict[str, Any]], kind: str, status: bool, *, reason: str, message: str, now: str
-) -> None:
+def _condition(
+    conditions: list[Condition], kind: str, status: bool, *, reason: str, message: str, now: str
+) -> list[Condition]:
+    """``conditions`` with ``kind`` set; a condition that was never True is not added False."""
     value = "True" if status else "False"
-    for condition in conditions:
-        if condition["type"] == kind:
-            if condition["status"] != value:
-                condition["lastTransitionTime"] = now
-            condition.update({"status": value, "reason": reason, "message": message[:1000]})
-            return
-    if status:
-        conditions.append(
-            {"type": kind, "status": value, "reason": reason, "message": message[:1000], "lastTransitionTime": now}
-        )
+    for index, condition in enumerate(conditions):
+        if condition.type == kind:
+            changed = now if condition.status != value else condition.last_transition_time
+            updated = Condition(
+                type=kind, status=value, reason=reason, message=message[:1000], last_transition_time=changed
+            )
+            return [*conditions[:index], updated, *conditions[index + 1 :]]
+    if not status:
+        return conditions
+    added = Condition(type=kind, status=value, reason=reason, message=message[:1000], last_transition_time=now)
+    return [*conditions, added]
 
 
 def _progress_fields(
     event: ProgressEvent | TrainerSummary, mounts: Sequence[ClaimMount], *, final: bool
 ) -> dict[str, Any]:
-    """status.progress / checkpoints / output / warnings / dataset from a report or the final summary."""
+    """status.progress / checkpoints / output / warnings / dataset from a report or the final
+    summary, by field name; a field left out is not written."""
     out: dict[str, Any] = {}
     total = event.total_steps
-    step = event.step
-    progress: dict[str, Any] = {"step": step, "totalSteps": total}
-    if total:
-        progress["percent"] = round(100.0 * step / total, 1)
+    percent = round(100.0 * event.step / total, 1) if total else None
     if isinstance(event, ProgressEvent):
-        progress["stage"] = event.stage
-        for key, value in (
-            ("loss", event.loss),
-            ("learningRate", event.learning_rate),
-            ("stepsPerSecond", event.steps_per_second),
-            ("etaSeconds", event.eta_seconds),
-            ("peakMemoryBytes", event.peak_memory_bytes),
-        ):
-            if value is not None:
-                progress[key] = round(value, 6) if isinstance(value, float) else value
-        progress["updateTime"] = event.time
+        out["progress"] = Progress(
+            stage=event.stage,
+            step=event.step,
+            total_steps=total,
+            percent=percent,
+            loss=_rounded(event.loss),
+            learning_rate=_rounded(event.learning_rate),
+            steps_per_second=_rounded(event.steps_per_second),
+            eta_seconds=0 if final else event.eta_seconds,
+            peak_memory_bytes=event.peak_memory_bytes,
+            update_time=event.time,
+        )
     else:
-        progress["stage"] = Stage.DONE if event.phase == Phase.SUCCEEDED else Stage.FAILED
-    if final:
-        progress["etaSeconds"] = 0
-    out["progress"] = progress
+        out["progress"] = Progress(
+            stage=Stage.DONE if event.phase == Phase.SUCCEEDED else Stage.FAILED,
+            step=event.step,
+            total_steps=total,
+            percent=percent,
+            eta_seconds=0 if final else None,
+        )
     if event.checkpoints:
         out["checkpoints"] = [
-            {
-                **c.model_dump(mode="json", by_alias=True, exclude_none=True),
-                "uri": _shown(c.uri, mounts),
-            }
+            CheckpointRef(step=c.step, uri=_shown(c.uri, mounts), size_bytes=c.size_bytes, time=c.time)
             for c in event.checkpoints
         ]
     uri = event.output_uri
@@ -263,15 +283,20 @@ def _progress_fields(
         if uri:
             output["uri"] = _shown(uri, mounts)
         if event.files:
-            output["files"] = [f.model_dump(mode="json", by_alias=True) for f in event.files]
+            output["files"] = list(event.files)
         if event.samples:
             output["samples"] = [_shown(s, mounts) for s in event.samples]
-        out["output"] = output
+        out["output"] = OutputStatus(**output)
     if event.warnings:
         out["warnings"] = [redact(w) for w in event.warnings]
     if event.dataset is not None:
-        out["dataset"] = event.dataset.model_dump(mode="json", by_alias=True, exclude_none=True)
+        # Every field counts as set: the wire form shows the defaults of what the trainer left out.
+        out["dataset"] = DatasetStatus.model_validate(event.dataset.model_dump())
     return out
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 6)
 
 
 def _shown(path: str, mounts: Sequence[ClaimMount]) -> str:
@@ -279,23 +304,39 @@ def _shown(path: str, mounts: Sequence[ClaimMount]) -> str:
     return redact(display_uri(path, list(mounts)) or path)
 
 
-def _the_record(status: dict[str, Any], summary: TrainerSummary, mounts: Sequence[ClaimMount]) -> None:
+def _the_record(
+    output: OutputStatus | None, summary: TrainerSummary, mounts: Sequence[ClaimMount]
+) -> OutputStatus | None:
     """At the end, the trainer's termination summary is the record of what it wrote: a report
     (which may have come late, or from someone holding the pod's token) cannot change the
     output folder or a file's size and hash.  Files only a report lists (the summary leaves
     out files inside folders when it runs out of its 4 KiB) are kept."""
-    recorded = _progress_fields(summary, mounts, final=True).get("output") or {}
-    if not recorded:
-        return
-    output = dict(status.get("output") or {})
-    if recorded.get("uri"):
-        output["uri"] = recorded["uri"]
-    if recorded.get("files"):
-        record = {f["path"]: f for f in recorded["files"]}
-        reported = [record.get(f["path"], f) for f in output.get("files") or []]
-        listed = {f["path"] for f in reported}
-        output["files"] = reported + [f for f in recorded["files"] if f["path"] not in listed]
-    status["output"] = output
+    recorded: OutputStatus | None = _progress_fields(summary, mounts, final=True).get("output")
+    if recorded is None:
+        return output
+    fields = {name: getattr(output, name) for name in output.model_fields_set} if output is not None else {}
+    if recorded.uri:
+        fields["uri"] = recorded.uri
+    if recorded.files:
+        record = {f.path: f for f in recorded.files}
+        reported = [record.get(f.path, f) for f in fields.get("files") or []]
+        listed = {f.path for f in reported}
+        fields["files"] = reported + [f for f in recorded.files if f.path not in listed]
+    return OutputStatus(**fields)
+
+
+def _previous_fields(previous: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The status the server holds -> (its fields by name, as the model's parts; whatever the
+    model does not know, kept as it is: a newer operator may have written it)."""
+    known = {key: value for key, value in previous.items() if key in _WIRE_NAMES}
+    model = FineTuneJobStatus.model_validate(known)
+    fields = {name: getattr(model, name) for name in model.model_fields_set}
+    return fields, {key: value for key, value in previous.items() if key not in _WIRE_NAMES}
+
+
+def wire(status: FineTuneJobStatus) -> dict[str, Any]:
+    """The status as the API holds it: camelCase, only the fields set, no nulls."""
+    return status.model_dump(mode="json", by_alias=True, exclude_unset=True, exclude_none=True)
 
 
 def compute_status(
@@ -309,23 +350,24 @@ def compute_status(
     now: dt.datetime | None = None,
 ) -> StatusResult:
     """The whole new status.  A final phase is kept as it is: nothing overwrites a result."""
-    previous = copy.deepcopy(previous or {})
-    stamp = rfc3339(now or dt.datetime.now(dt.UTC))
+    previous = previous or {}
     if previous.get("phase") in FINAL_PHASES:
-        return StatusResult(previous)
+        return StatusResult(copy.deepcopy(previous))
+    stamp = rfc3339(now or dt.datetime.now(dt.UTC))
 
     decision = decide_phase(spec, previous, observed)
     decision = Decision(decision.phase, decision.reason, redact(decision.message))
-    status = copy.deepcopy(previous)
-    status["phase"] = decision.phase.value
+    # The new status by FineTuneJobStatus's field names, starting from the one the server holds.
+    status, unknown = _previous_fields(previous)
+    status["phase"] = decision.phase
     status["reason"] = decision.reason
     status["message"] = decision.message[:1000]
-    status["observedGeneration"] = generation
+    status["observed_generation"] = generation
     if observed.job is not None or previous.get("jobName"):
-        status["jobName"] = job_name
+        status["job_name"] = job_name
     queue = queueing.queue_status(observed.workload, queue=spec.run_policy.queue_name, position=observed.position)
     if queue is not None:
-        status["queue"] = queue
+        status["queue"] = QueueStatus.model_validate(queue)
     else:
         status.pop("queue", None)
 
@@ -336,13 +378,13 @@ def compute_status(
     attempts = max(int(previous.get("attempts") or 0), counted, observed.seen_pods)
     if attempts:
         status["attempts"] = attempts
-    if job_status.get("startTime") and not status.get("startTime"):
-        status["startTime"] = job_status["startTime"]
+    if job_status.get("startTime") and not status.get("start_time"):
+        status["start_time"] = job_status["startTime"]
 
     # Progress: the newest report of the current attempt; at the end, the trainer's
     # summary (termination message) when no final report arrived.
     final_summary: TrainerSummary | None = None
-    if decision.phase in (Phase.SUCCEEDED, Phase.FAILED):
+    if decision.phase.final:
         for pod in reversed(_sorted_pods(observed.pods)):
             raw = summary_of(pod)
             if raw is not None:
@@ -357,38 +399,35 @@ def compute_status(
     elif final_summary is not None:
         status.update(_progress_fields(final_summary, mounts, final=True))
     if final_summary is not None and final_summary.phase == decision.phase.value == Phase.SUCCEEDED:
-        _the_record(status, final_summary, mounts)
-    if decision.phase == Phase.SUCCEEDED and status.get("progress"):
-        total = status["progress"].get("totalSteps") or 0
-        if total:
-            status["progress"]["step"] = max(status["progress"].get("step") or 0, total)
-            status["progress"]["percent"] = 100.0
-        status["progress"]["stage"] = Stage.DONE.value
-        status["progress"]["etaSeconds"] = 0
+        status["output"] = _the_record(status.get("output"), final_summary, mounts)
+    progress: Progress | None = status.get("progress")
+    if decision.phase == Phase.SUCCEEDED and progress is not None:
+        done: dict[str, Any] = {"stage": Stage.DONE, "eta_seconds": 0}
+        if progress.total_steps:
+            done.update(step=max(progress.step or 0, progress.total_steps), percent=100.0)
+        progress = status["progress"] = progress.model_copy(update=done)
 
-    progress = status.get("progress") or {}
-    if progress.get("totalSteps"):
-        status["progressText"] = (
-            f"{progress.get('step', 0)}/{progress['totalSteps']} ({progress.get('percent', 0):.0f}%)"
-        )
-    eta = progress.get("etaSeconds")
-    status["etaText"] = format_duration(eta) if decision.phase == Phase.TRAINING and eta is not None else None
-    if status["etaText"] is None:
-        status.pop("etaText")
+    if progress is not None and progress.total_steps:
+        status["progress_text"] = f"{progress.step or 0}/{progress.total_steps} ({progress.percent or 0:.0f}%)"
+    eta = progress.eta_seconds if progress is not None else None
+    if decision.phase == Phase.TRAINING and eta is not None:
+        status["eta_text"] = format_duration(eta)
+    else:
+        status.pop("eta_text", None)
 
-    if decision.phase in (Phase.SUCCEEDED, Phase.FAILED):
+    if decision.phase.final:
         completion = job_status.get("completionTime")
         for condition in job_status.get("conditions") or []:
             if condition.get("type") in ("Failed", "Complete") and condition.get("status") == "True":
                 completion = completion or condition.get("lastTransitionTime")
-        status["completionTime"] = completion or stamp
+        status["completion_time"] = completion or stamp
 
-    conditions = [dict(c) for c in previous.get("conditions") or []]
+    conditions: list[Condition] = list(status.get("conditions") or [])
     phase = decision.phase
     running = phase in (Phase.INITIALIZING, Phase.TRAINING, Phase.EXPORTING)
     reason, message = decision.reason, decision.message
     if observed.job is not None:
-        _set_condition(
+        conditions = _condition(
             conditions, "Created", True, reason=Reason.JOB_CREATED, message=f"created Job {job_name}", now=stamp
         )
     for kind, active, inactive in (
@@ -398,9 +437,13 @@ def compute_status(
         ("Succeeded", phase == Phase.SUCCEEDED, Reason.NOT_SUCCEEDED),
         ("Failed", phase == Phase.FAILED, Reason.NOT_FAILED),
     ):
-        _set_condition(conditions, kind, active, reason=reason if active else inactive, message=message, now=stamp)
-    conditions.sort(key=lambda c: CONDITION_TYPES.index(c["type"]) if c["type"] in CONDITION_TYPES else 99)
+        conditions = _condition(
+            conditions, kind, active, reason=reason if active else inactive, message=message, now=stamp
+        )
+    conditions.sort(key=lambda c: CONDITION_TYPES.index(c.type) if c.type in CONDITION_TYPES else 99)
     status["conditions"] = conditions
+    new = wire(FineTuneJobStatus(**status))
+    new.update(unknown)
 
     events: list[Transition] = []
     # A new FineTuneJob's first phase (Pending) is no transition: no Event, no extra write.
@@ -418,7 +461,7 @@ def compute_status(
                 f"{phase.value}: {decision.message}" if decision.message else phase.value,
             )
         )
-    return StatusResult(status, events)
+    return StatusResult(new, events)
 
 
 def status_patch(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:

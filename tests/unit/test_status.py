@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import datetime as dt
 import json
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import finetune_operator
 from finetune_api import parse_manifest
 from finetune_api.report import ProgressEvent
-from finetune_api.v1alpha1 import DatasetStatus, FailureReason, OutputFile, Phase, Reason, Stage
+from finetune_api.v1alpha1 import DatasetStatus, FailureReason, FineTuneJobStatus, OutputFile, Phase, Reason, Stage
 from finetune_operator.render import ClaimMount
 from finetune_operator.status import (
     EXPORTING_STAGES,
@@ -320,6 +321,209 @@ def test_messages_and_uris_on_the_resource_carry_no_credentials() -> None:
     status = status_of(Observed(job=job(active=1), pods=[pod()], progress=report))
     assert status["output"]["uri"] == "s3://bucket/out"
     assert "hunter2" not in json.dumps(status) and "deadbeef" not in json.dumps(status)
+
+
+# --- the wire form ------------------------------------------------------------------------------
+
+NOW = dt.datetime(2026, 1, 1, 2, 0, tzinfo=dt.UTC)
+STAMP = "2026-01-01T02:00:00Z"
+
+
+def full_report(**fields: Any) -> ProgressEvent:
+    body = {
+        "seq": 10,
+        "attempt": "good-abc",
+        "time": "2026-01-01T00:01:00Z",
+        "stage": "training",
+        "step": 10,
+        "totalSteps": 1000,
+        "loss": 0.1234567,
+        "learningRate": 2e-6,
+        "stepsPerSecond": 2.5,
+        "etaSeconds": 360,
+        "peakMemoryBytes": 123456,
+        "checkpoints": [
+            {"step": 100, "uri": "/data/outputs/good/checkpoints/checkpoint-000100", "sizeBytes": 5, "time": STAMP},
+            {"step": 200, "uri": "s3://bucket/good/checkpoint-000200?X-Amz-Signature=1", "sizeBytes": None},
+        ],
+        "outputUri": "/data/outputs/good",
+        "files": [{"path": "a.safetensors", "sizeBytes": 1, "sha256": "ab" * 32}],
+        "samples": ["/data/outputs/good/samples/s1.png"],
+        "warnings": ["xformers is missing: sdpa instead"],
+        # What the trainer leaves out shows as the model's default.
+        "dataset": {"layout": "folder", "images": 10, "concepts": [{"name": "sks", "images": 10}]},
+    }
+    body.update(fields)
+    return ProgressEvent.model_validate(body)
+
+
+def test_a_new_finetunejob_is_written_as_few_fields_as_before() -> None:
+    result = compute_status(None, SPEC, Observed(job=None), generation=1, job_name="good", now=NOW)
+    assert result.status == {
+        "phase": "Pending",
+        "reason": "Creating",
+        "message": "creating the training Job",
+        "observedGeneration": 1,
+        "conditions": [],
+    }
+    assert json.dumps(result.status) == json.dumps(result.status, default=lambda o: "not JSON")
+
+
+def test_a_training_report_is_written_with_the_same_field_names_and_omissions_as_before() -> None:
+    previous = {
+        "phase": "Initializing",
+        "reason": "TrainerStarting",
+        "message": "the trainer is starting",
+        "observedGeneration": 1,
+        "jobName": "good",
+        "attempts": 1,
+        "startTime": "2026-01-01T00:00:00Z",
+        "conditions": [
+            {"type": "Created", "status": "True", "reason": "JobCreated", "message": "created Job good",
+             "lastTransitionTime": "2026-01-01T00:00:00Z"},
+            {"type": "Running", "status": "True", "reason": "TrainerStarting",
+             "message": "the trainer is starting", "lastTransitionTime": "2026-01-01T00:00:10Z"},
+        ],
+    }  # fmt: skip
+    observed = Observed(job=job(active=1, startTime="2026-01-01T00:00:00Z"), pods=[pod()], progress=full_report())
+    result = compute_status(previous, SPEC, observed, generation=1, job_name="good", mounts=MOUNTS, now=NOW)
+    assert result.status == {
+        "phase": "Training",
+        "reason": "Training",
+        "message": "training (training)",
+        "observedGeneration": 1,
+        "jobName": "good",
+        "attempts": 1,
+        "startTime": "2026-01-01T00:00:00Z",
+        "conditions": [
+            {"type": "Created", "status": "True", "reason": "JobCreated", "message": "created Job good",
+             "lastTransitionTime": "2026-01-01T00:00:00Z"},
+            {"type": "Running", "status": "True", "reason": "Training", "message": "training (training)",
+             "lastTransitionTime": "2026-01-01T00:00:10Z"},
+        ],
+        "progress": {
+            "stage": "training",
+            "step": 10,
+            "totalSteps": 1000,
+            "percent": 1.0,
+            "loss": 0.123457,
+            "learningRate": 2e-6,
+            "stepsPerSecond": 2.5,
+            "etaSeconds": 360,
+            "peakMemoryBytes": 123456,
+            "updateTime": "2026-01-01T00:01:00Z",
+        },
+        "progressText": "10/1000 (1%)",
+        "etaText": "6m00s",
+        "checkpoints": [
+            {"step": 100, "uri": "pvc://outputs/good/checkpoints/checkpoint-000100", "sizeBytes": 5, "time": STAMP},
+            {"step": 200, "uri": "s3://bucket/good/checkpoint-000200"},
+        ],
+        "output": {
+            "uri": "pvc://outputs/good",
+            "files": [{"path": "a.safetensors", "sizeBytes": 1, "sha256": "ab" * 32}],
+            "samples": ["pvc://outputs/good/samples/s1.png"],
+        },
+        "warnings": ["xformers is missing: sdpa instead"],
+        "dataset": {
+            "layout": "folder",
+            "images": 10,
+            "concepts": [
+                {"name": "sks", "images": 10, "repeats": 1, "captioned": 0, "classImages": 0, "prompt": ""}
+            ],
+            "buckets": [],
+            "captionCoverage": 0.0,
+        },
+    }  # fmt: skip
+    assert [(e.type, e.reason, e.message) for e in result.events] == [
+        ("Normal", "Training", "Training: training (training)")
+    ]
+    # What is written reads back through the model unchanged.
+    assert (
+        FineTuneJobStatus.model_validate(result.status).model_dump(
+            mode="json", by_alias=True, exclude_unset=True, exclude_none=True
+        )
+        == result.status
+    )
+
+    # Before the first step again (a resumed run): only what changed is patched, and the
+    # display-only ETA goes.
+    caching = full_report(stage="caching", checkpoints=[], files=[], samples=[], outputUri=None, warnings=[])
+    again = compute_status(
+        result.status, SPEC, Observed(job=job(active=1), pods=[pod()], progress=caching),
+        generation=1, job_name="good", mounts=MOUNTS, now=NOW,
+    )  # fmt: skip
+    assert status_patch(result.status, again.status) == {
+        "phase": "Initializing",
+        "reason": "Caching",
+        "message": "caching",
+        "progress": {"stage": "caching"},
+        "etaText": None,
+        "conditions": [
+            {"type": "Created", "status": "True", "reason": "JobCreated", "message": "created Job good",
+             "lastTransitionTime": "2026-01-01T00:00:00Z"},
+            {"type": "Running", "status": "True", "reason": "Caching", "message": "caching",
+             "lastTransitionTime": "2026-01-01T00:00:10Z"},
+        ],
+    }  # fmt: skip
+
+
+def test_the_end_is_written_as_before_from_the_summary() -> None:
+    running = compute_status(
+        None, SPEC, Observed(job=job(active=1), pods=[pod()], progress=full_report()),
+        generation=1, job_name="good", mounts=MOUNTS, now=NOW,
+    ).status  # fmt: skip
+    summary = {
+        "phase": "Succeeded",
+        "step": 1000,
+        "totalSteps": 1000,
+        "outputUri": "/data/outputs/good",
+        "files": [{"path": "b.safetensors", "sizeBytes": 2, "sha256": "cd" * 32}],
+    }
+    done = pod(phase="Succeeded", state=terminated(0, json.dumps(summary), "Completed"))
+    complete = job(succeeded=1, conditions=[{"type": "Complete", "status": "True", "lastTransitionTime": STAMP}])
+    ended = compute_status(
+        running, SPEC, Observed(job=complete, pods=[done], progress=full_report(step=990)),
+        generation=1, job_name="good", mounts=MOUNTS, now=NOW,
+    )  # fmt: skip
+    patch = status_patch(running, ended.status)
+    assert patch["progress"] == {
+        "step": 1000,
+        "percent": 100.0,
+        "stage": "done",
+        "etaSeconds": 0,
+        "loss": None,
+        "learningRate": None,
+        "stepsPerSecond": None,
+        "peakMemoryBytes": None,
+        "updateTime": None,
+    }
+    assert patch["output"] == {
+        "files": [{"path": "b.safetensors", "sizeBytes": 2, "sha256": "cd" * 32}],
+        "samples": None,
+    }
+    assert (patch["phase"], patch["reason"], patch["completionTime"], patch["etaText"]) == (
+        "Succeeded",
+        "Completed",
+        STAMP,
+        None,
+    )
+    assert patch["progressText"] == "1000/1000 (100%)"
+
+
+def test_a_field_the_model_does_not_know_is_kept_and_a_field_that_no_longer_applies_goes() -> None:
+    previous = {
+        "phase": "Queued",
+        "reason": "Pending",
+        "message": "Kueue: waiting",
+        "jobName": "good",
+        "queue": {"name": "team-a", "workload": "job-good-1", "position": 2, "positionInClusterQueue": 5},
+        "writtenByANewerOperator": {"x": 1},
+    }
+    status = status_of(Observed(job=job(active=1), pods=[pod()]), previous=previous)
+    assert status["writtenByANewerOperator"] == {"x": 1}
+    assert "queue" not in status
+    assert status_patch(previous, status)["queue"] is None
 
 
 # --- one vocabulary -----------------------------------------------------------------------------
