@@ -11,7 +11,6 @@ import pytest
 
 from finetune_api.report import ProgressEvent, Thumbnail
 from finetune_operator.reports import ProgressStore, check_report
-from finetune_operator.tokens import peek_claims, reporter_from_review
 
 NOW = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC)
 
@@ -103,59 +102,86 @@ def test_what_is_kept_of_finished_jobs_stays_bounded() -> None:
     assert 2 <= len(store.history(oldest)) <= 120
 
 
-def _jwt(payload: dict[str, Any]) -> str:
-    def part(data: dict[str, Any]) -> str:
-        return base64.urlsafe_b64encode(json.dumps(data).encode()).decode().rstrip("=")
-
-    return f"{part({'alg': 'RS256'})}.{part(payload)}.c2lnbmF0dXJl"
+# --- what the store keeps -----------------------------------------------------------------------
 
 
-def test_only_a_pod_bound_token_is_worth_a_review() -> None:
-    claims = {
-        "aud": ["finetune-operator"],
-        "exp": 2000000000,
-        "kubernetes.io": {"namespace": "team-a", "pod": {"name": "nick-x1", "uid": "u-1"}},
-        "sub": "system:serviceaccount:team-a:default",
-    }
-    peeked = peek_claims(_jwt(claims))
-    assert peeked is not None
-    assert (peeked.namespace, peeked.pod_name, peeked.pod_uid, peeked.audiences) == (
-        "team-a",
-        "nick-x1",
-        "u-1",
-        ("finetune-operator",),
-    )
-    assert peek_claims("0123456789abcdef") is None
-    assert peek_claims("a.b.c") is None
-    assert peek_claims(_jwt({**claims, "kubernetes.io": {"namespace": "team-a"}})) is None
+class Updates:
+    """The store's calls to the reconciler: (key, final) per accepted report."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[tuple[str, str], bool]] = []
+
+    def __call__(self, key: tuple[str, str], final: bool) -> None:
+        self.calls.append((key, final))
 
 
-def _review(**overrides: Any) -> dict[str, Any]:
-    status = {
-        "authenticated": True,
-        "audiences": ["finetune-operator"],
-        "user": {
-            "username": "system:serviceaccount:team-a:default",
-            "extra": {
-                "authentication.kubernetes.io/pod-name": ["nick-x1"],
-                "authentication.kubernetes.io/pod-uid": ["u-1"],
-            },
-        },
-    }
-    status.update(overrides)
-    return status
+KEY = ("ns", "a")
 
 
-def test_a_review_must_name_our_audience_and_a_pod() -> None:
-    reporter = reporter_from_review(_review(), audience="finetune-operator", until=1.0)
-    assert reporter is not None and (reporter.namespace, reporter.pod_name, reporter.pod_uid) == (
-        "team-a",
-        "nick-x1",
-        "u-1",
-    )
-    # An authenticator that ignores audiences answers with none: good for the apiserver, not for us.
-    assert reporter_from_review(_review(audiences=[]), audience="finetune-operator", until=1.0) is None
-    assert reporter_from_review(_review(audiences=["api"]), audience="finetune-operator", until=1.0) is None
-    assert reporter_from_review(_review(authenticated=False), audience="finetune-operator", until=1.0) is None
-    person = _review(user={"username": "nick", "extra": {}})
-    assert reporter_from_review(person, audience="finetune-operator", until=1.0) is None
+def test_within_an_attempt_a_repeated_or_older_report_is_dropped() -> None:
+    updates = Updates()
+    store = ProgressStore(on_update=updates)
+    assert store.accept(KEY, report(seq=2, step=2))
+    assert not store.accept(KEY, report(seq=2, step=2))  # a client's retry: delivered twice
+    assert not store.accept(KEY, report(seq=1, step=1, time="2026-11-25T12:00:30Z"))  # late, though its time is later
+    assert store.latest(KEY).step == 2  # type: ignore[union-attr]
+    # Within an attempt the sequence orders, not the clock.
+    assert store.accept(KEY, report(seq=3, step=3, time="2026-11-25T11:59:00Z"))
+    assert store.latest(KEY).step == 3  # type: ignore[union-attr]
+    assert updates.calls == [(KEY, False), (KEY, False)]
+
+
+def test_a_report_of_an_earlier_attempt_never_overwrites_the_current_one() -> None:
+    store = ProgressStore()
+    assert store.accept(KEY, report(attempt="a-1", seq=50, step=50, time="2026-11-25T12:00:00Z"))
+    # The retried pod starts counting again: a new attempt at a later time wins.
+    assert store.accept(KEY, report(attempt="a-2", seq=1, step=40, time="2026-11-25T12:05:00Z"))
+    # The old pod's last words, sent before the new pod started, arrive late.
+    assert not store.accept(KEY, report(attempt="a-1", seq=51, step=51, time="2026-11-25T12:00:05Z"))
+    assert store.latest(KEY).attempt == "a-2"  # type: ignore[union-attr]
+    # At the same moment the newcomer is taken.
+    assert store.accept(KEY, report(attempt="a-3", seq=1, step=1, time="2026-11-25T12:05:00Z"))
+
+
+def test_a_final_report_tells_the_reconciler_so_and_jobs_are_kept_apart() -> None:
+    updates = Updates()
+    store = ProgressStore(on_update=updates)
+    other = ("ns", "b")
+    store.accept(KEY, report(seq=1, step=3))
+    store.accept(other, report(seq=1, step=7))
+    store.accept(KEY, report(seq=2, step=3, stage="done"))
+    store.accept(other, report(seq=2, step=7, stage="failed"))
+    assert updates.calls == [(KEY, False), (other, False), (KEY, True), (other, True)]
+    assert store.latest(KEY).stage == "done" and store.latest(other).stage == "failed"  # type: ignore[union-attr]
+    assert len(store) == 2
+    assert store.latest(("ns", "nobody")) is None
+
+
+def test_the_loss_curve_follows_the_run_that_is_going_on() -> None:
+    store = ProgressStore()
+    for seq, step, loss in ((1, 1, 0.9), (2, 2, 0.8), (3, 2, 0.7), (4, 3, None), (5, 4, 0.6)):
+        store.accept(KEY, report(seq=seq, step=step, loss=loss))
+    # A repeated step adds no point; a report without a loss adds none.
+    assert store.history(KEY) == [(1, 0.9), (2, 0.8), (4, 0.6)]
+    # Resumed from the checkpoint of step 2: the steps after it are those of the new run.
+    store.accept(KEY, report(attempt="a-2", seq=1, step=3, loss=0.65, time="2026-11-25T12:01:00Z"))
+    assert store.history(KEY) == [(1, 0.9), (2, 0.8), (3, 0.65)]
+
+
+def test_a_long_curve_is_thinned_keeping_its_ends() -> None:
+    store = ProgressStore()
+    for step in range(1, 2501):
+        store.accept(KEY, report(seq=step, step=step, loss=1.0 / step))
+    history = store.history(KEY)
+    assert len(history) <= 1000
+    assert history[0] == (1, 1.0) and history[-1] == (2500, 1.0 / 2500)
+
+
+def test_a_forgotten_job_starts_afresh() -> None:
+    store = ProgressStore()
+    store.accept(KEY, report(seq=9, step=9, loss=0.5))
+    store.finish(KEY)
+    store.forget(KEY)
+    assert store.latest(KEY) is None and store.history(KEY) == [] and len(store) == 0
+    # A FineTuneJob of the same name, created again: its first report counts.
+    assert store.accept(KEY, report(seq=1, step=1, time="2026-11-25T11:00:00Z"))
