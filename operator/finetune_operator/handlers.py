@@ -1,6 +1,6 @@
 """The operator's watches: kopf's of FineTuneJobs and Kueue's Workloads, our own of Jobs and Pods.
 
-The handlers do no work of their own.  Indexes keep slim copies of FineTuneJobs, of the Jobs
+The handlers do no work of their own.  Indexes keep slim copies (``cache``) of FineTuneJobs, of the Jobs
 and of the Pods the operator made (labelled ``managed-by: finetune-operator``), filed under the
 FineTuneJob name they carry; the reconciler uses only those whose owner reference names the
 FineTuneJob's (or its Job's) uid.  Jobs and Pods are watched by ``watches.Informer`` with a
@@ -16,14 +16,14 @@ the reconciler writes.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
 from typing import Any
 
 import kopf
 
-from finetune_api.contract import ANNOTATION_FULL_NAME, LABEL_MANAGED_BY, MANAGED_BY
+from finetune_api.contract import LABEL_MANAGED_BY, MANAGED_BY
 from finetune_api.v1alpha1 import GROUP, PLURAL, VERSION
 from finetune_operator import watches
+from finetune_operator.cache import owner_key, owning_job, slim_finetunejob, slim_job, slim_pod, slim_workload
 from finetune_operator.queueing import WORKLOAD_GROUP, WORKLOAD_VERSION
 from finetune_operator.reconciler import Reconciler
 from finetune_operator.watches import Informer
@@ -45,98 +45,6 @@ class NoDiffBase(kopf.DiffBaseStorage):
 
     def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
         return None
-
-
-# The slim copies below share sub-dicts with the event's parsed JSON instead of copying them:
-# each watch event is parsed afresh and nothing mutates it afterwards.
-
-
-def _meta(body: Mapping[str, Any], *keys: str) -> dict[str, Any]:
-    meta = body.get("metadata", {})
-    return {k: meta[k] for k in keys if k in meta}
-
-
-def slim_finetunejob(body: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "apiVersion": body.get("apiVersion"),
-        "kind": body.get("kind"),
-        "metadata": _meta(
-            body, "name", "namespace", "uid", "generation", "resourceVersion", "creationTimestamp", "deletionTimestamp"
-        ),
-        "spec": dict(body.get("spec", {})),
-        "status": dict(body.get("status", {})),
-    }
-
-
-def _controller(body: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The controlling owner reference alone: the reconciler matches owners by uid."""
-    refs = body.get("metadata", {}).get("ownerReferences") or []
-    return [{k: ref.get(k) for k in ("kind", "name", "uid", "controller")} for ref in refs if ref.get("controller")]
-
-
-def slim_job(body: Mapping[str, Any]) -> dict[str, Any]:
-    spec = body.get("spec", {})
-    return {
-        "metadata": {
-            **_meta(body, "name", "namespace", "uid", "resourceVersion", "creationTimestamp", "deletionTimestamp"),
-            "ownerReferences": _controller(body),
-        },
-        "spec": {k: spec[k] for k in ("suspend", "activeDeadlineSeconds", "ttlSecondsAfterFinished") if k in spec},
-        "status": dict(body.get("status", {})),
-    }
-
-
-def slim_pod(body: Mapping[str, Any]) -> dict[str, Any]:
-    status = body.get("status", {})
-    return {
-        "metadata": {
-            **_meta(body, "name", "namespace", "uid", "creationTimestamp", "deletionTimestamp"),
-            "ownerReferences": _controller(body),
-        },
-        "spec": {"nodeName": body.get("spec", {}).get("nodeName")},
-        "status": {
-            k: status[k]
-            for k in ("phase", "reason", "message", "conditions", "containerStatuses", "startTime")
-            if k in status
-        },
-    }
-
-
-def slim_workload(body: Mapping[str, Any]) -> dict[str, Any]:
-    """What the status needs of a Kueue Workload: its owner, ``active``, conditions, ClusterQueue."""
-    spec, status = body.get("spec", {}), body.get("status", {})
-    admission = status.get("admission") or {}
-    return {
-        "metadata": {
-            **_meta(body, "name", "namespace", "uid", "creationTimestamp"),
-            "ownerReferences": [
-                {k: ref.get(k) for k in ("kind", "name", "uid")}
-                for ref in body.get("metadata", {}).get("ownerReferences") or []
-            ],
-        },
-        "spec": {k: spec[k] for k in ("active", "queueName") if k in spec},
-        "status": {
-            "conditions": list(status.get("conditions") or []),
-            **({"admission": {"clusterQueue": admission.get("clusterQueue")}} if admission else {}),
-        },
-    }
-
-
-def owning_job(body: Mapping[str, Any]) -> str | None:
-    """The name of the batch/v1 Job a Workload belongs to (Kueue makes one per Job)."""
-    for ref in body.get("metadata", {}).get("ownerReferences") or []:
-        if ref.get("kind") == "Job" and str(ref.get("apiVersion", "")).startswith("batch/"):
-            return str(ref.get("name"))
-    return None
-
-
-def owner_key(namespace: str | None, body: Mapping[str, Any]) -> tuple[str, str] | None:
-    """The FineTuneJob an object is filed under, by the name it carries.  Only a key: whether
-    the object is really that FineTuneJob's (its owner's uid) the reconciler decides."""
-    name = body.get("metadata", {}).get("annotations", {}).get(ANNOTATION_FULL_NAME)
-    if not name or not namespace:
-        return None
-    return (namespace, name)
 
 
 def owned_informers(reconciler: Reconciler) -> tuple[Informer, Informer]:
@@ -235,7 +143,7 @@ def build_registry(reconciler: Reconciler) -> kopf.OperatorRegistry:
     @kopf.on.event(WORKLOAD_GROUP, WORKLOAD_VERSION, "workloads", registry=registry)
     async def workload_changed(*, namespace: str | None, body: kopf.Body, **_: Any) -> None:
         job = owning_job(body)
-        key = reconciler.owner_of_job(namespace, job) if namespace and job else None
+        key = reconciler.cache.owner_of_job(namespace, job) if namespace and job else None
         if key:
             reconciler.enqueue(key)
 

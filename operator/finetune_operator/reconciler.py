@@ -1,11 +1,11 @@
-"""The reconcile loop: a work queue of FineTuneJob keys and the one function that moves a job
-towards what its spec asks.
+"""The reconcile loop: the one function that moves a FineTuneJob towards what its spec asks,
+and the workers that run it.
 
-kopf's watches fill three in-memory indexes (FineTuneJobs, their Jobs, their Pods)
-and enqueue the key of the FineTuneJob an event concerns.  Workers take keys off the
-queue, one at a time per key, and ``reconcile`` them: ensure the owned objects,
-keep the Job's suspension in step with the spec, compute the status from what the
-indexes hold and the newest progress report, and patch only what changed.
+Watches fill the ``Cache`` (FineTuneJobs, their Jobs, Pods and Workloads) and add the key of the
+FineTuneJob an event concerns to a ``WorkQueue``; workers take keys off it, one at a time per key,
+and ``reconcile`` them: ensure the owned objects, keep the Job's suspension in step with the
+spec, compute the status from what the cache holds and the newest progress report, and patch
+only what changed.  New FineTuneJobs (no Job yet) go first: a Job is what a user waits for.
 
 Status writes are throttled per job: a change of phase is written at once, a change
 of progress alone at most once per ``status_interval``, always the newest.
@@ -18,7 +18,6 @@ import contextlib
 import datetime as dt
 import json
 import logging
-import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
@@ -28,6 +27,7 @@ from typing import Any
 from finetune_api.redact import redact
 from finetune_api.v1alpha1 import FailureReason, FineTuneJob, ManifestError, Phase, Reason, parse_manifest
 from finetune_operator import names, queueing
+from finetune_operator.cache import Cache, Key, controller_uid, resource_version
 from finetune_operator.failures import explain_rejection
 from finetune_operator.kubeapi import ApiError, KubeAPI, Outcome, describe_error
 from finetune_operator.metrics import JobView, Metrics
@@ -36,11 +36,13 @@ from finetune_operator.render import ClaimMount, claim_mounts, cluster_problems,
 from finetune_operator.reports import ProgressStore
 from finetune_operator.settings import OperatorSettings
 from finetune_operator.status import Observed, compute_status, parse_rfc3339, status_patch
+from finetune_operator.workqueue import WorkQueue
 
 LOG = logging.getLogger("finetune_operator.reconciler")
-Key = tuple[str, str]
 FINAL = {Phase.SUCCEEDED.value, Phase.FAILED.value}
 RUNNING_PHASES = {Phase.INITIALIZING.value, Phase.TRAINING.value, Phase.EXPORTING.value}
+# Work queue priorities: a FineTuneJob without a Job first.
+CREATE, UPDATE = 0, 1
 MAX_BACKOFF = 60.0
 # A job waiting in a Kueue LocalQueue is looked at again this often: its position changes
 # without any change to its own objects.
@@ -50,30 +52,6 @@ PARSED_CACHE = 128
 # A Job the apiserver refused is tried again after 5 s, 10 s, ... up to this; a change of the
 # spec tries at once.
 MAX_REJECTED_BACKOFF = 300.0
-
-
-def _values(index: Mapping[Any, Any] | None, key: Key) -> list[dict[str, Any]]:
-    if index is None:
-        return []
-    try:
-        return list(index.get(key, []))
-    except KeyError:
-        return []
-
-
-def controller_uid(obj: Mapping[str, Any]) -> str | None:
-    """The uid of the object's controlling owner (a Job's FineTuneJob, a Pod's Job)."""
-    for ref in obj.get("metadata", {}).get("ownerReferences") or []:
-        if ref.get("controller"):
-            return str(ref.get("uid") or "") or None
-    return None
-
-
-def _rv(obj: Mapping[str, Any]) -> int:
-    try:
-        return int(obj.get("metadata", {}).get("resourceVersion") or 0)
-    except ValueError:
-        return 0
 
 
 # Fields that change with every report without telling a person anything new.
@@ -103,7 +81,6 @@ class JobMemory:
     status_rv: int = 0
     last_progress_patch: float = 0.0
     seen_pods: set[str] = field(default_factory=set)
-    failures: int = 0
     stamp: tuple[str, int] = ("", 0)
     gpus: int = 0
     mounts: tuple[ClaimMount, ...] = ()
@@ -130,21 +107,10 @@ class Reconciler:
         self.metrics = metrics
         self.is_leader = is_leader
         self.memory: dict[Key, JobMemory] = {}
-        self.ftj_index: Mapping[Any, Any] | None = None
-        self.job_index: Mapping[Any, Any] | None = None
-        self.pod_index: Mapping[Any, Any] | None = None
-        self.workload_index: Mapping[Any, Any] | None = None
-        self.job_owner_index: Mapping[Any, Any] | None = None
+        self.cache = Cache()
+        self.queue: WorkQueue[Key] = WorkQueue(priority=self._priority, max_delay=MAX_BACKOFF)
         self.positions = PendingPositions(api)
-        # New FineTuneJobs (no Job yet) go first: creating a Job is what a user waits for;
-        # status updates of running jobs can wait a moment.
-        self._queue: asyncio.PriorityQueue[tuple[int, int, Key]] = asyncio.PriorityQueue()
-        self._sequence = 0
         self._parsed: OrderedDict[tuple[str, int], FineTuneJob] = OrderedDict()
-        self._queued: set[Key] = set()
-        self._busy: set[Key] = set()
-        self._again: set[Key] = set()
-        self._timers: dict[Key, tuple[float, asyncio.TimerHandle]] = {}
         self._workers: list[asyncio.Task[None]] = []
         self.reconciles = 0
         self.report_ca = ""
@@ -164,54 +130,24 @@ class Reconciler:
         workloads: Mapping[Any, Any] | None = None,
         job_owners: Mapping[Any, Any] | None = None,
     ) -> None:
-        self.ftj_index, self.job_index, self.pod_index = ftjs, jobs, pods
-        self.workload_index, self.job_owner_index = workloads, job_owners
+        self.cache.bind(ftjs=ftjs, jobs=jobs, pods=pods, workloads=workloads, job_owners=job_owners)
 
-    def owner_of_job(self, namespace: str, job_name: str) -> Key | None:
-        """The FineTuneJob whose Job is ``namespace/job_name`` (Kueue's Workloads name only the Job)."""
-        names_ = _values(self.job_owner_index, (namespace, job_name))
-        return (namespace, str(names_[0])) if names_ else None
-
-    def workload_of(self, namespace: str, job: dict[str, Any] | None) -> dict[str, Any] | None:
-        """Kueue's Workload of ``job``, if Kueue made one."""
-        if job is None:
-            return None
-        filed = _values(self.workload_index, (namespace, job.get("metadata", {}).get("name")))
-        return queueing.workload_of(job, filed)
+    # The lookups the HTTP servers make.
 
     def keys(self) -> list[Key]:
-        return list(self.ftj_index.keys()) if self.ftj_index is not None else []
+        return self.cache.keys()
 
     def ftj(self, key: Key) -> dict[str, Any] | None:
-        values = _values(self.ftj_index, key)
-        return values[0] if values else None
-
-    def our_job(self, key: Key, uid: str) -> dict[str, Any] | None:
-        """The Job of the FineTuneJob with ``uid``, by its owner reference: a Job that only
-        carries the name (an earlier FineTuneJob's, orphaned or not yet collected) is not it."""
-        return next((j for j in _values(self.job_index, key) if controller_uid(j) == uid), None)
-
-    def pods_of_job(self, key: Key, job: dict[str, Any] | None) -> list[dict[str, Any]]:
-        """The pods the Job ``job`` owns (by its uid; an annotation any pod can carry)."""
-        job_uid = (job or {}).get("metadata", {}).get("uid")
-        if not job_uid:
-            return []
-        return [p for p in _values(self.pod_index, key) if controller_uid(p) == job_uid]
-
-    def pods_filed(self, key: Key) -> list[dict[str, Any]]:
-        """Every pod that carries the FineTuneJob's name, its own or not."""
-        return _values(self.pod_index, key)
+        return self.cache.ftj(key)
 
     def current_pods(self, key: Key) -> list[dict[str, Any]]:
-        """The pods of the current Job of the FineTuneJob ``key`` (those that may report)."""
-        body = self.ftj(key)
-        uid = (body or {}).get("metadata", {}).get("uid")
-        if not uid:
-            return []
-        return self.pods_of_job(key, self.our_job(key, uid))
+        return self.cache.current_pods(key)
+
+    def pods_filed(self, key: Key) -> list[dict[str, Any]]:
+        return self.cache.pods_filed(key)
 
     def is_final(self, key: Key) -> bool:
-        body = self.ftj(key)
+        body = self.cache.ftj(key)
         if body is None:
             return False
         memory = self.memory.get(key)
@@ -228,84 +164,58 @@ class Reconciler:
         for task in self._workers:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        for _, handle in self._timers.values():
-            handle.cancel()
+        self.queue.close()
 
     # --- the queue -------------------------------------------------------------------------------
 
     def enqueue(self, key: Key, *, delay: float = 0.0) -> None:
         """Reconcile ``key`` soon (after ``delay`` seconds); repeated requests coalesce."""
-        if delay > 0:
-            loop = asyncio.get_running_loop()
-            due = loop.time() + delay
-            existing = self._timers.get(key)
-            if existing is not None and existing[0] <= due:
-                return
-            if existing is not None:
-                existing[1].cancel()
-            self._timers[key] = (due, loop.call_at(due, self._fire, key))
-            return
-        if key in self._busy:
-            self._again.add(key)
-            return
-        if key not in self._queued:
-            self._queued.add(key)
-            self._sequence += 1
-            self._queue.put_nowait((0 if self._needs_job(key) else 1, self._sequence, key))
-
-    def _needs_job(self, key: Key) -> bool:
-        if _values(self.job_index, key):
-            return False
-        body = self.ftj(key)
-        return body is not None and not (body.get("status") or {}).get("jobName")
-
-    def _fire(self, key: Key) -> None:
-        self._timers.pop(key, None)
-        self.enqueue(key)
+        self.queue.add(key, delay=delay)
 
     def enqueue_all(self) -> None:
         for key in self.keys():
             self.enqueue(key)
 
+    def _priority(self, key: Key) -> int:
+        if self.cache.has_jobs(key):
+            return UPDATE
+        body = self.cache.ftj(key)
+        return CREATE if body is not None and not (body.get("status") or {}).get("jobName") else UPDATE
+
     async def _worker(self) -> None:
         while True:
-            _, _, key = await self._queue.get()
-            self._queued.discard(key)
-            if not self.is_leader():
-                # A follower keeps its caches warm but writes nothing; the new
-                # leader enqueues every key when it takes over.
-                continue
-            self._busy.add(key)
-            started = time.perf_counter()
+            key = await self.queue.get()
             try:
-                await self.reconcile(key)
-                memory = self.memory.get(key)
-                if memory is not None:
-                    memory.failures = 0
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                memory = self.memory.setdefault(key, JobMemory())
-                memory.failures += 1
-                delay = min(MAX_BACKOFF, 0.5 * 2 ** min(memory.failures, 8)) * (0.8 + 0.4 * random.random())
-                LOG.warning(
-                    "event=reconcile-error namespace=%s name=%s retry_in=%.1fs error=%s",
-                    key[0],
-                    key[1],
-                    delay,
-                    json.dumps(describe_error(exc)),
-                )
-                if self.metrics:
-                    self.metrics.reconcile_errors.labels(type(exc).__name__).inc()
-                self.enqueue(key, delay=delay)
+                if not self.is_leader():
+                    # A follower keeps its caches warm but writes nothing; the new
+                    # leader enqueues every key when it takes over.
+                    continue
+                await self._process(key)
             finally:
-                self._busy.discard(key)
-                self.reconciles += 1
-                if self.metrics:
-                    self.metrics.reconcile_seconds.observe(time.perf_counter() - started)
-                if key in self._again:
-                    self._again.discard(key)
-                    self.enqueue(key)
+                self.queue.done(key)
+
+    async def _process(self, key: Key) -> None:
+        started = time.perf_counter()
+        try:
+            await self.reconcile(key)
+            self.queue.forget(key)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            delay = self.queue.retry(key)
+            LOG.warning(
+                "event=reconcile-error namespace=%s name=%s retry_in=%.1fs error=%s",
+                key[0],
+                key[1],
+                delay,
+                json.dumps(describe_error(exc)),
+            )
+            if self.metrics:
+                self.metrics.reconcile_errors.labels(type(exc).__name__).inc()
+        finally:
+            self.reconciles += 1
+            if self.metrics:
+                self.metrics.reconcile_seconds.observe(time.perf_counter() - started)
 
     # --- reconcile -------------------------------------------------------------------------------
 
@@ -339,7 +249,8 @@ class Reconciler:
     def _base_status(self, body: dict[str, Any], memory: JobMemory) -> dict[str, Any]:
         """The status as the server has it: our last write, unless the cache has seen a newer one."""
         cached = dict(body.get("status") or {})
-        if memory.status is not None and memory.status_rv > _rv(body) and memory.uid == body["metadata"].get("uid"):
+        newer = memory.status_rv > resource_version(body)
+        if memory.status is not None and newer and memory.uid == body["metadata"].get("uid"):
             return dict(memory.status)
         return cached
 
@@ -354,7 +265,7 @@ class Reconciler:
 
     async def reconcile(self, key: Key) -> None:
         namespace, name = key
-        body = self.ftj(key)
+        body = self.cache.ftj(key)
         if body is None:
             self.forget(key)
             return
@@ -387,7 +298,7 @@ class Reconciler:
             return
 
         job_name = names.job_name(name)
-        job = self.our_job(key, uid)
+        job = self.cache.our_job(key, uid)
         missing_confirmed = False
         if job is None:
             if previous.get("jobName"):
@@ -403,7 +314,7 @@ class Reconciler:
         else:
             await self._sync_job(key, job, job_model)
 
-        pods = self.pods_of_job(key, job)
+        pods = self.cache.pods_of_job(key, job)
         memory.seen_pods.update(p["metadata"]["uid"] for p in pods if p.get("metadata", {}).get("uid"))
         workload, position = await self._kueue(key, job, job_model)
         observed = Observed(
@@ -467,7 +378,7 @@ class Reconciler:
         ttl = ((body.get("spec") or {}).get("runPolicy") or {}).get("ttlSecondsAfterFinished")
         if ttl is None:
             return
-        job = job or self.our_job(key, memory.uid)
+        job = job or self.cache.our_job(key, memory.uid)
         if job is None or (job.get("spec") or {}).get("ttlSecondsAfterFinished") == ttl:
             return
         LOG.info("event=job-ttl namespace=%s name=%s ttl=%s", key[0], key[1], ttl)
@@ -484,7 +395,7 @@ class Reconciler:
         queue = job_model.spec.run_policy.queue_name
         if not queue:
             return None, None
-        workload = self.workload_of(key[0], job)
+        workload = self.cache.workload_of(key[0], job)
         if not queueing.waiting_for_quota(workload):
             return workload, None
         assert workload is not None
@@ -519,7 +430,7 @@ class Reconciler:
             self.forget(key)
             return
         memory.status = dict(result.get("status") or new)
-        memory.status_rv = _rv(result)
+        memory.status_rv = resource_version(result)
         memory.last_progress_patch = time.monotonic()
         if self.metrics:
             self.metrics.status_patches.labels(cause).inc()
@@ -708,7 +619,7 @@ class Reconciler:
     async def _sync_workload(self, key: Key, job: dict[str, Any], *, suspend: bool) -> None:
         """Deactivate the Workload while the FineTuneJob is suspended (Kueue then stops the Job
         and keeps it out of the queue), activate it again when it is resumed."""
-        workload = self.workload_of(key[0], job)
+        workload = self.cache.workload_of(key[0], job)
         if workload is None:
             return  # Kueue has not made it yet; its creation wakes us.
         active = (workload.get("spec") or {}).get("active", True) is not False
@@ -733,7 +644,7 @@ class Reconciler:
     def job_views(self) -> list[JobView]:
         views = []
         for key in self.keys():
-            body = self.ftj(key)
+            body = self.cache.ftj(key)
             if body is None:
                 continue
             memory = self.memory.get(key)

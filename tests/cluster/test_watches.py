@@ -14,7 +14,7 @@ import kopf
 import pytest
 
 from finetune_api.contract import ANNOTATION_FULL_NAME, LABEL_MANAGED_BY, MANAGED_BY
-from finetune_operator.handlers import owner_key, slim_pod
+from finetune_operator.cache import owner_key, slim_pod
 from finetune_operator.kubeapi import KubeAPI
 from finetune_operator.watches import Informer, listed
 from tests.kube import Kube
