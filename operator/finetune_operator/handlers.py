@@ -136,8 +136,14 @@ def build_registry(reconciler: Reconciler) -> kopf.OperatorRegistry:
             task.cancel()
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
-    async def finetunejob_changed(*, namespace: str | None, name: str, **_: Any) -> None:
-        if namespace:
+    async def finetunejob_changed(
+        *, type: str | None, namespace: str | None, name: str, body: kopf.Body, **_: Any
+    ) -> None:
+        if not namespace:
+            return
+        if type == "MODIFIED":
+            reconciler.changed((namespace, name), body)
+        else:
             reconciler.enqueue((namespace, name))
 
     @kopf.on.event(WORKLOAD_GROUP, WORKLOAD_VERSION, "workloads", registry=registry)

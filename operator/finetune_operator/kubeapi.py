@@ -274,10 +274,12 @@ class KubeAPI:
         reason: str,
         message: str,
         component: str = "finetune-operator",
+        at: dt.datetime | None = None,
     ) -> None:
-        """A core/v1 Event on the FineTuneJob (what `kubectl describe ftj` lists)."""
+        """A core/v1 Event on the FineTuneJob (what `kubectl describe ftj` lists), which happened
+        ``at`` (now, unless said)."""
         meta = involved["metadata"]
-        now = dt.datetime.now(dt.UTC)
+        now = at or dt.datetime.now(dt.UTC)
         body = {
             "apiVersion": "v1",
             "kind": "Event",

@@ -137,6 +137,14 @@ class Metrics:
         )
         self.status_patches = Counter("finetune_status_patches", "Status patches sent.", ["cause"], registry=r)
         self.status_patch_errors = Counter("finetune_status_patch_errors", "Status patches that failed.", registry=r)
+        self.own_writes_skipped = Counter(
+            "finetune_own_status_writes_skipped",
+            "FineTuneJob changes that were only the operator's own status write, not reconciled again.",
+            registry=r,
+        )
+        self.events_dropped = Counter(
+            "finetune_events_dropped", "Kubernetes Events dropped because too many waited to be posted.", registry=r
+        )
         self._gpu_seconds: dict[str, float] = {}
         self._gpu_running: dict[tuple[str, str], tuple[float, int]] = {}
         self._jobs: Callable[[], Iterable[JobView]] = list

@@ -8,7 +8,9 @@ spec, compute the status from what the cache holds and the newest progress repor
 only what changed.  New FineTuneJobs (no Job yet) go first: a Job is what a user waits for.
 
 Status writes are throttled per job: a change of phase is written at once, a change
-of progress alone at most once per ``status_interval``, always the newest.
+of progress alone at most once per ``status_interval``, always the newest.  The change our own
+status write makes comes back through the watch; it is recognised by its resourceVersion and not
+reconciled again.  Events go out through an ``EventEmitter``, off the reconcile's path.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import datetime as dt
 import json
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,7 @@ from finetune_api.redact import redact
 from finetune_api.v1alpha1 import FailureReason, FineTuneJob, ManifestError, Phase, Reason, parse_manifest
 from finetune_operator import names, queueing
 from finetune_operator.cache import Cache, Key, controller_uid, resource_version
+from finetune_operator.events import EventEmitter
 from finetune_operator.failures import explain_rejection
 from finetune_operator.kubeapi import ApiError, KubeAPI, Outcome, describe_error
 from finetune_operator.metrics import JobView, Metrics
@@ -48,10 +50,12 @@ MAX_BACKOFF = 60.0
 # without any change to its own objects.
 POSITION_REFRESH = 10.0
 POSITION_RETRY = 2.0
-PARSED_CACHE = 128
 # A Job the apiserver refused is tried again after 5 s, 10 s, ... up to this; a change of the
 # spec tries at once.
 MAX_REJECTED_BACKOFF = 300.0
+# The resourceVersions of a job's latest status writes that are remembered: writes a moment
+# apart are echoed by the watch after both were sent.
+OWN_WRITES_KEPT = 4
 
 
 # Fields that change with every report without telling a person anything new.
@@ -71,6 +75,13 @@ def _news(patch: dict[str, Any]) -> bool:
     return False
 
 
+def _watched(body: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What of a FineTuneJob, besides its status, a reconcile acts on: its spec (by generation)
+    and its deletion.  The cache keeps none of its labels and annotations: they change nothing."""
+    meta = body.get("metadata", {})
+    return (meta.get("uid"), meta.get("generation"), meta.get("deletionTimestamp"))
+
+
 @dataclass
 class JobMemory:
     """What the reconciler remembers of one FineTuneJob between reconciles.  ``uid`` says of
@@ -79,8 +90,12 @@ class JobMemory:
     uid: str = ""
     status: dict[str, Any] | None = None
     status_rv: int = 0
+    # resourceVersion our status write made -> what the FineTuneJob was when we wrote it
+    own_writes: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     last_progress_patch: float = 0.0
     seen_pods: set[str] = field(default_factory=set)
+    # The spec as models, parsed once per generation while the job is active.
+    parsed: FineTuneJob | None = None
     stamp: tuple[str, int] = ("", 0)
     gpus: int = 0
     mounts: tuple[ClaimMount, ...] = ()
@@ -109,10 +124,15 @@ class Reconciler:
         self.memory: dict[Key, JobMemory] = {}
         self.cache = Cache()
         self.queue: WorkQueue[Key] = WorkQueue(priority=self._priority, max_delay=MAX_BACKOFF)
+        self.events = EventEmitter(
+            api,
+            defer=lambda: self.queue.waiting(priority=CREATE) > 0,
+            on_drop=metrics.events_dropped.inc if metrics else lambda: None,
+        )
         self.positions = PendingPositions(api)
-        self._parsed: OrderedDict[tuple[str, int], FineTuneJob] = OrderedDict()
         self._workers: list[asyncio.Task[None]] = []
         self.reconciles = 0
+        self.own_writes_skipped = 0
         self.report_ca = ""
         if settings.tls_ca_file:
             from pathlib import Path
@@ -155,6 +175,7 @@ class Reconciler:
         return status.get("phase") in FINAL
 
     def start(self) -> None:
+        self.events.start()
         for number in range(max(1, self.settings.workers)):
             self._workers.append(asyncio.create_task(self._worker(), name=f"reconcile-worker-{number}"))
 
@@ -165,6 +186,7 @@ class Reconciler:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self.queue.close()
+        await self.events.stop()
 
     # --- the queue -------------------------------------------------------------------------------
 
@@ -175,6 +197,24 @@ class Reconciler:
     def enqueue_all(self) -> None:
         for key in self.keys():
             self.enqueue(key)
+
+    def changed(self, key: Key, body: Mapping[str, Any]) -> None:
+        """A FineTuneJob changed: reconcile it, unless the change is only our own status write."""
+        if self.own_write(key, body):
+            self.own_writes_skipped += 1
+            if self.metrics:
+                self.metrics.own_writes_skipped.inc()
+            return
+        self.enqueue(key)
+
+    def own_write(self, key: Key, body: Mapping[str, Any]) -> bool:
+        """Whether ``body`` is the FineTuneJob as our own status write left it: the
+        resourceVersion that write returned, over the spec and deletion the reconcile read."""
+        memory = self.memory.get(key)
+        if memory is None or not memory.own_writes:
+            return False
+        version = str(body.get("metadata", {}).get("resourceVersion") or "")
+        return memory.own_writes.get(version) == _watched(body)
 
     def _priority(self, key: Key) -> int:
         if self.cache.has_jobs(key):
@@ -220,26 +260,22 @@ class Reconciler:
     # --- reconcile -------------------------------------------------------------------------------
 
     def _parse(self, key: Key, body: dict[str, Any], memory: JobMemory) -> FineTuneJob:
-        """The spec as models; a small cache, not one per job: a thousand parsed specs would
-        cost more memory than everything else the operator keeps."""
+        """The spec as models, parsed once per generation: kept with the job's memory while it
+        is active, dropped when it ends or is forgotten."""
         meta = body["metadata"]
         stamp = (meta.get("uid", ""), int(meta.get("generation") or 0))
-        job = self._parsed.get(stamp)
-        if job is None:
-            job = parse_manifest(
-                {
-                    "apiVersion": body.get("apiVersion"),
-                    "kind": body.get("kind"),
-                    "metadata": {"name": meta["name"], "namespace": meta["namespace"]},
-                    "spec": body.get("spec") or {},
-                },
-                source=f"{key[0]}/{key[1]}",
-            )
-            self._parsed[stamp] = job
-            if len(self._parsed) > PARSED_CACHE:
-                self._parsed.popitem(last=False)
-        else:
-            self._parsed.move_to_end(stamp)
+        if memory.parsed is not None and memory.stamp == stamp:
+            return memory.parsed
+        job = parse_manifest(
+            {
+                "apiVersion": body.get("apiVersion"),
+                "kind": body.get("kind"),
+                "metadata": {"name": meta["name"], "namespace": meta["namespace"]},
+                "spec": body.get("spec") or {},
+            },
+            source=f"{key[0]}/{key[1]}",
+        )
+        memory.parsed = job
         if memory.stamp != stamp:
             memory.stamp = stamp
             memory.mounts = claim_mounts(job)
@@ -375,6 +411,7 @@ class Reconciler:
         the job's reports shrinks to what a finished job shows."""
         self._track_gpu(key, status, memory)
         self.progress.finish(key)
+        memory.parsed = None
         ttl = ((body.get("spec") or {}).get("runPolicy") or {}).get("ttlSecondsAfterFinished")
         if ttl is None:
             return
@@ -431,6 +468,11 @@ class Reconciler:
             return
         memory.status = dict(result.get("status") or new)
         memory.status_rv = resource_version(result)
+        version = str(result.get("metadata", {}).get("resourceVersion") or "")
+        if version:
+            memory.own_writes[version] = _watched(body)
+            while len(memory.own_writes) > OWN_WRITES_KEPT:
+                del memory.own_writes[next(iter(memory.own_writes))]
         memory.last_progress_patch = time.monotonic()
         if self.metrics:
             self.metrics.status_patches.labels(cause).inc()
@@ -444,7 +486,7 @@ class Reconciler:
             cause,
         )
         for kind, reason, message in events:
-            await self.api.post_event(body, type=kind, reason=reason, message=message)
+            self.events.emit(body, type=kind, reason=reason, message=message)
         first_step = not memory.counted_first_step and (new.get("progress") or {}).get("step")
         if old_phase != new_phase or first_step:
             self._observe_transition(key, body, memory, new)

@@ -1,0 +1,309 @@
+"""The reconciler's hot path against a recording stand-in for the apiserver: what a new job costs
+in writes, the echo of our own status write, Events off the creation path, one parse per spec."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import datetime as dt
+from typing import Any
+
+import pytest
+
+from finetune_operator import reconciler as reconciler_module
+from finetune_operator.cache import slim_finetunejob, slim_job
+from finetune_operator.kubeapi import Ensured, Outcome
+from finetune_operator.metrics import Metrics
+from finetune_operator.reconciler import Reconciler
+from finetune_operator.reports import ProgressStore
+from finetune_operator.settings import OperatorSettings
+from tests.bad_specs import good_manifest
+from tests.unit.looptime import run
+
+
+class RecordingAPI:
+    """Answers as the apiserver would, and records every call the operator makes."""
+
+    def __init__(self) -> None:
+        self.version = 100
+        self.jobs: dict[Any, list[dict[str, Any]]] = {}  # the Jobs index, as the watch fills it
+        self.writes: list[tuple[str, str]] = []  # (verb and resource, name)
+        self.events: list[dict[str, Any]] = []
+        self.objects: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def _next_version(self) -> str:
+        self.version += 1
+        return str(self.version)
+
+    def add(self, body: dict[str, Any]) -> None:
+        self.objects[(body["metadata"]["namespace"], body["metadata"]["name"])] = body
+
+    async def ensure(self, obj: dict[str, Any], *, owner_uid: str) -> Ensured:
+        self.writes.append(("create jobs", obj["metadata"]["name"]))
+        created = copy.deepcopy(obj)
+        created["metadata"].update(uid=f"job-{owner_uid}", resourceVersion=self._next_version())
+        self.jobs[(created["metadata"]["namespace"], created["metadata"]["name"])] = [slim_job(created)]
+        return Ensured(Outcome.CREATED, created)
+
+    async def patch_status(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None:
+        self.writes.append(("patch finetunejobs/status", name))
+        body = self.objects[(namespace, name)]
+        body["status"] = {**body.get("status", {}), **patch}
+        body["metadata"]["resourceVersion"] = self._next_version()
+        return copy.deepcopy(body)
+
+    async def post_event(self, involved: dict[str, Any], **event: Any) -> None:
+        self.events.append({"name": involved["metadata"]["name"], **event})
+
+    async def read_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return next(iter(self.jobs.get((namespace, name), [])), None)
+
+
+def finetunejob(name: str, *, uid: str = "", generation: int = 1) -> dict[str, Any]:
+    body = good_manifest(name)
+    body["metadata"].update(
+        namespace="team",
+        uid=uid or f"uid-{name}",
+        generation=generation,
+        resourceVersion="1",
+        creationTimestamp="2026-11-25T12:00:00Z",
+    )
+    return body
+
+
+def invalid(name: str) -> dict[str, Any]:
+    """A FineTuneJob the operator fails with InvalidSpec (and a Warning Event)."""
+    body = finetunejob(name)
+    body["spec"]["baseModel"]["type"] = "not-a-model-type"
+    return body
+
+
+class World:
+    """A reconciler over plain-dict indexes, as the watches would fill them."""
+
+    def __init__(self, *names: str) -> None:
+        self.api = RecordingAPI()
+        self.metrics = Metrics()
+        self.ftjs: dict[Any, list[dict[str, Any]]] = {}
+        self.reconciler = Reconciler(
+            self.api,  # type: ignore[arg-type]
+            OperatorSettings(report_url="https://operator.example:8443"),
+            progress=ProgressStore(),
+            metrics=self.metrics,
+        )
+        self.reconciler.bind(ftjs=self.ftjs, jobs=self.api.jobs, pods={})
+        for name in names:
+            self.put(finetunejob(name))
+
+    def put(self, body: dict[str, Any]) -> None:
+        """The FineTuneJob as the apiserver now has it, seen by the watch."""
+        self.api.add(body)
+        self.ftjs[("team", body["metadata"]["name"])] = [slim_finetunejob(copy.deepcopy(body))]
+
+    def server(self, name: str) -> dict[str, Any]:
+        return copy.deepcopy(self.api.objects[("team", name)])
+
+    def metric(self, name: str) -> float:
+        return self.metrics.registry.get_sample_value(name) or 0.0
+
+
+def test_a_new_job_costs_one_job_create_and_one_status_write_and_no_event_inline() -> None:
+    async def main() -> World:
+        world = World("nick")
+        await world.reconciler.reconcile(("team", "nick"))
+        return world
+
+    world = run(main())
+    assert world.api.writes == [("create jobs", "nick"), ("patch finetunejobs/status", "nick")]
+    assert world.server("nick")["status"]["jobName"] == "nick"
+    assert world.api.events == []
+
+
+def test_the_echo_of_our_own_status_write_is_not_reconciled_and_is_counted() -> None:
+    async def main() -> tuple[World, int]:
+        world = World("nick")
+        key = ("team", "nick")
+        await world.reconciler.reconcile(key)
+        echo = world.server("nick")  # what the watch delivers after our write
+        world.put(echo)
+        world.reconciler.changed(key, echo)
+        return world, len(world.reconciler.queue)
+
+    world, waiting = run(main())
+    assert waiting == 0
+    assert world.reconciler.own_writes_skipped == 1
+    assert world.metric("finetune_own_status_writes_skipped_total") == 1
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param(lambda body: body["metadata"].update(resourceVersion="9999"), id="someone-elses-write"),
+        pytest.param(lambda body: body["metadata"].update(generation=2), id="the-spec-changed-under-our-write"),
+        pytest.param(
+            lambda body: body["metadata"].update(deletionTimestamp="2026-11-25T12:01:00Z"), id="being-deleted"
+        ),
+        pytest.param(lambda body: body["metadata"].update(uid="another"), id="another-finetunejob-of-the-name"),
+    ],
+)
+def test_any_other_change_is_reconciled(change: Any) -> None:
+    async def main() -> tuple[World, int]:
+        world = World("nick")
+        key = ("team", "nick")
+        await world.reconciler.reconcile(key)
+        event = world.server("nick")
+        change(event)
+        world.reconciler.changed(key, event)
+        return world, len(world.reconciler.queue)
+
+    world, waiting = run(main())
+    assert waiting == 1
+    assert world.reconciler.own_writes_skipped == 0
+
+
+def test_a_change_before_we_ever_wrote_is_reconciled() -> None:
+    async def main() -> int:
+        world = World("nick")
+        world.reconciler.changed(("team", "nick"), world.server("nick"))
+        return len(world.reconciler.queue)
+
+    assert run(main()) == 1
+
+
+def test_events_are_posted_in_the_background_with_the_time_they_happened() -> None:
+    async def main() -> tuple[World, list[float]]:
+        world = World()
+        world.put(invalid("nick"))
+        loop = asyncio.get_running_loop()
+        before = dt.datetime.now(dt.UTC)
+        await world.reconciler.reconcile(("team", "nick"))
+        assert world.server("nick")["status"]["reason"] == "InvalidSpec"
+        # Not posted in the reconcile's way: it waits for the emitter.
+        assert world.api.events == []
+        emitted = len(world.reconciler.events)
+        assert emitted == 1
+        world.reconciler.events.start()
+        await asyncio.sleep(1)
+        assert loop.time() >= 1
+        await world.reconciler.stop()
+        assert world.reconciler.events.posted == emitted
+        return world, [(e["at"] - before).total_seconds() for e in world.api.events]
+
+    world, offsets = run(main())
+    assert world.api.events and all(e["name"] == "nick" for e in world.api.events)
+    assert [(e["type"], e["reason"]) for e in world.api.events] == [("Warning", "InvalidSpec")]
+    assert all(0 <= offset < 60 for offset in offsets)
+
+
+def test_an_event_waits_while_jobs_wait_to_be_created() -> None:
+    async def main() -> tuple[int, int]:
+        world = World("other")
+        world.put(invalid("nick"))
+        await world.reconciler.reconcile(("team", "nick"))
+        world.reconciler.enqueue(("team", "other"))  # a new job: it waits for its Job
+        world.reconciler.events.start()
+        await asyncio.sleep(1)
+        held_back = len(world.api.events)
+        await world.reconciler.queue.get()  # a worker takes it
+        await asyncio.sleep(1)
+        posted = len(world.api.events)
+        await world.reconciler.stop()
+        return held_back, posted
+
+    held_back, posted = run(main())
+    assert held_back == 0
+    assert posted == 1
+
+
+def test_a_full_event_queue_drops_and_counts_never_blocks() -> None:
+    async def main() -> World:
+        world = World()
+        world.reconciler.events._queue = asyncio.Queue(maxsize=2)
+        body = finetunejob("nick")
+        accepted = [world.reconciler.events.emit(body, type="Normal", reason=f"R{i}", message="m") for i in range(5)]
+        assert accepted == [True, True, False, False, False]
+        world.reconciler.events.start()
+        await world.reconciler.events.stop()
+        return world
+
+    world = run(main())
+    assert [e["reason"] for e in world.api.events] == ["R0", "R1"]
+    assert world.reconciler.events.dropped == 3
+    assert world.metric("finetune_events_dropped_total") == 3
+
+
+def test_an_event_that_fails_to_post_does_not_stop_the_next() -> None:
+    async def main() -> RecordingAPI:
+        world = World()
+        api = world.api
+        calls = 0
+
+        async def flaky(involved: dict[str, Any], **event: Any) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise ConnectionResetError("gone")
+            api.events.append({"name": involved["metadata"]["name"], **event})
+
+        api.post_event = flaky  # type: ignore[method-assign]
+        for reason in ("First", "Second"):
+            world.reconciler.events.emit(finetunejob("nick"), type="Normal", reason=reason, message="m")
+        world.reconciler.events.start()
+        await world.reconciler.events.stop()
+        return api
+
+    assert [e["reason"] for e in run(main()).events] == ["Second"]
+
+
+def test_each_spec_is_parsed_once_per_generation_for_every_active_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    parsed: list[str] = []
+    parse = reconciler_module.parse_manifest
+
+    def counting(manifest: dict[str, Any], **kwargs: Any) -> Any:
+        parsed.append(manifest["metadata"]["name"])
+        return parse(manifest, **kwargs)
+
+    monkeypatch.setattr(reconciler_module, "parse_manifest", counting)
+    names = [f"job-{i:04d}" for i in range(300)]  # more than any fixed-size cache would hold
+
+    async def main() -> World:
+        world = World(*names)
+        for _ in range(3):
+            for name in names:
+                world.put(world.server(name))
+                await world.reconciler.reconcile(("team", name))
+        return world
+
+    world = run(main())
+    assert sorted(parsed) == names
+    # A new generation is parsed again, once.
+    body = world.server("job-0000")
+    body["metadata"]["generation"] = 2
+    body["spec"]["training"]["stepsPerImage"] = 20
+
+    async def again() -> None:
+        world.put(body)
+        await world.reconciler.reconcile(("team", "job-0000"))
+        await world.reconciler.reconcile(("team", "job-0000"))
+
+    run(again())
+    assert parsed.count("job-0000") == 2
+
+
+def test_a_finished_or_forgotten_job_keeps_no_parsed_spec() -> None:
+    async def main() -> World:
+        world = World("done", "gone")
+        for name in ("done", "gone"):
+            await world.reconciler.reconcile(("team", name))
+        assert world.reconciler.memory[("team", "done")].parsed is not None
+        finished = world.server("done")
+        finished["status"]["phase"] = "Succeeded"
+        world.put(finished)
+        await world.reconciler.reconcile(("team", "done"))
+        del world.ftjs[("team", "gone")]
+        await world.reconciler.reconcile(("team", "gone"))
+        return world
+
+    world = run(main())
+    assert world.reconciler.memory[("team", "done")].parsed is None
+    assert ("team", "gone") not in world.reconciler.memory
