@@ -536,6 +536,8 @@ def run_size(n: int, cluster: LocalCluster, api: client.ApiClient, results: dict
         operator.process.send_signal(signal.SIGUSR2)
         time.sleep(5)
     stop_profiler(profiler)
+    own_writes_skipped = operator.metric("finetune_own_status_writes_skipped_total")
+    events_dropped = operator.metric("finetune_events_dropped_total")
     operator.stop()
     first = min(ftj.applied.values())
     audit = read_audit(cluster.logs / "audit.log")
@@ -564,6 +566,9 @@ def run_size(n: int, cluster: LocalCluster, api: client.ApiClient, results: dict
         "writes_at_creation": summary([float(c) for c in writes_before(audit, namespace, ftj.pod_seen_wall)]),
         "writes_before_running": summary([float(c) for c in writes_before(audit, namespace, ftj.running_wall)]),
         "status_writes_per_job": status_writes / n,
+        # FineTuneJob changes that were only our own status write, and Events dropped.
+        "own_status_writes_skipped": own_writes_skipped,
+        "events_dropped": events_dropped,
     }
     say(f"N={n}: operator done: {json.dumps(operator_result['apply_to_running'])}")
     results[str(n)] = {

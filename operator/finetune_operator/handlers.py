@@ -142,6 +142,7 @@ def build_registry(reconciler: Reconciler) -> kopf.OperatorRegistry:
         if not namespace:
             return
         if type == "MODIFIED":
+            # Most changes of a running job are our own status writes: those are not news.
             reconciler.changed((namespace, name), body)
         else:
             reconciler.enqueue((namespace, name))
