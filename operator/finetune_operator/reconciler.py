@@ -37,7 +37,7 @@ from finetune_operator.positions import PendingPositions
 from finetune_operator.render import ClaimMount, claim_mounts, cluster_problems, render
 from finetune_operator.reports import ProgressStore
 from finetune_operator.settings import OperatorSettings
-from finetune_operator.status import Observed, compute_status, parse_rfc3339, status_patch
+from finetune_operator.status import Observed, compute_status, parse_rfc3339, status_patch, with_phase
 from finetune_operator.workqueue import WorkQueue
 
 LOG = logging.getLogger("finetune_operator.reconciler")
@@ -327,7 +327,7 @@ class Reconciler:
                 body,
                 memory,
                 previous,
-                {**previous, "phase": Phase.FAILED, "reason": FailureReason.INVALID_SPEC, "message": message[:1000]},
+                with_phase(previous, Phase.FAILED, FailureReason.INVALID_SPEC, message),
                 events=[("Warning", FailureReason.INVALID_SPEC, message)],
                 cause="phase",
             )
@@ -584,7 +584,7 @@ class Reconciler:
                     body,
                     memory,
                     previous,
-                    {**previous, "phase": Phase.PENDING, "reason": reason, "message": message},
+                    with_phase(previous, Phase.PENDING, reason, message),
                     events=events,
                     cause="phase",
                 )
@@ -620,13 +620,13 @@ class Reconciler:
                 body,
                 memory,
                 previous,
-                {
-                    **previous,
-                    "phase": Phase.PENDING,
-                    "reason": Reason.JOB_REJECTED,
-                    "message": message[:1000],
-                    "observedGeneration": body.get("metadata", {}).get("generation"),
-                },
+                with_phase(
+                    previous,
+                    Phase.PENDING,
+                    Reason.JOB_REJECTED,
+                    message,
+                    generation=body.get("metadata", {}).get("generation"),
+                ),
                 events=[("Warning", Reason.JOB_REJECTED, message)],
                 cause="phase",
             )

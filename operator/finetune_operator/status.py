@@ -339,6 +339,26 @@ def wire(status: FineTuneJobStatus) -> dict[str, Any]:
     return status.model_dump(mode="json", by_alias=True, exclude_unset=True, exclude_none=True)
 
 
+def with_phase(
+    previous: dict[str, Any] | None,
+    phase: Phase,
+    reason: str,
+    message: str,
+    *,
+    generation: int | None = None,
+) -> dict[str, Any]:
+    """The status the server holds with a new phase, reason and message (and, when given, the
+    generation they answer): what the reconciler writes when it stops before a Job exists (an
+    invalid spec, a name taken, a Job refused).  Built through the model like every status."""
+    fields, unknown = _previous_fields(previous or {})
+    fields.update(phase=phase, reason=reason, message=message[:1000])
+    if generation is not None:
+        fields["observed_generation"] = generation
+    new = wire(FineTuneJobStatus(**fields))
+    new.update(unknown)
+    return new
+
+
 def compute_status(
     previous: dict[str, Any] | None,
     spec: FineTuneJobSpec,

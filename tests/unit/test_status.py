@@ -21,6 +21,7 @@ from finetune_operator.status import (
     compute_status,
     format_duration,
     status_patch,
+    with_phase,
 )
 from tests.bad_specs import good_manifest
 
@@ -526,12 +527,34 @@ def test_a_field_the_model_does_not_know_is_kept_and_a_field_that_no_longer_appl
     assert status_patch(previous, status)["queue"] is None
 
 
+def test_a_phase_set_before_any_job_exists_goes_through_the_model_and_keeps_the_rest() -> None:
+    previous = {
+        "phase": "Pending",
+        "reason": "JobCreated",
+        "jobName": "good",
+        "attempts": 1,
+        "progress": {"stage": "training", "step": 10, "totalSteps": 100},
+        "writtenByANewerOperator": {"x": 1},
+    }
+    status = with_phase(previous, Phase.PENDING, Reason.JOB_REJECTED, "x" * 5000, generation=3)
+    assert status == {
+        **previous,
+        "reason": "JobRejected",
+        "message": "x" * 1000,
+        "observedGeneration": 3,
+    }
+    assert json.loads(json.dumps(status)) == status
+    first = with_phase(None, Phase.FAILED, FailureReason.INVALID_SPEC, "spec.steps: must be > 0")
+    assert first == {"phase": "Failed", "reason": "InvalidSpec", "message": "spec.steps: must be > 0"}
+    assert type(first["phase"]) is str
+
+
 # --- one vocabulary -----------------------------------------------------------------------------
 
 OPERATOR = Path(finetune_operator.__file__).parent
 # Where a reason or a phase is written: the positional argument of each constructor.
-REASON_ARGUMENT = {"Decision": 1, "KueueState": 1, "Transition": 1, "Failure": 0}
-PHASE_ARGUMENT = {"Decision": 0, "KueueState": 0}
+REASON_ARGUMENT = {"Decision": 1, "KueueState": 1, "Transition": 1, "Failure": 0, "with_phase": 2}
+PHASE_ARGUMENT = {"Decision": 0, "KueueState": 0, "with_phase": 1}
 
 
 def _spelled_out(node: ast.AST | None) -> bool:
