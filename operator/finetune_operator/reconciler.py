@@ -62,10 +62,15 @@ OWN_WRITES_KEPT = 4
 _NOT_NEWS = {"updateTime", "etaSeconds", "stepsPerSecond", "learningRate", "peakMemoryBytes"}
 
 
-def _news(patch: dict[str, Any]) -> bool:
-    """Whether a status patch carries something worth a write (not only a fresher timestamp)."""
+def _news(patch: dict[str, Any], new: Mapping[str, Any]) -> bool:
+    """Whether a status patch carries something worth a write (not only a fresher timestamp).
+
+    The ETA's text rides along with the next write, never causes one; so does the Job's start
+    time until the Job has a pod: the Job controller stamps it before it makes the pod, and at a
+    burst of jobs a write of it alone was one more apiserver write per job while the pods were
+    being made."""
     for key, value in patch.items():
-        if key == "etaText":
+        if key == "etaText" or (key == "startTime" and not new.get("attempts")):
             continue
         if key == "progress" and isinstance(value, dict):
             if set(value) - _NOT_NEWS:
@@ -376,7 +381,7 @@ class Reconciler:
         # within a second costs one write, not three.
         phase_changed = previous.get("phase") != new.get("phase")
         patch = status_patch(previous, new)
-        if not patch or not _news(patch):
+        if not patch or not _news(patch, new):
             self._track_gpu(key, new, memory)
             return
         cause = "phase" if phase_changed else "progress"

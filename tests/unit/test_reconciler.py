@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import datetime as dt
 from typing import Any
 
@@ -91,7 +92,8 @@ class World:
             progress=ProgressStore(),
             metrics=self.metrics,
         )
-        self.reconciler.bind(ftjs=self.ftjs, jobs=self.api.jobs, pods={})
+        self.pods: dict[Any, list[dict[str, Any]]] = {}
+        self.reconciler.bind(ftjs=self.ftjs, jobs=self.api.jobs, pods=self.pods)
         for name in names:
             self.put(finetunejob(name))
 
@@ -117,6 +119,53 @@ def test_a_new_job_costs_one_job_create_and_one_status_write_and_no_event_inline
     assert world.api.writes == [("create jobs", "nick"), ("patch finetunejobs/status", "nick")]
     assert world.server("nick")["status"]["jobName"] == "nick"
     assert world.api.events == []
+
+
+def test_the_jobs_start_time_alone_is_no_write_and_rides_along_with_the_next() -> None:
+    """The Job controller stamps the Job's startTime before it makes the pod: at a burst of
+    jobs that alone was one more status write per job while the pods were being made."""
+
+    async def main() -> World:
+        world = World("nick")
+        # Not the status interval's wait between a phase and a finer reason: only what is news.
+        world.reconciler.settings = dataclasses.replace(world.reconciler.settings, status_interval=0)
+        key = ("team", "nick")
+        await world.reconciler.reconcile(key)
+        world.put(world.server("nick"))
+        (job,) = world.api.jobs[key]
+        job["status"] = {"startTime": "2026-11-25T12:00:01Z"}
+        await world.reconciler.reconcile(key)
+        assert len(world.api.writes) == 2
+        world.pods[key] = [
+            {
+                "metadata": {
+                    "name": "nick-abc",
+                    "namespace": "team",
+                    "uid": "pod-1",
+                    "creationTimestamp": "2026-11-25T12:00:02Z",
+                    "ownerReferences": [
+                        {"kind": "Job", "name": "nick", "uid": job["metadata"]["uid"], "controller": True}
+                    ],
+                },
+                "spec": {"nodeName": None},
+                "status": {"phase": "Pending"},
+            }
+        ]
+        job["status"]["active"] = 1
+        await world.reconciler.reconcile(key)
+        return world
+
+    world = run(main())
+    assert world.api.writes[2:] == [("patch finetunejobs/status", "nick")]
+    status = world.server("nick")["status"]
+    assert (status["startTime"], status["reason"], status["attempts"]) == ("2026-11-25T12:00:01Z", "Scheduling", 1)
+
+
+def test_once_the_job_has_a_pod_its_start_time_is_news_of_its_own() -> None:
+    stamp = {"startTime": "2026-11-25T12:00:01Z"}
+    assert not reconciler_module._news(stamp, {"phase": "Pending"})
+    assert reconciler_module._news(stamp, {"phase": "Queued", "attempts": 1})
+    assert not reconciler_module._news({"etaText": "3m"}, {"phase": "Training", "attempts": 1})
 
 
 def test_the_echo_of_our_own_status_write_is_not_reconciled_and_is_counted() -> None:
