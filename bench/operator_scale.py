@@ -464,13 +464,45 @@ def job_posts(requests: list[Request], namespace: str) -> dict[str, float]:
     return posts
 
 
-def plain_burst(n: int, namespace: str, raw: Raw, core: client.CoreV1Api, finish_timeout: float) -> dict[str, Any]:
-    """N plain Jobs applied at once in ``namespace``: when their pods ran and finished."""
+class CpuMeter:
+    """CPU seconds each process of the cluster has used (the apiserver, etcd, the controller
+    manager, the scheduler, KWOK, this script, and the operator while one runs): where the two
+    cores went during a burst, read side by side for the plain Jobs and the FineTuneJobs."""
+
+    ORDER = ("kube-apiserver", "etcd", "kube-controller-manager", "kube-scheduler", "kwok", "bench", "operator")
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.processes = {name: psutil.Process(pid) for name, pid in pids.items()}
+
+    def snapshot(self, **extra: int) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, process in [*self.processes.items(), *((n, psutil.Process(p)) for n, p in extra.items())]:
+            try:
+                times = process.cpu_times()
+            except psutil.Error:
+                continue
+            out[name] = float(times.user + times.system)
+        return out
+
+    @staticmethod
+    def since(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+        used = {name: after[name] - before.get(name, 0.0) for name in after}
+        used["total"] = sum(used.values())
+        return used
+
+
+def plain_burst(
+    n: int, namespace: str, raw: Raw, core: client.CoreV1Api, finish_timeout: float, *, meter: CpuMeter
+) -> dict[str, Any]:
+    """N plain Jobs applied at once in ``namespace``: when their pods ran and finished, and the
+    CPU each process used until they all ran."""
     new_namespace(core, namespace)
     plain = Timeline()
     watcher = Watcher(raw, namespace, plain, job_key="plain-job")
     time.sleep(1)
     say(f"N={n}: applying {n} plain Jobs in {namespace}")
+    cpu_before = meter.snapshot()
+    apiserver = ApiserverProfile(raw, f"apiserver-{namespace}")
     burst = apply_all(
         [plain_job(namespace, f"job-{i:05d}") for i in range(n)],
         lambda obj: raw.post(f"/apis/batch/v1/namespaces/{namespace}/jobs", obj),
@@ -478,6 +510,8 @@ def plain_burst(n: int, namespace: str, raw: Raw, core: client.CoreV1Api, finish
         "name",
     )
     wait_until(lambda: len(plain.running) >= n, finish_timeout, "plain pods Running")
+    cpu_used = meter.since(cpu_before, meter.snapshot())
+    apiserver.finish()
     wait_until(lambda: len(plain.finished) >= n, finish_timeout, "plain pods Succeeded")
     watcher.stop()
     first = min(plain.applied.values())
@@ -487,26 +521,27 @@ def plain_burst(n: int, namespace: str, raw: Raw, core: client.CoreV1Api, finish
         "stages": stages(plain),
         "all_running_after": max(plain.running.values()) - first,
         "all_finished_after": max(plain.finished.values()) - first,
+        "cpu_until_all_running": cpu_used,
     }
     say(f"N={n}: plain Jobs done: {json.dumps(result['apply_to_running'])}")
     delete_namespace(core, namespace)
     return result
 
 
-def run_size(n: int, cluster: LocalCluster, api: client.ApiClient, results: dict[str, Any]) -> None:
+def run_size(n: int, cluster: LocalCluster, api: client.ApiClient, results: dict[str, Any], meter: CpuMeter) -> None:
     core = client.CoreV1Api(api)
     raw = Raw(cluster)
     finish_timeout = 120 + n * 0.6
 
     # --- plain Jobs -----------------------------------------------------------------------------
-    plain_result = plain_burst(n, f"bench-plain-{n}", raw, core, finish_timeout)
+    plain_result = plain_burst(n, f"bench-plain-{n}", raw, core, finish_timeout, meter=meter)
 
     # --- the same burst of plain Jobs (not the operator's) while the operator runs --------------
     # What other people's Jobs pay for the operator's presence, and what their pods cost it: a
     # fresh operator with no FineTuneJobs, the cluster's pods coming and going around it.
     beside_operator = OperatorRun(cluster.user_kubeconfig(OPERATOR_USER), STATE / f"operator-beside-{n}.log")
     time.sleep(3)
-    beside = plain_burst(n, f"bench-beside-{n}", raw, core, finish_timeout)
+    beside = plain_burst(n, f"bench-beside-{n}", raw, core, finish_timeout, meter=meter)
     beside["operator_peak_rss_mb"] = beside_operator.peak_rss / 2**20
     beside["operator_cpu_seconds"] = beside_operator.cpu() - beside_operator.cpu_start
     beside_operator.stop()
@@ -522,11 +557,15 @@ def run_size(n: int, cluster: LocalCluster, api: client.ApiClient, results: dict
     time.sleep(1)
     say(f"N={n}: applying {n} FineTuneJobs")
     wall_start = time.time()
+    cpu_before = meter.snapshot(operator=operator.process.pid)
+    apiserver = ApiserverProfile(raw, f"apiserver-{namespace}")
     burst = apply_finetunejobs(raw, namespace, [spec(name) for name in ftj_names(n)], ftj)
     job_names = {name: names.job_name(name) for name in ftj_names(n)}
     wait_until(lambda: len(ftj.job_seen) >= n, finish_timeout, "the operator's Jobs")
     created_wall = time.time()
     wait_until(lambda: len(ftj.running) >= n, finish_timeout, "operator pods Running")
+    cpu_used = meter.since(cpu_before, meter.snapshot(operator=operator.process.pid))
+    apiserver.finish()
     wait_until(lambda: len(ftj.ftj_succeeded) >= n, finish_timeout, "FineTuneJobs Succeeded")
     time.sleep(2)
     wall_end = time.time()
@@ -558,6 +597,7 @@ def run_size(n: int, cluster: LocalCluster, api: client.ApiClient, results: dict
         "all_succeeded_on_resource_after": max(ftj.ftj_succeeded.values()) - first,
         "peak_rss_mb": operator.peak_rss / 2**20,
         "cpu_seconds": cpu,
+        "cpu_until_all_running": cpu_used,
         "requests": requests,
         "requests_during_creation": creation,
         "writes_per_job": writes / n,
@@ -598,13 +638,53 @@ def start_profiler(operator: OperatorRun, name: str) -> subprocess.Popen[bytes] 
     )  # fmt: skip
 
 
+class ApiserverProfile:
+    """With BENCH_PPROF=1: the apiserver's CPU profile over the first ``seconds`` of a burst
+    (its /debug/pprof/profile), written under the bench state folder with ``go tool pprof -top``
+    beside it when Go is on the PATH: what the apiserver spends the shared cores on."""
+
+    def __init__(self, raw: Raw, name: str, seconds: int = 30) -> None:
+        self.path = STATE / f"{name}.pprof"
+        self.thread: threading.Thread | None = None
+        if not os.environ.get("BENCH_PPROF"):
+            return
+
+        def fetch() -> None:
+            response = raw.session().get(f"{raw.server}/debug/pprof/profile?seconds={seconds}", timeout=seconds + 60)
+            self.path.write_bytes(response.content)
+
+        self.thread = threading.Thread(target=fetch, daemon=True)
+        self.thread.start()
+
+    def finish(self) -> None:
+        if self.thread is None:
+            return
+        self.thread.join()
+        go = shutil.which("go")
+        if go and self.path.is_file():
+            top = subprocess.run(
+                [go, "tool", "pprof", "-top", "-nodecount=60", str(self.path)],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            self.path.with_suffix(".top.txt").write_text(top.stdout + top.stderr)
+            cumulative = subprocess.run(
+                [go, "tool", "pprof", "-top", "-cum", "-nodecount=80", str(self.path)],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            self.path.with_suffix(".cum.txt").write_text(cumulative.stdout + cumulative.stderr)
+
+
 def stop_profiler(profiler: subprocess.Popen[bytes] | None) -> None:
     if profiler is not None:
         profiler.send_signal(signal.SIGINT)
         profiler.wait(timeout=30)
 
 
-def creation_only(n: int, cluster: LocalCluster, api: client.ApiClient) -> dict[str, Any]:
+def creation_only(n: int, cluster: LocalCluster, api: client.ApiClient, meter: CpuMeter) -> dict[str, Any]:
     """N suspended FineTuneJobs: the operator creates N suspended Jobs and patches N statuses, and
     no pod is made. The operator's creation path alone, without the Job controller, scheduler and
     simulated nodes competing for the two cores (as the naive operator's Job figures were taken)."""
@@ -621,9 +701,14 @@ def creation_only(n: int, cluster: LocalCluster, api: client.ApiClient) -> dict[
     objects = [spec(name) for name in ftj_names(n)]
     for obj in objects:
         obj["spec"]["runPolicy"] = {"suspend": True}
+    cpu_before, started = meter.snapshot(operator=operator.process.pid), time.monotonic()
+    apiserver = ApiserverProfile(raw, f"apiserver-{namespace}", seconds=10)
     burst = apply_finetunejobs(raw, namespace, objects, timeline)
     job_names = {name: names.job_name(name) for name in ftj_names(n)}
     wait_until(lambda: len(timeline.job_seen) >= n, 120 + n * 0.2, "the operator's suspended Jobs")
+    cpu_used = meter.since(cpu_before, meter.snapshot(operator=operator.process.pid))
+    wall = time.monotonic() - started
+    apiserver.finish()
     time.sleep(2)
     watcher.stop()
     stop_profiler(profiler)
@@ -634,6 +719,9 @@ def creation_only(n: int, cluster: LocalCluster, api: client.ApiClient) -> dict[
         "apply_to_job": summary(latencies(timeline.applied, timeline.job_seen, job_names)),
         "apply_to_job_post": summary(latencies(timeline.applied_wall, posts, job_names)),
         "peak_rss_mb": operator.peak_rss / 2**20,
+        # Until the last Job was seen: each process's CPU seconds, and the wall time they shared.
+        "cpu_until_all_created": cpu_used,
+        "seconds_until_all_created": wall,
     }
     say(f"creation only: {json.dumps(result['apply_to_job'])}")
     delete_namespace(core, namespace)
@@ -872,12 +960,22 @@ def fmt(value: Any) -> str:
     return "-" if value is None else f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
+def cpu_row(used: dict[str, float], processes: list[str]) -> str:
+    return f"{fmt(used['total'])} ({' / '.join(fmt(used.get(p)) for p in processes)})"
+
+
 def markdown(results: dict[str, Any]) -> str:
     lines = [
         "# Operator at scale",
         "",
         f"Run {results['time']} on {results['machine']['cpus']} CPUs, Python {results['machine']['python']}, "
-        f"Kubernetes {results['machine']['kubernetes']}, {results['nodes']} KWOK nodes x 8 GPUs.",
+        f"Kubernetes {results['machine']['kubernetes']}, {results['nodes']} KWOK nodes x 8 GPUs."
+        + (
+            f" Profilers on ({', '.join(results['profilers'])}): the operator's (py-spy) and the apiserver's "
+            "(pprof) CPU profiles of the bursts, under bench/.state/."
+            if results.get("profilers")
+            else ""
+        ),
         "",
         "| N | what | plain Jobs | operator | ratio |",
         "|---|---|---|---|---|",
@@ -902,6 +1000,13 @@ def markdown(results: dict[str, Any]) -> str:
             f"{fmt(op['all_succeeded_on_resource_after'])}) | |",
             f"| {n} | operator peak RSS (MB) / CPU (s) | | {fmt(op['peak_rss_mb'])} / {fmt(op['cpu_seconds'])} | |",
         ]
+        if "cpu_until_all_running" in op:
+            names_ = [p for p in CpuMeter.ORDER if p in op["cpu_until_all_running"]]
+            lines.append(
+                f"| {n} | CPU (s) until all Running: total ({' / '.join(names_)}) | "
+                f"{cpu_row(plain['cpu_until_all_running'], names_)} | {cpu_row(op['cpu_until_all_running'], names_)} | "
+                f"{fmt(op['cpu_until_all_running']['total'] / plain['cpu_until_all_running']['total'])} |"
+            )
         beside = data.get("beside")
         if beside:
             lines += [
@@ -926,6 +1031,13 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {n} | suspended: apply -> the apiserver has the operator's create p50 / p99 (s) | | "
             f"{fmt(alone['apply_to_job_post']['p50'])} / {fmt(alone['apply_to_job_post']['p99'])} | |",
         ]
+        if "cpu_until_all_created" in alone:
+            used = alone["cpu_until_all_created"]
+            processes = [p for p in CpuMeter.ORDER if p in used]
+            lines.append(
+                f"| {n} | suspended: CPU (s) until all created: total ({' / '.join(processes)}) over the wall time "
+                f"(s) | | {cpu_row(used, processes)} over {fmt(alone['seconds_until_all_created'])} | |"
+            )
     if results.get("freshness"):
         lines += ["", "## Status freshness", "", "| reporting jobs | POST -> seen by a watch p50 / p99 (s) | "
                   "status patches/s | per job per interval | operator CPU % |", "|---|---|---|---|---|"]  # fmt: skip
@@ -964,7 +1076,12 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(STATE, ignore_errors=True)
     STATE.mkdir(parents=True)
     found = binaries.ensure(["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok"])
-    cluster = LocalCluster(state_dir=STATE / "cluster", audit_users=(OPERATOR_USER,), extra_users=(OPERATOR_USER,))
+    cluster = LocalCluster(
+        state_dir=STATE / "cluster",
+        audit_users=(OPERATOR_USER,),
+        extra_users=(OPERATOR_USER,),
+        profiling=bool(os.environ.get("BENCH_PPROF")),
+    )
     cluster.start(agent=False, timeout=90)
     simulator = kwok.start(
         found["kwok"],
@@ -982,6 +1099,8 @@ def main(argv: list[str] | None = None) -> int:
             "platform": platform.platform(),
         },
         "nodes": args.nodes,
+        # Sampling profilers slow what they watch a little: a run with them says so.
+        "profilers": [name for name in ("BENCH_PYSPY", "BENCH_PPROF") if os.environ.get(name)],
         "scale": {},
     }
     try:
@@ -1002,9 +1121,12 @@ def main(argv: list[str] | None = None) -> int:
             120,
             "KWOK nodes Ready",
         )
+        meter = CpuMeter(
+            {p.name: p.pid for p in cluster.processes} | {"kwok": simulator.process.pid, "bench": os.getpid()}
+        )
         for n in [] if args.creation_only else sizes:
-            run_size(n, cluster, api, results["scale"])
-        results["creation_only"] = {str(max(sizes)): creation_only(max(sizes), cluster, api)}
+            run_size(n, cluster, api, results["scale"], meter)
+        results["creation_only"] = {str(max(sizes)): creation_only(max(sizes), cluster, api, meter)}
         if not args.creation_only:
             results["freshness"] = freshness(cluster, api, max(fresh_counts), fresh_counts)
     finally:

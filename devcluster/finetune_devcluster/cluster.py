@@ -90,6 +90,8 @@ class LocalCluster:
     extra_users: tuple[str, ...] = ()
     # Kueue's loopback ports (webhooks, visibility API, health, metrics) once it runs.
     kueue_ports: dict[str, int] = field(default_factory=dict)
+    # The apiserver's /debug/pprof (for the benchmark's profile of where its CPU goes).
+    profiling: bool = False
 
     # --- paths ---------------------------------------------------------------------------------
 
@@ -487,7 +489,7 @@ class LocalCluster:
             f"--proxy-client-key-file={pki / 'front-proxy-client.key'}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--allow-privileged=true",
-            "--profiling=false",
+            f"--profiling={str(self.profiling).lower()}",
             "--enable-garbage-collector=true",
             # The node agent's kubelet API (container logs) is on 127.0.0.1, its nodes' InternalIP;
             # their Hostname addresses resolve nowhere.
