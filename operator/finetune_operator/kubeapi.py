@@ -99,7 +99,6 @@ class KubeAPI:
             return aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=connections, ssl=info.as_ssl_context()),
                 headers=headers,
-                auth=info.as_aiohttp_basic_auth(),
                 timeout=aiohttp.ClientTimeout(total=timeout, connect=10),
             )
 
