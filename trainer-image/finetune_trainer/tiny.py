@@ -66,7 +66,7 @@ def build_tiny_pipeline(
     encoder, and for v2x v-prediction.
     """
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from diffusers import PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     v2 = model_type != "v1x"
@@ -104,18 +104,7 @@ def build_tiny_pipeline(
         use_linear_projection=v2,
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=64,
-        scaling_factor=0.18215,
-    )
+    vae = _tiny_vae(scaling_factor=0.18215)
     scheduler = PNDMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -139,7 +128,7 @@ def build_tiny_sdxl_pipeline(dest: Path, *, seed: int = 0) -> Path:
     scaling factor.
     """
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
@@ -180,19 +169,7 @@ def build_tiny_sdxl_pipeline(dest: Path, *, seed: int = 0) -> Path:
         projection_class_embeddings_input_dim=48 + 6 * 8,  # the second's pooled projection + six time ids
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=64,
-        scaling_factor=0.13025,
-        force_upcast=True,
-    )
+    vae = _tiny_vae(scaling_factor=0.13025, force_upcast=True)
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -254,7 +231,7 @@ def build_tiny_flux_pipeline(dest: Path, *, seed: int = 0, schnell: bool = False
     resolution; ``schnell``: no guidance embedding, no shift).
     """
     import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
@@ -302,16 +279,10 @@ def build_tiny_flux_pipeline(dest: Path, *, seed: int = 0, schnell: bool = False
         guidance_embeds=not schnell,
         axes_dims_rope=(4, 6, 6),  # adding up to the head width, as Flux.1's (16, 56, 56) to 128
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 16, 32, 32),
+    # Flux.1's VAE: 16 latent channels, four blocks, a shift, no quant convolutions.
+    vae = _tiny_vae(
+        blocks=(16, 16, 32, 32),
         latent_channels=16,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=64,
         scaling_factor=0.3611,
         shift_factor=0.1159,
         use_quant_conv=False,
@@ -357,6 +328,28 @@ def write_flux_single_file(folder: Path, dest: Path, *, prefix: str = "") -> Pat
     dest.parent.mkdir(parents=True, exist_ok=True)
     save_file(original, str(dest))
     return dest
+
+
+def _tiny_vae(
+    *, scaling_factor: float, blocks: tuple[int, ...] = (16, 32, 32), latent_channels: int = 4, **family: Any
+) -> Any:
+    """The tiny VAE every tiny pipeline uses (64 px, one layer a block), with its family's
+    scaling factor, latent channels and whatever else sets the family apart (``family``)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=blocks,
+        down_block_types=("DownEncoderBlock2D",) * len(blocks),
+        up_block_types=("UpDecoderBlock2D",) * len(blocks),
+        latent_channels=latent_channels,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=scaling_factor,
+        **family,
+    )
 
 
 def _save_pipeline(dest: Path, **components: Any) -> Path:
