@@ -255,11 +255,17 @@ class KubeAPI:
 
     # --- the FineTuneJob -------------------------------------------------------------------------
 
-    async def patch_status(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None:
-        """Merge-patch ``.status``; None when the object is gone."""
+    async def patch_status(
+        self, namespace: str, name: str, patch: dict[str, Any], *, resource_version: str = ""
+    ) -> dict[str, Any] | None:
+        """Merge-patch ``.status``; None when the object is gone.  With ``resource_version``, only
+        that version of the object takes it (409 otherwise)."""
         path = f"/apis/{GROUP}/{VERSION}/namespaces/{quote(namespace)}/{PLURAL}/{quote(name)}/status"
+        body: dict[str, Any] = {"status": patch}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
         try:
-            return await self.request("PATCH", path, body={"status": patch}, content_type=MERGE_PATCH)
+            return await self.request("PATCH", path, body=body, content_type=MERGE_PATCH)
         except ApiError as exc:
             if exc.status == 404:
                 return None

@@ -58,6 +58,10 @@ MAX_REJECTED_BACKOFF = 300.0
 OWN_WRITES_KEPT = 4
 
 
+# After a status write refused as made against an older object: the watch brings the newer one
+# (and its own reconcile) meanwhile; this retry is for the case it does not.
+CONFLICT_RETRY = 1.0
+
 # Fields that change with every report without telling a person anything new.
 _NOT_NEWS = {"updateTime", "etaSeconds", "stepsPerSecond", "learningRate", "peakMemoryBytes"}
 
@@ -287,13 +291,16 @@ class Reconciler:
             memory.gpus = job.spec.resources.gpus
         return job
 
-    def _base_status(self, body: dict[str, Any], memory: JobMemory) -> dict[str, Any]:
-        """The status as the server has it: our last write, unless the cache has seen a newer one."""
-        cached = dict(body.get("status") or {})
+    def _base(self, body: dict[str, Any], memory: JobMemory) -> tuple[dict[str, Any], str]:
+        """The status as the server has it, and the resourceVersion of the object it belongs to:
+        our last write, unless the cache has seen a newer one."""
         newer = memory.status_rv > resource_version(body)
         if memory.status is not None and newer and memory.uid == body["metadata"].get("uid"):
-            return dict(memory.status)
-        return cached
+            return dict(memory.status), str(memory.status_rv)
+        return dict(body.get("status") or {}), str(body["metadata"].get("resourceVersion") or "")
+
+    def _base_status(self, body: dict[str, Any], memory: JobMemory) -> dict[str, Any]:
+        return self._base(body, memory)[0]
 
     def _memory(self, key: Key, uid: str) -> JobMemory:
         memory = self.memory.get(key)
@@ -462,8 +469,21 @@ class Reconciler:
     ) -> None:
         namespace, name = key
         patch = status_patch(previous, new)
+        # Made against the very object ``previous`` is the status of: a FineTuneJob deleted and
+        # made again under the same name (a status write goes by name, and the status
+        # subresource ignores a uid in the patch) or changed meanwhile answers 409, never takes
+        # a status meant for another.
+        version = self._base(body, memory)[1]
         try:
-            result = await self.api.patch_status(namespace, name, patch)
+            result = await self.api.patch_status(namespace, name, patch, resource_version=version)
+        except ApiError as exc:
+            if exc.status == 409:
+                LOG.info("event=status-conflict namespace=%s name=%s read_version=%s", namespace, name, version)
+                self.enqueue(key, delay=CONFLICT_RETRY)
+                return
+            if self.metrics:
+                self.metrics.status_patch_errors.inc()
+            raise
         except Exception:
             if self.metrics:
                 self.metrics.status_patch_errors.inc()

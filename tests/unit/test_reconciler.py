@@ -13,7 +13,7 @@ import pytest
 
 from finetune_operator import reconciler as reconciler_module
 from finetune_operator.cache import slim_finetunejob, slim_job
-from finetune_operator.kubeapi import Ensured, Outcome
+from finetune_operator.kubeapi import ApiError, Ensured, Outcome
 from finetune_operator.metrics import Metrics
 from finetune_operator.reconciler import Reconciler
 from finetune_operator.reports import ProgressStore
@@ -31,6 +31,7 @@ class RecordingAPI:
         self.writes: list[tuple[str, str]] = []  # (verb and resource, name)
         self.events: list[dict[str, Any]] = []
         self.objects: dict[tuple[str, str], dict[str, Any]] = {}
+        self.refused: list[str] = []  # status writes answered 409
 
     def _next_version(self) -> str:
         self.version += 1
@@ -46,9 +47,14 @@ class RecordingAPI:
         self.jobs[(created["metadata"]["namespace"], created["metadata"]["name"])] = [slim_job(created)]
         return Ensured(Outcome.CREATED, created)
 
-    async def patch_status(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None:
-        self.writes.append(("patch finetunejobs/status", name))
+    async def patch_status(
+        self, namespace: str, name: str, patch: dict[str, Any], *, resource_version: str = ""
+    ) -> dict[str, Any] | None:
         body = self.objects[(namespace, name)]
+        if resource_version and resource_version != body["metadata"]["resourceVersion"]:
+            self.refused.append(name)
+            raise ApiError(409, "Conflict", "the object has been modified")
+        self.writes.append(("patch finetunejobs/status", name))
         body["status"] = {**body.get("status", {}), **patch}
         body["metadata"]["resourceVersion"] = self._next_version()
         return copy.deepcopy(body)
@@ -166,6 +172,29 @@ def test_once_the_job_has_a_pod_its_start_time_is_news_of_its_own() -> None:
     assert not reconciler_module._news(stamp, {"phase": "Pending"})
     assert reconciler_module._news(stamp, {"phase": "Queued", "attempts": 1})
     assert not reconciler_module._news({"etaText": "3m"}, {"phase": "Training", "attempts": 1})
+
+
+def test_a_status_meant_for_a_finetunejob_never_lands_on_the_one_made_again_under_its_name() -> None:
+    """A status write goes by name: made against the version it read, a write for the deleted
+    FineTuneJob (still in the cache) is refused by the one made again, which keeps its status."""
+
+    async def main() -> World:
+        world = World("nick")
+        key = ("team", "nick")
+        await world.reconciler.reconcile(key)
+        world.put(world.server("nick"))
+        # Deleted and made again under the same name; the watch has not told us yet.
+        again = finetunejob("nick", uid="uid-nick-2")
+        again["metadata"]["resourceVersion"] = world.api._next_version()
+        world.api.add(again)
+        del world.api.jobs[key]  # the old Job went with the old FineTuneJob
+        await world.reconciler.reconcile(key)
+        return world
+
+    world = run(main())
+    assert world.api.refused == ["nick"]
+    assert "status" not in world.server("nick")
+    assert world.reconciler.queue.due(("team", "nick")) is not None
 
 
 def test_the_echo_of_our_own_status_write_is_not_reconciled_and_is_counted() -> None:
