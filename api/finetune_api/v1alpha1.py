@@ -44,7 +44,6 @@ LABEL_VALUE_PATTERN = r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$"
 ENDPOINT_PATTERN = r"^https?://[^\s/?#]+(/[^\s?#]*)?$"
 # A Kubernetes object name that is also a label value (Kueue reads it from a label).
 OBJECT_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
-_IMMUTABLE_TEXT = "is immutable once the job exists: create a new FineTuneJob to change it"
 
 
 def _cel(rule: str, message: str, **extra: str) -> Any:
@@ -796,7 +795,6 @@ class RunPolicy(_Model):
                     "spec.runPolicy.priorityClass must name a Kueue WorkloadPriorityClass: lowercase letters, "
                     "digits, '-' and '.', starting and ending with a letter or digit (e.g. high)",
                 ),
-                _cel("self == oldSelf", f"spec.runPolicy.priorityClass {_IMMUTABLE_TEXT}"),
             ]
         },
     )
@@ -819,12 +817,16 @@ class RunPolicy(_Model):
         return value
 
 
-_IMMUTABLE = _IMMUTABLE_TEXT
+# Fields that never change once the FineTuneJob exists.
+IMMUTABLE = ("method", "baseModel", "dataset", "runPolicy.priorityClass")
+IMMUTABLE_TEXT = "is immutable once the job exists: create a new FineTuneJob to change it"
 
 # What the Job is made from: fixed once the Job exists (status.jobName), so that the running
 # Job and the status (which maps the trainer's paths with the spec) never disagree.  Until then
 # (a Job the apiserver refused) they stay editable, so that the fix can be applied.  The rest
 # of runPolicy (suspend, ttlSecondsAfterFinished) follows the spec while the job runs.
+# Both lists are enforced by a ValidatingAdmissionPolicy on the FineTuneJob itself, not by CEL
+# rules in the CRD: those would run on every status write too (see finetune_api.policy).
 STARTED_IMMUTABLE = (
     "training",
     "checkpoints",
@@ -837,35 +839,9 @@ STARTED_IMMUTABLE = (
     "runPolicy.activeDeadlineSeconds",
     "runPolicy.queueName",
 )
-
-
-def started_rules() -> list[dict[str, str]]:
-    """CEL transition rules for the object's root (they need status.jobName and the spec).
-
-    Every field here has a default except activeDeadlineSeconds, so plain field access works;
-    CEL's optional access (``.?``) would be simpler to write, but the apiserver then estimates
-    the rule's cost as unbounded and refuses the CRD."""
-    started = "has(oldSelf.status) && has(oldSelf.status.jobName)"
-    rules = []
-    for path in STARTED_IMMUTABLE:
-        *parents, leaf = path.split(".")
-        new, old = f"self.spec.{path}", f"oldSelf.spec.{path}"
-        if path == "runPolicy.activeDeadlineSeconds":
-            holder = "".join(f".{p}" for p in parents)
-            has_new, has_old = f"has(self.spec{holder}.{leaf})", f"has(oldSelf.spec{holder}.{leaf})"
-            same = f"({has_new} ? ({has_old} && {new} == {old}) : !{has_old})"
-        else:
-            same = f"{new} == {old}"
-        rules.append(
-            _cel(
-                f"!({started}) || {same}",
-                f"spec.{path} cannot change once the job's Job exists (status.jobName): "
-                "create a new FineTuneJob to change it",
-                fieldPath=f".spec.{path}",
-                reason="FieldValueForbidden",
-            )
-        )
-    return rules
+STARTED_IMMUTABLE_TEXT = (
+    "cannot change once the job's Job exists (status.jobName): create a new FineTuneJob to change it"
+)
 
 
 class FineTuneJobSpec(_Model):
@@ -874,17 +850,14 @@ class FineTuneJobSpec(_Model):
     method: Method = Field(
         default=Method.DREAMBOOTH,
         description="DreamBooth (full UNet, optional text encoder) or LoRA (small adapter files).",
-        json_schema_extra={"x-kubernetes-validations": [_cel("self == oldSelf", f"spec.method {_IMMUTABLE}")]},
     )
     base_model: BaseModelSource = Field(
         description="The model to fine-tune.",
-        json_schema_extra={"x-kubernetes-validations": [_cel("self == oldSelf", f"spec.baseModel {_IMMUTABLE}")]},
     )
     dataset: Dataset = Field(
         description="Instance (and class) images and prompts.",
         json_schema_extra={
             "x-kubernetes-validations": [
-                _cel("self == oldSelf", f"spec.dataset {_IMMUTABLE}"),
                 _cel("has(self.instanceImages) != has(self.concepts)", DATASET_SOURCE),
                 _cel(
                     "!has(self.instanceImages) || has(self.instancePrompt) || self.layout == 'kohya'",

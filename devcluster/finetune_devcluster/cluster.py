@@ -231,7 +231,14 @@ class LocalCluster:
             # Discovery and the OpenAPI document (kubectl explain) both lag behind a new CRD.
             listed = self.kubectl("get", "finetunejobs", "-A", check=False).lower()
             explained = self.kubectl("explain", "finetunejobs.spec", check=False).lower()
-            if "error" not in listed and "error" not in explained:
+            # The admission policies beside the CRD are in force once the apiserver has
+            # compiled and type-checked them.
+            policies = self.kubectl(
+                "get", "validatingadmissionpolicies", "-l", "app.kubernetes.io/part-of=finetune", "-o",
+                "jsonpath={range .items[*]}{.metadata.generation}={.status.observedGeneration} {end}", check=False,
+            ).split()  # fmt: skip
+            compiled = all(pair.partition("=")[0] == pair.partition("=")[2] for pair in policies)
+            if "error" not in listed and "error" not in explained and compiled:
                 return
             if time.monotonic() > deadline:
                 raise ClusterError("the FineTuneJob CRD did not become usable")

@@ -3,6 +3,7 @@ places GPU pods, the node agent runs them, the garbage collector cleans up."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -107,11 +108,22 @@ def test_a_path_the_pod_would_keep_to_itself_is_refused_by_the_cluster(
 
 def test_spec_model_is_immutable_but_suspend_is_not(kube: Kube, namespace: str) -> None:
     kube.create_ftj(namespace, good_manifest("frozen"))
+    changes = [
+        ({"baseModel": {"uri": "pvc://models/other"}}, "spec.baseModel"),
+        ({"method": "LoRA"}, "spec.method"),
+        ({"dataset": {"instancePrompt": "a photo of zwx dog"}}, "spec.dataset"),
+        ({"runPolicy": {"priorityClass": "high"}}, "spec.runPolicy.priorityClass"),
+    ]
+    for change, field in changes:
+        out = kube.kubectl(
+            "-n", namespace, "patch", "ftj", "frozen", "--type=merge", "-p", json.dumps({"spec": change}), check=False
+        )  # fmt: skip
+        assert f"{field} is immutable once the job exists" in out, (change, out)
+    # Before the Job exists, what it is made from may still be mended.
     out = kube.kubectl(
-        "-n", namespace, "patch", "ftj", "frozen", "--type=merge", "-p",
-        '{"spec":{"baseModel":{"uri":"pvc://models/other"}}}', check=False,
+        "-n", namespace, "patch", "ftj", "frozen", "--type=merge", "-p", '{"spec":{"training":{"learningRate":1e-5}}}'
     )  # fmt: skip
-    assert "spec.baseModel is immutable" in out
+    assert "patched" in out
     out = kube.kubectl(
         "-n", namespace, "patch", "ftj", "frozen", "--type=merge", "-p", '{"spec":{"runPolicy":{"suspend":true}}}'
     )  # fmt: skip

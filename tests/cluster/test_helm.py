@@ -77,9 +77,19 @@ def test_lint_is_clean() -> None:
 
 
 def test_chart_crd_is_the_generated_one_and_versions_match() -> None:
-    assert (CHART / "crds" / "finetunejobs.finetune.dev.yaml").read_text() == (
-        ROOT / "crds" / "finetunejobs.finetune.dev.yaml"
-    ).read_text(), "helm/finetune-operator/crds is stale: run `make crds`"
+    chart_files = sorted(p.name for p in (CHART / "crds").iterdir())
+    assert (
+        chart_files
+        == sorted(p.name for p in (ROOT / "crds").iterdir())
+        == [
+            "finetunejobs.finetune.dev.yaml",
+            "immutable-spec.finetune.dev.yaml",
+        ]
+    )
+    for name in chart_files:
+        assert (CHART / "crds" / name).read_text() == (ROOT / "crds" / name).read_text(), (
+            f"helm/finetune-operator/crds/{name} is stale: run `make crds`"
+        )
     from finetune_operator import __version__
 
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
