@@ -8,7 +8,8 @@ spec, compute the status from what the cache holds and the newest progress repor
 only what changed.  New FineTuneJobs (no Job yet) go first: a Job is what a user waits for.
 
 Status writes are throttled per job: a change of phase is written at once, a change
-of progress alone at most once per ``status_interval``, always the newest.  The change our own
+of progress alone at most once per ``status_interval``, always the newest, and a finer reason
+alone (same phase) only once it has held for ``reason_settle``.  The change our own
 status write makes comes back through the watch; it is recognised by its resourceVersion and not
 reconciled again.  Events go out through an ``EventEmitter``, off the reconcile's path.
 """
@@ -77,11 +78,17 @@ def _news(patch: dict[str, Any], new: Mapping[str, Any]) -> bool:
         if key == "etaText" or (key == "startTime" and not new.get("attempts")):
             continue
         if key == "progress" and isinstance(value, dict):
-            if set(value) - _NOT_NEWS:
+            if _progress_news(patch):
                 return True
             continue
         return True
     return False
+
+
+def _progress_news(patch: dict[str, Any]) -> bool:
+    """Whether a status patch carries the trainer's progress (a step, a loss), not only a reason."""
+    progress = patch.get("progress")
+    return isinstance(progress, dict) and bool(set(progress) - _NOT_NEWS)
 
 
 def _watched(body: Mapping[str, Any]) -> tuple[Any, ...]:
@@ -101,7 +108,9 @@ class JobMemory:
     status_rv: int = 0
     # resourceVersion our status write made -> what the FineTuneJob was when we wrote it
     own_writes: dict[str, tuple[Any, ...]] = field(default_factory=dict)
-    last_progress_patch: float = 0.0
+    last_progress_patch: float = float("-inf")
+    # When the reconcile first saw a change it has not written yet (the loop's clock).
+    news_since: float | None = None
     seen_pods: set[str] = field(default_factory=set)
     # The spec as models, parsed once per generation while the job is active.
     parsed: FineTuneJob | None = None
@@ -386,16 +395,25 @@ class Reconciler:
         # A new phase is written at once; anything else (a finer reason, progress) at most once
         # per status interval, always the newest: a pod that goes Pending -> Scheduled -> Running
         # within a second costs one write, not three.
+        # A finer reason alone (the pod waits for a node, its containers start) is written once
+        # it has held for ``reason_settle``: a pod scheduled a moment after it was made never
+        # shows "Scheduling", and at a burst of jobs that is a status write per job saved.
         phase_changed = previous.get("phase") != new.get("phase")
         patch = status_patch(previous, new)
         if not patch or not _news(patch, new):
+            memory.news_since = None
             self._track_gpu(key, new, memory)
             return
         cause = "phase" if phase_changed else "progress"
         if cause == "progress" and new.get("phase") not in FINAL:
-            wait = memory.last_progress_patch + self.settings.status_interval - time.monotonic()
-            if wait > 0:
-                self.enqueue(key, delay=wait)
+            now = asyncio.get_running_loop().time()
+            if memory.news_since is None:
+                memory.news_since = now
+            due = memory.last_progress_patch + self.settings.status_interval
+            if not _progress_news(patch):
+                due = max(due, memory.news_since + self.settings.reason_settle)
+            if due > now:
+                self.enqueue(key, delay=due - now)
                 return
         await self._write(
             key,
@@ -498,7 +516,8 @@ class Reconciler:
             memory.own_writes[version] = _watched(body)
             while len(memory.own_writes) > OWN_WRITES_KEPT:
                 del memory.own_writes[next(iter(memory.own_writes))]
-        memory.last_progress_patch = time.monotonic()
+        memory.last_progress_patch = asyncio.get_running_loop().time()
+        memory.news_since = None
         if self.metrics:
             self.metrics.status_patches.labels(cause).inc()
         old_phase, new_phase = previous.get("phase"), new.get("phase")

@@ -133,8 +133,9 @@ def test_the_jobs_start_time_alone_is_no_write_and_rides_along_with_the_next() -
 
     async def main() -> World:
         world = World("nick")
-        # Not the status interval's wait between a phase and a finer reason: only what is news.
-        world.reconciler.settings = dataclasses.replace(world.reconciler.settings, status_interval=0)
+        # Not the status interval's wait between a phase and a finer reason, nor the settling of
+        # a finer reason: only what is news.
+        world.reconciler.settings = dataclasses.replace(world.reconciler.settings, status_interval=0, reason_settle=0)
         key = ("team", "nick")
         await world.reconciler.reconcile(key)
         world.put(world.server("nick"))
@@ -165,6 +166,85 @@ def test_the_jobs_start_time_alone_is_no_write_and_rides_along_with_the_next() -
     assert world.api.writes[2:] == [("patch finetunejobs/status", "nick")]
     status = world.server("nick")["status"]
     assert (status["startTime"], status["reason"], status["attempts"]) == ("2026-11-25T12:00:01Z", "Scheduling", 1)
+
+
+def pod_of(job: dict[str, Any], *, node: str | None = None, phase: str = "Pending") -> dict[str, Any]:
+    """The Job's pod as the watch would have it: made, placed on ``node``, in ``phase``."""
+    return {
+        "metadata": {
+            "name": f"{job['metadata']['name']}-abc",
+            "namespace": "team",
+            "uid": "pod-1",
+            "creationTimestamp": "2026-11-25T12:00:02Z",
+            "ownerReferences": [
+                {"kind": "Job", "name": job["metadata"]["name"], "uid": job["metadata"]["uid"], "controller": True}
+            ],
+        },
+        "spec": {"nodeName": node},
+        "status": {"phase": phase},
+    }
+
+
+async def started(world: World, name: str) -> tuple[Any, dict[str, Any]]:
+    """``name`` reconciled once (its Job created, Pending/Starting written), and the echo seen;
+    the status interval since that write already over."""
+    key = ("team", name)
+    await world.reconciler.reconcile(key)
+    world.put(world.server(name))
+    (job,) = world.api.jobs[key]
+    job["status"] = {"active": 1, "startTime": "2026-11-25T12:00:01Z"}
+    await asyncio.sleep(world.reconciler.settings.status_interval)
+    return key, job
+
+
+def test_a_pod_placed_a_moment_after_it_was_made_never_shows_scheduling() -> None:
+    """Pending/Scheduling -> Initializing within the settling time: one write (the new phase),
+    where there were two."""
+
+    async def main() -> tuple[World, list[Any]]:
+        world = World("nick")
+        key, job = await started(world, "nick")
+        world.pods[key] = [pod_of(job)]
+        await world.reconciler.reconcile(key)
+        writes = list(world.api.writes)
+        due = world.reconciler.queue.due(key)
+        assert due is not None and 0 < due - asyncio.get_running_loop().time() <= 1.0
+        await asyncio.sleep(0.5)
+        world.pods[key] = [pod_of(job, node="gpu-node-1")]
+        await world.reconciler.reconcile(key)
+        return world, writes
+
+    world, writes_while_unplaced = run(main())
+    assert writes_while_unplaced == [("create jobs", "nick"), ("patch finetunejobs/status", "nick")]
+    assert world.api.writes[2:] == [("patch finetunejobs/status", "nick")]
+    status = world.server("nick")["status"]
+    assert (status["phase"], status["reason"]) == ("Initializing", "PodStarting")
+
+
+def test_a_pod_that_keeps_waiting_for_a_node_shows_scheduling_once_it_has_held() -> None:
+    async def main() -> tuple[World, float]:
+        world = World("nick")
+        key, job = await started(world, "nick")
+        world.pods[key] = [pod_of(job)]
+        loop = asyncio.get_running_loop()
+        seen = loop.time()
+        world.reconciler.enqueue(key)
+        world.reconciler.start()
+        while len(world.api.writes) < 3:
+            await asyncio.sleep(0.1)
+        written = loop.time() - seen
+        await world.reconciler.stop()
+        return world, written
+
+    world, after = run(main())
+    assert world.server("nick")["status"]["reason"] == "Scheduling"
+    assert 1.0 <= after < 1.2, after
+
+
+def test_progress_of_the_trainer_is_not_held_back_by_the_settling() -> None:
+    assert reconciler_module._progress_news({"progress": {"step": 10, "updateTime": "t"}})
+    assert not reconciler_module._progress_news({"progress": {"updateTime": "t", "etaSeconds": 3}})
+    assert not reconciler_module._progress_news({"reason": "Scheduling", "message": "waiting"})
 
 
 def test_once_the_job_has_a_pod_its_start_time_is_news_of_its_own() -> None:
