@@ -9,7 +9,8 @@ only what changed.  New FineTuneJobs (no Job yet) go first: a Job is what a user
 
 Status writes are throttled per job: a change of phase is written at once, a change
 of progress alone at most once per ``status_interval``, always the newest, and a finer reason
-alone (same phase) only once it has held for ``reason_settle``.  The change our own
+alone (same phase), or a step a pod passes in a moment (Scheduling, PodStarting), only once it
+has held for ``reason_settle``.  The change our own
 status write makes comes back through the watch; it is recognised by its resourceVersion and not
 reconciled again.  Events go out through an ``EventEmitter``, off the reconcile's path.
 """
@@ -62,6 +63,9 @@ OWN_WRITES_KEPT = 4
 # After a status write refused as made against an older object: the watch brings the newer one
 # (and its own reconcile) meanwhile; this retry is for the case it does not.
 CONFLICT_RETRY = 1.0
+
+# What a pod normally passes through in a moment: written only once it has held (see reconcile).
+PASSING = {Reason.SCHEDULING.value, Reason.POD_STARTING.value}
 
 # Fields that change with every report without telling a person anything new.
 _NOT_NEWS = {"updateTime", "etaSeconds", "stepsPerSecond", "learningRate", "peakMemoryBytes"}
@@ -393,11 +397,11 @@ class Reconciler:
         )
         new = result.status
         # A new phase is written at once; anything else (a finer reason, progress) at most once
-        # per status interval, always the newest: a pod that goes Pending -> Scheduled -> Running
-        # within a second costs one write, not three.
-        # A finer reason alone (the pod waits for a node, its containers start) is written once
-        # it has held for ``reason_settle``: a pod scheduled a moment after it was made never
-        # shows "Scheduling", and at a burst of jobs that is a status write per job saved.
+        # per status interval, always the newest.  What a pod passes through in a moment (waiting
+        # for the scheduler, its containers starting) is written only once it has held for
+        # ``reason_settle``, a new phase included: a pod placed and running within a second of
+        # being made goes Pending/Starting -> Initializing/TrainerStarting in one write, not
+        # three, and at a burst of jobs that is up to two status writes per job saved.
         phase_changed = previous.get("phase") != new.get("phase")
         patch = status_patch(previous, new)
         if not patch or not _news(patch, new):
@@ -405,12 +409,12 @@ class Reconciler:
             self._track_gpu(key, new, memory)
             return
         cause = "phase" if phase_changed else "progress"
-        if cause == "progress" and new.get("phase") not in FINAL:
+        if new.get("phase") not in FINAL:
             now = asyncio.get_running_loop().time()
             if memory.news_since is None:
                 memory.news_since = now
-            due = memory.last_progress_patch + self.settings.status_interval
-            if not _progress_news(patch):
+            due = now if phase_changed else memory.last_progress_patch + self.settings.status_interval
+            if not _progress_news(patch) and (not phase_changed or new.get("reason") in PASSING):
                 due = max(due, memory.news_since + self.settings.reason_settle)
             if due > now:
                 self.enqueue(key, delay=due - now)

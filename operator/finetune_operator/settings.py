@@ -31,7 +31,8 @@ class OperatorSettings:
     health_port: int = 8082
     bind_address: str = "0.0.0.0"
     status_interval: float = 3.0
-    # How long a finer reason alone (same phase, no progress) must hold before it is written.
+    # How long a finer reason alone (same phase, no progress), or a step a pod passes in a
+    # moment (Scheduling, PodStarting), must hold before it is written.
     reason_settle: float = 1.0
     leader_election: bool = False
     lease_name: str = "finetune-operator"

@@ -197,28 +197,57 @@ async def started(world: World, name: str) -> tuple[Any, dict[str, Any]]:
     return key, job
 
 
-def test_a_pod_placed_a_moment_after_it_was_made_never_shows_scheduling() -> None:
-    """Pending/Scheduling -> Initializing within the settling time: one write (the new phase),
-    where there were two."""
+def test_a_pod_placed_and_running_a_moment_after_it_was_made_costs_one_write() -> None:
+    """Pending/Starting -> (Scheduling, PodStarting) -> Initializing/TrainerStarting within the
+    settling time: one write, where there were three."""
 
     async def main() -> tuple[World, list[Any]]:
         world = World("nick")
         key, job = await started(world, "nick")
+        loop = asyncio.get_running_loop()
         world.pods[key] = [pod_of(job)]
         await world.reconciler.reconcile(key)
-        writes = list(world.api.writes)
         due = world.reconciler.queue.due(key)
-        assert due is not None and 0 < due - asyncio.get_running_loop().time() <= 1.0
-        await asyncio.sleep(0.5)
+        assert due is not None and 0 < due - loop.time() <= 1.0
+        await asyncio.sleep(0.4)
         world.pods[key] = [pod_of(job, node="gpu-node-1")]
+        await world.reconciler.reconcile(key)
+        writes = list(world.api.writes)
+        await asyncio.sleep(0.4)
+        world.pods[key] = [pod_of(job, node="gpu-node-1", phase="Running")]
         await world.reconciler.reconcile(key)
         return world, writes
 
-    world, writes_while_unplaced = run(main())
-    assert writes_while_unplaced == [("create jobs", "nick"), ("patch finetunejobs/status", "nick")]
+    world, writes_before_it_runs = run(main())
+    assert writes_before_it_runs == [("create jobs", "nick"), ("patch finetunejobs/status", "nick")]
     assert world.api.writes[2:] == [("patch finetunejobs/status", "nick")]
     status = world.server("nick")["status"]
+    assert (status["phase"], status["reason"]) == ("Initializing", "TrainerStarting")
+
+
+async def reconcile_until_written(world: World, key: Any, writes: int) -> float:
+    """Run the reconciler's workers until ``writes`` API writes are made; how long that took."""
+    loop = asyncio.get_running_loop()
+    seen = loop.time()
+    world.reconciler.enqueue(key)
+    world.reconciler.start()
+    while len(world.api.writes) < writes:
+        await asyncio.sleep(0.1)
+    await world.reconciler.stop()
+    return loop.time() - seen
+
+
+def test_a_pod_whose_containers_take_their_time_shows_podstarting_once_it_has_held() -> None:
+    async def main() -> tuple[World, float]:
+        world = World("nick")
+        key, job = await started(world, "nick")
+        world.pods[key] = [pod_of(job, node="gpu-node-1")]
+        return world, await reconcile_until_written(world, key, 3)
+
+    world, after = run(main())
+    status = world.server("nick")["status"]
     assert (status["phase"], status["reason"]) == ("Initializing", "PodStarting")
+    assert 1.0 <= after < 1.2, after
 
 
 def test_a_pod_that_keeps_waiting_for_a_node_shows_scheduling_once_it_has_held() -> None:
@@ -226,15 +255,7 @@ def test_a_pod_that_keeps_waiting_for_a_node_shows_scheduling_once_it_has_held()
         world = World("nick")
         key, job = await started(world, "nick")
         world.pods[key] = [pod_of(job)]
-        loop = asyncio.get_running_loop()
-        seen = loop.time()
-        world.reconciler.enqueue(key)
-        world.reconciler.start()
-        while len(world.api.writes) < 3:
-            await asyncio.sleep(0.1)
-        written = loop.time() - seen
-        await world.reconciler.stop()
-        return world, written
+        return world, await reconcile_until_written(world, key, 3)
 
     world, after = run(main())
     assert world.server("nick")["status"]["reason"] == "Scheduling"
