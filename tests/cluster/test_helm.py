@@ -96,6 +96,14 @@ def test_chart_crd_is_the_generated_one_and_versions_match() -> None:
     assert chart["appVersion"] == __version__
 
 
+def test_the_chart_refuses_a_cluster_without_validating_admission_policies() -> None:
+    """The immutability policy in crds/ is admissionregistration.k8s.io/v1, GA in 1.30."""
+    result = helm(None, "template", RELEASE, str(CHART), "--kube-version", "1.29.10", check=False)
+    assert result.returncode != 0
+    assert ">=1.30.0-0" in result.stderr and "1.29.10" in result.stderr
+    assert helm(None, "template", RELEASE, str(CHART), "--kube-version", "1.30.0").returncode == 0
+
+
 def test_values_table_in_the_chart_readme_is_current() -> None:
     result = subprocess.run(
         ["python", str(ROOT / "scripts" / "chart_docs.py"), "--check"], capture_output=True, text=True, check=False
