@@ -2,9 +2,8 @@
 
 A new FineTuneJob gets a few Events (Queued, a first pod scheduled, ...) at the moment its Job is
 created; awaited inline, each was another round trip before the next job's Job.  The reconciler
-hands them to an ``EventEmitter`` instead: a bounded queue that a few senders drain (one Event
-at a time each: at a burst of 1,000 jobs a single sender left ~2,500 Events trailing behind the
-apiserver's round trips), pausing while ``defer()`` says more urgent writes wait (Job creates).  When the queue is
+hands them to an ``EventEmitter`` instead: a bounded queue that one task drains, one Event at a
+time, pausing while ``defer()`` says more urgent writes wait (Job creates).  When the queue is
 full an Event is dropped with a warning and counted: a reconcile never waits for an Event.
 Each Event keeps the time it was emitted, not the time it was posted.
 """
@@ -24,9 +23,6 @@ from finetune_operator.kubeapi import KubeAPI
 LOG = logging.getLogger("finetune_operator.events")
 
 CAPACITY = 4096
-# Events in flight at once.  Each carries the time it was emitted, so `kubectl describe` lists
-# them in order whichever arrives first.
-SENDERS = 4
 # While more urgent writes wait, an Event waits too, this long at a time, up to DEFER_LIMIT
 # in all: a steady stream of new jobs must not keep Events back for ever.
 DEFER_PAUSE = 0.05
@@ -58,7 +54,6 @@ class EventEmitter:
         api: KubeAPI,
         *,
         capacity: int = CAPACITY,
-        senders: int = SENDERS,
         defer: Callable[[], bool] = lambda: False,
         on_drop: Callable[[], None] = lambda: None,
     ) -> None:
@@ -68,8 +63,7 @@ class EventEmitter:
         self.dropped = 0
         self.posted = 0
         self._queue: asyncio.Queue[PendingEvent] = asyncio.Queue(maxsize=capacity)
-        self.senders = max(1, senders)
-        self._tasks: list[asyncio.Task[None]] = []
+        self._task: asyncio.Task[None] | None = None
 
     def __len__(self) -> int:
         return self._queue.qsize()
@@ -94,23 +88,19 @@ class EventEmitter:
         return True
 
     def start(self) -> None:
-        if not self._tasks:
-            self._tasks = [
-                asyncio.create_task(self._run(), name=f"event-emitter-{number}") for number in range(self.senders)
-            ]
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="event-emitter")
 
     async def stop(self, *, timeout: float = 5.0) -> None:
         """Post what waits (for at most ``timeout`` seconds), then stop."""
-        if not self._tasks:
+        if self._task is None:
             return
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._queue.join(), timeout=timeout)
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks = []
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

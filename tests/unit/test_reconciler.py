@@ -411,40 +411,6 @@ def test_a_full_event_queue_drops_and_counts_never_blocks() -> None:
     assert world.metric("finetune_events_dropped_total") == 3
 
 
-def test_events_go_out_a_few_at_a_time_when_the_apiserver_is_slow() -> None:
-    """At a burst, each post waits on a busy apiserver: one sender left thousands of Events
-    trailing; four post four at a time (the same requests, sooner)."""
-
-    async def main() -> tuple[World, float, int]:
-        world = World()
-        api = world.api
-        in_flight = most = 0
-
-        async def slow(involved: dict[str, Any], **event: Any) -> None:
-            nonlocal in_flight, most
-            in_flight += 1
-            most = max(most, in_flight)
-            await asyncio.sleep(1.0)
-            in_flight -= 1
-            api.events.append({"name": involved["metadata"]["name"], **event})
-
-        api.post_event = slow  # type: ignore[method-assign]
-        for number in range(8):
-            world.reconciler.events.emit(
-                finetunejob(f"job-{number}"), type="Normal", reason="Initializing", message="m"
-            )
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        world.reconciler.events.start()
-        await world.reconciler.events.stop(timeout=60)
-        return world, loop.time() - started, most
-
-    world, took, most = run(main())
-    assert len(world.api.events) == 8 and world.reconciler.events.posted == 8
-    assert most == 4
-    assert 2.0 <= took < 2.5, took
-
-
 def test_an_event_that_fails_to_post_does_not_stop_the_next() -> None:
     async def main() -> RecordingAPI:
         world = World()
