@@ -7,12 +7,11 @@ and ``reconcile`` them: ensure the owned objects, keep the Job's suspension in s
 spec, compute the status from what the cache holds and the newest progress report, and patch
 only what changed.  New FineTuneJobs (no Job yet) go first: a Job is what a user waits for.
 
-Status writes are throttled per job: a change of phase is written at once, a change
-of progress alone at most once per ``status_interval``, always the newest, and a finer reason
-alone (same phase), or a step a pod passes in a moment (Scheduling, PodStarting), only once it
-has held for ``reason_settle``.  The change our own
-status write makes comes back through the watch; it is recognised by its resourceVersion and not
-reconciled again.  Events go out through an ``EventEmitter``, off the reconcile's path.
+Status writes are throttled per job: a change of phase is written at once, a change of progress
+alone at most once per ``status_interval``, always the newest, and a finer reason alone (same
+phase), or a step a pod passes in a moment (Scheduling, PodStarting), only once it has held for
+``reason_settle``.  The change our own status write makes comes back through the watch; it is
+recognised by its resourceVersion and not reconciled again.  Events go out through an ``EventEmitter``, off the reconcile's path.
 """
 
 from __future__ import annotations
