@@ -11,7 +11,8 @@ Status writes are throttled per job: a change of phase is written at once, a cha
 alone at most once per ``status_interval``, always the newest, and a finer reason alone (same
 phase), or a step a pod passes in a moment (Scheduling, PodStarting), only once it has held for
 ``reason_settle``.  The change our own status write makes comes back through the watch; it is
-recognised by its resourceVersion and not reconciled again.  Events go out through an ``EventEmitter``, off the reconcile's path.
+recognised by its resourceVersion and not reconciled again.  Events go out through an
+``EventEmitter``, off the reconcile's path.
 """
 
 from __future__ import annotations
