@@ -27,6 +27,9 @@ from finetune_api.v1alpha1 import (
 )
 
 CRD_FILE = Path("crds") / f"{PLURAL}.{GROUP}.yaml"
+# On everything generated into crds/ (the CRD and the immutability policy).
+LABELS = {"app.kubernetes.io/name": "finetune-operator", "app.kubernetes.io/part-of": "finetune"}
+HEADER = "# Generated from api/finetune_api/v1alpha1.py by `make crds`. Do not edit.\n"
 
 # Keywords Kubernetes' structural schemas know; pydantic's others (title, ...) are dropped.
 _KEEP = {
@@ -158,10 +161,7 @@ def build_crd() -> dict[str, Any]:
         "kind": "CustomResourceDefinition",
         "metadata": {
             "name": f"{PLURAL}.{GROUP}",
-            "labels": {
-                "app.kubernetes.io/name": "finetune-operator",
-                "app.kubernetes.io/part-of": "finetune",
-            },
+            "labels": dict(LABELS),
         },
         "spec": {
             "group": GROUP,
@@ -204,8 +204,7 @@ def build_crd() -> dict[str, Any]:
 
 
 def render_crd() -> str:
-    header = "# Generated from api/finetune_api/v1alpha1.py by `make crds`. Do not edit.\n"
-    return header + yaml.safe_dump(build_crd(), sort_keys=False, width=100)
+    return HEADER + yaml.safe_dump(build_crd(), sort_keys=False, width=100)
 
 
 def generate(text: str, args: list[str], default: Path) -> int:

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from finetune_api.crd import generate
+from finetune_api.crd import HEADER, LABELS, generate
 from finetune_api.v1alpha1 import GROUP, IMMUTABLE, IMMUTABLE_TEXT, PLURAL, STARTED_IMMUTABLE, STARTED_IMMUTABLE_TEXT
 
 NAME = f"immutable-spec.{GROUP}"
@@ -53,11 +53,10 @@ def validations() -> list[dict[str, str]]:
 
 
 def build_policy() -> list[dict[str, Any]]:
-    labels = {"app.kubernetes.io/name": "finetune-operator", "app.kubernetes.io/part-of": "finetune"}
     policy = {
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "ValidatingAdmissionPolicy",
-        "metadata": {"name": NAME, "labels": labels},
+        "metadata": {"name": NAME, "labels": dict(LABELS)},
         "spec": {
             "failurePolicy": "Fail",
             "matchConstraints": {
@@ -80,15 +79,14 @@ def build_policy() -> list[dict[str, Any]]:
     binding = {
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "ValidatingAdmissionPolicyBinding",
-        "metadata": {"name": NAME, "labels": labels},
+        "metadata": {"name": NAME, "labels": dict(LABELS)},
         "spec": {"policyName": NAME, "validationActions": ["Deny"]},
     }
     return [policy, binding]
 
 
 def render_policy() -> str:
-    header = "# Generated from api/finetune_api/v1alpha1.py by `make crds`. Do not edit.\n"
-    return header + yaml.safe_dump_all(build_policy(), sort_keys=False, width=100)
+    return HEADER + yaml.safe_dump_all(build_policy(), sort_keys=False, width=100)
 
 
 def main(argv: list[str] | None = None) -> int:
