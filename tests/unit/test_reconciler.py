@@ -115,6 +115,23 @@ class World:
         return self.metrics.registry.get_sample_value(name) or 0.0
 
 
+def pod_of(job: dict[str, Any], *, node: str | None = None, phase: str = "Pending") -> dict[str, Any]:
+    """The Job's pod as the watch would have it: made, placed on ``node``, in ``phase``."""
+    return {
+        "metadata": {
+            "name": f"{job['metadata']['name']}-abc",
+            "namespace": "team",
+            "uid": "pod-1",
+            "creationTimestamp": "2026-11-25T12:00:02Z",
+            "ownerReferences": [
+                {"kind": "Job", "name": job["metadata"]["name"], "uid": job["metadata"]["uid"], "controller": True}
+            ],
+        },
+        "spec": {"nodeName": node},
+        "status": {"phase": phase},
+    }
+
+
 def test_a_new_job_costs_one_job_create_and_one_status_write_and_no_event_inline() -> None:
     async def main() -> World:
         world = World("nick")
@@ -143,21 +160,7 @@ def test_the_jobs_start_time_alone_is_no_write_and_rides_along_with_the_next() -
         job["status"] = {"startTime": "2026-11-25T12:00:01Z"}
         await world.reconciler.reconcile(key)
         assert len(world.api.writes) == 2
-        world.pods[key] = [
-            {
-                "metadata": {
-                    "name": "nick-abc",
-                    "namespace": "team",
-                    "uid": "pod-1",
-                    "creationTimestamp": "2026-11-25T12:00:02Z",
-                    "ownerReferences": [
-                        {"kind": "Job", "name": "nick", "uid": job["metadata"]["uid"], "controller": True}
-                    ],
-                },
-                "spec": {"nodeName": None},
-                "status": {"phase": "Pending"},
-            }
-        ]
+        world.pods[key] = [pod_of(job)]
         job["status"]["active"] = 1
         await world.reconciler.reconcile(key)
         return world
@@ -166,23 +169,6 @@ def test_the_jobs_start_time_alone_is_no_write_and_rides_along_with_the_next() -
     assert world.api.writes[2:] == [("patch finetunejobs/status", "nick")]
     status = world.server("nick")["status"]
     assert (status["startTime"], status["reason"], status["attempts"]) == ("2026-11-25T12:00:01Z", "Scheduling", 1)
-
-
-def pod_of(job: dict[str, Any], *, node: str | None = None, phase: str = "Pending") -> dict[str, Any]:
-    """The Job's pod as the watch would have it: made, placed on ``node``, in ``phase``."""
-    return {
-        "metadata": {
-            "name": f"{job['metadata']['name']}-abc",
-            "namespace": "team",
-            "uid": "pod-1",
-            "creationTimestamp": "2026-11-25T12:00:02Z",
-            "ownerReferences": [
-                {"kind": "Job", "name": job["metadata"]["name"], "uid": job["metadata"]["uid"], "controller": True}
-            ],
-        },
-        "spec": {"nodeName": node},
-        "status": {"phase": phase},
-    }
 
 
 async def started(world: World, name: str) -> tuple[Any, dict[str, Any]]:
