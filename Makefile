@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 .PHONY: system-packages
 .PHONY: check-webui-loaders
 .PHONY: help setup binaries lint test test-unit test-fast crds crds-check demo cluster-up cluster-down \
-        bench bench-trainer chart-docs clean
+        bench bench-trainer gpu-check chart-docs clean
 
 help:
 	@echo "make demo          run a tiny fine-tune on a local control plane, end to end (KUEUE=1: two jobs through Kueue, one GPU of quota)"
@@ -25,6 +25,7 @@ help:
 	@echo "make cluster-down  stop it"
 	@echo "make bench         operator-at-scale benchmark (results in bench/results/)"
 	@echo "make bench-trainer trainer step benchmark (results in bench/results/)"
+	@echo "make gpu-check     one short run of each GPU-only path (results in bench/results/gpu-check.md; no GPU: the plan)"
 	@echo "make check-webui-loaders  our exports through InvokeAI's model probe and loader (own venv, ~4 min; ~8 min cold)"
 
 setup: $(VENV)/.finetune-ready
@@ -75,6 +76,11 @@ bench: setup
 
 bench-trainer: setup
 	$(PY) bench/trainer_step.py $(BENCH_ARGS)
+
+# The first thing to run on a GPU: bf16/fp16, SDXL with text encoders at 1024 px, Flux.1 on an nf4
+# base (a folder and a single file), the kohya export, 8-bit AdamW, xformers, torch.compile.
+gpu-check: setup
+	$(PY) bench/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	-$(PY) -m finetune_devcluster down

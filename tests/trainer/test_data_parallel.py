@@ -158,3 +158,25 @@ def test_a_killed_worker_fails_the_run_as_transient_and_the_next_attempt_resumes
     messages = [x.get("message") for x in lines if x.get("event") == "progress" and x.get("stage") == "training"]
     assert messages[0] == f"training from step {resumed_from} to 60"
     assert _state(output, 60)["step"] == 60
+
+
+def test_two_processes_train_sdxl_lora_with_its_text_encoders(
+    photos: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """SDXL LoRA with text-encoder adapters on two processes: SDXL conditions on the first
+    encoder's second-to-last layer, so its last layer's adapters never get a gradient, and DDP
+    without ``find_unused_parameters`` waits for them and stops at the second step (as
+    diffusers' SDXL and Flux scripts know, who pass it)."""
+    from finetune_trainer.tiny import build_tiny_sdxl_pipeline
+
+    model = build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny-xl-dp") / "model", seed=0)
+    output = tmp_path / "xl"
+    spec = _spec(model, photos, output, batch=1, gpus=2)
+    spec["baseModel"]["type"] = "sdxl"
+    spec["method"] = "LoRA"
+    spec["training"]["lora"] = {"rank": 4, "alpha": 4, "trainTextEncoder": True}
+    launcher = _launch(manifest(tmp_path / "xl.yaml", name="dp-xl", **spec), tmp_path)
+    assert launcher.wait(timeout=600) == 0, (tmp_path / "launcher.log").read_text()[-3000:]
+    summary = json.loads((tmp_path / "termination-log").read_text())
+    assert (summary["phase"], summary["settings"]["processes"]) == ("Succeeded", "2")
+    assert len(_state(output, STEPS)["loss_history"]) == STEPS

@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from finetune_trainer import data, storage
+from finetune_trainer.errors import BadInput
 from finetune_trainer.families import BaseModel
 from finetune_trainer.job import CLASS_IMAGE_STEPS
 from finetune_trainer.report import ProgressReporter
+from finetune_trainer.samples import decode_outside_autocast
 
 log = logging.getLogger("finetune_trainer")
 
@@ -98,7 +100,7 @@ def generate(
         generators = [
             data.generator(seed, data.STREAM_CLASS_IMAGES, int(p.stem.split("-")[1]), device=device) for p in names
         ]
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), autocast, decode_outside_autocast(pipeline.vae):
             images = pipeline(
                 [prompt] * batch,
                 height=resolution,
@@ -112,3 +114,29 @@ def generate(
             written.append(path)
         reporter.emit(message=f"generated {len(written)}/{count} class images in {dest}")
     return written
+
+
+# The spread of pixel values (of 0..255) at or below which a picture is one flat colour.
+BLANK_SPREAD = 2
+
+
+def blank(examples: list[data.Example]) -> list[data.Example]:
+    """The class images that are one flat colour: what a VAE that overflowed decodes (black), a
+    picture no class prior should be learned from."""
+    return [e for e in examples if int(e.pixels.max()) - int(e.pixels.min()) <= BLANK_SPREAD]
+
+
+def refuse_blank(examples: list[data.Example], *, folders: list[Path], field: str) -> None:
+    """Stop before training toward blank class images (left by an earlier run whose VAE
+    overflowed, or given so): they would teach the model blank pictures for the class."""
+    found = blank(examples)
+    if not found:
+        return
+    names = ", ".join(sorted({e.path.name for e in found})[:3])
+    where = ", ".join(str(f) for f in folders)
+    raise BadInput(
+        f"{len(found)} of the {len(examples)} class images in {where} are one flat colour (e.g. {names}), as a VAE "
+        "that overflowed in fp16 makes them: prior preservation would train toward blank pictures; delete them "
+        "(the run generates new ones in a folder of its own) or give other class images",
+        field=field,
+    )

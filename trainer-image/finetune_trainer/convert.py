@@ -259,9 +259,11 @@ def _text_to_original(text: StateDict, slot: TextSlot) -> StateDict:
     if slot.layout == "clip":
         for key, new in clip_key_map(text, slot).items():
             out[new] = text[key]
-        positions = text[_find(text, "embeddings.position_embedding.weight")].shape[0]
-        # SD 1.x checkpoints carry CLIP's position ids; some loaders expect them.
-        out[f"{slot.prefix}text_model.embeddings.position_ids"] = torch.arange(positions, dtype=torch.int64)[None]
+        table = text[_find(text, "embeddings.position_embedding.weight")]
+        # SD 1.x checkpoints carry CLIP's position ids; some loaders expect them.  (Made beside
+        # the weights, like every tensor of the state dict.)
+        ids = torch.arange(table.shape[0], dtype=torch.int64, device=table.device)[None]
+        out[f"{slot.prefix}text_model.embeddings.position_ids"] = ids
         return out
     for key, new in open_clip_key_map(text, slot).items():
         out[new] = text[key]

@@ -377,8 +377,12 @@ class LatentCache:
         stream: int,
         device: Any,
         dtype: torch.dtype,
+        batch_size: int = 8,
     ) -> None:
         self.vae = vae
+        # Examples encoded in one VAE pass (each with its flipped twin): sized by the caller
+        # from the resolution and the free memory (``job.caching_batch``).
+        self.batch_size = max(1, batch_size)
         self.examples = examples
         self.center_crop = center_crop
         self.variants = (False, True) if random_flip else (False,)
@@ -389,10 +393,11 @@ class LatentCache:
         # (example, bucket) -> (mean, std: variants x C x h x w, crops: (top, left) per variant)
         self.entries: dict[tuple[int, Bucket], tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]] = {}
 
-    def fill(self, keys: Sequence[tuple[int, Bucket]], *, batch_size: int = 8) -> None:
+    def fill(self, keys: Sequence[tuple[int, Bucket]]) -> None:
         """Encode what is missing of ``keys``, a batch of one size at a time."""
         import torch
 
+        batch_size = self.batch_size
         missing = sorted({k for k in keys if k not in self.entries}, key=lambda k: (k[1], k[0]))
         by_size: dict[Bucket, list[int]] = {}
         for index, bucket in missing:

@@ -99,6 +99,7 @@ class Device:
     """What this machine can do, as far as the settings care."""
 
     type: str  # "cuda" or "cpu"
+    index: int = 0  # this process's GPU (LOCAL_RANK)
     bf16: bool = False
     xformers: bool = False
     bitsandbytes: bool = False
@@ -116,17 +117,19 @@ def detect_device(spec: FineTuneJobSpec | None = None) -> Device:
     are probed: imported, and where the spec asks for them run once on the device.  A wheel
     built for another CUDA or ABI fails at import or at its first kernel, and diffusers,
     transformers and peft import whatever they find installed: a library that fails its probe
-    is hidden from them (see ``hide_library``), so that it costs a warning, not the run."""
+    is hidden from them (see ``hide_library``), so that it costs a warning, not the run.
+
+    On a GPU every query and probe runs on this process's own GPU (``LOCAL_RANK``), made the
+    current device first: probing on the default device would leave a CUDA context of every
+    other process on GPU 0, and the memory read would be GPU 0's."""
     import torch
 
     cuda = torch.cuda.is_available()
-    bf16 = False
+    index = local_rank() if cuda else 0
     if cuda:
-        with contextlib.suppress(Exception):
-            bf16 = bool(torch.cuda.is_bf16_supported())
-    else:
-        bf16 = True  # autocast to bfloat16 runs on any CPU (slowly without native support)
-    device = "cuda" if cuda else "cpu"
+        torch.cuda.set_device(index)
+    bf16 = native_bf16(index) if cuda else True  # autocast to bfloat16 runs on any CPU (slowly)
+    device = f"cuda:{index}" if cuda else "cpu"
     xformers = cuda and _installed("xformers")
     bitsandbytes = _installed("bitsandbytes")
     xformers_problem = bitsandbytes_problem = ""
@@ -150,13 +153,16 @@ def detect_device(spec: FineTuneJobSpec | None = None) -> Device:
         if not bitsandbytes:
             quantization_problem = bitsandbytes_problem or "bitsandbytes is not installed"
         else:
-            quantization_problem = probe(_quantized_layer(quantization), device)
+            quantization_problem = probe(_quantized_layer(quantization, bf16=bf16), device)
     memory = 0
     if cuda:
         with contextlib.suppress(Exception):
-            memory = int(torch.cuda.get_device_properties(0).total_memory)
+            # What is free now (after this process's context and whatever else runs on the GPU),
+            # not the card's total: the up-front check is against what this run can have.
+            memory = int(torch.cuda.mem_get_info(index)[0])
     return Device(
-        type=device,
+        type="cuda" if cuda else "cpu",
+        index=index,
         memory_bytes=memory,
         bf16=bf16,
         xformers=xformers,
@@ -166,6 +172,32 @@ def detect_device(spec: FineTuneJobSpec | None = None) -> Device:
         quantization_problem=quantization_problem,
         compiler=compiler_present(cuda=cuda),
     )
+
+
+def local_rank() -> int:
+    """This process's GPU among the node's: the launcher's ``LOCAL_RANK`` (0 when alone)."""
+    try:
+        return max(0, int(os.environ.get("LOCAL_RANK", "0")))
+    except ValueError:
+        return 0
+
+
+# bf16 convolutions and matrix units in hardware: Ampere (compute capability 8.0) and newer.
+BF16_MIN_CAPABILITY = (8, 0)
+
+
+def native_bf16(index: int = 0) -> bool:
+    """Whether GPU ``index`` computes bf16 in hardware.  ``torch.cuda.is_bf16_supported()``
+    alone also counts emulation (since torch 2.3): on a T4, V100 or RTX 20xx it says yes,
+    while cuDNN has no bf16 convolution engines there (a crash, or a fallback many times
+    slower).  Only compute capability 8.0 and newer is taken."""
+    import torch
+
+    try:
+        capability = tuple(torch.cuda.get_device_capability(index))
+    except Exception:
+        return False
+    return capability >= BF16_MIN_CAPABILITY
 
 
 def _installed(name: str) -> bool:
@@ -219,7 +251,7 @@ def _adamw8bit_step(device: str) -> None:
         raise RuntimeError("one step of AdamW8bit did not update the parameter")
 
 
-def _quantized_layer(quantization: str) -> Callable[[str], None]:
+def _quantized_layer(quantization: str, *, bf16: bool) -> Callable[[str], None]:
     """One layer quantized the way the base model will be: diffusers' bitsandbytes quantizer must
     accept this machine (diffusers 0.42 wants a GPU: "No GPU found. A GPU is needed for
     quantization.", although bitsandbytes 0.50's own 4-bit and 8-bit layers run on a CPU), and a
@@ -232,7 +264,7 @@ def _quantized_layer(quantization: str) -> Callable[[str], None]:
         from diffusers import BitsAndBytesConfig
         from diffusers.quantizers import DiffusersAutoQuantizer
 
-        dtype = torch.bfloat16 if device == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
+        dtype = torch.bfloat16 if bf16 else torch.float16
         if quantization == "int8":
             config = BitsAndBytesConfig(load_in_8bit=True)
             layer: Any = bitsandbytes.nn.Linear8bitLt(64, 64, has_fp16_weights=False)
@@ -274,6 +306,10 @@ def compiler_present(*, cuda: bool) -> bool:
 # the compile repays itself after some 2,300 steps.  Below this many steps an unset
 # ``compile`` stays off.
 COMPILE_MIN_STEPS = 2500
+# Where that was measured: SD 1.x's UNet, at one square size.  Nothing else was (SDXL's UNet,
+# a 12 B Flux transformer, whose compile time is unknown), and with aspect-ratio buckets each
+# size compiles anew when it first comes up, mid-run: an unset ``compile`` stays off there.
+COMPILE_MEASURED = (ModelType.V1X,)
 # Below this a LoRA run is warned: diffusers' and kohya's LoRA runs use 1e-4.
 LORA_LOW_LEARNING_RATE = 1.0e-5
 
@@ -398,8 +434,9 @@ def resolve_settings(
             f"diffusers and kohya use 1e-4): the model may learn almost nothing; unset it for 1e-4"
         )
 
+    bucketed = spec.dataset.buckets if spec.dataset.buckets is not None else model_type in BUCKETED
     compile_, compile_mode, compile_warnings = _resolve_compile(
-        spec, device, total_steps=total_steps, quantized=quantization != "none"
+        spec, device, total_steps=total_steps, quantized=quantization != "none", bucketed=bucketed
     )
     warnings += compile_warnings
     cuda = device.type == "cuda"
@@ -414,7 +451,7 @@ def resolve_settings(
         device=device.type,
         learning_rate=spec.learning_rate,
         resolution=spec.resolution,
-        buckets=spec.dataset.buckets if spec.dataset.buckets is not None else model_type in BUCKETED,
+        buckets=bucketed,
         compile_mode=compile_mode,
         fused_optimizer=cuda and optimizer == "AdamW",
         # bitsandbytes makes every parameter contiguous again at each step (a copy of the
@@ -435,7 +472,7 @@ def trains_text_encoder(spec: FineTuneJobSpec) -> bool:
 
 
 def _resolve_compile(
-    spec: FineTuneJobSpec, device: Device, *, total_steps: int | None, quantized: bool = False
+    spec: FineTuneJobSpec, device: Device, *, total_steps: int | None, quantized: bool = False, bucketed: bool = False
 ) -> tuple[bool, str, list[str]]:
     training = spec.training
     warnings: list[str] = []
@@ -445,7 +482,12 @@ def _resolve_compile(
         # bitsandbytes' quantized layers under torch.compile have not been measured here: an unset
         # compile leaves a quantized base eager.
         compile_ = (
-            device.type == "cuda" and device.compiler and (total_steps or 0) >= COMPILE_MIN_STEPS and not quantized
+            device.type == "cuda"
+            and device.compiler
+            and (total_steps or 0) >= COMPILE_MIN_STEPS
+            and not quantized
+            and ModelType(spec.base_model.type) in COMPILE_MEASURED
+            and not bucketed
         )
     elif training.compile and not device.compiler:
         needs = "a C compiler and Python's headers (gcc, python3-dev)" if device.type == "cuda" else "a C++ compiler"
@@ -527,6 +569,66 @@ GIB = 2**30
 USABLE_FRACTION = 0.95
 
 
+# The VAE encoder's transient memory for one 1024 px image in fp32, under no_grad (SDXL's and
+# Flux's VAE: 128-512 channels at full and half size; 8 images at 1024 px took 12 GiB): it
+# scales with the pixels and the bytes of the dtype.
+VAE_ENCODE_BYTES_1024_FP32 = 1.5 * GIB
+# The most examples of one size encoded in one VAE pass (kohya's vae_batch_size defaults to 1).
+MAX_CACHING_BATCH = 8
+# The share of free GPU memory the caching may take for its batch.
+CACHING_SHARE = 0.5
+
+
+def vae_encode_bytes(resolution: int, *, dtype_bytes: int, images: int = 1) -> float:
+    """What encoding ``images`` pictures of ``resolution`` px at once takes, beyond the VAE's weights."""
+    return VAE_ENCODE_BYTES_1024_FP32 * (resolution / 1024) ** 2 * (dtype_bytes / 4) * images
+
+
+def caching_batch(resolution: int, *, dtype_bytes: int, variants: int, free_bytes: int | None) -> int:
+    """Examples per VAE pass while the latents are cached: as many as half the free GPU memory
+    holds (each example is ``variants`` pictures: with random flips, two), 1 to 8; 8 off a GPU
+    (``free_bytes`` None), where host memory is not the limit."""
+    if free_bytes is None:
+        return MAX_CACHING_BATCH
+    per_example = vae_encode_bytes(resolution, dtype_bytes=dtype_bytes, images=variants)
+    return int(max(1, min(MAX_CACHING_BATCH, free_bytes * CACHING_SHARE // per_example)))
+
+
+def prompt_cache_bytes(spec: FineTuneJobSpec) -> float:
+    """What the prompt cache may hold on the GPU: its whole device share (``prompt_cache``),
+    since the number of distinct captions is not known before the images are read; nothing
+    where the text encoders train or captions are shuffled (prompts are encoded every step)."""
+    from finetune_trainer import prompt_cache
+
+    if trains_text_encoder(spec) or spec.dataset.shuffle_caption:
+        return 0.0
+    return float(prompt_cache.DEVICE_BYTES)
+
+
+def run_memory(spec: FineTuneJobSpec, family: Any, *, mixed_precision: str, optimizer: str) -> Any:
+    """The family's estimate of a training step, with what the recipe keeps beside it: the
+    prompt cache's share of the GPU, and the latent caching's one-picture VAE pass where that
+    is more than the step's activations (the caching runs before the first step).  None where
+    the family gives no estimate."""
+    from finetune_trainer.families import MemoryEstimate
+
+    need = family.memory_needed(spec, mixed_precision=mixed_precision, optimizer=optimizer)
+    if need is None:
+        return None
+    prompts = prompt_cache_bytes(spec)
+    caching = 0.0
+    if spec.training.cache_latents:
+        vae_bytes = 4 if family.vae_overflows_in_fp16 or mixed_precision == "no" else 2
+        variants = 2 if spec.dataset.random_flip else 1
+        caching = max(0.0, vae_encode_bytes(spec.resolution, dtype_bytes=vae_bytes, images=variants) - need.activations)
+    basis = need.basis
+    if prompts or caching:
+        basis += (
+            f"; with {prompts / GIB:.2f} GiB of cached prompts and {caching / GIB:.2f} GiB more for caching latents"
+        )
+    return MemoryEstimate(bytes=need.bytes + prompts + caching, basis=basis, activations=need.activations)
+
+
 # A setting that saves memory: its name, the change, and the optimizer it switches to.
 _Change = tuple[str, Callable[[FineTuneJobSpec], FineTuneJobSpec], str | None]
 
@@ -536,7 +638,7 @@ def memory_check(
 ) -> str | None:
     """None where the run fits the GPU by the family's estimate; else a sentence saying what it
     needs and which settings, applied in order, would make it fit."""
-    need = family.memory_needed(spec, mixed_precision=mixed_precision, optimizer=optimizer)
+    need = run_memory(spec, family, mixed_precision=mixed_precision, optimizer=optimizer)
     usable = gpu_bytes * USABLE_FRACTION
     if need is None or need.bytes <= usable:
         return None
@@ -597,7 +699,7 @@ def memory_check(
         current = change(current)
         optimizer = new_optimizer or optimizer
         fixes.append(name)
-        estimate = family.memory_needed(current, mixed_precision=mixed_precision, optimizer=optimizer)
+        estimate = run_memory(current, family, mixed_precision=mixed_precision, optimizer=optimizer)
         if estimate is not None and estimate.bytes <= usable:
             fitted = True
             break

@@ -134,7 +134,7 @@ class SampleRenderer:
                     }
                     if self.prompt_inputs is not None:
                         inputs = self.prompt_inputs(prompt)
-                    with torch.no_grad(), autocast:
+                    with torch.no_grad(), autocast, decode_outside_autocast(pipeline.vae):
                         image = pipeline(
                             **inputs,
                             height=self.resolution,
@@ -174,6 +174,31 @@ class SampleRenderer:
         with storage.atomic_path(dest) as tmp:
             image.save(tmp, format="PNG", pnginfo=info)
         storage.make_readable(dest)
+
+
+@contextlib.contextmanager
+def decode_outside_autocast(vae: Any) -> Any:
+    """While inside: the VAE decodes in its own precision, with autocast off.  The pipeline
+    runs the denoiser under autocast (the run's fp16/bf16), and autocast would decode in it too:
+    a VAE kept in fp32 because it overflows in fp16 (SDXL's) then overflows anyway, and the
+    pictures come out black (NaN).  Its input latents are cast to the VAE's dtype."""
+    import torch
+
+    had = "decode" in vars(vae)
+    original = vae.decode
+
+    def decode(latents: Any, *args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(latents.device.type, enabled=False):
+            return original(latents.to(vae.dtype), *args, **kwargs)
+
+    vae.decode = decode
+    try:
+        yield vae
+    finally:
+        if had:
+            vae.decode = original
+        else:
+            del vae.decode
 
 
 def thumbnails(folder: Path, prompts: list[str], *, budget: int = THUMBNAIL_BUDGET_BYTES) -> list[Thumbnail]:

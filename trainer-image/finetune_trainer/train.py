@@ -73,6 +73,7 @@ from finetune_trainer import (
     outputs,
     ownership,
     pictures,
+    prompt_cache,
     samples,
     storage,
 )
@@ -81,6 +82,7 @@ from finetune_trainer.errors import BadInput, OutOfMemory
 from finetune_trainer.job import (
     Device,
     Settings,
+    caching_batch,
     detect_device,
     memory_check,
     process_group_timeout,
@@ -94,8 +96,6 @@ from finetune_trainer.report import ProgressReporter
 log = logging.getLogger("finetune_trainer")
 
 CHECKPOINTS_DIR = "checkpoints"
-# Prompt embeddings kept at most: shuffled captions make new prompts every step.
-PROMPT_CACHE_LIMIT = 4096
 # What torch.compile builds with.  Inductor is the one that makes steps faster; tests on a
 # CPU may use a cheaper backend that traces the same graphs without generating code.
 COMPILE_BACKEND = "inductor"
@@ -152,7 +152,7 @@ class DreamBoothRecipe:
         self._sample_failure_warned = False
         # Each distinct prompt's token ids and (while the text encoders are frozen) conditioning.
         self.token_cache: dict[str, list[Any]] = {}
-        self.prompt_cache: dict[str, families.Conditioning] = {}
+        self.prompt_cache = prompt_cache.PromptCache(device="cpu")  # on the training device from setup()
         # The text encoders have left the GPU (and host memory): every prompt is in the cache.
         self.encoders_released = False
         self.settings: Settings
@@ -167,19 +167,32 @@ class DreamBoothRecipe:
 
         import torch
         from accelerate import Accelerator
-        from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
+        from accelerate.utils import (
+            DistributedDataParallelKwargs,
+            InitProcessGroupKwargs,
+            ProjectConfiguration,
+            set_seed,
+        )
 
         spec, training = self.spec, self.spec.training
         self.settings, warnings = resolve_settings(spec, self.device_info)
         barrier_timeout = process_group_timeout(spec, remote_output=self.out.remote is not None)
+        handlers: list[Any] = [InitProcessGroupKwargs(timeout=timedelta(seconds=barrier_timeout))]
+        if self.trains_text_encoder:
+            # A trained text encoder has parameters no step uses (SDXL's first encoder gives its
+            # second-to-last layer, so its last layer never gets a gradient): DDP must be told,
+            # or it waits for those gradients and stops at the second step (diffusers' SDXL and
+            # Flux scripts pass the same).
+            handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
         self.accelerator = Accelerator(
             mixed_precision=self.settings.mixed_precision,
             gradient_accumulation_steps=training.gradient_accumulation_steps,
             cpu=self.device_info.type == "cpu",
             project_config=ProjectConfiguration(project_dir=str(self.output), automatic_checkpoint_naming=False),
-            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=barrier_timeout))],
+            kwargs_handlers=handlers,
         )
         accelerator = self.accelerator
+        self.prompt_cache = prompt_cache.PromptCache(device=accelerator.device)
         self.reporter.enabled = accelerator.is_main_process
         if self.device_info.type == "cuda":
             self.reporter.peak_memory = lambda: int(torch.cuda.max_memory_allocated())
@@ -282,6 +295,7 @@ class DreamBoothRecipe:
             precision=self.settings.mixed_precision,
             quantization=self.settings.base_quantization,
             device=str(self.accelerator.device),
+            scratch=str(cache_dir() / "converted"),
         )
 
     def _report_settings(self) -> None:
@@ -392,7 +406,9 @@ class DreamBoothRecipe:
             for example in loaded.examples:
                 example.concept = index
             examples.extend(loaded.examples)
-        return examples[: dataset.num_class_images]
+        chosen = examples[: dataset.num_class_images]
+        class_images.refuse_blank(chosen, folders=folders, field=concept.class_field)
+        return chosen
 
     def _configure_models(self) -> None:
         import torch
@@ -482,18 +498,13 @@ class DreamBoothRecipe:
     def _encode_prompts_first(self) -> None:
         """Every prompt the run can see, and the sample prompts, encoded now with the text
         encoders alone on the GPU; where no new prompt can come (no trained text encoder, no
-        shuffled captions, not more prompts than the cache holds) the encoders then leave the
-        GPU and host memory (to the meta device: anything that still used them would fail loudly
+        shuffled captions) and the cache holds them all, the encoders then leave the GPU and
+        host memory (to the meta device: anything that still used them would fail loudly
         rather than fall back to minutes of encoding on a CPU)."""
         import torch
 
         prompts = self._prompts()
-        closed = (
-            not self.trains_text_encoder
-            and not self.spec.dataset.shuffle_caption
-            and len(prompts) + len(self.spec.samples.prompts) <= PROMPT_CACHE_LIMIT
-        )
-        if not closed:
+        if self.trains_text_encoder or self.spec.dataset.shuffle_caption:
             return
         device = self.accelerator.device
         self.reporter.set_stage(Stage.CACHING, message=f"encoding {len(prompts)} prompts once")
@@ -501,7 +512,14 @@ class DreamBoothRecipe:
             encoder.requires_grad_(False)
             encoder.eval()
             encoder.to(device)
-        self._cache_prompts(self.base.text_encoders, extra=list(self.spec.samples.prompts))
+        extra = list(self.spec.samples.prompts)
+        self._cache_prompts(self.base.text_encoders, extra=extra)
+        if not all(p in self.prompt_cache for p in [*prompts, *extra]):
+            log.info(
+                f"{len(prompts) + len(extra)} prompts are more than the prompt cache holds; the text encoders stay",
+                extra={"event": "prompt-cache-full"},
+            )
+            return
         for encoder in self.base.text_encoders:
             encoder.to("meta")
         self.encoders_released = True
@@ -610,6 +628,7 @@ class DreamBoothRecipe:
                     "spec.dataset.centerCrop is false; their random crop is drawn once and cached instead of anew "
                     "each epoch (set centerCrop: true, or cacheLatents: false for a new crop every epoch)"
                 )
+            batch = self._caching_batch()
             for stream, examples in enumerate((self.instance, self.class_examples)):
                 cache = data.LatentCache(
                     self.base.vae,
@@ -620,12 +639,29 @@ class DreamBoothRecipe:
                     stream=stream,
                     device=self.accelerator.device,
                     dtype=self.vae_dtype,
+                    batch_size=batch,
                 )
                 # Photos at their own size now; class images at the sizes of the photos beside
                 # them, as they come (each size once).
                 cache.fill([(i, e.bucket) for i, e in enumerate(examples) if stream == 0 or e.bucket in sizes])
                 self.latents.append(cache)
         self._cache_prompts(self.text_encoders)
+
+    def _caching_batch(self) -> int:
+        """Examples per VAE pass while caching latents: what the GPU's free memory holds now,
+        the models loaded (an SDXL picture at 1024 px in fp32 takes some 1.5 GiB to encode)."""
+        import torch
+
+        free: int | None = None
+        device = self.accelerator.device
+        if device.type == "cuda":
+            free = int(torch.cuda.mem_get_info(device)[0])
+        return caching_batch(
+            self.settings.resolution,
+            dtype_bytes=torch.empty((), dtype=self.vae_dtype).element_size(),
+            variants=2 if self.spec.dataset.random_flip else 1,
+            free_bytes=free,
+        )
 
     def _prompts(self) -> list[str]:
         """Every prompt a step can see without caption shuffling."""
@@ -636,7 +672,8 @@ class DreamBoothRecipe:
 
     def _cache_prompts(self, encoders: list[Any], *, extra: list[str] | None = None) -> None:
         """Token ids of every prompt, and while the text encoders are frozen their conditioning
-        (what is cached already is kept)."""
+        (what is cached already is kept; with shuffled captions a step's prompt is new, and
+        only the sample prompts are kept)."""
         import torch
 
         # Token ids live on the device too: a trained text encoder reads them every step.
@@ -645,10 +682,13 @@ class DreamBoothRecipe:
                 self.token_cache[prompt] = self._tokens(prompt)
         if self.trains_text_encoder:
             return
+        training = [] if self.spec.dataset.shuffle_caption else self._prompts()
         with torch.no_grad():
-            for prompt in [*self._prompts(), *(extra or [])]:
-                if prompt not in self.prompt_cache:
-                    self.prompt_cache[prompt] = self._encode_one(prompt, encoders)
+            for prompt in [*training, *(extra or [])]:
+                if prompt not in self.prompt_cache and not self.prompt_cache.put(
+                    prompt, self._encode_one(prompt, encoders)
+                ):
+                    return  # full: the rest are encoded when they come
 
     def _tokens(self, prompt: str) -> list[Any]:
         return [ids[0].to(self.accelerator.device) for ids in self.family.tokenize(self.base.tokenizers, [prompt])]
@@ -672,8 +712,8 @@ class DreamBoothRecipe:
 
     def _conditioning(self, prompts: list[str]) -> families.Conditioning:
         """The text conditioning of a micro-batch: encoded now when the text encoders train,
-        else from the cache (a shuffled caption not seen before is encoded once, and kept while
-        the cache is small)."""
+        else from the cache (a prompt not kept there, a shuffled caption, is encoded now; kept
+        where captions are not shuffled and the cache has room)."""
         import torch
 
         if self.trains_text_encoder:
@@ -688,8 +728,8 @@ class DreamBoothRecipe:
             if cached is None:
                 with torch.no_grad():
                     cached = self._encode_one(prompt)
-                if len(self.prompt_cache) < PROMPT_CACHE_LIMIT:
-                    self.prompt_cache[prompt] = cached
+                if not self.spec.dataset.shuffle_caption:
+                    self.prompt_cache.put(prompt, cached)
             rows.append(cached)
         return families.stack(rows)
 

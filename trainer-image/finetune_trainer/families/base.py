@@ -477,6 +477,9 @@ class LoadOptions:
     precision: str = "no"
     quantization: str = "none"
     device: str = "cpu"
+    # A folder for converted copies of what was read (a single-file transformer as a diffusers
+    # folder); "" for the system's temporary folder.
+    scratch: str = ""
 
     @property
     def dtype(self) -> torch.dtype:
@@ -489,6 +492,8 @@ class LoadOptions:
 class MemoryEstimate:
     bytes: float
     basis: str  # where the figure comes from, for the message
+    # Of ``bytes``, the step's activations (what is free again between steps).
+    activations: float = 0.0
 
 
 @dataclass

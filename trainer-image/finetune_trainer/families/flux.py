@@ -151,8 +151,6 @@ class Flux(ModelFamily):
     def load_original_file(
         self, path: Path, *, model_type: ModelType, components: Path | None, options: LoadOptions
     ) -> BaseModel:
-        from finetune_trainer.model import read_checkpoint
-
         if components is None:
             raise BadInput(
                 f"{path.name} is a single-file transformer: it has no text encoders, tokenizers, VAE or scheduler; "
@@ -161,6 +159,36 @@ class Flux(ModelFamily):
                 field=COMPONENTS_FIELD,
             )
         self._check_folder(components, with_transformer=False)
+        folder = converted_folder(path, scratch=options.scratch)
+        if not (folder / "transformer" / WEIGHTS_FILE).is_file():
+            self._convert(path, components=components, dest=folder)
+        config = read_json(folder / "transformer" / "config.json")
+        base = self._components(components, model_type=model_type, options=options)
+
+        def load() -> Any:
+            # From a diffusers folder, as a folder is read: diffusers' single-file loader places
+            # nothing where device_map says (it reads onto the CPU, then dispatches there) and
+            # refuses a bitsandbytes quantization of weights that are not quantized yet
+            # (diffusers 0.42.1: "does not contain bitsandbytes__*"); from_pretrained does both.
+            return _load_transformer(
+                lambda **kwargs: _from_pretrained(folder, **kwargs), options=options, config=config, what=path.name
+            )
+
+        base.load_unet = load
+        base.source = str(path)
+        return base
+
+    def _convert(self, path: Path, *, components: Path, dest: Path) -> None:
+        """The original-layout file as a diffusers transformer folder (config and weights as the
+        file has them), written once under the scratch folder; the checkpoint leaves host memory
+        when it is written."""
+        import json
+
+        from safetensors.torch import save_file
+
+        from finetune_trainer import storage
+        from finetune_trainer.model import read_checkpoint
+
         checkpoint, _ = read_checkpoint(path)
         if not flux_layout.is_original(set(checkpoint)):
             raise BadInput(
@@ -181,29 +209,17 @@ class Flux(ModelFamily):
         # The architecture: the components folder's transformer config where it has one, else
         # Flux.1's (shipped); dev or schnell as the file says.
         config_root = components if (components / "transformer" / "config.json").is_file() else CONFIGS / "flux1"
-        config = read_json(config_root / "transformer" / "config.json")
-        base = self._components(components, model_type=model_type, options=options)
-
-        def load() -> Any:
-            def from_single_file(**kwargs: Any) -> Any:
-                from diffusers import FluxTransformer2DModel
-
-                return FluxTransformer2DModel.from_single_file(
-                    converted,
-                    config=str(config_root),
-                    subfolder="transformer",
-                    local_files_only=True,
-                    guidance_embeds=guidance,
-                    **kwargs,
-                )
-
-            return _load_transformer(
-                from_single_file, options=options, config={**config, "guidance_embeds": guidance}, what=path.name
+        config = {**read_json(config_root / "transformer" / "config.json"), "guidance_embeds": guidance}
+        config.setdefault("_class_name", "FluxTransformer2DModel")
+        with storage.atomic_path(dest) as tmp:
+            (tmp / "transformer").mkdir(parents=True)
+            (tmp / "transformer" / "config.json").write_text(json.dumps(config, indent=2))
+            save_file(
+                {k: v.contiguous() for k, v in converted.items()},
+                str(tmp / "transformer" / WEIGHTS_FILE),
+                metadata={"format": "pt", "source": path.name},
             )
-
-        base.load_unet = load
-        base.source = str(path)
-        return base
+        del converted
 
     def _check_folder(self, path: Path, *, with_transformer: bool) -> None:
         field = FIELD if with_transformer else COMPONENTS_FIELD
@@ -346,15 +362,17 @@ class Flux(ModelFamily):
                 down, up = parts[0]
                 out[name] = (down, up, alpha)
                 continue
-            rank, width = next(iter(parts.values()))[0].shape
+            like = next(iter(parts.values()))[0]
+            rank, width = like.shape
             downs, ups = [], []
             for index, member in enumerate(members):
                 if index in parts:
                     down, up = parts[index]
                 else:
-                    dtype = next(iter(parts.values()))[0].dtype
-                    down = torch.zeros(rank, width, dtype=dtype)
-                    up = torch.zeros(unet.get_submodule(member).out_features, rank, dtype=dtype)
+                    # Beside the trained parts, wherever they are (the GPU at the end of a run).
+                    down = torch.zeros(rank, width, dtype=like.dtype, device=like.device)
+                    features = unet.get_submodule(member).out_features
+                    up = torch.zeros(features, rank, dtype=like.dtype, device=like.device)
                 downs.append(down)
                 ups.append(up)
             out[name] = (torch.cat(downs, dim=0), torch.block_diag(*ups), alpha * len(members))
@@ -428,7 +446,11 @@ class Flux(ModelFamily):
                 else ""
             )
         )
-        return MemoryEstimate(bytes=max(training_peak, encoding_peak), basis=basis)
+        return MemoryEstimate(
+            bytes=max(training_peak, encoding_peak),
+            basis=basis,
+            activations=activations if training_peak >= encoding_peak else 0.0,
+        )
 
 
 class FlowMatching(Objective):
@@ -560,10 +582,42 @@ def bnb_config(quantization: str, compute_dtype: Any) -> Any:
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
 
 
+# diffusers' name of a model's weights in its folder.
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+
+
+def converted_folder(path: Path, *, scratch: str) -> Path:
+    """Where the diffusers copy of the single file ``path`` is kept: one folder per file (its
+    path, size and modification time), so a retry in the same pod, or on a node that keeps the
+    cache, reads it again without converting."""
+    import hashlib
+    import tempfile
+
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    root = Path(scratch) if scratch else Path(tempfile.gettempdir()) / "finetune-converted"
+    return root / f"flux1-transformer-{key}"
+
+
 def _from_pretrained(path: Path, **kwargs: Any) -> Any:
     from diffusers import FluxTransformer2DModel
 
     return FluxTransformer2DModel.from_pretrained(path, subfolder="transformer", **kwargs)
+
+
+# What a RuntimeError says when the file, not the machine, is at fault: torch's load_state_dict.
+_INPUT_RUNTIME_ERRORS = ("Error(s) in loading state_dict", "size mismatch", "Missing key(s)", "Unexpected key(s)")
+
+
+def is_input_error(exc: BaseException) -> bool:
+    """Whether a failure to read the transformer is the input's: a file that is not there or
+    not of Flux's shape (OSError, ValueError, a state dict that does not fit), not a CUDA error,
+    a kernel of bitsandbytes that fails on this GPU or memory that runs out."""
+    if isinstance(exc, (OSError, ValueError)):
+        return True
+    if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError is a RuntimeError
+        return False
+    return isinstance(exc, RuntimeError) and any(marker in str(exc) for marker in _INPUT_RUNTIME_ERRORS)
 
 
 def _load_transformer(read: Any, *, options: LoadOptions, config: dict[str, Any], what: str) -> Any:
@@ -579,6 +633,10 @@ def _load_transformer(read: Any, *, options: LoadOptions, config: dict[str, Any]
     try:
         transformer = read(**kwargs)
     except (OSError, ValueError, RuntimeError) as exc:
+        if not is_input_error(exc):
+            # A CUDA or bitsandbytes kernel error, out of memory: not the file's fault, and a
+            # retry (on another node) may well succeed; the run's own handlers classify it.
+            raise
         first = (str(exc).strip().splitlines() or [""])[0][:300]
         raise BadInput(
             f"{what}: the Flux transformer could not be loaded ({type(exc).__name__}: {first}); check "

@@ -144,7 +144,7 @@ class StableDiffusionXL(ModelFamily):
             frozen = 0 if training.train_text_encoder else text
             weights = trained * (4 + 4 + state) + frozen * low + VAE_PARAMS * 4
             basis = "the UNet's fp32 weights, gradients and optimizer state (2.6 B parameters) and activations"
-        return MemoryEstimate(bytes=weights + activations, basis=basis)
+        return MemoryEstimate(bytes=weights + activations, basis=basis, activations=activations)
 
 
 SDXL = StableDiffusionXL()
