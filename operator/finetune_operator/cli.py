@@ -11,21 +11,36 @@ from finetune_operator import __version__, logs
 from finetune_operator.settings import add_arguments, from_arguments
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="finetune-operator", description=__doc__)
     parser.add_argument("--version", action="version", version=__version__)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the operator (watches FineTuneJobs)")
     add_arguments(run)
-    run.add_argument("--log-format", choices=["json", "text"], default="json")
-    run.add_argument("--verbose", "-v", action="store_true")
-    commands.add_parser("crd", help="print the FineTuneJob CustomResourceDefinition")
-    args = parser.parse_args(argv)
+    run.add_argument(
+        "--log-format",
+        choices=["json", "text"],
+        default="json",
+        help="one JSON object a line, or key=value text for a terminal (default: json)",
+    )
+    run.add_argument("--verbose", "-v", action="store_true", help="log at debug level (default: info)")
+    commands.add_parser(
+        "crd",
+        help="print what to install before the operator: the FineTuneJob CRD and the admission policy that keeps "
+        "its fixed fields fixed (kubectl apply --server-side -f -)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     if args.command == "crd":
         from finetune_api.crd import render_crd
+        from finetune_api.policy import render_policy
 
         sys.stdout.write(render_crd())
+        sys.stdout.write("---\n" + render_policy())
         return 0
 
     logs.configure(logging.DEBUG if args.verbose else logging.INFO, json_output=args.log_format == "json")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,63 +60,142 @@ def _env_bool(name: str, default: bool) -> bool:
     return value.strip().lower() in ("1", "true", "yes", "on")
 
 
+@dataclass(frozen=True)
+class Option:
+    """One flag of ``finetune-operator run``: its environment variable (flags win) and help."""
+
+    flag: str
+    env: str
+    default: Any
+    help: str
+    type: Callable[[str], Any] = str
+    dest: str = ""
+
+
+# Every option, with the variable of the same name (--report-url: FINETUNE_REPORT_URL).
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "--trainer-image",
+        "FINETUNE_TRAINER_IMAGE",
+        DEFAULT_TRAINER_IMAGE,
+        "the trainer image of jobs that name none (spec.image)",
+    ),
+    Option(
+        "--image-pull-policy",
+        "FINETUNE_IMAGE_PULL_POLICY",
+        "IfNotPresent",
+        "the trainer container's imagePullPolicy (Always, IfNotPresent, Never)",
+    ),
+    Option(
+        "--gpu-resource",
+        "FINETUNE_GPU_RESOURCE",
+        "nvidia.com/gpu",
+        "the extended resource a job's GPUs are asked as, unless the job names its own (spec.resources.gpuResource)",
+    ),
+    Option(
+        "--default-tolerations",
+        "FINETUNE_DEFAULT_TOLERATIONS",
+        json.dumps(DEFAULT_GPU_TOLERATIONS),
+        "JSON list of tolerations every trainer pod gets (GPU nodes are usually tainted)",
+    ),
+    Option(
+        "--report-url",
+        "FINETUNE_REPORT_URL",
+        "",
+        "base URL at which trainer pods reach this operator's progress endpoint (the chart sets its Service's)",
+    ),
+    Option(
+        "--report-audience",
+        "FINETUNE_REPORT_AUDIENCE",
+        REPORT_AUDIENCE,
+        "audience of the projected service-account tokens trainer pods report with",
+    ),
+    Option("--metrics-port", "FINETUNE_METRICS_PORT", 8080, "port of /metrics (Prometheus)", int),
+    Option("--progress-port", "FINETUNE_PROGRESS_PORT", 8081, "port trainer pods push their progress to", int),
+    Option("--health-port", "FINETUNE_HEALTH_PORT", 8082, "port of /healthz and /readyz (kubelet probes)", int),
+    Option("--bind-address", "FINETUNE_BIND_ADDRESS", "0.0.0.0", "address every port listens on"),
+    Option(
+        "--status-interval",
+        "FINETUNE_STATUS_INTERVAL",
+        3.0,
+        "seconds between two progress patches of one job's status (phases are written at once)",
+        float,
+    ),
+    Option("--lease-name", "FINETUNE_LEASE_NAME", "finetune-operator", "the Lease that leader election holds"),
+    Option(
+        "--lease-namespace",
+        "FINETUNE_LEASE_NAMESPACE",
+        "",
+        "namespace of the Lease; default: the pod's own (POD_NAMESPACE)",
+    ),
+    Option("--tls-cert-file", "FINETUNE_TLS_CERT_FILE", "", "certificate of the progress endpoint; none: plain HTTP"),
+    Option("--tls-key-file", "FINETUNE_TLS_KEY_FILE", "", "private key of --tls-cert-file"),
+    Option(
+        "--tls-ca-file",
+        "FINETUNE_TLS_CA_FILE",
+        "",
+        "CA bundle trainers verify the progress endpoint's certificate against (copied into each job's Secret)",
+    ),
+    Option("--web-port", "FINETUNE_WEB_PORT", 8083, "port of the web page (with --web)", int),
+    Option(
+        "--workers",
+        "FINETUNE_WORKERS",
+        16,
+        "FineTuneJobs reconciled at once (more is not faster on a busy apiserver)",
+        int,
+    ),
+    Option("--kubeconfig", "KUBECONFIG", "", "kubeconfig to use outside a cluster; default: the pod's service account"),
+    Option(
+        "--trainer-uid",
+        "FINETUNE_TRAINER_UID",
+        1000,
+        "user id the trainer container runs as (runAsUser, and the fsGroup of its volumes)",
+        int,
+    ),
+)
+# Older names of variables, still read where the new one is not set.
+OLD_VARIABLES = {"FINETUNE_REPORT_URL": "FINETUNE_REPORT_BASE_URL"}
+SWITCHES: tuple[tuple[str, str, str], ...] = (
+    ("--leader-election", "FINETUNE_LEADER_ELECTION", "hold a Lease so one of several replicas works at a time"),
+    ("--web", "FINETUNE_WEB", "serve the web page of jobs, their progress and samples"),
+)
+
+
+def _env(name: str) -> str | None:
+    value = os.environ.get(name)
+    if value is None and name in OLD_VARIABLES:
+        value = os.environ.get(OLD_VARIABLES[name])
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    env = os.environ.get
+    """The flags of ``run``, each with its help, its variable and its default."""
     parser.add_argument(
         "--namespace",
         "-n",
         action="append",
         dest="namespaces",
         default=None,
-        help="watch this namespace (repeat for more); default: all (FINETUNE_WATCH_NAMESPACES, comma-separated)",
+        help="watch this namespace (repeat for more) (env FINETUNE_WATCH_NAMESPACES, comma-separated; "
+        "default: all namespaces)",
     )
-    parser.add_argument("--trainer-image", default=env("FINETUNE_TRAINER_IMAGE", DEFAULT_TRAINER_IMAGE))
-    parser.add_argument("--image-pull-policy", default=env("FINETUNE_IMAGE_PULL_POLICY", "IfNotPresent"))
-    parser.add_argument("--gpu-resource", default=env("FINETUNE_GPU_RESOURCE", "nvidia.com/gpu"))
-    parser.add_argument(
-        "--default-tolerations",
-        default=env("FINETUNE_DEFAULT_TOLERATIONS", json.dumps(DEFAULT_GPU_TOLERATIONS)),
-        help="JSON list of tolerations every trainer pod gets",
-    )
-    parser.add_argument(
-        "--report-url",
-        default=env("FINETUNE_REPORT_BASE_URL", ""),
-        help="base URL at which trainer pods reach this operator's progress endpoint",
-    )
-    parser.add_argument(
-        "--report-audience",
-        default=env("FINETUNE_REPORT_AUDIENCE", REPORT_AUDIENCE),
-        help="audience of the service-account tokens trainer pods report with",
-    )
-    parser.add_argument("--metrics-port", type=int, default=int(env("FINETUNE_METRICS_PORT", "8080")))
-    parser.add_argument("--progress-port", type=int, default=int(env("FINETUNE_PROGRESS_PORT", "8081")))
-    parser.add_argument("--health-port", type=int, default=int(env("FINETUNE_HEALTH_PORT", "8082")))
-    parser.add_argument("--bind-address", default=env("FINETUNE_BIND_ADDRESS", "0.0.0.0"))
-    parser.add_argument(
-        "--status-interval",
-        type=float,
-        default=float(env("FINETUNE_STATUS_INTERVAL", "3")),
-        help="seconds between two progress patches of one job's status",
-    )
-    parser.add_argument(
-        "--leader-election",
-        action=argparse.BooleanOptionalAction,
-        default=_env_bool("FINETUNE_LEADER_ELECTION", False),
-    )
-    parser.add_argument("--lease-name", default=env("FINETUNE_LEASE_NAME", "finetune-operator"))
-    parser.add_argument("--lease-namespace", default=env("FINETUNE_LEASE_NAMESPACE", env("POD_NAMESPACE", "")))
-    parser.add_argument("--tls-cert-file", default=env("FINETUNE_TLS_CERT_FILE", ""))
-    parser.add_argument("--tls-key-file", default=env("FINETUNE_TLS_KEY_FILE", ""))
-    parser.add_argument(
-        "--tls-ca-file",
-        default=env("FINETUNE_TLS_CA_FILE", ""),
-        help="CA bundle trainers verify the progress endpoint's certificate against (copied into each job's Secret)",
-    )
-    parser.add_argument("--web", action=argparse.BooleanOptionalAction, default=_env_bool("FINETUNE_WEB", False))
-    parser.add_argument("--web-port", type=int, default=int(env("FINETUNE_WEB_PORT", "8083")))
-    parser.add_argument("--workers", type=int, default=int(env("FINETUNE_WORKERS", "16")))
-    parser.add_argument("--kubeconfig", default=env("KUBECONFIG", ""))
-    parser.add_argument("--trainer-uid", type=int, default=int(env("FINETUNE_TRAINER_UID", "1000")))
+    for option in OPTIONS:
+        raw = _env(option.env)
+        default = option.default if raw is None else option.type(raw)
+        shown = option.default if option.default != "" else "none"
+        parser.add_argument(
+            option.flag,
+            type=option.type,
+            default=default,
+            help=f"{option.help} (env {option.env}; default: {shown})",
+        )
+    for flag, env, text in SWITCHES:
+        parser.add_argument(
+            flag,
+            action=argparse.BooleanOptionalAction,
+            default=_env_bool(env, False),
+            help=f"{text} (env {env}; default: off)",
+        )
 
 
 def from_arguments(args: argparse.Namespace) -> OperatorSettings:

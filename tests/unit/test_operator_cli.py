@@ -1,0 +1,57 @@
+"""What ``finetune-operator`` tells a person: every option of ``run`` explained, with the
+environment variable that sets it and its default, and ``crd`` printing all there is to install."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+
+import pytest
+import yaml
+
+from finetune_operator import settings
+from finetune_operator.cli import build_parser, main
+
+
+def _run_parser() -> argparse.ArgumentParser:
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return commands.choices["run"]
+
+
+def test_every_run_option_has_help_with_its_variable_and_default() -> None:
+    options = [a for a in _run_parser()._actions if a.option_strings and "--help" not in a.option_strings]
+    assert len(options) >= 25
+    for action in options:
+        text = action.help or ""
+        assert len(text) > 20, f"{action.option_strings[0]} has no help"
+        assert "default" in text, f"{action.option_strings[0]}: no default in {text!r}"
+    for option in settings.OPTIONS:
+        # One naming scheme: --report-url is FINETUNE_REPORT_URL.
+        if option.env != "KUBECONFIG":
+            assert option.env == "FINETUNE_" + option.flag.removeprefix("--").upper().replace("-", "_")
+    help_text = _run_parser().format_help()
+    for option in settings.OPTIONS:
+        assert f"env {option.env}" in " ".join(help_text.split()), option.flag
+    assert "`" not in help_text and "**" not in help_text  # no markup
+
+
+def test_a_variable_sets_an_option_and_a_flag_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FINETUNE_REPORT_URL", "https://operator.example:8081")
+    monkeypatch.setenv("FINETUNE_WORKERS", "4")
+    args = _run_parser().parse_args([])
+    assert (args.report_url, args.workers) == ("https://operator.example:8081", 4)
+    assert _run_parser().parse_args(["--workers", "8"]).workers == 8
+    # The variable's older name still works where the new one is not set.
+    monkeypatch.delenv("FINETUNE_REPORT_URL")
+    monkeypatch.setenv("FINETUNE_REPORT_BASE_URL", "https://old.example")
+    assert _run_parser().parse_args([]).report_url == "https://old.example"
+
+
+def test_crd_prints_the_crd_and_the_admission_policy() -> None:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["crd"]) == 0
+    kinds = [d["kind"] for d in yaml.safe_load_all(out.getvalue()) if d]
+    assert kinds == ["CustomResourceDefinition", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"]
