@@ -152,7 +152,10 @@ def build_crd() -> dict[str, Any]:
         },
         {"name": "ETA", "type": "string", "jsonPath": ".status.etaText", "description": "Time left."},
         {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss", "format": "float"},
-        {"name": "Reason", "type": "string", "jsonPath": ".status.reason", "priority": 1},
+        # Why the job is where it is, without -o wide: a Failed job's reason, a Queued job's
+        # reason and LocalQueue (the message is in kubectl describe).
+        {"name": "Reason", "type": "string", "jsonPath": ".status.reason", "description": "Why it is in this phase."},
+        {"name": "Queue", "type": "string", "jsonPath": ".status.queue.name", "description": "Its Kueue LocalQueue."},
         {"name": "Job", "type": "string", "jsonPath": ".status.jobName", "priority": 1},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ]
@@ -172,7 +175,8 @@ def build_crd() -> dict[str, Any]:
                 "plural": PLURAL,
                 "singular": SINGULAR,
                 "shortNames": [SHORT_NAME],
-                "categories": ["ml", "all"],
+                # Not "all": kubectl's convention keeps `kubectl get all` to built-in workloads.
+                "categories": ["ml"],
             },
             "versions": [
                 {

@@ -1206,8 +1206,13 @@ class ManifestError(ValueError):
 
     def __init__(self, problems: list[str], *, source: str = "") -> None:
         self.problems = problems
-        where = f"{source}: " if source else ""
-        super().__init__(where + "; ".join(problems))
+        if len(problems) == 1:
+            text = f"{source}: {problems[0]}" if source else problems[0]
+        else:
+            # One problem a line, each with its field path once.
+            head = f"{source}: {len(problems)} problems" if source else f"{len(problems)} problems"
+            text = head + ":\n" + "\n".join(f"- {p}" for p in problems)
+        super().__init__(text)
 
 
 def _field_path(loc: tuple[int | str, ...]) -> str:
@@ -1223,17 +1228,72 @@ def _field_path(loc: tuple[int | str, ...]) -> str:
 
 
 def describe_errors(exc: ValidationError) -> list[str]:
-    """One sentence per problem, each starting with the field path (``spec.training.batchSize``)."""
+    """One sentence per problem, each starting with the field path (``spec.training.batchSize``)
+    once; an unknown field names the nearest known one."""
     problems = []
     for error in exc.errors():
-        path = _field_path(tuple(error["loc"]))
+        loc = tuple(error["loc"])
+        path = _field_path(loc)
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
-            message = "unknown field (check the spelling; fields are camelCase, see `kubectl explain ftj.spec`)"
+            near = nearest_field(loc)
+            hint = f"did you mean {near}? " if near else "check the spelling; "
+            explain = ".".join(["ftj", *(str(x) for x in loc[:-1] if isinstance(x, str) and "[" not in x)])
+            message = f"unknown field ({hint}fields are camelCase, see `kubectl explain {explain}`)"
         elif error["type"] == "missing":
             message = "required field is missing"
-        problems.append(f"{path}: {message}" if path else message)
+        if path and _names_a_field(message, under=path):
+            problems.append(message)  # a model's own check names its field already
+        else:
+            problems.append(f"{path}: {message}" if path else message)
     return problems
+
+
+def _names_a_field(message: str, *, under: str) -> bool:
+    """Whether ``message`` starts with a field path at or below ``under`` (``spec.method: ...``,
+    ``spec.training.lora is only for ...``)."""
+    head = re.split(r"[\s:]", message, maxsplit=1)[0]
+    return head == under or head.startswith((under + ".", under + "["))
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The model a field holds, through Optional, list, dict and Annotated."""
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def nearest_field(loc: tuple[Any, ...]) -> str | None:
+    """The known field nearest to the unknown last part of ``loc`` (``batchsize`` -> ``batchSize``),
+    among the fields of the model at that place; None where nothing is near."""
+    import difflib
+
+    model: Any = FineTuneJob
+    for part in loc[:-1]:
+        if isinstance(part, int) or not (isinstance(model, type) and issubclass(model, BaseModel)):
+            continue
+        field = next(
+            (f for name, f in model.model_fields.items() if part in (name, f.alias)),
+            None,
+        )
+        if field is None:
+            return None
+        model = _model_in(field.annotation)
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return None
+    known = [f.alias or name for name, f in model.model_fields.items()]
+    wrong = str(loc[-1])
+    by_lower = {k.lower().replace("_", ""): k for k in known}
+    if wrong.lower().replace("_", "").replace("-", "") in by_lower:
+        return by_lower[wrong.lower().replace("_", "").replace("-", "")]
+    close = difflib.get_close_matches(wrong, known, n=1, cutoff=0.6)
+    return close[0] if close else None
 
 
 def parse_manifest(data: Any, *, source: str = "") -> FineTuneJob:

@@ -39,7 +39,10 @@ def test_portrait_gets_its_objects_and_a_phase_at_once(kube: Kube, namespace: st
     assert time.monotonic() - started < 10
     printed = kube.kubectl("-n", namespace, "get", "ftj")
     assert "nick-portrait" in printed.splitlines()[1]
-    assert printed.splitlines()[0].split()[:5] == ["NAME", "PHASE", "PROGRESS", "ETA", "LOSS"]
+    assert printed.splitlines()[0].split() == ["NAME", "PHASE", "PROGRESS", "ETA", "LOSS", "REASON", "QUEUE", "AGE"]
+    # Not in `kubectl get all` (built-in workloads only, as kubectl's convention has it); in `get ml`.
+    assert "nick-portrait" not in kube.kubectl("-n", namespace, "get", "all")
+    assert "finetunejob.finetune.dev/nick-portrait" in kube.kubectl("-n", namespace, "get", "ml", "-o", "name")
 
     job = wait_for(lambda: kube.batch.read_namespaced_job("nick-portrait", namespace), what="the Job")
     assert owned_by(job, uid)

@@ -159,3 +159,51 @@ def test_stdlib_operator_module_is_not_shadowed() -> None:
     ).stdout
     assert out.startswith("5 ")
     assert "finetune" not in out.split()[1]
+
+
+def test_kubectl_get_shows_why_a_job_is_where_it_is_and_keeps_out_of_get_all() -> None:
+    """Without -o wide: the reason (a failure's, Kueue's while it waits) and the LocalQueue;
+    the category ``all`` stays kubectl's built-in workloads."""
+    from finetune_api.crd import build_crd
+
+    crd = build_crd()
+    columns = crd["spec"]["versions"][0]["additionalPrinterColumns"]
+    default = [c["name"] for c in columns if not c.get("priority")]
+    assert default == ["Phase", "Progress", "ETA", "Loss", "Reason", "Queue", "Age"]
+    paths = {c["name"]: c["jsonPath"] for c in columns}
+    assert (paths["Reason"], paths["Queue"]) == (".status.reason", ".status.queue.name")
+    assert "all" not in crd["spec"]["names"]["categories"]
+
+
+def test_several_problems_are_one_a_line_with_the_field_path_once() -> None:
+    manifest = good_manifest("several")
+    manifest["spec"]["training"].update(batchsize=2, maxSteps=-1)
+    manifest["spec"]["smaples"] = {}
+    with pytest.raises(ManifestError) as raised:
+        parse_manifest(manifest, source="job.yaml")
+    lines = str(raised.value).splitlines()
+    assert lines[0] == "job.yaml: 3 problems:"
+    assert sorted(lines[1:]) == [
+        "- spec.smaples: unknown field (did you mean samples? fields are camelCase, see `kubectl explain ftj.spec`)",
+        "- spec.training.batchsize: unknown field (did you mean batchSize? fields are camelCase, see "
+        "`kubectl explain ftj.spec.training`)",
+        "- spec.training.maxSteps: Input should be greater than 0",
+    ]
+    # A model's own check names its field: not "spec: spec.training.lora ...".
+    manifest = good_manifest("lora-settings")
+    manifest["spec"]["method"] = "DreamBooth"
+    manifest["spec"]["training"]["lora"] = {"rank": 4}
+    with pytest.raises(ManifestError) as raised:
+        parse_manifest(manifest)
+    assert str(raised.value).startswith("spec.training.lora is only for method LoRA")
+
+
+def test_an_unknown_field_names_the_nearest_known_one_where_there_is_one() -> None:
+    from finetune_api.v1alpha1 import nearest_field
+
+    assert nearest_field(("spec", "training", "batchsize")) == "batchSize"
+    assert nearest_field(("spec", "training", "learning_rate")) == "learningRate"
+    assert nearest_field(("spec", "dataset", "instanceImage")) == "instanceImages"
+    assert nearest_field(("spec", "training", "lora", "rnak")) == "rank"
+    assert nearest_field(("spec", "dataset", "concepts", 0, "instancePromt")) == "instancePrompt"
+    assert nearest_field(("spec", "training", "zzzzqqq")) is None
