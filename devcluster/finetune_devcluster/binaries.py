@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -100,6 +101,27 @@ def find(name: str) -> Path | None:
     return None
 
 
+# Minutes each build took cold on two busy cores (2026-12-07: kube-apiserver 7m01s, then the
+# other two 1m27s; etcd 53s; helm 2m30s; kueue 6m30s; modules downloaded included): said before
+# a build starts, so that nobody waits on a silent terminal wondering.
+BUILD_MINUTES = {
+    "k8s.io/kubernetes": 9.0,  # kube-apiserver, kube-controller-manager and kube-scheduler together
+    "etcd": 1.0,
+    "helm": 2.5,
+    "kwok": 2.0,
+    "kueue": 6.5,
+}
+# A line at least this often while a build runs.
+PROGRESS_EVERY_S = 15.0
+
+
+def build_estimate(missing: Sequence[str]) -> float:
+    """Minutes that building ``missing`` takes cold on two cores, about."""
+    kubernetes = any(BINARIES[n].module == "k8s.io/kubernetes" for n in missing)
+    rest = [n for n in missing if BINARIES[n].module != "k8s.io/kubernetes"]
+    return (BUILD_MINUTES["k8s.io/kubernetes"] if kubernetes else 0.0) + sum(BUILD_MINUTES.get(n, 2.0) for n in rest)
+
+
 def ensure(names: Sequence[str]) -> dict[str, Path]:
     """Find each binary, building the missing ones from their Go modules."""
     found: dict[str, Path] = {}
@@ -110,6 +132,11 @@ def ensure(names: Sequence[str]) -> dict[str, Path]:
             missing.append(name)
         else:
             found[name] = path
+    if missing:
+        _log(
+            f"building {', '.join(missing)} from their Go modules, once (cached in {cache_dir() / 'bin'}): "
+            f"about {build_estimate(missing):.0f} minutes on two cores"
+        )
     kubernetes = [n for n in missing if BINARIES[n].module == "k8s.io/kubernetes"]
     if kubernetes:
         found.update(_build_kubernetes(kubernetes))
@@ -138,14 +165,26 @@ def _run_go(args: list[str], *, cwd: Path, env: dict[str, str], what: str) -> No
     )
     assert proc.stdout is not None
     tail: list[str] = []
-    last_note = started
-    for line in proc.stdout:
-        tail = [*tail, line.rstrip()][-40:]
-        now = time.monotonic()
-        if now - last_note > 30:
-            _log(f"{what}: still building ({now - started:.0f}s)")
-            last_note = now
-    if proc.wait() != 0:
+    stream = proc.stdout
+
+    def read() -> None:
+        for line in stream:
+            tail.append(line.rstrip())
+            del tail[:-40]
+
+    # go build prints nothing for minutes: its output is read aside, and a line goes out every
+    # PROGRESS_EVERY_S whatever it prints.
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    while True:
+        try:
+            proc.wait(timeout=PROGRESS_EVERY_S)
+            break
+        except subprocess.TimeoutExpired:
+            elapsed = int(time.monotonic() - started)
+            _log(f"{what}: {elapsed // 60}m{elapsed % 60:02d}s")
+    reader.join(timeout=5)
+    if proc.returncode != 0:
         raise BinaryError(f"{what} failed after {time.monotonic() - started:.0f}s:\n" + "\n".join(tail))
     _log(f"{what}: done in {time.monotonic() - started:.0f}s")
 
