@@ -3,6 +3,7 @@ written through the trainer's CLI (the demo starts the trainer only that way).""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -37,3 +38,27 @@ def test_tiny_writes_the_seeded_pipeline_and_the_pictures_the_demo_uses(tiny_mod
     pictures = sorted((dest / "images").iterdir())
     assert [p.suffix for p in pictures] == [".png", ".jpg", ".png"]
     assert {Image.open(p).size for p in pictures} == {(48, 48)}
+
+
+def test_tiny_writes_a_job_that_run_trains_as_is(tmp_path: Path) -> None:
+    import json
+
+    import yaml
+
+    command = shutil.which("finetune-trainer", path=str(Path(sys.executable).parent))
+    assert command is not None
+    dest = tmp_path / "demo"
+    made = subprocess.run([command, "tiny", str(dest)], capture_output=True, text=True, timeout=600, check=False)
+    assert made.returncode == 0, made.stderr
+    assert f"finetune-trainer run {dest / 'job.yaml'}" in made.stdout
+    job = yaml.safe_load((dest / "job.yaml").read_text())
+    job["spec"]["training"]["maxSteps"] = 2  # what this check needs; the file's own 20 take seconds more
+    job["spec"]["samples"]["everySteps"] = 0
+    (dest / "short.yaml").write_text(yaml.safe_dump(job))
+    env = {**os.environ, "FINETUNE_TERMINATION_LOG": str(tmp_path / "summary")}
+    env.pop("FINETUNE_REPORT_URL", None)
+    argv = [command, "run", str(dest / "short.yaml")]
+    ran = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900, check=False)
+    assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-2000:]
+    assert json.loads((tmp_path / "summary").read_text())["phase"] == "Succeeded"
+    assert (dest / "output" / "tiny.safetensors").is_file()

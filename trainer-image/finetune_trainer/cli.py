@@ -32,8 +32,10 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run a FineTuneJob manifest (the file you would kubectl apply)")
     run.add_argument("job", type=Path, help="path of the FineTuneJob YAML")
-    tiny = commands.add_parser("tiny", help="write a tiny random Stable Diffusion pipeline and demo images")
-    tiny.add_argument("dest", type=Path, help="folder to write model/ and images/ into")
+    tiny = commands.add_parser(
+        "tiny", help="write a tiny random Stable Diffusion pipeline, demo images and a job.yaml that trains on them"
+    )
+    tiny.add_argument("dest", type=Path, help="folder to write model/, images/ and job.yaml into")
     tiny.add_argument("--images", type=int, default=4, help="how many demo images (default 4)")
     tiny.add_argument("--size", type=int, default=64, help="demo image size in pixels (default 64)")
     return parser
@@ -46,9 +48,48 @@ def main(argv: list[str] | None = None) -> int:
 
         build_tiny_pipeline(args.dest / "model")
         write_demo_images(args.dest / "images", args.images, args.size)
-        print(f"wrote {args.dest / 'model'} and {args.dest / 'images'}")
+        job = write_tiny_job(args.dest, size=args.size)
+        print(f"wrote {args.dest / 'model'}, {args.dest / 'images'} and {job}; train with: finetune-trainer run {job}")
         return 0
     return run(args.job)
+
+
+def write_tiny_job(dest: Path, *, size: int) -> Path:
+    """``dest/job.yaml``: a FineTuneJob that trains the tiny pipeline on the demo images in a few
+    seconds on a CPU, written to ``dest/output``."""
+    import yaml
+
+    root = dest.resolve()
+    manifest = {
+        "apiVersion": "finetune.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "tiny"},
+        "spec": {
+            "method": "DreamBooth",
+            "baseModel": {"uri": str(root / "model"), "type": "v1x"},
+            "dataset": {
+                "instanceImages": str(root / "images"),
+                "instancePrompt": "a photo of sks toy",
+                "resolution": max(64, size // 8 * 8),
+            },
+            "training": {
+                "maxSteps": 20,
+                "learningRate": 1.0e-4,
+                "optimizer": "AdamW",
+                "mixedPrecision": "no",
+                "gradientCheckpointing": False,
+            },
+            "checkpoints": {"everySteps": 10, "keepLast": 1},
+            "output": {"uri": str(root / "output"), "halfPrecision": True},
+            "samples": {"prompts": ["a photo of sks toy on a table"], "everySteps": 10, "numInferenceSteps": 4},
+        },
+    }
+    path = dest / "job.yaml"
+    path.write_text(
+        "# A tiny fine-tune of random weights (the pictures it makes are noise): finetune-trainer run job.yaml\n"
+        + yaml.safe_dump(manifest, sort_keys=False)
+    )
+    return path
 
 
 def _main_process() -> bool:
