@@ -1015,6 +1015,8 @@ class Reason(StrEnum):
     WAITING_FOR_OLD_JOB = "WaitingForOldJob"
     NAME_CONFLICT = "NameConflict"
     JOB_REJECTED = "JobRejected"
+    # The Job could not be made for a reason that passes (a webhook down, the apiserver busy).
+    JOB_CREATE_FAILING = "JobCreateFailing"
     # Kueue.
     WAITING_FOR_ADMISSION = "WaitingForAdmission"
     PENDING = "Pending"

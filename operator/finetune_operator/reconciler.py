@@ -126,6 +126,9 @@ class JobMemory:
     counted_first_step: bool = False
     rejections: int = 0
     rejected: str = ""
+    # Creations that failed for a reason that passes, in a row, and the last error.
+    create_failures: int = 0
+    create_failing: str = ""
 
 
 class Reconciler:
@@ -596,11 +599,15 @@ class Reconciler:
         try:
             ensured = await self.api.ensure(rendered.job, owner_uid=body["metadata"]["uid"])
         except ApiError as exc:
-            if not 400 <= exc.status < 500 or exc.status in (401, 409, 429):
+            if exc.status >= 500 or exc.status == 429:
+                await self._create_failing(key, body, memory, previous, exc)
+                return None
+            if not 400 <= exc.status < 500 or exc.status in (401, 409):
                 raise
             await self._rejected(key, body, memory, previous, exc)
             return None
         memory.rejections, memory.rejected = 0, ""
+        memory.create_failures, memory.create_failing = 0, ""
         if ensured.outcome == Outcome.CONFLICT:
             existing = ensured.obj.get("metadata", {})
             earlier = existing.get("deletionTimestamp") or any(
@@ -646,6 +653,41 @@ class Reconciler:
             rendered.job["metadata"]["name"],
         )
         return ensured.obj
+
+    async def _create_failing(
+        self, key: Key, body: dict[str, Any], memory: JobMemory, previous: dict[str, Any], exc: ApiError
+    ) -> None:
+        """The Job could not be made for a reason that passes (a webhook that does not answer,
+        an apiserver that is busy): on the resource from the first failure, with the apiserver's
+        words and the next try's time, and an Event once per new error; tried again with back-off,
+        and the reason goes with the next status once the Job is made."""
+        error = redact(f"{exc.status} {exc.message or exc.reason}")
+        memory.create_failures += 1
+        delay = min(MAX_REJECTED_BACKOFF, 5.0 * 2 ** (memory.create_failures - 1))
+        at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=delay)
+        message = (
+            f"the Job could not be created ({error}); try {memory.create_failures + 1} at "
+            f"{at:%H:%M:%S}Z (in {delay:.0f}s)"
+        )
+        LOG.warning(
+            "event=job-create-failing namespace=%s name=%s retry_in=%.0fs error=%s",
+            key[0],
+            key[1],
+            delay,
+            json.dumps(describe_error(exc)),
+        )
+        events = [] if memory.create_failing == error else [("Warning", Reason.JOB_CREATE_FAILING, error)]
+        await self._write(
+            key,
+            body,
+            memory,
+            previous,
+            with_phase(previous, Phase.PENDING, Reason.JOB_CREATE_FAILING, message),
+            events=events,
+            cause="phase",
+        )
+        memory.create_failing = error
+        self.enqueue(key, delay=delay)
 
     async def _rejected(
         self, key: Key, body: dict[str, Any], memory: JobMemory, previous: dict[str, Any], exc: ApiError

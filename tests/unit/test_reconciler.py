@@ -472,3 +472,55 @@ def test_a_finished_or_forgotten_job_keeps_no_parsed_spec() -> None:
     world = run(main())
     assert world.reconciler.memory[("team", "done")].parsed is None
     assert ("team", "gone") not in world.reconciler.memory
+
+
+class WebhookDownAPI(RecordingAPI):
+    """An apiserver whose admission webhook for Jobs does not answer for the first ``failures``
+    creations (Kueue's, after its manager went away)."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    async def ensure(self, obj: dict[str, Any], *, owner_uid: str) -> Ensured:
+        if self.failures:
+            self.failures -= 1
+            raise ApiError(
+                500,
+                "InternalError",
+                'Internal error occurred: failed calling webhook "mjob.kb.io": failed to call webhook: Post '
+                '"https://kueue-webhook-service.kueue-system.svc:443/mutate-batch-v1-job?timeout=10s": dial tcp '
+                "10.0.0.7:443: connect: connection refused",
+            )
+        return await super().ensure(obj, owner_uid=owner_uid)
+
+
+def test_a_job_create_that_keeps_failing_is_on_the_resource_from_the_first_failure_and_clears() -> None:
+    """A webhook that is down refuses every Job create with a 500: that was in the operator's
+    log only, and the FineTuneJob's PHASE stayed empty while it retried."""
+
+    async def main() -> tuple[World, list[dict[str, Any]], list[int]]:
+        world = World()
+        world.api = WebhookDownAPI(failures=2)
+        world.reconciler.api = world.api  # type: ignore[assignment]
+        world.reconciler.bind(ftjs=world.ftjs, jobs=world.api.jobs, pods=world.pods)
+        world.reconciler.settings = dataclasses.replace(world.reconciler.settings, status_interval=0, reason_settle=0)
+        world.put(finetunejob("nick"))
+        key = ("team", "nick")
+        seen, events = [], []
+        for _ in range(3):
+            await world.reconciler.reconcile(key)
+            seen.append(world.server("nick")["status"])
+            events.append(len(world.reconciler.events))
+            world.put(world.server("nick"))
+        return world, seen, events
+
+    world, seen, events = run(main())
+    first, second, made = seen
+    assert (first["phase"], first["reason"]) == ("Pending", "JobCreateFailing")
+    assert 'failed calling webhook "mjob.kb.io"' in first["message"]
+    assert "try 2 at " in first["message"] and "(in 5s)" in first["message"]
+    assert "try 3 at " in second["message"] and "(in 10s)" in second["message"]
+    assert events[:2] == [1, 1]  # one Event for one error, however often it repeats
+    assert made["reason"] != "JobCreateFailing" and made["jobName"] == "nick"
+    assert world.api.writes.count(("create jobs", "nick")) == 1
