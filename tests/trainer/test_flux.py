@@ -546,7 +546,7 @@ def test_lora_on_a_4_bit_transformer_trains_and_exports_adapters_only(
     from finetune_trainer import job
     from finetune_trainer.families import flux
 
-    monkeypatch.setattr(job, "_quantized_layer", lambda quantization: lambda device: None)
+    monkeypatch.setattr(job, "_quantized_layer", lambda quantization, **_: lambda device: None)
     real = flux._load_transformer
     seen: list[Any] = []
 
