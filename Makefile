@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 
 
 .PHONY: system-packages
-.PHONY: check-webui-loaders
+.PHONY: check-webui-loaders check-fresh-install
 .PHONY: help setup binaries test-binaries lint test test-unit test-fast crds crds-check demo cluster-up cluster-down \
         bench bench-trainer gpu-check chart-docs clean
 
@@ -27,6 +27,7 @@ help:
 	@echo "make bench-trainer trainer step benchmark (results in bench/results/)"
 	@echo "make gpu-check     one short run of each GPU-only path (results in bench/results/gpu-check.md; no GPU: the plan)"
 	@echo "make check-webui-loaders  our exports through InvokeAI's model probe and loader (own venv, ~4 min; ~8 min cold)"
+	@echo "make check-fresh-install  pip install '.[trainer]' unconstrained, then a tiny LoRA with text encoders"
 
 setup: $(VENV)/.finetune-ready
 
@@ -103,3 +104,8 @@ chart-docs: setup
 # trainer-image/README.md, "Checked by a web UI's own loader".
 check-webui-loaders: setup
 	$(PY) scripts/webui_loaders.py
+
+# The README's workstation install, pip install '.[trainer]' with no constraints, as the package
+# index resolves it today, then a tiny LoRA with text encoders (scripts/fresh_install.py).
+check-fresh-install: setup
+	$(PY) scripts/fresh_install.py
