@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import ssl
@@ -121,13 +122,19 @@ class LocalCluster:
 
     # --- life cycle ----------------------------------------------------------------------------
 
-    def start(self, *, agent: bool = True, kueue: bool = False, timeout: float = 60) -> LocalCluster:
+    def start(
+        self, *, agent: bool = True, kueue: bool = False, timeout: float = 60, fresh: bool = False
+    ) -> LocalCluster:
+        """Start every process; ``fresh``: from an empty etcd, not what an earlier run left
+        (its objects, and webhooks of a Kueue that is not running now)."""
         self.state_dir = self.state_dir.resolve()
         if (self.state_dir / "processes.json").is_file():
             existing = load(self.state_dir)
             if existing.alive():
                 raise ClusterError(f"a cluster is already running from {self.state_dir}: `make cluster-down` stops it")
             existing.stop()
+        if fresh:
+            shutil.rmtree(self.state_dir / "etcd", ignore_errors=True)
         found = binaries.ensure(list(binaries.CONTROL_PLANE))
         for directory in (self.pki, self.logs, self.volumes):
             directory.mkdir(parents=True, exist_ok=True)
@@ -222,9 +229,10 @@ class LocalCluster:
 
     def install_crds(self, directory: Path, *, timeout: float = 30) -> None:
         """Apply CRDs and wait until kubectl can use them (discovery caches lag behind)."""
-        import shutil
 
-        self.kubectl("apply", "--server-side", "-f", str(directory))
+        # --force-conflicts: the objects may have been applied client-side before (kubectl
+        # apply -f crds/, most people's habit), whose field manager would make this a conflict.
+        self.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(directory))
         deadline = time.monotonic() + timeout
         while True:
             shutil.rmtree(self.state_dir / "kubectl-cache", ignore_errors=True)

@@ -106,13 +106,34 @@ class Demo:
                 if self.kueue and not existing.kueue_running:
                     say("starting Kueue (built from sigs.k8s.io/kueue; webhooks and pending-workloads API on loopback)")
                     existing.start_kueue()
+                self._check_reused(existing)
                 return
+        # The demo owns the cluster it starts: from an empty etcd, whatever an earlier run left
+        # (Kueue's webhooks with no Kueue running would refuse every Job).
         say("starting a local control plane: etcd, kube-apiserver, kube-controller-manager, kube-scheduler, node agent")
         if self.kueue:
             say("and Kueue (built from sigs.k8s.io/kueue; webhooks and pending-workloads API on loopback)")
-        self.cluster = devcluster.LocalCluster(state_dir=self.state_dir).start(agent=True, kueue=self.kueue, timeout=90)
+        self.cluster = devcluster.LocalCluster(state_dir=self.state_dir).start(
+            agent=True, kueue=self.kueue, timeout=90, fresh=True
+        )
         self.started_cluster = True
         print(self.kubectl("get", "nodes", "-L", "nvidia.com/gpu.count"), flush=True)
+
+    def _check_reused(self, cluster: devcluster.LocalCluster) -> None:
+        """A running cluster the demo did not start must be able to run it: fail at once with a
+        sentence, not after minutes of waiting on a job nothing can create."""
+        if cluster.kueue_running:
+            return
+        hooks = self.kubectl(
+            "get", "mutatingwebhookconfigurations,validatingwebhookconfigurations", "-o", "name", check=False
+        )
+        left = [h for h in hooks.split() if "kueue" in h]
+        if left:
+            raise SystemExit(
+                f"the cluster running from {self.state_dir} has Kueue's webhooks ({', '.join(left)}) but no Kueue "
+                "running, so every Job create would fail: `make cluster-down`, then `make demo` (or keep Kueue: "
+                "`make demo KUEUE=1`)"
+            )
 
     def install_crd(self) -> None:
         assert self.cluster is not None
@@ -215,7 +236,7 @@ class Demo:
                 ).strip(),
                 flush=True,
             )
-            say("kubectl -n demo get ftj -w -o wide   (REASON: Kueue's; kubectl describe ftj shows its message)")
+            say("kubectl -n demo get ftj -w   (REASON: Kueue's while a job waits; kubectl describe ftj: its message)")
         else:
             say("kubectl apply -f examples/demo.yaml")
             print(self.kubectl("apply", "-f", str(ROOT / "examples" / "demo.yaml")).strip(), flush=True)
@@ -231,7 +252,6 @@ class Demo:
                 "get",
                 "ftj",
                 "-w",
-                *(["-o", "wide"] if self.kueue else []),
             ],
             stdout=sys.stdout,
             stderr=subprocess.STDOUT,

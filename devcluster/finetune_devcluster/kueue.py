@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import socket
 import sys
 import time
@@ -207,8 +208,7 @@ def start(cluster: LocalCluster, *, timeout: float = 120) -> None:
     cluster.kueue_ports = ports
     config = state / "config.yaml"
     config.write_text(yaml.safe_dump(manager_config(ports=ports, cert_dir=certs)))
-    for target in (METRICS_CERT_DIR, VISIBILITY_CERT_DIR):
-        Path(target).mkdir(parents=True, exist_ok=True)
+    # The certificate folders are made in the manager's own view by podexec, not on the host.
     exec_spec = state / "exec.json"
     exec_spec.write_text(
         json.dumps(
@@ -232,6 +232,7 @@ def start(cluster: LocalCluster, *, timeout: float = 120) -> None:
         PROCESS_NAME,
         [
             "unshare",
+            *([] if os.geteuid() == 0 else ["--user", "--map-root-user"]),
             "--mount",
             "--propagation",
             "private",

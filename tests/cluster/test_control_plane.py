@@ -160,8 +160,13 @@ def test_pod_sees_its_volumes_at_their_mount_paths(kube: Kube, namespace: str) -
     job = gpu_job(
         "volumes",
         gpus=1,
-        command=["sh", "-c", "cat /etc/finetune/job.yaml /data/in/input.txt > /data/in/out.txt && touch /cfg-ro/x"],
+        command=[
+            "sh",
+            "-c",
+            "cat /etc/finetune/job.yaml /data/in/input.txt > /data/in/out.txt && sleep 3 && touch /cfg-ro/x",
+        ],
     )
+    host = {path: Path(path).exists() for path in ("/cfg-ro", "/data", "/etc/finetune")}
     pod = job["spec"]["template"]["spec"]
     pod["volumes"] = [
         {"name": "cfg", "configMap": {"name": "cfg"}},
@@ -175,14 +180,39 @@ def test_pod_sees_its_volumes_at_their_mount_paths(kube: Kube, namespace: str) -
     kube.batch.create_namespaced_job(namespace, job)
     wait_for((data / "out.txt").is_file, timeout=60, what="the pod to write through its claim")
     assert (data / "out.txt").read_text() == "hellofrom the claim"
+    # Its mount points are made in its own view only, never on the host (here while it runs).
+    assert {path: Path(path).exists() for path in host} == host
     # A read-only mount refuses writes, so the command fails after writing out.txt.
     pods = wait_for(
         lambda: [p for p in kube.pods(namespace, "job-name=volumes") if p.status.phase == "Failed"],
         timeout=30, what="the read-only write to fail",
     )  # fmt: skip
     assert pods[0].status.container_statuses[0].state.terminated.exit_code != 0
-    # Mount points made on the host are gone with the pod.
-    wait_for(lambda: not Path("/cfg-ro").exists(), timeout=10, what="/cfg-ro removed from the host")
+    assert {path: Path(path).exists() for path in host} == host
+
+
+def test_a_container_that_cannot_be_created_waits_with_the_kubelets_reason(kube: Kube, namespace: str) -> None:
+    """A mount the node cannot make (one file of a ConfigMap over a directory) is no exit code of
+    the container's: the pod stays Pending, the container waiting with CreateContainerError and
+    the message, as a kubelet reports it."""
+    kube.core.create_namespaced_config_map(namespace, {"metadata": {"name": "cfg"}, "data": {"job.yaml": "hello"}})
+    job = gpu_job("uncreatable", gpus=1, command=["true"])
+    pod = job["spec"]["template"]["spec"]
+    pod["volumes"] = [{"name": "cfg", "configMap": {"name": "cfg"}}]
+    pod["containers"][0]["volumeMounts"] = [{"name": "cfg", "mountPath": "/etc", "subPath": "job.yaml"}]
+    kube.batch.create_namespaced_job(namespace, job)
+
+    def waiting() -> Any:
+        pods = kube.pods(namespace, "job-name=uncreatable")
+        statuses = (pods[0].status.container_statuses or []) if pods else []
+        state = statuses[0].state.waiting if statuses else None
+        return pods[0] if state is not None and state.reason == "CreateContainerError" else None
+
+    created = wait_for(waiting, timeout=60, what="CreateContainerError")
+    assert created.status.phase == "Pending"
+    state = created.status.container_statuses[0].state
+    assert state.terminated is None and state.running is None
+    assert "/etc" in state.waiting.message and "cannot mount" in state.waiting.message
 
 
 def test_three_gpus_stay_pending_with_the_schedulers_reason(kube: Kube, namespace: str) -> None:

@@ -24,7 +24,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from finetune_devcluster.agent.fields import field_value, now
-from finetune_devcluster.agent.mounts import MountPoint, MountPoints
+from finetune_devcluster.agent.mounts import MountPoint
 from finetune_devcluster.agent.runs import ContainerRun, PodRun, log_file
 
 LOG = logging.getLogger("node-agent")
@@ -39,10 +39,9 @@ PROJECT = Path(__file__).resolve().parents[3]
 class Containers:
     """Runs containers as local processes."""
 
-    def __init__(self, api_client: client.ApiClient, *, state_dir: Path, mount_points: MountPoints) -> None:
+    def __init__(self, api_client: client.ApiClient, *, state_dir: Path) -> None:
         self.core = client.CoreV1Api(api_client)
         self.state_dir = state_dir
-        self.mount_points = mount_points
 
     def run(self, pod: Any, run: PodRun, container: Any, volumes: dict[str, Path]) -> ContainerRun:
         """Run ``container`` of ``pod`` to its end (or its deletion's grace period) and say how it ended."""
@@ -92,24 +91,32 @@ class Containers:
         if Path(message_path).parent.is_dir():
             mounts.append(MountPoint(source=result.termination_file, target=message_path, read_only=False))
         mounts.sort(key=lambda m: len(Path(m.target).parts))
-        for mount in mounts:
-            run.created_mount_points.extend(self.mount_points.acquire(mount.target, is_dir=mount.source.is_dir()))
+        # Mount targets that do not exist are made in the process's own view (podexec's
+        # shadows), never on the host; its scratch folder is the run's.
+        scratch = run.directory / f"{container.name}.mounts"
+        scratch.mkdir(exist_ok=True)
         spec = {
             "argv": argv,
             "env": env,
             "cwd": container.working_dir or "/",
             "mounts": [{"source": str(m.source), "target": m.target, "readOnly": m.read_only} for m in mounts],
+            "scratch": str(scratch),
+            "startError": str(run.directory / f"{container.name}.start-error"),
+            "startedFile": str(run.directory / f"{container.name}.started"),
         }
         spec_file = run.directory / f"{container.name}.exec.json"
         spec_file.write_text(json.dumps(spec))
         launcher = [sys.executable, "-m", "finetune_devcluster.podexec", str(spec_file)]
         if mounts:
-            launcher = ["unshare", "--mount", "--propagation", "private", "--", *launcher]
+            # A user who is not root mounts in a user namespace of its own, as root there (the
+            # files it writes are the user's outside).
+            user = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
+            launcher = ["unshare", *user, "--mount", "--propagation", "private", "--", *launcher]
         with open(result.log, "ab") as log:
             result.process = subprocess.Popen(
                 launcher, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
             )
-        result.started_at = now()
+        started_file = run.directory / f"{container.name}.started"
         LOG.info(
             "event=container-started pod=%s/%s container=%s pid=%d",
             run.namespace,
@@ -124,6 +131,9 @@ class Containers:
                 break
             except subprocess.TimeoutExpired:
                 pass
+            if result.started_at is None and started_file.exists():
+                # Its mounts are made and its command runs: Running, as a kubelet says it.
+                result.started_at = now()
             if run.terminating.is_set():
                 if killed_at is None:
                     killed_at = time.monotonic()
@@ -135,8 +145,14 @@ class Containers:
         # Children left in the group (a launcher's workers) go with it.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(result.process.pid, signal.SIGKILL)
+        if result.started_at is None and started_file.exists():
+            result.started_at = now()
         result.exit_code = code if code >= 0 else 128 - code
         result.finished_at = now()
+        start_error = run.directory / f"{container.name}.start-error"
+        if start_error.is_file() and start_error.read_text().strip():
+            # Not the container's exit: it never started (a kubelet's CreateContainerError).
+            result.start_error = start_error.read_text().strip()
         result.message = self._termination_message(container, result)
         return result
 

@@ -10,7 +10,6 @@ from pathlib import Path
 from kubernetes import config
 
 from finetune_devcluster.agent.containers import Containers
-from finetune_devcluster.agent.mounts import MountPoints
 from finetune_devcluster.agent.nodes import DEFAULT_NODES, Nodes, NodeSpec
 from finetune_devcluster.agent.pods import Pods
 from finetune_devcluster.agent.volumes import Volumes
@@ -31,7 +30,6 @@ class NodeAgent:
         self.stopping = threading.Event()
         self.pods_dir = self.state_dir / "pods"
         self.log_server: LogServer | None = None
-        mount_points = MountPoints()
         self.nodes = Nodes(self.api_client, nodes)
         self.volumes = Volumes(self.api_client, volumes_dir=self.state_dir / "volumes")
         self.pods = Pods(
@@ -39,8 +37,7 @@ class NodeAgent:
             node_names=self.node_names,
             pods_dir=self.pods_dir,
             volumes=self.volumes,
-            containers=Containers(self.api_client, state_dir=self.state_dir, mount_points=mount_points),
-            mount_points=mount_points,
+            containers=Containers(self.api_client, state_dir=self.state_dir),
             stopping=self.stopping,
         )
 

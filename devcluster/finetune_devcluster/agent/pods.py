@@ -15,7 +15,6 @@ from kubernetes.client.exceptions import ApiException
 
 from finetune_devcluster.agent.containers import Containers
 from finetune_devcluster.agent.fields import now
-from finetune_devcluster.agent.mounts import MountPoints
 from finetune_devcluster.agent.runs import ContainerRun, PodRun, log_file
 from finetune_devcluster.agent.volumes import Volumes
 
@@ -33,7 +32,6 @@ class Pods:
         pods_dir: Path,
         volumes: Volumes,
         containers: Containers,
-        mount_points: MountPoints,
         stopping: threading.Event,
     ) -> None:
         self.api_client = api_client
@@ -42,7 +40,6 @@ class Pods:
         self.pods_dir = pods_dir
         self.volumes = volumes
         self.containers = containers
-        self.mount_points = mount_points
         self.stopping = stopping
         self.runs: dict[str, PodRun] = {}
         self.lock = threading.Lock()
@@ -141,7 +138,6 @@ class Pods:
             with contextlib.suppress(Exception):
                 self._patch_status(pod, phase="Failed", container_statuses=statuses, ready=False)
         finally:
-            self.mount_points.release(run.created_mount_points)
             with self.lock:
                 self.runs.pop(run.uid, None)
             if run.terminating.is_set() and not self.stopping.is_set():
@@ -218,6 +214,35 @@ class Pods:
             self._patch_status(pod, phase="Running", container_statuses=running, ready=True)
         for thread in threads:
             thread.join()
+        unstarted = [r for r in run.containers.values() if r.start_error]
+        if unstarted:
+            # As a kubelet reports a container it cannot create: the pod stays Pending, the
+            # container waiting with the reason and the message (never an exit code of its own).
+            waiting_now = [
+                {
+                    "name": c.name,
+                    "ready": False,
+                    "restartCount": 0,
+                    "image": c.image,
+                    "imageID": "",
+                    "started": False,
+                    "state": {
+                        "waiting": {
+                            "reason": "CreateContainerError",
+                            "message": run.containers[c.name].start_error or "another container could not start",
+                        }
+                    },
+                }
+                for c in pod.spec.containers
+            ]
+            self._patch_status(pod, phase="Pending", container_statuses=waiting_now, ready=False)
+            LOG.warning(
+                "event=container-create-error pod=%s/%s message=%s",
+                run.namespace,
+                run.name,
+                unstarted[0].start_error,
+            )
+            return
         statuses = [
             terminated_status(
                 r.name,

@@ -18,6 +18,8 @@ class ContainerRun:
     log: Path | None = None
     termination_file: Path | None = None
     message: str = ""
+    # Why it could not be started (its mounts), as a kubelet's CreateContainerError says.
+    start_error: str = ""
 
 
 @dataclass
@@ -30,7 +32,6 @@ class PodRun:
     thread: threading.Thread | None = None
     terminating: threading.Event = field(default_factory=threading.Event)
     grace_seconds: float = 30.0
-    created_mount_points: list[Path] = field(default_factory=list)
 
 
 def log_file(pod_folder: Path, container: str) -> Path:
