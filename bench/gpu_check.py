@@ -197,97 +197,22 @@ CHECKS = [
 
 
 def build_sdxl(dest: Path, *, gpu: bool) -> Path:
-    """SDXL's widths (UNet 320-1280 channels, CLIP-L and bigG text encoders, the VAE) with the
-    depth cut: one layer per block and at most two transformer layers per attention block, and
-    six layers per text encoder (the trainer reads the second-to-last hidden state of the first)."""
+    """SDXL's widths with the depth cut (``tiny.build_random_pipeline(shallow=True)``), built on
+    the GPU; on a CPU the tiny SDXL pipeline."""
+    from finetune_trainer.tiny import build_random_pipeline, build_tiny_sdxl_pipeline
+
     if (dest / "model_index.json").is_file():
         return dest
-    if not gpu:
-        from finetune_trainer.tiny import build_tiny_sdxl_pipeline
-
-        return build_tiny_sdxl_pipeline(dest)
-    import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from finetune_trainer.tiny import _tiny_tokenizer
-
-    configs = _configs("sdxl")
-    unet_config = dict(UNet2DConditionModel.load_config(configs / "unet"))
-    unet_config["layers_per_block"] = 1
-    unet_config["transformer_layers_per_block"] = [min(2, n) for n in unet_config["transformer_layers_per_block"]]
-    text_configs = []
-    for part in ("text_encoder", "text_encoder_2"):
-        config = CLIPTextConfig.from_json_file(configs / part / "config.json")
-        config.num_hidden_layers = 6
-        text_configs.append(config)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        pipeline: Any = StableDiffusionXLPipeline(
-            vae=AutoencoderKL.from_config(AutoencoderKL.load_config(configs / "vae")),
-            text_encoder=CLIPTextModel(text_configs[0]),
-            text_encoder_2=CLIPTextModelWithProjection(text_configs[1]),
-            tokenizer=_tiny_tokenizer(dest),
-            tokenizer_2=_tiny_tokenizer(dest, folder="tokenizer_2"),
-            unet=UNet2DConditionModel.from_config(unet_config),
-            scheduler=EulerDiscreteScheduler.from_config(EulerDiscreteScheduler.load_config(configs / "scheduler")),
-            add_watermarker=False,
-        )
-    dest.mkdir(parents=True, exist_ok=True)
-    pipeline.save_pretrained(dest, safe_serialization=True)
-    return dest
+    return build_random_pipeline(dest, model_type="sdxl", shallow=True) if gpu else build_tiny_sdxl_pipeline(dest)
 
 
 def build_flux(dest: Path, *, gpu: bool) -> Path:
-    """Flux.1-dev's widths (3,072 hidden, 24 heads, T5-XXL's 4,096) with 2 double and 4 single
-    blocks and 4 T5 layers, in bf16, built on the GPU."""
+    """Flux.1-dev's widths with the depth cut, in bf16, built on the GPU; on a CPU the tiny Flux.1."""
+    from finetune_trainer.tiny import build_random_pipeline, build_tiny_flux_pipeline
+
     if (dest / "model_index.json").is_file():
         return dest
-    if not gpu:
-        from finetune_trainer.tiny import build_tiny_flux_pipeline
-
-        return build_tiny_flux_pipeline(dest)
-    import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
-    from finetune_trainer.tiny import _tiny_tokenizer, tiny_t5_tokenizer
-
-    configs = _configs("flux1")
-    config = dict(FluxTransformer2DModel.load_config(configs / "transformer"))
-    config.update(num_layers=2, num_single_layers=4)
-    t5_config = T5Config.from_json_file(configs / "text_encoder_2" / "config.json")
-    t5_config.num_layers = 4
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device("cuda"):
-            transformer = FluxTransformer2DModel.from_config(config)
-            t5 = T5EncoderModel(t5_config)
-            clip = CLIPTextModel(CLIPTextConfig.from_json_file(configs / "text_encoder" / "config.json"))
-    finally:
-        torch.set_default_dtype(previous)
-    pipeline: Any = FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler.from_config(
-            FlowMatchEulerDiscreteScheduler.load_config(configs / "scheduler")
-        ),
-        vae=AutoencoderKL.from_config(AutoencoderKL.load_config(configs / "vae")),
-        text_encoder=clip,
-        tokenizer=_tiny_tokenizer(dest),
-        text_encoder_2=t5,
-        tokenizer_2=tiny_t5_tokenizer(max_length=512),
-        transformer=transformer,
-    )
-    dest.mkdir(parents=True, exist_ok=True)
-    pipeline.save_pretrained(dest, safe_serialization=True)
-    return dest
-
-
-def _configs(model_type: str) -> Path:
-    import finetune_trainer
-
-    return Path(finetune_trainer.__file__).parent / "configs" / model_type
+    return build_random_pipeline(dest, model_type="flux1", shallow=True) if gpu else build_tiny_flux_pipeline(dest)
 
 
 # --- runs ---------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,9 @@ def test_portrait_gets_its_objects_and_a_phase_at_once(kube: Kube, namespace: st
     assert "nick-portrait" in printed.splitlines()[1]
     assert printed.splitlines()[0].split() == ["NAME", "PHASE", "PROGRESS", "ETA", "LOSS", "REASON", "QUEUE", "AGE"]
     # Not in `kubectl get all` (built-in workloads only, as kubectl's convention has it); in `get ml`.
-    assert "nick-portrait" not in kube.kubectl("-n", namespace, "get", "all")
+    everything = kube.kubectl("-n", namespace, "get", "all", "-o", "name").split()
+    assert "job.batch/nick-portrait" in everything
+    assert not [n for n in everything if n.startswith("finetunejob")]
     assert "finetunejob.finetune.dev/nick-portrait" in kube.kubectl("-n", namespace, "get", "ml", "-o", "name")
 
     job = wait_for(lambda: kube.batch.read_namespaced_job("nick-portrait", namespace), what="the Job")
@@ -275,6 +278,60 @@ def test_a_job_the_apiserver_refuses_is_named_in_status_and_made_once_the_spec_i
     assert {"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"} in [
         kube.plain(t) for t in job.spec.template.spec.tolerations
     ]
+
+
+def test_a_job_create_refused_by_a_webhook_that_is_down_is_on_the_resource_and_runs_once_it_is_gone(
+    kube: Kube, namespace: str, operator: OperatorProcess
+) -> None:
+    """Kueue's webhooks left registered with no Kueue running (a user's `make demo KUEUE=1`, then
+    `make demo`): every Job create failed, the operator retried, and the PHASE column stayed
+    empty.  A webhook for this namespace's Jobs at a port nothing listens on stands in for it."""
+    hook = f"down-{namespace}"
+    webhook = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": hook},
+        "webhooks": [
+            {
+                "name": "mjob.down.example",
+                "clientConfig": {"url": "https://127.0.0.1:1/mutate-batch-v1-job"},
+                "rules": [
+                    {"apiGroups": ["batch"], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["jobs"]}
+                ],
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
+                "failurePolicy": "Fail",
+                "sideEffects": "None",
+                "admissionReviewVersions": ["v1"],
+                "timeoutSeconds": 2,
+            }
+        ],
+    }
+    kube.kubectl("apply", "-f", "-", input=json.dumps(webhook))
+    try:
+        kube.create_ftj(namespace, good_manifest("hooked"))
+
+        def failing() -> dict[str, Any] | None:
+            status = kube.status(namespace, "hooked")
+            return status if status.get("reason") == "JobCreateFailing" else None
+
+        # Within one retry: on the resource after the first failure.
+        status = wait_for(failing, timeout=20, what="JobCreateFailing on the resource")
+        assert status["phase"] == "Pending"
+        assert 'failed calling webhook "mjob.down.example"' in status["message"]
+        # (The first write may meet kopf's own change of the new object and go with the retry.)
+        assert re.search(r"; try [23] at \d\d:\d\d:\d\dZ \(in (5|10)s\)$", status["message"]), status["message"]
+        assert not kube.batch.list_namespaced_job(namespace).items
+        assert len(events_of(kube, namespace, "hooked", "JobCreateFailing")) == 1
+    finally:
+        kube.kubectl("delete", "mutatingwebhookconfiguration", hook, "--ignore-not-found")
+    # The webhook gone, the next try makes the Job, and the reason goes.
+    made = wait_for(
+        lambda: kube.status(namespace, "hooked") if kube.status(namespace, "hooked").get("jobName") else None,
+        timeout=60,
+        what="the Job made once the webhook is gone",
+    )
+    assert made.get("reason") != "JobCreateFailing"
+    assert kube.batch.read_namespaced_job("hooked", namespace)
 
 
 def test_a_job_file_too_big_for_the_pod_template_says_what_to_shorten(

@@ -378,12 +378,17 @@ def _tiny_tokenizer(dest: Path, *, folder: str = "tokenizer") -> Any:
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)  # type: ignore[arg-type]
 
 
-def build_random_pipeline(dest: Path, *, model_type: str = "v1x", seed: int = 0) -> Path:
+def build_random_pipeline(dest: Path, *, model_type: str = "v1x", seed: int = 0, shallow: bool = False) -> Path:
     """A full-size pipeline with random weights, from the architecture configs this package
     ships (``configs/<type>/``): SD 1.5's exact shapes for ``v1x``, with nothing downloaded.
     Its tokenizer is the tiny one (the real vocabulary is not shipped), which changes no
     shape: prompts are padded to 77 tokens either way.  For benchmarks: about 4 GB in fp32
-    (``sdxl``: about 14 GB; ``flux1``: about 34 GB in bf16, see ``_random_flux``)."""
+    (``sdxl``: about 14 GB; ``flux1``: about 34 GB in bf16, see ``_random_flux``).
+
+    ``shallow`` (``sdxl`` and ``flux1``, for ``make gpu-check``): the same widths with the depth
+    cut, every kind of layer still there: SDXL's UNet one layer per block and at most two
+    transformer layers per attention block, six layers per text encoder; Flux.1's transformer
+    two double- and four single-stream blocks, T5 four layers."""
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -391,23 +396,32 @@ def build_random_pipeline(dest: Path, *, model_type: str = "v1x", seed: int = 0)
     configs = Path(__file__).parent / "configs" / model_type
     torch.manual_seed(seed)
     if model_type == "flux1":
-        return _random_flux(dest, configs)
+        return _random_flux(dest, configs, shallow=shallow)
     if model_type == "sdxl":
         from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
         from transformers import CLIPTextModelWithProjection
 
-        pipeline: Any = StableDiffusionXLPipeline(
-            vae=AutoencoderKL.from_config(AutoencoderKL.load_config(configs / "vae")),
-            text_encoder=CLIPTextModel(CLIPTextConfig.from_json_file(configs / "text_encoder" / "config.json")),
-            text_encoder_2=CLIPTextModelWithProjection(
-                CLIPTextConfig.from_json_file(configs / "text_encoder_2" / "config.json")
-            ),
-            tokenizer=_tiny_tokenizer(dest),
-            tokenizer_2=_tiny_tokenizer(dest, folder="tokenizer_2"),
-            unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(configs / "unet")),
-            scheduler=EulerDiscreteScheduler.from_config(EulerDiscreteScheduler.load_config(configs / "scheduler")),
-            add_watermarker=False,
-        )
+        unet_config = dict(UNet2DConditionModel.load_config(configs / "unet"))
+        texts = [CLIPTextConfig.from_json_file(configs / p / "config.json") for p in ("text_encoder", "text_encoder_2")]
+        if shallow:
+            unet_config["layers_per_block"] = 1
+            unet_config["transformer_layers_per_block"] = [
+                min(2, n) for n in unet_config["transformer_layers_per_block"]
+            ]
+            for text in texts:
+                text.num_hidden_layers = 6
+        device = "cuda" if shallow and torch.cuda.is_available() else "cpu"
+        with torch.device(device):
+            pipeline: Any = StableDiffusionXLPipeline(
+                vae=AutoencoderKL.from_config(AutoencoderKL.load_config(configs / "vae")),
+                text_encoder=CLIPTextModel(texts[0]),
+                text_encoder_2=CLIPTextModelWithProjection(texts[1]),
+                tokenizer=_tiny_tokenizer(dest),
+                tokenizer_2=_tiny_tokenizer(dest, folder="tokenizer_2"),
+                unet=UNet2DConditionModel.from_config(unet_config),
+                scheduler=EulerDiscreteScheduler.from_config(EulerDiscreteScheduler.load_config(configs / "scheduler")),
+                add_watermarker=False,
+            )
         dest.mkdir(parents=True, exist_ok=True)
         pipeline.save_pretrained(dest, safe_serialization=True)
         return dest
@@ -421,7 +435,7 @@ def build_random_pipeline(dest: Path, *, model_type: str = "v1x", seed: int = 0)
     )
 
 
-def _random_flux(dest: Path, configs: Path) -> Path:
+def _random_flux(dest: Path, configs: Path, *, shallow: bool = False) -> Path:
     """Flux.1-dev's architecture with random weights, in bf16 (as the released weights are: 24 GB
     for the transformer, 9.5 GB for T5-XXL; fp32 would not fit most hosts), built on the GPU where
     there is one (initialising 16 B parameters on a CPU takes minutes).  The tokenizers are the
@@ -435,9 +449,13 @@ def _random_flux(dest: Path, configs: Path) -> Path:
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device(device):
-            config = FluxTransformer2DModel.load_config(configs / "transformer")
+            config = dict(FluxTransformer2DModel.load_config(configs / "transformer"))
+            t5_config = T5Config.from_json_file(configs / "text_encoder_2" / "config.json")
+            if shallow:
+                config.update(num_layers=2, num_single_layers=4)
+                t5_config.num_layers = 4
             transformer = FluxTransformer2DModel.from_config(config)
-            t5 = T5EncoderModel(T5Config.from_json_file(configs / "text_encoder_2" / "config.json"))
+            t5 = T5EncoderModel(t5_config)
             clip = CLIPTextModel(CLIPTextConfig.from_json_file(configs / "text_encoder" / "config.json"))
     finally:
         torch.set_default_dtype(previous)

@@ -145,18 +145,7 @@ class Pods:
 
     def _run_pod_inner(self, pod: Any, run: PodRun) -> None:
         run.directory.mkdir(parents=True, exist_ok=True)
-        waiting = [
-            {
-                "name": c.name,
-                "ready": False,
-                "restartCount": 0,
-                "image": c.image,
-                "imageID": "",
-                "started": False,
-                "state": {"waiting": {"reason": "ContainerCreating"}},
-            }
-            for c in pod.spec.containers
-        ]
+        waiting = [waiting_status(c, reason="ContainerCreating") for c in pod.spec.containers]
         self._patch_status(pod, phase="Pending", container_statuses=waiting, ready=False)
         volumes = self.volumes.materialise(pod, run.directory)
         for init in pod.spec.init_containers or []:
@@ -219,20 +208,11 @@ class Pods:
             # As a kubelet reports a container it cannot create: the pod stays Pending, the
             # container waiting with the reason and the message (never an exit code of its own).
             waiting_now = [
-                {
-                    "name": c.name,
-                    "ready": False,
-                    "restartCount": 0,
-                    "image": c.image,
-                    "imageID": "",
-                    "started": False,
-                    "state": {
-                        "waiting": {
-                            "reason": "CreateContainerError",
-                            "message": run.containers[c.name].start_error or "another container could not start",
-                        }
-                    },
-                }
+                waiting_status(
+                    c,
+                    reason="CreateContainerError",
+                    message=run.containers[c.name].start_error or "another container could not start",
+                )
                 for c in pod.spec.containers
             ]
             self._patch_status(pod, phase="Pending", container_statuses=waiting_now, ready=False)
@@ -348,6 +328,20 @@ class Pods:
         for run in runs:
             if run.thread is not None:
                 run.thread.join(timeout=10)
+
+
+def waiting_status(container: Any, *, reason: str, message: str = "") -> dict[str, Any]:
+    """A container's status while it is not running yet, as a kubelet writes it."""
+    waiting = {"reason": reason, **({"message": message} if message else {})}
+    return {
+        "name": container.name,
+        "ready": False,
+        "restartCount": 0,
+        "image": container.image,
+        "imageID": "",
+        "started": False,
+        "state": {"waiting": waiting},
+    }
 
 
 def terminated_status(
