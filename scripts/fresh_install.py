@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -23,6 +24,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 WATCHED = ("torch", "diffusers", "transformers", "peft", "accelerate", "bitsandbytes")
+# What pyproject.toml builds the distribution from.
+SOURCE = ("pyproject.toml", "README.md", "api", "operator", "trainer-image", "devcluster")
+IGNORED = shutil.ignore_patterns("__pycache__", "*.egg-info", "build")
 
 
 def log(message: str) -> None:
@@ -46,9 +50,27 @@ def main(argv: list[str] | None = None) -> int:
         env_dir = work / "venv"
         venv.EnvBuilder(with_pip=True).create(env_dir)
         python = env_dir / "bin" / "python"
+        # A copy of what the distribution is built from: setuptools leaves build/ beside the
+        # source it builds, and a later build would take files deleted since from there.
+        source = work / "source"
+        source.mkdir()
+        for part in SOURCE:
+            if (ROOT / part).is_dir():
+                shutil.copytree(ROOT / part, source / part, ignore=IGNORED)
+            else:
+                shutil.copy2(ROOT / part, source / part)
         log(f"pip install '.[trainer]' {' '.join(args.extra)} into {env_dir} (no constraints)")
         install = subprocess.run(
-            [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", f"{ROOT}[trainer]", *args.extra],
+            [
+                str(python),
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--disable-pip-version-check",
+                f"{source}[trainer]",
+                *args.extra,
+            ],
             capture_output=True,
             text=True,
             check=False,
@@ -97,8 +119,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.keep:
             log(f"kept {work}")
         else:
-            import shutil
-
             shutil.rmtree(work, ignore_errors=True)
 
 

@@ -31,8 +31,3 @@ def redact(text: str) -> str:
     if "://" not in text:
         return text
     return _URI.sub(_strip, text)
-
-
-def redact_uri(uri: str | None) -> str | None:
-    """One URI (or None) without user-info, query string or fragment."""
-    return None if uri is None else redact(uri)

@@ -226,14 +226,6 @@ class KubeAPI:
             content_type=MERGE_PATCH,
         )
 
-    async def read_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            return await self.request("GET", f"/api/v1/namespaces/{quote(namespace)}/pods/{quote(name)}")
-        except ApiError as exc:
-            if exc.status == 404:
-                return None
-            raise
-
     # --- Kueue ------------------------------------------------------------------------------------
 
     async def patch_workload(self, namespace: str, name: str, patch: dict[str, Any]) -> None:

@@ -68,7 +68,3 @@ class PendingPositions:
                     return None
             self._answers[key] = _Answer(time.monotonic(), summary)
             return summary
-
-    def forget_queue(self, namespace: str, queue: str) -> None:
-        self._answers.pop((namespace, queue), None)
-        self._locks.pop((namespace, queue), None)

@@ -358,7 +358,7 @@ def full_report(**fields: Any) -> ProgressEvent:
     return ProgressEvent.model_validate(body)
 
 
-def test_a_new_finetunejob_is_written_as_few_fields_as_before() -> None:
+def test_a_new_finetunejob_is_written_with_its_phase_reason_and_generation_only() -> None:
     result = compute_status(None, SPEC, Observed(job=None), generation=1, job_name="good", now=NOW)
     assert result.status == {
         "phase": "Pending",
@@ -370,7 +370,7 @@ def test_a_new_finetunejob_is_written_as_few_fields_as_before() -> None:
     assert json.dumps(result.status) == json.dumps(result.status, default=lambda o: "not JSON")
 
 
-def test_a_training_report_is_written_with_the_same_field_names_and_omissions_as_before() -> None:
+def test_a_training_report_is_written_in_the_apis_field_names_leaving_out_what_is_unset() -> None:
     previous = {
         "phase": "Initializing",
         "reason": "TrainerStarting",
@@ -469,7 +469,7 @@ def test_a_training_report_is_written_with_the_same_field_names_and_omissions_as
     }  # fmt: skip
 
 
-def test_the_end_is_written_as_before_from_the_summary() -> None:
+def test_the_end_is_written_from_the_trainers_summary() -> None:
     running = compute_status(
         None, SPEC, Observed(job=job(active=1), pods=[pod()], progress=full_report()),
         generation=1, job_name="good", mounts=MOUNTS, now=NOW,

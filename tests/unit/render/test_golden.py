@@ -194,7 +194,7 @@ def rendered_text(case: Case) -> str:
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.id)
-def test_render_matches_the_job_captured_before_the_split(case: Case) -> None:
+def test_render_writes_the_golden_job_of_each_case(case: Case) -> None:
     path = GOLDEN / f"{case.id}.json"
     text = rendered_text(case)
     if os.environ.get("FINETUNE_WRITE_GOLDEN"):
