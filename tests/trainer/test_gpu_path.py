@@ -184,6 +184,106 @@ def test_the_single_file_export_runs_with_the_models_on_the_gpu(model_type: str,
     assert all(t.device.type == "cpu" for t in moved.values())
 
 
+def test_device_provenance_sees_a_host_tensor_beside_device_ones() -> None:
+    """The check the sample tests rest on: the Flux kohya export's defect (zeros made on the
+    host, concatenated with an adapter on the device) is seen; the same with ``device=`` given,
+    a 0-dim host tensor, and a host tensor moved with ``.to(device)`` are not."""
+    from tests.trainer.device_provenance import DeviceProvenance
+
+    adapter = torch.nn.Linear(4, 2)
+    mode = DeviceProvenance.of_models(adapter)
+    with mode:
+        torch.cat([adapter.weight, torch.zeros(2, 4, device=adapter.weight.device)])
+        adapter.weight * torch.tensor(2.0)
+        adapter.weight + torch.ones(2, 4).to(adapter.weight.device)
+    assert mode.first is None
+    with mode:
+        torch.cat([adapter.weight.detach(), torch.zeros(2, 4)])
+    assert mode.first is not None and mode.first.startswith("cat:")
+
+
+@pytest.mark.parametrize("model_type", ["v1x", "sdxl", "flux1"])
+def test_samples_make_no_host_tensor_beside_the_models_ones(model_type: str, tmp_path: Path) -> None:
+    """The sample path of each family (our renderer, the family's pipeline, the VAE decoded
+    outside autocast), followed by ``DeviceProvenance``: what would raise on a GPU because a
+    tensor was made on the host is seen here."""
+    from finetune_api.v1alpha1 import Samples
+    from finetune_trainer import samples
+    from finetune_trainer.model import load_base_model
+    from finetune_trainer.tiny import build_tiny_flux_pipeline, build_tiny_pipeline, build_tiny_sdxl_pipeline
+    from tests.trainer.device_provenance import DeviceProvenance
+
+    build = {"v1x": build_tiny_pipeline, "sdxl": build_tiny_sdxl_pipeline, "flux1": build_tiny_flux_pipeline}
+    folder = build[model_type](tmp_path / "m")
+    spec = _spec(model_type)
+    base = load_base_model(spec.base_model.model_copy(update={"uri": folder.as_uri()}), cache_dir=tmp_path / "c")
+    denoiser = base.denoiser()
+    renderer = samples.SampleRenderer(
+        Samples(prompts=["a photo of sks ball"], numInferenceSteps=2),
+        resolution=64,
+        base=base,
+        folder=tmp_path / "samples",
+        device=torch.device("cpu"),
+        dtype=torch.bfloat16,
+    )
+    mode = DeviceProvenance.of_models(denoiser, base.vae, *base.text_encoders)
+    with mode:
+        rendered = renderer.render(1, unet=denoiser, text_encoders=base.text_encoders)
+    assert rendered.failures == []
+    assert mode.first is None, mode.first
+
+
+def test_flux_samples_from_prompts_cached_in_host_memory_come_to_the_device(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Flux renders from cached embeddings (its text encoders have left); those past the
+    cache's GPU share wait in host memory and must come over when used.  A cache that handed
+    them out as they are is seen (the check can fail); ours is not."""
+    from finetune_api.v1alpha1 import Samples
+    from finetune_trainer import samples
+    from finetune_trainer.model import load_base_model
+    from finetune_trainer.tiny import build_tiny_flux_pipeline
+    from tests.trainer.device_provenance import DeviceProvenance
+
+    folder = build_tiny_flux_pipeline(tmp_path / "m")
+    spec = _spec("flux1")
+    base = load_base_model(spec.base_model.model_copy(update={"uri": folder.as_uri()}), cache_dir=tmp_path / "c")
+    family = base.family
+    prompt = "a photo of sks ball"
+    ids = list(family.tokenize(base.tokenizers, [prompt]))
+    # As on a GPU: the training device is not host memory, and no GPU share is left.
+    monkeypatch.setattr(prompt_cache.PromptCache, "remote", property(lambda self: True))
+
+    def render(*, moved: bool) -> str | None:
+        cache = prompt_cache.PromptCache(device=torch.device("cpu"), device_bytes=0)
+
+        def get(text: str) -> Any:
+            return cache.get(text) if moved else cache._entries[text]
+
+        renderer = samples.SampleRenderer(
+            Samples(prompts=[prompt], numInferenceSteps=2),
+            resolution=64,
+            base=base,
+            folder=tmp_path / f"samples-{moved}",
+            device=torch.device("cpu"),
+            dtype=torch.float32,
+            prompt_inputs=lambda text: family.prompt_inputs(get(text)),
+        )
+        denoiser = base.denoiser()
+        mode = DeviceProvenance.of_models(denoiser, base.vae, *base.text_encoders)
+        with mode:
+            with torch.no_grad():
+                encoded = family.encode(base.text_encoders, ids).one(0)
+            assert cache.put(prompt, encoded)
+            assert cache.on_host > 0 and cache.on_device == 0
+            rendered = renderer.render(1, unet=denoiser, text_encoders=base.text_encoders)
+        assert rendered.failures == []
+        return mode.first
+
+    assert render(moved=False) is not None
+    assert render(moved=True) is None
+
+
 def test_the_prompt_cache_is_bounded_in_bytes_and_counted_in_the_estimate() -> None:
     """Item 4: every distinct prompt's embeddings were kept on the GPU, up to 4,096 of them: for
     Flux (T5-XXL, 512 x 4,096) 16-32 GiB with shuffled captions, counted nowhere.  Now the
