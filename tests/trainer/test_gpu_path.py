@@ -133,6 +133,8 @@ def test_the_flux_kohya_export_builds_fused_layers_beside_the_adapters_on_the_gp
         transformer.to("cuda")
         assert next(p for p in transformer.parameters() if p.requires_grad).device.type == "cuda"
         tensors = lora.kohya_state_dict(family, transformer, [], alpha=2.0, dtype=torch.float16)
+        diffusers = lora.diffusers_layers(lora.adapter_state(transformer), text_encoder=False, dtype=torch.float16)
+    assert diffusers and all(t.device.type == "cpu" for t in diffusers.values())
     assert "lora_unet_single_blocks_0_linear1.lora_down.weight" in tensors
     assert "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight" in tensors
     assert all(t.device.type == "cpu" for t in tensors.values())
