@@ -42,6 +42,37 @@ def _spec(model_type: str = "v1x", **training: Any) -> Any:
     return parse_manifest({"spec": raw}).spec
 
 
+def _tiny_base(model_type: str, tmp_path: Path) -> Any:
+    """A tiny random pipeline of the family, read back as the trainer reads a base model."""
+    from finetune_trainer.model import load_base_model
+    from finetune_trainer.tiny import build_tiny_flux_pipeline, build_tiny_pipeline, build_tiny_sdxl_pipeline
+
+    if model_type == "sdxl":
+        folder = build_tiny_sdxl_pipeline(tmp_path / "m")
+    elif model_type == "flux1":
+        folder = build_tiny_flux_pipeline(tmp_path / "m")
+    else:
+        folder = build_tiny_pipeline(tmp_path / "m", model_type=model_type)
+    spec = _spec(model_type)
+    return load_base_model(spec.base_model.model_copy(update={"uri": folder.as_uri()}), cache_dir=tmp_path / "c")
+
+
+def _renderer(base: Any, folder: Path, *, dtype: torch.dtype, steps: int = 2, prompt_inputs: Any = None) -> Any:
+    """The sample renderer of one prompt at 64 px on this CPU."""
+    from finetune_api.v1alpha1 import Samples
+    from finetune_trainer import samples
+
+    return samples.SampleRenderer(
+        Samples(prompts=["a photo of sks ball"], numInferenceSteps=steps),
+        resolution=64,
+        base=base,
+        folder=folder,
+        device=torch.device("cpu"),
+        dtype=dtype,
+        prompt_inputs=prompt_inputs,
+    )
+
+
 class _FakeCuda:
     """torch.cuda as a machine with GPUs answers it: ``capability`` per GPU, memory free and
     total, and which GPU was made current."""
@@ -166,15 +197,8 @@ def test_the_single_file_export_runs_with_the_models_on_the_gpu(model_type: str,
     models still on the GPU: every tensor it makes (OpenCLIP's fused in_proj, the renamed
     keys) beside the models' own."""
     from finetune_trainer import export
-    from finetune_trainer.model import load_base_model
-    from finetune_trainer.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline
 
-    if model_type == "sdxl":
-        folder = build_tiny_sdxl_pipeline(tmp_path / "m")
-    else:
-        folder = build_tiny_pipeline(tmp_path / "m", model_type=model_type)
-    spec = _spec(model_type)
-    base = load_base_model(spec.base_model.model_copy(update={"uri": folder.as_uri()}), cache_dir=tmp_path / "c")
+    base = _tiny_base(model_type, tmp_path)
     with FakeTensorMode(allow_non_fake_inputs=True):
         for module in (base.unet, base.vae, *base.text_encoders):
             module.to("cuda")
@@ -209,25 +233,11 @@ def test_samples_make_no_host_tensor_beside_the_models_ones(model_type: str, tmp
     """The sample path of each family (our renderer, the family's pipeline, the VAE decoded
     outside autocast), followed by ``DeviceProvenance``: what would raise on a GPU because a
     tensor was made on the host is seen here."""
-    from finetune_api.v1alpha1 import Samples
-    from finetune_trainer import samples
-    from finetune_trainer.model import load_base_model
-    from finetune_trainer.tiny import build_tiny_flux_pipeline, build_tiny_pipeline, build_tiny_sdxl_pipeline
     from tests.trainer.device_provenance import DeviceProvenance
 
-    build = {"v1x": build_tiny_pipeline, "sdxl": build_tiny_sdxl_pipeline, "flux1": build_tiny_flux_pipeline}
-    folder = build[model_type](tmp_path / "m")
-    spec = _spec(model_type)
-    base = load_base_model(spec.base_model.model_copy(update={"uri": folder.as_uri()}), cache_dir=tmp_path / "c")
+    base = _tiny_base(model_type, tmp_path)
     denoiser = base.denoiser()
-    renderer = samples.SampleRenderer(
-        Samples(prompts=["a photo of sks ball"], numInferenceSteps=2),
-        resolution=64,
-        base=base,
-        folder=tmp_path / "samples",
-        device=torch.device("cpu"),
-        dtype=torch.bfloat16,
-    )
+    renderer = _renderer(base, tmp_path / "samples", dtype=torch.bfloat16)
     mode = DeviceProvenance.of_models(denoiser, base.vae, *base.text_encoders)
     with mode:
         rendered = renderer.render(1, unet=denoiser, text_encoders=base.text_encoders)
@@ -241,15 +251,9 @@ def test_flux_samples_from_prompts_cached_in_host_memory_come_to_the_device(
     """Flux renders from cached embeddings (its text encoders have left); those past the
     cache's GPU share wait in host memory and must come over when used.  A cache that handed
     them out as they are is seen (the check can fail); ours is not."""
-    from finetune_api.v1alpha1 import Samples
-    from finetune_trainer import samples
-    from finetune_trainer.model import load_base_model
-    from finetune_trainer.tiny import build_tiny_flux_pipeline
     from tests.trainer.device_provenance import DeviceProvenance
 
-    folder = build_tiny_flux_pipeline(tmp_path / "m")
-    spec = _spec("flux1")
-    base = load_base_model(spec.base_model.model_copy(update={"uri": folder.as_uri()}), cache_dir=tmp_path / "c")
+    base = _tiny_base("flux1", tmp_path)
     family = base.family
     prompt = "a photo of sks ball"
     ids = list(family.tokenize(base.tokenizers, [prompt]))
@@ -262,12 +266,9 @@ def test_flux_samples_from_prompts_cached_in_host_memory_come_to_the_device(
         def get(text: str) -> Any:
             return cache.get(text) if moved else cache._entries[text]
 
-        renderer = samples.SampleRenderer(
-            Samples(prompts=[prompt], numInferenceSteps=2),
-            resolution=64,
-            base=base,
-            folder=tmp_path / f"samples-{moved}",
-            device=torch.device("cpu"),
+        renderer = _renderer(
+            base,
+            tmp_path / f"samples-{moved}",
             dtype=torch.float32,
             prompt_inputs=lambda text: family.prompt_inputs(get(text)),
         )
@@ -424,15 +425,7 @@ def test_samples_decode_outside_autocast_in_the_vaes_precision(tmp_path: Path) -
     """Item 8: the samples (and class images) ran the whole pipeline under autocast, so SDXL's
     VAE, kept in fp32 because it overflows in fp16, decoded in fp16 anyway: black pictures, and
     black class images that prior preservation then trained toward."""
-    from finetune_api.v1alpha1 import Samples
-    from finetune_trainer import samples
-    from finetune_trainer.model import load_base_model
-    from finetune_trainer.tiny import build_tiny_sdxl_pipeline
-
-    folder = build_tiny_sdxl_pipeline(tmp_path / "xl")
-    spec = _spec("sdxl")
-    source = spec.base_model.model_copy(update={"uri": folder.as_uri()})
-    base = load_base_model(source, cache_dir=tmp_path / "cache")
+    base = _tiny_base("sdxl", tmp_path)
     seen: list[tuple[bool, torch.dtype]] = []
     decode = base.vae.decode
 
@@ -441,14 +434,7 @@ def test_samples_decode_outside_autocast_in_the_vaes_precision(tmp_path: Path) -
         return decode(latents, *args, **kwargs)
 
     base.vae.decode = spy
-    renderer = samples.SampleRenderer(
-        Samples(prompts=["a photo of sks ball"], numInferenceSteps=1),
-        resolution=64,
-        base=base,
-        folder=tmp_path / "samples",
-        device=torch.device("cpu"),
-        dtype=torch.bfloat16,
-    )
+    renderer = _renderer(base, tmp_path / "samples", dtype=torch.bfloat16, steps=1)
     rendered = renderer.render(1, unet=base.unet, text_encoders=base.text_encoders)
     assert rendered.failures == [] and len(rendered.paths) == 1
     assert seen == [(False, torch.float32)]
