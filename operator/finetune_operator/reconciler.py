@@ -55,6 +55,7 @@ POSITION_RETRY = 2.0
 # A Job the apiserver refused is tried again after 5 s, 10 s, ... up to this; a change of the
 # spec tries at once.
 MAX_REJECTED_BACKOFF = 300.0
+
 # The resourceVersions of a job's latest status writes that are remembered: writes a moment
 # apart are echoed by the watch after both were sent.
 OWN_WRITES_KEPT = 4
@@ -100,6 +101,12 @@ def _watched(body: Mapping[str, Any]) -> tuple[Any, ...]:
     and its deletion.  The cache keeps none of its labels and annotations: they change nothing."""
     meta = body.get("metadata", {})
     return (meta.get("uid"), meta.get("generation"), meta.get("deletionTimestamp"))
+
+
+def create_backoff(tries: int) -> float:
+    """Seconds before the next try to create a Job after ``tries`` failed in a row: 5 s,
+    doubling, at most MAX_REJECTED_BACKOFF."""
+    return min(MAX_REJECTED_BACKOFF, 5.0 * 2 ** (tries - 1))
 
 
 @dataclass
@@ -663,7 +670,7 @@ class Reconciler:
         and the reason goes with the next status once the Job is made."""
         error = redact(f"{exc.status} {exc.message or exc.reason}")
         memory.create_failures += 1
-        delay = min(MAX_REJECTED_BACKOFF, 5.0 * 2 ** (memory.create_failures - 1))
+        delay = create_backoff(memory.create_failures)
         at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=delay)
         message = (
             f"the Job could not be created ({error}); try {memory.create_failures + 1} at "
@@ -696,7 +703,7 @@ class Reconciler:
         refusal), and another try later, sooner when the spec changes."""
         message = redact(explain_rejection(exc))
         memory.rejections += 1
-        delay = min(MAX_REJECTED_BACKOFF, 5.0 * 2 ** (memory.rejections - 1))
+        delay = create_backoff(memory.rejections)
         LOG.warning(
             "event=job-rejected namespace=%s name=%s retry_in=%.0fs error=%s",
             key[0],

@@ -38,7 +38,11 @@ class PromptCache:
         host_bytes: int = HOST_BYTES,
         max_prompts: int = MAX_PROMPTS,
     ) -> None:
+        import torch
+
         self.device = device
+        # Read at every step (get): decided once.
+        self._remote = torch.device(device).type != "cpu"
         self.device_bytes = device_bytes
         self.host_bytes = host_bytes
         self.max_prompts = max_prompts
@@ -55,9 +59,7 @@ class PromptCache:
     @property
     def remote(self) -> bool:
         """Whether the training device is not host memory (a GPU)."""
-        import torch
-
-        return torch.device(self.device).type != "cpu"
+        return self._remote
 
     def get(self, prompt: str) -> Conditioning | None:
         """The prompt's conditioning on the training device, or None where it is not kept."""
