@@ -24,9 +24,12 @@ def restrict_pod(job: Manifest, *, trainer_uid: int) -> None:
         "fsGroupChangePolicy": "OnRootMismatch",
         "seccompProfile": {"type": "RuntimeDefault"},
     }
+    # A read-only root: everything the trainer writes goes to its volumes (/cache, /tmp, /dev/shm,
+    # the output), which the image's environment points every library's cache at.
     trainer_container(job)["securityContext"] = {
         "allowPrivilegeEscalation": False,
         "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": True,
     }
 
 

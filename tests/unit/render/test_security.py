@@ -24,6 +24,7 @@ def test_the_trainer_runs_as_its_user_without_privileges_or_an_api_token(job: di
     assert trainer_container(job)["securityContext"] == {
         "allowPrivilegeEscalation": False,
         "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": True,
     }
     assert "serviceAccountName" not in pod
 
