@@ -89,9 +89,13 @@ async def run_operator(settings: OperatorSettings, *, stop: asyncio.Event | None
             ssl_context=tls_context(settings),
         ),
         await serve(metrics_app(metrics), host=settings.bind_address, port=settings.metrics_port),
-        # Followers are ready too: they keep caches warm and answer reports with 503, which
-        # trainers retry (the Service then reaches the leader).
-        await serve(health_app(health, ready=lambda: True), host=settings.bind_address, port=settings.health_port),
+        # Ready once logged in: an operator that cannot read its credentials (a kubeconfig it may
+        # not open, a missing token) is not ready, whatever else runs. Followers are ready too:
+        # they keep caches warm and answer reports with 503, which trainers retry (the Service
+        # then reaches the leader).
+        await serve(
+            health_app(health, ready=lambda: api.logged_in), host=settings.bind_address, port=settings.health_port
+        ),
     ]
     if settings.web:
         from finetune_operator.web import web_app

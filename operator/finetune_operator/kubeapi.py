@@ -89,6 +89,11 @@ class KubeAPI:
         self._relogin: Callable[[], Awaitable[Any]] | None = None
         self.writes = 0
 
+    @property
+    def logged_in(self) -> bool:
+        """Whether a login has given it credentials (until then nothing can reach the API)."""
+        return self._configured.is_set()
+
     def configure(self, info: Any, *, relogin: Callable[[], Awaitable[Any]] | None = None) -> None:
         """Use the credentials kopf logged in with (a ``kopf.ConnectionInfo``)."""
         old = (self._session, self._review_session, self._watch_session)
