@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 
 
 .PHONY: system-packages
-.PHONY: check-webui-loaders check-fresh-install
+.PHONY: check-webui-loaders check-fresh-install images check-images
 .PHONY: help setup binaries test-binaries lint test test-unit test-fast crds crds-check demo cluster-up cluster-down \
         bench bench-trainer gpu-check chart-docs clean
 
@@ -28,6 +28,8 @@ help:
 	@echo "make gpu-check     one short run of each GPU-only path (results in bench/results/gpu-check.md; no GPU: the plan)"
 	@echo "make check-webui-loaders  our exports through InvokeAI's model probe and loader (own venv, ~4 min; ~8 min cold)"
 	@echo "make check-fresh-install  pip install '.[trainer]' unconstrained, then a tiny LoRA with text encoders"
+	@echo "make images        build the operator and trainer images with podman (REGISTRY=, TAG=; PUSH=1 pushes them)"
+	@echo "make check-images  run the images as a cluster would: the demo job as its pod, the operator as the chart's"
 
 setup: $(VENV)/.finetune-ready
 
@@ -109,3 +111,17 @@ check-webui-loaders: setup
 # index resolves it today, then a tiny LoRA with text encoders (scripts/fresh_install.py).
 check-fresh-install: setup
 	$(PY) scripts/fresh_install.py
+
+# The two images, with podman, tagged as the chart's values expect (REGISTRY= and TAG= name another
+# place; PUSH=1 pushes them). Where debian:bookworm-slim cannot be pulled, a base made from
+# Debian's packages stands in (finetune_devcluster/images.py).
+images: setup
+	scripts/ensure_system_packages.sh podman runc debootstrap
+	$(PY) -m finetune_devcluster.images $(if $(PUSH),--push,)
+
+# The images run as a cluster runs them (tests/images): the demo job in the trainer image as the
+# pod the operator renders, the operator image as the chart's Deployment against the dev cluster.
+check-images: setup
+	scripts/ensure_system_packages.sh podman runc
+	$(PY) -m finetune_devcluster.binaries $(CONTROL_PLANE) helm
+	FINETUNE_IMAGE_TESTS=1 $(PY) -m pytest tests/images $(PYTEST_ARGS)

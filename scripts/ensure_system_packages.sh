@@ -1,18 +1,25 @@
 #!/usr/bin/env bash
-# Debian packages the end-to-end tests use: a real Prometheus server (and Chromium for the
-# web page's browser test). Installed only when missing; needs root (or sudo) and apt.
+# Debian packages a target uses, each named by the command it provides: by default what the
+# end-to-end tests use (a real Prometheus server, Chromium for the web page's browser test);
+# make images passes podman, runc and debootstrap. Installed only when missing; needs root (or
+# sudo) and apt.
 set -euo pipefail
+wanted=("$@")
+if [ ${#wanted[@]} -eq 0 ]; then
+    wanted=(prometheus chromium)
+fi
 missing=()
-command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
-command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+for command in "${wanted[@]}"; do
+    command -v "$command" >/dev/null 2>&1 || missing+=("$command")
+done
 if [ ${#missing[@]} -eq 0 ]; then
     exit 0
 fi
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then
     if ! command -v sudo >/dev/null 2>&1; then
-        echo "[setup] the tests need Debian's ${missing[*]} (installing them needs root, and there is no sudo):" \
-            "run apt-get install ${missing[*]} as root, then make test again" >&2
+        echo "[setup] this needs Debian's ${missing[*]} (installing them needs root, and there is no sudo):" \
+            "run apt-get install ${missing[*]} as root, then run make again" >&2
         exit 1
     fi
     SUDO="sudo"

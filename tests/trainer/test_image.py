@@ -1,4 +1,4 @@
-"""The trainer image, read statically (no container engine here builds it): its entrypoint is
+"""The trainer image, read statically (make check-images runs the built one): its entrypoint is
 the command the operator renders, it runs as the user the operator runs pods as, it installs
 only the locked packages, and hadolint passes."""
 
@@ -25,7 +25,6 @@ DOCKERFILE = IMAGE / "Dockerfile"
 LOCK = IMAGE / "requirements.lock"
 GPU_STACK = {
     "torch": "2.15.0",
-    "xformers": "0.0.35",
     "bitsandbytes": "0.50.2",
     "diffusers": "0.42.1",
     "transformers": "5.23.0",
