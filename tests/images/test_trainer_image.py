@@ -108,6 +108,9 @@ def test_the_demo_job_succeeds_in_the_trainer_image_as_its_pod(
     assert any(json.loads(line).get("event") == "progress" for line in lines)
     for complaint in ("Read-only file system", "Permission denied", "not writable", "Traceback", "can't load"):
         assert complaint not in err, f"stderr says {complaint!r}:\n{err[-3000:]}"
+    # Nor is the log cluttered: no library progress bars, no warning about an empty list.
+    for clutter in ("it/s]", "kept in float32: []"):
+        assert clutter not in err, f"stderr has {clutter!r}:\n{err[-3000:]}"
 
     output = claims["outputs"] / "demo"
     # Written by the pod's user, into a folder of the claim's owner that fsGroup opened to it.

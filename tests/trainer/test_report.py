@@ -249,3 +249,35 @@ def test_a_silent_reporter_is_due_as_seldom_as_the_main_one() -> None:
     silent.training_step(1, loss=1.0, learning_rate=1e-4)
     assert silent.events == []
     assert not silent.due()
+
+
+def test_the_libraries_noise_is_dropped_and_their_other_messages_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+
+    report.silence_noise()
+    for name, text, _ in report.NOISE:
+        logger = logging.getLogger(name)
+        noise = logger.makeRecord(name, logging.WARNING, __file__, 0, f"before {text} after", (), None)
+        other = logger.makeRecord(name, logging.WARNING, __file__, 0, "something a person must read", (), None)
+        assert not logger.filter(noise), text
+        assert logger.filter(other), text
+    # The empty list is noise; a list that names modules is not.
+    logger = logging.getLogger("diffusers.models.modeling_utils")
+    named = "There are modules in UNet2DConditionModel that should be kept in float32: ['conv_in']."
+    assert logger.filter(logger.makeRecord(logger.name, logging.WARNING, __file__, 0, named, (), None))
+
+
+def test_progress_bars_stay_out_of_a_pods_log_and_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    monkeypatch.setattr("sys.stderr", io.StringIO())  # a pod's stderr: not a terminal
+    report.configure_logging("job", stream=io.StringIO())
+    assert report.os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS")
+    monkeypatch.setattr("sys.stderr", Terminal())
+    report.configure_logging("job", stream=io.StringIO())
+    assert "HF_HUB_DISABLE_PROGRESS_BARS" not in report.os.environ

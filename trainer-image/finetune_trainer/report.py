@@ -95,6 +95,9 @@ NOISE = (
     # transformers without torchvision falls back to PIL image processors, which nothing of a
     # Stable Diffusion pipeline needs (its feature extractor is the unused safety checker's).
     ("transformers.utils.import_utils", "requires torchvision", "image processors the pipelines do not use"),
+    # diffusers warns on every cast of a model with .to(dtype), even when no module of it must
+    # stay in float32 (the list it names is empty).
+    ("diffusers.models.modeling_utils", "should be kept in float32: []", "an empty list of float32 modules"),
 )
 
 
@@ -116,6 +119,10 @@ def silence_noise() -> None:
 
 def configure_logging(job: str, *, stream: IO[str] | None = None, main_process: bool = True) -> None:
     silence_noise()
+    if not sys.stderr.isatty():
+        # The libraries' progress bars (loading and writing weights) are noise in a pod's log,
+        # where the trainer reports its own progress; read when huggingface_hub is imported.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     handler = logging.StreamHandler(stream or sys.stdout)
     handler.setFormatter(JsonLines(job))
     log.handlers[:] = [handler]
