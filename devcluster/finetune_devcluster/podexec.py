@@ -15,6 +15,13 @@ rootless podman do with an image's root; here the host's tree is the image.
 Every source is opened before the first mount and mounted through its file descriptor: a
 volume mounted at ``/tmp`` must not hide the sources of the others when the node agent's
 state directory lives under ``/tmp`` too.
+
+A container with ``readOnlyRootFilesystem`` gets what a container runtime gives it: once the
+volumes are in place, every other mount of its view is made read-only (``/proc``, ``/sys`` and
+``/dev`` stay as they are, as a runtime mounts them apart from the image), so a write anywhere
+but a volume fails as in the real pod. The few host files the agent hands the process by path
+(the termination-message file, a volume it could not mount) are bind-mounted onto themselves
+first and stay writable.
 """
 
 from __future__ import annotations
@@ -31,8 +38,16 @@ MS_NOSUID = 0x2
 MS_NODEV = 0x4
 MS_NOEXEC = 0x8
 MS_REMOUNT = 0x20
+MS_NOATIME = 0x400
+MS_NODIRATIME = 0x800
 MS_BIND = 0x1000
 MS_REC = 0x4000
+MS_RELATIME = 0x200000
+MS_STRICTATIME = 0x1000000
+# statvfs's flags for the access-time modes, which differ from mount's for relatime.
+ST_NOATIME = 0x400
+ST_NODIRATIME = 0x800
+ST_RELATIME = 0x1000
 # The flags a bind mount inherits from the mount it shows, which a remount inside a user
 # namespace must keep (the kernel locks them): statvfs reports them with the same values.
 _LOCKED = MS_NOSUID | MS_NODEV | MS_NOEXEC
@@ -74,8 +89,37 @@ class Mounter:
     def bind(self, source: str, target: str, *, read_only: bool = False) -> None:
         self.mount(source, target, MS_BIND | MS_REC)
         if read_only:
-            kept = os.statvfs(target).f_flag & _LOCKED
-            self.mount(None, target, MS_REMOUNT | MS_BIND | MS_RDONLY | kept)
+            self.remount_read_only(target)
+
+    def remount_read_only(self, target: str) -> None:
+        """Make the mount at ``target`` read-only, keeping the flags a user namespace locks
+        (nosuid, nodev, noexec and the access-time mode)."""
+        flags = os.statvfs(target).f_flag
+        kept = flags & _LOCKED
+        if flags & ST_NOATIME:
+            kept |= MS_NOATIME
+        elif not flags & ST_RELATIME:
+            kept |= MS_STRICTATIME
+        if flags & ST_NODIRATIME:
+            kept |= MS_NODIRATIME
+        self.mount(None, target, MS_REMOUNT | MS_BIND | MS_RDONLY | kept)
+
+    def read_only_root(self, writable: list[str]) -> None:
+        """Every mount but the volumes, ``writable`` and the kernel's own (/proc, /sys, /dev)
+        read-only: a root file system as ``readOnlyRootFilesystem`` makes it."""
+        for path in writable:
+            if os.path.lexists(path):
+                self.mount(path, path, MS_BIND)
+                self.volumes.add(os.path.normpath(path))
+        keep = [*self.volumes, "/proc", "/sys", "/dev"]
+        for point in mount_points():
+            if any(point == k or point.startswith(k.rstrip("/") + "/") for k in keep):
+                continue
+            try:
+                self.remount_read_only(point)
+            except PermissionError:
+                # Below a folder this user may not enter: it cannot write there either.
+                continue
 
     def _scratch(self, what: str) -> str:
         self._count += 1
@@ -145,6 +189,20 @@ class Mounter:
                 continue
 
 
+def mount_points() -> list[str]:
+    """The mount points of this process's view (relative to its root), outermost first."""
+    seen: list[str] = []
+    with open("/proc/self/mountinfo") as handle:
+        for line in handle:
+            point = line.split()[4]
+            # mountinfo escapes space, tab, newline and backslash as octal.
+            point = point.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
+            point = point.replace("\\134", "\\")
+            if point not in seen:
+                seen.append(point)
+    return sorted(seen, key=lambda p: len([part for part in p.split("/") if part]))
+
+
 # The exit code of a container that could not be started (its mounts), with the reason in the
 # spec's ``startError`` file: the agent reports it as a kubelet does, CreateContainerError.
 START_FAILED = 125
@@ -164,9 +222,10 @@ def main(argv: list[str]) -> int:
         return START_FAILED
     argv_out = spec["argv"]
     if spec.get("startedFile"):
-        # The container starts now (what the agent waits for before it reports Running).
-        with open(spec["startedFile"], "w"):
-            pass
+        # The container starts now (what the agent waits for before it reports Running): the
+        # file exists already, empty, so that it can be written under a read-only root.
+        with open(spec["startedFile"], "w") as handle:
+            handle.write("started\n")
     try:
         os.execvpe(argv_out[0], argv_out, spec["env"])
     except FileNotFoundError:
@@ -194,6 +253,8 @@ def prepare(spec: dict[str, Any], spec_path: str) -> None:
         mounter.volumes.add(os.path.normpath(mount["target"]))
     for fd in descriptors:
         os.close(fd)
+    if spec.get("readOnlyRoot"):
+        mounter.read_only_root([str(path) for path in spec.get("writable", [])])
     cwd = spec.get("cwd") or "/"
     os.chdir(cwd if os.path.isdir(cwd) else "/")
 

@@ -191,6 +191,39 @@ def test_pod_sees_its_volumes_at_their_mount_paths(kube: Kube, namespace: str) -
     assert {path: Path(path).exists() for path in host} == host
 
 
+def test_a_read_only_root_refuses_writes_but_to_volumes_as_a_runtime_does(kube: Kube, namespace: str) -> None:
+    """readOnlyRootFilesystem on the node agent as in a real container: a write outside the
+    volumes fails (read-only file system), writes to a claim, an emptyDir and the
+    termination-message file succeed."""
+    data = kube.create_pvc(namespace, "data")
+    Path("/var/tmp/written-by-a-pod").unlink(missing_ok=True)
+    script = (
+        "echo out > /data/out.txt && echo scratch > /scratch/s && "
+        'echo "kept" > /dev/termination-log && echo "$FINETUNE_TERMINATION_LOG" > /data/log-path && '
+        "if touch /var/tmp/written-by-a-pod 2>/data/refused; then exit 0; else exit 9; fi"
+    )
+    job = gpu_job("read-only", gpus=1, command=["sh", "-c", script])
+    pod = job["spec"]["template"]["spec"]
+    pod["volumes"] = [
+        {"name": "data", "persistentVolumeClaim": {"claimName": "data"}},
+        {"name": "scratch", "emptyDir": {}},
+    ]
+    container = pod["containers"][0]
+    container["volumeMounts"] = [{"name": "data", "mountPath": "/data"}, {"name": "scratch", "mountPath": "/scratch"}]
+    container["securityContext"] = {"readOnlyRootFilesystem": True}
+    kube.batch.create_namespaced_job(namespace, job)
+    pods = wait_for(
+        lambda: [p for p in kube.pods(namespace, "job-name=read-only") if p.status.phase in ("Failed", "Succeeded")],
+        timeout=60, what="the read-only pod to end",
+    )  # fmt: skip
+    terminated = pods[0].status.container_statuses[0].state.terminated
+    assert not Path("/var/tmp/written-by-a-pod").exists()
+    assert (data / "out.txt").read_text() == "out\n"
+    assert "Read-only file system" in (data / "refused").read_text()
+    assert terminated.exit_code == 9, terminated
+    assert terminated.message.strip() == "kept"
+
+
 def test_a_container_that_cannot_be_created_waits_with_the_kubelets_reason(kube: Kube, namespace: str) -> None:
     """A mount the node cannot make (one file of a ConfigMap over a directory) is no exit code of
     the container's: the pod stays Pending, the container waiting with CreateContainerError and

@@ -91,23 +91,40 @@ class Containers:
         if Path(message_path).parent.is_dir():
             mounts.append(MountPoint(source=result.termination_file, target=message_path, read_only=False))
         mounts.sort(key=lambda m: len(Path(m.target).parts))
+        security = container.security_context
+        read_only_root = bool(security is not None and security.read_only_root_filesystem)
         # Mount targets that do not exist are made in the process's own view (podexec's
         # shadows), never on the host; its scratch folder is the run's.
         scratch = run.directory / f"{container.name}.mounts"
         scratch.mkdir(exist_ok=True)
+        # Made before the start, empty: the process writes them (the start, or why it could not
+        # start) when its root may already be read-only.
+        started_file = run.directory / f"{container.name}.started"
+        start_error = run.directory / f"{container.name}.start-error"
+        for marker in (started_file, start_error):
+            marker.write_text("")
         spec = {
             "argv": argv,
             "env": env,
             "cwd": container.working_dir or "/",
             "mounts": [{"source": str(m.source), "target": m.target, "readOnly": m.read_only} for m in mounts],
             "scratch": str(scratch),
-            "startError": str(run.directory / f"{container.name}.start-error"),
-            "startedFile": str(run.directory / f"{container.name}.started"),
+            "startError": str(start_error),
+            "startedFile": str(started_file),
+            # readOnlyRootFilesystem: everything but the volumes is read-only, as a runtime
+            # makes the image's root; the files handed over by path stay writable.
+            "readOnlyRoot": read_only_root,
+            "writable": [
+                str(result.termination_file),
+                str(started_file),
+                str(start_error),
+                *([env["TMPDIR"]] if "TMPDIR" in env else []),
+            ],
         }
         spec_file = run.directory / f"{container.name}.exec.json"
         spec_file.write_text(json.dumps(spec))
         launcher = [sys.executable, "-m", "finetune_devcluster.podexec", str(spec_file)]
-        if mounts:
+        if mounts or read_only_root:
             # A user who is not root mounts in a user namespace of its own, as root there (the
             # files it writes are the user's outside).
             user = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
@@ -116,7 +133,6 @@ class Containers:
             result.process = subprocess.Popen(
                 launcher, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
             )
-        started_file = run.directory / f"{container.name}.started"
         LOG.info(
             "event=container-started pod=%s/%s container=%s pid=%d",
             run.namespace,
@@ -131,7 +147,7 @@ class Containers:
                 break
             except subprocess.TimeoutExpired:
                 pass
-            if result.started_at is None and started_file.exists():
+            if result.started_at is None and started_file.stat().st_size > 0:
                 # Its mounts are made and its command runs: Running, as a kubelet says it.
                 result.started_at = now()
             if run.terminating.is_set():
@@ -145,11 +161,10 @@ class Containers:
         # Children left in the group (a launcher's workers) go with it.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(result.process.pid, signal.SIGKILL)
-        if result.started_at is None and started_file.exists():
+        if result.started_at is None and started_file.stat().st_size > 0:
             result.started_at = now()
         result.exit_code = code if code >= 0 else 128 - code
         result.finished_at = now()
-        start_error = run.directory / f"{container.name}.start-error"
         if start_error.is_file() and start_error.read_text().strip():
             # Not the container's exit: it never started (a kubelet's CreateContainerError).
             result.start_error = start_error.read_text().strip()
