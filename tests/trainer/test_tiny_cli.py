@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -62,3 +63,19 @@ def test_tiny_writes_a_job_that_run_trains_as_is(tmp_path: Path) -> None:
     assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-2000:]
     assert json.loads((tmp_path / "summary").read_text())["phase"] == "Succeeded"
     assert (dest / "output" / "tiny.safetensors").is_file()
+
+
+def test_matplotlib_keeps_its_folders_in_the_temporary_folder_on_a_read_only_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from finetune_trainer import pictures
+
+    for variable in ("MPLCONFIGDIR", "XDG_CONFIG_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    pictures.matplotlib_home()
+    assert "MPLCONFIGDIR" not in os.environ  # a home it can write: matplotlib's own folders
+    # A home where nothing can be made (a pod's read-only root): the temporary folder.
+    monkeypatch.setenv("HOME", "/proc/self/no-home")
+    pictures.matplotlib_home()
+    assert os.environ["MPLCONFIGDIR"] == os.path.join(tempfile.gettempdir(), "matplotlib")

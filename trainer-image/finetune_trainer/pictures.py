@@ -7,11 +7,15 @@
   ``CELL_PX`` pixels, step labels on the left and prompts on top.
 
 Both are redrawn at each sample step and at the end, and written atomically.  Matplotlib
-runs headless (its Agg canvas, no pyplot state), so no display is needed.
+runs headless (its Agg canvas, no pyplot state), so no display is needed; on a read-only root
+(a pod's) its config and font cache go to the temporary folder, quietly, unless MPLCONFIGDIR
+says where.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,6 +50,29 @@ def smoothed(values: Sequence[float], *, beta: float = SMOOTHING) -> list[float]
     return out
 
 
+def matplotlib_home() -> None:
+    """Point MPLCONFIGDIR at the temporary folder when matplotlib's own folders (under the home
+    folder) cannot be written, as on a pod's read-only root: matplotlib would do the same, but
+    with a warning in the log at every run."""
+    if os.environ.get("MPLCONFIGDIR"):
+        return
+    home = Path.home()
+    folders = [
+        Path(os.environ.get("XDG_CONFIG_HOME") or home / ".config") / "matplotlib",
+        Path(os.environ.get("XDG_CACHE_HOME") or home / ".cache") / "matplotlib",
+    ]
+    for folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            break
+        if not os.access(folder, os.W_OK):
+            break
+    else:
+        return
+    os.environ["MPLCONFIGDIR"] = str(Path(tempfile.gettempdir()) / "matplotlib")
+
+
 def loss_plot(
     history: Sequence[tuple[int, float, float]],
     dest: Path,
@@ -55,6 +82,7 @@ def loss_plot(
     sample_steps: Sequence[int] = (),
 ) -> Path:
     """``history``: (step, loss, learning rate) of each optimizer step."""
+    matplotlib_home()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
