@@ -11,9 +11,11 @@ with its tests beside it:
 - ``security``: non-root, no capabilities, no Kubernetes token, credentials as files;
 - ``placement``: GPUs, CPU and memory, node selector, tolerations, affinity, priority class;
 - ``failure_policy``: retries, what fails the Job at once, what is not the job's fault, deadline;
-- ``kueue``: the queue and priority labels, created suspended;
+- ``kueue``: the queue and priority labels, created suspended.
 
-and ``layout`` writes the fields in one order, whichever builder added them.
+Fields and named list items (env, volumes, mounts) stay in the order the builders add them: it
+means nothing to the apiserver or the kubelet (no env value refers to another with ``$(...)``),
+and the golden tests compare the Jobs as parsed objects with those lists by name.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ from finetune_api.v1alpha1 import FineTuneJob
 from finetune_operator.render.failure_policy import add_failure_policy
 from finetune_operator.render.job_file import add_job_file, resolved_manifest
 from finetune_operator.render.kueue import queue_in_kueue
-from finetune_operator.render.layout import arrange
 from finetune_operator.render.placement import DEFAULT_GPU_RESOURCE, place_pod
 from finetune_operator.render.report_channel import add_report_channel, report_url
 from finetune_operator.render.security import mount_credentials, restrict_pod
@@ -111,5 +112,4 @@ def render(
     add_failure_policy(batch_job, spec.run_policy)
     restrict_pod(batch_job, trainer_uid=trainer_uid)
     queue_in_kueue(batch_job, spec.run_policy)
-    arrange(batch_job)
     return Rendered(job=batch_job, mounts=mounts)

@@ -1,9 +1,10 @@
-"""render() against Jobs captured before it was split into builders: byte for byte.
+"""render() against the Jobs it is known to write, compared as parsed objects.
 
 Each case is a spec (every example, and the variants the behaviour tests use) with the operator's
-settings; its fixture in golden/ is the Job and the claim mounts rendered, as JSON in the order
-the keys are written.  A change that moves, adds or reorders anything in a Job shows here as a
-diff, which is the point: the Job is what users' pods, Kueue and kubectl see.
+settings; its fixture in golden/ is the Job and the claim mounts rendered, as JSON with sorted
+keys and the named lists whose order means nothing (env, volumes, volumeMounts) sorted by name.
+A change that adds, removes or changes anything in a Job shows here as a diff, which is the
+point: the Job is what users' pods, Kueue and kubectl see.
 
 To accept an intended change: FINETUNE_WRITE_GOLDEN=1 python -m pytest tests/unit/render/test_golden.py,
 then read the diff of golden/ before committing it.
@@ -181,7 +182,17 @@ CASES = [
 ]
 
 
-def rendered_text(case: Case) -> str:
+def by_name(job: dict[str, Any]) -> dict[str, Any]:
+    """``job`` with its env, volumes and volume mounts sorted by name, in place."""
+    pod = job["spec"]["template"]["spec"]
+    pod["volumes"] = sorted(pod["volumes"], key=lambda item: item["name"])
+    for container in pod["containers"]:
+        for key in ("env", "volumeMounts"):
+            container[key] = sorted(container[key], key=lambda item: (item["name"], item.get("mountPath", "")))
+    return job
+
+
+def golden_of(case: Case) -> dict[str, Any]:
     body = case.manifest()
     body["metadata"] = {"name": case.name, "namespace": case.namespace, "uid": "1234-uid"}
     job = parse_manifest(copy.deepcopy(body))
@@ -190,16 +201,22 @@ def rendered_text(case: Case) -> str:
     annotations = out["metadata"]["annotations"]
     assert annotations[ANNOTATION_OPERATOR_VERSION]
     annotations[ANNOTATION_OPERATOR_VERSION] = VERSION
-    return json.dumps({"job": out, "mounts": [asdict(m) for m in rendered.mounts]}, indent=1) + "\n"
+    return {"job": by_name(out), "mounts": [asdict(m) for m in rendered.mounts]}
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.id)
 def test_render_writes_the_golden_job_of_each_case(case: Case) -> None:
     path = GOLDEN / f"{case.id}.json"
-    text = rendered_text(case)
+    job = golden_of(case)
     if os.environ.get("FINETUNE_WRITE_GOLDEN"):
-        path.write_text(text)
-    assert path.read_text() == text
+        path.write_text(json.dumps(job, indent=1, sort_keys=True) + "\n")
+    assert json.loads(path.read_text()) == job
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.id)
+def test_no_env_value_refers_to_another_so_their_order_means_nothing(case: Case) -> None:
+    for container in golden_of(case)["job"]["spec"]["template"]["spec"]["containers"]:
+        assert not [e for e in container["env"] if "$(" in e.get("value", "")]
 
 
 def test_every_fixture_has_its_case() -> None:
