@@ -252,6 +252,17 @@ class KubeAPI:
 
     # --- the FineTuneJob -------------------------------------------------------------------------
 
+    async def read_ftj(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The FineTuneJob as the apiserver has it now (None when it is gone)."""
+        try:
+            return await self.request(
+                "GET", f"/apis/{GROUP}/{VERSION}/namespaces/{quote(namespace)}/{PLURAL}/{quote(name)}"
+            )
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
     async def patch_status(
         self, namespace: str, name: str, patch: dict[str, Any], *, resource_version: str = ""
     ) -> dict[str, Any] | None:

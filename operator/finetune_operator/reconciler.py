@@ -507,7 +507,21 @@ class Reconciler:
         # a status meant for another.
         version = self._base(body, memory)[1]
         try:
-            result = await self.api.patch_status(namespace, name, patch, resource_version=version)
+            try:
+                result = await self.api.patch_status(namespace, name, patch, resource_version=version)
+            except ApiError as exc:
+                if exc.status != 409:
+                    raise
+                # Most often kopf's own change of a new object (its annotations), which the cache
+                # has not seen yet: the same object, read again, takes the write at once. Another
+                # object of the same name never does.
+                current = await self.api.read_ftj(namespace, name)
+                same = current is not None and current["metadata"].get("uid") == body["metadata"].get("uid")
+                if not same or current is None:
+                    raise
+                LOG.info("event=status-conflict-reread namespace=%s name=%s read_version=%s", namespace, name, version)
+                fresh = str(current["metadata"].get("resourceVersion") or "")
+                result = await self.api.patch_status(namespace, name, patch, resource_version=fresh)
         except ApiError as exc:
             if exc.status == 409:
                 LOG.info("event=status-conflict namespace=%s name=%s read_version=%s", namespace, name, version)

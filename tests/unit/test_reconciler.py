@@ -65,6 +65,10 @@ class RecordingAPI:
     async def read_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         return next(iter(self.jobs.get((namespace, name), [])), None)
 
+    async def read_ftj(self, namespace: str, name: str) -> dict[str, Any] | None:
+        found = self.objects.get((namespace, name))
+        return copy.deepcopy(found) if found is not None else None
+
 
 def finetunejob(name: str, *, uid: str = "", generation: int = 1) -> dict[str, Any]:
     body = good_manifest(name)
@@ -282,6 +286,23 @@ def test_a_status_meant_for_a_finetunejob_never_lands_on_the_one_made_again_unde
     assert world.api.refused == ["nick"]
     assert "status" not in world.server("nick")
     assert world.reconciler.queue.due(("team", "nick")) is not None
+
+
+def test_a_status_refused_for_a_change_the_cache_has_not_seen_lands_at_once_on_the_same_object() -> None:
+    """The FineTuneJob changed on the server (kopf's own annotations on a new object) before the
+    cache saw it: the write is refused, the object read again (the same uid) takes it at once,
+    instead of the status waiting for a later reconcile."""
+
+    async def main() -> World:
+        world = World("nick")
+        world.api.objects[("team", "nick")]["metadata"]["resourceVersion"] = world.api._next_version()
+        await world.reconciler.reconcile(("team", "nick"))
+        return world
+
+    world = run(main())
+    assert world.api.refused == ["nick"]
+    assert world.server("nick")["status"]["phase"]
+    assert ("patch finetunejobs/status", "nick") in world.api.writes
 
 
 def test_the_echo_of_our_own_status_write_is_not_reconciled_and_is_counted() -> None:
