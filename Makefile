@@ -21,7 +21,8 @@ help:
 	@echo "make setup         create .venv (dependencies cached in ~/.cache/finetune-operator)"
 	@echo "make lint          ruff + mypy + hadolint"
 	@echo "make crds          regenerate crds/ and the chart's CRD from the API models"
-	@echo "make cluster-up    start the local control plane (KUBECONFIG=.cluster/kubeconfig; KUEUE=1 adds Kueue)"
+	@echo "make cluster-up    start the local control plane (KUBECONFIG=.cluster/kubeconfig; KUEUE=1 adds Kueue;"
+	@echo "                   REAL_NODE=1 adds a node run by a real kubelet with the images make images built)"
 	@echo "make cluster-down  stop it"
 	@echo "make bench         operator-at-scale benchmark (results in bench/results/)"
 	@echo "make bench-trainer trainer step benchmark (results in bench/results/)"
@@ -41,9 +42,11 @@ $(VENV)/.finetune-ready: pyproject.toml constraints.txt scripts/setup_env.py
 # What each target needs, and only that: the control plane; Kueue's manager with KUEUE=1 (about
 # 9 minutes to build cold); make test also Helm and Kueue (their tests).
 CONTROL_PLANE := etcd kube-apiserver kube-controller-manager kube-scheduler
+# What a node of a real kubelet needs beside the kubelet (built like the control plane): REAL_NODE=1.
+REAL_NODE_PACKAGES := containerd runc /usr/lib/cni/bridge:containernetworking-plugins
 binaries: setup
 	@$(PY) scripts/check_prerequisites.py cluster
-	$(PY) -m finetune_devcluster.binaries $(CONTROL_PLANE) $(if $(KUEUE),kueue,)
+	$(PY) -m finetune_devcluster.binaries $(CONTROL_PLANE) $(if $(KUEUE),kueue,) $(if $(REAL_NODE),kubelet,)
 
 test-binaries: setup
 	@$(PY) scripts/check_prerequisites.py cluster
@@ -75,10 +78,12 @@ test-unit: setup
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 demo: setup binaries
-	$(PY) -m finetune_devcluster.demo $(if $(KEEP),--keep,) $(if $(KUEUE),--kueue,)
+	$(if $(REAL_NODE),scripts/ensure_system_packages.sh podman $(REAL_NODE_PACKAGES),)
+	$(PY) -m finetune_devcluster.demo $(if $(KEEP),--keep,) $(if $(KUEUE),--kueue,) $(if $(REAL_NODE),--real-node,)
 
 cluster-up: setup binaries
-	$(PY) -m finetune_devcluster up $(if $(KUEUE),--kueue,)
+	$(if $(REAL_NODE),scripts/ensure_system_packages.sh podman $(REAL_NODE_PACKAGES),)
+	$(PY) -m finetune_devcluster up $(if $(KUEUE),--kueue,) $(if $(REAL_NODE),--real-node,)
 
 cluster-down: setup
 	$(PY) -m finetune_devcluster down
@@ -122,6 +127,6 @@ images: setup
 # The images run as a cluster runs them (tests/images): the demo job in the trainer image as the
 # pod the operator renders, the operator image as the chart's Deployment against the dev cluster.
 check-images: setup
-	scripts/ensure_system_packages.sh podman runc
-	$(PY) -m finetune_devcluster.binaries $(CONTROL_PLANE) helm
+	scripts/ensure_system_packages.sh podman $(REAL_NODE_PACKAGES)
+	$(PY) -m finetune_devcluster.binaries $(CONTROL_PLANE) helm kubelet
 	FINETUNE_IMAGE_TESTS=1 $(PY) -m pytest tests/images $(PYTEST_ARGS)

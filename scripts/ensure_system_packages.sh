@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Debian packages a target uses, each named by the command it provides: by default what the
 # end-to-end tests use (a real Prometheus server, Chromium for the web page's browser test);
-# make images passes podman, runc and debootstrap. Installed only when missing; needs root (or
-# sudo) and apt.
+# make images passes podman, runc and debootstrap. A package that provides no command is named
+# FILE:PACKAGE (the real node's CNI plugins). Installed only when missing; needs root (or sudo)
+# and apt.
 set -euo pipefail
 wanted=("$@")
 if [ ${#wanted[@]} -eq 0 ]; then
@@ -10,7 +11,10 @@ if [ ${#wanted[@]} -eq 0 ]; then
 fi
 missing=()
 for command in "${wanted[@]}"; do
-    command -v "$command" >/dev/null 2>&1 || missing+=("$command")
+    case "$command" in
+        /*:*) [ -e "${command%%:*}" ] || missing+=("${command#*:}") ;;
+        *) command -v "$command" >/dev/null 2>&1 || missing+=("$command") ;;
+    esac
 done
 if [ ${#missing[@]} -eq 0 ]; then
     exit 0

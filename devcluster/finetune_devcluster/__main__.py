@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from finetune_devcluster import cluster
+from finetune_devcluster import cluster, realnode
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,16 +19,30 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="start Kueue too (batch/Job integration, webhooks, pending-workloads API)",
     )
+    parser.add_argument(
+        "--real-node",
+        action="store_true",
+        help="add a node run by a real kubelet and containerd, with the trainer image `make images` built",
+    )
     args = parser.parse_args(argv)
     state = args.state_dir
     if args.command == "up":
         try:
             local = cluster.LocalCluster(state_dir=state).start(agent=not args.no_agent, kueue=args.kueue)
+            node = realnode.RealNode(local).start(images=[realnode.trainer_image()]) if args.real_node else None
         except (cluster.ClusterError, RuntimeError) as exc:
             print(f"cluster-up failed: {exc}", file=sys.stderr)
+            if args.real_node and (state / "processes.json").is_file():
+                cluster.load(state).stop()
             return 1
         print(f"export KUBECONFIG={local.kubeconfig}")
         print("kubectl get nodes   # the GPU nodes; `make cluster-down` stops everything")
+        if node is not None:
+            print(
+                f"# {node.name} is a real kubelet's node: select it with nodeSelector {realnode.NODE_LABEL}: 'true'.\n"
+                f"# Its pods reach this machine at {node.address}: run the operator with\n"
+                f"#   --bind-address={node.address} --report-url=http://{node.address}:8081"
+            )
         if args.kueue:
             print("kubectl get clusterqueues,localqueues -A   # Kueue runs; examples/kueue/ has a setup")
         return 0

@@ -55,6 +55,7 @@ BINARIES: dict[str, GoBinary] = {
     "kube-scheduler": GoBinary(
         "kube-scheduler", KUBERNETES_VERSION, "k8s.io/kubernetes", "k8s.io/kubernetes/cmd/kube-scheduler"
     ),
+    "kubelet": GoBinary("kubelet", KUBERNETES_VERSION, "k8s.io/kubernetes", "k8s.io/kubernetes/cmd/kubelet"),
     "etcd": GoBinary("etcd", ETCD_VERSION, "go.etcd.io/etcd/server/v3", "go.etcd.io/etcd/server/v3/etcdmain"),
     "helm": GoBinary("helm", HELM_VERSION, "helm.sh/helm/v3", "helm.sh/helm/v3/cmd/helm"),
     "kwok": GoBinary("kwok", KWOK_VERSION, "sigs.k8s.io/kwok", "sigs.k8s.io/kwok/cmd/kwok"),

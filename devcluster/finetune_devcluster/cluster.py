@@ -28,7 +28,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune_devcluster import binaries
+from finetune_devcluster import binaries, realnode
 
 DEFAULT_STATE_DIR = Path(".cluster")
 SERVICE_CIDR = "10.96.0.0/16"
@@ -189,10 +189,22 @@ class LocalCluster:
 
     def stop(self) -> None:
         """Stop every process, apiserver first (it hangs on exit when etcd is gone)."""
-        order = ["node-agent", "kueue", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "etcd"]
+        order = [
+            "kubelet",
+            "node-agent",
+            "kueue",
+            "kube-apiserver",
+            "kube-controller-manager",
+            "kube-scheduler",
+            "etcd",
+            "containerd",
+        ]
         procs = sorted(self.processes, key=lambda p: order.index(p.name) if p.name in order else 0)
         for proc in procs:
+            if proc.name == "containerd":
+                realnode.stop_containers(self.state_dir)
             _terminate_group(proc.pid, STOP_GRACE_SECONDS)
+        realnode.clean_up(self.state_dir)
         self.processes = []
         with contextlib.suppress(FileNotFoundError):
             (self.state_dir / "processes.json").unlink()
@@ -355,6 +367,7 @@ class LocalCluster:
             ("system:kube-scheduler", "scheduler", ""),
             ("system:node-agent", "node-agent", "system:masters"),
             ("system:kueue", "kueue", "system:masters"),
+            (realnode.NODE_USER, "real-node", "system:nodes"),
             *[(user, user, "system:masters") for user in self.extra_users],
         ]
         # A state directory from an earlier start keeps its tokens; users added since get theirs.
@@ -453,6 +466,10 @@ class LocalCluster:
             "-out",
             str(directory / "tls.crt"),
         )
+
+    def token(self, user: str) -> str:
+        """The bearer token of one of the cluster's users (tokens.csv)."""
+        return self._token(user)
 
     def _token(self, user: str) -> str:
         for line in (self.pki / "tokens.csv").read_text().splitlines():

@@ -6,6 +6,10 @@ a tiny Stable Diffusion pipeline with random weights and four synthetic pictures
 ``examples/demo.yaml`` applied with kubectl.  It prints ``kubectl get ftj -w`` lines until
 the job ends, then where the results are.
 
+With ``--real-node`` (``make demo REAL_NODE=1``) the job runs on a node of a real kubelet with
+containerd instead (``realnode.py``), in the trainer image ``make images`` built, as a cluster runs
+it; the operator listens on that node's address for the trainer's reports.
+
 With ``--kueue`` (``make demo KUEUE=1``) Kueue runs too, with one GPU of quota for the demo
 namespace (``examples/kueue/demo-queue.yaml``), and two such jobs go through its LocalQueue: one
 runs while the other is Queued in Kueue's words, then runs.
@@ -28,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune_devcluster import cluster as devcluster
+from finetune_devcluster import realnode
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMESPACE = "demo"
@@ -79,11 +84,16 @@ def build_demo_data(model: Path, images: Path) -> None:
 
 
 class Demo:
-    def __init__(self, *, state_dir: Path, keep: bool, timeout: float, kueue: bool = False) -> None:
+    def __init__(
+        self, *, state_dir: Path, keep: bool, timeout: float, kueue: bool = False, real_node: bool = False
+    ) -> None:
         self.state_dir = state_dir
         self.keep = keep
         self.timeout = timeout
         self.kueue = kueue
+        self.real_node = real_node
+        # Where the operator listens: with a real node, the node's address, which its pods reach.
+        self.host = realnode.Network.for_state(state_dir).gateway if real_node else "127.0.0.1"
         # With Kueue, a second job waits in the queue behind the first.
         self.jobs = ["demo", "demo-2"] if kueue else ["demo"]
         self.cluster: devcluster.LocalCluster | None = None
@@ -107,6 +117,8 @@ class Demo:
                     say("starting Kueue (built from sigs.k8s.io/kueue; webhooks and pending-workloads API on loopback)")
                     existing.start_kueue()
                 self._check_reused(existing)
+                if self.real_node:
+                    self._start_real_node()
                 return
         # The demo owns the cluster it starts: from an empty etcd, whatever an earlier run left
         # (Kueue's webhooks with no Kueue running would refuse every Job).
@@ -117,7 +129,16 @@ class Demo:
             agent=True, kueue=self.kueue, timeout=90, fresh=True
         )
         self.started_cluster = True
+        if self.real_node:
+            self._start_real_node()
         print(self.kubectl("get", "nodes", "-L", "nvidia.com/gpu.count"), flush=True)
+
+    def _start_real_node(self) -> None:
+        assert self.cluster is not None
+        if self.kubectl("get", "node", realnode.NODE_NAME, "--ignore-not-found", "-o", "name").strip():
+            return
+        say(f"adding {realnode.NODE_NAME}: a real kubelet with containerd and runc (realnode.py)")
+        realnode.RealNode(self.cluster).start(images=[realnode.trainer_image()])
 
     def _check_reused(self, cluster: devcluster.LocalCluster) -> None:
         """A running cluster the demo did not start must be able to run it: fail at once with a
@@ -143,7 +164,7 @@ class Demo:
     def start_operator(self) -> None:
         assert self.cluster is not None
         log = self.cluster.logs / "operator.log"
-        say(f"starting the operator (log: {log}; web page: http://127.0.0.1:{self.ports['web']}/)")
+        say(f"starting the operator (log: {log}; web page: http://{self.host}:{self.ports['web']}/)")
         with open(log, "ab") as handle:
             self.operator = subprocess.Popen(
                 [
@@ -152,13 +173,13 @@ class Demo:
                     "finetune_operator",
                     "run",
                     f"--kubeconfig={self.cluster.kubeconfig}",
-                    "--bind-address=127.0.0.1",
+                    f"--bind-address={self.host}",
                     f"--progress-port={self.ports['progress']}",
                     f"--metrics-port={self.ports['metrics']}",
                     f"--health-port={self.ports['health']}",
                     f"--web-port={self.ports['web']}",
                     "--web",
-                    f"--report-url=http://127.0.0.1:{self.ports['progress']}",
+                    f"--report-url=http://{self.host}:{self.ports['progress']}",
                     "--status-interval=1",
                 ],
                 stdout=handle,
@@ -170,7 +191,7 @@ class Demo:
             if self.operator.poll() is not None:
                 raise SystemExit(f"the operator exited; see {log}")
             with contextlib.suppress(OSError):
-                url = f"http://127.0.0.1:{self.ports['health']}/readyz"
+                url = f"http://{self.host}:{self.ports['health']}/readyz"
                 with urllib.request.urlopen(url, timeout=1) as response:
                     if response.status == 200:
                         return
@@ -212,6 +233,8 @@ class Demo:
         import yaml
 
         base = yaml.safe_load((ROOT / "examples" / "demo.yaml").read_text())
+        if self.real_node:
+            base["spec"]["resources"]["nodeSelector"] = {realnode.NODE_LABEL: "true"}
         if not self.kueue:
             return [base]
         out = []
@@ -237,6 +260,9 @@ class Demo:
                 flush=True,
             )
             say("kubectl -n demo get ftj -w   (REASON: Kueue's while a job waits; kubectl describe ftj: its message)")
+        elif self.real_node:
+            say(f"examples/demo.yaml with spec.resources.nodeSelector {realnode.NODE_LABEL}: 'true'")
+            print(self.kubectl("apply", "-f", "-", input=json.dumps(self.manifests()[0])).strip(), flush=True)
         else:
             say("kubectl apply -f examples/demo.yaml")
             print(self.kubectl("apply", "-f", str(ROOT / "examples" / "demo.yaml")).strip(), flush=True)
@@ -309,7 +335,7 @@ class Demo:
             print(f"                        ->  {sample_files[-1]}")
         if self.keep and self.cluster is not None:
             # The page shows what the token's holder may list: here the local cluster's admin.
-            page = f"http://127.0.0.1:{self.ports['web']}/?namespace={NAMESPACE}#token={self.cluster.admin_token}"
+            page = f"http://{self.host}:{self.ports['web']}/?namespace={NAMESPACE}#token={self.cluster.admin_token}"
             print(f"  the web page:         {page}")
         print("  look at it with kubectl:")
         print(f"    export KUBECONFIG={self.state_dir / 'kubeconfig'}")
@@ -354,9 +380,21 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("KUEUE") == "1",
         help="run Kueue too: two jobs, one GPU of quota, the second waits in the queue",
     )
+    parser.add_argument(
+        "--real-node",
+        action="store_true",
+        default=os.environ.get("REAL_NODE") == "1",
+        help="run the job on a real kubelet's node, in the trainer image `make images` built",
+    )
     args = parser.parse_args(argv)
     started = time.monotonic()
-    demo = Demo(state_dir=args.state_dir.resolve(), keep=args.keep, timeout=args.timeout, kueue=args.kueue)
+    demo = Demo(
+        state_dir=args.state_dir.resolve(),
+        keep=args.keep,
+        timeout=args.timeout,
+        kueue=args.kueue,
+        real_node=args.real_node,
+    )
     try:
         demo.start_cluster()
         demo.install_crd()

@@ -191,6 +191,15 @@ def test_pod_sees_its_volumes_at_their_mount_paths(kube: Kube, namespace: str) -
     assert {path: Path(path).exists() for path in host} == host
 
 
+def test_a_claims_folder_is_writable_by_the_trainers_uid_as_on_a_real_node(kube: Kube, namespace: str) -> None:
+    """A real kubelet mounts the provisioner's hostPath folder as it is (no fsGroup for hostPath),
+    and the trainer image runs as uid 1000: a folder made 0755 by root failed every job there
+    with "Permission denied: '/data/outputs/demo'". The node agent runs pods as its own user, so
+    the folder's mode is what it must get right."""
+    data = kube.create_pvc(namespace, "shared")
+    assert data.stat().st_mode & 0o777 == 0o777
+
+
 def test_a_read_only_root_refuses_writes_but_to_volumes_as_a_runtime_does(kube: Kube, namespace: str) -> None:
     """readOnlyRootFilesystem on the node agent as in a real container: a write outside the
     volumes fails (read-only file system), writes to a claim, an emptyDir and the

@@ -39,6 +39,10 @@ def test_tiny_writes_the_seeded_pipeline_and_the_pictures_the_demo_uses(tiny_mod
     pictures = sorted((dest / "images").iterdir())
     assert [p.suffix for p in pictures] == [".png", ".jpg", ".png"]
     assert {Image.open(p).size for p in pictures} == {(48, 48)}
+    # A trainer pod reads them as uid 1000 on a real node: safetensors' own 0600 failed there with
+    # "Permission denied: '.../unet/diffusion_pytorch_model.safetensors'".
+    unreadable = [str(p) for p in dest.rglob("*") if p.stat().st_mode & 0o444 != 0o444]
+    assert unreadable == []
 
 
 def test_tiny_writes_a_job_that_run_trains_as_is(tmp_path: Path) -> None:

@@ -44,11 +44,14 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "tiny":
+        from finetune_trainer.storage import make_readable
         from finetune_trainer.tiny import build_tiny_pipeline, write_demo_images
 
         build_tiny_pipeline(args.dest / "model")
         write_demo_images(args.dest / "images", args.images, args.size)
         job = write_tiny_job(args.dest, size=args.size)
+        # Its weights are for a pod of another uid to read (safetensors writes them 0600).
+        make_readable(args.dest)
         print(f"wrote {args.dest / 'model'}, {args.dest / 'images'} and {job}; train with: finetune-trainer run {job}")
         return 0
     return run(args.job)

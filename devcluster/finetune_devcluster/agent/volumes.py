@@ -81,6 +81,9 @@ class Volumes:
         namespace, name = claim.metadata.namespace, claim.metadata.name
         directory = self.claim_dir(namespace, name)
         directory.mkdir(parents=True, exist_ok=True)
+        # Writable by every uid, as local-path provisioners make theirs: a hostPath volume gets
+        # no fsGroup from the kubelet, and the trainer runs as uid 1000 in its image.
+        directory.chmod(0o777)
         pv_name = f"local-{namespace}-{name}"[:200] + "-" + claim.metadata.uid[:8]
         body = {
             "apiVersion": "v1",
