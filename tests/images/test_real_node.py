@@ -160,3 +160,34 @@ def test_a_missing_base_model_fails_on_the_real_node_with_the_contracts_reason(d
     terminated = pods[-1]["status"]["containerStatuses"][0]["state"]["terminated"]
     assert terminated["exitCode"] != 0
     assert json.loads(terminated["message"])["reason"] == "BadInput"
+
+
+def test_a_failed_try_is_retried_in_a_new_pod_on_the_real_node(demo: tuple[LocalCluster, str]) -> None:
+    """The first try cannot write its output folder (root's, 0555, as a careless admin left it): the
+    operator retries in a new pod, and once the folder is fixed the job Succeeds there."""
+    cluster, _ = demo
+    folder = cluster.volumes / "demo" / "outputs" / "retry"
+    folder.mkdir()
+    folder.chmod(0o555)
+    manifest = yaml.safe_load((ROOT / "examples" / "demo.yaml").read_text())
+    manifest["metadata"]["name"] = "retry"
+    manifest["spec"]["output"]["uri"] = "pvc://outputs/retry/"
+    manifest["spec"]["resources"]["nodeSelector"] = {realnode.NODE_LABEL: "true"}
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(manifest))
+
+    def retrying() -> bool:
+        status = _get(cluster, "-n", "demo", "get", "ftj", "retry").get("status") or {}
+        assert status.get("phase") not in ("Succeeded", "Failed"), status
+        return "retrying" in (status.get("message") or "")
+
+    deadline = time.monotonic() + 180
+    while not retrying():
+        assert time.monotonic() < deadline, "the first try never failed"
+        time.sleep(0.5)
+    folder.chmod(0o777)
+    status = _wait_ended(cluster, "retry")
+    assert status["phase"] == "Succeeded", status
+    pods = _get(cluster, "-n", "demo", "get", "pods", "-l", "job-name=retry")["items"]
+    assert len(pods) >= 2 and {p["spec"]["nodeName"] for p in pods} == {realnode.NODE_NAME}
+    assert sorted(p["status"]["phase"] for p in pods)[-1] == "Succeeded"
+    assert "Failed" in {p["status"]["phase"] for p in pods}
