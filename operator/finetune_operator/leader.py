@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable
 
 from finetune_operator.kubeapi import ApiError, KubeAPI
-from finetune_operator.status import parse_rfc3339
+from finetune_operator.timestamps import parse_rfc3339
 
 LOG = logging.getLogger("finetune_operator.leader")
 

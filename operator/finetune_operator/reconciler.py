@@ -39,7 +39,8 @@ from finetune_operator.positions import PendingPositions
 from finetune_operator.render import ClaimMount, claim_mounts, cluster_problems, render
 from finetune_operator.reports import ProgressStore
 from finetune_operator.settings import OperatorSettings
-from finetune_operator.status import Observed, compute_status, parse_rfc3339, status_patch, with_phase
+from finetune_operator.status import Observed, compute_status, status_patch, with_phase
+from finetune_operator.timestamps import parse_rfc3339
 from finetune_operator.workqueue import WorkQueue
 
 LOG = logging.getLogger("finetune_operator.reconciler")

@@ -33,6 +33,7 @@ from finetune_api.v1alpha1 import (
     Stage,
 )
 from finetune_operator import queueing
+from finetune_operator.claims import ClaimMount, display_uri
 from finetune_operator.failures import (
     Failure,
     classify_job_failure,
@@ -42,7 +43,7 @@ from finetune_operator.failures import (
     unschedulable,
     waiting_problem,
 )
-from finetune_operator.render import ClaimMount, display_uri
+from finetune_operator.timestamps import rfc3339
 
 INITIALIZING_STAGES = {Stage.STARTING, Stage.DOWNLOADING, Stage.CLASS_IMAGES, Stage.CACHING, Stage.COMPILING}
 TRAINING_STAGES = {Stage.TRAINING, Stage.CHECKPOINTING, Stage.SAMPLING}
@@ -61,20 +62,6 @@ WARNING_REASONS = frozenset(
 )
 # The status's fields as the API spells them.
 _WIRE_NAMES = frozenset(field.alias or name for name, field in FineTuneJobStatus.model_fields.items())
-
-
-def rfc3339(moment: dt.datetime) -> str:
-    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_rfc3339(stamp: object) -> dt.datetime | None:
-    """A Kubernetes timestamp (``...Z``, fractions allowed), or None when absent or malformed."""
-    if not stamp:
-        return None
-    try:
-        return dt.datetime.fromisoformat(str(stamp).replace("Z", "+00:00"))
-    except ValueError:
-        return None
 
 
 @dataclass(frozen=True)

@@ -68,9 +68,6 @@ class WorkQueue(Generic[K]):
         """The number of keys waiting with ``priority`` or a more urgent one."""
         return sum(count for number, count in self._by_priority.items() if number <= priority)
 
-    def is_waiting(self, key: K) -> bool:
-        return key in self._waiting
-
     def is_processing(self, key: K) -> bool:
         return key in self._processing
 

@@ -59,6 +59,41 @@ def test_no_operator_module_imports_the_dev_cluster_or_the_trainer_even_lazily()
     assert found == []
 
 
+# Inside the operator: the pure computations depend on no side that renders or talks to the
+# cluster. status.py computes a status from what it is given (not from rendering); leader.py is
+# about the Lease (not the status).
+INNER_RULES = {
+    "finetune_operator.status": (
+        "finetune_operator.render",
+        "finetune_operator.reconciler",
+        "finetune_operator.kubeapi",
+    ),
+    "finetune_operator.leader": ("finetune_operator.status", "finetune_operator.render"),
+    "finetune_operator.claims": ("finetune_operator.render", "finetune_operator.status"),
+    "finetune_operator.timestamps": ("finetune_operator",),
+}
+
+
+def _imported(path: Path) -> list[str]:
+    names: list[str] = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names += [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+    return names
+
+
+def test_status_claims_and_the_lease_import_nothing_that_renders_or_reconciles() -> None:
+    broken = []
+    for module, banned in INNER_RULES.items():
+        path = OPERATOR.parent / (module.replace(".", "/") + ".py")
+        for name in _imported(path):
+            if any(name == b or name.startswith(b + ".") for b in banned):
+                broken.append(f"{module} imports {name}")
+    assert broken == []
+
+
 def dockerfile_copies(dockerfile: Path) -> list[tuple[list[str], str]]:
     """The (sources, destination) of each COPY from the build context."""
     copies = []

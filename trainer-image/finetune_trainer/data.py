@@ -87,10 +87,6 @@ def read_image(path: Path) -> Image.Image:
         return image.convert("RGB")
 
 
-def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
-    return resize_to_cover(image, Bucket(size, size))
-
-
 def resize_to_cover(image: Image.Image, bucket: Bucket) -> Image.Image:
     from PIL import Image
 
@@ -348,10 +344,6 @@ def flipped_left(left: int, width: int, crop_width: int) -> int:
     return width - left - crop_width
 
 
-def is_square(example: Example) -> bool:
-    return example.pixels.shape[1] == example.pixels.shape[2]
-
-
 # --- latent cache -------------------------------------------------------------------------------
 
 
@@ -459,22 +451,12 @@ def host_randn_rows(
     shape: Sequence[int], gens: Sequence[torch.Generator], *, dtype: torch.dtype | None = None, pin: bool = False
 ) -> torch.Tensor:
     """One row of standard normal noise per generator, stacked (``len(gens) x shape``), in one
-    buffer (pinned with ``pin``: see ``host_randn``)."""
+    buffer: the same numbers on every device, since the generators are the CPU's.  With ``pin``
+    the buffer is pinned (page-locked) memory, which a GPU copies from without the host waiting
+    for the GPU; from ordinary memory the copy would first wait for every queued kernel."""
     import torch
 
     rows = torch.empty((len(gens), *shape), dtype=dtype or torch.get_default_dtype(), pin_memory=pin)
     for row, gen in zip(rows, gens, strict=True):
         torch.randn(tuple(shape), generator=gen, out=row)
     return rows
-
-
-def host_randn(
-    shape: Sequence[int], gen: torch.Generator, *, dtype: torch.dtype | None = None, pin: bool = False
-) -> torch.Tensor:
-    """Standard normal noise from a CPU generator: the same numbers on every device.  With
-    ``pin`` it lands in pinned (page-locked) memory, which a GPU copies from without the
-    host waiting for the GPU; from ordinary memory the copy would first wait for every
-    queued kernel to finish."""
-    import torch
-
-    return torch.randn(tuple(shape), generator=gen, dtype=dtype, pin_memory=pin)

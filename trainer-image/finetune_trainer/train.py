@@ -846,7 +846,7 @@ class DreamBoothRecipe:
             process_index=accelerator.process_index,
         )
         device = accelerator.device
-        # Draws bound for a GPU go through pinned memory (see data.host_randn).
+        # Draws bound for a GPU go through pinned memory (see data.host_randn_rows).
         pin = device.type == "cuda"
         picks = self.instance_order.examples(slots)
         # Every example of this share of the micro-batch trains at one size.

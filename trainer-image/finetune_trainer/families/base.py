@@ -335,11 +335,6 @@ class ModelFamily:
             device=device,
         )
 
-    def native_resolution(self, model_type: ModelType) -> int:
-        from finetune_api.v1alpha1 import NATIVE_RESOLUTION
-
-        return NATIVE_RESOLUTION[model_type]
-
     # --- text -----------------------------------------------------------------------------------
 
     def tokenize(self, tokenizers: list[Any], prompts: list[str]) -> list[torch.Tensor]:
