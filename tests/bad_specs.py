@@ -8,7 +8,10 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from finetune_api.rules import Rule
 
 
 def good_manifest(name: str = "good") -> dict[str, Any]:
@@ -183,6 +186,7 @@ BAD_SPECS = [
         _both(_set("method", "LoRA"), _set("baseModel.type", "flux1"), _set("output.mergeLoRA", True)),
         "spec.output.mergeLoRA",
     ),
+    BadSpec("merge-lora-with-dreambooth", _set("output.mergeLoRA", True), "spec.output.mergeLoRA"),
 ]
 
 
@@ -200,3 +204,24 @@ def bad_manifest(case: BadSpec, name: str = "bad") -> dict[str, Any]:
     manifest = copy.deepcopy(good_manifest(name))
     case.change(manifest)
     return manifest
+
+
+def rule_cases() -> list[tuple[Rule, BadSpec]]:
+    """Each rule of ``finetune_api.rules`` with the bad specs that break it: the models' refusal
+    carries the rule's message (the cluster-only rule's cases are CLUSTER_ONLY_BAD_SPECS)."""
+    from finetune_api import ManifestError, parse_manifest
+    from finetune_api.rules import TABLES
+
+    cases = []
+    for table in TABLES.values():
+        for rule in table:
+            if not rule.models:
+                cases += [(rule, case) for case in CLUSTER_ONLY_BAD_SPECS]
+                continue
+            for case in BAD_SPECS:
+                try:
+                    parse_manifest(bad_manifest(case))
+                except ManifestError as refused:
+                    if rule.message in str(refused):
+                        cases.append((rule, case))
+    return cases

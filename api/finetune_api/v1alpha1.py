@@ -4,10 +4,10 @@ Field names are a contract (see the design's API section): add fields freely,
 rename or remove one only through an issue.  Each field's description ends up
 in the CRD, so ``kubectl explain ftj.spec.training`` reads from here.
 
-Cross-field rules are written twice on purpose: as CEL (``x-kubernetes-
-validations``) for the apiserver, and as pydantic validators for the trainer,
-which reads manifests that never went through an apiserver.  The unit tests
-run every bad spec through both.
+Rules beyond a field's type and range live in ``rules.py``, each written once
+as CEL (``x-kubernetes-validations``, for the apiserver) and as the predicate
+the models run (for the trainer, which reads manifests that never went through
+an apiserver), with one message; the tests run every bad spec through both.
 """
 
 from __future__ import annotations
@@ -15,10 +15,16 @@ from __future__ import annotations
 import re
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from finetune_api import rules
+from finetune_api.rules import (
+    QUANTITY_PATTERN,
+    URI_HELP,
+)
 
 GROUP = "finetune.dev"
 VERSION = "v1alpha1"
@@ -28,96 +34,25 @@ PLURAL = "finetunejobs"
 SINGULAR = "finetunejob"
 SHORT_NAME = "ftj"
 
-# One regular expression for pydantic and CEL (RE2 accepts it as written).
-URI_PATTERN = r"^((hf|pvc|s3|gs|https?|file)://[^\s]+|[^:\s][^:]*)$"
-PVC_PATTERN = r"^pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/.*)?$"
-URI_HELP = "hf://, pvc://CLAIM/path, s3://, gs://, https://, file:// or a plain path"
-QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$"
-# A ".." segment in a pvc:// path would resolve outside the claim's mount in the pod.
-PVC_PARENT_PATTERN = r"/\.\.(/|$)"
-# What a pod can reach: a plain path or file:// would be read (or written) inside the pod's
-# own file system, which vanishes with it.  They stay valid for `finetune-trainer run` on a
-# workstation, so only the CRD (the cluster's admission) refuses them, not the models.
-CLUSTER_URI_PATTERN = r"^(hf|pvc|s3|gs|https?)://"
-CLUSTER_URI_HELP = "pvc://CLAIM/path, s3://, gs://, hf:// or https://"
-LABEL_VALUE_PATTERN = r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$"
-ENDPOINT_PATTERN = r"^https?://[^\s/?#]+(/[^\s?#]*)?$"
-# A Kubernetes object name that is also a label value (Kueue reads it from a label).
-OBJECT_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 
-
-def _cel(rule: str, message: str, **extra: str) -> Any:
-    return {"rule": rule, "message": message, **extra}
-
-
-# A prompt must say something: at least one character that is not whitespace (RE2 and Python agree).
-NOT_BLANK = r"\S"
-
-
-DATASET_SOURCE = "set spec.dataset.instanceImages (one subject) or spec.dataset.concepts (several), not both"
-DATASET_PROMPT = (
-    "spec.dataset.instancePrompt is required unless spec.dataset.layout is kohya (prompts from folder names): "
-    "set it, e.g. 'a photo of nickxxxawesome'"
-)
-BLANK_PROMPT = (
-    "is empty or only whitespace: write the prompt that describes the images, e.g. 'a photo of nickxxxawesome'"
-)
-
-
-def _not_blank_rule() -> dict[str, Any]:
-    """The CEL rule of a prompt field: something other than whitespace."""
-    return {"x-kubernetes-validations": [_cel(f"self.matches(r'{NOT_BLANK}')", BLANK_PROMPT)]}
+_Text = TypeVar("_Text", str, str | None)
 
 
 def _prompt_not_blank(value: str | None) -> str | None:
-    """The models' twin of ``_not_blank_rule`` (a field validator)."""
-    if value is not None and not re.search(NOT_BLANK, value):
-        raise ValueError(BLANK_PROMPT)
-    return value
+    return rules.enforce(value, rules.PROMPT)
 
 
-def _uri_rules(path: str) -> Any:
-    return [
-        _cel(
-            f"self.matches(r'{URI_PATTERN}')",
-            f"{path} must be {URI_HELP}",
-        ),
-        _cel(
-            f"!self.startsWith('pvc://') || self.matches(r'{PVC_PATTERN}')",
-            f"{path}: a pvc:// URI is pvc://CLAIM/path where CLAIM is a PersistentVolumeClaim name",
-        ),
-        _cel(
-            f"!self.startsWith('pvc://') || !self.matches(r'{PVC_PARENT_PATTERN}')",
-            f"{path}: a pvc:// path may not contain '..'; name a folder inside the claim, e.g. pvc://CLAIM/path",
-        ),
-        _cel(
-            f"self.matches(r'{CLUSTER_URI_PATTERN}')",
-            f"{path}: a plain path or file:// URI would be inside the training pod and vanish with it; "
-            f"in a cluster use {CLUSTER_URI_HELP} (plain paths are for finetune-trainer run on a workstation)",
-        ),
-    ]
-
-
-def check_uri(value: str, *, field: str) -> str:
-    """The pydantic twin of ``_uri_rules``; ``field`` names it in the message."""
-    if not re.match(URI_PATTERN, value):
-        raise ValueError(f"must be {URI_HELP}; got {value!r}")
-    if value.startswith("pvc://") and not re.match(PVC_PATTERN, value):
-        raise ValueError(f"a pvc:// URI is pvc://CLAIM/path where CLAIM is a PersistentVolumeClaim name; got {value!r}")
-    if value.startswith("pvc://") and re.search(PVC_PARENT_PATTERN, value):
-        raise ValueError(f"a pvc:// path may not contain '..'; name a folder inside the claim; got {value!r}")
-    return value
+def check_uri(value: _Text) -> _Text:
+    """The models' side of ``rules.URI`` (the cluster-only rule is the CRD's and the operator's)."""
+    return rules.enforce(value, rules.URI, show_value=True)
 
 
 def cluster_uri_problem(value: str | None, *, field: str) -> str | None:
     """The CRD's cluster-only URI rule, for the operator: a spec admitted by an older CRD
     (Helm never upgrades CRDs) is refused when the operator renders it for a cluster."""
-    if value is None or re.match(CLUSTER_URI_PATTERN, value):
+    if value is None or rules.CLUSTER_URI.holds(value):
         return None
-    return (
-        f"{field}: a plain path or file:// URI would be inside the training pod and vanish with it; "
-        f"in a cluster use {CLUSTER_URI_HELP} (plain paths are for finetune-trainer run on a workstation)"
-    )
+    return f"{field}: {rules.CLUSTER_URI.message}"
 
 
 Uri = Annotated[str, Field(min_length=1, max_length=2048)]
@@ -213,28 +148,6 @@ class TimestepSampling(StrEnum):
     UNIFORM = "uniform"
 
 
-# Rules of the flux1 family, written once for CEL and pydantic (see FineTuneJobSpec).
-FLUX_LORA_ONLY = (
-    "spec.method: flux1 trains LoRA only (a full Flux.1 fine-tune needs several 80 GB GPUs); set spec.method: LoRA"
-)
-FLUX_COMPONENTS = (
-    "spec.baseModel.componentsUri is for type flux1 (the text encoders, VAE and scheduler of a single-file "
-    "transformer); remove it or set spec.baseModel.type: flux1"
-)
-FLUX_QUANTIZATION = (
-    "spec.training.baseQuantization quantizes a flux1 transformer under LoRA; set it to none (or remove it) for "
-    "other model types"
-)
-FLUX_TIMESTEPS = (
-    "spec.training.timestepSampling is for flux1 (flow matching); remove it for other model types, which draw "
-    "timesteps uniformly"
-)
-FLUX_MERGE = (
-    "spec.output.mergeLoRA: a Flux.1 LoRA is not merged into a full model here (24 GB in bf16); load the LoRA onto "
-    "the base instead (diffusers' load_lora_weights, ComfyUI's LoRA loader) and remove mergeLoRA"
-)
-
-
 class BaseModelSource(_Model):
     """Where the model to fine-tune comes from."""
 
@@ -243,7 +156,7 @@ class BaseModelSource(_Model):
             "The base model: a diffusers folder, or one .safetensors/.ckpt file in the original "
             f"Stable Diffusion layout. {URI_HELP}."
         ),
-        json_schema_extra={"x-kubernetes-validations": _uri_rules("spec.baseModel.uri")},
+        json_schema_extra=rules.cel(rules.URI),
     )
     type: ModelType = Field(
         default=ModelType.V1X,
@@ -261,7 +174,7 @@ class BaseModelSource(_Model):
             "A replacement VAE (a diffusers AutoencoderKL folder), e.g. an fp16-safe one for sdxl, whose own VAE "
             f"overflows in fp16 and otherwise runs in fp32. {URI_HELP}."
         ),
-        json_schema_extra={"x-kubernetes-validations": _uri_rules("spec.baseModel.vaeUri")},
+        json_schema_extra=rules.cel(rules.URI),
     )
     components_uri: Uri | None = Field(
         default=None,
@@ -271,7 +184,7 @@ class BaseModelSource(_Model):
             "VAE and scheduler go with it (its transformer weights are not read; its transformer/config.json, "
             f"where present, gives the architecture). {URI_HELP}."
         ),
-        json_schema_extra={"x-kubernetes-validations": _uri_rules("spec.baseModel.componentsUri")},
+        json_schema_extra=rules.cel(rules.URI),
     )
     credentials_secret: str | None = Field(
         default=None,
@@ -286,17 +199,17 @@ class BaseModelSource(_Model):
     @field_validator("uri")
     @classmethod
     def _uri(cls, value: str) -> str:
-        return check_uri(value, field="spec.baseModel.uri")
+        return check_uri(value)
 
     @field_validator("vae_uri")
     @classmethod
     def _vae_uri(cls, value: str | None) -> str | None:
-        return None if value is None else check_uri(value, field="spec.baseModel.vaeUri")
+        return check_uri(value)
 
     @field_validator("components_uri")
     @classmethod
     def _components_uri(cls, value: str | None) -> str | None:
-        return None if value is None else check_uri(value, field="spec.baseModel.componentsUri")
+        return check_uri(value)
 
 
 class DatasetLayout(StrEnum):
@@ -313,24 +226,24 @@ class Concept(_Model):
         description=(
             f"Folder of this concept's photos (a .txt caption beside each, or a metadata.jsonl, optional). {URI_HELP}."
         ),
-        json_schema_extra={"x-kubernetes-validations": _uri_rules("spec.dataset.concepts[].images")},
+        json_schema_extra=rules.cel(rules.URI),
     )
     instance_prompt: str = Field(
         min_length=1,
         max_length=1000,
         description="Prompt naming this concept with its own unique token.",
-        json_schema_extra=_not_blank_rule(),
+        json_schema_extra=rules.cel(rules.PROMPT),
     )
     class_prompt: str | None = Field(
         default=None,
         max_length=1000,
         description="Prompt for this concept's class (prior preservation).",
-        json_schema_extra=_not_blank_rule(),
+        json_schema_extra=rules.cel(rules.PROMPT),
     )
     class_images: Uri | None = Field(
         default=None,
         description="Folder of this concept's class images (generated there, or under the output, when missing).",
-        json_schema_extra={"x-kubernetes-validations": _uri_rules("spec.dataset.concepts[].classImages")},
+        json_schema_extra=rules.cel(rules.URI),
     )
     repeats: int = Field(
         default=1, ge=1, le=10000, description="How many times each of its photos counts per epoch (kohya's repeats)."
@@ -339,7 +252,7 @@ class Concept(_Model):
     @field_validator("images", "class_images")
     @classmethod
     def _uris(cls, value: str | None) -> str | None:
-        return None if value is None else check_uri(value, field="concepts")
+        return check_uri(value)
 
     _not_blank = field_validator("instance_prompt", "class_prompt")(_prompt_not_blank)
 
@@ -362,7 +275,7 @@ class Dataset(_Model):
             "Folder of the subject's photos (.jpg, .jpeg, .png, .webp; captions as the layout says). "
             f"Set this or concepts. {URI_HELP}."
         ),
-        json_schema_extra={"x-kubernetes-validations": _uri_rules("spec.dataset.instanceImages")},
+        json_schema_extra=rules.cel(rules.URI),
     )
     instance_prompt: str | None = Field(
         default=None,
@@ -372,7 +285,7 @@ class Dataset(_Model):
             "Prompt naming the subject with a unique token, e.g. 'a photo of nickxxxawesome'. A caption "
             "replaces it for its photo (or fills [filewords] in it). Not needed with layout kohya or concepts."
         ),
-        json_schema_extra=_not_blank_rule(),
+        json_schema_extra=rules.cel(rules.PROMPT),
     )
     concepts: list[Concept] | None = Field(
         default=None,
@@ -426,7 +339,7 @@ class Dataset(_Model):
         default=None,
         max_length=1000,
         description="Prompt for the subject's class, e.g. 'a photo of a man' (prior preservation).",
-        json_schema_extra=_not_blank_rule(),
+        json_schema_extra=rules.cel(rules.PROMPT),
     )
     class_images: Uri | None = Field(
         default=None,
@@ -434,7 +347,7 @@ class Dataset(_Model):
             "Folder of class images. Missing images are generated with the base model and saved "
             "here (or under the output) for reuse."
         ),
-        json_schema_extra={"x-kubernetes-validations": _uri_rules("spec.dataset.classImages")},
+        json_schema_extra=rules.cel(rules.URI),
     )
     prior_preservation: bool = Field(
         default=False,
@@ -464,29 +377,13 @@ class Dataset(_Model):
     @field_validator("instance_images", "class_images")
     @classmethod
     def _uris(cls, value: str | None) -> str | None:
-        return None if value is None else check_uri(value, field="dataset")
+        return check_uri(value)
 
     _not_blank = field_validator("instance_prompt", "class_prompt")(_prompt_not_blank)
 
     @model_validator(mode="after")
     def _cross_field(self) -> Dataset:
-        # The same rules as the CEL ones on spec.dataset (see FineTuneJobSpec.dataset).
-        if (self.instance_images is None) == (self.concepts is None):
-            raise ValueError(DATASET_SOURCE)
-        if self.instance_images is not None and self.instance_prompt is None and self.layout != DatasetLayout.KOHYA:
-            raise ValueError(DATASET_PROMPT)
-        if self.prior_preservation and not self._prior_prompts():
-            raise ValueError(
-                "priorPreservation needs classPrompt: set spec.dataset.classPrompt "
-                "(e.g. 'a photo of a man') or turn priorPreservation off"
-            )
-        return self
-
-    def _prior_prompts(self) -> bool:
-        if self.concepts is not None:
-            return all(c.class_prompt for c in self.concepts)
-        # kohya's regularisation folders name their class (the trainer checks there are some).
-        return bool(self.class_prompt) or self.layout == DatasetLayout.KOHYA
+        return rules.enforce(self, rules.DATASET)
 
 
 class LoRASettings(_Model):
@@ -617,9 +514,7 @@ class Training(_Model):
 
     @model_validator(mode="after")
     def _steps(self) -> Training:
-        if self.steps_per_image is None and self.max_steps is None:
-            raise ValueError("set spec.training.stepsPerImage (e.g. 150, as the web UI) or spec.training.maxSteps")
-        return self
+        return rules.enforce(self, rules.TRAINING)
 
 
 class Checkpoints(_Model):
@@ -634,7 +529,7 @@ class Output(_Model):
 
     uri: Uri = Field(
         description=f"Folder for checkpoints, exports and samples. {URI_HELP}.",
-        json_schema_extra={"x-kubernetes-validations": _uri_rules("spec.output.uri")},
+        json_schema_extra=rules.cel(rules.URI),
     )
     half_precision: bool = Field(
         default=True,
@@ -666,7 +561,7 @@ class Output(_Model):
     @field_validator("uri")
     @classmethod
     def _uri(cls, value: str) -> str:
-        return check_uri(value, field="spec.output.uri")
+        return check_uri(value)
 
 
 class Samples(_Model):
@@ -702,22 +597,13 @@ class Storage(_Model):
             "named by spec.baseModel.credentialsSecret. Credentials come from that Secret "
             "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION)."
         ),
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                _cel(
-                    f"self.matches(r'{ENDPOINT_PATTERN}')",
-                    "spec.storage.s3EndpointUrl must be an http:// or https:// URL such as http://minio:9000",
-                )
-            ]
-        },
+        json_schema_extra=rules.cel(rules.S3_ENDPOINT),
     )
 
     @field_validator("s3_endpoint_url")
     @classmethod
     def _endpoint(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(ENDPOINT_PATTERN, value):
-            raise ValueError(f"must be an http:// or https:// URL such as http://minio:9000; got {value!r}")
-        return value
+        return rules.enforce(value, rules.S3_ENDPOINT, show_value=True)
 
 
 class Resources(_Model):
@@ -749,12 +635,6 @@ class Resources(_Model):
     priority_class_name: str = Field(default="", max_length=253, description="PriorityClass of the pod.")
 
 
-_QUEUE_HELP = (
-    "must be a Kueue LocalQueue name, which is a label value: letters, digits, '-', '_' and '.', "
-    "beginning and ending with a letter or digit"
-)
-
-
 class RunPolicy(_Model):
     """Retries, deadlines and queueing of the underlying batch/v1 Job."""
 
@@ -775,11 +655,7 @@ class RunPolicy(_Model):
         default="",
         max_length=63,
         description="Kueue LocalQueue name (a label value); the Job waits to be admitted.",
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                _cel(f"self.matches(r'{LABEL_VALUE_PATTERN}')", f"spec.runPolicy.queueName {_QUEUE_HELP}")
-            ]
-        },
+        json_schema_extra=rules.cel(rules.QUEUE_NAME),
     )
     priority_class: str = Field(
         default="",
@@ -788,33 +664,18 @@ class RunPolicy(_Model):
             "Kueue WorkloadPriorityClass name (with queueName): a higher value is admitted first "
             "and may preempt lower ones; a preempted job resumes from its newest checkpoint."
         ),
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                _cel(
-                    f"self == '' || self.matches(r'{OBJECT_NAME_PATTERN}')",
-                    "spec.runPolicy.priorityClass must name a Kueue WorkloadPriorityClass: lowercase letters, "
-                    "digits, '-' and '.', starting and ending with a letter or digit (e.g. high)",
-                ),
-            ]
-        },
+        json_schema_extra=rules.cel(rules.PRIORITY_CLASS),
     )
 
     @field_validator("priority_class")
     @classmethod
     def _priority_class_is_a_name(cls, value: str) -> str:
-        if value and not re.match(OBJECT_NAME_PATTERN, value):
-            raise ValueError(
-                "must name a Kueue WorkloadPriorityClass: lowercase letters, digits, '-' and '.', "
-                f"starting and ending with a letter or digit (e.g. high); got {value!r}"
-            )
-        return value
+        return rules.enforce(value, rules.PRIORITY_CLASS, show_value=True)
 
     @field_validator("queue_name")
     @classmethod
     def _queue_name(cls, value: str) -> str:
-        if not re.match(LABEL_VALUE_PATTERN, value):
-            raise ValueError(f"{_QUEUE_HELP}; got {value!r}")
-        return value
+        return rules.enforce(value, rules.QUEUE_NAME, show_value=True)
 
 
 # Fields that never change once the FineTuneJob exists.
@@ -856,33 +717,11 @@ class FineTuneJobSpec(_Model):
     )
     dataset: Dataset = Field(
         description="Instance (and class) images and prompts.",
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                _cel("has(self.instanceImages) != has(self.concepts)", DATASET_SOURCE),
-                _cel(
-                    "!has(self.instanceImages) || has(self.instancePrompt) || self.layout == 'kohya'",
-                    DATASET_PROMPT,
-                ),
-                _cel(
-                    "!self.priorPreservation || has(self.classPrompt) || "
-                    "(has(self.concepts) && self.concepts.all(c, has(c.classPrompt))) || "
-                    "self.layout == 'kohya'",
-                    "spec.dataset.priorPreservation needs spec.dataset.classPrompt (e.g. 'a photo of a man'), "
-                    "a classPrompt on every concept, or with layout kohya regularisation folders",
-                ),
-            ]
-        },
+        json_schema_extra=rules.cel(rules.DATASET),
     )
     training: Training = Field(
         description="Steps, optimizer, precision and memory settings.",
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                _cel(
-                    "has(self.stepsPerImage) || has(self.maxSteps)",
-                    "set spec.training.stepsPerImage (e.g. 150) or spec.training.maxSteps",
-                )
-            ]
-        },
+        json_schema_extra=rules.cel(rules.TRAINING),
     )
     checkpoints: Checkpoints = Field(
         default_factory=Checkpoints, description="Intermediate checkpoints.", json_schema_extra={"default": {}}
@@ -904,48 +743,11 @@ class FineTuneJobSpec(_Model):
         default_factory=RunPolicy, description="Retries, deadlines, suspend, queue.", json_schema_extra={"default": {}}
     )
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                _cel(
-                    "self.method == 'LoRA' || !has(self.training.lora)",
-                    "spec.training.lora is only for method LoRA: set spec.method: LoRA or remove it",
-                ),
-                _cel(
-                    "self.method == 'LoRA' || !self.output.mergeLoRA",
-                    "spec.output.mergeLoRA is only for method LoRA",
-                ),
-                _cel("self.baseModel.type != 'flux1' || self.method == 'LoRA'", FLUX_LORA_ONLY),
-                _cel("!has(self.baseModel.componentsUri) || self.baseModel.type == 'flux1'", FLUX_COMPONENTS),
-                _cel(
-                    "!has(self.training.baseQuantization) || self.training.baseQuantization == 'none' || "
-                    "self.baseModel.type == 'flux1'",
-                    FLUX_QUANTIZATION,
-                ),
-                _cel("!has(self.training.timestepSampling) || self.baseModel.type == 'flux1'", FLUX_TIMESTEPS),
-                _cel("self.baseModel.type != 'flux1' || !self.output.mergeLoRA", FLUX_MERGE),
-            ]
-        }
-    )
+    model_config = ConfigDict(json_schema_extra=rules.cel(rules.SPEC))
 
     @model_validator(mode="after")
     def _cross_field(self) -> FineTuneJobSpec:
-        if self.method != Method.LORA and self.training.lora is not None:
-            raise ValueError("spec.training.lora is only for method LoRA: set spec.method: LoRA or remove it")
-        if self.method != Method.LORA and self.output.merge_lora:
-            raise ValueError("spec.output.mergeLoRA is only for method LoRA")
-        flux = self.base_model.type == ModelType.FLUX1
-        if flux and self.method != Method.LORA:
-            raise ValueError(FLUX_LORA_ONLY)
-        if not flux and self.base_model.components_uri is not None:
-            raise ValueError(FLUX_COMPONENTS)
-        if not flux and self.training.base_quantization != BaseQuantization.NONE:
-            raise ValueError(FLUX_QUANTIZATION)
-        if not flux and self.training.timestep_sampling is not None:
-            raise ValueError(FLUX_TIMESTEPS)
-        if flux and self.output.merge_lora:
-            raise ValueError(FLUX_MERGE)
-        return self
+        return rules.enforce(self, rules.SPEC)
 
     @property
     def lora(self) -> LoRASettings:

@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from tests.bad_specs import BAD_SPECS, CLUSTER_ONLY_BAD_SPECS, BadSpec, bad_manifest, good_manifest
+from finetune_api.rules import Rule
+from tests.bad_specs import BAD_SPECS, CLUSTER_ONLY_BAD_SPECS, BadSpec, bad_manifest, good_manifest, rule_cases
 from tests.kube import Kube, wait_for
 
 pytestmark = pytest.mark.cluster
@@ -90,6 +91,21 @@ def test_bad_spec_is_rejected_by_the_apiserver(kube: Kube, namespace: str, case:
     assert case.field in out, f"{case.id}: the apiserver's message does not name {case.field}:\n{out}"
 
 
+@pytest.mark.parametrize(("rule", "case"), rule_cases(), ids=[f"{case.id}" for _, case in rule_cases()])
+def test_the_apiserver_refuses_a_rule_breaking_spec_with_the_models_words(
+    kube: Kube, namespace: str, rule: Rule, case: BadSpec
+) -> None:
+    """The rule's CEL (the CRD) and its predicate (the models) agree on the same bad spec, word
+    for word: the models' side is in tests/unit/test_rules.py."""
+    import yaml
+
+    manifest = bad_manifest(case, name="bad")
+    manifest["metadata"]["namespace"] = namespace
+    out = kube.kubectl("apply", "--dry-run=server", "-f", "-", check=False, input=yaml.safe_dump(manifest))
+    assert "created (server dry run)" not in out, f"{case.id} was accepted"
+    assert rule.message in " ".join(out.split()), f"{case.id}: the apiserver said\n{out}"
+
+
 @pytest.mark.parametrize("case", CLUSTER_ONLY_BAD_SPECS, ids=lambda c: c.id)
 def test_a_path_the_pod_would_keep_to_itself_is_refused_by_the_cluster(
     kube: Kube, namespace: str, case: BadSpec
@@ -102,7 +118,8 @@ def test_a_path_the_pod_would_keep_to_itself_is_refused_by_the_cluster(
     manifest["metadata"]["namespace"] = namespace
     out = kube.kubectl("apply", "--dry-run=server", "-f", "-", check=False, input=yaml.safe_dump(manifest))
     assert "created (server dry run)" not in out, f"{case.id} was accepted"
-    assert f"{case.field}: a plain path or file:// URI would be inside the training pod" in out, out
+    assert f"{case.field}: Invalid value: " in out, out
+    assert "a plain path or file:// URI would be inside the training pod" in out, out
     assert "pvc://CLAIM/path" in out
 
 

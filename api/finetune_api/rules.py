@@ -1,0 +1,249 @@
+"""The FineTuneJob's validation rules, each written once: the CEL expression the CRD carries (the
+apiserver checks it at admission), the Python predicate the models run (the trainer reads manifests
+that never went through an apiserver), and one message for both, which says what is wrong and the
+fix.  ``v1alpha1.py`` attaches each table to its field or model; tests run every bad spec through
+both sides and compare their words (tests/unit/test_rules.py, tests/cluster/test_control_plane.py).
+
+A field's rule gets the field's value (never None: an absent field has nothing to check); a
+model's rule gets the model.  The apiserver and the models both put the field's path in front of
+a field rule's message, so the message does not repeat it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+# One regular expression for pydantic and CEL (RE2 accepts each as written).
+URI_PATTERN = r"^((hf|pvc|s3|gs|https?|file)://[^\s]+|[^:\s][^:]*)$"
+PVC_PATTERN = r"^pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/.*)?$"
+URI_HELP = "hf://, pvc://CLAIM/path, s3://, gs://, https://, file:// or a plain path"
+# A ".." segment in a pvc:// path would resolve outside the claim's mount in the pod.
+PVC_PARENT_PATTERN = r"/\.\.(/|$)"
+# What a pod can reach: a plain path or file:// would be read (or written) inside the pod's
+# own file system, which vanishes with it.  They stay valid for `finetune-trainer run` on a
+# workstation, so only the CRD (the cluster's admission) refuses them, not the models.
+CLUSTER_URI_PATTERN = r"^(hf|pvc|s3|gs|https?)://"
+CLUSTER_URI_HELP = "pvc://CLAIM/path, s3://, gs://, hf:// or https://"
+QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$"
+LABEL_VALUE_PATTERN = r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$"
+ENDPOINT_PATTERN = r"^https?://[^\s/?#]+(/[^\s?#]*)?$"
+# A Kubernetes object name that is also a label value (Kueue reads it from a label).
+OBJECT_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+# A prompt must say something: at least one character that is not whitespace.
+NOT_BLANK = r"\S"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rule: ``cel`` and ``holds`` are true of a valid value; ``models``: False for a rule only
+    a cluster enforces (the operator checks specs an older CRD admitted itself)."""
+
+    cel: str
+    message: str
+    holds: Callable[[Any], bool]
+    models: bool = True
+
+    def as_cel(self) -> dict[str, str]:
+        return {"rule": self.cel, "message": self.message}
+
+
+def cel(rules: Sequence[Rule]) -> dict[str, Any]:
+    """The ``json_schema_extra`` that puts ``rules`` into the CRD."""
+    return {"x-kubernetes-validations": [rule.as_cel() for rule in rules]}
+
+
+def enforce(value: Any, rules: Sequence[Rule], *, show_value: bool = False) -> Any:
+    """``value`` if every rule the models enforce holds; else ValueError with the first broken
+    rule's message (and the value, for a field's, where it helps)."""
+    if value is None:
+        return value
+    for rule in rules:
+        if rule.models and not rule.holds(value):
+            raise ValueError(f"{rule.message}; got {value!r}" if show_value else rule.message)
+    return value
+
+
+def _matches(pattern: str) -> Callable[[Any], bool]:
+    return lambda value: re.search(pattern, value) is not None
+
+
+# --- a field's rules ------------------------------------------------------------------------------
+
+URI = (
+    Rule(f"self.matches(r'{URI_PATTERN}')", f"must be {URI_HELP}", _matches(URI_PATTERN)),
+    Rule(
+        f"!self.startsWith('pvc://') || self.matches(r'{PVC_PATTERN}')",
+        "a pvc:// URI is pvc://CLAIM/path where CLAIM is a PersistentVolumeClaim name",
+        lambda v: not v.startswith("pvc://") or re.match(PVC_PATTERN, v) is not None,
+    ),
+    Rule(
+        f"!self.startsWith('pvc://') || !self.matches(r'{PVC_PARENT_PATTERN}')",
+        "a pvc:// path may not contain '..'; name a folder inside the claim, e.g. pvc://CLAIM/path",
+        lambda v: not v.startswith("pvc://") or re.search(PVC_PARENT_PATTERN, v) is None,
+    ),
+    Rule(
+        f"self.matches(r'{CLUSTER_URI_PATTERN}')",
+        "a plain path or file:// URI would be inside the training pod and vanish with it; "
+        f"in a cluster use {CLUSTER_URI_HELP} (plain paths are for finetune-trainer run on a workstation)",
+        _matches(CLUSTER_URI_PATTERN),
+        models=False,
+    ),
+)
+CLUSTER_URI = URI[-1]
+
+PROMPT = (
+    Rule(
+        f"self.matches(r'{NOT_BLANK}')",
+        "is empty or only whitespace: write the prompt that describes the images, e.g. 'a photo of nickxxxawesome'",
+        _matches(NOT_BLANK),
+    ),
+)
+
+S3_ENDPOINT = (
+    Rule(
+        f"self.matches(r'{ENDPOINT_PATTERN}')",
+        "must be an http:// or https:// URL such as http://minio:9000",
+        _matches(ENDPOINT_PATTERN),
+    ),
+)
+
+QUEUE_NAME = (
+    Rule(
+        f"self.matches(r'{LABEL_VALUE_PATTERN}')",
+        "must be a Kueue LocalQueue name, which is a label value: letters, digits, '-', '_' and '.', "
+        "beginning and ending with a letter or digit",
+        _matches(LABEL_VALUE_PATTERN),
+    ),
+)
+
+PRIORITY_CLASS = (
+    Rule(
+        f"self == '' || self.matches(r'{OBJECT_NAME_PATTERN}')",
+        "must name a Kueue WorkloadPriorityClass: lowercase letters, digits, '-' and '.', "
+        "starting and ending with a letter or digit (e.g. high)",
+        lambda v: v == "" or re.match(OBJECT_NAME_PATTERN, v) is not None,
+    ),
+)
+
+
+# --- a model's rules (several fields) -------------------------------------------------------------
+
+DATASET_SOURCE = "set spec.dataset.instanceImages (one subject) or spec.dataset.concepts (several), not both"
+
+
+def _prior_prompts(dataset: Any) -> bool:
+    if not dataset.prior_preservation or dataset.layout == "kohya":
+        # kohya's regularisation folders name their class (the trainer checks there are some).
+        return True
+    if dataset.concepts is not None:
+        return all(c.class_prompt for c in dataset.concepts)
+    return bool(dataset.class_prompt)
+
+
+DATASET = (
+    Rule(
+        "has(self.instanceImages) != has(self.concepts)",
+        DATASET_SOURCE,
+        lambda d: (d.instance_images is None) != (d.concepts is None),
+    ),
+    Rule(
+        "!has(self.instanceImages) || has(self.instancePrompt) || self.layout == 'kohya'",
+        "spec.dataset.instancePrompt is required unless spec.dataset.layout is kohya (prompts from folder names): "
+        "set it, e.g. 'a photo of nickxxxawesome'",
+        lambda d: d.instance_images is None or d.instance_prompt is not None or d.layout == "kohya",
+    ),
+    Rule(
+        "!self.priorPreservation || has(self.classPrompt) || "
+        "(has(self.concepts) && self.concepts.all(c, has(c.classPrompt))) || self.layout == 'kohya'",
+        "spec.dataset.priorPreservation needs spec.dataset.classPrompt (e.g. 'a photo of a man'), a classPrompt "
+        "on every concept, or with layout kohya regularisation folders; or turn priorPreservation off",
+        _prior_prompts,
+    ),
+)
+
+TRAINING = (
+    Rule(
+        "has(self.stepsPerImage) || has(self.maxSteps)",
+        "set spec.training.stepsPerImage (e.g. 150, as the web UI) or spec.training.maxSteps",
+        lambda t: t.steps_per_image is not None or t.max_steps is not None,
+    ),
+)
+
+FLUX_LORA_ONLY = (
+    "spec.method: flux1 trains LoRA only (a full Flux.1 fine-tune needs several 80 GB GPUs); set spec.method: LoRA"
+)
+FLUX_COMPONENTS = (
+    "spec.baseModel.componentsUri is for type flux1 (the text encoders, VAE and scheduler of a single-file "
+    "transformer); remove it or set spec.baseModel.type: flux1"
+)
+FLUX_QUANTIZATION = (
+    "spec.training.baseQuantization quantizes a flux1 transformer under LoRA; set it to none (or remove it) for "
+    "other model types"
+)
+FLUX_TIMESTEPS = (
+    "spec.training.timestepSampling is for flux1 (flow matching); remove it for other model types, which draw "
+    "timesteps uniformly"
+)
+FLUX_MERGE = (
+    "spec.output.mergeLoRA: a Flux.1 LoRA is not merged into a full model here (24 GB in bf16); load the LoRA onto "
+    "the base instead (diffusers' load_lora_weights, ComfyUI's LoRA loader) and remove mergeLoRA"
+)
+
+
+def _flux(spec: Any) -> bool:
+    return bool(spec.base_model.type == "flux1")
+
+
+SPEC = (
+    Rule(
+        "self.method == 'LoRA' || !has(self.training.lora)",
+        "spec.training.lora is only for method LoRA: set spec.method: LoRA or remove it",
+        lambda s: s.method == "LoRA" or s.training.lora is None,
+    ),
+    Rule(
+        "self.method == 'LoRA' || !self.output.mergeLoRA",
+        "spec.output.mergeLoRA is only for method LoRA",
+        lambda s: s.method == "LoRA" or not s.output.merge_lora,
+    ),
+    Rule(
+        "self.baseModel.type != 'flux1' || self.method == 'LoRA'",
+        FLUX_LORA_ONLY,
+        lambda s: not _flux(s) or s.method == "LoRA",
+    ),
+    Rule(
+        "!has(self.baseModel.componentsUri) || self.baseModel.type == 'flux1'",
+        FLUX_COMPONENTS,
+        lambda s: s.base_model.components_uri is None or _flux(s),
+    ),
+    Rule(
+        "!has(self.training.baseQuantization) || self.training.baseQuantization == 'none' || "
+        "self.baseModel.type == 'flux1'",
+        FLUX_QUANTIZATION,
+        lambda s: s.training.base_quantization == "none" or _flux(s),
+    ),
+    Rule(
+        "!has(self.training.timestepSampling) || self.baseModel.type == 'flux1'",
+        FLUX_TIMESTEPS,
+        lambda s: s.training.timestep_sampling is None or _flux(s),
+    ),
+    Rule(
+        "self.baseModel.type != 'flux1' || !self.output.mergeLoRA",
+        FLUX_MERGE,
+        lambda s: not (_flux(s) and s.output.merge_lora),
+    ),
+)
+
+# Every table, for the tests that run each rule through both sides.
+TABLES: dict[str, tuple[Rule, ...]] = {
+    "uri": URI,
+    "prompt": PROMPT,
+    "s3Endpoint": S3_ENDPOINT,
+    "queueName": QUEUE_NAME,
+    "priorityClass": PRIORITY_CLASS,
+    "dataset": DATASET,
+    "training": TRAINING,
+    "spec": SPEC,
+}
