@@ -45,6 +45,8 @@ def claim_mounts(job: FineTuneJob) -> tuple[ClaimMount, ...]:
         (spec.dataset.class_images, True),
         (spec.output.uri, True),
     ]
+    for concept in spec.dataset.concepts or ():
+        uses += [(concept.images, False), (concept.class_images, True)]
     writable: dict[str, bool] = {}
     for uri, writes in uses:
         if uri and uri.startswith("pvc://"):

@@ -38,5 +38,9 @@ def job_name(name: str) -> str:
 
 
 def volume_name(claim: str) -> str:
-    """A volume name (a DNS label) for a PersistentVolumeClaim."""
-    return fit(f"pvc-{claim}", LABEL_LIMIT).replace(".", "-")
+    """A volume name (a DNS label) for a PersistentVolumeClaim.  A claim name may hold dots, a
+    volume name may not: such a claim's volume ends in a hash of the claim's name, so that
+    ``a.b`` and ``a-b`` get two volumes, not one."""
+    if "." not in claim:
+        return fit(f"pvc-{claim}", LABEL_LIMIT)
+    return fit(f"pvc-{claim.replace('.', '-')}", LABEL_LIMIT, suffix=f"-{_hash(claim)}")

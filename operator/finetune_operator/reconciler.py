@@ -614,6 +614,7 @@ class Reconciler:
             report_base_url=settings.report_url,
             report_audience=settings.report_audience,
             image_pull_policy=settings.image_pull_policy,
+            image_pull_secrets=settings.trainer_image_pull_secrets,
             trainer_uid=settings.trainer_uid,
             report_ca=self.report_ca,
         )

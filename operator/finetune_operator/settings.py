@@ -22,6 +22,7 @@ DEFAULT_GPU_TOLERATIONS: list[dict[str, Any]] = [
 class OperatorSettings:
     namespaces: tuple[str, ...] = ()
     trainer_image: str = DEFAULT_TRAINER_IMAGE
+    trainer_image_pull_secrets: tuple[str, ...] = ()
     image_pull_policy: str = "IfNotPresent"
     gpu_resource: str = "nvidia.com/gpu"
     default_tolerations: tuple[dict[str, Any], ...] = tuple(DEFAULT_GPU_TOLERATIONS)
@@ -79,6 +80,12 @@ OPTIONS: tuple[Option, ...] = (
         "FINETUNE_TRAINER_IMAGE",
         DEFAULT_TRAINER_IMAGE,
         "the trainer image of jobs that name none (spec.image)",
+    ),
+    Option(
+        "--trainer-image-pull-secrets",
+        "FINETUNE_TRAINER_IMAGE_PULL_SECRETS",
+        "",
+        "comma-separated names of Secrets, in each job's namespace, that trainer pods pull their image with",
     ),
     Option(
         "--image-pull-policy",
@@ -208,6 +215,7 @@ def from_arguments(args: argparse.Namespace) -> OperatorSettings:
     return OperatorSettings(
         namespaces=tuple(namespaces),
         trainer_image=args.trainer_image,
+        trainer_image_pull_secrets=tuple(n.strip() for n in args.trainer_image_pull_secrets.split(",") if n.strip()),
         image_pull_policy=args.image_pull_policy,
         gpu_resource=args.gpu_resource,
         default_tolerations=tuple(tolerations),

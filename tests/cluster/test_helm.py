@@ -32,6 +32,8 @@ ALL_FEATURES = [
     "--set", "web.enabled=true",
     "--set", "grafanaDashboard.enabled=true",
     "--set", "watchNamespaces={team-a,team-b}",
+    "--set", "imagePullSecrets[0].name=regcred",
+    "--set", "imagePullSecrets[1].name=mirror",
 ]  # fmt: skip
 
 # A minimal stand-in for the Prometheus operator's CRD, so that the apiserver knows the
@@ -166,6 +168,8 @@ def test_every_optional_feature_renders() -> None:
     assert "--namespace=team-a" in args and "--namespace=team-b" in args
     assert any(a.startswith("--tls-cert-file=") for a in args)
     assert any(a.startswith("--report-url=https://") for a in args)
+    # The pull secrets reach the operator's pod, and by name its trainer pods.
+    assert "--trainer-image-pull-secrets=regcred,mirror" in args
 
 
 @pytest.mark.parametrize("features", [[], ALL_FEATURES], ids=["defaults", "all-features"])

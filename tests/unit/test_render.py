@@ -280,3 +280,18 @@ def test_every_example_renders() -> None:
         body = _body(job.model_dump(mode="json", by_alias=True, exclude_none=True))
         rendered = render(body, job, trainer_image="t:1")
         assert rendered.job["kind"] == "Job"
+
+
+def test_the_charts_pull_secrets_reach_trainer_pods_by_name() -> None:
+    """values.yaml said imagePullSecrets reach trainer pods; nothing rendered them."""
+    import argparse
+
+    from finetune_operator.settings import add_arguments, from_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    settings = from_arguments(parser.parse_args(["--trainer-image-pull-secrets=regcred, mirror"]))
+    assert settings.trainer_image_pull_secrets == ("regcred", "mirror")
+    job = _render(portrait(), image_pull_secrets=settings.trainer_image_pull_secrets).job
+    assert job["spec"]["template"]["spec"]["imagePullSecrets"] == [{"name": "regcred"}, {"name": "mirror"}]
+    assert "imagePullSecrets" not in _render(portrait()).job["spec"]["template"]["spec"]

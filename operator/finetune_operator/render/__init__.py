@@ -47,7 +47,7 @@ from finetune_operator.render.storage import (
     resolve_uri,
     split_pvc,
 )
-from finetune_operator.render.trainer import labels_for, owner_reference, trainer_job
+from finetune_operator.render.trainer import labels_for, owner_reference, pod_spec, trainer_job
 
 __all__ = [
     "ANNOTATION_FULL_NAME",
@@ -85,6 +85,7 @@ def render(
     report_base_url: str = "",
     report_audience: str = REPORT_AUDIENCE,
     image_pull_policy: str = "IfNotPresent",
+    image_pull_secrets: Sequence[str] = (),
     trainer_uid: int = 1000,
     report_ca: str = "",
 ) -> Rendered:
@@ -102,6 +103,8 @@ def render(
         image_pull_policy=image_pull_policy,
         shm_size=spec.resources.shm_size,
     )
+    if image_pull_secrets:
+        pod_spec(batch_job)["imagePullSecrets"] = [{"name": secret} for secret in image_pull_secrets]
     add_job_file(batch_job, job, namespace=namespace, name=name, uid=uid)
     add_report_channel(
         batch_job, namespace=namespace, name=name, base_url=report_base_url, audience=report_audience, ca=report_ca

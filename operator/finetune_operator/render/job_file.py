@@ -27,6 +27,9 @@ def resolved_manifest(job: FineTuneJob, *, namespace: str, name: str, uid: str) 
     spec.base_model.components_uri = resolve_uri(spec.base_model.components_uri)
     spec.dataset.instance_images = resolve_uri(spec.dataset.instance_images) or spec.dataset.instance_images
     spec.dataset.class_images = resolve_uri(spec.dataset.class_images)
+    for concept in spec.dataset.concepts or ():
+        concept.images = resolve_uri(concept.images) or concept.images
+        concept.class_images = resolve_uri(concept.class_images)
     spec.output.uri = resolve_uri(spec.output.uri) or spec.output.uri
     body = dump_spec(resolved)
     body.pop("status", None)

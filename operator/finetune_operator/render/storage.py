@@ -28,6 +28,11 @@ def cluster_problems(job: FineTuneJob) -> list[str]:
         ("spec.dataset.instanceImages", spec.dataset.instance_images),
         ("spec.dataset.classImages", spec.dataset.class_images),
         ("spec.output.uri", spec.output.uri),
+        *(
+            (f"spec.dataset.concepts[{i}].{field}", uri)
+            for i, concept in enumerate(spec.dataset.concepts or ())
+            for field, uri in (("images", concept.images), ("classImages", concept.class_images))
+        ),
     )
     return [p for field, uri in uris if (p := cluster_uri_problem(uri, field=field)) is not None]
 
