@@ -186,6 +186,12 @@ BAD_SPECS = [
         _both(_set("method", "LoRA"), _set("baseModel.type", "flux1"), _set("output.mergeLoRA", True)),
         "spec.output.mergeLoRA",
     ),
+    BadSpec("memory-zero", _set("resources.memory", "0"), "spec.resources.memory"),
+    BadSpec("cpu-zero", _set("resources.cpu", "0.0"), "spec.resources.cpu"),
+    BadSpec("gpu-resource-memory", _set("resources.gpuResource", "memory"), "spec.resources.gpuResource"),
+    BadSpec(
+        "gpu-resource-kubernetes-io", _set("resources.gpuResource", "kubernetes.io/gpu"), "spec.resources.gpuResource"
+    ),
     BadSpec("merge-lora-with-dreambooth", _set("output.mergeLoRA", True), "spec.output.mergeLoRA"),
 ]
 

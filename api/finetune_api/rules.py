@@ -32,6 +32,12 @@ LABEL_VALUE_PATTERN = r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$"
 ENDPOINT_PATTERN = r"^https?://[^\s/?#]+(/[^\s?#]*)?$"
 # A Kubernetes object name that is also a label value (Kueue reads it from a label).
 OBJECT_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+# An extended resource: domain/name, outside Kubernetes' own domain (cpu, memory, ephemeral-storage
+# and the kubernetes.io names are the node's own resources, never a GPU).
+EXTENDED_RESOURCE_PATTERN = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?\.)+[a-z0-9]([-a-z0-9]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+)
+KUBERNETES_DOMAIN_PATTERN = r"^([^/]*\.)?kubernetes\.io/"
 # A prompt must say something: at least one character that is not whitespace.
 NOT_BLANK = r"\S"
 
@@ -125,6 +131,25 @@ PRIORITY_CLASS = (
         "must name a Kueue WorkloadPriorityClass: lowercase letters, digits, '-' and '.', "
         "starting and ending with a letter or digit (e.g. high)",
         lambda v: v == "" or re.match(OBJECT_NAME_PATTERN, v) is not None,
+    ),
+)
+
+
+# A quantity of the pattern QUANTITY_PATTERN is more than zero where a digit is not 0.
+POSITIVE_QUANTITY = (
+    Rule(
+        "self.matches('[1-9]')",
+        "must be more than zero, e.g. '4' (CPUs) or '32Gi' (memory): a pod asks for it and is held to it",
+        _matches("[1-9]"),
+    ),
+)
+
+GPU_RESOURCE = (
+    Rule(
+        f"self.matches(r'{EXTENDED_RESOURCE_PATTERN}') && !self.matches(r'{KUBERNETES_DOMAIN_PATTERN}')",
+        "must be a GPU's extended resource, domain/name such as nvidia.com/gpu or amd.com/gpu: a node's own "
+        "resource (memory, cpu) would ask for no GPU at all",
+        lambda v: re.match(EXTENDED_RESOURCE_PATTERN, v) is not None and re.match(KUBERNETES_DOMAIN_PATTERN, v) is None,
     ),
 )
 
@@ -243,6 +268,8 @@ TABLES: dict[str, tuple[Rule, ...]] = {
     "s3Endpoint": S3_ENDPOINT,
     "queueName": QUEUE_NAME,
     "priorityClass": PRIORITY_CLASS,
+    "quantity": POSITIVE_QUANTITY,
+    "gpuResource": GPU_RESOURCE,
     "dataset": DATASET,
     "training": TRAINING,
     "spec": SPEC,

@@ -615,10 +615,21 @@ class Resources(_Model):
         min_length=1,
         max_length=253,
         description="Extended resource name of a GPU on your nodes.",
+        json_schema_extra=rules.cel(rules.GPU_RESOURCE),
     )
-    cpu: str = Field(default="4", pattern=QUANTITY_PATTERN, description="CPU request of the training pod (a quantity).")
+    cpu: str = Field(
+        default="4",
+        pattern=QUANTITY_PATTERN,
+        max_length=64,
+        description="CPU request of the training pod (a quantity).",
+        json_schema_extra=rules.cel(rules.POSITIVE_QUANTITY),
+    )
     memory: str = Field(
-        default="32Gi", pattern=QUANTITY_PATTERN, description="Memory request and limit of the training pod."
+        default="32Gi",
+        pattern=QUANTITY_PATTERN,
+        max_length=64,
+        description="Memory request and limit of the training pod.",
+        json_schema_extra=rules.cel(rules.POSITIVE_QUANTITY),
     )
     shm_size: str = Field(default="8Gi", pattern=QUANTITY_PATTERN, description="Size of /dev/shm for the data loaders.")
     node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the pod must match.")
@@ -633,6 +644,16 @@ class Resources(_Model):
         json_schema_extra={"type": "object", "x-kubernetes-preserve-unknown-fields": True},
     )
     priority_class_name: str = Field(default="", max_length=253, description="PriorityClass of the pod.")
+
+    @field_validator("gpu_resource")
+    @classmethod
+    def _gpu_resource(cls, value: str) -> str:
+        return rules.enforce(value, rules.GPU_RESOURCE, show_value=True)
+
+    @field_validator("cpu", "memory")
+    @classmethod
+    def _positive(cls, value: str) -> str:
+        return rules.enforce(value, rules.POSITIVE_QUANTITY, show_value=True)
 
 
 class RunPolicy(_Model):
