@@ -104,6 +104,8 @@ BAD_SPECS = [
     BadSpec("s3-endpoint-not-a-url", _set("storage.s3EndpointUrl", "minio:9000"), "spec.storage.s3EndpointUrl"),
     # paths that leave the claim's mount
     BadSpec("output-pvc-parent", _set("output.uri", "pvc://outputs/../.."), "spec.output.uri"),
+    # '..' behind a query string passed admission, then stopped the operator's render each time.
+    BadSpec("output-pvc-parent-query", _set("output.uri", "pvc://outputs/..?x"), "spec.output.uri"),
     BadSpec(
         "images-pvc-parent",
         _set("dataset.instanceImages", "pvc://datasets/nick/../../etc/"),

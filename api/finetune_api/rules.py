@@ -18,7 +18,8 @@ from typing import Any
 
 # One regular expression for pydantic and CEL (RE2 accepts each as written).
 URI_PATTERN = r"^((hf|pvc|s3|gs|https?|file)://[^\s]+|[^:\s][^:]*)$"
-PVC_PATTERN = r"^pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/.*)?$"
+# No query or fragment: the pod sees a path, and `pvc://c/..?x` would hide a '..' from the rule below.
+PVC_PATTERN = r"^pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/[^?#]*)?$"
 URI_HELP = "hf://, pvc://CLAIM/path, s3://, gs://, https://, file:// or a plain path"
 # A ".." segment in a pvc:// path would resolve outside the claim's mount in the pod.
 PVC_PARENT_PATTERN = r"/\.\.(/|$)"
@@ -82,7 +83,7 @@ URI = (
     Rule(f"self.matches(r'{URI_PATTERN}')", f"must be {URI_HELP}", _matches(URI_PATTERN)),
     Rule(
         f"!self.startsWith('pvc://') || self.matches(r'{PVC_PATTERN}')",
-        "a pvc:// URI is pvc://CLAIM/path where CLAIM is a PersistentVolumeClaim name",
+        "a pvc:// URI is pvc://CLAIM/path where CLAIM is a PersistentVolumeClaim name (and no ? or # follows)",
         lambda v: not v.startswith("pvc://") or re.match(PVC_PATTERN, v) is not None,
     ),
     Rule(

@@ -383,3 +383,44 @@ def test_atomic_path_replaces_a_folder_only_when_the_new_one_is_complete(tmp_pat
         (tmp / "new.txt").write_text("whole")
     assert [p.name for p in final.iterdir()] == ["new.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["diffusers"]
+
+
+class _Listing:
+    """An object store of a few keys (fsspec's calls that fetch makes), whatever the keys hold."""
+
+    def __init__(self, root: str, keys: dict[str, bytes]) -> None:
+        self.root, self.keys = root, keys
+
+    def isdir(self, path: str) -> bool:
+        return path == self.root
+
+    def isfile(self, path: str) -> bool:
+        return False
+
+    def find(self, path: str, detail: bool = False) -> dict[str, dict[str, Any]]:
+        return {f"{self.root}/{key}": {"type": "file", "size": len(data)} for key, data in self.keys.items()}
+
+    def get_file(self, remote: str, local: str) -> None:
+        Path(local).write_bytes(self.keys[remote.removeprefix(self.root + "/")])
+
+
+class _ListingStore(storage.ObjectStore):
+    def __init__(self, fs: _Listing) -> None:
+        super().__init__()
+        object.__setattr__(self, "fs", fs)
+
+    def filesystem(self, uri: str) -> tuple[Any, str]:
+        return self.fs, self.fs.root
+
+
+def test_an_objects_key_with_dot_dot_is_refused_not_written_outside_the_download(tmp_path: Path) -> None:
+    fs = _Listing("bucket/photos", {"a.png": b"a", "x/../../../../escaped.txt": b"pwned"})
+    with pytest.raises(BadInput, match=r"'x/\.\./\.\./\.\./\.\./escaped\.txt' would be written outside"):
+        storage.fetch("s3://bucket/photos/", field="spec.dataset.instanceImages", cache_dir=tmp_path / "cache",
+                      store=_ListingStore(fs))  # fmt: skip
+    assert not [p for p in tmp_path.rglob("escaped.txt")]
+    assert not (tmp_path / "escaped.txt").exists()
+    # Keys that only look odd are fine.
+    fs.keys = {"a.png": b"a", "b..c.png": b"b"}
+    fetched = storage.fetch("s3://bucket/photos/", field="f", cache_dir=tmp_path / "cache", store=_ListingStore(fs))
+    assert fetched is not None and sorted(p.name for p in fetched.iterdir()) == ["a.png", "b..c.png"]

@@ -159,7 +159,18 @@ def fetch(
             if missing_ok:
                 return None
             raise BadInput(f"{uri} does not exist", field=field) from None
-        name = Path(urlparse(uri).path.rstrip("/")).name or "download"
+        outside = [rel for rel in listing if rel.startswith("/") or ".." in rel.split("/")]
+        if outside:
+            # An object store's keys may hold '..': written as they are, they land outside the
+            # download folder (over the model, or anywhere the trainer may write).
+            raise BadInput(
+                f"{uri}: the object {outside[0]!r} would be written outside the download folder "
+                "(a key with a '..' part): rename it in the store",
+                field=field,
+            )
+        name = Path(urlparse(uri).path.rstrip("/")).name
+        if name in ("", ".", ".."):
+            name = "download"
         dest = cache_dir / DOWNLOADS_DIR / content_key(uri, listing) / name
         if dest.exists():
             log.info(f"{uri}: using the cached copy {dest}", extra={"event": "download-cached"})
