@@ -23,6 +23,8 @@ CHART = ROOT / "helm" / "finetune-operator"
 RELEASE = "ftop"
 RELEASE_NAMESPACE = "finetune-system"
 FULLNAME = "ftop-finetune-operator"
+# The chart's roles for people (aggregated into edit and view), not the operator's.
+PEOPLE_ROLES = ("finetune-edit", "finetune-view")
 ALL_FEATURES = [
     "--set", "replicaCount=2",
     "--set", "networkPolicy.enabled=true",
@@ -154,7 +156,7 @@ def test_every_optional_feature_renders() -> None:
         assert kind in kinds
     # Watching two namespaces: the job permissions are Roles there; only the reviews are cluster-wide
     # (TokenReviews; with the web page, SubjectAccessReviews for its readers).
-    cluster_roles = [d for d in docs if d["kind"] == "ClusterRole"]
+    cluster_roles = [d for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"] not in PEOPLE_ROLES]
     assert [r["rules"] for r in cluster_roles] == [
         [
             {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
@@ -427,3 +429,36 @@ def test_the_operator_may_read_kueues_workloads_and_positions() -> None:
         "resources": ["localqueues/pendingworkloads"],
         "verbs": ["get"],
     } in rules
+
+
+def test_people_who_may_edit_or_view_a_namespace_may_run_or_read_its_finetunejobs(kube: Kube, namespace: str) -> None:
+    """The chart's finetune-edit and finetune-view are aggregated into Kubernetes' edit, admin and
+    view roles (by the controller manager's aggregation controller, for real)."""
+    roles = [d for d in template() if d["kind"] == "ClusterRole" and d["metadata"]["name"] in PEOPLE_ROLES]
+    assert sorted(r["metadata"]["name"] for r in roles) == sorted(PEOPLE_ROLES)
+    assert not [
+        d for d in template("--set", "rbac.aggregateToDefaultRoles=false") if d["metadata"]["name"] in PEOPLE_ROLES
+    ]
+    kube.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": roles}))
+    for role in ("edit", "view"):
+        kube.kubectl("-n", namespace, "create", "serviceaccount", f"a-{role}")
+        kube.kubectl(
+            "-n", namespace, "create", "rolebinding", f"a-{role}", f"--clusterrole={role}",
+            f"--serviceaccount={namespace}:a-{role}",
+        )  # fmt: skip
+
+    def may(role: str, verb: str) -> bool:
+        out = kube.kubectl(
+            "auth", "can-i", verb, "finetunejobs.finetune.dev", "-n", namespace,
+            f"--as=system:serviceaccount:{namespace}:a-{role}", check=False,
+        )  # fmt: skip
+        return out.strip() == "yes"
+
+    wait_for(lambda: may("edit", "create") and may("view", "list"), timeout=60, what="the roles aggregated")
+    assert may("edit", "delete") and may("view", "get")
+    assert not may("view", "create") and not may("view", "delete")
+    # Roles this test applied (not a release's) go, so that a later `helm install` can own them.
+    for role in PEOPLE_ROLES:
+        live = json.loads(kube.kubectl("get", "clusterrole", role, "-o", "json"))
+        if "meta.helm.sh/release-name" not in (live["metadata"].get("annotations") or {}):
+            kube.kubectl("delete", "clusterrole", role)
