@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import ssl
 import time
@@ -28,6 +29,7 @@ from finetune_operator import names
 from finetune_operator.kubeapi import ApiError, describe_error
 from finetune_operator.metrics import Metrics, prometheus_text
 from finetune_operator.reconciler import Reconciler
+from finetune_operator.report_rate import ReportRate
 from finetune_operator.reports import ProgressStore, check_report
 from finetune_operator.settings import OperatorSettings
 from finetune_operator.tokens import TokenGate, Verdict, peek_claims
@@ -57,12 +59,14 @@ class ProgressHandler:
         gate: TokenGate,
         metrics: Metrics | None,
         is_leader: Callable[[], bool],
+        rate: ReportRate | None = None,
     ) -> None:
         self.reconciler = reconciler
         self.store = store
         self.gate = gate
         self.metrics = metrics
         self.is_leader = is_leader
+        self.rate = rate or ReportRate()
 
     def _reject(self, status: int, reason: str, message: str, *, retry_after: int | None = None) -> web.Response:
         if self.metrics:
@@ -121,6 +125,14 @@ class ProgressHandler:
         if outcome.reporter is None:
             return self._reject(403, "Forbidden", "the token is not a valid report token of a trainer pod")
         reporter = outcome.reporter
+        wait = self.rate.allow(key)
+        if wait is not None:
+            return self._reject(
+                429,
+                "Throttled",
+                f"this job reports faster than {self.rate.per_second:g} a second: wait and send the newest",
+                retry_after=max(1, math.ceil(wait)),
+            )
 
         try:
             raw = await request.content.read(MAX_REPORT_BYTES + 1)

@@ -136,13 +136,19 @@ def test_wrong_tokens_unknown_jobs_and_huge_bodies_are_rejected(
     assert metric(operator.metrics(), "finetune_progress_reports_total", 'result="rejected"') >= 6
 
 
-def test_a_flood_of_reports_yields_a_bounded_number_of_patches(
+def test_a_flooding_job_is_throttled_and_its_writes_stay_bounded_while_another_job_reports(
     kube: Kube, namespace: str, operator: OperatorProcess
 ) -> None:
+    """One pod posting as fast as it can gets 429 with Retry-After after a burst (the rest of its
+    reports are not read, kept or written), and another job of the same namespace reports as usual."""
     from kubernetes import watch
+
+    from finetune_operator.report_rate import BURST, PER_SECOND
 
     token = queued_job(kube, namespace, "flooded")
     attempt = pod_of(kube, namespace, "flooded").metadata.name
+    neighbour_token = queued_job(kube, namespace, "neighbour")
+    neighbour = pod_of(kube, namespace, "neighbour").metadata.name
     time.sleep(1.5)
     changes: list[int] = []
     stop = threading.Event()
@@ -170,25 +176,40 @@ def test_a_flood_of_reports_yields_a_bounded_number_of_patches(
     time.sleep(1)
     started = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        codes = list(
-            pool.map(
-                lambda i: post(operator, namespace, "flooded", token, report(i, total=1000, attempt=attempt))[0],
-                range(1, 1001),
-            )
+        flood = pool.map(
+            lambda i: (i, *post(operator, namespace, "flooded", token, report(i, total=1000, attempt=attempt))),
+            range(1, 1001),
         )
+        # Meanwhile the neighbour's trainer reports as a trainer does.
+        neighbour_code = post(operator, namespace, "neighbour", neighbour_token, report(7, attempt=neighbour))[0]
+        results = list(flood)
     flood_seconds = time.monotonic() - started
-    assert codes.count(202) == 1000
+    assert neighbour_code == 202
+    accepted = [(i, body) for i, code, body in results if code == 202]
+    throttled = [body for _, code, body in results if code == 429]
+    assert len(accepted) + len(throttled) == 1000, {code for _, code, _ in results}
+    assert throttled and {b["error"] for b in throttled} == {"Throttled"}
+    assert len(accepted) <= BURST + PER_SECOND * flood_seconds + 1, (len(accepted), flood_seconds)
+    newest = max(i for i, body in accepted if body.get("accepted"))
     status = wait_for(
-        lambda: (s := kube.status(namespace, "flooded")).get("progress", {}).get("step") == 1000 and s,
+        lambda: (s := kube.status(namespace, "flooded")).get("progress", {}).get("step") == newest and s,
         timeout=15,
-        what="the newest report (step 1000) on the resource",
+        what=f"the newest accepted report (step {newest}) on the resource",
     )
-    assert status["progress"]["step"] == 1000
+    assert status["progress"]["step"] == newest
+    assert wait_for(
+        lambda: kube.status(namespace, "neighbour").get("progress", {}).get("step") == 7,
+        timeout=15,
+        what="the neighbour's report on its resource",
+    )
     time.sleep(2)
     stop.set()
     # One write per status interval (1 s in these tests) while reports arrive, and the last one.
     assert 1 <= len(changes) <= flood_seconds + 3, f"{len(changes)} writes for 1000 reports in {flood_seconds:.1f}s"
-    assert changes[-1] == 1000
+    assert changes[-1] == newest
+    # Once it slows down (Retry-After), the pod reports again.
+    time.sleep(1.0)
+    assert post(operator, namespace, "flooded", token, report(1001, total=1001, attempt=attempt))[0] == 202
 
 
 def test_stale_reports_do_not_overwrite_newer_ones(kube: Kube, namespace: str, operator: OperatorProcess) -> None:
