@@ -615,6 +615,8 @@ class Reconciler:
             report_audience=settings.report_audience,
             image_pull_policy=settings.image_pull_policy,
             image_pull_secrets=settings.trainer_image_pull_secrets,
+            cache_size_limit=settings.cache_size_limit,
+            tmp_size_limit=settings.tmp_size_limit,
             trainer_uid=settings.trainer_uid,
             report_ca=self.report_ca,
         )

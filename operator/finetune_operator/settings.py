@@ -13,6 +13,9 @@ from finetune_api.contract import REPORT_AUDIENCE
 from finetune_operator import __version__
 
 DEFAULT_TRAINER_IMAGE = f"ghcr.io/finetune-operator/trainer:{__version__}"
+# What a trainer pod may write to its node's disk: /cache (downloads, the latent cache) and /tmp.
+DEFAULT_CACHE_SIZE_LIMIT = "200Gi"
+DEFAULT_TMP_SIZE_LIMIT = "20Gi"
 DEFAULT_GPU_TOLERATIONS: list[dict[str, Any]] = [
     {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 ]
@@ -48,6 +51,8 @@ class OperatorSettings:
     workers: int = 16
     kubeconfig: str = ""
     trainer_uid: int = 1000
+    cache_size_limit: str = DEFAULT_CACHE_SIZE_LIMIT
+    tmp_size_limit: str = DEFAULT_TMP_SIZE_LIMIT
 
     @property
     def cluster_wide(self) -> bool:
@@ -159,6 +164,18 @@ OPTIONS: tuple[Option, ...] = (
         "user id the trainer container runs as (runAsUser, and the fsGroup of its volumes)",
         int,
     ),
+    Option(
+        "--cache-size-limit",
+        "FINETUNE_CACHE_SIZE_LIMIT",
+        DEFAULT_CACHE_SIZE_LIMIT,
+        "most a trainer pod may write to /cache on its node (past it the kubelet evicts the pod); empty: no limit",
+    ),
+    Option(
+        "--tmp-size-limit",
+        "FINETUNE_TMP_SIZE_LIMIT",
+        DEFAULT_TMP_SIZE_LIMIT,
+        "most a trainer pod may write to /tmp on its node; empty: no limit",
+    ),
 )
 # Older names of variables, still read where the new one is not set.
 OLD_VARIABLES = {"FINETUNE_REPORT_URL": "FINETUNE_REPORT_BASE_URL"}
@@ -237,4 +254,6 @@ def from_arguments(args: argparse.Namespace) -> OperatorSettings:
         workers=args.workers,
         kubeconfig=args.kubeconfig,
         trainer_uid=args.trainer_uid,
+        cache_size_limit=args.cache_size_limit,
+        tmp_size_limit=args.tmp_size_limit,
     )

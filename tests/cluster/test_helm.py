@@ -172,6 +172,8 @@ def test_every_optional_feature_renders() -> None:
     assert any(a.startswith("--report-url=https://") for a in args)
     # The pull secrets reach the operator's pod, and by name its trainer pods.
     assert "--trainer-image-pull-secrets=regcred,mirror" in args
+    # Trainer pods' /cache and /tmp are bounded by default.
+    assert "--cache-size-limit=200Gi" in args and "--tmp-size-limit=20Gi" in args
 
 
 @pytest.mark.parametrize("features", [[], ALL_FEATURES], ids=["defaults", "all-features"])

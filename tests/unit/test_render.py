@@ -295,3 +295,22 @@ def test_the_charts_pull_secrets_reach_trainer_pods_by_name() -> None:
     job = _render(portrait(), image_pull_secrets=settings.trainer_image_pull_secrets).job
     assert job["spec"]["template"]["spec"]["imagePullSecrets"] == [{"name": "regcred"}, {"name": "mirror"}]
     assert "imagePullSecrets" not in _render(portrait()).job["spec"]["template"]["spec"]
+
+
+def test_cache_and_tmp_are_bounded_so_one_job_cannot_fill_a_shared_nodes_disk() -> None:
+    import argparse
+
+    from finetune_operator.settings import add_arguments, from_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    settings = from_arguments(parser.parse_args([]))
+    assert (settings.cache_size_limit, settings.tmp_size_limit) == ("200Gi", "20Gi")
+    job = _render(portrait(), cache_size_limit=settings.cache_size_limit, tmp_size_limit="1Gi").job
+    volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in job["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]}
+    assert volumes[mounts["/cache"]]["emptyDir"] == {"sizeLimit": "200Gi"}
+    assert volumes[mounts["/tmp"]]["emptyDir"] == {"sizeLimit": "1Gi"}
+    unbounded = from_arguments(parser.parse_args(["--cache-size-limit=", "--tmp-size-limit="]))
+    job = _render(portrait(), cache_size_limit=unbounded.cache_size_limit, tmp_size_limit=unbounded.tmp_size_limit).job
+    assert {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}[mounts["/cache"]]["emptyDir"] == {}

@@ -86,6 +86,8 @@ def render(
     report_audience: str = REPORT_AUDIENCE,
     image_pull_policy: str = "IfNotPresent",
     image_pull_secrets: Sequence[str] = (),
+    cache_size_limit: str = "",
+    tmp_size_limit: str = "",
     trainer_uid: int = 1000,
     report_ca: str = "",
 ) -> Rendered:
@@ -102,6 +104,8 @@ def render(
         image=spec.image or trainer_image,
         image_pull_policy=image_pull_policy,
         shm_size=spec.resources.shm_size,
+        cache_size_limit=cache_size_limit,
+        tmp_size_limit=tmp_size_limit,
     )
     if image_pull_secrets:
         pod_spec(batch_job)["imagePullSecrets"] = [{"name": secret} for secret in image_pull_secrets]

@@ -70,6 +70,8 @@ def trainer_job(
     image: str,
     image_pull_policy: str,
     shm_size: str,
+    cache_size_limit: str = "",
+    tmp_size_limit: str = "",
 ) -> Manifest:
     """The batch/v1 Job of the FineTuneJob ``namespace/name``: owned by it, labelled as ours."""
     container = {
@@ -98,8 +100,9 @@ def trainer_job(
             # The data loaders' workers hand batches over in shared memory; the container runtime's
             # 64Mi default is too small for them.
             {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": shm_size}},
-            {"name": CACHE_VOLUME, "emptyDir": {}},
-            {"name": TMP_VOLUME, "emptyDir": {}},
+            # Bounded on a shared node: past its limit the kubelet evicts this pod, not its neighbours.
+            {"name": CACHE_VOLUME, "emptyDir": {"sizeLimit": cache_size_limit} if cache_size_limit else {}},
+            {"name": TMP_VOLUME, "emptyDir": {"sizeLimit": tmp_size_limit} if tmp_size_limit else {}},
         ],
     }
     return {
