@@ -86,9 +86,8 @@ class ProgressHandler:
         if request.content_length is not None and request.content_length > MAX_REPORT_BYTES:
             return self._reject(413, "TooLarge", f"a report is at most {MAX_REPORT_BYTES} bytes")
         key = (namespace, name)
-        if self.reconciler.ftj(key) is None:
-            return self._reject(404, "UnknownJob", f"no FineTuneJob {namespace}/{name} is watched here")
-
+        # Whether the FineTuneJob exists is never said before the token is checked: a job that
+        # is not watched here answers as a watched job answers a token that is not its pod's.
         claims = peek_claims(token)
         if (
             claims is None
@@ -97,7 +96,7 @@ class ProgressHandler:
             or claims.expires < time.time()
         ):
             return self._reject(403, "Forbidden", "the token is not a valid report token of a trainer pod")
-        pods = self.reconciler.current_pods(key)
+        pods = self.reconciler.current_pods(key) if self.reconciler.ftj(key) is not None else []
         pod = next((p for p in pods if p["metadata"].get("uid") == claims.pod_uid), None)
         if pod is None:
             # The Job controller names its pods JOB-xxxxx: one we have not seen may be new.

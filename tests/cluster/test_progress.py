@@ -120,8 +120,16 @@ def test_wrong_tokens_unknown_jobs_and_huge_bodies_are_rejected(
     assert post(operator, namespace, "guarded", None, report(1))[0] == 401
     assert post(operator, namespace, "guarded", "not-the-token", report(1))[0] == 403
     assert post(operator, namespace, "guarded", other_token, report(1))[0] == 403
-    assert post(operator, namespace, "nobody", token, report(1))[0] == 404
-    assert post(operator, "other-namespace", "guarded", token, report(1))[0] == 404
+    # Whether a job exists is not told to a token that is not its pod's: an unknown job answers
+    # as a known job answers a neighbour's token (a pod could probe other jobs' names by 404).
+    assert post(operator, namespace, "nobody", token, report(1)) == post(
+        operator, namespace, "guarded", other_token, report(1)
+    )
+    assert post(operator, namespace, "nobody", token, report(1))[0] == 403
+    assert post(operator, "other-namespace", "guarded", token, report(1))[0] == 403
+    assert post(operator, namespace, "nobody", "not-a-token", report(1)) == post(
+        operator, namespace, "guarded", "not-a-token", report(1)
+    )
     pod = kube.pods(namespace, "finetune.dev/job-name=guarded")[0]
     wrong_audience = pod_token(kube, namespace, pod, audience="https://kubernetes.default.svc.cluster.local")
     assert post(operator, namespace, "guarded", wrong_audience, report(1))[0] == 403
