@@ -15,7 +15,10 @@ import re
 _END = r"""(?=[.,;:)\]]*(?:[\s'"<>]|$))"""
 _URI = re.compile(
     r"""(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)"""
-    r"""(?P<userinfo>[^\s/?#@'"<>]*@)?"""
+    # user:password@ where the password holds '/' or '@' as people type them (unencoded): a user
+    # (no '/', ':' or '@') and a ':' not followed by a port, then all up to the last '@'; else
+    # plain user-info up to the last '@' of the authority.
+    r"""(?P<userinfo>[^\s/?#@'"<>:]+:(?![0-9]+(?:[/?#'"<>\s]|$))[^\s'"<>]*@|[^\s/?#'"<>]*@)?"""
     r"""(?P<rest>[^\s?#'"<>]*?)"""
     r"""(?P<query>\?[^\s#'"<>]*?)?"""
     r"""(?P<fragment>\#[^\s'"<>]*?)?""" + _END
