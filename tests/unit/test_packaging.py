@@ -111,7 +111,10 @@ def test_the_operator_image_installs_no_dev_cluster_demo_or_trainer(tmp_path: Pa
     context = tmp_path / "src"
     copies = dockerfile_copies(ROOT / "operator" / "Dockerfile")
     assert copies, "operator/Dockerfile copies nothing"
-    for sources, destination in copies:
+    for sources, into in copies:
+        if not into.startswith("/src/"):
+            continue  # the lock, installed before the project
+        destination = into.removeprefix("/src/")
         for source in sources:
             origin = ROOT / source
             into_folder = destination.endswith("/") or len(sources) > 1
@@ -134,3 +137,29 @@ def test_the_operator_image_installs_no_dev_cluster_demo_or_trainer(tmp_path: Pa
     packages = {name.split("/")[0] for name in files if not name.split("/")[0].endswith(".dist-info")}
     assert packages == {"finetune_api", "finetune_operator"}
     assert [name for name in files if "devcluster" in name or name.endswith(("demo.py", "podexec.py"))] == []
+
+
+def test_the_operator_image_installs_only_what_its_lock_pins_with_hashes() -> None:
+    """The operator image's pip install had no hashes: it installs operator/requirements.lock
+    (the `operator` extra, held to constraints.txt) with --require-hashes, then the project alone."""
+    import re
+    import tomllib
+
+    dockerfile = (ROOT / "operator" / "Dockerfile").read_text()
+    installs = re.findall(r"pip install [^&;\\\n]*", dockerfile)
+    assert installs and all("--no-deps" in command for command in installs), installs
+    assert "pip install --no-deps --require-hashes -r /tmp/requirements.lock" in dockerfile
+    lock = (ROOT / "operator" / "requirements.lock").read_text()
+    pins = {m[1].lower().replace("_", "-"): m[2] for m in re.finditer(r"^([A-Za-z0-9._-]+)==(\S+)", lock, re.M)}
+    blocks = re.split(r"\n(?=[A-Za-z0-9])", lock.split("\n", 2)[2])
+    assert all("--hash=sha256:" in block for block in blocks if "==" in block)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = [*project["dependencies"], *project["optional-dependencies"]["operator"]]
+    names = {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower().replace("_", "-") for r in wanted}
+    assert names - pins.keys() == set(), "regenerate operator/requirements.lock (see operator/requirements.in)"
+    assert "torch" not in pins
+    constraints = {
+        m[1].lower().replace("_", "-"): m[2]
+        for m in re.finditer(r"^([A-Za-z0-9._-]+)==(\S+)", (ROOT / "constraints.txt").read_text(), re.M)
+    }
+    assert {n: v for n, v in pins.items() if n in constraints and constraints[n] != v} == {}
