@@ -137,6 +137,11 @@ class JobMemory:
     # Creations that failed for a reason that passes, in a row, and the last error.
     create_failures: int = 0
     create_failing: str = ""
+    # After a failed or refused create, no new try before this time (the loop's clock) while the
+    # spec is the generation it was: a reconcile for anything else (our own status write's
+    # echo, kopf's annotations) waits for the back-off instead of trying again at once.
+    create_not_before: float = 0.0
+    create_generation: int = 0
 
 
 class Reconciler:
@@ -380,6 +385,10 @@ class Reconciler:
                     job = None
                 missing_confirmed = job is None
             else:
+                wait = self._create_wait(body, memory)
+                if wait > 0:
+                    self.enqueue(key, delay=wait)
+                    return
                 job = await self._create(key, body, job_model, memory, previous)
                 if job is None:
                     return
@@ -679,6 +688,16 @@ class Reconciler:
         )
         return ensured.obj
 
+    def _create_wait(self, body: dict[str, Any], memory: JobMemory) -> float:
+        """Seconds until the next try of a create that failed; 0 once due or the spec changed."""
+        if int(body.get("metadata", {}).get("generation") or 0) != memory.create_generation:
+            return 0.0
+        return max(0.0, memory.create_not_before - asyncio.get_running_loop().time())
+
+    def _back_off(self, body: dict[str, Any], memory: JobMemory, delay: float) -> None:
+        memory.create_not_before = asyncio.get_running_loop().time() + delay
+        memory.create_generation = int(body.get("metadata", {}).get("generation") or 0)
+
     async def _create_failing(
         self, key: Key, body: dict[str, Any], memory: JobMemory, previous: dict[str, Any], exc: ApiError
     ) -> None:
@@ -712,6 +731,7 @@ class Reconciler:
             cause="phase",
         )
         memory.create_failing = error
+        self._back_off(body, memory, delay)
         self.enqueue(key, delay=delay)
 
     async def _rejected(
@@ -746,6 +766,7 @@ class Reconciler:
                 cause="phase",
             )
             memory.rejected = message
+        self._back_off(body, memory, delay)
         self.enqueue(key, delay=delay)
 
     async def _sync_job(self, key: Key, job: dict[str, Any], job_model: FineTuneJob) -> None:

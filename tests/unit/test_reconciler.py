@@ -528,12 +528,20 @@ def test_a_job_create_that_keeps_failing_is_on_the_resource_from_the_first_failu
         world.reconciler.settings = dataclasses.replace(world.reconciler.settings, status_interval=0, reason_settle=0)
         world.put(finetunejob("nick"))
         key = ("team", "nick")
-        seen, events = [], []
+        seen, events, early = [], [], []
         for _ in range(3):
             await world.reconciler.reconcile(key)
             seen.append(world.server("nick")["status"])
             events.append(len(world.reconciler.events))
             world.put(world.server("nick"))
+            # The echo of that status write (or kopf's annotations) reconciles again at once: no
+            # new create before the back-off is over (each such reconcile used to try again).
+            creates = len([w for w in world.api.writes if w[0] == "create jobs"])
+            tries = world.api.failures
+            await world.reconciler.reconcile(key)
+            early.append((world.api.failures, len([w for w in world.api.writes if w[0] == "create jobs"])))
+            assert early[-1] == (tries, creates)
+            world.reconciler.memory[key].create_not_before = 0.0  # the back-off is over
         return world, seen, events
 
     world, seen, events = run(main())
