@@ -144,6 +144,17 @@ def trainer_image() -> str:
     return trainer.reference(None, images.default_tag())
 
 
+def run_dir(state_dir: Path) -> Path:
+    """containerd's socket and state of the cluster at ``state_dir``: under /run, since a unix
+    socket's path has at most 107 bytes and a state folder's may be longer."""
+    return Path("/run/finetune-real-node") / Network.for_state(state_dir).bridge
+
+
+def ctr_argv(socket: Path) -> list[str]:
+    """``ctr`` talking to the node's containerd, in the kubelet's namespace."""
+    return ["ctr", "--address", str(socket), "--namespace", NAMESPACE]
+
+
 def containerd_root() -> Path:
     """containerd's store of images and snapshots, kept between clusters (one real node at a time)."""
     return binaries.cache_dir() / "real-node" / "containerd"
@@ -157,8 +168,7 @@ class RealNode:
         self.name = name
         self.dir = cluster.state_dir / "real-node"
         self.network = Network.for_state(cluster.state_dir)
-        # A unix socket's path has at most 107 bytes: it lives under /run, not the state folder.
-        self.run_dir = Path("/run/finetune-real-node") / self.network.bridge
+        self.run_dir = run_dir(cluster.state_dir)
 
     @property
     def socket(self) -> Path:
@@ -170,7 +180,7 @@ class RealNode:
         return self.network.gateway
 
     def ctr(self, *args: str, input: bytes | None = None, check: bool = True) -> subprocess.CompletedProcess[bytes]:
-        return _run(["ctr", "--address", str(self.socket), "--namespace", NAMESPACE, *args], input=input, check=check)
+        return _run([*ctr_argv(self.socket), *args], input=input, check=check)
 
     # --- start -----------------------------------------------------------------------------------
 
@@ -375,7 +385,7 @@ state = "{self.run_dir / "state"}"
         save = subprocess.Popen(["podman", "save", "--format", "docker-archive", ref], stdout=subprocess.PIPE)
         try:
             imported = subprocess.run(
-                ["ctr", "--address", str(self.socket), "--namespace", NAMESPACE, "images", "import", "-"],
+                [*ctr_argv(self.socket), "images", "import", "-"],
                 stdin=save.stdout,
                 capture_output=True,
                 check=False,
@@ -423,10 +433,10 @@ def stop_containers(state_dir: Path) -> None:
     them again): containerd's shims and the containers outlive containerd itself."""
     if not (state_dir / "real-node").is_dir():
         return
-    socket = Path("/run/finetune-real-node") / Network.for_state(state_dir).bridge / "containerd.sock"
+    socket = run_dir(state_dir) / "containerd.sock"
     if not socket.exists():
         return
-    ctr = ["ctr", "--address", str(socket), "--namespace", NAMESPACE]
+    ctr = ctr_argv(socket)
     listed = subprocess.run([*ctr, "containers", "ls", "--quiet"], capture_output=True, text=True, check=False)
     for container in listed.stdout.split():
         subprocess.run([*ctr, "tasks", "kill", "--signal", "SIGKILL", container], capture_output=True, check=False)
@@ -441,11 +451,11 @@ def clean_up(state_dir: Path) -> None:
     if not node_dir.is_dir():
         return
     network = Network.for_state(state_dir)
-    run_dir = Path("/run/finetune-real-node") / network.bridge
-    for mount in reversed(_mounts_under((node_dir, run_dir))):
+    state = run_dir(state_dir)
+    for mount in reversed(_mounts_under((node_dir, state))):
         subprocess.run(["umount", "--lazy", mount], capture_output=True, check=False)
     subprocess.run(["ip", "link", "delete", network.bridge], capture_output=True, check=False)
-    shutil.rmtree(run_dir, ignore_errors=True)
+    shutil.rmtree(state, ignore_errors=True)
     shutil.rmtree(node_dir / "cni-ipam", ignore_errors=True)
 
 
