@@ -233,3 +233,16 @@ def rule_cases() -> list[tuple[Rule, BadSpec]]:
                     if rule.message in str(refused):
                         cases.append((rule, case))
     return cases
+
+
+def crd_validations(node: Any) -> list[dict[str, str]]:
+    """Every ``x-kubernetes-validations`` entry (rule, message) anywhere in a CRD or schema."""
+    found: list[dict[str, str]] = []
+    if isinstance(node, dict):
+        found += node.get("x-kubernetes-validations", [])
+        for value in node.values():
+            found += crd_validations(value)
+    elif isinstance(node, list):
+        for value in node:
+            found += crd_validations(value)
+    return found
