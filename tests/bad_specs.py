@@ -118,6 +118,21 @@ BAD_SPECS = [
         _set("dataset.priorPreservation", True),
         "spec.dataset.classPrompt",
     ),
+    BadSpec(
+        "mask-background-without-masks", _set("dataset.maskedLossBackground", 0.1), "spec.dataset.maskedLossBackground"
+    ),
+    BadSpec(
+        "mask-folder-with-alpha",
+        _set("dataset.masks", {"source": "alpha", "folder": "masks"}),
+        "spec.dataset.masks.folder",
+    ),
+    BadSpec(
+        "mask-background-above-one",
+        _both(_set("dataset.masks", {}), _set("dataset.maskedLossBackground", 2)),
+        "spec.dataset.maskedLossBackground",
+    ),
+    BadSpec("mask-folder-a-path", _set("dataset.masks", {"folder": "../elsewhere"}), "spec.dataset.masks.folder"),
+    BadSpec("mask-source-unknown", _set("dataset.masks", {"source": "depth"}), "spec.dataset.masks.source"),
     BadSpec("lora-with-dreambooth", _set("training.lora", {"rank": 4}), "spec.training.lora"),
     BadSpec("no-steps", _delete("training.stepsPerImage"), "spec.training.stepsPerImage"),
     # required fields

@@ -188,6 +188,18 @@ DATASET = (
         "on every concept, or with layout kohya regularisation folders; or turn priorPreservation off",
         _prior_prompts,
     ),
+    Rule(
+        "!has(self.maskedLossBackground) || has(self.masks)",
+        "spec.dataset.maskedLossBackground weights the background of masked photos: set spec.dataset.masks "
+        "(source folder or alpha) or remove it",
+        lambda d: d.masked_loss_background is None or d.masks is not None,
+    ),
+    Rule(
+        "!has(self.masks) || !has(self.masks.folder) || self.masks.source == 'folder'",
+        "spec.dataset.masks.folder is for source folder; with source alpha the masks are the photos' own "
+        "transparency: remove folder",
+        lambda d: d.masks is None or d.masks.folder is None or d.masks.source == "folder",
+    ),
 )
 
 TRAINING = (

@@ -219,6 +219,34 @@ class DatasetLayout(StrEnum):
     IMAGEFOLDER = "imagefolder"
 
 
+class MaskSource(StrEnum):
+    FOLDER = "folder"
+    ALPHA = "alpha"
+
+
+class Masks(_Model):
+    """Masked loss: which part of each photo the loss counts (the subject, not its background)."""
+
+    source: MaskSource = Field(
+        default=MaskSource.FOLDER,
+        description=(
+            "folder: a mask image for each photo, the same name (any image extension) in a folder beside the "
+            "photos, white where the subject is, black where it is not (grey counts partly); alpha: each photo's "
+            "own transparency (opaque is the subject). A photo without a mask trains on the whole picture."
+        ),
+    )
+    folder: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=100,
+        pattern=r"^[A-Za-z0-9_][-A-Za-z0-9_. ]*$",
+        description=(
+            "With source folder: the masks' folder inside each folder of photos (unset: masks), e.g. "
+            "photos/masks/photo1.png for photos/photo1.jpg. Its images are masks, never training photos."
+        ),
+    )
+
+
 class Concept(_Model):
     """One subject of a job with several: its photos, its prompts, its class images."""
 
@@ -373,6 +401,22 @@ class Dataset(_Model):
         default=False, description="Crop the centre of each image (true) or a random square (false)."
     )
     random_flip: bool = Field(default=False, description="Flip images horizontally at random.")
+    masks: Masks | None = Field(
+        default=None,
+        description=(
+            "Masked loss (kohya's, OneTrainer's): weight each photo's loss by its mask, at the latents' resolution, "
+            "so that the model learns the subject and not its background."
+        ),
+    )
+    masked_loss_background: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description=(
+            "With masks: the weight of the background (where a mask is black), from 0 (not learned at all; the "
+            "default) to 1 (as much as the subject, as without masks)."
+        ),
+    )
 
     @field_validator("instance_images", "class_images")
     @classmethod
@@ -961,6 +1005,7 @@ class DatasetStatus(_Model):
         default_factory=list, max_length=128, description="Aspect-ratio buckets in use, with their photos."
     )
     caption_coverage: float = Field(default=0, ge=0, le=100, description="Percent of photos with a caption.")
+    masked: int | None = Field(default=None, ge=0, description="Photos with a mask (spec.dataset.masks).")
 
 
 class QueueStatus(_Model):

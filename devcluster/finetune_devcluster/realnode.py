@@ -258,7 +258,8 @@ class RealNode:
         (conf / "10-finetune.conflist").write_text(json.dumps(config, indent=2))
 
     def _write_containerd_config(self) -> Path:
-        cni_bin = next(d for d in CNI_DIRS if (d / "bridge").is_file())
+        # The first folder with the plugins (missing() names the package where none has them).
+        cni_bin = next((d for d in CNI_DIRS if (d / "bridge").is_file()), CNI_DIRS[0])
         root = containerd_root()
         text = f"""version = 2
 root = "{root}"

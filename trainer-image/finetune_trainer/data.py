@@ -47,6 +47,10 @@ class Example:
     bucket: Bucket = field(default_factory=lambda: Bucket(0, 0))
     caption: str | None = None  # its own caption, where it has one
     concept: int = 0  # which concept of the job it belongs to
+    # Where the loss counts (spec.dataset.masks): uint8, 1 x H x W like ``pixels``, 255 the
+    # subject; None: everywhere.
+    mask: torch.Tensor | None = None
+    mask_digest: str = ""  # SHA-256 of the mask's file, where it has one of its own
 
 
 @dataclass
@@ -72,19 +76,68 @@ def prompt_for(caption: str | None, prompt: str) -> str:
 
 def read_image(path: Path) -> Image.Image:
     """An RGB image the right way up: EXIF orientation applied, transparency on white."""
+    return _rgb(_oriented(path))
+
+
+def _oriented(path: Path) -> Image.Image:
+    """The image the right way up (EXIF orientation applied), a palette's transparency as alpha."""
     from PIL import Image, ImageOps
 
     with Image.open(path) as opened:
         opened.load()
         image = ImageOps.exif_transpose(opened) or opened
-        if image.mode == "P" and "transparency" in image.info:
-            image = image.convert("RGBA")
-        if image.mode in ("RGBA", "LA", "PA"):
-            rgba = image.convert("RGBA")
-            canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            canvas.alpha_composite(rgba)
-            return canvas.convert("RGB")
-        return image.convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    from PIL import Image
+
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        canvas.alpha_composite(rgba)
+        return canvas.convert("RGB")
+    return image.convert("RGB")
+
+
+def _alpha(image: Image.Image) -> Image.Image | None:
+    """An image's transparency as a mask (opaque: 255), or None where nothing is transparent."""
+    if image.mode not in ("RGBA", "LA", "PA"):
+        return None
+    alpha = image.getchannel("A")
+    return None if alpha.getextrema()[0] == 255 else alpha
+
+
+@dataclass(frozen=True)
+class MaskFrom:
+    """Where a photo's mask comes from (spec.dataset.masks): a file beside it, or its alpha."""
+
+    file: Path | None = None
+    alpha: bool = False
+
+
+MASKS_FIELD = "spec.dataset.masks"
+
+
+def _read_mask(path: Path, photo: Path, size: tuple[int, int]) -> Image.Image:
+    try:
+        mask = _oriented(path)
+    except Exception as exc:
+        raise BadInput(
+            f"{path} (the mask of {photo.name}) is not a readable image ({type(exc).__name__}: {str(exc)[:120]}); "
+            "replace it or remove it",
+            field=MASKS_FIELD,
+        ) from None
+    if mask.size != size:
+        raise BadInput(
+            f"{path} is {mask.width}x{mask.height} but its photo {photo.name} is {size[0]}x{size[1]}; a mask must "
+            "be the size of its photo (the same orientation too): export it again at the photo's size",
+            field=MASKS_FIELD,
+        )
+    # A mask with transparency: its alpha is the mask (an editor's cut-out); else its grey levels.
+    return _alpha(mask) or mask.convert("L")
 
 
 def resize_to_cover(image: Image.Image, bucket: Bucket) -> Image.Image:
@@ -102,13 +155,17 @@ def load_image(
     size_for: Callable[[int, int], Bucket],
     field_name: str,
     concept: int = 0,
+    mask: MaskFrom | None = None,
 ) -> Example:
     """One photo, read, checked and resized to cover its training size (``size_for(height,
-    width)``).  A file that is not a readable image is bad input naming the file."""
+    width)``), with its mask where ``mask`` says there is one (resized the same way).  A file
+    that is not a readable image is bad input naming the file, and so is a mask whose size is
+    not its photo's."""
     import torch
 
     try:
-        image = read_image(path)
+        oriented = _oriented(path)
+        image = _rgb(oriented)
     except Exception as exc:
         raise BadInput(
             f"{path} is not a readable image ({type(exc).__name__}: {str(exc)[:120]}); replace it or remove it",
@@ -117,6 +174,16 @@ def load_image(
     bucket = size_for(image.height, image.width)
     resized = resize_to_cover(image, bucket)
     pixels = torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+    mask_image, mask_digest = None, ""
+    if mask is not None and mask.file is not None:
+        mask_image = _read_mask(mask.file, path, image.size)
+        mask_digest = hashlib.sha256(mask.file.read_bytes()).hexdigest()
+    elif mask is not None and mask.alpha:
+        mask_image = _alpha(oriented)
+    mask_pixels = None
+    if mask_image is not None:
+        covered = resize_to_cover(mask_image, bucket)
+        mask_pixels = torch.from_numpy(np.asarray(covered, dtype=np.uint8).copy())[None].contiguous()
     return Example(
         path=path,
         pixels=pixels,
@@ -126,6 +193,8 @@ def load_image(
         bucket=bucket,
         caption=caption,
         concept=concept,
+        mask=mask_pixels,
+        mask_digest=mask_digest,
     )
 
 
@@ -200,7 +269,8 @@ def load_folder(
 def dataset_fingerprint(*groups: Sequence[Example]) -> str:
     """What the run learns from, as a short hash: each image's file name, content hash and
     prompt (its caption included), per group (instance images, class images)."""
-    listing = [[[e.path.name, e.digest, e.prompt] for e in group] for group in groups]
+    listing = [[[e.path.name, e.digest, e.prompt, *([e.mask_digest] if e.mask_digest else [])] for e in group]
+               for group in groups]  # fmt: skip
     return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
 
 
@@ -322,6 +392,37 @@ def crop_at(
     if flip:
         crop = crop.flip(-1)
     return crop.float() / 127.5 - 1.0, (top, flipped_left(left, width, bucket.width) if flip else left)
+
+
+def mask_weights(
+    masks: Sequence[torch.Tensor | None],
+    bucket: Bucket,
+    crops: Sequence[tuple[int, int]],
+    flips: Sequence[bool],
+    *,
+    size: tuple[int, int],
+    background: float,
+) -> torch.Tensor:
+    """Each example's loss weights (``len(masks)`` x 1 x ``size``, the latents' height and
+    width): its mask cropped and flipped as its pixels were (``crops``: the corner in the
+    flipped image, as ``crop_at`` and the latent cache give it), averaged over each latent's
+    pixels, and lifted to ``background`` where it is black.  An example without a mask weighs
+    1 everywhere."""
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+
+    rows = []
+    for mask, (top, left), flipped in zip(masks, crops, flips, strict=True):
+        if mask is None:
+            rows.append(torch.ones((1, *size)))
+            continue
+        covered = fit(mask, bucket)
+        if flipped:
+            covered = covered.flip(-1)
+        window = covered[:, top : top + bucket.height, left : left + bucket.width].float() / 255.0
+        rows.append(F.interpolate(window[None], size=size, mode="area")[0])
+    weights = torch.stack(rows)
+    return background + (1.0 - background) * weights if background else weights
 
 
 def fit(pixels: torch.Tensor, bucket: Bucket) -> torch.Tensor:

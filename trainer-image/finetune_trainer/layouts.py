@@ -29,7 +29,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune_api.v1alpha1 import BucketFound, ConceptFound, DatasetLayout, DatasetStatus, FineTuneJobSpec
+from finetune_api.v1alpha1 import (
+    BucketFound,
+    ConceptFound,
+    DatasetLayout,
+    DatasetStatus,
+    FineTuneJobSpec,
+    MaskSource,
+)
 from finetune_trainer import data
 from finetune_trainer.buckets import Bucket
 from finetune_trainer.errors import BadInput
@@ -37,6 +44,7 @@ from finetune_trainer.errors import BadInput
 FIELD = "spec.dataset.instanceImages"
 METADATA = "metadata.jsonl"
 TRIGGER = "[trigger]"
+DEFAULT_MASK_FOLDER = "masks"
 _KOHYA_NAME = re.compile(r"(\d+)_(.+)")
 # Photos with a shorter side under this share of their training size's are upscaled a lot.
 SMALL = 0.5
@@ -90,6 +98,7 @@ class Found:
             ],
             buckets=[BucketFound(width=b.width, height=b.height, images=n) for b, n in sorted(sizes.items())][:128],
             caption_coverage=round(100 * captioned / len(examples), 1) if examples else 0,
+            masked=sum(1 for e in examples if e.mask is not None) or None,
         )
 
     def describe(self) -> str:
@@ -98,7 +107,9 @@ class Found:
         more = f" and {len(self.concepts) - 8} more" if len(self.concepts) > 8 else ""
         sizes = sorted({e.bucket for e in self.examples})
         shapes = ", ".join(str(b) for b in sizes[:6]) + (" ..." if len(sizes) > 6 else "")
-        return f"dataset ({self.layout}): {'; '.join(parts)}{more}; training sizes {shapes}"
+        masked = sum(1 for e in self.examples if e.mask is not None)
+        masks = f"; {masked} with a mask" if masked else ""
+        return f"dataset ({self.layout}): {'; '.join(parts)}{more}; training sizes {shapes}{masks}"
 
 
 Fetch = Callable[[str, str], Path]
@@ -182,7 +193,7 @@ def _read_photos(
 ) -> list[data.Example]:
     dataset = spec.dataset
     if layout == DatasetLayout.IMAGEFOLDER:
-        pairs = _imagefolder(folder, column=dataset.caption_column, field_name=field_name)
+        pairs = _imagefolder(folder, column=dataset.caption_column, field_name=field_name, masks=mask_folder(spec))
     else:
         images, _ = data.list_folder(folder, field_name=field_name, caption_extension=dataset.caption_extension)
         pairs = [(p, data.read_caption(p, dataset.caption_extension)) for p in images]
@@ -192,6 +203,7 @@ def _read_photos(
             field=field_name,
         )
     missing = [p for p, caption in pairs if not caption]
+    masks = [_mask_of(path, spec) for path, _ in pairs]
     if missing and (dataset.require_captions or prompt is None):
         names = ", ".join(p.name for p in missing[:10]) + (
             f" and {len(missing) - 10} more" if len(missing) > 10 else ""
@@ -210,13 +222,41 @@ def _read_photos(
             size_for=size_for,
             field_name=field_name,
             concept=concept,
+            mask=mask,
         )
-        for path, caption in pairs
+        for (path, caption), mask in zip(pairs, masks, strict=True)
     ]
 
 
-def _imagefolder(folder: Path, *, column: str, field_name: str) -> list[tuple[Path, str | None]]:
-    """(photo, caption) from a metadata.jsonl; photos it does not list have no caption."""
+def mask_folder(spec: FineTuneJobSpec) -> str | None:
+    """The name of the masks' folder inside each folder of photos, with masks from files."""
+    masks = spec.dataset.masks
+    if masks is None or masks.source != MaskSource.FOLDER:
+        return None
+    return masks.folder or DEFAULT_MASK_FOLDER
+
+
+def _mask_of(photo: Path, spec: FineTuneJobSpec) -> data.MaskFrom | None:
+    """Where ``photo``'s mask comes from: the same name (any image extension) in the masks'
+    folder beside it, or its own alpha; None where the job has no masks or the file is missing."""
+    masks = spec.dataset.masks
+    if masks is None:
+        return None
+    if masks.source == MaskSource.ALPHA:
+        return data.MaskFrom(alpha=True)
+    folder = photo.parent / (mask_folder(spec) or DEFAULT_MASK_FOLDER)
+    for suffix in data.IMAGE_SUFFIXES:
+        for candidate in (folder / (photo.stem + suffix), folder / (photo.stem + suffix.upper())):
+            if candidate.is_file():
+                return data.MaskFrom(file=candidate)
+    return None
+
+
+def _imagefolder(
+    folder: Path, *, column: str, field_name: str, masks: str | None = None
+) -> list[tuple[Path, str | None]]:
+    """(photo, caption) from a metadata.jsonl; photos it does not list have no caption.  Images
+    in a folder named ``masks`` (the masks' folder) are masks, not photos."""
     captions: dict[Path, str | None] = {}
     for number, line in enumerate((folder / METADATA).read_text(errors="replace").splitlines(), start=1):
         if not line.strip():
@@ -241,6 +281,8 @@ def _imagefolder(folder: Path, *, column: str, field_name: str) -> list[tuple[Pa
     # have no caption of their own.
     for image in folder.rglob("*"):
         if image.is_file() and image.suffix.lower() in data.IMAGE_SUFFIXES and not image.name.startswith("."):
+            if masks is not None and masks in image.relative_to(folder).parts[:-1]:
+                continue
             captions.setdefault(image.resolve(), None)
     return sorted(captions.items())
 
@@ -306,8 +348,26 @@ def _kohya_regularisation(folder: Path, spec: FineTuneJobSpec, *, fetch: Fetch) 
 
 
 def _check(found: Found, spec: FineTuneJobSpec) -> list[str]:
-    """Warnings naming photos much smaller than their training size, and duplicates."""
+    """Warnings naming photos much smaller than their training size, duplicates, and photos
+    without a mask in a job with masks (bad input where none has one)."""
     warnings: list[str] = []
+    if spec.dataset.masks is not None:
+        bare = [e.path.name for e in found.examples if e.mask is None]
+        if spec.dataset.masks.source == MaskSource.ALPHA:
+            where = "nothing in them is transparent (their alpha channel is the mask)"
+        else:
+            where = f"no image of the same name in a '{mask_folder(spec)}' folder beside them"
+        listed = ", ".join(bare[:10]) + (f" and {len(bare) - 10} more" if len(bare) > 10 else "")
+        if bare and len(bare) == len(found.examples):
+            raise BadInput(
+                f"no photo has a mask ({where}): {listed}; add the masks, or remove spec.dataset.masks",
+                field=data.MASKS_FIELD,
+            )
+        if bare:
+            warnings.append(
+                f"{data.MASKS_FIELD}: {len(bare)} photo(s) have no mask and train on the whole picture ({where}): "
+                f"{listed}"
+            )
     small = [e.path.name for e in found.examples if min(e.original_size) < SMALL * min(e.bucket.height, e.bucket.width)]
     if small:
         listed = ", ".join(small[:10]) + (f" and {len(small) - 10} more" if len(small) > 10 else "")

@@ -105,6 +105,11 @@ def render(job: FineTuneJob, *, step: int, settings: dict[str, str], files: Sequ
     if lora:
         settings_of = spec.lora
         rows.insert(1, ("LoRA", f"rank {settings_of.rank}, alpha {settings_of.alpha:g}, targets {settings_of.targets}"))
+    masks = spec.dataset.masks
+    if masks is not None:
+        where = "the photos' alpha" if masks.source == "alpha" else f"a '{masks.folder or 'masks'}' folder"
+        background = spec.dataset.masked_loss_background or 0
+        rows.append(("masked loss", f"masks from {where}, background weight {background:g}"))
     lines += ["", "## Training", "", "| setting | value |", "|---|---|"]
     lines += [f"| {key} | {value} |" for key, value in rows]
     lines += ["", "## Files", "", "| file | size | what it is |", "|---|---|---|"]

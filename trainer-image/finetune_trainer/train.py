@@ -860,6 +860,8 @@ class DreamBoothRecipe:
             groups.append((self.class_examples, class_picks, data.STREAM_CLASS_NOISE))
 
         latents_parts, noise_parts, timestep_parts = [], [], []
+        instance_crops: list[tuple[int, int]] = []
+        instance_flips: list[bool] = []
         prompts: list[str] = []
         time_ids: list[list[int] | None] = []
         for group, (examples, chosen, stream) in enumerate(groups):
@@ -882,6 +884,8 @@ class DreamBoothRecipe:
                     dist = self.base.vae.encode(pixels).latent_dist
                     sampled = data.host_randn_rows(dist.mean.shape[1:], gens, pin=pin).to(device, non_blocking=True)
                     part = (dist.mean + dist.std * sampled).float()
+            if group == 0:
+                instance_crops, instance_flips = crops, flips
             latents_parts.append(part)
             noise = data.host_randn_rows(part.shape[1:], gens, pin=pin).to(device, non_blocking=True)
             if training.noise_offset:
@@ -925,12 +929,27 @@ class DreamBoothRecipe:
 
         half = len(slots)
         instance_pred, instance_target = prediction[:half].float(), target[:half].float()
-        if predicted.weights is None:
+        masks = [self.instance[i].mask for i in picks]
+        if predicted.weights is None and all(m is None for m in masks):
             loss = F.mse_loss(instance_pred, instance_target)
         else:
             per_item = F.mse_loss(instance_pred, instance_target, reduction="none")
-            per_item = per_item.mean(dim=tuple(range(1, per_item.ndim)))
-            loss = (per_item * predicted.weights[:half]).mean()
+            if any(m is not None for m in masks):
+                # Masked loss: each latent's error weighed by how much of it is the subject.
+                weights = data.mask_weights(
+                    masks,
+                    bucket,
+                    instance_crops,
+                    instance_flips,
+                    size=(per_item.shape[-2], per_item.shape[-1]),
+                    background=dataset.masked_loss_background or 0.0,
+                )
+                per_item = per_item * weights.to(device, non_blocking=True)
+            if predicted.weights is None:
+                loss = per_item.mean()
+            else:
+                per_item = per_item.mean(dim=tuple(range(1, per_item.ndim)))
+                loss = (per_item * predicted.weights[:half]).mean()
         if self.class_examples:
             prior = F.mse_loss(prediction[half:].float(), target[half:].float())
             loss = loss + dataset.prior_loss_weight * prior
