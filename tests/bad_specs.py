@@ -133,6 +133,11 @@ BAD_SPECS = [
     ),
     BadSpec("mask-folder-a-path", _set("dataset.masks", {"folder": "../elsewhere"}), "spec.dataset.masks.folder"),
     BadSpec("mask-source-unknown", _set("dataset.masks", {"source": "depth"}), "spec.dataset.masks.source"),
+    BadSpec("ema-after-the-end", _set("training", {"maxSteps": 100, "ema": {"startStep": 101}}), "spec.training"),
+    BadSpec("ema-decay-one", _set("training.ema", {"decay": 1}), "spec.training.ema.decay"),
+    BadSpec("ema-every-zero", _set("training.ema", {"everySteps": 0}), "spec.training.ema.everySteps"),
+    BadSpec("shm-over-memory", _set("resources", {"memory": "4Gi", "shmSize": "8Gi"}), "spec.resources"),
+    BadSpec("shm-over-default-memory", _set("resources", {"shmSize": "64Gi"}), "spec.resources"),
     BadSpec("lora-with-dreambooth", _set("training.lora", {"rank": 4}), "spec.training.lora"),
     BadSpec("no-steps", _delete("training.stepsPerImage"), "spec.training.stepsPerImage"),
     # required fields

@@ -73,6 +73,20 @@ def enforce(value: Any, rules: Sequence[Rule], *, show_value: bool = False) -> A
     return value
 
 
+_QUANTITY_SUFFIXES = {
+    "": 1.0, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
+    "Ki": 2.0**10, "Mi": 2.0**20, "Gi": 2.0**30, "Ti": 2.0**40, "Pi": 2.0**50, "Ei": 2.0**60,
+}  # fmt: skip
+
+
+def quantity_value(text: str) -> float:
+    """A quantity of QUANTITY_PATTERN as a number (what CEL's quantity() compares)."""
+    match = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)([a-zA-Z]*)", text)
+    if match is None or match[2] not in _QUANTITY_SUFFIXES:
+        raise ValueError(f"not a quantity: {text!r}")
+    return float(match[1]) * _QUANTITY_SUFFIXES[match[2]]
+
+
 def _matches(pattern: str) -> Callable[[Any], bool]:
     return lambda value: re.search(pattern, value) is not None
 
@@ -202,11 +216,34 @@ DATASET = (
     ),
 )
 
+SHM_OVER_MEMORY = (
+    "spec.resources.shmSize is more than spec.resources.memory: /dev/shm is memory, counted against the pod's "
+    "memory limit; lower shmSize or raise memory"
+)
+
+RESOURCES = (
+    Rule(
+        "!has(self.shmSize) || !has(self.memory) || quantity(self.shmSize).compareTo(quantity(self.memory)) <= 0",
+        SHM_OVER_MEMORY,
+        lambda r: r.shm_size is None or quantity_value(r.shm_size) <= quantity_value(r.memory),
+    ),
+)
+
+EMA_AFTER_THE_END = (
+    "spec.training.ema.startStep is after the run's last step, so the average would be the base model's "
+    "weights: lower startStep below the steps of the run"
+)
+
 TRAINING = (
     Rule(
         "has(self.stepsPerImage) || has(self.maxSteps)",
         "set spec.training.stepsPerImage (e.g. 150, as the web UI) or spec.training.maxSteps",
         lambda t: t.steps_per_image is not None or t.max_steps is not None,
+    ),
+    Rule(
+        "!has(self.ema) || !has(self.maxSteps) || !has(self.ema.startStep) || self.ema.startStep <= self.maxSteps",
+        EMA_AFTER_THE_END,
+        lambda t: t.ema is None or t.max_steps is None or t.ema.start_step <= t.max_steps,
     ),
 )
 
@@ -284,6 +321,7 @@ TABLES: dict[str, tuple[Rule, ...]] = {
     "quantity": POSITIVE_QUANTITY,
     "gpuResource": GPU_RESOURCE,
     "dataset": DATASET,
+    "resources": RESOURCES,
     "training": TRAINING,
     "spec": SPEC,
 }

@@ -448,6 +448,58 @@ class LoRASettings(_Model):
     train_text_encoder: bool = Field(default=False, description="Also put LoRA layers on the text encoder.")
 
 
+class EMASettings(_Model):
+    """An exponential moving average of the trained weights (diffusers' EMAModel, as its full
+    fine-tune scripts, OneTrainer and SimpleTuner keep one): smoother than the last step's
+    weights, and often the better model from a short or noisy run."""
+
+    decay: float = Field(
+        default=0.999,
+        gt=0,
+        lt=1,
+        description=(
+            "The most each update keeps of the average: after an update, average = decay x average + (1 - decay) x "
+            "weights. 0.999 weighs about the last thousand updates; a shorter run wants a smaller decay (0.99)."
+        ),
+    )
+    warmup: bool = Field(
+        default=True,
+        description=(
+            "Ramp the decay up as 1 - (1 + n)^(-3/4) at update n (diffusers' EMA warm-up; the first, n = 0, copies "
+            "the weights), so that the base model's weights fade out of the average quickly; false: diffusers' "
+            "plain ramp (1 + n) / (10 + n) after the first. Either is capped at decay."
+        ),
+    )
+    every_steps: int = Field(
+        default=1, ge=1, le=100000, description="Update the average every N optimizer steps (cheaper, on the CPU)."
+    )
+    start_step: int = Field(
+        default=0,
+        ge=0,
+        le=10000000,
+        description="The optimizer step of the first update (it copies the weights as they are then).",
+    )
+    on_cpu: bool = Field(
+        default=False,
+        alias="onCPU",
+        description=(
+            "Keep the average in the host's memory, not the GPU's (a full UNet's average is 3.4 GB for SD 1.x, "
+            "10 GB for SDXL), copied to the GPU for each update as diffusers' --offload_ema does."
+        ),
+    )
+    export: bool = Field(
+        default=True,
+        description="Export the average (true) or the trained weights as they are (false); checkpoints hold both.",
+    )
+    samples: bool = Field(
+        default=True,
+        description=(
+            "Render the samples with the average too, into samples/ema/ and samples-ema.png beside the trained "
+            "weights' samples."
+        ),
+    )
+
+
 class Training(_Model):
     """How long and how to train."""
 
@@ -555,6 +607,13 @@ class Training(_Model):
         ),
     )
     lora: LoRASettings | None = Field(default=None, description="LoRA settings; only with method LoRA.")
+    ema: EMASettings | None = Field(
+        default=None,
+        description=(
+            "Keep an exponential moving average of the trained weights (the UNet's, the text encoder's where it "
+            "trains, or a LoRA's adapters), checkpointed and resumed with them; exported and sampled as it says."
+        ),
+    )
 
     @model_validator(mode="after")
     def _steps(self) -> Training:
@@ -650,6 +709,9 @@ class Storage(_Model):
         return rules.enforce(value, rules.S3_ENDPOINT, show_value=True)
 
 
+DEFAULT_SHM_SIZE = "8Gi"
+
+
 class Resources(_Model):
     """What the training pod asks of the cluster."""
 
@@ -675,7 +737,15 @@ class Resources(_Model):
         description="Memory request and limit of the training pod.",
         json_schema_extra=rules.cel(rules.POSITIVE_QUANTITY),
     )
-    shm_size: str = Field(default="8Gi", pattern=QUANTITY_PATTERN, description="Size of /dev/shm for the data loaders.")
+    shm_size: str | None = Field(
+        default=None,
+        pattern=QUANTITY_PATTERN,
+        max_length=64,
+        description=(
+            f"Size of /dev/shm for the data loaders: memory, counted against the pod's memory limit, so at most "
+            f"memory. Unset: {DEFAULT_SHM_SIZE}, or memory where that is less."
+        ),
+    )
     node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the pod must match.")
     tolerations: list[dict[str, Any]] = Field(
         default_factory=list,
@@ -698,6 +768,18 @@ class Resources(_Model):
     @classmethod
     def _positive(cls, value: str) -> str:
         return rules.enforce(value, rules.POSITIVE_QUANTITY, show_value=True)
+
+    @model_validator(mode="after")
+    def _shm(self) -> Resources:
+        return rules.enforce(self, rules.RESOURCES)
+
+    @property
+    def shm(self) -> str:
+        """/dev/shm's size in effect: shmSize, else DEFAULT_SHM_SIZE or the memory where that is less."""
+        if self.shm_size is not None:
+            return self.shm_size
+        smaller = rules.quantity_value(DEFAULT_SHM_SIZE) <= rules.quantity_value(self.memory)
+        return DEFAULT_SHM_SIZE if smaller else self.memory
 
 
 class RunPolicy(_Model):
@@ -796,7 +878,7 @@ class FineTuneJobSpec(_Model):
         default_factory=Samples, description="Preview images during training.", json_schema_extra={"default": {}}
     )
     resources: Resources = Field(
-        default_factory=Resources, description="GPUs, CPU, memory and placement.", json_schema_extra={"default": {}}
+        default_factory=Resources, description="GPUs, CPU, memory and placement.", json_schema_extra={"default": {}, **rules.cel(rules.RESOURCES)}
     )
     storage: Storage = Field(
         default_factory=Storage,

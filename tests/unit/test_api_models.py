@@ -207,3 +207,18 @@ def test_an_unknown_field_names_the_nearest_known_one_where_there_is_one() -> No
     assert nearest_field(("spec", "training", "lora", "rnak")) == "rank"
     assert nearest_field(("spec", "dataset", "concepts", 0, "instancePromt")) == "instancePrompt"
     assert nearest_field(("spec", "training", "zzzzqqq")) is None
+
+
+@pytest.mark.parametrize(
+    ("resources", "shm"),
+    [
+        ({}, "8Gi"),
+        ({"memory": "2Gi"}, "2Gi"),
+        ({"memory": "8192Mi"}, "8Gi"),
+        ({"memory": "4G", "shmSize": "1Gi"}, "1Gi"),
+    ],
+)
+def test_shared_memory_is_at_most_the_pods_memory(resources: dict[str, str], shm: str) -> None:
+    from finetune_api.v1alpha1 import Resources
+
+    assert Resources.model_validate(resources).shm == shm

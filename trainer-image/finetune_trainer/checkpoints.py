@@ -57,6 +57,9 @@ ADDED_FIELDS: dict[tuple[str, str], Any] = {
     ("dataset", "bucket_min_side"): None,
     ("dataset", "bucket_max_side"): None,
     ("dataset", "bucket_max_ratio"): 2.0,
+    ("dataset", "masks"): None,
+    ("dataset", "masked_loss_background"): None,
+    ("training", "ema"): None,
 }
 
 

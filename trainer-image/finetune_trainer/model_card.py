@@ -105,6 +105,13 @@ def render(job: FineTuneJob, *, step: int, settings: dict[str, str], files: Sequ
     if lora:
         settings_of = spec.lora
         rows.insert(1, ("LoRA", f"rank {settings_of.rank}, alpha {settings_of.alpha:g}, targets {settings_of.targets}"))
+    average = training.ema
+    if average is not None:
+        ramp = "warm-up" if average.warmup else "plain ramp"
+        exported = (
+            "this model is the average" if average.export else "this model is the trained weights, not the average"
+        )
+        rows.append(("EMA", f"decay {average.decay:g} ({ramp}), every {average.every_steps} step(s); {exported}"))
     masks = spec.dataset.masks
     if masks is not None:
         where = "the photos' alpha" if masks.source == "alpha" else f"a '{masks.folder or 'masks'}' folder"

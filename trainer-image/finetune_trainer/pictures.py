@@ -157,9 +157,11 @@ def contact_sheet(
     dest: Path,
     *,
     resolution: int,
+    corner: str = "",
 ) -> Path | None:
     """``rows``: {step: {prompt index: sample}}; a sample that is missing (it failed to render)
-    is a grey cell.  None where there is nothing to show."""
+    is a grey cell; ``corner``, a word above the steps (what the rows were rendered with).
+    None where there is nothing to show."""
     from PIL import Image, ImageDraw, ImageFont
 
     if not rows or not prompts:
@@ -178,6 +180,8 @@ def contact_sheet(
         if len(textwrap.wrap(prompt, width_chars)) > 3:
             lines[-1] = lines[-1][: width_chars - 3] + "..."
         draw.multiline_text((left, 2), "\n".join(lines), fill=(0, 0, 0), font=small, spacing=1)
+    if corner:
+        draw.text((6, 6), corner, fill=(0, 0, 0), font=font)
     for row, step in enumerate(steps):
         _, top = cell_origin(row, 0, cell)
         draw.text((6, top + cell // 2 - 8), f"step {step}", fill=(0, 0, 0), font=font)

@@ -51,6 +51,7 @@ of every progress event and of the summary):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -58,7 +59,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune_api import contract
+from finetune_api import contract, rules
 from finetune_api.v1alpha1 import FineTuneJob, Method, Stage
 from finetune_trainer import (
     buckets,
@@ -66,6 +67,7 @@ from finetune_trainer import (
     checkpoints,
     class_images,
     data,
+    ema,
     export,
     families,
     layouts,
@@ -96,6 +98,9 @@ from finetune_trainer.report import ProgressReporter
 log = logging.getLogger("finetune_trainer")
 
 CHECKPOINTS_DIR = "checkpoints"
+# The EMA's samples (spec.training.ema.samples): under samples/, and their contact sheet.
+EMA_SAMPLES_DIR = "ema"
+EMA_SAMPLES_FILE = "samples-ema.png"
 # What torch.compile builds with.  Inductor is the one that makes steps faster; tests on a
 # CPU may use a cheaper backend that traces the same graphs without generating code.
 COMPILE_BACKEND = "inductor"
@@ -149,6 +154,9 @@ class DreamBoothRecipe:
         self.total_steps = 0
         self.history: list[tuple[int, float, float]] = []  # (step, loss, learning rate)
         self.sampler: samples.SampleRenderer | None = None
+        # The moving average of the trained weights (spec.training.ema) and its samples' renderer.
+        self.ema: ema.MovingAverage | None = None
+        self.ema_sampler: samples.SampleRenderer | None = None
         self._sample_failure_warned = False
         # Each distinct prompt's token ids and (while the text encoders are frozen) conditioning.
         self.token_cache: dict[str, list[Any]] = {}
@@ -224,7 +232,13 @@ class DreamBoothRecipe:
             self.claim.check_owner()
             self.output.mkdir(parents=True, exist_ok=True)
             generated = self.output / class_images.OUTPUT_SUBDIR
-            for folder in (self.output, self.checkpoint_dir, self.samples_dir, generated):
+            for folder in (
+                self.output,
+                self.checkpoint_dir,
+                self.samples_dir,
+                self.samples_dir / EMA_SAMPLES_DIR,
+                generated,
+            ):
                 for path in storage.remove_temporaries(folder):
                     log.info(f"removed {path}, left by an interrupted run", extra={"event": "cleanup"})
             # An object-store output: what earlier attempts uploaded comes back first.
@@ -248,6 +262,11 @@ class DreamBoothRecipe:
             spec, len(self.instance), num_processes=accelerator.num_processes, seen_per_epoch=sum(self.found.repeats)
         )
         self.reporter.total_steps = self.total_steps
+        if training.ema is not None and training.ema.start_step > self.total_steps:
+            # The CRD refuses it where maxSteps is set; stepsPerImage's steps are known only now.
+            raise BadInput(
+                f"{rules.EMA_AFTER_THE_END} (this run has {self.total_steps})", field="spec.training.ema.startStep"
+            )
         # Now that the length of the run is known: whether compiling the UNet pays.
         self.settings, warnings = resolve_settings(spec, self.device_info, total_steps=self.total_steps)
         self._report_settings()
@@ -270,16 +289,14 @@ class DreamBoothRecipe:
 
         self._configure_models()
         self._build_optimizer()
+        if training.ema is not None:
+            self.ema = ema.MovingAverage(self.trainable, training.ema, device=accelerator.device)
+            # Saved with every checkpoint and loaded with it (accelerate's custom state).
+            accelerator.register_for_checkpointing(self.ema)
         self._prepare_data()
-        self.sampler = samples.SampleRenderer(
-            spec.samples,
-            resolution=self.settings.resolution,
-            base=self.base,
-            folder=self.samples_dir,
-            device=accelerator.device,
-            dtype=self.weight_dtype,
-            prompt_inputs=self._sample_inputs if self.family.text_encoders_leave_gpu else None,
-        )
+        self.sampler = self._sampler(self.samples_dir)
+        if self.ema is not None and self.ema.settings.samples:
+            self.ema_sampler = self._sampler(self.samples_dir / EMA_SAMPLES_DIR)
         self._report_samples()
         if resume is not None:
             checkpoints.load(accelerator, resume)
@@ -287,6 +304,17 @@ class DreamBoothRecipe:
             self.reporter.step = self.step
             self.history = [(int(s), float(v), float(r)) for s, v, r in resume.state.get("loss_history", [])]
             log.info(f"resuming from {resume.path} at step {resume.step}", extra={"event": "resume"})
+
+    def _sampler(self, folder: Path) -> samples.SampleRenderer:
+        return samples.SampleRenderer(
+            self.spec.samples,
+            resolution=self.settings.resolution,
+            base=self.base,
+            folder=folder,
+            device=self.accelerator.device,
+            dtype=self.weight_dtype,
+            prompt_inputs=self._sample_inputs if self.family.text_encoders_leave_gpu else None,
+        )
 
     def _load_options(self) -> families.LoadOptions:
         """How a family that reads its models in the run's precision reads them (Flux: the frozen
@@ -750,6 +778,8 @@ class DreamBoothRecipe:
         while self.step < self.total_steps:
             losses = self.train_step() if self.compiled_step_done or not self.settings.compile else self._compile()
             self.step += 1
+            if self.ema is not None:
+                self.ema.update(self.step)
             learning_rate = float(self.lr_scheduler.get_last_lr()[0])
             self.pending.append(PendingStep(self.step, losses, learning_rate, time.monotonic()))
             sample_due = self._sample_due()
@@ -967,25 +997,32 @@ class DreamBoothRecipe:
             return None
         drawn: list[Path] | None = None
         accelerator = self.accelerator
-        if accelerator.is_main_process and not self.sampler.done(self.step):
+        renderers = [(r, swapped) for r, swapped in ((self.sampler, False), (self.ema_sampler, True)) if r is not None]
+        if accelerator.is_main_process and not all(r.done(self.step) for r, _ in renderers):
             stage = self.reporter.stage
             self.reporter.set_stage(
                 Stage.SAMPLING, message=f"rendering {len(self.spec.samples.prompts)} samples at step {self.step}"
             )
             encoders = [None if self.encoders_released else accelerator.unwrap_model(e) for e in self.text_encoders]
-            rendered = self.sampler.render(
-                self.step,
-                unet=accelerator.unwrap_model(self.unet, keep_torch_compile=False),
-                text_encoders=encoders,
-            )
-            if rendered.failures and not self._sample_failure_warned:
-                self._sample_failure_warned = True
-                self.reporter.warn(
-                    f"spec.samples: {len(rendered.failures)} sample(s) at step {self.step} could not be rendered "
-                    f"(training goes on; later failures are in the log): {rendered.failures[0]}"
-                )
+            paths: list[Path] = []
+            for renderer, swapped in renderers:
+                # The EMA's samples: the average in the trained weights' places while they render.
+                average = self.ema.swapped_in() if swapped and self.ema is not None else contextlib.nullcontext()
+                with average:
+                    rendered = renderer.render(
+                        self.step,
+                        unet=accelerator.unwrap_model(self.unet, keep_torch_compile=False),
+                        text_encoders=encoders,
+                    )
+                paths += rendered.paths
+                if rendered.failures and not self._sample_failure_warned:
+                    self._sample_failure_warned = True
+                    self.reporter.warn(
+                        f"spec.samples: {len(rendered.failures)} sample(s) at step {self.step} could not be rendered "
+                        f"(training goes on; later failures are in the log): {rendered.failures[0]}"
+                    )
             drawn = self.draw_pictures()
-            self._publish([*rendered.paths, *drawn], what="samples")
+            self._publish([*paths, *drawn], what="samples")
             self._report_samples()
             where = self.out.uri_of(self.samples_dir)
             self.reporter.set_stage(stage, message=f"{len(rendered.paths)} samples at step {self.step} in {where}")
@@ -1007,14 +1044,19 @@ class DreamBoothRecipe:
                     sample_steps=sorted(rows),
                 )
             )
-            sheet = pictures.contact_sheet(
-                rows,
-                self.spec.samples.prompts,
-                self.output / pictures.SAMPLES_FILE,
-                resolution=self.settings.resolution,
-            )
-            if sheet is not None:
-                drawn.append(sheet)
+            sheets = [(rows, pictures.SAMPLES_FILE, "")]
+            if self.ema_sampler is not None:
+                sheets.append((samples.existing(self.ema_sampler.folder), EMA_SAMPLES_FILE, "EMA"))
+            for sheet_rows, name, corner in sheets:
+                sheet = pictures.contact_sheet(
+                    sheet_rows,
+                    self.spec.samples.prompts,
+                    self.output / name,
+                    resolution=self.settings.resolution,
+                    corner=corner,
+                )
+                if sheet is not None:
+                    drawn.append(sheet)
         except Exception as exc:
             self.reporter.warn(f"the pictures (loss.png, samples.png) could not be drawn: {type(exc).__name__}: {exc}")
         return drawn
@@ -1090,16 +1132,19 @@ class DreamBoothRecipe:
         if accelerator.is_main_process:
             drawn = sampled if sampled is not None else self.draw_pictures()
             self.reporter.set_stage(Stage.EXPORTING, message=f"exporting to {self.output}")
-            trained = self._trained_for_export()
-            files = export.export_all(
-                trained,
-                self.output,
-                job=self.job,
-                step=self.step,
-                settings=self.reporter.settings,
-                pictures=drawn,
-                samples=samples.all_samples(self.samples_dir),
-            )
+            exports_average = self.ema is not None and self.ema.settings.export
+            # The average in the trained weights' places for the exports (training is over).
+            with self.ema.swapped_in() if self.ema is not None and exports_average else contextlib.nullcontext():
+                trained = self._trained_for_export()
+                files = export.export_all(
+                    trained,
+                    self.output,
+                    job=self.job,
+                    step=self.step,
+                    settings=self.reporter.settings,
+                    pictures=drawn,
+                    samples=samples.all_samples(self.samples_dir),
+                )
             if self.out.remote is not None:
                 where = self.out.location()
                 self.reporter.set_stage(Stage.UPLOADING, message=f"uploading {len(files)} files to {where}")

@@ -103,7 +103,7 @@ def render(
         uid=uid,
         image=spec.image or trainer_image,
         image_pull_policy=image_pull_policy,
-        shm_size=spec.resources.shm_size,
+        shm_size=spec.resources.shm,
         cache_size_limit=cache_size_limit,
         tmp_size_limit=tmp_size_limit,
     )

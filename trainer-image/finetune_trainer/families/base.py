@@ -483,6 +483,12 @@ class LoadOptions:
         return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision, torch.float32)
 
 
+def ema_bytes(spec: FineTuneJobSpec) -> int:
+    """Bytes per trained parameter of the moving average on the GPU (spec.training.ema, fp32)."""
+    average = spec.training.ema
+    return 4 if average is not None and not average.on_cpu else 0
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
     bytes: float

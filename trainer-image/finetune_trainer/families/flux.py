@@ -64,6 +64,7 @@ from finetune_trainer.families.base import (
     ModelFamily,
     Objective,
     Prediction,
+    ema_bytes,
     read_json,
 )
 
@@ -425,7 +426,7 @@ class Flux(ModelFamily):
         targets = LoRATargets(lora_settings.targets)
         adapted = LORA_PER_RANK[targets] + (CLIP_LORA_PER_RANK[targets] if lora_settings.train_text_encoder else 0)
         state = 2 if optimizer == "AdamW8bit" else 8  # AdamW's two moments per parameter
-        adapters = adapted * lora_settings.rank * (4 + 4 + state)
+        adapters = adapted * lora_settings.rank * (4 + 4 + state + ema_bytes(spec))
         tokens = (spec.resolution / 16) ** 2 + MAX_T5_TOKENS
         scale = tokens / TOKENS_1024 * training.batch_size * (2 if spec.dataset.prior_preservation else 1)
         activations = ACTIVATIONS_1024_CHECKPOINTED if training.gradient_checkpointing else ACTIVATIONS_1024_FULL

@@ -44,6 +44,7 @@ from finetune_trainer.families.base import (
     MemoryEstimate,
     ModelFamily,
     check_prediction,
+    ema_bytes,
 )
 
 UNET_PARAMS = 2.567e9
@@ -142,7 +143,7 @@ class StableDiffusionXL(ModelFamily):
         else:
             trained = UNET_PARAMS + (text if training.train_text_encoder else 0)
             frozen = 0 if training.train_text_encoder else text
-            weights = trained * (4 + 4 + state) + frozen * low + VAE_PARAMS * 4
+            weights = trained * (4 + 4 + state + ema_bytes(spec)) + frozen * low + VAE_PARAMS * 4
             basis = "the UNet's fp32 weights, gradients and optimizer state (2.6 B parameters) and activations"
         return MemoryEstimate(bytes=weights + activations, basis=basis, activations=activations)
 
