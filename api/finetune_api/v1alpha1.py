@@ -878,7 +878,9 @@ class FineTuneJobSpec(_Model):
         default_factory=Samples, description="Preview images during training.", json_schema_extra={"default": {}}
     )
     resources: Resources = Field(
-        default_factory=Resources, description="GPUs, CPU, memory and placement.", json_schema_extra={"default": {}, **rules.cel(rules.RESOURCES)}
+        default_factory=Resources,
+        description="GPUs, CPU, memory and placement.",
+        json_schema_extra={"default": {}, **rules.cel(rules.RESOURCES)},
     )
     storage: Storage = Field(
         default_factory=Storage,
