@@ -270,6 +270,7 @@ class OperatorProcess:
             f"--health-port={self.health_port}",
             f"--web-port={self.web_port}",
             "--web",
+            "--metrics-per-job",
             f"--report-url={self.report_url}",
             "--status-interval=1",
             *self.extra_args,

@@ -179,6 +179,8 @@ class Demo:
                     f"--health-port={self.ports['health']}",
                     f"--web-port={self.ports['web']}",
                     "--web",
+                    # A cluster of one's own: the per-job series are for its dashboard.
+                    "--metrics-per-job",
                     f"--report-url=http://{self.host}:{self.ports['progress']}",
                     "--status-interval=1",
                 ],

@@ -55,7 +55,7 @@ async def run_operator(settings: OperatorSettings, *, stop: asyncio.Event | None
         # kopf's own login reads KUBECONFIG; keep both clients on one cluster.
         os.environ["KUBECONFIG"] = settings.kubeconfig
     api = KubeAPI()
-    metrics = Metrics()
+    metrics = Metrics(per_job=settings.metrics_per_job)
     store = ProgressStore()
     elector: LeaderElector | None = None
     if settings.leader_election:

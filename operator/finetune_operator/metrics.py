@@ -4,6 +4,10 @@ Counters and histograms are updated as things happen.  Gauges that describe the
 jobs (by phase; step, loss and speed of each running job) are computed at scrape
 time from the reconciler's view, so a deleted job's series disappear with it and
 the number of series stays bounded by the number of FineTuneJobs.
+
+No series names a FineTuneJob unless ``--metrics-per-job`` asks for them: the port has no
+authentication, and a job's name, phase and loss are its namespace's business.  Without
+it, /metrics has counts by phase, by namespace and queue, and GPU-seconds by namespace.
 """
 
 from __future__ import annotations
@@ -37,9 +41,12 @@ class JobView:
 
 
 class _JobsCollector(Collector):
-    def __init__(self, jobs: Callable[[], Iterable[JobView]], gpu_seconds: Callable[[], dict[str, float]]) -> None:
+    def __init__(
+        self, jobs: Callable[[], Iterable[JobView]], gpu_seconds: Callable[[], dict[str, float]], *, per_job: bool
+    ) -> None:
         self._jobs = jobs
         self._gpu_seconds = gpu_seconds
+        self._per_job = per_job
 
     def collect(self) -> Iterator[Metric]:
         by_phase = GaugeMetricFamily("finetune_jobs", "FineTuneJobs by phase.", labels=["phase"])
@@ -68,6 +75,8 @@ class _JobsCollector(Collector):
             counts[phase] = counts.get(phase, 0) + 1
             if job.queue:
                 queues[(job.namespace, job.queue, phase)] = queues.get((job.namespace, job.queue, phase), 0) + 1
+            if not self._per_job:
+                continue
             labels = [job.namespace, job.name]
             info.add_metric([*labels, phase], 1)
             if job.step is not None:
@@ -87,11 +96,13 @@ class _JobsCollector(Collector):
         )
         for namespace, seconds in sorted(self._gpu_seconds().items()):
             gpu.add_metric([namespace], seconds)
-        yield from (by_phase, by_queue, info, step, total, loss, speed, gpu)
+        yield from (by_phase, by_queue, gpu)
+        if self._per_job:
+            yield from (info, step, total, loss, speed)
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, *, per_job: bool = False) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.transitions = Counter(
@@ -148,7 +159,7 @@ class Metrics:
         self._gpu_seconds: dict[str, float] = {}
         self._gpu_running: dict[tuple[str, str], tuple[float, int]] = {}
         self._jobs: Callable[[], Iterable[JobView]] = list
-        r.register(_JobsCollector(self._current_jobs, self._gpu_totals))
+        r.register(_JobsCollector(self._current_jobs, self._gpu_totals, per_job=per_job))
 
     def _current_jobs(self) -> Iterable[JobView]:
         return self._jobs()

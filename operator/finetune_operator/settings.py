@@ -47,6 +47,9 @@ class OperatorSettings:
     tls_key_file: str = ""
     tls_ca_file: str = ""
     web: bool = False
+    # Series per FineTuneJob on /metrics (namespace, name, phase, step, loss, speed): off, the
+    # port shows counts by phase, queue and namespace only, so no tenant reads another's jobs.
+    metrics_per_job: bool = False
     web_port: int = 8083
     workers: int = 16
     kubeconfig: str = ""
@@ -182,6 +185,12 @@ OLD_VARIABLES = {"FINETUNE_REPORT_URL": "FINETUNE_REPORT_BASE_URL"}
 SWITCHES: tuple[tuple[str, str, str], ...] = (
     ("--leader-election", "FINETUNE_LEADER_ELECTION", "hold a Lease so one of several replicas works at a time"),
     ("--web", "FINETUNE_WEB", "serve the web page of jobs, their progress and samples"),
+    (
+        "--metrics-per-job",
+        "FINETUNE_METRICS_PER_JOB",
+        "one series per FineTuneJob on /metrics (its namespace, name, phase, step, loss, speed): whoever reaches "
+        "the port reads every namespace's jobs; off, only counts by phase, queue and namespace",
+    ),
 )
 
 
@@ -250,6 +259,7 @@ def from_arguments(args: argparse.Namespace) -> OperatorSettings:
         tls_key_file=args.tls_key_file,
         tls_ca_file=args.tls_ca_file,
         web=args.web,
+        metrics_per_job=args.metrics_per_job,
         web_port=args.web_port,
         workers=args.workers,
         kubeconfig=args.kubeconfig,

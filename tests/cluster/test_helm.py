@@ -464,3 +464,13 @@ def test_people_who_may_edit_or_view_a_namespace_may_run_or_read_its_finetunejob
         live = json.loads(kube.kubectl("get", "clusterrole", role, "-o", "json"))
         if "meta.helm.sh/release-name" not in (live["metadata"].get("annotations") or {}):
             kube.kubectl("delete", "clusterrole", role)
+
+
+def test_metrics_name_jobs_only_where_the_values_ask() -> None:
+    def args(*values: str) -> list[str]:
+        docs = template(*values)
+        deployment = next(d for d in docs if d["kind"] == "Deployment")
+        return list(deployment["spec"]["template"]["spec"]["containers"][0]["args"])
+
+    assert "--metrics-per-job" not in args()
+    assert "--metrics-per-job" in args("--set", "metrics.perJob=true")
