@@ -52,9 +52,8 @@ def owned_informers(reconciler: Reconciler) -> tuple[Informer, Informer]:
     Each object is filed under the FineTuneJob it names (and a Job also under its own name);
     any change wakes that FineTuneJob's reconcile."""
     selector = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
+    # Names only (settings refuses kopf's patterns): the same namespaces kopf watches.
     namespaces = reconciler.settings.namespaces
-    if any(set(n) & set("*?[!") for n in namespaces):
-        namespaces = ()  # kopf's namespace patterns: watch all, the reconciler keys only its own
 
     def job_owner(namespace: str | None, body: dict[str, Any]) -> Any:
         key = owner_key(namespace, body)

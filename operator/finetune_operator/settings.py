@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,6 +13,8 @@ from typing import Any
 from finetune_api.contract import REPORT_AUDIENCE
 from finetune_operator import __version__
 
+# A namespace's name (an RFC 1123 label): what --namespace takes.
+NAMESPACE_NAME = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
 DEFAULT_TRAINER_IMAGE = f"ghcr.io/finetune-operator/trainer:{__version__}"
 # What a trainer pod may write to its node's disk: /cache (downloads, the latent cache) and /tmp.
 DEFAULT_CACHE_SIZE_LIMIT = "200Gi"
@@ -235,6 +238,15 @@ def from_arguments(args: argparse.Namespace) -> OperatorSettings:
     namespaces = args.namespaces
     if namespaces is None:
         namespaces = [n.strip() for n in os.environ.get("FINETUNE_WATCH_NAMESPACES", "").split(",") if n.strip()]
+    patterns = [n for n in namespaces if not re.fullmatch(NAMESPACE_NAME, n)]
+    if patterns:
+        # kopf would take 'team-*' as a pattern and list every namespace to match it, which the
+        # chart's per-namespace RBAC does not allow; the Job and Pod watches could only widen to
+        # the whole cluster.  One meaning for both: names.
+        raise SystemExit(
+            f"--namespace takes namespace names, not {', '.join(repr(n) for n in patterns)}: name each namespace "
+            "(repeat --namespace, or FINETUNE_WATCH_NAMESPACES=a,b), or leave it out to serve every namespace"
+        )
     tolerations = json.loads(args.default_tolerations or "[]")
     if not isinstance(tolerations, list):
         raise SystemExit("--default-tolerations must be a JSON list of tolerations")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import re
 
 import pytest
 import yaml
@@ -55,3 +56,15 @@ def test_crd_prints_the_crd_and_the_admission_policy() -> None:
         assert main(["crd"]) == 0
     kinds = [d["kind"] for d in yaml.safe_load_all(out.getvalue()) if d]
     assert kinds == ["CustomResourceDefinition", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"]
+
+
+def test_namespaces_are_names_for_both_watches_never_patterns(monkeypatch: pytest.MonkeyPatch) -> None:
+    chosen = settings.from_arguments(_run_parser().parse_args(["--namespace", "team-a", "-n", "team-b"]))
+    assert chosen.namespaces == ("team-a", "team-b")
+    monkeypatch.setenv("FINETUNE_WATCH_NAMESPACES", "team-a, team-c")
+    assert settings.from_arguments(_run_parser().parse_args([])).namespaces == ("team-a", "team-c")
+    # kopf would list every namespace to match a pattern; the Job and Pod watches would widen
+    # to the whole cluster: refused, naming the pattern and what to write instead.
+    for pattern in ("team-*", "!kube-system", "Team-A"):
+        with pytest.raises(SystemExit, match=re.escape(f"--namespace takes namespace names, not '{pattern}'")):
+            settings.from_arguments(_run_parser().parse_args(["--namespace", pattern]))
