@@ -73,4 +73,18 @@ ANNOTATION_JOB_FILE = "finetune.dev/job-yaml"
 ANNOTATION_REPORT_CA = "finetune.dev/report-ca"
 ANNOTATION_OPERATOR_VERSION = "finetune.dev/operator-version"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+
+# --- a hand on a running job ------------------------------------------------------------------------
+#
+# A person with patch rights on the FineTuneJob sets one of these (``kubectl ftj save NAME``, or
+# ``kubectl annotate``); the operator passes it to the trainer in the reply to its next progress
+# report; the trainer acts at the next step boundary and says so in its reports (``done``); the
+# operator then removes the annotation and records an Event.  The value tells one request from
+# the next (``kubectl ftj`` writes the time): each value is acted on once.
+REQUEST_ANNOTATIONS = {
+    "save": "finetune.dev/save-now",  # a checkpoint now
+    "sample": "finetune.dev/sample-now",  # the samples now
+    "stop": "finetune.dev/stop-now",  # stop, export what there is: Succeeded, reason StoppedEarly
+}
+MAX_REQUEST_VALUE = 128
 KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"

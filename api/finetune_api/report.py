@@ -22,6 +22,7 @@ __all__ = [
     "ExitCode",
     "FailureReason",
     "ProgressEvent",
+    "ProgressReply",
     "Thumbnail",
     "TrainerSummary",
 ]
@@ -74,6 +75,19 @@ class ProgressEvent(_Model):
         default_factory=dict, description="Choices the trainer made (precision, attention, compile, ...)."
     )
     dataset: DatasetStatus | None = None
+    done: dict[str, str] = Field(
+        default_factory=dict,
+        max_length=8,
+        description="Requests the trainer has acted on: save, sample, stop -> the annotation's value.",
+    )
+
+
+class ProgressReply(_Model):
+    """The operator's answer to an accepted report: whether it was kept, and the requests that
+    are waiting for the trainer (save, sample, stop -> the annotation's value)."""
+
+    accepted: bool = True
+    requests: dict[str, str] = Field(default_factory=dict, max_length=8)
 
 
 class TrainerSummary(_Model):

@@ -960,6 +960,7 @@ class Reason(StrEnum):
     TRAINING = "Training"
     EXPORTING = "Exporting"
     COMPLETED = "Completed"
+    STOPPED_EARLY = "StoppedEarly"  # stopped on request (finetune.dev/stop-now); what there was is exported
     SUSPENDED = "Suspended"
     JOB_SUSPENDED = "JobSuspended"
     # Creating the Job.

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from finetune_api.contract import ANNOTATION_FULL_NAME
+from finetune_api.contract import ANNOTATION_FULL_NAME, REQUEST_ANNOTATIONS
 from finetune_operator import queueing
 
 Key = tuple[str, str]  # a FineTuneJob's (namespace, name)
@@ -31,12 +31,18 @@ def _meta(body: Mapping[str, Any], *keys: str) -> dict[str, Any]:
 
 
 def slim_finetunejob(body: Mapping[str, Any]) -> dict[str, Any]:
+    metadata = _meta(
+        body, "name", "namespace", "uid", "generation", "resourceVersion", "creationTimestamp", "deletionTimestamp"
+    )
+    # Of the annotations, only a person's requests to the running job (see ``requests``).
+    annotations = body.get("metadata", {}).get("annotations") or {}
+    asked = {k: v for k, v in annotations.items() if k in REQUEST_ANNOTATIONS.values()}
+    if asked:
+        metadata["annotations"] = asked
     return {
         "apiVersion": body.get("apiVersion"),
         "kind": body.get("kind"),
-        "metadata": _meta(
-            body, "name", "namespace", "uid", "generation", "resourceVersion", "creationTimestamp", "deletionTimestamp"
-        ),
+        "metadata": metadata,
         "spec": dict(body.get("spec", {})),
         "status": dict(body.get("status", {})),
     }

@@ -28,6 +28,7 @@ from finetune_operator import __version__
 LOG = logging.getLogger("finetune_operator.kubeapi")
 USER_AGENT = f"finetune-operator/{__version__}"
 MERGE_PATCH = "application/merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
 
 
 class ApiError(Exception):
@@ -262,6 +263,18 @@ class KubeAPI:
             if exc.status == 404:
                 return None
             raise
+
+    async def patch_ftj(self, namespace: str, name: str, operations: list[dict[str, Any]]) -> bool:
+        """A JSON patch of the FineTuneJob (a request annotation removed); False where the object
+        is gone or a ``test`` operation failed (it changed meanwhile)."""
+        path = f"/apis/{GROUP}/{VERSION}/namespaces/{quote(namespace)}/{PLURAL}/{quote(name)}"
+        try:
+            await self.request("PATCH", path, body=operations, content_type=JSON_PATCH)
+        except ApiError as exc:
+            if exc.status in (404, 409, 422):
+                return False
+            raise
+        return True
 
     async def patch_status(
         self, namespace: str, name: str, patch: dict[str, Any], *, resource_version: str = ""

@@ -6,6 +6,9 @@ kubectl finds this as a plugin (the console script ``kubectl-ftj`` on the PATH):
     kubectl ftj samples NAME -o DIR [-n NS]       the newest sample thumbnails (or, for an
                                                   object-store output, the full contact sheet)
     kubectl ftj logs NAME [-n NS] [-f]            the trainer's log, current attempt
+    kubectl ftj save|sample|stop NAME [-n NS]     a checkpoint now, the samples now, or stop now
+                                                  and export what there is (a request annotation
+                                                  the trainer acts on at its next step)
 
 It talks to the cluster through kubectl itself (your kubeconfig, context and namespace), and
 for thumbnails to the operator's read-only web API: through ``kubectl port-forward`` to its
@@ -221,6 +224,22 @@ def logs(args: argparse.Namespace) -> int:
     return 0
 
 
+def request(args: argparse.Namespace) -> int:
+    """Set the request's annotation to the time (a new value: acted on once, even if the same
+    request was made before), as ``kubectl annotate --overwrite`` would."""
+    import datetime as dt
+
+    from finetune_api.contract import REQUEST_ANNOTATIONS
+
+    value = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    annotation = REQUEST_ANNOTATIONS[args.command]
+    namespace = ["-n", args.namespace] if args.namespace else []
+    _kubectl(args, "annotate", "--overwrite", "finetunejobs", args.name, *namespace, f"{annotation}={value}")
+    print(f"asked {args.name} to {args.command} ({annotation}={value}): the trainer acts at its next step; "
+          "kubectl describe ftj shows the Event when it has")  # fmt: skip
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kubectl ftj", description=__doc__.split("\n\n")[0])
     parser.add_argument("--kubeconfig", default="")
@@ -247,6 +266,16 @@ def main(argv: list[str] | None = None) -> int:
     log.add_argument("-n", "--namespace", default="")
     log.add_argument("-f", "--follow", action="store_true")
     log.set_defaults(run=logs)
+
+    for kind, what in (
+        ("save", "save a checkpoint now"),
+        ("sample", "render the samples now"),
+        ("stop", "stop now and export the model as it is (Succeeded, reason StoppedEarly)"),
+    ):
+        asked = commands.add_parser(kind, help=what)
+        asked.add_argument("name")
+        asked.add_argument("-n", "--namespace", default="")
+        asked.set_defaults(run=request)
 
     args = parser.parse_args(argv)
     return int(args.run(args))

@@ -29,7 +29,7 @@ from typing import Any
 
 from finetune_api.redact import redact
 from finetune_api.v1alpha1 import FailureReason, FineTuneJob, ManifestError, Phase, Reason, parse_manifest
-from finetune_operator import names, queueing
+from finetune_operator import names, queueing, requests
 from finetune_operator.cache import Cache, Key, controller_uid, resource_version
 from finetune_operator.events import EventEmitter
 from finetune_operator.failures import explain_rejection
@@ -353,6 +353,7 @@ class Reconciler:
         if memory.created_at is None:
             memory.created_at = time.time()
         previous = self._base_status(body, memory)
+        await self._settle_requests(key, body, previous)
         if previous.get("phase") in FINAL:
             await self._finished(key, body, memory, previous)
             return
@@ -449,7 +450,25 @@ class Reconciler:
             cause=cause,
         )
         if new.get("phase") in FINAL:
+            await self._settle_requests(key, body, new)
             await self._finished(key, body, memory, new, job=job)
+
+    async def _settle_requests(self, key: Key, body: dict[str, Any], status: dict[str, Any]) -> None:
+        """Remove the request annotations the trainer has acted on (and on a final job the rest),
+        each with an Event (see ``requests``)."""
+        if not requests.waiting(body):
+            return
+        final = status.get("phase") in FINAL
+        for done in requests.settled(body, self.progress.latest(key), final=final, reason=status.get("reason")):
+            if await self.api.patch_ftj(key[0], key[1], requests.removal(done)):
+                LOG.info(
+                    "event=request-settled namespace=%s name=%s annotation=%s reason=%s",
+                    key[0],
+                    key[1],
+                    done.annotation,
+                    done.reason,
+                )
+                self.events.emit(body, type=done.type, reason=done.reason, message=done.message)
 
     async def _finished(
         self,

@@ -24,8 +24,8 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from finetune_api.redact import redact
-from finetune_api.report import MAX_REPORT_BYTES, ProgressEvent
-from finetune_operator import names
+from finetune_api.report import MAX_REPORT_BYTES, ProgressEvent, ProgressReply
+from finetune_operator import names, requests
 from finetune_operator.kubeapi import ApiError, describe_error
 from finetune_operator.metrics import Metrics, prometheus_text
 from finetune_operator.reconciler import Reconciler
@@ -160,7 +160,10 @@ class ProgressHandler:
         accepted = self.store.accept(key, event)
         if self.metrics:
             self.metrics.reports.labels("accepted" if accepted else "stale", "").inc()
-        return web.json_response({"accepted": accepted}, status=202)
+        # A person's save/sample/stop requests reach the trainer here (see ``requests``).
+        body = self.reconciler.ftj(key) or {}
+        reply = ProgressReply(accepted=accepted, requests=requests.waiting(body))
+        return web.json_response(reply.model_dump(mode="json"), status=202)
 
 
 def progress_app(handler: ProgressHandler) -> web.Application:

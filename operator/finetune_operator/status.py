@@ -401,6 +401,18 @@ def compute_status(
                     final_summary = None
                 break
     event = observed.progress
+    stopped = decision.phase == Phase.SUCCEEDED and (
+        (final_summary is not None and final_summary.reason == Reason.STOPPED_EARLY)
+        or (event is not None and "stop" in event.done)
+    )
+    if stopped:
+        # Stopped on request (finetune.dev/stop-now): a success, at the step it stopped at.
+        decision = Decision(
+            Phase.SUCCEEDED,
+            Reason.STOPPED_EARLY,
+            "stopped as asked (finetune.dev/stop-now); the model of the step it stopped at is exported",
+        )
+        status["reason"], status["message"] = decision.reason, decision.message
     if event is not None and (decision.phase != Phase.SUCCEEDED or event.stage == Stage.DONE or final_summary is None):
         status.update(_progress_fields(event, mounts, final=decision.phase == Phase.SUCCEEDED))
     elif final_summary is not None:
@@ -410,7 +422,7 @@ def compute_status(
     progress: Progress | None = status.get("progress")
     if decision.phase == Phase.SUCCEEDED and progress is not None:
         done: dict[str, Any] = {"stage": Stage.DONE, "eta_seconds": 0}
-        if progress.total_steps:
+        if progress.total_steps and not stopped:
             done.update(step=max(progress.step or 0, progress.total_steps), percent=100.0)
         progress = status["progress"] = progress.model_copy(update=done)
 

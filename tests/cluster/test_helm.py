@@ -230,6 +230,11 @@ def test_operator_under_the_charts_service_account_runs_a_job_without_denials(
         "auth", "can-i", "patch", "finetunejobs.finetune.dev", "--subresource=status",
         f"--as=system:serviceaccount:{RELEASE_NAMESPACE}:{FULLNAME}", "-A", check=False,
     )  # fmt: skip
+    # A request annotation (save/sample/stop-now) is removed once done: a patch of the object.
+    assert "yes" in kube.kubectl(
+        "auth", "can-i", "patch", "finetunejobs.finetune.dev",
+        f"--as=system:serviceaccount:{RELEASE_NAMESPACE}:{FULLNAME}", "-A", check=False,
+    )  # fmt: skip
     assert "no" in kube.kubectl(
         "auth", "can-i", "delete", "secrets", f"--as=system:serviceaccount:{RELEASE_NAMESPACE}:{FULLNAME}", "-A",
         check=False,

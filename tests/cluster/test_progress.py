@@ -98,7 +98,7 @@ def test_a_report_with_the_right_token_reaches_status_and_metrics(
     token = queued_job(kube, namespace, "reported")
     attempt = pod_of(kube, namespace, "reported").metadata.name
     code, body = post(operator, namespace, "reported", token, report(42, attempt=attempt))
-    assert (code, body) == (202, {"accepted": True})
+    assert (code, body) == (202, {"accepted": True, "requests": {}})
     status = wait_for(
         lambda: (s := kube.status(namespace, "reported")).get("progress", {}).get("step") == 42 and s,
         timeout=15,
@@ -109,6 +109,20 @@ def test_a_report_with_the_right_token_reaches_status_and_metrics(
     text = operator.metrics()
     assert metric(text, "finetune_job_step", f'name="reported",namespace="{namespace}"') == 42
     assert metric(text, "finetune_job_loss", f'name="reported",namespace="{namespace}"') == pytest.approx(0.458)
+
+    # A person's request rides on the next reply (kubectl ftj save sets the annotation).
+    kube.kubectl("-n", namespace, "annotate", "ftj", "reported", "finetune.dev/save-now=t1")
+    step = iter(range(43, 100))
+    asked = wait_for(
+        lambda: (
+            (b := post(operator, namespace, "reported", token, report(next(step), attempt=attempt))[1]).get("requests")
+            and b
+        ),
+        timeout=30,
+        interval=1,
+        what="the request in the reply",
+    )
+    assert asked == {"accepted": True, "requests": {"save": "t1"}}
 
 
 def test_wrong_tokens_unknown_jobs_and_huge_bodies_are_rejected(
@@ -223,8 +237,14 @@ def test_a_flooding_job_is_throttled_and_its_writes_stay_bounded_while_another_j
 def test_stale_reports_do_not_overwrite_newer_ones(kube: Kube, namespace: str, operator: OperatorProcess) -> None:
     token = queued_job(kube, namespace, "ordered")
     attempt = pod_of(kube, namespace, "ordered").metadata.name
-    assert post(operator, namespace, "ordered", token, report(50, attempt=attempt))[1] == {"accepted": True}
-    assert post(operator, namespace, "ordered", token, report(49, attempt=attempt))[1] == {"accepted": False}
+    assert post(operator, namespace, "ordered", token, report(50, attempt=attempt))[1] == {
+        "accepted": True,
+        "requests": {},
+    }
+    assert post(operator, namespace, "ordered", token, report(49, attempt=attempt))[1] == {
+        "accepted": False,
+        "requests": {},
+    }
     wait_for(
         lambda: kube.status(namespace, "ordered").get("progress", {}).get("step") == 50,
         timeout=15,
@@ -254,7 +274,10 @@ def test_reports_that_would_poison_the_status_are_refused_with_400_and_a_reason(
         assert next(iter(fields)) in answer["message"] or reason == "OutOfRange"
     # None of them froze the status: a sound report afterwards (dated now, after one "from 9999")
     # is accepted and reaches the resource.
-    assert post(operator, namespace, "poisoned", token, report(7, attempt=attempt)) == (202, {"accepted": True})
+    assert post(operator, namespace, "poisoned", token, report(7, attempt=attempt)) == (
+        202,
+        {"accepted": True, "requests": {}},
+    )
     wait_for(
         lambda: kube.status(namespace, "poisoned").get("progress", {}).get("step") == 7,
         timeout=15,
@@ -313,6 +336,6 @@ def test_a_token_counts_only_for_the_pods_the_jobs_current_job_owns(
     assert post(operator, namespace, "owned", token, report(62, attempt="someone-else"))[0] == 403
     assert post(operator, namespace, "owned", token, report(63, attempt=real.metadata.name)) == (
         202,
-        {"accepted": True},
+        {"accepted": True, "requests": {}},
     )
     wait_for(lambda: kube.status(namespace, "owned").get("progress", {}).get("step") == 63, timeout=15, what="63")

@@ -18,6 +18,8 @@ class Operator:
         self.received: list[tuple[dict[str, Any], str | None]] = []
         self.delay_s = delay_s
         self.status = status
+        # The reply's body, as the operator's (accepted, and the requests waiting); None: empty.
+        self.reply: dict[str, Any] | None = None
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -26,7 +28,12 @@ class Operator:
                 time.sleep(outer.delay_s)
                 outer.received.append((body, self.headers.get("Authorization")))
                 self.send_response(outer.status)
+                reply = json.dumps(outer.reply).encode() if outer.reply is not None else b""
+                if reply:
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(reply)))
                 self.end_headers()
+                self.wfile.write(reply)
 
             def log_message(self, *args: Any) -> None:
                 pass

@@ -20,7 +20,7 @@ from pathlib import Path
 from types import FrameType
 
 from finetune_api.report import ExitCode, FailureReason, TrainerSummary
-from finetune_api.v1alpha1 import Stage
+from finetune_api.v1alpha1 import Reason, Stage
 from finetune_trainer import credentials, launch, report
 from finetune_trainer.errors import BadInput, Stopped, TrainerError
 
@@ -145,10 +145,11 @@ def run(job_path: Path) -> int:
 
         result = DreamBoothRecipe(job, reporter=reporter).run()
         code = ExitCode.SUCCESS
+        stopped = f" of {result.total_steps}, stopped as asked" if result.stopped_early else ""
         summary = TrainerSummary(
             phase="Succeeded",
-            reason="Completed",
-            message=f"trained {result.step} steps; the model is in {result.output}",
+            reason=str(Reason.STOPPED_EARLY if result.stopped_early else Reason.COMPLETED),
+            message=f"trained {result.step} steps{stopped}; the model is in {result.output}",
             step=result.step,
             total_steps=result.total_steps,
             output_uri=result.output,

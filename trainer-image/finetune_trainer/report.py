@@ -35,6 +35,7 @@ from finetune_api.report import (
     MAX_REPORT_BYTES,
     SUMMARY_LIMIT_BYTES,
     ProgressEvent,
+    ProgressReply,
     Thumbnail,
     TrainerSummary,
 )
@@ -186,6 +187,8 @@ class ReportPusher:
         self.max_backoff_s = max_backoff_s
         self.sent = 0
         self.failures = 0
+        # What the operator's newest reply asks for (save, sample, stop -> the annotation's value).
+        self.requests: dict[str, str] = {}
         self._sleep = sleep
         self._pending: ProgressEvent | None = None
         self._final = False
@@ -247,6 +250,15 @@ class ReportPusher:
             self._sleep(backoff)
             backoff = min(backoff * 2, self.max_backoff_s)
 
+    def _read_reply(self, body: bytes) -> None:
+        """The requests waiting for this trainer, from the reply to a report; a reply without
+        them (an older operator, a stand-in) asks for nothing."""
+        try:
+            reply = ProgressReply.model_validate_json(body) if body.strip() else ProgressReply()
+        except ValueError:
+            return
+        self.requests = {k: v for k, v in reply.requests.items() if k in contract.REQUEST_ANNOTATIONS}
+
     def _post(self, event: ProgressEvent) -> str:
         body = json.dumps(wire(event)).encode()
         request = urllib.request.Request(self.url, data=body, method="POST")
@@ -258,7 +270,8 @@ class ReportPusher:
             request.add_header("Authorization", f"Bearer {token}")
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s, context=self.tls) as response:
-                response.read()
+                body = response.read()
+            self._read_reply(body)
             return "sent"
         except urllib.error.HTTPError as exc:
             if 400 <= exc.code < 500 and exc.code not in (408, 429):
@@ -347,6 +360,8 @@ class ProgressReporter:
         self.samples: list[str] = []  # newest last
         self.thumbnails: list[Thumbnail] = []
         self.events: list[ProgressEvent] = []  # what was emitted, for tests and the summary
+        # Requests acted on (save, sample, stop -> the annotation's value), on every later event.
+        self.done: dict[str, str] = {}
         self._seq = 0
         self._last_emit = 0.0
 
@@ -410,6 +425,7 @@ class ProgressReporter:
             warnings=self.warnings[:50],
             settings=dict(self.settings),
             dataset=self.dataset,
+            done=dict(self.done),
         )
         event = fit_event(event)
         self._seq += 1
@@ -423,6 +439,18 @@ class ProgressReporter:
         if self.pusher is not None:
             self.pusher.submit(event, final=final)
         return event
+
+    def requests(self) -> dict[str, str]:
+        """Requests from the operator not acted on yet (kind -> the annotation's value)."""
+        asked = self.pusher.requests if self.pusher is not None else {}
+        return {kind: value for kind, value in asked.items() if self.done.get(kind) != value}
+
+    def mark_done(self, kind: str, value: str, *, message: str) -> None:
+        """A request acted on: said at once, and on every later event until the operator has
+        removed its annotation."""
+        self.done[kind] = value
+        log.info(message, extra={"event": "request-done", "fields": {"request": kind, "value": value}})
+        self.emit(message=message)
 
     def close(self, *, stage: Stage, message: str = "", final_timeout_s: float = 5.0) -> None:
         self.stage = stage

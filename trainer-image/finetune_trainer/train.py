@@ -100,6 +100,8 @@ log = logging.getLogger("finetune_trainer")
 CHECKPOINTS_DIR = "checkpoints"
 # The EMA's samples (spec.training.ema.samples): under samples/, and their contact sheet.
 EMA_SAMPLES_DIR = "ema"
+# With several processes, how often (in steps) they look for a person's request together.
+REQUEST_EVERY_STEPS = 10
 EMA_SAMPLES_FILE = "samples-ema.png"
 # What torch.compile builds with.  Inductor is the one that makes steps faster; tests on a
 # CPU may use a cheaper backend that traces the same graphs without generating code.
@@ -129,6 +131,7 @@ class RunResult:
     output: str  # the local folder, or the object-store URI
     files: list[Any]
     samples: list[str]
+    stopped_early: bool = False  # stopped on request (finetune.dev/stop-now) before total_steps
 
 
 class DreamBoothRecipe:
@@ -158,6 +161,7 @@ class DreamBoothRecipe:
         self.ema: ema.MovingAverage | None = None
         self.ema_sampler: samples.SampleRenderer | None = None
         self._sample_failure_warned = False
+        self.stopped_early = False
         # Each distinct prompt's token ids and (while the text encoders are frozen) conditioning.
         self.token_cache: dict[str, list[Any]] = {}
         self.prompt_cache = prompt_cache.PromptCache(device="cpu")  # on the training device from setup()
@@ -791,6 +795,46 @@ class DreamBoothRecipe:
                 self.maybe_sample()
                 if checkpoint_due:
                     self.save_checkpoint()
+                if self._act_on_requests():
+                    break
+
+    def _requests(self) -> dict[str, str]:
+        """What a person asked of this run (contract.REQUEST_ANNOTATIONS) and it has not done:
+        read at every step on one process; with several, every REQUEST_EVERY_STEPS steps and
+        passed from the main process to all (a checkpoint is saved by every process)."""
+        accelerator = self.accelerator
+        if accelerator.num_processes == 1:
+            return self.reporter.requests()
+        if self.step % REQUEST_EVERY_STEPS:
+            return {}
+        from accelerate.utils import broadcast_object_list
+
+        box: list[Any] = [self.reporter.requests() if accelerator.is_main_process else {}]
+        broadcast_object_list(box, from_process=0)
+        return dict(box[0])
+
+    def _act_on_requests(self) -> bool:
+        """Save, sample or stop now, where asked; True to stop training here."""
+        requests = self._requests()
+        if not requests:
+            return False
+        at = f"step {self.step} of {self.total_steps}"
+        if "save" in requests:
+            newest = checkpoints.newest(self.checkpoint_dir)
+            if newest is None or newest.step != self.step:
+                self.save_checkpoint()
+            self.reporter.mark_done("save", requests["save"], message=f"checkpoint at {at} saved, as asked")
+        if "sample" in requests:
+            self.maybe_sample(now=True)
+            what = "samples rendered" if self.spec.samples.prompts else "no samples to render (spec.samples.prompts)"
+            self.reporter.mark_done("sample", requests["sample"], message=f"{what} at {at}, as asked")
+        if "stop" in requests:
+            self.stopped_early = True
+            self.reporter.mark_done(
+                "stop", requests["stop"], message=f"stopping at {at}, as asked: exporting the model of step {self.step}"
+            )
+            return True
+        return False
 
     def train_step(self) -> list[Any]:
         """One optimizer step (``gradientAccumulationSteps`` micro-batches), queued on the
@@ -990,10 +1034,10 @@ class DreamBoothRecipe:
     def _sample_due(self) -> bool:
         return self.sampler is not None and self.sampler.due(self.step, self.total_steps)
 
-    def maybe_sample(self) -> list[Path] | None:
-        """Render the sample prompts when this step is a sample step (main process; the others wait).
-        Returns the pictures it drew with them, or None when it rendered nothing."""
-        if self.sampler is None or not self._sample_due():
+    def maybe_sample(self, *, now: bool = False) -> list[Path] | None:
+        """Render the sample prompts when this step is a sample step, or ``now`` (main process;
+        the others wait).  Returns the pictures it drew with them, or None when it rendered nothing."""
+        if self.sampler is None or not (self._sample_due() or (now and self.sampler.enabled)):
             return None
         drawn: list[Path] | None = None
         accelerator = self.accelerator
@@ -1162,6 +1206,7 @@ class DreamBoothRecipe:
             output=self.out.location(),
             files=files,
             samples=list(self.reporter.samples),
+            stopped_early=self.stopped_early,
         )
 
     def _trained_for_export(self) -> export.Trained:
