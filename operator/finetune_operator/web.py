@@ -66,8 +66,10 @@ class WebAccess:
     """Bearer token -> may its holder list FineTuneJobs in a namespace?  Asked of the apiserver
     (TokenReview, then SubjectAccessReview) and remembered for ``seconds``.
 
-    Reviews go over the API client's review pool; at most ``max_concurrent`` at once and about
-    ``rate`` a second (a person sends one token, not thousands): beyond that the answer is 429."""
+    Reviews go over the API client's review pool; at most ``max_concurrent`` at once, and about
+    ``rate`` a second for each caller (its address: a person sends one token, not thousands):
+    beyond that the answer is 429.  One caller sending token after token uses up its own
+    allowance, not everyone's; a token already reviewed costs nothing while it is remembered."""
 
     def __init__(
         self,
@@ -90,17 +92,18 @@ class WebAccess:
         self._identities: OrderedDict[str, Identity] = OrderedDict()
         self._decisions: OrderedDict[tuple[str, str], tuple[bool, float]] = OrderedDict()
         self._in_flight = 0
-        self._allowance = burst
-        self._refilled = time.monotonic()
+        # caller -> (reviews it may ask for now, when that was worked out)
+        self._allowances: OrderedDict[str, tuple[float, float]] = OrderedDict()
 
-    def _take(self) -> bool:
-        now = time.monotonic()
-        self._allowance = min(self.burst, self._allowance + (now - self._refilled) * self.rate)
-        self._refilled = now
-        if self._in_flight >= self.max_concurrent or self._allowance < 1:
+    def _take(self, caller: str) -> bool:
+        if self._in_flight >= self.max_concurrent:
             return False
-        self._allowance -= 1
-        return True
+        now = time.monotonic()
+        allowance, then = self._allowances.get(caller, (self.burst, now))
+        allowance = min(self.burst, allowance + (now - then) * self.rate)
+        taken = allowance >= 1
+        self._remember(self._allowances, caller, (allowance - 1 if taken else allowance, now), self.max_remembered)
+        return taken
 
     def _count(self, result: str) -> None:
         if self.metrics is not None:
@@ -113,12 +116,12 @@ class WebAccess:
         while len(table) > limit:
             table.popitem(last=False)
 
-    async def _identity(self, token: str, digest: str) -> Identity | None:
+    async def _identity(self, token: str, digest: str, caller: str) -> Identity | None:
         now = time.monotonic()
         known = self._identities.get(digest)
         if known is not None and known.until > now:
             return known
-        if not self._take():
+        if not self._take(caller):
             return None
         self._in_flight += 1
         try:
@@ -131,8 +134,9 @@ class WebAccess:
         self._remember(self._identities, digest, identity, self.max_remembered)
         return identity
 
-    async def check(self, token: str, namespace: str) -> Access:
-        """Whether the bearer of ``token`` may list FineTuneJobs in ``namespace`` ("" = all)."""
+    async def check(self, token: str, namespace: str, *, caller: str = "") -> Access:
+        """Whether the bearer of ``token`` may list FineTuneJobs in ``namespace`` ("" = all);
+        ``caller``: who asks (its address), whose allowance of reviews this uses."""
         if not token:
             return Access.UNAUTHENTICATED
         digest = TokenGate.digest(token)
@@ -140,12 +144,12 @@ class WebAccess:
         decided = self._decisions.get((digest, namespace))
         if decided is not None and decided[1] > now:
             return Access.ALLOWED if decided[0] else Access.FORBIDDEN
-        identity = await self._identity(token, digest)
+        identity = await self._identity(token, digest, caller)
         if identity is None:
             return Access.THROTTLED
         if identity.user is None:
             return Access.UNAUTHENTICATED
-        if not self._take():
+        if not self._take(caller):
             return Access.THROTTLED
         self._in_flight += 1
         try:
@@ -174,7 +178,7 @@ class WebPage:
         header = request.headers.get("Authorization", "")
         token = header[7:].strip() if header.startswith("Bearer ") else ""
         try:
-            access = await self.access.check(token, namespace)
+            access = await self.access.check(token, namespace, caller=request.remote or "")
         except (ApiError, aiohttp.ClientError, TimeoutError):
             raise web.HTTPServiceUnavailable(
                 text='{"error": "ReviewFailed", "message": "the apiserver did not answer; try again"}',
