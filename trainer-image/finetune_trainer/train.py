@@ -29,6 +29,14 @@ their own modules.  What each setting costs:
   latent sample and noise, and the family's objective its timestep, from the slot's generator.
 - ``samples``: ``numInferenceSteps`` UNet passes per prompt at each sample step, on the main
   process, while the others wait.
+- ``dataset.masks``: each photo's squared error weighed by its mask at the latents' size (kohya's
+  masked loss); nothing more to compute than the mask's crop.
+- ``training.ema``: a moving average of the trained weights (``ema.py``); one more copy of
+  them (on the GPU, or in host memory with ``onCPU``, copied over at each update), exported and
+  sampled in their place where asked.
+- a person's requests (``finetune.dev/save-now``, ``sample-now``, ``stop-now``, in the reply to a
+  progress report) are acted on at the next step boundary: nothing is asked of the device for
+  them until one comes (with several processes, rank 0 passes them on every 10 steps).
 
 Randomness (data order, crops, flips, noise, timesteps) comes from the seed and the position
 in the run, so a run resumed from a checkpoint computes what the uninterrupted run would.
