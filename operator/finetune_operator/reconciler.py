@@ -29,7 +29,7 @@ from typing import Any
 
 from finetune_api.redact import redact
 from finetune_api.v1alpha1 import FailureReason, FineTuneJob, ManifestError, Phase, Reason, parse_manifest
-from finetune_operator import names, queueing, requests
+from finetune_operator import job_limits, names, queueing, requests
 from finetune_operator.cache import Cache, Key, controller_uid, resource_version
 from finetune_operator.events import EventEmitter
 from finetune_operator.failures import explain_rejection
@@ -359,7 +359,9 @@ class Reconciler:
             return
         try:
             job_model = self._parse(key, body, memory)
-            problems = cluster_problems(job_model)
+            problems = cluster_problems(job_model) + job_limits.problems(
+                job_model.spec, max_gpus=self.settings.max_gpus_per_job, max_memory=self.settings.max_memory_per_job
+            )
             if problems:
                 raise ManifestError(problems, source=f"{namespace}/{name}")
         except ManifestError as exc:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from finetune_api.contract import REPORT_AUDIENCE
+from finetune_api.rules import QUANTITY_PATTERN
 from finetune_operator import __version__
 
 # A namespace's name (an RFC 1123 label): what --namespace takes.
@@ -59,6 +60,9 @@ class OperatorSettings:
     trainer_uid: int = 1000
     cache_size_limit: str = DEFAULT_CACHE_SIZE_LIMIT
     tmp_size_limit: str = DEFAULT_TMP_SIZE_LIMIT
+    # What one job may ask for here (``job_limits``); 0 and "": no limit.
+    max_gpus_per_job: int = 0
+    max_memory_per_job: str = ""
 
     @property
     def cluster_wide(self) -> bool:
@@ -182,6 +186,20 @@ OPTIONS: tuple[Option, ...] = (
         DEFAULT_TMP_SIZE_LIMIT,
         "most a trainer pod may write to /tmp on its node; empty: no limit",
     ),
+    Option(
+        "--max-gpus-per-job",
+        "FINETUNE_MAX_GPUS_PER_JOB",
+        0,
+        "most GPUs one FineTuneJob may ask for (spec.resources.gpus); more fails it with InvalidSpec; 0: no limit",
+        int,
+    ),
+    Option(
+        "--max-memory-per-job",
+        "FINETUNE_MAX_MEMORY_PER_JOB",
+        "",
+        "most memory one FineTuneJob may ask for (spec.resources.memory, a quantity); more fails it with "
+        "InvalidSpec; empty: no limit",
+    ),
 )
 # Older names of variables, still read where the new one is not set.
 OLD_VARIABLES = {"FINETUNE_REPORT_URL": "FINETUNE_REPORT_BASE_URL"}
@@ -247,6 +265,8 @@ def from_arguments(args: argparse.Namespace) -> OperatorSettings:
             f"--namespace takes namespace names, not {', '.join(repr(n) for n in patterns)}: name each namespace "
             "(repeat --namespace, or FINETUNE_WATCH_NAMESPACES=a,b), or leave it out to serve every namespace"
         )
+    if args.max_memory_per_job and not re.fullmatch(QUANTITY_PATTERN, args.max_memory_per_job):
+        raise SystemExit(f"--max-memory-per-job must be a quantity such as 64Gi, not {args.max_memory_per_job!r}")
     tolerations = json.loads(args.default_tolerations or "[]")
     if not isinstance(tolerations, list):
         raise SystemExit("--default-tolerations must be a JSON list of tolerations")
@@ -278,4 +298,6 @@ def from_arguments(args: argparse.Namespace) -> OperatorSettings:
         trainer_uid=args.trainer_uid,
         cache_size_limit=args.cache_size_limit,
         tmp_size_limit=args.tmp_size_limit,
+        max_gpus_per_job=args.max_gpus_per_job,
+        max_memory_per_job=args.max_memory_per_job,
     )

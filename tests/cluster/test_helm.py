@@ -479,3 +479,16 @@ def test_metrics_name_jobs_only_where_the_values_ask() -> None:
 
     assert "--metrics-per-job" not in args()
     assert "--metrics-per-job" in args("--set", "metrics.perJob=true")
+
+
+def test_the_charts_job_limits_reach_the_operator() -> None:
+    def args(*values: str) -> list[str]:
+        docs = template(*values)
+        deployment = next(d for d in docs if d["kind"] == "Deployment")
+        return list(deployment["spec"]["template"]["spec"]["containers"][0]["args"])
+
+    assert not [a for a in args() if a.startswith("--max-")]
+    limited = args("--set", "jobLimits.maxGPUs=4", "--set", "jobLimits.maxMemory=128Gi")
+    assert "--max-gpus-per-job=4" in limited and "--max-memory-per-job=128Gi" in limited
+    refused = helm(None, "template", RELEASE, str(CHART), "--set", "jobLimits.maxMemory=lots", check=False)
+    assert refused.returncode != 0 and "maxMemory" in refused.stderr

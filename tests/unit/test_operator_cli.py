@@ -68,3 +68,12 @@ def test_namespaces_are_names_for_both_watches_never_patterns(monkeypatch: pytes
     for pattern in ("team-*", "!kube-system", "Team-A"):
         with pytest.raises(SystemExit, match=re.escape(f"--namespace takes namespace names, not '{pattern}'")):
             settings.from_arguments(_run_parser().parse_args(["--namespace", pattern]))
+
+
+def test_job_limits_are_numbers_and_quantities() -> None:
+    chosen = settings.from_arguments(
+        _run_parser().parse_args(["--max-gpus-per-job", "4", "--max-memory-per-job", "128Gi"])
+    )
+    assert (chosen.max_gpus_per_job, chosen.max_memory_per_job) == (4, "128Gi")
+    with pytest.raises(SystemExit, match="--max-memory-per-job must be a quantity such as 64Gi, not 'lots'"):
+        settings.from_arguments(_run_parser().parse_args(["--max-memory-per-job", "lots"]))

@@ -92,13 +92,13 @@ def invalid(name: str) -> dict[str, Any]:
 class World:
     """A reconciler over plain-dict indexes, as the watches would fill them."""
 
-    def __init__(self, *names: str) -> None:
+    def __init__(self, *names: str, **settings: Any) -> None:
         self.api = RecordingAPI()
         self.metrics = Metrics()
         self.ftjs: dict[Any, list[dict[str, Any]]] = {}
         self.reconciler = Reconciler(
             self.api,  # type: ignore[arg-type]
-            OperatorSettings(report_url="https://operator.example:8443"),
+            OperatorSettings(report_url="https://operator.example:8443", **settings),
             progress=ProgressStore(),
             metrics=self.metrics,
         )
@@ -553,3 +553,34 @@ def test_a_job_create_that_keeps_failing_is_on_the_resource_from_the_first_failu
     assert events[:2] == [1, 1]  # one Event for one error, however often it repeats
     assert made["reason"] != "JobCreateFailing" and made["jobName"] == "nick"
     assert world.api.writes.count(("create jobs", "nick")) == 1
+
+
+@pytest.mark.parametrize(
+    ("resources", "limits", "words"),
+    [
+        ({"gpus": 8}, {"max_gpus_per_job": 4}, "spec.resources.gpus: 8 is more than a job may ask for on this cluster "
+         "(at most 4: the operator's --max-gpus-per-job, the chart's jobLimits.maxGPUs); ask for fewer"),
+        ({"memory": "200Gi"}, {"max_memory_per_job": "128Gi"}, "spec.resources.memory: 200Gi is more than a job may "
+         "ask for on this cluster (at most 128Gi: the operator's --max-memory-per-job"),
+    ],
+)  # fmt: skip
+def test_a_job_beyond_the_clusters_limits_fails_before_any_job_is_made(
+    resources: dict[str, Any], limits: dict[str, Any], words: str
+) -> None:
+    async def main() -> World:
+        world = World(**limits)
+        body = finetunejob("big")
+        body["spec"]["resources"] = resources
+        world.put(body)
+        await world.reconciler.reconcile(("team", "big"))
+        # Within the limits, the same cluster makes the Job.
+        world.put(finetunejob("small"))
+        await world.reconciler.reconcile(("team", "small"))
+        return world
+
+    world = run(main())
+    status = world.server("big")["status"]
+    assert (status["phase"], status["reason"]) == ("Failed", "InvalidSpec")
+    assert words in status["message"]
+    assert [name for what, name in world.api.writes if what == "create jobs"] == ["small"]
+    assert world.server("small")["status"]["phase"] != "Failed"
