@@ -108,9 +108,9 @@ log = logging.getLogger("finetune_trainer")
 CHECKPOINTS_DIR = "checkpoints"
 # The EMA's samples (spec.training.ema.samples): under samples/, and their contact sheet.
 EMA_SAMPLES_DIR = "ema"
+EMA_SAMPLES_FILE = "samples-ema.png"
 # With several processes, how often (in steps) they look for a person's request together.
 REQUEST_EVERY_STEPS = 10
-EMA_SAMPLES_FILE = "samples-ema.png"
 # What torch.compile builds with.  Inductor is the one that makes steps faster; tests on a
 # CPU may use a cheaper backend that traces the same graphs without generating code.
 COMPILE_BACKEND = "inductor"
@@ -172,6 +172,9 @@ class DreamBoothRecipe:
         self.stopped_early = False
         # Each distinct prompt's token ids and (while the text encoders are frozen) conditioning.
         self.token_cache: dict[str, list[Any]] = {}
+        # Masked loss with the latent cache (each photo's crop fixed): each (photo, size, crop,
+        # flip)'s loss weights, made once and kept on the device.
+        self.mask_rows: dict[tuple[int, Bucket, tuple[int, int], bool], Any] = {}
         self.prompt_cache = prompt_cache.PromptCache(device="cpu")  # on the training device from setup()
         # The text encoders have left the GPU (and host memory): every prompt is in the cache.
         self.encoders_released = False
@@ -1018,15 +1021,8 @@ class DreamBoothRecipe:
             per_item = F.mse_loss(instance_pred, instance_target, reduction="none")
             if any(m is not None for m in masks):
                 # Masked loss: each latent's error weighed by how much of it is the subject.
-                weights = data.mask_weights(
-                    masks,
-                    bucket,
-                    instance_crops,
-                    instance_flips,
-                    size=(per_item.shape[-2], per_item.shape[-1]),
-                    background=dataset.masked_loss_background or 0.0,
-                )
-                per_item = per_item * weights.to(device, non_blocking=True)
+                size = (per_item.shape[-2], per_item.shape[-1])
+                per_item = per_item * self._mask_weights(picks, bucket, instance_crops, instance_flips, size=size)
             if predicted.weights is None:
                 loss = per_item.mean()
             else:
@@ -1036,6 +1032,36 @@ class DreamBoothRecipe:
             prior = F.mse_loss(prediction[half:].float(), target[half:].float())
             loss = loss + dataset.prior_loss_weight * prior
         return loss
+
+    def _mask_weights(
+        self,
+        picks: list[int],
+        bucket: Bucket,
+        crops: list[tuple[int, int]],
+        flips: list[bool],
+        *,
+        size: tuple[int, int],
+    ) -> Any:
+        """The loss weights of the photos at ``picks`` (see ``data.mask_weights``), on the device.
+        With the latent cache a photo's crop is the same every step, so its weights are made and
+        copied to the device once; without it (a crop drawn each step) they are made each step."""
+        background = self.spec.dataset.masked_loss_background or 0.0
+        device = self.accelerator.device
+        if not self.latents:
+            masks = [self.instance[i].mask for i in picks]
+            weights = data.mask_weights(masks, bucket, crops, flips, size=size, background=background)
+            return weights.to(device, non_blocking=True)
+        import torch
+
+        rows = []
+        for index, crop, flipped in zip(picks, crops, flips, strict=True):
+            key = (index, bucket, crop, flipped)
+            if key not in self.mask_rows:
+                mask = self.instance[index].mask
+                made = data.mask_weights([mask], bucket, [crop], [flipped], size=size, background=background)
+                self.mask_rows[key] = made.to(device)
+            rows.append(self.mask_rows[key])
+        return torch.cat(rows)
 
     # --- samples and pictures ---------------------------------------------------------------------
 
@@ -1077,7 +1103,9 @@ class DreamBoothRecipe:
             self._publish([*paths, *drawn], what="samples")
             self._report_samples()
             where = self.out.uri_of(self.samples_dir)
-            self.reporter.set_stage(stage, message=f"{len(rendered.paths)} samples at step {self.step} in {where}")
+            self.reporter.set_stage(
+                stage, message=f"{len(self.spec.samples.prompts)} samples at step {self.step} in {where}"
+            )
         accelerator.wait_for_everyone()
         return drawn
 
@@ -1184,9 +1212,9 @@ class DreamBoothRecipe:
         if accelerator.is_main_process:
             drawn = sampled if sampled is not None else self.draw_pictures()
             self.reporter.set_stage(Stage.EXPORTING, message=f"exporting to {self.output}")
-            exports_average = self.ema is not None and self.ema.settings.export
             # The average in the trained weights' places for the exports (training is over).
-            with self.ema.swapped_in() if self.ema is not None and exports_average else contextlib.nullcontext():
+            average = self.ema.swapped_in() if self.ema is not None and self.ema.settings.export else None
+            with average or contextlib.nullcontext():
                 trained = self._trained_for_export()
                 files = export.export_all(
                     trained,
