@@ -11,7 +11,9 @@
    base model, and exported in fp16 (``output.halfPrecision``) as the trainer exports it: the
    single ``.safetensors`` in the original SD layout, the diffusers folder, and LoRA adapters
    (kohya's targets, on the UNet and the text encoder, their B matrices made non-zero) in both
-   layouts, with and without the text encoder.
+   layouts, with and without the text encoder; and LoHa, LoKr and DoRA adapters in kohya's
+   layout, with the change each module's weight should see as the LyCORIS package's own modules
+   make it from the file.
 3. In InvokeAI's environment, ``scripts/webui_loaders_invokeai.py`` hands each file to
    InvokeAI's model probe (what its model manager runs when a model is added) and then to its
    model loader, applies each LoRA to the loaded UNet and text encoder with InvokeAI's layer
@@ -55,6 +57,20 @@ RANK, ALPHA = 8, 4.0
 # The standard deviation of the B matrices: small, as a trained adapter's, but far from zero.
 B_STD = 0.01
 UNSUPPORTED = "InvokeAI reads SD-1 LoRAs in kohya's layout only"
+# LoRA's other kinds (spec.training.lora.type), each checked against the LyCORIS package.
+KINDS = ("loha", "lokr", "dora")
+# Each factor's standard deviation: large enough that every module's change of weight stands far
+# above fp32's rounding of the weight itself, which the comparison subtracts.
+ADAPTER_STD = 0.2
+# What InvokeAI is known to apply otherwise than LyCORIS, and why: checked to still be so (a note
+# says when it no longer is).
+KNOWN_WRONG = {
+    "dora": (
+        "InvokeAI 6.14 reads a kohya file's dora_scale as one magnitude per input column (LyCORIS' older "
+        "convention); peft, the DoRA paper and LyCORIS' default (wd_on_output, 4.1.3) keep one per output row, shaped "
+        "(out, 1) as this file has it"
+    ),
+}
 
 
 def log(message: str) -> None:
@@ -135,6 +151,7 @@ def export_files(work: Path) -> dict[str, Any]:
     """SD 1.5-shaped random weights through this project's exporters (``export_all``, as at the
     end of a run); returns what was written and what each file is."""
     import torch
+    from safetensors.torch import save_file
 
     from finetune_api.v1alpha1 import BaseModelSource, ModelType
     from finetune_trainer import export, lora, tiny
@@ -217,10 +234,114 @@ def export_files(work: Path) -> dict[str, Any]:
             entry = {"path": str(path), "kind": "lora", "layout": f"{layout} ({what})", "unsupported": UNSUPPORTED}
             files.append(entry)
     log("exported the LoRA files (kohya and diffusers layouts; UNet only, and UNet + text encoder)")
+
+    # LoRA's other kinds, UNet + text encoder, in kohya's layout: what InvokeAI's patcher must do
+    # to each module is what the LyCORIS package's own modules do with the file.
+    for kind in KINDS:
+        for model in (base.unet, *base.text_encoders):
+            strip_adapters(model)
+        name = f"webui-check-{kind}"
+        output = work / name
+        output.mkdir()
+        kind_settings = {**settings, "type": kind, "trainTextEncoder": True}
+        job = job_manifest(name, base_dir, output, method="LoRA", training={"lora": kind_settings})
+        lora.add_adapters(base.unet, list(base.text_encoders), job.spec.lora, family=base.family)
+        randomize_adapters([base.unet, *base.text_encoders], generator)
+        trained = export.Trained(
+            unet=base.unet, vae=base.vae, text_encoders=list(base.text_encoders), base=base, text_encoder_adapters=True
+        )
+        export.export_all(trained, output, job=job, step=0, settings={})
+        path = output / export.lora_file_name(job)
+        deltas = path.with_suffix(".deltas.safetensors")
+        save_file(lycoris_deltas(path, base.unet, base.text_encoders[0]), str(deltas))
+        entry = {
+            "path": str(path),
+            "kind": "lora",
+            "layout": f"kohya file, {kind} (UNet + text encoder)",
+            "expect": {"type": "lora", "base": "sd-1", "format": "lycoris"},
+            "deltas": str(deltas),
+        }
+        if kind in KNOWN_WRONG:
+            entry["known_wrong"] = KNOWN_WRONG[kind]
+        files.append(entry)
+    log(f"exported {', '.join(KINDS)} adapters in kohya's layout, with LyCORIS' own deltas for each module")
     for entry in files:
         if not Path(entry["path"]).exists():
             raise FileNotFoundError(f"the exporter wrote no {entry['path']}")
     return {"files": files, "hub_configs": str(hub_configs), "weights": weights}
+
+
+def strip_adapters(model: Any) -> None:
+    """The model without its adapters, unmerged: the base weights again."""
+    from diffusers.utils.peft_utils import recurse_remove_peft_layers
+
+    recurse_remove_peft_layers(model)
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+    if getattr(model, "_hf_peft_config_loaded", False):
+        model._hf_peft_config_loaded = False
+
+
+def randomize_adapters(models: list[Any], generator: Any) -> None:
+    """Every factor random (training starts some at zero), DoRA's magnitudes a few percent off the
+    weights' norms: a file whose every weight matters."""
+    import torch
+
+    for model in models:
+        for name, parameter in model.named_parameters():
+            if not any(part in name for part in (".hada_", ".lokr_", ".lora_")):
+                continue
+            noise = torch.randn(parameter.shape, generator=generator, dtype=torch.float32)
+            if "lora_magnitude_vector" in name:
+                parameter.data.mul_((1 + 0.05 * noise).to(parameter.dtype))
+            else:
+                parameter.data.copy_((noise * ADAPTER_STD).to(parameter.dtype))
+
+
+class _Named:
+    """Wraps a text encoder under ``text_model.``, the name every LoRA file gives its modules."""
+
+    def __new__(cls, text_encoder: Any) -> Any:
+        import torch
+
+        holder = torch.nn.Module()
+        holder.text_model = text_encoder
+        return holder
+
+
+def lycoris_deltas(path: Path, unet: Any, text_encoder: Any) -> dict[str, Any]:
+    """Each layer of a kohya-layout file -> the change of its module's weight, as the LyCORIS
+    package's own module for the layer's kind makes it: the module (its weights as exported,
+    fp16) under LyCORIS' forward, read back on the identity."""
+    import copy
+
+    import torch
+    from lycoris.modules import get_module, make_module
+    from safetensors.torch import load_file
+
+    weights = {k: v.float() for k, v in load_file(str(path)).items()}
+    layers = sorted({key.partition(".")[0] for key in weights})
+    deltas: dict[str, Any] = {}
+    for prefix, model in (("lora_unet_", unet), ("lora_te_", _Named(text_encoder))):
+        flat = {name.replace(".", "_"): module for name, module in model.named_modules() if name}
+        for layer in (x for x in layers if x.startswith(prefix)):
+            adapted = flat[layer.removeprefix(prefix)]
+            # The base layer under peft's adapter: the module as the base model has it.
+            module = copy.deepcopy(getattr(adapted, "base_layer", adapted)).float()
+            module.weight.data = module.weight.data.half().float()
+            before = module.weight.data.clone()
+            kind, params = get_module(weights, layer)
+            if kind is None:
+                raise ValueError(f"LyCORIS does not recognise the layer {layer} of {path.name}")
+            make_module(kind, params, layer, module).apply_to()
+            width = before.shape[1]
+            eye = torch.eye(width).reshape(width, width, *([1] * (before.dim() - 2)))
+            with torch.no_grad():
+                out = module(eye)
+                bias = module.bias if module.bias is not None else torch.zeros(before.shape[0])
+                after = (out - bias.reshape(1, -1, *([1] * (before.dim() - 2)))).transpose(0, 1)
+            deltas[layer] = (after.reshape(before.shape) - before).contiguous()
+    return deltas
 
 
 # --- the verdict ----------------------------------------------------------------------------------

@@ -192,9 +192,15 @@ def lora_layers(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     return layers
 
 
-def check_patched_modules(model: torch.nn.Module, prefix: str, layers: dict[str, dict[str, torch.Tensor]]) -> list[str]:
+def check_patched_modules(
+    model: torch.nn.Module,
+    prefix: str,
+    layers: dict[str, dict[str, torch.Tensor]],
+    deltas: dict[str, torch.Tensor] | None = None,
+) -> list[str]:
     """Every layer of the file patches one module, and each module's output moves by the
-    file's ``up @ down * alpha / rank``."""
+    file's ``up @ down * alpha / rank`` (LoRA), or by the change of weight ``deltas`` gives
+    (the other kinds: what the LyCORIS package's modules make of the file)."""
     import torch.nn.functional as F  # noqa: N812
 
     problems = []
@@ -214,11 +220,14 @@ def check_patched_modules(model: torch.nn.Module, prefix: str, layers: dict[str,
         if flat not in by_flat_name:
             continue
         _, module = by_flat_name[flat]
-        down, up = tensors["lora_down.weight"].float(), tensors["lora_up.weight"].float()
-        rank = down.shape[0]
-        scale = float(tensors["alpha"]) / rank if "alpha" in tensors else 1.0
         weight = module.weight
-        delta = (up.flatten(1) @ down.flatten(1)).reshape(weight.shape) * scale
+        if deltas is not None:
+            delta = deltas[prefix + flat].float()
+        else:
+            down, up = tensors["lora_down.weight"].float(), tensors["lora_up.weight"].float()
+            rank = down.shape[0]
+            scale = float(tensors["alpha"]) / rank if "alpha" in tensors else 1.0
+            delta = (up.flatten(1) @ down.flatten(1)).reshape(weight.shape) * scale
         if weight.dim() == 2:
             x = torch.randn(2, weight.shape[1], generator=generator).to(weight.dtype)
             base, expected = F.linear(x, weight, module.bias), F.linear(x, delta.to(weight.dtype))
@@ -230,9 +239,8 @@ def check_patched_modules(model: torch.nn.Module, prefix: str, layers: dict[str,
         error = float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
         worst = max(worst, error)
     if worst > 1e-3:
-        problems.append(
-            f"a patched module's output moved by other than up @ down * alpha/rank (relative error {worst:.1e})"
-        )
+        expected_what = "LyCORIS' modules" if deltas is not None else "up @ down * alpha/rank"
+        problems.append(f"a patched module's output moved by other than {expected_what} (relative error {worst:.1e})")
     return problems
 
 
@@ -270,7 +278,9 @@ def run_models(main: dict[str, Any], patches: list[Any]) -> tuple[torch.Tensor, 
     return embeddings, out
 
 
-def apply_lora(main: dict[str, Any], service: Any, config: Any, path: Path) -> tuple[list[str], list[str]]:
+def apply_lora(
+    main: dict[str, Any], service: Any, config: Any, path: Path, deltas: Path | None = None
+) -> tuple[list[str], list[str]]:
     from invokeai.backend.patches.layer_patcher import LayerPatcher
     from invokeai.backend.patches.model_patch_raw import ModelPatchRaw
 
@@ -280,6 +290,9 @@ def apply_lora(main: dict[str, Any], service: Any, config: Any, path: Path) -> t
     if not isinstance(patch, ModelPatchRaw):
         return notes, [f"the LoRA loader gave a {type(patch).__name__}, not a ModelPatchRaw"]
     layers = lora_layers(path)
+    from safetensors.torch import load_file
+
+    expected = load_file(str(deltas)) if deltas is not None else None
     unet_layers = sum(1 for k in patch.layers if k.startswith("lora_unet_"))
     te_layers = sum(1 for k in patch.layers if k.startswith("lora_te_"))
     notes.append(f"loaded: {len(patch.layers)} layers ({unet_layers} UNet, {te_layers} text encoder)")
@@ -293,10 +306,11 @@ def apply_lora(main: dict[str, Any], service: Any, config: Any, path: Path) -> t
                 model=model, patches=[(patch, 1.0)], prefix=prefix, dtype=model.dtype, cached_weights=weights
             ),
         ):
-            problems += [f"{part}: {p}" for p in check_patched_modules(model, prefix, layers)]
+            problems += [f"{part}: {p}" for p in check_patched_modules(model, prefix, layers, expected)]
     problems += [f"InvokeAI warned: {m}" for m in WARNINGS.messages if "LoRA" in m]
+    moved_by = "the LyCORIS package's modules" if expected is not None else "up @ down * alpha/rank"
     notes.append(
-        "applied with InvokeAI's layer patcher: every layer reached its module, outputs moved by up @ down * alpha/rank"
+        f"applied with InvokeAI's layer patcher: every layer reached its module, outputs moved as by {moved_by}"
         if not problems
         else "applied with InvokeAI's layer patcher"
     )
@@ -461,7 +475,16 @@ def main() -> int:
             continue
         log(f"applying {Path(result['path']).name} with InvokeAI's LoRA loader and layer patcher")
         try:
-            notes, problems = apply_lora(main_models, service, configs[result["path"]], Path(result["path"]))
+            deltas = Path(result["deltas"]) if result.get("deltas") else None
+            notes, problems = apply_lora(main_models, service, configs[result["path"]], Path(result["path"]), deltas)
+            known = result.get("known_wrong")
+            if known is not None:
+                otherwise = [p for p in problems if "moved by other than" in p]
+                if otherwise and len(otherwise) == len(problems):
+                    notes.append(f"applied otherwise than LyCORIS, as known: {known} ({otherwise[0]})")
+                    problems = []
+                elif not problems:
+                    notes.append(f"NEW: InvokeAI now applies this file as LyCORIS does ({known} no longer holds)")
             result["notes"] += notes
             result["problems"] += problems
         except Exception:

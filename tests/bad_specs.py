@@ -208,6 +208,36 @@ BAD_SPECS = [
         _both(_set("method", "LoRA"), _set("baseModel.type", "flux1"), _set("output.mergeLoRA", True)),
         "spec.output.mergeLoRA",
     ),
+    BadSpec(
+        "lora-type-unknown",
+        _both(_set("method", "LoRA"), _set("training.lora", {"type": "oft"})),
+        "spec.training.lora.type",
+    ),
+    BadSpec(
+        "lokr-factor-on-loha",
+        _both(_set("method", "LoRA"), _set("training.lora", {"type": "loha", "factor": 4})),
+        "spec.training.lora",
+    ),
+    BadSpec(
+        "lokr-factor-below-minus-one",
+        _both(_set("method", "LoRA"), _set("training.lora", {"type": "lokr", "factor": -2})),
+        "spec.training.lora.factor",
+    ),
+    BadSpec(
+        "decompose-both-on-lora",
+        _both(_set("method", "LoRA"), _set("training.lora", {"decomposeBoth": True})),
+        "spec.training.lora",
+    ),
+    BadSpec(
+        "dropout-on-lokr",
+        _both(_set("method", "LoRA"), _set("training.lora", {"type": "lokr", "dropout": 0.1})),
+        "spec.training.lora",
+    ),
+    BadSpec(
+        "flux-loha",
+        _both(_set("method", "LoRA"), _set("baseModel.type", "flux1"), _set("training.lora", {"type": "loha"})),
+        "spec.training.lora.type",
+    ),
     BadSpec("memory-zero", _set("resources.memory", "0"), "spec.resources.memory"),
     BadSpec("cpu-zero", _set("resources.cpu", "0.0"), "spec.resources.cpu"),
     BadSpec("gpu-resource-memory", _set("resources.gpuResource", "memory"), "spec.resources.gpuResource"),

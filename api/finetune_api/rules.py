@@ -247,6 +247,26 @@ TRAINING = (
     ),
 )
 
+# Model rules of spec.training.lora: the apiserver and the models put that path in front.
+LORA = (
+    Rule(
+        "!has(self.factor) || self.type == 'lokr'",
+        "factor is for type lokr (the size of a Kronecker product's small matrix); set type: lokr or remove factor",
+        lambda a: a.factor is None or a.type == "lokr",
+    ),
+    Rule(
+        "!has(self.decomposeBoth) || self.type == 'lokr'",
+        "decomposeBoth is for type lokr; set type: lokr or remove decomposeBoth",
+        lambda a: a.decompose_both is None or a.type == "lokr",
+    ),
+    Rule(
+        "!has(self.dropout) || self.dropout == 0.0 || self.type == 'lora' || self.type == 'dora'",
+        "dropout is for type lora and dora: LoHa and LoKr (peft's, as LyCORIS' defaults) have no dropout on the "
+        "layer's input; remove dropout or set it to 0",
+        lambda a: a.dropout == 0 or a.type in ("lora", "dora"),
+    ),
+)
+
 FLUX_LORA_ONLY = (
     "spec.method: flux1 trains LoRA only (a full Flux.1 fine-tune needs several 80 GB GPUs); set spec.method: LoRA"
 )
@@ -265,6 +285,11 @@ FLUX_TIMESTEPS = (
 FLUX_MERGE = (
     "spec.output.mergeLoRA: a Flux.1 LoRA is not merged into a full model here (24 GB in bf16); load the LoRA onto "
     "the base instead (diffusers' load_lora_weights, ComfyUI's LoRA loader) and remove mergeLoRA"
+)
+
+FLUX_LORA_TYPE = (
+    "spec.training.lora.type: flux1 takes type lora only (its kohya-layout file fuses q, k and v into one layer, "
+    "which LoHa, LoKr and DoRA adapters of the parts cannot be written as); set type: lora"
 )
 
 
@@ -305,6 +330,12 @@ SPEC = (
         lambda s: s.training.timestep_sampling is None or _flux(s),
     ),
     Rule(
+        "self.baseModel.type != 'flux1' || !has(self.training.lora) || !has(self.training.lora.type) || "
+        "self.training.lora.type == 'lora'",
+        FLUX_LORA_TYPE,
+        lambda s: not _flux(s) or s.training.lora is None or s.training.lora.type == "lora",
+    ),
+    Rule(
         "self.baseModel.type != 'flux1' || !self.output.mergeLoRA",
         FLUX_MERGE,
         lambda s: not (_flux(s) and s.output.merge_lora),
@@ -323,5 +354,6 @@ TABLES: dict[str, tuple[Rule, ...]] = {
     "dataset": DATASET,
     "resources": RESOURCES,
     "training": TRAINING,
+    "lora": LORA,
     "spec": SPEC,
 }

@@ -131,6 +131,13 @@ class LoRATargets(StrEnum):
     ATTENTION = "attention"
 
 
+class LoRAType(StrEnum):
+    LORA = "lora"
+    LOHA = "loha"
+    LOKR = "lokr"
+    DORA = "dora"
+
+
 class OutputFormat(StrEnum):
     DIFFUSERS = "diffusers"
     SAFETENSORS = "safetensors"
@@ -446,6 +453,38 @@ class LoRASettings(_Model):
         ),
     )
     train_text_encoder: bool = Field(default=False, description="Also put LoRA layers on the text encoder.")
+    type: LoRAType = Field(
+        default=LoRAType.LORA,
+        description=(
+            "The kind of adapter. lora: a low-rank update B x A x alpha/rank. loha (LyCORIS' LoHa): the Hadamard "
+            "product of two low-rank updates, more expressive at the same rank. lokr (LyCORIS' LoKr): a Kronecker "
+            "product of a small and a larger matrix (see factor), often far fewer weights. dora: LoRA with "
+            "the weight's direction and magnitude trained apart (DoRA), closer to a full fine-tune at the same "
+            "rank, slower per step (each adapted weight's norm is recomputed). The kohya-layout file of each loads in "
+            "the web UIs that read LyCORIS files; flux1 takes lora only."
+        ),
+    )
+    factor: int | None = Field(
+        default=None,
+        ge=-1,
+        description=(
+            "lokr: the size of the Kronecker product's small matrix along each side, as LyCORIS' factor; -1 (the "
+            "default) splits each side as near its square root as divides it. A larger factor: more weights."
+        ),
+    )
+    decompose_both: bool | None = Field(
+        default=None,
+        description=(
+            "lokr: make the small matrix low-rank too (LyCORIS' decompose_both); default false, the small matrix "
+            "is full."
+        ),
+    )
+
+    model_config = ConfigDict(json_schema_extra=rules.cel(rules.LORA))
+
+    @model_validator(mode="after")
+    def _check(self) -> LoRASettings:
+        return rules.enforce(self, rules.LORA)
 
 
 class EMASettings(_Model):

@@ -171,9 +171,12 @@ def test_the_flux_kohya_export_builds_fused_layers_beside_the_adapters_on_the_gp
     assert all(t.device.type == "cpu" for t in tensors.values())
 
 
-@pytest.mark.parametrize("model_type", ["v1x", "sdxl"])
-def test_the_unet_lora_exports_run_with_the_adapters_on_the_gpu(model_type: str, tmp_path: Path) -> None:
-    """The same class of defect for the UNet families' kohya and diffusers LoRA layouts."""
+@pytest.mark.parametrize(
+    ("model_type", "kind"), [("v1x", "lora"), ("sdxl", "lora"), ("v1x", "loha"), ("v1x", "lokr"), ("sdxl", "dora")]
+)
+def test_the_unet_lora_exports_run_with_the_adapters_on_the_gpu(model_type: str, kind: str, tmp_path: Path) -> None:
+    """The same class of defect for the UNet families' kohya and diffusers LoRA layouts, and
+    LoRA's other kinds (a LoKr's scale is applied to w1 where the adapters are)."""
     from diffusers import UNet2DConditionModel
 
     from finetune_api.v1alpha1 import LoRASettings
@@ -182,10 +185,10 @@ def test_the_unet_lora_exports_run_with_the_adapters_on_the_gpu(model_type: str,
     folder = (build_tiny_sdxl_pipeline if model_type == "sdxl" else build_tiny_pipeline)(tmp_path / "m")
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
     family = family_of(model_type)
-    lora.add_adapters(unet, [], LoRASettings(rank=2, alpha=2), family=family)
+    lora.add_adapters(unet, [], LoRASettings(rank=2, alpha=2, type=kind), family=family)
     with FakeTensorMode(allow_non_fake_inputs=True):
         unet.to("cuda")
-        kohya = lora.kohya_state_dict(family, unet, [], alpha=2.0, dtype=torch.float16)
+        kohya = lora.kohya_state_dict(family, unet, [], alpha=2.0, dtype=torch.float16, kind=kind, rank=2)
         diffusers = lora.diffusers_layers(lora.adapter_state(unet), text_encoder=False, dtype=torch.float16)
     assert kohya and diffusers
     assert all(t.device.type == "cpu" for t in (*kohya.values(), *diffusers.values()))

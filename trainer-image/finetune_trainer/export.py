@@ -74,7 +74,12 @@ def export_all(
     if spec.method == Method.LORA:
         family, model_type = trained.family, trained.base.model_type
         text_encoders = lora.adapted(family, trained.text_encoders) if trained.text_encoder_adapters else []
-        written.append(lora.export_diffusers(family, trained.unet, text_encoders, output / lora.LORA_DIR, dtype=dtype))
+        if spec.lora.type in lora.DIFFUSERS_KINDS:
+            written.append(
+                lora.export_diffusers(family, trained.unet, text_encoders, output / lora.LORA_DIR, dtype=dtype)
+            )
+        else:
+            written.append(lora.export_peft(family, trained.unet, text_encoders, output / lora.LORA_DIR, dtype=dtype))
         written.append(
             lora.export_kohya(
                 family,

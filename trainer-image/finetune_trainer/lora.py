@@ -14,6 +14,23 @@ Which layers (``spec.training.lora.targets``):
 - ``<name>-lora.safetensors``: the layout the web UIs and kohya's scripts read
   (``lora_unet_*`` / ``lora_te_*`` with ``lora_down``/``lora_up`` and an ``.alpha`` per module).
 
+The kinds of adapter (``spec.training.lora.type``), all trained with peft's implementations
+(the library diffusers' own LoRA loading is built on; the LyCORIS package's loader reads the
+files in the tests):
+
+- ``lora``: B x A x alpha / rank.
+- ``dora``: LoRA with the weight's magnitude trained apart from its direction (peft's
+  ``use_dora``); the kohya-layout file adds a ``dora_scale`` per output row, as LyCORIS writes it.
+- ``loha``: (w1a x w1b) * (w2a x w2b) x alpha / rank (LyCORIS' ``hada_*`` names, peft's too).
+- ``lokr``: kron(w1, w2) x alpha / rank, either factor possibly low-rank (``lokr_*``).  The
+  kohya-layout file holds both factors whole, peft's scale inside ``lokr_w1``: every reader
+  scales a LoKr of whole factors by 1 (see ``lycoris_layer``).
+
+diffusers' ``load_lora_weights`` reads ``lora`` and ``dora``; for ``loha`` and ``lokr`` the
+``lora/`` folder holds peft's own layout instead (``lora/unet/adapter_config.json`` and
+``adapter_model.safetensors``), which ``peft.PeftModel.from_pretrained(pipe.unet, "lora/unet")``
+loads.
+
 What it costs: only the adapters get gradients and optimizer state (megabytes instead of
 gigabytes), and the frozen UNet runs in the mixed precision, so a LoRA run needs a fraction
 of DreamBooth's memory; checkpoints hold the adapters only.  The update is scaled by
@@ -26,7 +43,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from finetune_api.v1alpha1 import LoRASettings, LoRATargets, ModelType
+from finetune_api.v1alpha1 import LoRASettings, LoRATargets, LoRAType, ModelType
 from finetune_trainer import storage
 from finetune_trainer.errors import TrainerError
 
@@ -37,6 +54,9 @@ if TYPE_CHECKING:
 
 LORA_DIR = "lora"
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
+PEFT_CONFIG, PEFT_FILE = "adapter_config.json", "adapter_model.safetensors"
+# The kinds diffusers' load_lora_weights reads; the others export peft's own layout in lora/.
+DIFFUSERS_KINDS = (LoRAType.LORA, LoRAType.DORA)
 UNET_ATTENTION = ("to_k", "to_q", "to_v", "to_out.0")
 TEXT_ENCODER_ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
 # peft matches a name against the end of each module's path: these are the linear and 1x1
@@ -52,6 +72,25 @@ TEXT_ENCODER_TARGETS = {
 
 
 def lora_config(settings: LoRASettings, targets: tuple[str, ...] | str) -> Any:
+    # A string is a regular expression peft matches against a module's whole path.
+    modules = targets if isinstance(targets, str) else list(targets)
+    kind = LoRAType(settings.type)
+    if kind == LoRAType.LOHA:
+        from peft import LoHaConfig
+
+        # init_weights: w2's second factor zero, so the adapted model starts out as the base.
+        return LoHaConfig(r=settings.rank, alpha=settings.alpha, target_modules=modules, init_weights=True)  # type: ignore[arg-type]
+    if kind == LoRAType.LOKR:
+        from peft import LoKrConfig
+
+        return LoKrConfig(
+            r=settings.rank,
+            alpha=settings.alpha,  # type: ignore[arg-type]
+            target_modules=modules,
+            decompose_both=bool(settings.decompose_both),
+            decompose_factor=-1 if settings.factor is None else settings.factor,
+            init_weights=True,
+        )
     from peft import LoraConfig
 
     return LoraConfig(
@@ -61,8 +100,8 @@ def lora_config(settings: LoRASettings, targets: tuple[str, ...] | str) -> Any:
         lora_dropout=settings.dropout,
         # A gaussian, B zero: the adapted model starts out as the base model.
         init_lora_weights="gaussian",
-        # A string is a regular expression peft matches against a module's whole path.
-        target_modules=targets if isinstance(targets, str) else list(targets),
+        target_modules=modules,
+        use_dora=kind == LoRAType.DORA,
     )
 
 
@@ -149,8 +188,15 @@ def diffusers_layers(state: dict[str, torch.Tensor], *, text_encoder: bool, dtyp
     (diffusers' ``convert_state_dict_to_diffusers`` renames only the attention layers to its
     older ``lora.down``/``lora.up`` names and leaves the feed-forward and projection layers as
     they were: a file mixing both loads with those layers missing.)"""
-    layers = {k: v.detach().to(dtype).cpu().contiguous() for k, v in state.items()}
+    layers = {_weight_name(k): v.detach().to(dtype).cpu().contiguous() for k, v in state.items()}
     return {_text_model_name(k): v for k, v in layers.items()} if text_encoder else layers
+
+
+def _weight_name(key: str) -> str:
+    # DoRA's magnitude is ``...lora_magnitude_vector`` in peft's state dict; transformers' adapter
+    # loader (5.23) maps only names that end in ``.weight`` onto the adapter's parameters, so a
+    # text encoder's magnitude named so would stay at its fresh value.  diffusers reads both.
+    return f"{key}.weight" if key.endswith(".lora_magnitude_vector") else key
 
 
 def inference_config(model: Any) -> dict[str, Any]:
@@ -184,6 +230,30 @@ def export_diffusers(
     return dest_dir / DIFFUSERS_FILE
 
 
+def export_peft(
+    family: ModelFamily, unet: Any, text_encoders: list[Any], dest_dir: Path, *, dtype: torch.dtype
+) -> Path:
+    """peft's own layout, one folder per adapted part (``dest_dir/unet``, ``dest_dir/text_encoder``):
+    ``adapter_config.json`` and ``adapter_model.safetensors``, what ``PeftModel.from_pretrained``
+    reads.  For the kinds diffusers' ``load_lora_weights`` does not read (LoHa, LoKr)."""
+    from safetensors.torch import save_file
+
+    parts = [(family.denoiser_part, unet), *zip(family.text_encoder_parts, text_encoders, strict=False)]
+    with storage.atomic_path(dest_dir) as tmp:
+        for part, model in parts:
+            folder = tmp / part
+            folder.mkdir(parents=True)
+            model.peft_config["default"].save_pretrained(str(folder))
+            # Named from the PeftModel that wraps the model, as PeftModel.save_pretrained names them.
+            tensors = {
+                f"base_model.model.{k}": v.detach().to(dtype).cpu().contiguous()
+                for k, v in adapter_state(model).items()
+            }
+            save_file(tensors, str(folder / PEFT_FILE), metadata={"format": "pt"})
+        storage.make_readable(tmp)
+    return dest_dir
+
+
 def kohya_state_dict(
     family: ModelFamily,
     unet: Any,
@@ -191,11 +261,24 @@ def kohya_state_dict(
     *,
     alpha: float,
     dtype: torch.dtype,
+    kind: LoRAType = LoRAType.LORA,
+    rank: int = 0,
 ) -> dict[str, torch.Tensor]:
     """peft adapter weights -> kohya's layout: ``lora_unet_<module>`` (named as kohya's scripts
     name the family's modules, some fused: see ``ModelFamily.kohya_unet_layers``) and
     ``lora_te<n>_<module>``, dots as underscores, with ``.lora_down.weight`` (A),
-    ``.lora_up.weight`` (B) and ``.alpha``."""
+    ``.lora_up.weight`` (B) and ``.alpha``; the other kinds in LyCORIS' names (``lycoris_layers``)."""
+    if kind != LoRAType.LORA:
+        return lycoris_tensors(
+            family,
+            unet,
+            adapter_state(unet),
+            [adapter_state(e) for e in text_encoders],
+            kind=kind,
+            alpha=alpha,
+            rank=rank,
+            dtype=dtype,
+        )
     return kohya_tensors(
         family,
         unet,
@@ -244,6 +327,102 @@ def adapter_pairs(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tenso
     return {module: (pair["A"], pair["B"]) for module, pair in halves.items()}
 
 
+def by_module(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """peft's names -> module -> its weights by peft's kind (``lora_A``, ``lora_magnitude_vector``,
+    ``hada_w1_a``, ``lokr_w1``...)."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        module, _, kind = key.removesuffix(".weight").rpartition(".")
+        if not kind.startswith(("lora_", "hada_", "lokr_")):
+            raise ValueError(f"unexpected adapter weight {key!r}")
+        out.setdefault(module, {})[kind] = tensor
+    return out
+
+
+def lycoris_layer(
+    kind: LoRAType, weights: dict[str, torch.Tensor], *, alpha: float, rank: int, kernel: tuple[int, ...] = ()
+) -> dict[str, Any]:
+    """One module's peft weights as the kohya-layout file names them for LyCORIS' kinds (suffix ->
+    tensor, ``alpha`` a number), so that LyCORIS' loader and the web UIs rebuild peft's update.
+    ``kernel``: the module's kernel size for a convolution."""
+    if kind == LoRAType.DORA:
+        down, up = weights["lora_A"], weights["lora_B"]
+        # peft's magnitude (one per output row: (out,), or (1, out, 1, 1) for a convolution) as
+        # LyCORIS' dora_scale with its default wd_on_out: (out, 1) or (out, 1, 1, 1).
+        magnitude = weights["lora_magnitude_vector"].reshape(up.shape[0], *[1] * (down.dim() - 1))
+        return {"lora_down.weight": down, "lora_up.weight": up, "dora_scale": magnitude, "alpha": alpha}
+    if kind == LoRAType.LOHA:
+        return {**weights, "alpha": alpha}
+    # LoKr: kron(w1, w2) x alpha / rank in peft, either factor possibly low-rank.  The file holds
+    # both factors whole (w1 = w1_a w1_b, w2 = w2_a w2_b) with peft's scale inside w1: LyCORIS, the
+    # web UIs and InvokeAI all scale a LoKr of whole factors by 1 (alpha plays no part), and
+    # InvokeAI 6.14's probe recognises an SD LoKr only so.  A whole factor costs little: w1 is
+    # factor x factor, w2 the weight's sides divided by the factor.
+    w1 = weights["lokr_w1"] if "lokr_w1" in weights else weights["lokr_w1_a"] @ weights["lokr_w1_b"]
+    if "lokr_w2" in weights:
+        w2 = weights["lokr_w2"]
+    else:
+        w2 = (weights["lokr_w2_a"] @ weights["lokr_w2_b"]).reshape(weights["lokr_w2_a"].shape[0], -1, *kernel)
+    return {"lokr_w1": w1 * (alpha / rank), "lokr_w2": w2, "alpha": 1.0}
+
+
+def _kernel(module: Any) -> tuple[int, ...]:
+    """A module's kernel size (a convolution's), () for a linear layer; under peft's adapter."""
+    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    return tuple(base.weight.shape[2:])
+
+
+def lycoris_tensors(
+    family: ModelFamily,
+    unet: Any,
+    unet_state: dict[str, torch.Tensor],
+    text_states: list[dict[str, torch.Tensor]],
+    *,
+    kind: LoRAType,
+    alpha: float,
+    rank: int,
+    dtype: torch.dtype,
+) -> dict[str, torch.Tensor]:
+    """LoRA's other kinds in the kohya layout, LyCORIS' names for their weights (see
+    ``lycoris_layer``): one layer per adapted module (Flux, whose layout fuses modules, takes
+    ``lora`` only)."""
+    import torch
+
+    layers: dict[str, dict[str, torch.Tensor]] = {
+        f"lora_unet_{family.kohya_unet_name(m, unet.config)}": w for m, w in by_module(unet_state).items()
+    }
+    kernels = {
+        f"lora_unet_{family.kohya_unet_name(m, unet.config)}": _kernel(unet.get_submodule(m))
+        for m in by_module(unet_state)
+    }
+    for prefix, state in zip(family.kohya_text_prefixes, text_states, strict=False):
+        for module, weights in by_module(state).items():
+            layers[f"{prefix}_{_text_model_name(module).replace('.', '_')}"] = weights
+    out: dict[str, torch.Tensor] = {}
+    for name, weights in layers.items():
+        for suffix, value in lycoris_layer(kind, weights, alpha=alpha, rank=rank, kernel=kernels.get(name, ())).items():
+            tensor = value if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+            out[f"{name}.{suffix}"] = tensor.detach().to(dtype).cpu().contiguous()
+    return out
+
+
+def network_args(settings: LoRASettings) -> dict[str, Any]:
+    """What kohya's scripts record of the network (``ss_network_args``): LyCORIS' ``algo`` and the
+    settings of each kind, as its kohya network module takes them."""
+    kind = LoRAType(settings.type)
+    if kind == LoRAType.LORA:
+        return {"dropout": settings.dropout}
+    args: dict[str, Any] = {"algo": "lora" if kind == LoRAType.DORA else str(kind)}
+    if kind == LoRAType.DORA:
+        args |= {"dora_wd": True, "wd_on_output": True, "dropout": settings.dropout}
+    if kind == LoRAType.LOKR:
+        args |= {
+            "factor": -1 if settings.factor is None else settings.factor,
+            "decompose_both": bool(settings.decompose_both),
+        }
+    return args
+
+
 def export_kohya(
     family: ModelFamily,
     unet: Any,
@@ -259,13 +438,16 @@ def export_kohya(
 ) -> Path:
     from safetensors.torch import save_file
 
-    tensors = kohya_state_dict(family, unet, text_encoders, alpha=settings.alpha, dtype=dtype)
+    kind = LoRAType(settings.type)
+    tensors = kohya_state_dict(
+        family, unet, text_encoders, alpha=settings.alpha, dtype=dtype, kind=kind, rank=settings.rank
+    )
     metadata = {
         "format": "pt",
-        "ss_network_module": family.kohya_network_module,
+        "ss_network_module": family.kohya_network_module if kind == LoRAType.LORA else "lycoris.kohya",
         "ss_network_dim": str(settings.rank),
         "ss_network_alpha": str(settings.alpha),
-        "ss_network_args": json.dumps({"dropout": settings.dropout}),
+        "ss_network_args": json.dumps(network_args(settings)),
         "finetune.lora_targets": str(settings.targets),
         "ss_base_model_version": family.kohya_base_version(model_type),
         "ss_v2": str(model_type in (ModelType.V2X, ModelType.V2X_512)),

@@ -34,6 +34,8 @@ def _size(n: int) -> str:
 def _what(path: str, *, name: str) -> str:
     if path.startswith("diffusers/"):
         return "diffusers folder"
+    if path.startswith("lora/") and path.endswith(("adapter_config.json", "adapter_model.safetensors")):
+        return "the adapter, peft's layout (PeftModel.from_pretrained)"
     if path.startswith("lora/"):
         return "LoRA, diffusers (PEFT) layout"
     if path == f"{name}-lora.safetensors":
@@ -104,7 +106,13 @@ def render(job: FineTuneJob, *, step: int, settings: dict[str, str], files: Sequ
     ]
     if lora:
         settings_of = spec.lora
-        rows.insert(1, ("LoRA", f"rank {settings_of.rank}, alpha {settings_of.alpha:g}, targets {settings_of.targets}"))
+        kind = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "dora": "DoRA"}[str(settings_of.type)]
+        shape = f", factor {settings_of.factor}" if settings_of.factor is not None else ""
+        shape += ", both factors low-rank" if settings_of.decompose_both else ""
+        rows.insert(
+            1,
+            (kind, f"rank {settings_of.rank}, alpha {settings_of.alpha:g}{shape}, targets {settings_of.targets}"),
+        )
     average = training.ema
     if average is not None:
         ramp = "warm-up" if average.warmup else "plain ramp"
@@ -148,14 +156,39 @@ def render(job: FineTuneJob, *, step: int, settings: dict[str, str], files: Sequ
             f'(ComfyUI: `models/checkpoints/`), or `{pipeline}.from_single_file("{name}.safetensors")`.',
             "",
         ]
-    if f"{name}-lora.safetensors" in paths:
+    peft_layout = any(p.endswith("/adapter_config.json") for p in paths)
+    if f"{name}-lora.safetensors" in paths and peft_layout:
+        parts = sorted(p.split("/")[1] for p in paths if p.startswith("lora/") and p.endswith("/adapter_config.json"))
+        lines += [
+            "The adapter, on the base model (diffusers' `load_lora_weights` does not read LoHa or LoKr; peft does):",
+            "",
+            "```python",
+            "from peft import PeftModel",
+            "",
+            f'pipe = {pipeline}.from_pretrained("<the base model>")',
+            *[f'pipe.{part} = PeftModel.from_pretrained(pipe.{part}, "lora/{part}")' for part in parts],
+            "```",
+            "",
+            f"In a web UI: `{name}-lora.safetensors` into `models/Lora/`, then `<lora:{name}-lora:1>` in the prompt "
+            "(A1111 and Forge read LyCORIS' LoHa and LoKr files as LoRAs). In ComfyUI: into `models/loras/`, applied "
+            "with a LoraLoader node. InvokeAI reads this file too.",
+            "",
+        ]
+    elif f"{name}-lora.safetensors" in paths:
+        dora = lora and str(spec.lora.type) == "dora"
+        load = (
+            # diffusers 0.42 drops a kohya-layout file's dora_scale (it warns), leaving a plain LoRA.
+            'pipe.load_lora_weights("lora")  # the folder: diffusers reads DoRA in this layout only'
+            if dora
+            else 'pipe.load_lora_weights("lora")  # or the single file: pipe.load_lora_weights("'
+            + f'{name}-lora.safetensors")'
+        )
         lines += [
             "The LoRA, on the base model:",
             "",
             "```python",
             f'pipe = {pipeline}.from_pretrained("<the base model>")',
-            'pipe.load_lora_weights("lora")  # or the single file: pipe.load_lora_weights("'
-            + f'{name}-lora.safetensors")',
+            load,
             "```",
             "",
             (
@@ -163,6 +196,11 @@ def render(job: FineTuneJob, *, step: int, settings: dict[str, str], files: Sequ
                 "LoraLoaderModelOnly node (its module names are the original Flux.1 layout's, as kohya's scripts "
                 "write them)."
                 if model_type == ModelType.FLUX1
+                else f"`{name}-lora.safetensors` holds DoRA's magnitudes as LyCORIS writes them by default, one per "
+                "output row (`dora_scale`, shaped (out, 1)), and the LyCORIS package applies it as trained. A reader "
+                "that takes a `dora_scale` as one per input column (LyCORIS' older convention; InvokeAI 6.14 does) "
+                "applies it otherwise: there, use a `type: lora` run."
+                if dora
                 else f"In a web UI: `{name}-lora.safetensors` into `models/Lora/`, then `<lora:{name}-lora:1>` in "
                 f"the prompt. In ComfyUI: into `models/loras/`, applied with a LoraLoader node. InvokeAI reads this "
                 "file too (not the `lora/` folder's)."
