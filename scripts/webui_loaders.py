@@ -11,7 +11,7 @@
    base model, and exported in fp16 (``output.halfPrecision``) as the trainer exports it: the
    single ``.safetensors`` in the original SD layout, the diffusers folder, and LoRA adapters
    (kohya's targets, on the UNet and the text encoder, their B matrices made non-zero) in both
-   layouts, with and without the text encoder; and LoHa, LoKr and DoRA adapters in kohya's
+   layouts, with and without the text encoder; and LoCon, LoHa, LoKr and DoRA adapters in kohya's
    layout, with the change each module's weight should see as the LyCORIS package's own modules
    make it from the file.
 3. In InvokeAI's environment, ``scripts/webui_loaders_invokeai.py`` hands each file to
@@ -58,7 +58,7 @@ RANK, ALPHA = 8, 4.0
 B_STD = 0.01
 UNSUPPORTED = "InvokeAI reads SD-1 LoRAs in kohya's layout only"
 # LoRA's other kinds (spec.training.lora.type), each checked against the LyCORIS package.
-KINDS = ("loha", "lokr", "dora")
+KINDS = ("locon", "loha", "lokr", "dora")
 # Each factor's standard deviation: large enough that every module's change of weight stands far
 # above fp32's rounding of the weight itself, which the comparison subtracts.
 ADAPTER_STD = 0.2
@@ -333,7 +333,16 @@ def lycoris_deltas(path: Path, unet: Any, text_encoder: Any) -> dict[str, Any]:
             kind, params = get_module(weights, layer)
             if kind is None:
                 raise ValueError(f"LyCORIS does not recognise the layer {layer} of {path.name}")
-            make_module(kind, params, layer, module).apply_to()
+            lycoris = make_module(kind, params, layer, module)
+            if any(k > 1 for k in before.shape[2:]):
+                # A LoCon's 3x3 convolution: read on the identity it would take a batch of
+                # in x 9 inputs; LyCORIS' LoCon module gives its change of weight itself.
+                if type(lycoris).__name__ != "LoConModule":
+                    raise ValueError(f"{layer}: no reference for a {type(lycoris).__name__} on a {tuple(before.shape)}")
+                with torch.no_grad():
+                    deltas[layer] = lycoris.get_diff_weight(multiplier=1, shape=before.shape)[0].contiguous()
+                continue
+            lycoris.apply_to()
             width = before.shape[1]
             eye = torch.eye(width).reshape(width, width, *([1] * (before.dim() - 2)))
             with torch.no_grad():

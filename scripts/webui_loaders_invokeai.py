@@ -232,8 +232,11 @@ def check_patched_modules(
             x = torch.randn(2, weight.shape[1], generator=generator).to(weight.dtype)
             base, expected = F.linear(x, weight, module.bias), F.linear(x, delta.to(weight.dtype))
         else:
-            x = torch.randn(1, weight.shape[1], 4, 4, generator=generator).to(weight.dtype)
-            base, expected = F.conv2d(x, weight, module.bias), F.conv2d(x, delta.to(weight.dtype))
+            x = torch.randn(1, weight.shape[1], 8, 8, generator=generator).to(weight.dtype)
+            # The module's own stride and padding (a LoCon's 3x3 convolutions and downsamplers).
+            geometry = {"stride": module.stride, "padding": module.padding}
+            base = F.conv2d(x, weight, module.bias, **geometry)
+            expected = F.conv2d(x, delta.to(weight.dtype), **geometry)
         with torch.no_grad():
             got = module(x) - base
         error = float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-12))

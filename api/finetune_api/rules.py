@@ -260,10 +260,11 @@ LORA = (
         lambda a: a.decompose_both is None or a.type == "lokr",
     ),
     Rule(
-        "!has(self.dropout) || self.dropout == 0.0 || self.type == 'lora' || self.type == 'dora'",
-        "dropout is for type lora and dora: LoHa and LoKr (peft's, as LyCORIS' defaults) have no dropout on the "
-        "layer's input; remove dropout or set it to 0",
-        lambda a: a.dropout == 0 or a.type in ("lora", "dora"),
+        "!has(self.dropout) || self.dropout == 0.0 || self.type == 'lora' || self.type == 'locon' || "
+        "self.type == 'dora'",
+        "dropout is for type lora, locon and dora: LoHa and LoKr (peft's, as LyCORIS' defaults) have no dropout on "
+        "the layer's input; remove dropout or set it to 0",
+        lambda a: a.dropout == 0 or a.type in ("lora", "locon", "dora"),
     ),
 )
 
@@ -289,7 +290,8 @@ FLUX_MERGE = (
 
 FLUX_LORA_TYPE = (
     "spec.training.lora.type: flux1 takes type lora only (its kohya-layout file fuses q, k and v into one layer, "
-    "which LoHa, LoKr and DoRA adapters of the parts cannot be written as); set type: lora"
+    "which LoHa, LoKr and DoRA adapters of the parts cannot be written as, and its transformer has no "
+    "convolutions for LoCon); set type: lora"
 )
 
 

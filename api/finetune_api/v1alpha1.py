@@ -133,6 +133,7 @@ class LoRATargets(StrEnum):
 
 class LoRAType(StrEnum):
     LORA = "lora"
+    LOCON = "locon"
     LOHA = "loha"
     LOKR = "lokr"
     DORA = "dora"
@@ -456,7 +457,9 @@ class LoRASettings(_Model):
     type: LoRAType = Field(
         default=LoRAType.LORA,
         description=(
-            "The kind of adapter. lora: a low-rank update B x A x alpha/rank. loha (LyCORIS' LoHa): the Hadamard "
+            "The kind of adapter. lora: a low-rank update B x A x alpha/rank. locon (LyCORIS' LoCon): LoRA on the "
+            "UNet's convolutions too (each ResNet block's convolutions and time projection, the down- and "
+            "upsamplers). loha (LyCORIS' LoHa): the Hadamard "
             "product of two low-rank updates, more expressive at the same rank. lokr (LyCORIS' LoKr): a Kronecker "
             "product of a small and a larger matrix (see factor), often far fewer weights. dora: LoRA with "
             "the weight's direction and magnitude trained apart (DoRA), closer to a full fine-tune at the same "

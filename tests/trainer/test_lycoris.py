@@ -1,4 +1,4 @@
-"""LoRA's other kinds (``spec.training.lora.type``: loha, lokr, dora), trained on the tiny model:
+"""LoRA's other kinds (``spec.training.lora.type``: locon, loha, lokr, dora), trained on the tiny model:
 each trains, resumes after a kill to the very adapters of an uninterrupted run, exports the
 kohya-layout file and a folder, and each export loads with a loader that is not ours (the
 LyCORIS package's for the kohya file; diffusers' ``load_lora_weights`` or peft's
@@ -20,9 +20,10 @@ from tests.trainer.conftest import Run, base_spec, manifest, run_cli, run_killed
 
 STEPS, EVERY = 4, 2
 RANK, ALPHA = 4, 2.0  # alpha != rank: a loader that ignored alpha would be off by a factor of 2
-KINDS = ("loha", "lokr", "dora")
+KINDS = ("locon", "loha", "lokr", "dora")
 # What the kohya-layout file holds for each kind, beside .alpha (LyCORIS' names).
 KOHYA_SUFFIXES = {
+    "locon": {"lora_down.weight", "lora_up.weight"},
     "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"},
     # Both factors whole, where peft trains w2 low-rank too (the UNet's feed-forward, whose w2 is
     # 16 x 8 and wider, under rank 4): the way every reader scales alike.
@@ -36,8 +37,8 @@ def kind_spec(kind: str, model: Path, photos: Path, output: Path, *, merge: bool
     spec = base_spec(model, photos, output, maxSteps=STEPS, batchSize=2, learningRate=3.0e-2, seed=7)
     spec["method"] = "LoRA"
     spec["training"]["lora"] = {"type": kind, "rank": RANK, "alpha": ALPHA, "trainTextEncoder": True}
-    if kind == "dora":
-        spec["training"]["lora"]["dropout"] = 0.1  # DoRA keeps LoRA's dropout: resumed, it draws the same
+    if kind in ("locon", "dora"):
+        spec["training"]["lora"]["dropout"] = 0.1  # LoRA's dropout: resumed, it draws the same
     spec["checkpoints"] = {"everySteps": EVERY, "keepLast": 2}
     spec["output"]["mergeLoRA"] = merge
     return spec
@@ -126,7 +127,7 @@ def test_each_kind_trains_and_its_files_carry_lycoris_names(kind_run: tuple[str,
     assert f"{name}-lora.safetensors" in listed
     folder = (
         {"lora/pytorch_lora_weights.safetensors"}
-        if kind == "dora"
+        if kind in ("locon", "dora")
         else {
             f"lora/{part}/{f}"
             for part in ("unet", "text_encoder")
@@ -141,17 +142,36 @@ def test_each_kind_trains_and_its_files_carry_lycoris_names(kind_run: tuple[str,
     for key in keys:
         module, _, suffix = key.partition(".")
         modules.setdefault(module, set()).add(suffix)
-    # kohya's targets: 4 transformer blocks x 12 layers in the UNet, 2 x 6 in the text encoder.
-    assert sum(m.startswith("lora_unet_") for m in modules) == 48
+    # kohya's targets: 4 transformer blocks x 12 layers in the UNet, 2 x 6 in the text encoder;
+    # LoCon adds the tiny UNet's 8 ResNet blocks (conv1, conv2, time_emb_proj; 5 with a 1x1
+    # shortcut), a downsampler and an upsampler: 31 more.
+    assert sum(m.startswith("lora_unet_") for m in modules) == 48 + (31 if kind == "locon" else 0)
+    if kind == "locon":
+        assert "lora_unet_down_blocks_0_resnets_0_conv1" in modules
+        assert "lora_unet_up_blocks_0_upsamplers_0_conv" in modules
     assert sum(m.startswith("lora_te_text_model_") for m in modules) == 12
     for module, suffixes in modules.items():
         assert suffixes == KOHYA_SUFFIXES[kind] | {"alpha"}, module
     assert metadata["ss_network_module"] == "lycoris.kohya"
     assert json.loads(metadata["ss_network_args"])["algo"] == ("lora" if kind == "dora" else kind)
+    if kind == "locon":  # a 3x3 convolution's down is 3x3, its up 1x1, as LyCORIS and kohya write them
+        with safe_open(str(out / f"{name}-lora.safetensors"), framework="pt") as handle:
+            assert tuple(handle.get_tensor("lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight").shape[2:]) == (
+                3,
+                3,
+            )
+            assert tuple(handle.get_tensor("lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight").shape[2:]) == (
+                1,
+                1,
+            )
     # The model card says what was trained and how each file loads.
     card = (out / "README.md").read_text()
-    assert f"| {dict(loha='LoHa', lokr='LoKr', dora='DoRA')[kind]} | rank {RANK}, alpha {ALPHA:g}" in card
-    if kind == "dora":
+    assert (
+        f"| {dict(locon='LoCon', loha='LoHa', lokr='LoKr', dora='DoRA')[kind]} | rank {RANK}, alpha {ALPHA:g}" in card
+    )
+    if kind == "locon":
+        assert f'pipe.load_lora_weights("{name}-lora.safetensors")' in card
+    elif kind == "dora":
         assert 'pipe.load_lora_weights("lora")' in card
         assert f'load_lora_weights("{name}-lora.safetensors")' not in card  # diffusers drops its dora_scale
     else:
@@ -159,7 +179,7 @@ def test_each_kind_trains_and_its_files_carry_lycoris_names(kind_run: tuple[str,
         assert 'pipe.text_encoder = PeftModel.from_pretrained(pipe.text_encoder, "lora/text_encoder")' in card
     # Checkpoints hold the adapters in peft's names, nothing of the base model.
     checkpoint = load_file(str(out / "checkpoints" / f"checkpoint-{STEPS:06d}" / "model.safetensors"))
-    marker = {"loha": ".hada_", "lokr": ".lokr_", "dora": ".lora_"}[kind]
+    marker = {"locon": ".lora_", "loha": ".hada_", "lokr": ".lokr_", "dora": ".lora_"}[kind]
     assert checkpoint
     assert all(marker in k for k in checkpoint)
     if kind == "lokr":  # what the file's whole w2 was made from: peft's low-rank w2 where it chose one
@@ -182,7 +202,9 @@ def test_the_kohya_file_loads_in_lycoris_to_the_merged_model(kind_run: tuple[str
     )
     base = _outputs(*_base(tiny_model))
     unet, text_encoder = _base(tiny_model)
-    assert _lycoris_apply(run.output / f"tiny-{kind}-lora.safetensors", unet, text_encoder) == 60
+    assert _lycoris_apply(run.output / f"tiny-{kind}-lora.safetensors", unet, text_encoder) == 60 + (
+        31 if kind == "locon" else 0
+    )
     theirs = _outputs(unet, text_encoder)
     for part, (ours, loaded, before) in enumerate(zip(merged, theirs, base, strict=True)):
         assert (ours - before).abs().max() > 1e-3, f"{kind}: the adapters changed nothing in part {part}"
@@ -198,7 +220,7 @@ def test_the_folder_loads_with_diffusers_or_peft_to_the_merged_model(
     merged = StableDiffusionPipeline.from_pretrained(run.output / "diffusers", dtype=torch.float32)
     expected = _outputs(merged.unet.eval(), merged.text_encoder.eval())
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model, dtype=torch.float32)
-    if kind == "dora":
+    if kind in ("locon", "dora"):
         pipe.load_lora_weights(run.output / "lora")
         unet, text_encoder = pipe.unet, pipe.text_encoder
     else:
@@ -209,6 +231,12 @@ def test_the_folder_loads_with_diffusers_or_peft_to_the_merged_model(
     got = _outputs(unet.eval(), text_encoder.eval())
     for part, (loaded, ours) in enumerate(zip(got, expected, strict=True)):
         torch.testing.assert_close(loaded, ours, rtol=0, atol=1e-4, msg=f"{kind}, part {part}")
+    if kind == "locon":  # the kohya file too, through diffusers' converter (its model card says so)
+        kohya = StableDiffusionPipeline.from_pretrained(tiny_model, dtype=torch.float32)
+        kohya.load_lora_weights(str(run.output / f"tiny-{kind}-lora.safetensors"))
+        got = _outputs(kohya.unet.eval(), kohya.text_encoder.eval())
+        for part, (loaded, ours) in enumerate(zip(got, expected, strict=True)):
+            torch.testing.assert_close(loaded, ours, rtol=0, atol=1e-4, msg=f"{kind} kohya file, part {part}")
 
 
 def test_a_killed_run_of_each_kind_resumes_to_the_same_adapters(
@@ -271,9 +299,13 @@ def test_sdxl_kinds_name_the_modules_a_lora_names(kind: str, tmp_path: Path) -> 
 
     plain = layers(LoRASettings(rank=RANK, alpha=ALPHA, train_text_encoder=True))
     theirs = layers(LoRASettings(rank=RANK, alpha=ALPHA, train_text_encoder=True, type=kind))
-    assert set(theirs) == set(plain)
+    assert set(theirs) >= set(plain)
+    if kind == "locon":  # and the ResNet blocks' convolutions in SGM's names
+        assert "lora_unet_input_blocks_1_0_in_layers_2" in theirs
+    else:
+        assert set(theirs) == set(plain)
     assert any(m.startswith("lora_unet_input_blocks_") for m in theirs)
     assert any(m.startswith("lora_te1_text_model_") for m in theirs)
     assert any(m.startswith("lora_te2_text_model_") for m in theirs)
-    marker = {"loha": "hada_w1_a", "lokr": "lokr_w1", "dora": "dora_scale"}[kind]
+    marker = {"locon": "lora_down.weight", "loha": "hada_w1_a", "lokr": "lokr_w1", "dora": "dora_scale"}[kind]
     assert all(marker in suffixes for suffixes in theirs.values())

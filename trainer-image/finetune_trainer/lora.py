@@ -19,6 +19,8 @@ The kinds of adapter (``spec.training.lora.type``), all trained with peft's impl
 files in the tests):
 
 - ``lora``: B x A x alpha / rank.
+- ``locon``: LoRA on the UNet's ResNet convolutions, time projections and down/upsamplers too,
+  at the same rank (LyCORIS' LoCon with conv_dim = dim); the kohya-layout file has LoRA's names.
 - ``dora``: LoRA with the weight's magnitude trained apart from its direction (peft's
   ``use_dora``); the kohya-layout file adds a ``dora_scale`` per output row, as LyCORIS writes it.
 - ``loha``: (w1a x w1b) * (w2a x w2b) x alpha / rank (LyCORIS' ``hada_*`` names, peft's too).
@@ -56,7 +58,7 @@ LORA_DIR = "lora"
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 PEFT_CONFIG, PEFT_FILE = "adapter_config.json", "adapter_model.safetensors"
 # The kinds diffusers' load_lora_weights reads; the others export peft's own layout in lora/.
-DIFFUSERS_KINDS = (LoRAType.LORA, LoRAType.DORA)
+DIFFUSERS_KINDS = (LoRAType.LORA, LoRAType.LOCON, LoRAType.DORA)
 UNET_ATTENTION = ("to_k", "to_q", "to_v", "to_out.0")
 TEXT_ENCODER_ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
 # peft matches a name against the end of each module's path: these are the linear and 1x1
@@ -65,6 +67,9 @@ UNET_TARGETS = {
     LoRATargets.KOHYA: (*UNET_ATTENTION, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"),
     LoRATargets.ATTENTION: UNET_ATTENTION,
 }
+# LoCon's further layers: what LyCORIS' kohya network adapts in diffusers' ResnetBlock2D,
+# Downsample2D and Upsample2D (3x3 convolutions, the 1x1 shortcut, the time projection).
+UNET_CONV_TARGETS = ("conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv")
 TEXT_ENCODER_TARGETS = {
     LoRATargets.KOHYA: (*TEXT_ENCODER_ATTENTION, "fc1", "fc2"),
     LoRATargets.ATTENTION: TEXT_ENCODER_ATTENTION,
@@ -116,6 +121,12 @@ def add_adapters(
     unet_targets, text_targets = (
         family.lora_targets(targets) if family is not None else (UNET_TARGETS[targets], TEXT_ENCODER_TARGETS[targets])
     )
+    if settings.type == LoRAType.LOCON:
+        if isinstance(unet_targets, str):
+            raise TrainerError(
+                f"lora.type locon: the {family.name if family else 'model'} denoiser has no convolutions"
+            )
+        unet_targets = (*unet_targets, *UNET_CONV_TARGETS)
     unet.add_adapter(lora_config(settings, unet_targets))
     if family is not None:
         text_encoders = adapted(family, text_encoders)
@@ -268,7 +279,7 @@ def kohya_state_dict(
     name the family's modules, some fused: see ``ModelFamily.kohya_unet_layers``) and
     ``lora_te<n>_<module>``, dots as underscores, with ``.lora_down.weight`` (A),
     ``.lora_up.weight`` (B) and ``.alpha``; the other kinds in LyCORIS' names (``lycoris_layers``)."""
-    if kind != LoRAType.LORA:
+    if kind not in (LoRAType.LORA, LoRAType.LOCON):
         return lycoris_tensors(
             family,
             unet,
@@ -413,6 +424,8 @@ def network_args(settings: LoRASettings) -> dict[str, Any]:
     if kind == LoRAType.LORA:
         return {"dropout": settings.dropout}
     args: dict[str, Any] = {"algo": "lora" if kind == LoRAType.DORA else str(kind)}
+    if kind == LoRAType.LOCON:
+        args |= {"conv_dim": settings.rank, "conv_alpha": settings.alpha, "dropout": settings.dropout}
     if kind == LoRAType.DORA:
         args |= {"dora_wd": True, "wd_on_output": True, "dropout": settings.dropout}
     if kind == LoRAType.LOKR:

@@ -106,7 +106,7 @@ def render(job: FineTuneJob, *, step: int, settings: dict[str, str], files: Sequ
     ]
     if lora:
         settings_of = spec.lora
-        kind = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "dora": "DoRA"}[str(settings_of.type)]
+        kind = {"lora": "LoRA", "locon": "LoCon", "loha": "LoHa", "lokr": "LoKr", "dora": "DoRA"}[str(settings_of.type)]
         shape = f", factor {settings_of.factor}" if settings_of.factor is not None else ""
         shape += ", both factors low-rank" if settings_of.decompose_both else ""
         rows.insert(
