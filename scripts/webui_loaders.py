@@ -57,6 +57,12 @@ RANK, ALPHA = 8, 4.0
 # The standard deviation of the B matrices: small, as a trained adapter's, but far from zero.
 B_STD = 0.01
 UNSUPPORTED = "InvokeAI reads SD-1 LoRAs in kohya's layout only"
+TI_TOKEN = "<webui-check>"
+TI_UNSUPPORTED = (
+    "InvokeAI 6.14 reads a diffusers-layout embedding ({token: vectors}) only with one 1-D vector: it takes the "
+    "width from the first dimension, which a (vectors, width) tensor (diffusers' own textual_inversion.py writes "
+    "(1, width)) makes the count of vectors"
+)
 # LoRA's other kinds (spec.training.lora.type), each checked against the LyCORIS package.
 KINDS = ("locon", "loha", "lokr", "dora")
 # Each factor's standard deviation: large enough that every module's change of weight stands far
@@ -154,7 +160,7 @@ def export_files(work: Path) -> dict[str, Any]:
     from safetensors.torch import save_file
 
     from finetune_api.v1alpha1 import BaseModelSource, ModelType
-    from finetune_trainer import export, lora, tiny
+    from finetune_trainer import export, lora, textual_inversion, tiny
     from finetune_trainer.model import load_base_model
 
     started = time.monotonic()
@@ -265,6 +271,43 @@ def export_files(work: Path) -> dict[str, Any]:
             entry["known_wrong"] = KNOWN_WRONG[kind]
         files.append(entry)
     log(f"exported {', '.join(KINDS)} adapters in kohya's layout, with LyCORIS' own deltas for each module")
+
+    # Textual Inversion: a new word of two vectors in the text encoder (random, as if learned).
+    for model in (base.unet, *base.text_encoders):
+        strip_adapters(model)
+    name = "webui-check-ti"
+    output = work / name
+    output.mkdir()
+    word = {"token": TI_TOKEN, "initializer": "a photo", "vectors": 2}
+    dataset = {"instanceImages": str(work / "images"), "instancePrompt": f"a photo of {TI_TOKEN}"}
+    job = job_manifest(name, base_dir, output, method="TextualInversion", textualInversion=word, dataset=dataset)
+    learned = textual_inversion.add_word(base.tokenizers, base.text_encoders, job.spec.textual_inversion)
+    with torch.no_grad():
+        table = base.text_encoders[0].get_input_embeddings().weight
+        table[learned.ids[0]] = (torch.randn(2, table.shape[1], generator=generator) * 0.02).to(table.dtype)
+    trained = export.Trained(
+        unet=base.unet, vae=base.vae, text_encoders=list(base.text_encoders), base=base, learned=learned
+    )
+    export.export_all(trained, output, job=job, step=0, settings={})
+    reference = output / textual_inversion.DIFFUSERS_FILES[0]
+    files.append(
+        {
+            "path": str(output / export.single_file_name(job)),
+            "kind": "embedding",
+            "layout": "web-UI embedding file (emb_params)",
+            "expect": {"type": "embedding", "base": "sd-1", "format": "embedding_file"},
+            "vectors": str(reference),
+        }
+    )
+    files.append(
+        {
+            "path": str(reference),
+            "kind": "embedding",
+            "layout": "diffusers' learned_embeds.safetensors",
+            "unsupported": TI_UNSUPPORTED,
+        }
+    )
+    log("exported a Textual Inversion word in the web UIs' and diffusers' layouts")
     for entry in files:
         if not Path(entry["path"]).exists():
             raise FileNotFoundError(f"the exporter wrote no {entry['path']}")

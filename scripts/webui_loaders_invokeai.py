@@ -329,6 +329,20 @@ def apply_lora(
     return notes, problems
 
 
+def check_embedding(service: Any, config: Any, reference: Path) -> tuple[list[str], list[str]]:
+    """InvokeAI's loader reads the embedding to the very vectors exported (the diffusers-layout
+    file beside it holds them too)."""
+    from safetensors.torch import load_file
+
+    raw = service.load_model(config).model
+    expected = next(iter(load_file(str(reference)).values())).float()
+    got = raw.embedding.float()
+    notes = [f"loaded: {type(raw).__name__}, {got.shape[0]} vector(s) of width {got.shape[-1]}"]
+    if got.shape != expected.shape or not torch.equal(got, expected):
+        return notes, [f"loaded vectors {tuple(got.shape)} differ from the exported {tuple(expected.shape)}"]
+    return [*notes, "the very vectors exported"], []
+
+
 # --- driver ---------------------------------------------------------------------------------------
 
 
@@ -429,7 +443,8 @@ def main() -> int:
             if result["identified"]:
                 result["notes"].append(f"NEW: InvokeAI now identifies this layout ({unsupported} no longer holds)")
             else:
-                first = next((r for n, r in reasons.items() if "LoRA" in n and "SD1" in n and " not a " not in r), None)
+                kind = "TI_File" if entry["kind"] == "embedding" else "LoRA"
+                first = next((r for n, r in reasons.items() if kind in n and "SD1" in n and " not a " not in r), None)
                 result["notes"].append(f"not identified, as known: {unsupported} ({first})")
         log(f"probed {path.name}: {result['identified'] or 'not identified'} ({time.monotonic() - started:.0f} s)")
         results.append(result)
@@ -492,6 +507,18 @@ def main() -> int:
             result["problems"] += problems
         except Exception:
             result["problems"].append(f"InvokeAI's LoRA loader failed: {traceback.format_exc(limit=4)}")
+    for result in results:
+        if result["kind"] != "embedding" or result["path"] not in configs or not result.get("vectors"):
+            continue
+        log(f"loading {Path(result['path']).name} with InvokeAI's loader")
+        try:
+            notes, problems = check_embedding(
+                service or load_service(app_config), configs[result["path"]], Path(result["vectors"])
+            )
+            result["notes"] += notes
+            result["problems"] += problems
+        except Exception:
+            result["problems"].append(f"InvokeAI's loader failed: {traceback.format_exc(limit=4)}")
     for result in results:
         result["ok"] = not result["problems"]
         result["versions"] = versions

@@ -238,6 +238,48 @@ BAD_SPECS = [
         _both(_set("method", "LoRA"), _set("baseModel.type", "flux1"), _set("training.lora", {"type": "loha"})),
         "spec.training.lora.type",
     ),
+    BadSpec("ti-without-its-word", _set("method", "TextualInversion"), "spec.textualInversion"),
+    BadSpec(
+        "ti-word-with-dreambooth",
+        _set("textualInversion", {"token": "sks", "initializer": "dog"}),
+        "spec.textualInversion",
+    ),
+    BadSpec(
+        "ti-prompt-without-the-word",
+        _both(_set("method", "TextualInversion"), _set("textualInversion", {"token": "<zqx>", "initializer": "dog"})),
+        "spec.dataset.instancePrompt",
+    ),
+    BadSpec(
+        "ti-on-flux",
+        _both(
+            _set("method", "TextualInversion"),
+            _set("baseModel.type", "flux1"),
+            _set("textualInversion", {"token": "sks", "initializer": "dog"}),
+        ),
+        "spec.method",
+    ),
+    BadSpec(
+        "ti-with-text-encoder-training",
+        _both(
+            _set("method", "TextualInversion"),
+            _set("textualInversion", {"token": "sks", "initializer": "dog"}),
+            _set("training.trainTextEncoder", True),
+        ),
+        "spec.training.trainTextEncoder",
+    ),
+    BadSpec(
+        "ti-token-with-a-space",
+        _both(_set("method", "TextualInversion"), _set("textualInversion", {"token": "s ks", "initializer": "dog"})),
+        "spec.textualInversion.token",
+    ),
+    BadSpec(
+        "ti-no-vectors",
+        _both(
+            _set("method", "TextualInversion"),
+            _set("textualInversion", {"token": "sks", "initializer": "dog", "vectors": 0}),
+        ),
+        "spec.textualInversion.vectors",
+    ),
     BadSpec("memory-zero", _set("resources.memory", "0"), "spec.resources.memory"),
     BadSpec("cpu-zero", _set("resources.cpu", "0.0"), "spec.resources.cpu"),
     BadSpec("gpu-resource-memory", _set("resources.gpuResource", "memory"), "spec.resources.gpuResource"),

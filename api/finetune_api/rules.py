@@ -299,7 +299,47 @@ def _flux(spec: Any) -> bool:
     return bool(spec.base_model.type == "flux1")
 
 
+TI_METHOD = "spec.textualInversion is the word a method TextualInversion run learns: set both, or neither"
+TI_PROMPT = (
+    "spec.dataset.instancePrompt must contain spec.textualInversion.token: the prompts are how the new word is "
+    "learned (e.g. a photo of <zqx>)"
+)
+TI_FAMILIES = (
+    "spec.method: TextualInversion is for v1x, v2x-512, v2x and sdxl (Flux.1's T5 has no embeddings people load); "
+    "use method LoRA for flux1"
+)
+TI_ALONE = (
+    "spec.training.trainTextEncoder and spec.training.ema are not for method TextualInversion, which trains the new "
+    "word's vectors only; remove them"
+)
+
 SPEC = (
+    Rule(
+        "(self.method == 'TextualInversion') == has(self.textualInversion)",
+        TI_METHOD,
+        lambda s: (s.method == "TextualInversion") == (s.textual_inversion is not None),
+    ),
+    Rule(
+        "!has(self.textualInversion) || !has(self.dataset.instancePrompt) || "
+        "self.dataset.instancePrompt.contains(self.textualInversion.token)",
+        TI_PROMPT,
+        lambda s: (
+            s.textual_inversion is None
+            or s.dataset.instance_prompt is None
+            or s.textual_inversion.token in s.dataset.instance_prompt
+        ),
+    ),
+    Rule(
+        "self.method != 'TextualInversion' || self.baseModel.type != 'flux1'",
+        TI_FAMILIES,
+        lambda s: s.method != "TextualInversion" or not _flux(s),
+    ),
+    Rule(
+        "self.method != 'TextualInversion' || ((!has(self.training.trainTextEncoder) || "
+        "!self.training.trainTextEncoder) && !has(self.training.ema))",
+        TI_ALONE,
+        lambda s: s.method != "TextualInversion" or (not s.training.train_text_encoder and s.training.ema is None),
+    ),
     Rule(
         "self.method == 'LoRA' || !has(self.training.lora)",
         "spec.training.lora is only for method LoRA: set spec.method: LoRA or remove it",

@@ -73,6 +73,7 @@ class _Model(BaseModel):
 class Method(StrEnum):
     DREAMBOOTH = "DreamBooth"
     LORA = "LoRA"
+    TEXTUAL_INVERSION = "TextualInversion"
 
 
 class ModelType(StrEnum):
@@ -93,7 +94,8 @@ NATIVE_RESOLUTION = {
 }
 # diffusers' train_dreambooth.py and the web UI use 2e-6 for a full UNet; diffusers' LoRA
 # scripts use 1e-4 (kohya's too): at 2e-6 an adapter starting from zero barely moves.
-DEFAULT_LEARNING_RATE = {Method.DREAMBOOTH: 2.0e-6, Method.LORA: 1.0e-4}
+# Textual Inversion: diffusers' textual_inversion.py example's 5e-4 (a few vectors, nothing else).
+DEFAULT_LEARNING_RATE = {Method.DREAMBOOTH: 2.0e-6, Method.LORA: 1.0e-4, Method.TEXTUAL_INVERSION: 5.0e-4}
 
 
 class Optimizer(StrEnum):
@@ -488,6 +490,40 @@ class LoRASettings(_Model):
     @model_validator(mode="after")
     def _check(self) -> LoRASettings:
         return rules.enforce(self, rules.LORA)
+
+
+class TextualInversionSettings(_Model):
+    """New words learned as vectors of the text encoder's embedding table, everything else
+    frozen (method TextualInversion): A1111's embeddings, kohya's and diffusers'
+    train_textual_inversion.py."""
+
+    token: str = Field(
+        min_length=1,
+        max_length=64,
+        pattern=r"^\S+$",
+        description=(
+            "The new word, as prompts will write it (e.g. <zqx>): one word that is not in the tokenizer's "
+            "vocabulary. The instance prompt must contain it."
+        ),
+    )
+    initializer: str = Field(
+        min_length=1,
+        max_length=256,
+        description=(
+            "Words whose embeddings the new vectors start from (e.g. toy, or a short description); with more vectors "
+            "than the words' tokens, the tokens are used in turn."
+        ),
+    )
+    vectors: int = Field(
+        default=1,
+        ge=1,
+        le=32,
+        description=(
+            "Vectors the word stands for (A1111's 'number of vectors per token'): more learn more, and take as many of "
+            "the prompt's 75 tokens. Beyond one, the vectors are the words token, token_1, token_2... (diffusers' "
+            "convention)."
+        ),
+    )
 
 
 class EMASettings(_Model):
@@ -899,7 +935,13 @@ class FineTuneJobSpec(_Model):
 
     method: Method = Field(
         default=Method.DREAMBOOTH,
-        description="DreamBooth (full UNet, optional text encoder) or LoRA (small adapter files).",
+        description=(
+            "DreamBooth (full UNet, optional text encoder), LoRA (small adapter files) or TextualInversion (a new "
+            "word's vectors in the text encoder; spec.textualInversion)."
+        ),
+    )
+    textual_inversion: TextualInversionSettings | None = Field(
+        default=None, description="The word a TextualInversion run learns (method TextualInversion)."
     )
     base_model: BaseModelSource = Field(
         description="The model to fine-tune.",

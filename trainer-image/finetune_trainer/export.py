@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune_api.v1alpha1 import FineTuneJob, Method, OutputFile, OutputFormat
-from finetune_trainer import lora, model_card, storage
+from finetune_trainer import lora, model_card, storage, textual_inversion
 from finetune_trainer.families import BaseModel, ModelFamily
 from finetune_trainer.families.base import CONFIG_METADATA_KEY
 from finetune_trainer.report import now_rfc3339
@@ -37,6 +37,8 @@ class Trained:
     base: BaseModel
     # Method LoRA: whether the text encoders carry adapters too.
     text_encoder_adapters: bool = False
+    # Method TextualInversion: the learned word (a textual_inversion.Learned).
+    learned: Any = None
 
     @property
     def family(self) -> ModelFamily:
@@ -97,6 +99,17 @@ def export_all(
         full_model = spec.output.merge_lora
         if full_model:
             lora.merge(trained.unet, text_encoders)
+    elif spec.method == Method.TEXTUAL_INVERSION:
+        written += textual_inversion.export(
+            trained.learned,
+            trained.text_encoders,
+            output,
+            webui_name=single_file_name(job),
+            dtype=dtype,
+            title=job.metadata.name or "model",
+            step=step,
+        )
+        full_model = False
     if full_model:
         # Training is over (its final state is in the last checkpoint), so the models are cast
         # in place rather than copied: a copy of an SD UNet would cost gigabytes.

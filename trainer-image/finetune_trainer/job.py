@@ -467,7 +467,10 @@ def resolve_settings(
 
 
 def trains_text_encoder(spec: FineTuneJobSpec) -> bool:
-    """Method LoRA: adapters on the text encoder; DreamBooth: the whole text encoder."""
+    """Method LoRA: adapters on the text encoder; DreamBooth: the whole text encoder; Textual
+    Inversion: always (its word's rows of the embedding tables)."""
+    if spec.method == Method.TEXTUAL_INVERSION:
+        return True
     return spec.lora.train_text_encoder if spec.method == Method.LORA else spec.training.train_text_encoder
 
 
@@ -535,7 +538,7 @@ _LORA_CHECKPOINT_BYTES = 512 * 2**20
 
 def checkpoint_bytes(spec: FineTuneJobSpec) -> float:
     """About how large one checkpoint is: fp32 weights and the optimizer's state."""
-    if spec.method == Method.LORA:
+    if spec.method in (Method.LORA, Method.TEXTUAL_INVERSION):
         return _LORA_CHECKPOINT_BYTES
     model_type = ModelType(spec.base_model.type)
     params = _UNET_PARAMS[model_type] + (_TEXT_PARAMS[model_type] if spec.training.train_text_encoder else 0)

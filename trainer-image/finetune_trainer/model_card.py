@@ -31,7 +31,7 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
-def _what(path: str, *, name: str) -> str:
+def _what(path: str, *, name: str, ti: bool = False) -> str:
     if path.startswith("diffusers/"):
         return "diffusers folder"
     if path.startswith("lora/") and path.endswith(("adapter_config.json", "adapter_model.safetensors")):
@@ -44,6 +44,10 @@ def _what(path: str, *, name: str) -> str:
         return "the whole model in one file (original layout, web UIs)"
     if path == f"{name}.yaml":
         return "its original config (web UIs read it beside the file)"
+    if path.startswith("learned_embeds"):
+        return "the learned word, diffusers' layout (load_textual_inversion)"
+    if path == f"{name}.safetensors" and ti:
+        return "the learned word, the web UIs' embedding layout"
     if path == "loss.png":
         return "loss and learning rate by step"
     if path == "samples.png":
@@ -56,6 +60,7 @@ def render(job: FineTuneJob, *, step: int, settings: dict[str, str], files: Sequ
     name = job.metadata.name or "model"
     model_type = ModelType(spec.base_model.type)
     lora = spec.method == Method.LORA
+    ti = spec.method == Method.TEXTUAL_INVERSION
     pipeline = _PIPELINE.get(model_type, "StableDiffusionPipeline")
     paths = {f.path for f in files}
     front = {
@@ -65,7 +70,7 @@ def render(job: FineTuneJob, *, step: int, settings: dict[str, str], files: Sequ
             "text-to-image",
             "diffusers",
             "flux" if model_type == ModelType.FLUX1 else "stable-diffusion",
-            "lora" if lora else "dreambooth",
+            "lora" if lora else ("textual-inversion" if ti else "dreambooth"),
             "finetune-operator",
         ],
         "instance_prompt": spec.dataset.instance_prompt,
@@ -100,7 +105,10 @@ def render(job: FineTuneJob, *, step: int, settings: dict[str, str], files: Sequ
         ("learning rate", f"{settings.get('learning_rate', spec.learning_rate)} ({training.lr_scheduler})"),
         ("optimizer", settings.get("optimizer", str(training.optimizer))),
         ("mixed precision", settings.get("mixed_precision", str(training.mixed_precision))),
-        ("text encoder trained", "yes" if trains_text_encoder(spec) else "no"),
+        (
+            "text encoder trained",
+            "its embeddings of the new word" if ti else ("yes" if trains_text_encoder(spec) else "no"),
+        ),
         ("seed", str(training.seed)),
         ("exported in", "fp16" if spec.output.half_precision else "fp32"),
     ]
@@ -113,6 +121,9 @@ def render(job: FineTuneJob, *, step: int, settings: dict[str, str], files: Sequ
             1,
             (kind, f"rank {settings_of.rank}, alpha {settings_of.alpha:g}{shape}, targets {settings_of.targets}"),
         )
+    if ti and spec.textual_inversion is not None:
+        word = spec.textual_inversion
+        rows.insert(1, ("Textual Inversion", f"word {word.token}, {word.vectors} vector(s), from {word.initializer!r}"))
     average = training.ema
     if average is not None:
         ramp = "warm-up" if average.warmup else "plain ramp"
@@ -131,7 +142,7 @@ def render(job: FineTuneJob, *, step: int, settings: dict[str, str], files: Sequ
     for entry in files:
         if entry.path.startswith("diffusers/") and not entry.path.endswith("model_index.json"):
             continue
-        what = _what(entry.path, name=name)
+        what = _what(entry.path, name=name, ti=ti)
         shown = "diffusers/" if entry.path == "diffusers/model_index.json" else entry.path
         folder_bytes = sum(f.size_bytes for f in files if f.path.startswith("diffusers/"))
         size = _size(folder_bytes if shown == "diffusers/" else entry.size_bytes)
@@ -149,7 +160,33 @@ def render(job: FineTuneJob, *, step: int, settings: dict[str, str], files: Sequ
             "```",
             "",
         ]
-    if f"{name}.safetensors" in paths:
+    if ti and spec.textual_inversion is not None:
+        token = spec.textual_inversion.token
+        second = "learned_embeds_2.safetensors" in paths
+        lines += [
+            f"The word `{token}`, on the base model:",
+            "",
+            "```python",
+            f'pipe = {pipeline}.from_pretrained("<the base model>")',
+            f'pipe.load_textual_inversion("learned_embeds.safetensors", token="{token}"'
+            + (", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)" if second else ")"),
+            *(
+                [
+                    f'pipe.load_textual_inversion("learned_embeds_2.safetensors", token="{token}", '
+                    "text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)"
+                ]
+                if second
+                else []
+            ),
+            f'image = pipe("{spec.dataset.instance_prompt}").images[0]',
+            "```",
+            "",
+            f"In a web UI: `{name}.safetensors` into `embeddings/`; its file name is the word there, so write "
+            f"`{name}` in the prompt where you trained `{token}` (or rename the file). In ComfyUI: into "
+            f"`models/embeddings/`, then `embedding:{name}` in the prompt. InvokeAI reads it too.",
+            "",
+        ]
+    elif f"{name}.safetensors" in paths:
         beside = f" with `{name}.yaml` beside it" if f"{name}.yaml" in paths else ""
         lines += [
             f"The single file: copy `{name}.safetensors`{beside} into the web UI's `models/Stable-diffusion/` "

@@ -86,6 +86,7 @@ from finetune_trainer import (
     prompt_cache,
     samples,
     storage,
+    textual_inversion,
 )
 from finetune_trainer.buckets import Bucket
 from finetune_trainer.errors import BadInput, OutOfMemory
@@ -157,6 +158,8 @@ class DreamBoothRecipe:
         self.checkpoint_dir = self.output / CHECKPOINTS_DIR
         self.samples_dir = self.output / samples.SAMPLES_DIR
         self.lora = self.spec.method == Method.LORA
+        # Textual Inversion: the new word's rows of the text encoders' tables (set up with the models).
+        self.learned: textual_inversion.Learned | None = None
         self.family = families.family_of(self.spec.base_model.type)
         self.trains_text_encoder = trains_text_encoder(self.spec)
         self.step = 0
@@ -502,6 +505,15 @@ class DreamBoothRecipe:
             adapted = encoders if self.trains_text_encoder else []
             lora.add_adapters(unet, adapted, self.spec.lora, family=self.family)
             lora.register_checkpoint_hooks(self.accelerator)
+        elif self.spec.method == Method.TEXTUAL_INVERSION and self.spec.textual_inversion is not None:
+            # The base model frozen; the word's rows of each text encoder's table learn (the
+            # encoders stay fp32: their tables are trained).
+            base.unet.requires_grad_(False)
+            base.unet.to(device, dtype=self.weight_dtype)
+            self.learned = textual_inversion.add_word(base.tokenizers, encoders, self.spec.textual_inversion)
+            for encoder in encoders:
+                encoder.to(device)
+            textual_inversion.register_checkpoint_hooks(self.accelerator, self.learned)
         else:
             base.unet.requires_grad_(True)
             for encoder in encoders:
@@ -609,7 +621,14 @@ class DreamBoothRecipe:
             num_warmup_steps=training.lr_warmup_steps * accelerator.num_processes,
             num_training_steps=self.total_steps * accelerator.num_processes,
         )
-        if self.trains_text_encoder:
+        if self.learned is not None:
+            # Only the text encoders learn: the frozen UNet is not handed to accelerate (a
+            # model without a trainable parameter cannot be wrapped for several processes).
+            *prepared, self.optimizer, self.lr_scheduler = accelerator.prepare(*trained, optimizer, scheduler)
+            self.unet = self.base.unet
+            swap = {id(t): p for t, p in zip(trained, prepared, strict=True)}
+            self.text_encoders = [swap.get(id(e), e) for e in self.base.text_encoders]
+        elif self.trains_text_encoder:
             self.unet, *prepared, self.optimizer, self.lr_scheduler = accelerator.prepare(
                 self.base.unet, *trained, optimizer, scheduler
             )
@@ -621,6 +640,8 @@ class DreamBoothRecipe:
             self.text_encoders = list(self.base.text_encoders)
         self.trainable = params
         self.models = [self.unet, *(swap[id(t)] for t in trained)] if self.trains_text_encoder else [self.unet]
+        if self.learned is not None:
+            self.models = [swap[id(t)] for t in trained]
         if self.settings.compile:
             import torch
 
@@ -734,6 +755,8 @@ class DreamBoothRecipe:
                     return  # full: the rest are encoded when they come
 
     def _tokens(self, prompt: str) -> list[Any]:
+        if self.learned is not None:
+            prompt = textual_inversion.expand(prompt, self.learned.settings)
         return [ids[0].to(self.accelerator.device) for ids in self.family.tokenize(self.base.tokenizers, [prompt])]
 
     def _encode_one(self, prompt: str, encoders: list[Any] | None = None) -> families.Conditioning:
@@ -868,6 +891,8 @@ class DreamBoothRecipe:
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(self.trainable, training.max_grad_norm)
                 self.optimizer.step()
+                if self.learned is not None and accelerator.sync_gradients:
+                    self.learned.restore(self.base.text_encoders)
                 self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
             loss = loss.detach()
@@ -1258,7 +1283,7 @@ class DreamBoothRecipe:
         text_adapters = self.lora and self.trains_text_encoder
         output = self.spec.output
         low = self.settings.mixed_precision
-        full_model = not self.lora or output.merge_lora
+        full_model = self.spec.method == Method.DREAMBOOTH or (self.lora and output.merge_lora)
         lossy = low != "no" and (self.lora or not output.half_precision or low == "bf16")
         if full_model and lossy:
             import torch
@@ -1279,7 +1304,12 @@ class DreamBoothRecipe:
             for module in (unet, vae, *text_encoders):
                 module.to(torch.device("cpu"))
         return export.Trained(
-            unet=unet, vae=vae, text_encoders=text_encoders, base=self.base, text_encoder_adapters=text_adapters
+            unet=unet,
+            vae=vae,
+            text_encoders=text_encoders,
+            base=self.base,
+            text_encoder_adapters=text_adapters,
+            learned=self.learned,
         )
 
     def cleanup(self) -> None:

@@ -140,6 +140,10 @@ class StableDiffusionXL(ModelFamily):
             # The frozen model in the mixed precision; the adapters are a rounding error.
             weights = (UNET_PARAMS + text) * low + VAE_PARAMS * 4
             basis = "the frozen SDXL weights and 1024 px activations (diffusers: LoRA fits 16 GB)"
+        elif spec.method == Method.TEXTUAL_INVERSION:
+            # The frozen UNet in the mixed precision, the text encoders in fp32 (their tables train).
+            weights = UNET_PARAMS * low + text * 4 + VAE_PARAMS * 4
+            basis = "the frozen SDXL UNet, fp32 text encoders and 1024 px activations"
         else:
             trained = UNET_PARAMS + (text if training.train_text_encoder else 0)
             frozen = 0 if training.train_text_encoder else text
