@@ -280,6 +280,46 @@ BAD_SPECS = [
         ),
         "spec.textualInversion.vectors",
     ),
+    BadSpec(
+        "pivotal-prompt-without-the-word",
+        _both(_set("method", "LoRA"), _set("training.lora", {"newTokens": {"token": "<zqx>", "initializer": "dog"}})),
+        "spec.dataset.instancePrompt",
+    ),
+    BadSpec(
+        "pivotal-on-flux",
+        _both(
+            _set("method", "LoRA"),
+            _set("baseModel.type", "flux1"),
+            _set("training.lora", {"newTokens": {"token": "sks", "initializer": "dog"}}),
+        ),
+        "spec.training.lora.newTokens",
+    ),
+    BadSpec(
+        "pivotal-merged",
+        _both(
+            _set("method", "LoRA"),
+            _set("output.mergeLoRA", True),
+            _set("training.lora", {"newTokens": {"token": "sks", "initializer": "dog"}}),
+        ),
+        "spec.output.mergeLoRA",
+    ),
+    BadSpec(
+        "pivotal-with-ema",
+        _both(
+            _set("method", "LoRA"),
+            _set("training.ema", {"decay": 0.99}),
+            _set("training.lora", {"newTokens": {"token": "sks", "initializer": "dog"}}),
+        ),
+        "spec.training.ema",
+    ),
+    BadSpec(
+        "pivotal-fraction-zero",
+        _both(
+            _set("method", "LoRA"),
+            _set("training.lora", {"newTokens": {"token": "sks", "initializer": "dog", "trainFraction": 0}}),
+        ),
+        "spec.training.lora.newTokens.trainFraction",
+    ),
     BadSpec("memory-zero", _set("resources.memory", "0"), "spec.resources.memory"),
     BadSpec("cpu-zero", _set("resources.cpu", "0.0"), "spec.resources.cpu"),
     BadSpec("gpu-resource-memory", _set("resources.gpuResource", "memory"), "spec.resources.gpuResource"),

@@ -313,6 +313,30 @@ TI_ALONE = (
     "word's vectors only; remove them"
 )
 
+PIVOTAL = "spec.training.lora.newTokens"
+PIVOTAL_PROMPT = (
+    f"spec.dataset.instancePrompt must contain {PIVOTAL}.token: the prompts are how the new word is learned "
+    "(e.g. a photo of <zqx> dog)"
+)
+PIVOTAL_FAMILIES = (
+    f"{PIVOTAL} is for v1x, v2x-512, v2x and sdxl (Flux.1's T5 has no embeddings people load); remove it for flux1"
+)
+PIVOTAL_MERGE = (
+    f"spec.output.mergeLoRA: a merged model's single file cannot hold {PIVOTAL}' word (the web UIs' tokenizers "
+    "are fixed); load the LoRA and the embedding together instead, and remove mergeLoRA"
+)
+PIVOTAL_EMA = (
+    f"spec.training.ema is not for {PIVOTAL}: the average would hold every text encoder's whole embedding table; "
+    "remove one of them"
+)
+
+
+def _new_tokens(spec: Any) -> Any:
+    return None if spec.training.lora is None else spec.training.lora.new_tokens
+
+
+_HAS_NEW_TOKENS = "has(self.training.lora) && has(self.training.lora.newTokens)"
+
 SPEC = (
     Rule(
         "(self.method == 'TextualInversion') == has(self.textualInversion)",
@@ -339,6 +363,31 @@ SPEC = (
         "!self.training.trainTextEncoder) && !has(self.training.ema))",
         TI_ALONE,
         lambda s: s.method != "TextualInversion" or (not s.training.train_text_encoder and s.training.ema is None),
+    ),
+    Rule(
+        f"!({_HAS_NEW_TOKENS}) || !has(self.dataset.instancePrompt) || "
+        "self.dataset.instancePrompt.contains(self.training.lora.newTokens.token)",
+        PIVOTAL_PROMPT,
+        lambda s: (
+            _new_tokens(s) is None
+            or s.dataset.instance_prompt is None
+            or _new_tokens(s).token in s.dataset.instance_prompt
+        ),
+    ),
+    Rule(
+        f"!({_HAS_NEW_TOKENS}) || self.baseModel.type != 'flux1'",
+        PIVOTAL_FAMILIES,
+        lambda s: _new_tokens(s) is None or not _flux(s),
+    ),
+    Rule(
+        f"!({_HAS_NEW_TOKENS}) || !self.output.mergeLoRA",
+        PIVOTAL_MERGE,
+        lambda s: _new_tokens(s) is None or not s.output.merge_lora,
+    ),
+    Rule(
+        f"!({_HAS_NEW_TOKENS}) || !has(self.training.ema)",
+        PIVOTAL_EMA,
+        lambda s: _new_tokens(s) is None or s.training.ema is None,
     ),
     Rule(
         "self.method == 'LoRA' || !has(self.training.lora)",

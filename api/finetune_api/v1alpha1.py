@@ -440,6 +440,56 @@ class Dataset(_Model):
         return rules.enforce(self, rules.DATASET)
 
 
+class TextualInversionSettings(_Model):
+    """New words learned as vectors of the text encoder's embedding table, everything else
+    frozen (method TextualInversion): A1111's embeddings, kohya's and diffusers'
+    train_textual_inversion.py."""
+
+    token: str = Field(
+        min_length=1,
+        max_length=64,
+        pattern=r"^\S+$",
+        description=(
+            "The new word, as prompts will write it (e.g. <zqx>): one word that is not in the tokenizer's "
+            "vocabulary. The instance prompt must contain it."
+        ),
+    )
+    initializer: str = Field(
+        min_length=1,
+        max_length=256,
+        description=(
+            "Words whose embeddings the new vectors start from (e.g. toy, or a short description); with more vectors "
+            "than the words' tokens, the tokens are used in turn."
+        ),
+    )
+    vectors: int = Field(
+        default=1,
+        ge=1,
+        le=32,
+        description=(
+            "Vectors the word stands for (A1111's 'number of vectors per token'): more learn more, and take as many of "
+            "the prompt's 75 tokens. Beyond one, the vectors are the words token, token_1, token_2... (diffusers' "
+            "convention)."
+        ),
+    )
+
+
+class NewTokens(TextualInversionSettings):
+    """A new word learned together with a LoRA (pivotal tuning): the word's vectors in the text
+    encoder(s), as method TextualInversion learns them, and the adapters in the same steps."""
+
+    train_fraction: float = Field(
+        default=1.0,
+        gt=0,
+        le=1,
+        description=(
+            "The part of the run in which the word's vectors learn; after it they stay as they are and the "
+            "adapters go on learning around them (diffusers' advanced script: --train_text_encoder_ti_frac, "
+            "0.5 there)."
+        ),
+    )
+
+
 class LoRASettings(_Model):
     """Low-rank adapter settings (method LoRA)."""
 
@@ -485,45 +535,19 @@ class LoRASettings(_Model):
         ),
     )
 
+    new_tokens: NewTokens | None = Field(
+        default=None,
+        description=(
+            "Pivotal tuning (diffusers' advanced DreamBooth LoRA script): a new word learned in the text encoder(s) "
+            "together with the adapters, exported beside them as an embedding; for v1x, v2x-512, v2x and sdxl."
+        ),
+    )
+
     model_config = ConfigDict(json_schema_extra=rules.cel(rules.LORA))
 
     @model_validator(mode="after")
     def _check(self) -> LoRASettings:
         return rules.enforce(self, rules.LORA)
-
-
-class TextualInversionSettings(_Model):
-    """New words learned as vectors of the text encoder's embedding table, everything else
-    frozen (method TextualInversion): A1111's embeddings, kohya's and diffusers'
-    train_textual_inversion.py."""
-
-    token: str = Field(
-        min_length=1,
-        max_length=64,
-        pattern=r"^\S+$",
-        description=(
-            "The new word, as prompts will write it (e.g. <zqx>): one word that is not in the tokenizer's "
-            "vocabulary. The instance prompt must contain it."
-        ),
-    )
-    initializer: str = Field(
-        min_length=1,
-        max_length=256,
-        description=(
-            "Words whose embeddings the new vectors start from (e.g. toy, or a short description); with more vectors "
-            "than the words' tokens, the tokens are used in turn."
-        ),
-    )
-    vectors: int = Field(
-        default=1,
-        ge=1,
-        le=32,
-        description=(
-            "Vectors the word stands for (A1111's 'number of vectors per token'): more learn more, and take as many of "
-            "the prompt's 75 tokens. Beyond one, the vectors are the words token, token_1, token_2... (diffusers' "
-            "convention)."
-        ),
-    )
 
 
 class EMASettings(_Model):

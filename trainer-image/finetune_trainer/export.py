@@ -13,13 +13,16 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from finetune_api.v1alpha1 import FineTuneJob, Method, OutputFile, OutputFormat
 from finetune_trainer import lora, model_card, storage, textual_inversion
 from finetune_trainer.families import BaseModel, ModelFamily
 from finetune_trainer.families.base import CONFIG_METADATA_KEY
 from finetune_trainer.report import now_rfc3339
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("finetune_trainer")
 
@@ -51,6 +54,26 @@ def single_file_name(job: FineTuneJob) -> str:
 
 def lora_file_name(job: FineTuneJob) -> str:
     return f"{job.metadata.name or 'model'}-lora.safetensors"
+
+
+def embedding_file_name(job: FineTuneJob) -> str:
+    """Pivotal tuning's word in the web UIs' layout, named as diffusers' advanced script names it
+    (the web UIs take an embedding's file name as its word in prompts)."""
+    return f"{job.metadata.name or 'model'}_emb.safetensors"
+
+
+def _export_word(
+    trained: Trained, output: Path, *, job: FineTuneJob, name: str, dtype: torch.dtype, step: int
+) -> list[Path]:
+    return textual_inversion.export(
+        trained.learned,
+        trained.text_encoders,
+        output,
+        webui_name=name,
+        dtype=dtype,
+        title=job.metadata.name or "model",
+        step=step,
+    )
 
 
 def export_all(
@@ -96,19 +119,14 @@ def export_all(
                 architecture=family.architecture(model_type, base=trained.base),
             )
         )
+        if trained.learned is not None:
+            # Pivotal tuning: the word beside the adapters, in both layouts.
+            written += _export_word(trained, output, job=job, name=embedding_file_name(job), dtype=dtype, step=step)
         full_model = spec.output.merge_lora
         if full_model:
             lora.merge(trained.unet, text_encoders)
     elif spec.method == Method.TEXTUAL_INVERSION:
-        written += textual_inversion.export(
-            trained.learned,
-            trained.text_encoders,
-            output,
-            webui_name=single_file_name(job),
-            dtype=dtype,
-            title=job.metadata.name or "model",
-            step=step,
-        )
+        written += _export_word(trained, output, job=job, name=single_file_name(job), dtype=dtype, step=step)
         full_model = False
     if full_model:
         # Training is over (its final state is in the last checkpoint), so the models are cast

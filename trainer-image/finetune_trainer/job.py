@@ -467,11 +467,14 @@ def resolve_settings(
 
 
 def trains_text_encoder(spec: FineTuneJobSpec) -> bool:
-    """Method LoRA: adapters on the text encoder; DreamBooth: the whole text encoder; Textual
-    Inversion: always (its word's rows of the embedding tables)."""
+    """Method LoRA: adapters on the text encoder, or a new word's rows of its embedding table
+    (pivotal tuning); DreamBooth: the whole text encoder; Textual Inversion: always (its word's
+    rows)."""
     if spec.method == Method.TEXTUAL_INVERSION:
         return True
-    return spec.lora.train_text_encoder if spec.method == Method.LORA else spec.training.train_text_encoder
+    if spec.method == Method.LORA:
+        return spec.lora.train_text_encoder or spec.lora.new_tokens is not None
+    return spec.training.train_text_encoder
 
 
 def _resolve_compile(

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from finetune_api.v1alpha1 import LoRASettings, LoRATargets, LoRAType, ModelType
-from finetune_trainer import storage
+from finetune_trainer import storage, textual_inversion
 from finetune_trainer.errors import TrainerError
 
 if TYPE_CHECKING:
@@ -149,7 +149,9 @@ def adapter_state(model: Any) -> dict[str, torch.Tensor]:
     """The adapter weights of a model, by peft's names (``...to_q.lora_A.weight``)."""
     from peft.utils import get_peft_model_state_dict
 
-    return dict(get_peft_model_state_dict(model))
+    # Not the embedding table, which peft would add for a model whose table grew (pivotal
+    # tuning's new word, kept apart from the adapters).
+    return dict(get_peft_model_state_dict(model, save_embedding_layers=False))
 
 
 def load_adapter_state(model: Any, state: dict[str, torch.Tensor], *, source: str) -> None:
@@ -164,21 +166,34 @@ def load_adapter_state(model: Any, state: dict[str, torch.Tensor], *, source: st
     set_peft_model_state_dict(model, state)
 
 
-def register_checkpoint_hooks(accelerator: Any) -> None:
+def register_checkpoint_hooks(accelerator: Any, learned: textual_inversion.Learned | None = None) -> None:
     """Checkpoints of a LoRA run hold the adapters, not the frozen base model: accelerate's
-    model files are swapped for the adapter weights on save and read back on load."""
+    model files are swapped for the adapter weights on save and read back on load.  With
+    pivotal tuning (``learned``) each text encoder's file holds the new word's vectors too
+    (the text encoders come after the UNet, in the order the run prepared them)."""
     from safetensors.torch import load_file
 
     def save(models: list[Any], weights: list[dict[str, Any]], output_dir: str) -> None:
-        for index, model in enumerate(models):
+        for index, wrapped in enumerate(models):
             if index < len(weights):
-                weights[index] = adapter_state(accelerator.unwrap_model(model))
+                model = accelerator.unwrap_model(wrapped)
+                state = adapter_state(model) if hasattr(model, "peft_config") else {}
+                if learned is not None and index > 0:
+                    state[textual_inversion.CHECKPOINT_KEY] = learned.one(index - 1).vectors([model])[0]
+                weights[index] = state
 
     def load(models: list[Any], input_dir: str) -> None:
-        for index, model in enumerate(list(models)):
+        for index, wrapped in enumerate(list(models)):
             name = "model.safetensors" if index == 0 else f"model_{index}.safetensors"
             path = Path(input_dir) / name
-            load_adapter_state(accelerator.unwrap_model(model), load_file(str(path)), source=str(path))
+            model = accelerator.unwrap_model(wrapped)
+            state = load_file(str(path))
+            if learned is not None and index > 0:
+                learned.one(index - 1).load_checkpoint([model], state, source=path)
+            if hasattr(model, "peft_config"):
+                load_adapter_state(model, state, source=str(path))
+            elif state:
+                raise TrainerError(f"{path} holds weights this run does not train ({sorted(state)[:3]})")
         models.clear()  # loaded here; accelerate must not load them again as full models
 
     accelerator.register_save_state_pre_hook(save)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from finetune_api.v1alpha1 import FineTuneJob, Method, ModelType, OutputFile
+from finetune_api.v1alpha1 import FineTuneJob, FineTuneJobSpec, Method, ModelType, OutputFile
 from finetune_trainer.job import trains_text_encoder
 
 CARD = "README.md"
@@ -46,7 +46,7 @@ def _what(path: str, *, name: str, ti: bool = False) -> str:
         return "its original config (web UIs read it beside the file)"
     if path.startswith("learned_embeds"):
         return "the learned word, diffusers' layout (load_textual_inversion)"
-    if path == f"{name}.safetensors" and ti:
+    if path == f"{name}_emb.safetensors" or (path == f"{name}.safetensors" and ti):
         return "the learned word, the web UIs' embedding layout"
     if path == "loss.png":
         return "loss and learning rate by step"
@@ -107,7 +107,7 @@ def render(job: FineTuneJob, *, step: int, settings: dict[str, str], files: Sequ
         ("mixed precision", settings.get("mixed_precision", str(training.mixed_precision))),
         (
             "text encoder trained",
-            "its embeddings of the new word" if ti else ("yes" if trains_text_encoder(spec) else "no"),
+            "its embeddings of the new word" if ti else _text_encoder_trained(spec),
         ),
         ("seed", str(training.seed)),
         ("exported in", "fp16" if spec.output.half_precision else "fp32"),
@@ -124,6 +124,16 @@ def render(job: FineTuneJob, *, step: int, settings: dict[str, str], files: Sequ
     if ti and spec.textual_inversion is not None:
         word = spec.textual_inversion
         rows.insert(1, ("Textual Inversion", f"word {word.token}, {word.vectors} vector(s), from {word.initializer!r}"))
+    if lora and spec.lora.new_tokens is not None:
+        new = spec.lora.new_tokens
+        rows.insert(
+            2,
+            (
+                "pivotal tuning",
+                f"word {new.token}, {new.vectors} vector(s), from {new.initializer!r}, learned in the first "
+                f"{new.train_fraction:.0%} of the run",
+            ),
+        )
     average = training.ema
     if average is not None:
         ramp = "warm-up" if average.warmup else "plain ramp"
@@ -148,6 +158,7 @@ def render(job: FineTuneJob, *, step: int, settings: dict[str, str], files: Sequ
         size = _size(folder_bytes if shown == "diffusers/" else entry.size_bytes)
         lines.append(f"| `{shown}` | {size} | {what} |")
     lines += ["", "`manifest.json` lists every file with its SHA-256.", "", "## How to use", ""]
+    shown_prompt = spec.dataset.instance_prompt
     if "diffusers/model_index.json" in paths:
         lines += [
             "The diffusers folder (fp32 unless you ask for `torch_dtype=torch.float16`):",
@@ -161,31 +172,8 @@ def render(job: FineTuneJob, *, step: int, settings: dict[str, str], files: Sequ
             "",
         ]
     if ti and spec.textual_inversion is not None:
-        token = spec.textual_inversion.token
-        second = "learned_embeds_2.safetensors" in paths
-        lines += [
-            f"The word `{token}`, on the base model:",
-            "",
-            "```python",
-            f'pipe = {pipeline}.from_pretrained("<the base model>")',
-            f'pipe.load_textual_inversion("learned_embeds.safetensors", token="{token}"'
-            + (", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)" if second else ")"),
-            *(
-                [
-                    f'pipe.load_textual_inversion("learned_embeds_2.safetensors", token="{token}", '
-                    "text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)"
-                ]
-                if second
-                else []
-            ),
-            f'image = pipe("{spec.dataset.instance_prompt}").images[0]',
-            "```",
-            "",
-            f"In a web UI: `{name}.safetensors` into `embeddings/`; its file name is the word there, so write "
-            f"`{name}` in the prompt where you trained `{token}` (or rename the file). In ComfyUI: into "
-            f"`models/embeddings/`, then `embedding:{name}` in the prompt. InvokeAI reads it too.",
-            "",
-        ]
+        lines += [f"The word `{spec.textual_inversion.token}`, on the base model:", ""]
+        lines += _word_lines(spec.textual_inversion.token, f"{name}.safetensors", pipeline, paths, prompt=shown_prompt)
     elif f"{name}.safetensors" in paths:
         beside = f" with `{name}.yaml` beside it" if f"{name}.yaml" in paths else ""
         lines += [
@@ -244,12 +232,56 @@ def render(job: FineTuneJob, *, step: int, settings: dict[str, str], files: Sequ
             ),
             "",
         ]
+    new_tokens = spec.lora.new_tokens if lora else None
+    if new_tokens is not None:
+        lines += [
+            f"Pivotal tuning: the adapter and the word `{new_tokens.token}` were learned together, so load both (the "
+            "LoRA as above, then the word):",
+            "",
+        ]
+        emb = f"{name}_emb.safetensors"
+        lines += _word_lines(new_tokens.token, emb, pipeline, paths, prompt=shown_prompt, on_base=False)
     pictures = [p for p in ("loss.png", "samples.png") if p in paths]
     if pictures:
         lines += ["## How it went", ""]
         lines += [f"![{p.removesuffix('.png')}]({p})" for p in pictures]
         lines.append("")
     return "\n".join(lines)
+
+
+def _text_encoder_trained(spec: FineTuneJobSpec) -> str:
+    if spec.method == Method.LORA and spec.lora.new_tokens is not None:
+        return "adapters and the new word's embeddings" if spec.lora.train_text_encoder else "the new word's embeddings"
+    return "yes" if trains_text_encoder(spec) else "no"
+
+
+def _word_lines(
+    token: str, webui_file: str, pipeline: str, paths: set[str], *, prompt: str | None, on_base: bool = True
+) -> list[str]:
+    """How to load a learned word: diffusers' files, then the web UIs' (whose word is the file's name)."""
+    second = "learned_embeds_2.safetensors" in paths
+    word = webui_file.removesuffix(".safetensors")
+    return [
+        "```python",
+        *([f'pipe = {pipeline}.from_pretrained("<the base model>")'] if on_base else []),
+        f'pipe.load_textual_inversion("learned_embeds.safetensors", token="{token}"'
+        + (", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)" if second else ")"),
+        *(
+            [
+                f'pipe.load_textual_inversion("learned_embeds_2.safetensors", token="{token}", '
+                "text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)"
+            ]
+            if second
+            else []
+        ),
+        f'image = pipe("{prompt}").images[0]',
+        "```",
+        "",
+        f"In a web UI: `{webui_file}` into `embeddings/`; its file name is the word there, so write `{word}` in "
+        f"the prompt where you trained `{token}` (or rename the file). In ComfyUI: into `models/embeddings/`, then "
+        f"`embedding:{word}` in the prompt. InvokeAI reads it too.",
+        "",
+    ]
 
 
 def write(path: Path, text: str) -> Path:

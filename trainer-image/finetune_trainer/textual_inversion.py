@@ -15,6 +15,9 @@ kohya's ``train_textual_inversion.py``, A1111's embeddings).
   ``learned_embeds_2.safetensors``), which diffusers' ``load_textual_inversion`` reads, and
   ``<name>.safetensors`` in the web UIs' layout (``emb_params``; SDXL: ``clip_l`` and
   ``clip_g``), which A1111, Forge, ComfyUI and InvokeAI read.
+- Pivotal tuning (``spec.training.lora.newTokens``, diffusers' advanced DreamBooth LoRA script):
+  the same word learned in the same steps as a LoRA, for the first ``trainFraction`` of the run
+  (then frozen), and exported beside the LoRA's files.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ DIFFUSERS_FILES = ("learned_embeds.safetensors", "learned_embeds_2.safetensors")
 # The web UIs' keys: one text encoder (SD 1.x/2.x), or SDXL's two.
 WEBUI_KEYS = {1: ("emb_params",), 2: ("clip_l", "clip_g")}
 FIELD = "spec.textualInversion"
+# A checkpoint's text-encoder file: the word's vectors under this name.
+CHECKPOINT_KEY = "vectors"
 
 
 def token_names(settings: TextualInversionSettings) -> list[str]:
@@ -57,15 +62,30 @@ class Learned:
     ids: list[list[int]]  # per text encoder: the rows of token_names(settings)
     kept: list[Any]  # per text encoder: a bool mask of the rows that must not move
     original: list[Any]  # per text encoder: the table as it started
+    # Pivotal tuning after newTokens.trainFraction of the run: the tables no longer learn.
+    frozen: bool = False
 
     def restore(self, encoders: list[Any]) -> None:
         """Put every row but the word's back as it was."""
         import torch
 
+        if self.frozen:
+            return  # no gradient, so the optimizer leaves the tables alone (weight decay too)
         with torch.no_grad():
             for encoder, kept, original in zip(encoders, self.kept, self.original, strict=True):
                 weight = encoder.get_input_embeddings().weight
                 weight[kept] = original[kept].to(weight.device, weight.dtype)
+
+    def learn(self, encoders: list[Any]) -> None:
+        """Let the tables learn (again, after something froze the encoders: peft's adapters do)."""
+        for encoder in encoders:
+            encoder.get_input_embeddings().weight.requires_grad_(not self.frozen)
+
+    def freeze(self, encoders: list[Any]) -> None:
+        """From now on the word stays as it is: the tables get no gradient, so the optimizer
+        (AdamW skips a parameter without one) leaves them alone."""
+        self.frozen = True
+        self.learn(encoders)
 
     def vectors(self, encoders: list[Any]) -> list[torch.Tensor]:
         """The word's vectors in each text encoder: (vectors, width)."""
@@ -73,7 +93,14 @@ class Learned:
 
     def one(self, index: int) -> Learned:
         """What concerns text encoder ``index`` alone."""
-        return Learned(self.settings, [self.ids[index]], [self.kept[index]], [self.original[index]])
+        return Learned(self.settings, [self.ids[index]], [self.kept[index]], [self.original[index]], self.frozen)
+
+    def load_checkpoint(self, encoders: list[Any], state: dict[str, Any], *, source: Path) -> None:
+        """The word's vectors from a checkpoint's file of these text encoders (taken out of ``state``)."""
+        vectors = state.pop(CHECKPOINT_KEY, None)
+        if vectors is None or vectors.shape[0] != self.settings.vectors:
+            raise BadInput(f"{source} does not hold this run's {self.settings.vectors} vector(s)", field=FIELD)
+        self.load(encoders, [vectors])
 
     def load(self, encoders: list[Any], vectors: list[torch.Tensor]) -> None:
         import torch
@@ -84,7 +111,9 @@ class Learned:
                 weight[ids] = values.to(weight.device, weight.dtype)
 
 
-def add_word(tokenizers: list[Any], encoders: list[Any], settings: TextualInversionSettings) -> Learned:
+def add_word(
+    tokenizers: list[Any], encoders: list[Any], settings: TextualInversionSettings, *, field: str = FIELD
+) -> Learned:
     """Add the word to every tokenizer and text encoder, started from the initializer's
     embeddings; freeze each encoder but its embedding table.  Refuses a word the tokenizer
     already has (it would not be new: its learned vectors would replace a real word's)."""
@@ -98,11 +127,11 @@ def add_word(tokenizers: list[Any], encoders: list[Any], settings: TextualInvers
             raise BadInput(
                 f"{settings.token!r} is already a word of the tokenizer ({known[0]!r}); choose a new one, such as "
                 f"<{settings.token.strip('<>')}-ti>",
-                field=f"{FIELD}.token",
+                field=f"{field}.token",
             )
         start = tokenizer.encode(settings.initializer, add_special_tokens=False)
         if not start:
-            raise BadInput(f"{settings.initializer!r} has no tokens", field=f"{FIELD}.initializer")
+            raise BadInput(f"{settings.initializer!r} has no tokens", field=f"{field}.initializer")
         tokenizer.add_tokens(names)
         rows = tokenizer.convert_tokens_to_ids(names)
         encoder.resize_token_embeddings(len(tokenizer))
@@ -128,16 +157,14 @@ def register_checkpoint_hooks(accelerator: Any, learned: Learned) -> None:
 
     def save(models: list[Any], weights: list[dict[str, Any]], output_dir: str) -> None:
         for index in range(len(weights)):
-            weights[index] = {"vectors": learned.one(index).vectors([accelerator.unwrap_model(models[index])])[0]}
+            vectors = learned.one(index).vectors([accelerator.unwrap_model(models[index])])[0]
+            weights[index] = {CHECKPOINT_KEY: vectors}
 
     def load(models: list[Any], input_dir: str) -> None:
         for index, model in enumerate(list(models)):
             name = "model.safetensors" if index == 0 else f"model_{index}.safetensors"
             path = Path(input_dir) / name
-            state = load_file(str(path))
-            if "vectors" not in state or state["vectors"].shape[0] != learned.settings.vectors:
-                raise BadInput(f"{path} does not hold this run's {learned.settings.vectors} vector(s)", field=FIELD)
-            learned.one(index).load([accelerator.unwrap_model(model)], [state["vectors"]])
+            learned.one(index).load_checkpoint([accelerator.unwrap_model(model)], load_file(str(path)), source=path)
         models.clear()  # loaded here; accelerate must not load them again as full models
 
     accelerator.register_save_state_pre_hook(save)

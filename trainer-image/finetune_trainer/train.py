@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -162,6 +163,10 @@ class DreamBoothRecipe:
         self.learned: textual_inversion.Learned | None = None
         self.family = families.family_of(self.spec.base_model.type)
         self.trains_text_encoder = trains_text_encoder(self.spec)
+        # LoRA: adapters on the text encoders (pivotal tuning alone trains their tables, not adapters).
+        self.text_adapters = self.lora and self.spec.lora.train_text_encoder
+        # Pivotal tuning's newTokens.trainFraction: the step from which the word stays as it is.
+        self.word_frozen_at: int | None = None
         self.step = 0
         self.pending: list[PendingStep] = []
         self.compiled_step_done = False
@@ -487,7 +492,9 @@ class DreamBoothRecipe:
             # nothing is left to encode the text encoders leave it (9.5 GB of T5-XXL in bf16).
             self._encode_prompts_first()
         if self.lora:
-            # The whole base model is frozen; only the adapters (fp32) learn.
+            # The whole base model is frozen; only the adapters (fp32) learn, and with pivotal
+            # tuning the new word's rows of the text encoders' tables (the encoders stay fp32).
+            new_tokens = self.spec.lora.new_tokens
             unet = base.denoiser()
             unet.requires_grad_(False)
             if base.quantized == "none":
@@ -501,10 +508,16 @@ class DreamBoothRecipe:
                     # never in fp16, whose range its activations exceed).
                     encoder.to(device)
                 else:
-                    encoder.to(device, dtype=self.weight_dtype)
-            adapted = encoders if self.trains_text_encoder else []
+                    encoder.to(device, dtype=torch.float32 if new_tokens else self.weight_dtype)
+            if new_tokens is not None:
+                self.learned = textual_inversion.add_word(
+                    base.tokenizers, encoders, new_tokens, field="spec.training.lora.newTokens"
+                )
+            adapted = encoders if self.text_adapters else []
             lora.add_adapters(unet, adapted, self.spec.lora, family=self.family)
-            lora.register_checkpoint_hooks(self.accelerator)
+            if self.learned is not None:
+                self.learned.learn(encoders)  # peft froze everything but its adapters
+            lora.register_checkpoint_hooks(self.accelerator, self.learned)
         elif self.spec.method == Method.TEXTUAL_INVERSION and self.spec.textual_inversion is not None:
             # The base model frozen; the word's rows of each text encoder's table learn (the
             # encoders stay fp32: their tables are trained).
@@ -621,7 +634,7 @@ class DreamBoothRecipe:
             num_warmup_steps=training.lr_warmup_steps * accelerator.num_processes,
             num_training_steps=self.total_steps * accelerator.num_processes,
         )
-        if self.learned is not None:
+        if self.learned is not None and not self.lora:
             # Only the text encoders learn: the frozen UNet is not handed to accelerate (a
             # model without a trainable parameter cannot be wrapped for several processes).
             *prepared, self.optimizer, self.lr_scheduler = accelerator.prepare(*trained, optimizer, scheduler)
@@ -640,7 +653,7 @@ class DreamBoothRecipe:
             self.text_encoders = list(self.base.text_encoders)
         self.trainable = params
         self.models = [self.unet, *(swap[id(t)] for t in trained)] if self.trains_text_encoder else [self.unet]
-        if self.learned is not None:
+        if self.learned is not None and not self.lora:
             self.models = [swap[id(t)] for t in trained]
         if self.settings.compile:
             import torch
@@ -814,6 +827,7 @@ class DreamBoothRecipe:
         else:
             self.reporter.set_stage(Stage.TRAINING, message=span)
         while self.step < self.total_steps:
+            self._maybe_freeze_the_word()
             losses = self.train_step() if self.compiled_step_done or not self.settings.compile else self._compile()
             self.step += 1
             if self.ema is not None:
@@ -831,6 +845,22 @@ class DreamBoothRecipe:
                     self.save_checkpoint()
                 if self._act_on_requests():
                     break
+
+    def _maybe_freeze_the_word(self) -> None:
+        """Pivotal tuning: after newTokens.trainFraction of the run the word stays as it is and
+        only the adapters learn on (diffusers' advanced script's --train_text_encoder_ti_frac)."""
+        new_tokens = self.spec.lora.new_tokens if self.lora else None
+        if self.learned is None or new_tokens is None or self.learned.frozen:
+            return
+        if self.word_frozen_at is None:
+            self.word_frozen_at = math.ceil(self.total_steps * new_tokens.train_fraction)
+        if self.step >= self.word_frozen_at:
+            self.learned.freeze(self.base.text_encoders)
+            log.info(
+                f"the new word's vectors stay as they are from step {self.step} (newTokens.trainFraction "
+                f"{new_tokens.train_fraction:g}); the adapters learn on",
+                extra={"event": "word-frozen"},
+            )
 
     def _requests(self) -> dict[str, str]:
         """What a person asked of this run (contract.REQUEST_ANNOTATIONS) and it has not done:
@@ -1280,7 +1310,7 @@ class DreamBoothRecipe:
         unet = accelerator.unwrap_model(self.unet, keep_torch_compile=False)
         text_encoders = [accelerator.unwrap_model(e) for e in self.text_encoders]
         vae = self.base.vae
-        text_adapters = self.lora and self.trains_text_encoder
+        text_adapters = self.text_adapters
         output = self.spec.output
         low = self.settings.mixed_precision
         full_model = self.spec.method == Method.DREAMBOOTH or (self.lora and output.merge_lora)

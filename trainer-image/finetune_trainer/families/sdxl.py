@@ -137,8 +137,10 @@ class StableDiffusionXL(ModelFamily):
         state = 2 if optimizer == "AdamW8bit" else 8  # bytes of AdamW's two moments per parameter
         text = sum(TEXT_PARAMS)
         if spec.method == Method.LORA:
-            # The frozen model in the mixed precision; the adapters are a rounding error.
-            weights = (UNET_PARAMS + text) * low + VAE_PARAMS * 4
+            # The frozen model in the mixed precision; the adapters are a rounding error.  Pivotal
+            # tuning keeps the text encoders in fp32 (their tables train).
+            text_bytes = 4 if spec.training.lora is not None and spec.training.lora.new_tokens else low
+            weights = UNET_PARAMS * low + text * text_bytes + VAE_PARAMS * 4
             basis = "the frozen SDXL weights and 1024 px activations (diffusers: LoRA fits 16 GB)"
         elif spec.method == Method.TEXTUAL_INVERSION:
             # The frozen UNet in the mixed precision, the text encoders in fp32 (their tables train).
