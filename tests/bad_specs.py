@@ -320,6 +320,29 @@ BAD_SPECS = [
         ),
         "spec.training.lora.newTokens.trainFraction",
     ),
+    BadSpec("select-best-without-evaluation", _set("output.select", "best"), "spec.output.select"),
+    BadSpec(
+        "evaluation-unknown-floor",
+        _set("evaluation", {"prompts": ["a sks dog"], "dinoModel": "hf://facebook/dino-vits16", "floors": {"fid": 1}}),
+        "spec.evaluation",
+    ),
+    BadSpec(
+        "evaluation-dino-without-its-model",
+        _set("evaluation", {"prompts": ["a sks dog"], "clipModel": "hf://openai/clip-vit-base-patch32"}),
+        "spec.evaluation",
+    ),
+    BadSpec(
+        "evaluation-clip-floor-without-its-model",
+        _set(
+            "evaluation", {"prompts": ["a sks dog"], "dinoModel": "hf://facebook/dino-vits16", "floors": {"clipT": 0.2}}
+        ),
+        "spec.evaluation",
+    ),
+    BadSpec(
+        "evaluation-no-prompts",
+        _set("evaluation", {"prompts": [], "dinoModel": "hf://facebook/dino-vits16"}),
+        "spec.evaluation.prompts",
+    ),
     BadSpec("memory-zero", _set("resources.memory", "0"), "spec.resources.memory"),
     BadSpec("cpu-zero", _set("resources.cpu", "0.0"), "spec.resources.cpu"),
     BadSpec("gpu-resource-memory", _set("resources.gpuResource", "memory"), "spec.resources.gpuResource"),

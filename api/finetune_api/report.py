@@ -14,7 +14,15 @@ from typing import Literal
 from pydantic import Field
 
 # FailureReason lives with the status's other reasons; the trainer's summary names one.
-from finetune_api.v1alpha1 import CheckpointRef, DatasetStatus, FailureReason, OutputFile, Stage, _Model
+from finetune_api.v1alpha1 import (
+    CheckpointRef,
+    DatasetStatus,
+    EvaluationStatus,
+    FailureReason,
+    OutputFile,
+    Stage,
+    _Model,
+)
 
 __all__ = [
     "MAX_REPORT_BYTES",
@@ -75,6 +83,7 @@ class ProgressEvent(_Model):
         default_factory=dict, description="Choices the trainer made (precision, attention, compile, ...)."
     )
     dataset: DatasetStatus | None = None
+    evaluation: EvaluationStatus | None = None
     done: dict[str, str] = Field(
         default_factory=dict,
         max_length=8,
@@ -107,3 +116,4 @@ class TrainerSummary(_Model):
         default_factory=dict, description="Choices the trainer made (precision, attention, compile, ...)."
     )
     dataset: DatasetStatus | None = None
+    evaluation: EvaluationStatus | None = None

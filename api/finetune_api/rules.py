@@ -268,6 +268,27 @@ LORA = (
     ),
 )
 
+# Model rules of spec.evaluation.
+EVALUATION = (
+    Rule(
+        "self.floors.all(k, k in ['dino', 'clipI', 'clipT'])",
+        "floors: the scores are dino, clipI and clipT (e.g. clipT: 0.25)",
+        lambda e: all(k in ("dino", "clipI", "clipT") for k in e.floors),
+    ),
+    Rule(
+        "has(self.dinoModel) || (self.rankBy != 'dino' && !('dino' in self.floors))",
+        "dinoModel is needed to score dino (rankBy or floors): set dinoModel (e.g. hf://facebook/dino-vits16) or "
+        "rank by clipI or clipT",
+        lambda e: e.dino_model is not None or (e.rank_by != "dino" and "dino" not in e.floors),
+    ),
+    Rule(
+        "has(self.clipModel) || (self.rankBy == 'dino' && !('clipI' in self.floors) && !('clipT' in self.floors))",
+        "clipModel is needed to score clipI and clipT (rankBy or floors): set clipModel (e.g. "
+        "hf://openai/clip-vit-base-patch32)",
+        lambda e: e.clip_model is not None or (e.rank_by == "dino" and not {"clipI", "clipT"} & set(e.floors)),
+    ),
+)
+
 FLUX_LORA_ONLY = (
     "spec.method: flux1 trains LoRA only (a full Flux.1 fine-tune needs several 80 GB GPUs); set spec.method: LoRA"
 )
@@ -390,6 +411,12 @@ SPEC = (
         lambda s: _new_tokens(s) is None or s.training.ema is None,
     ),
     Rule(
+        "self.output.select != 'best' || has(self.evaluation)",
+        "spec.output.select: best picks the checkpoint spec.evaluation ranks first; set spec.evaluation (prompts and "
+        "a scoring model) or select: last",
+        lambda s: s.output.select != "best" or s.evaluation is not None,
+    ),
+    Rule(
         "self.method == 'LoRA' || !has(self.training.lora)",
         "spec.training.lora is only for method LoRA: set spec.method: LoRA or remove it",
         lambda s: s.method == "LoRA" or s.training.lora is None,
@@ -446,5 +473,6 @@ TABLES: dict[str, tuple[Rule, ...]] = {
     "resources": RESOURCES,
     "training": TRAINING,
     "lora": LORA,
+    "evaluation": EVALUATION,
     "spec": SPEC,
 }

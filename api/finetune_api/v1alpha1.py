@@ -754,6 +754,13 @@ class Output(_Model):
         alias="mergeLoRA",
         description="Method LoRA: also export a full model with the adapter merged in.",
     )
+    select: Literal["last", "best"] = Field(
+        default="last",
+        description=(
+            "Which checkpoint the exports are made from: last (the end of the run) or best (the one "
+            "spec.evaluation ranks first; kept whatever checkpoints.keepLast says)."
+        ),
+    )
     overwrite: bool = Field(
         default=False,
         description=(
@@ -767,6 +774,75 @@ class Output(_Model):
     @classmethod
     def _uri(cls, value: str) -> str:
         return check_uri(value)
+
+
+class Score(StrEnum):
+    """The DreamBooth paper's scores (Ruiz et al., CVPR 2023, DreamBench): subject fidelity as DINO
+    and CLIP-I (each generated image against the instance photos), prompt fidelity as CLIP-T."""
+
+    DINO = "dino"
+    CLIP_I = "clipI"
+    CLIP_T = "clipT"
+
+
+class Evaluation(_Model):
+    """Scores on every checkpoint: the evaluation prompts rendered with the samples' settings at
+    fixed seeds, scored as the DreamBooth paper does."""
+
+    prompts: list[Annotated[str, Field(min_length=1, max_length=1000)]] = Field(
+        min_length=1,
+        max_length=32,
+        description="Prompts rendered at every checkpoint (e.g. DreamBench's: a photo of sks dog in the jungle).",
+    )
+    images_per_prompt: int = Field(
+        default=1,
+        ge=1,
+        le=8,
+        description="Images per prompt, at seeds spec.samples.seed, +1, +2... (DreamBench renders 4).",
+    )
+    clip_model: Uri | None = Field(
+        default=None,
+        description=(
+            "A CLIP model (transformers' CLIPModel with its processor) for CLIP-I and CLIP-T, e.g. "
+            f"hf://openai/clip-vit-base-patch32. {URI_HELP}."
+        ),
+        json_schema_extra=rules.cel(rules.URI),
+    )
+    dino_model: Uri | None = Field(
+        default=None,
+        description=(
+            "A DINO ViT (its CLS embedding) for the DINO score; the paper's is ViT-S/16, "
+            f"hf://facebook/dino-vits16. {URI_HELP}."
+        ),
+        json_schema_extra=rules.cel(rules.URI),
+    )
+    rank_by: Score = Field(
+        default=Score.DINO,
+        description="The score that ranks checkpoints (higher is better), for output.select: best and the status.",
+    )
+    floors: dict[str, float] = Field(
+        default_factory=dict,
+        max_length=3,
+        description=(
+            "The least each other score must reach for a checkpoint to rank (e.g. clipT: 0.25, so that the subject "
+            "does not win by ignoring the prompt); where none reaches them, all rank."
+        ),
+    )
+
+    model_config = ConfigDict(json_schema_extra=rules.cel(rules.EVALUATION))
+
+    @field_validator("clip_model", "dino_model")
+    @classmethod
+    def _uris(cls, value: str | None) -> str | None:
+        return check_uri(value)
+
+    @model_validator(mode="after")
+    def _check(self) -> Evaluation:
+        return rules.enforce(self, rules.EVALUATION)
+
+    def needs(self) -> set[str]:
+        """The scores the rule reads."""
+        return {str(self.rank_by), *self.floors}
 
 
 class Samples(_Model):
@@ -985,6 +1061,13 @@ class FineTuneJobSpec(_Model):
     samples: Samples = Field(
         default_factory=Samples, description="Preview images during training.", json_schema_extra={"default": {}}
     )
+    evaluation: Evaluation | None = Field(
+        default=None,
+        description=(
+            "Scores on every checkpoint (DINO, CLIP-I, CLIP-T as the DreamBooth paper); off unless set. Needs the "
+            "scoring models' URIs."
+        ),
+    )
     resources: Resources = Field(
         default_factory=Resources,
         description="GPUs, CPU, memory and placement.",
@@ -1127,6 +1210,7 @@ class Stage(StrEnum):
     TRAINING = "training"
     CHECKPOINTING = "checkpointing"
     SAMPLING = "sampling"
+    EVALUATING = "evaluating"
     EXPORTING = "exporting"
     UPLOADING = "uploading"
     DONE = "done"
@@ -1159,6 +1243,18 @@ class CheckpointRef(_Model):
     uri: str = Field(description="Where it is (pvc://claim/path or an object-store URI).")
     size_bytes: int | None = Field(default=None, ge=0, description="Total size.")
     time: str | None = Field(default=None, description="When it was completed.")
+    scores: dict[str, float] = Field(
+        default_factory=dict, max_length=8, description="Its scores (spec.evaluation): dino, clipI, clipT."
+    )
+
+
+class EvaluationStatus(_Model):
+    """The checkpoint spec.evaluation ranks first, and by which rule."""
+
+    rule: str = Field(description="How checkpoints are ranked, in words.")
+    best_step: int | None = Field(default=None, ge=0, description="The step of the best checkpoint so far.")
+    best_scores: dict[str, float] = Field(default_factory=dict, max_length=8, description="Its scores.")
+    seconds: float | None = Field(default=None, ge=0, description="How long the last evaluation took.")
 
 
 class OutputFile(_Model):
@@ -1242,6 +1338,9 @@ class FineTuneJobStatus(_Model):
         description="Settings the trainer could not honour and what it did instead.",
     )
     dataset: DatasetStatus | None = Field(default=None, description="What the trainer found in the dataset.")
+    evaluation: EvaluationStatus | None = Field(
+        default=None, description="The best checkpoint by spec.evaluation's scores, and the rule."
+    )
 
 
 class ObjectMeta(BaseModel):

@@ -45,6 +45,8 @@ def claim_mounts(job: FineTuneJob) -> tuple[ClaimMount, ...]:
         (spec.dataset.class_images, True),
         (spec.output.uri, True),
     ]
+    if spec.evaluation is not None:
+        uses += [(spec.evaluation.clip_model, False), (spec.evaluation.dino_model, False)]
     for concept in spec.dataset.concepts or ():
         uses += [(concept.images, False), (concept.class_images, True)]
     writable: dict[str, bool] = {}

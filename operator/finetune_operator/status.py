@@ -22,6 +22,7 @@ from finetune_api.v1alpha1 import (
     CheckpointRef,
     Condition,
     DatasetStatus,
+    EvaluationStatus,
     FailureReason,
     FineTuneJobSpec,
     FineTuneJobStatus,
@@ -46,7 +47,7 @@ from finetune_operator.failures import (
 from finetune_operator.timestamps import rfc3339
 
 INITIALIZING_STAGES = {Stage.STARTING, Stage.DOWNLOADING, Stage.CLASS_IMAGES, Stage.CACHING, Stage.COMPILING}
-TRAINING_STAGES = {Stage.TRAINING, Stage.CHECKPOINTING, Stage.SAMPLING}
+TRAINING_STAGES = {Stage.TRAINING, Stage.CHECKPOINTING, Stage.SAMPLING, Stage.EVALUATING}
 EXPORTING_STAGES = {Stage.EXPORTING, Stage.UPLOADING, Stage.DONE}
 CONDITION_TYPES = ("Created", "Queued", "Running", "Suspended", "Succeeded", "Failed")
 FINAL_PHASES = frozenset(phase for phase in Phase if phase.final)
@@ -261,7 +262,13 @@ def _progress_fields(
         )
     if event.checkpoints:
         out["checkpoints"] = [
-            CheckpointRef(step=c.step, uri=_shown(c.uri, mounts), size_bytes=c.size_bytes, time=c.time)
+            CheckpointRef(
+                step=c.step,
+                uri=_shown(c.uri, mounts),
+                size_bytes=c.size_bytes,
+                time=c.time,
+                **({"scores": dict(c.scores)} if c.scores else {}),
+            )
             for c in event.checkpoints
         ]
     uri = event.output_uri
@@ -279,6 +286,8 @@ def _progress_fields(
     if event.dataset is not None:
         # Every field counts as set: the wire form shows the defaults of what the trainer left out.
         out["dataset"] = DatasetStatus.model_validate(event.dataset.model_dump())
+    if event.evaluation is not None:
+        out["evaluation"] = EvaluationStatus.model_validate(event.evaluation.model_dump())
     return out
 
 

@@ -11,7 +11,17 @@ from typing import Any
 import finetune_operator
 from finetune_api import parse_manifest
 from finetune_api.report import ProgressEvent
-from finetune_api.v1alpha1 import DatasetStatus, FailureReason, FineTuneJobStatus, OutputFile, Phase, Reason, Stage
+from finetune_api.v1alpha1 import (
+    CheckpointRef,
+    DatasetStatus,
+    EvaluationStatus,
+    FailureReason,
+    FineTuneJobStatus,
+    OutputFile,
+    Phase,
+    Reason,
+    Stage,
+)
 from finetune_operator.render import ClaimMount
 from finetune_operator.status import (
     EXPORTING_STAGES,
@@ -136,6 +146,26 @@ def test_what_the_trainer_found_in_the_dataset_reaches_status() -> None:
     progress = event().model_copy(update={"dataset": DatasetStatus.model_validate(found)})
     status = status_of(Observed(job=job(active=1), pods=[pod()], progress=progress))
     assert status["dataset"] == found
+
+
+def test_checkpoint_scores_and_the_best_checkpoint_reach_status() -> None:
+    progress = event().model_copy(
+        update={
+            "checkpoints": [
+                CheckpointRef(step=2, uri="/data/outputs/good/checkpoints/checkpoint-000002", scores={"dino": 0.7}),
+                CheckpointRef(step=4, uri="/data/outputs/good/checkpoints/checkpoint-000004", scores={"dino": 0.6}),
+            ],
+            "evaluation": EvaluationStatus(rule="highest dino", best_step=2, best_scores={"dino": 0.7}, seconds=3.5),
+        }
+    )
+    status = status_of(Observed(job=job(active=1), pods=[pod()], progress=progress))
+    assert [c["scores"] for c in status["checkpoints"]] == [{"dino": 0.7}, {"dino": 0.6}]
+    assert status["evaluation"] == {
+        "rule": "highest dino",
+        "bestStep": 2,
+        "bestScores": {"dino": 0.7},
+        "seconds": 3.5,
+    }
 
 
 def test_progress_of_an_earlier_attempt_is_not_the_current_state() -> None:

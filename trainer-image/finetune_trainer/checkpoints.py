@@ -85,7 +85,13 @@ class Checkpoint:
     def ref(self, *, uri: str | None = None) -> CheckpointRef:
         """For reports; ``uri`` where it is not the local path (an object-store output)."""
         size = sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
-        return CheckpointRef(step=self.step, uri=uri or str(self.path), size_bytes=size, time=self.state.get("time"))
+        return CheckpointRef(
+            step=self.step,
+            uri=uri or str(self.path),
+            size_bytes=size,
+            time=self.state.get("time"),
+            scores=dict(self.state.get("scores") or {}),
+        )
 
 
 def complete_checkpoints(root: Path) -> list[Checkpoint]:
@@ -125,9 +131,17 @@ def check_compatible(checkpoint: Checkpoint, *, fingerprint: str, output_field: 
 
 
 def save(
-    accelerator: Any, root: Path, *, step: int, state: dict[str, Any], keep_last: int, writer: str = ""
+    accelerator: Any,
+    root: Path,
+    *,
+    step: int,
+    state: dict[str, Any],
+    keep_last: int,
+    writer: str = "",
+    keep: frozenset[int] = frozenset(),
 ) -> Checkpoint:
-    """Write a checkpoint for ``step`` (every process takes part) and prune the oldest.
+    """Write a checkpoint for ``step`` (every process takes part) and prune the oldest but the
+    steps in ``keep`` (spec.evaluation's best).
 
     ``writer`` tags the temporary name: the same on every process of this run (they all write
     into it), another for any other writer."""
@@ -158,7 +172,7 @@ def save(
             tmp.rename(final)
             _fsync(root, folder=True)
         storage.make_readable(final)
-        prune(root, keep_last=keep_last)
+        prune(root, keep_last=keep_last, keep=keep)
     accelerator.wait_for_everyone()
     return checkpoint
 
@@ -189,9 +203,10 @@ def sync_tree(folder: Path) -> None:
         _fsync(directory, folder=True)
 
 
-def prune(root: Path, *, keep_last: int) -> list[Path]:
+def prune(root: Path, *, keep_last: int, keep: frozenset[int] = frozenset()) -> list[Path]:
+    """Remove all but the newest ``keep_last`` complete checkpoints and those of the steps in ``keep``."""
     complete = complete_checkpoints(root)
-    removed = [c.path for c in complete[: max(0, len(complete) - keep_last)]]
+    removed = [c.path for c in complete[: max(0, len(complete) - keep_last)] if c.step not in keep]
     for path in removed:
         shutil.rmtree(path, ignore_errors=True)
     return removed

@@ -175,6 +175,7 @@ def run(job_path: Path) -> int:
         summary.warnings = reporter.warnings
         summary.settings = dict(reporter.settings)
         summary.dataset = reporter.dataset
+        summary.evaluation = reporter.evaluation
         report.write_summary(summary)
     launch.record_exit_code(code)
     return int(code)

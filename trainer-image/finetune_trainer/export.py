@@ -85,6 +85,7 @@ def export_all(
     settings: dict[str, str],
     pictures: Sequence[Path] = (),
     samples: Sequence[Path] = (),
+    scores: Sequence[tuple[int, dict[str, float]]] = (),
 ) -> list[OutputFile]:
     """Write every requested format and the manifest; return the files for the report.
 
@@ -143,7 +144,7 @@ def export_all(
             written += trained.family.extra_exports(trained=trained, single_file=single)
     written += [p for p in pictures if p.is_file()]
     files = list_files(output, written)
-    card = model_card.render(job, step=step, settings=settings, files=files)
+    card = model_card.render(job, step=step, settings=settings, files=files, scores=scores)
     files.append(describe(output, model_card.write(output / model_card.CARD, card)))
     write_manifest(
         output,

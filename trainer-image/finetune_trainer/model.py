@@ -157,6 +157,19 @@ def locate(source: BaseModelSource, *, cache_dir: Path, store: storage.ObjectSto
     return path
 
 
+def locate_uri(
+    uri: str, *, field: str, patterns: list[str], cache_dir: Path, store: storage.ObjectStore | None = None
+) -> Path:
+    """A local path for a model other than the base (a scoring model): an hf:// repository's
+    ``patterns``, a volume's folder, an object store's copy."""
+    if storage.scheme(uri) == "hf":
+        return _from_hub(uri, revision=None, cache_dir=cache_dir, patterns=patterns, field=field)
+    path = storage.fetch(uri, field=field, cache_dir=cache_dir, store=store)
+    if path is None or not path.exists():
+        raise BadInput(f"{uri} does not exist; give a model's folder", field=field)
+    return path
+
+
 def _from_hub(uri: str, *, revision: str | None, cache_dir: Path, patterns: list[str], field: str = FIELD) -> Path:
     from huggingface_hub import HfApi, hf_hub_download, snapshot_download
     from huggingface_hub.errors import (

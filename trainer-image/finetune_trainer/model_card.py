@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from finetune_api.v1alpha1 import FineTuneJob, FineTuneJobSpec, Method, ModelType, OutputFile
+from finetune_api.v1alpha1 import Evaluation, FineTuneJob, FineTuneJobSpec, Method, ModelType, OutputFile
 from finetune_trainer.job import trains_text_encoder
 
 CARD = "README.md"
@@ -55,7 +55,14 @@ def _what(path: str, *, name: str, ti: bool = False) -> str:
     return ""
 
 
-def render(job: FineTuneJob, *, step: int, settings: dict[str, str], files: Sequence[OutputFile]) -> str:
+def render(
+    job: FineTuneJob,
+    *,
+    step: int,
+    settings: dict[str, str],
+    files: Sequence[OutputFile],
+    scores: Sequence[tuple[int, dict[str, float]]] = (),
+) -> str:
     spec = job.spec
     name = job.metadata.name or "model"
     model_type = ModelType(spec.base_model.type)
@@ -241,12 +248,40 @@ def render(job: FineTuneJob, *, step: int, settings: dict[str, str], files: Sequ
         ]
         emb = f"{name}_emb.safetensors"
         lines += _word_lines(new_tokens.token, emb, pipeline, paths, prompt=shown_prompt, on_base=False)
+    if scores and spec.evaluation is not None:
+        lines += _score_lines(spec.evaluation, scores, exported=step, select=spec.output.select)
     pictures = [p for p in ("loss.png", "samples.png") if p in paths]
     if pictures:
         lines += ["## How it went", ""]
         lines += [f"![{p.removesuffix('.png')}]({p})" for p in pictures]
         lines.append("")
     return "\n".join(lines)
+
+
+def _score_lines(
+    settings: Evaluation, scores: Sequence[tuple[int, dict[str, float]]], *, exported: int, select: str
+) -> list[str]:
+    """The scores of each checkpoint kept, the exported one marked."""
+    from finetune_trainer import evaluation
+
+    names = [n for n in ("dino", "clipI", "clipT") if any(n in s for _, s in scores)]
+    top = evaluation.best(scores, settings)
+    lines = [
+        "## Scores",
+        "",
+        f"{len(settings.prompts)} prompt(s) x {settings.images_per_prompt} image(s) at each checkpoint, scored as "
+        "the DreamBooth paper does (DINO and CLIP-I: each image against the instance photos; CLIP-T: against its "
+        f"prompt). Ranked by {evaluation.rule_text(settings)}" + (f": step {top[0]} first." if top else "."),
+        f"This model is the checkpoint of step {exported} (output.select: {select}).",
+        "",
+        "| step | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for at, values in scores:
+        mark = " (exported)" if at == exported else ""
+        cells = " | ".join(f"{values[n]:.4f}" if n in values else "" for n in names)
+        lines.append(f"| {at}{mark} | {cells} |")
+    return [*lines, ""]
 
 
 def _text_encoder_trained(spec: FineTuneJobSpec) -> str:

@@ -219,7 +219,7 @@ class Output:
             rel = path.relative_to(self.local).as_posix()
             self.remote.upload(path, rel, sha256=known.get(rel) or storage.sha256_file(path))
 
-    def push_checkpoint(self, path: Path, *, keep_last: int) -> None:
+    def push_checkpoint(self, path: Path, *, keep_last: int, keep: frozenset[int] = frozenset()) -> None:
         """Upload a complete local checkpoint, its state file last, and prune older ones."""
         if self.remote is None:
             return
@@ -229,7 +229,7 @@ class Output:
         self.remote.delete(f"{rel}/{STATE_FILE}")
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != STATE_FILE)
         self.push([*files, path / STATE_FILE])
-        self.remote.prune_checkpoints(keep_last=keep_last)
+        self.remote.prune_checkpoints(keep_last=keep_last, keep=keep)
 
 
 class RemoteFolder:
@@ -410,9 +410,11 @@ class RemoteFolder:
                 log.info(f"removing {self.uri_of(folder)}: an incomplete checkpoint", extra={"event": "cleanup"})
                 self.fs.rm(key, recursive=True)
 
-    def prune_checkpoints(self, *, keep_last: int) -> None:
+    def prune_checkpoints(self, *, keep_last: int, keep: frozenset[int] = frozenset()) -> None:
         steps = self.complete_checkpoint_steps()
         for step in sorted(steps)[: max(0, len(steps) - keep_last)]:
+            if step in keep:
+                continue
             folder = steps[step]
             # The state file first: a prune cut short leaves an incomplete checkpoint, never a
             # complete-looking one with files missing.

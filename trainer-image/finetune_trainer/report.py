@@ -39,7 +39,7 @@ from finetune_api.report import (
     Thumbnail,
     TrainerSummary,
 )
-from finetune_api.v1alpha1 import CheckpointRef, DatasetStatus, OutputFile, Stage
+from finetune_api.v1alpha1 import CheckpointRef, DatasetStatus, EvaluationStatus, OutputFile, Stage
 
 log = logging.getLogger("finetune_trainer")
 
@@ -354,6 +354,7 @@ class ProgressReporter:
         self.warnings: list[str] = []
         self.settings: dict[str, str] = {}
         self.dataset: DatasetStatus | None = None
+        self.evaluation: EvaluationStatus | None = None
         self.checkpoints: list[CheckpointRef] = []
         self.output_uri: str | None = None
         self.files: list[OutputFile] = []
@@ -425,6 +426,7 @@ class ProgressReporter:
             warnings=self.warnings[:50],
             settings=dict(self.settings),
             dataset=self.dataset,
+            evaluation=self.evaluation,
             done=dict(self.done),
         )
         event = fit_event(event)

@@ -364,6 +364,57 @@ def _save_pipeline(dest: Path, **components: Any) -> Path:
     return dest
 
 
+def build_tiny_clip(dest: Path, *, seed: int = 0) -> Path:
+    """A tiny transformers CLIPModel with its processor (the tiny tokenizer, 32 px images), for
+    spec.evaluation's clipModel in tests."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    torch.manual_seed(seed)
+    vocab, _ = tiny_vocabulary()
+    config = CLIPConfig(
+        text_config={
+            "vocab_size": len(vocab),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 77,
+            "bos_token_id": vocab[BOS],
+            "eos_token_id": vocab[EOS],
+            "pad_token_id": vocab[EOS],
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        projection_dim=16,
+    )
+    CLIPModel(config).save_pretrained(dest)
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=images, tokenizer=_tiny_tokenizer(dest, folder=".")).save_pretrained(dest)
+    return dest
+
+
+def build_tiny_dino(dest: Path, *, seed: int = 0) -> Path:
+    """A tiny ViT (DINO's architecture, random weights) with its image processor, for
+    spec.evaluation's dinoModel in tests."""
+    import torch
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    torch.manual_seed(seed)
+    config = ViTConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+    )
+    ViTModel(config).save_pretrained(dest)  # with the pooler AutoModel expects (unused: the CLS token is scored)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(dest)
+    return dest
+
+
 def _tiny_tokenizer(dest: Path, *, folder: str = "tokenizer") -> Any:
     """A CLIP tokenizer of the tiny vocabulary, its files written under ``dest/<folder>``."""
     from transformers import CLIPTokenizer

@@ -69,7 +69,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune_api import contract, rules
-from finetune_api.v1alpha1 import FineTuneJob, Method, Stage
+from finetune_api.v1alpha1 import EvaluationStatus, FineTuneJob, Method, Samples, Stage
 from finetune_trainer import (
     buckets,
     captions,
@@ -77,6 +77,7 @@ from finetune_trainer import (
     class_images,
     data,
     ema,
+    evaluation,
     export,
     families,
     layouts,
@@ -102,7 +103,7 @@ from finetune_trainer.job import (
     total_steps,
     trains_text_encoder,
 )
-from finetune_trainer.model import load_base_model
+from finetune_trainer.model import load_base_model, locate_uri
 from finetune_trainer.report import ProgressReporter
 
 log = logging.getLogger("finetune_trainer")
@@ -176,7 +177,11 @@ class DreamBoothRecipe:
         # The moving average of the trained weights (spec.training.ema) and its samples' renderer.
         self.ema: ema.MovingAverage | None = None
         self.ema_sampler: samples.SampleRenderer | None = None
+        # spec.evaluation: the scoring models (main process) and the renderers of its prompts, one per seed.
+        self.scorer: evaluation.Scorer | None = None
+        self.eval_renderers: list[samples.SampleRenderer] = []
         self._sample_failure_warned = False
+        self._evaluation_seconds: float | None = None
         self.stopped_early = False
         # Each distinct prompt's token ids and (while the text encoders are frozen) conditioning.
         self.token_cache: dict[str, list[Any]] = {}
@@ -318,6 +323,7 @@ class DreamBoothRecipe:
             accelerator.register_for_checkpointing(self.ema)
         self._prepare_data()
         self.sampler = self._sampler(self.samples_dir)
+        self._set_up_evaluation()
         if self.ema is not None and self.ema.settings.samples:
             self.ema_sampler = self._sampler(self.samples_dir / EMA_SAMPLES_DIR)
         self._report_samples()
@@ -328,15 +334,116 @@ class DreamBoothRecipe:
             self.history = [(int(s), float(v), float(r)) for s, v, r in resume.state.get("loss_history", [])]
             log.info(f"resuming from {resume.path} at step {resume.step}", extra={"event": "resume"})
 
-    def _sampler(self, folder: Path) -> samples.SampleRenderer:
+    def _sampler(self, folder: Path, settings: Samples | None = None) -> samples.SampleRenderer:
         return samples.SampleRenderer(
-            self.spec.samples,
+            settings or self.spec.samples,
             resolution=self.settings.resolution,
             base=self.base,
             folder=folder,
             device=self.accelerator.device,
             dtype=self.weight_dtype,
             prompt_inputs=self._sample_inputs if self.family.text_encoders_leave_gpu else None,
+        )
+
+    def _set_up_evaluation(self) -> None:
+        """spec.evaluation: its prompts rendered with the samples' settings, one renderer per seed,
+        into evaluation/seed-N/; the scoring models read once and the instance photos embedded
+        (main process, which renders and scores)."""
+        settings = self.spec.evaluation
+        if settings is None:
+            return
+        folder = self.output / evaluation.EVALUATION_DIR
+        self.eval_renderers = [
+            self._sampler(
+                folder / f"seed-{i}",
+                self.spec.samples.model_copy(
+                    update={"prompts": list(settings.prompts), "seed": self.spec.samples.seed + i}
+                ),
+            )
+            for i in range(settings.images_per_prompt)
+        ]
+        if not self.accelerator.is_main_process:
+            return
+        from PIL import Image, ImageOps
+
+        started = time.monotonic()
+        self.scorer = evaluation.Scorer(
+            settings,
+            locate=lambda uri, field: locate_uri(
+                uri, field=field, patterns=evaluation.HUB_PATTERNS, cache_dir=cache_dir(), store=self.store
+            ),
+        )
+        photos = []
+        for example in self.instance:
+            with Image.open(example.path) as image:
+                photos.append(ImageOps.exif_transpose(image).convert("RGB"))
+        self.scorer.set_reference(photos)
+        log.info(
+            f"read the scoring models and embedded {len(photos)} photos in {time.monotonic() - started:.1f} s",
+            extra={"event": "evaluation-ready"},
+        )
+
+    def _evaluate(self) -> dict[str, float]:
+        """Render the evaluation prompts at this step and score them (main process; {} elsewhere
+        and without spec.evaluation).  With an exported EMA the average is what is scored."""
+        if self.scorer is None:
+            return {}
+        import torch
+        from PIL import Image
+
+        accelerator = self.accelerator
+        stage = self.reporter.stage
+        prompts = list(self.scorer.settings.prompts)
+        self.reporter.set_stage(
+            Stage.EVALUATING, message=f"rendering and scoring {len(prompts) * len(self.eval_renderers)} images"
+        )
+        started = time.monotonic()
+        encoders = [None if self.encoders_released else accelerator.unwrap_model(e) for e in self.text_encoders]
+        average = self.ema.swapped_in() if self.ema is not None and self.ema.settings.export else None
+        images, shown, paths = [], [], []
+        with average or contextlib.nullcontext():
+            for renderer in self.eval_renderers:
+                renderer.render(
+                    self.step,
+                    unet=accelerator.unwrap_model(self.unet, keep_torch_compile=False),
+                    text_encoders=encoders,
+                )
+                for index, prompt in enumerate(prompts):
+                    path = renderer.folder / samples.sample_name(self.step, index)
+                    if path.is_file():
+                        with Image.open(path) as image:
+                            images.append(image.convert("RGB"))
+                        shown.append(prompt)
+                        paths.append(path)
+        if self.device_info.type == "cuda":
+            torch.cuda.empty_cache()  # the sampling's memory, before the scoring models come
+        scores = self.scorer.score(images, shown, device=accelerator.device) if images else {}
+        seconds = time.monotonic() - started
+        self._publish(paths, what="evaluation images")
+        log.info(
+            f"scores at step {self.step}: {scores} ({len(images)} images, {seconds:.1f} s)",
+            extra={"event": "evaluated"},
+        )
+        self.reporter.set_stage(stage, message=f"scores at step {self.step}: {scores}")
+        self._evaluation_seconds = seconds
+        return scores
+
+    def _scored(self) -> list[tuple[int, dict[str, float]]]:
+        """Every complete checkpoint's scores, by step."""
+        return [
+            (c.step, dict(c.state.get("scores") or {})) for c in checkpoints.complete_checkpoints(self.checkpoint_dir)
+        ]
+
+    def _report_evaluation(self) -> None:
+        settings = self.spec.evaluation
+        if settings is None or not self.accelerator.is_main_process:
+            return
+        top = evaluation.best(self._scored(), settings)
+        self.reporter.evaluation = EvaluationStatus(
+            rule=evaluation.rule_text(settings),
+            best_step=top[0] if top else None,
+            best_scores=top[1] if top else {},
+            seconds=round(self._evaluation_seconds, 1) if self._evaluation_seconds is not None else None,
         )
 
     def _load_options(self) -> families.LoadOptions:
@@ -1235,6 +1342,12 @@ class DreamBoothRecipe:
             # For loss.png after a resume: the steps before the checkpoint are not run again.
             "loss_history": [list(h) for h in self.history],
         }
+        scores = self._evaluate()
+        keep: frozenset[int] = frozenset()
+        if scores and self.spec.evaluation is not None:
+            state["scores"] = scores
+            top = evaluation.best([*self._scored(), (self.step, scores)], self.spec.evaluation)
+            keep = frozenset([top[0]]) if top else frozenset()
         saved = checkpoints.save(
             accelerator,
             self.checkpoint_dir,
@@ -1242,16 +1355,18 @@ class DreamBoothRecipe:
             state=state,
             keep_last=self.spec.checkpoints.keep_last,
             writer=self.identity.token,
+            keep=keep,
         )
         if accelerator.is_main_process:
             if self.out.remote is not None:
                 self.reporter.emit(message=f"uploading checkpoint {self.step} to {self.out.uri_of(saved.path)}")
-            self.out.push_checkpoint(saved.path, keep_last=self.spec.checkpoints.keep_last)
+            self.out.push_checkpoint(saved.path, keep_last=self.spec.checkpoints.keep_last, keep=keep)
             # loss.png between sample steps (a sample step has just drawn it; finish() draws the last).
             if self.step < self.total_steps and not self._sample_due():
                 self.draw_pictures()
         accelerator.wait_for_everyone()
         self._report_checkpoints()
+        self._report_evaluation()
         stage = Stage.TRAINING if self.step < self.total_steps else Stage.CHECKPOINTING
         self.reporter.set_stage(stage, message=f"checkpoint at step {self.step} saved")
 
@@ -1262,6 +1377,7 @@ class DreamBoothRecipe:
         if newest is None or newest.step != self.step:
             self.save_checkpoint()
         sampled = self.maybe_sample()
+        exported_step = self._select_checkpoint()
         files: list[Any] = []
         accelerator = self.accelerator
         if accelerator.is_main_process:
@@ -1275,7 +1391,8 @@ class DreamBoothRecipe:
                     trained,
                     self.output,
                     job=self.job,
-                    step=self.step,
+                    step=exported_step,
+                    scores=self._scored() if self.spec.evaluation is not None else [],
                     settings=self.reporter.settings,
                     pictures=drawn,
                     samples=samples.all_samples(self.samples_dir),
@@ -1299,6 +1416,25 @@ class DreamBoothRecipe:
             samples=list(self.reporter.samples),
             stopped_early=self.stopped_early,
         )
+
+    def _select_checkpoint(self) -> int:
+        """output.select: best loads the checkpoint spec.evaluation ranks first (every process
+        reads the same state files, so all load the same one); the step the exports hold."""
+        settings = self.spec.evaluation
+        if self.spec.output.select != "best" or settings is None:
+            return self.step
+        top = evaluation.best(self._scored(), settings)
+        if top is None or top[0] == self.step:
+            return self.step
+        chosen = next(c for c in checkpoints.complete_checkpoints(self.checkpoint_dir) if c.step == top[0])
+        checkpoints.load(self.accelerator, chosen)
+        message = (
+            f"output.select: best: exporting the checkpoint of step {chosen.step} ({evaluation.rule_text(settings)}: "
+            f"{top[1]}), not the last step {self.step}"
+        )
+        log.info(message, extra={"event": "best-selected"})
+        self.reporter.emit(message=message)
+        return chosen.step
 
     def _trained_for_export(self) -> export.Trained:
         """What the exports are made of.  The frozen parts ran in the mixed precision (and a

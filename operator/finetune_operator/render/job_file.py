@@ -31,6 +31,9 @@ def resolved_manifest(job: FineTuneJob, *, namespace: str, name: str, uid: str) 
         concept.images = resolve_uri(concept.images) or concept.images
         concept.class_images = resolve_uri(concept.class_images)
     spec.output.uri = resolve_uri(spec.output.uri) or spec.output.uri
+    if spec.evaluation is not None:
+        spec.evaluation.clip_model = resolve_uri(spec.evaluation.clip_model)
+        spec.evaluation.dino_model = resolve_uri(spec.evaluation.dino_model)
     body = dump_spec(resolved)
     body.pop("status", None)
     body["apiVersion"] = API_VERSION

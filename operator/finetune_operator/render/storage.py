@@ -28,6 +28,8 @@ def cluster_problems(job: FineTuneJob) -> list[str]:
         ("spec.dataset.instanceImages", spec.dataset.instance_images),
         ("spec.dataset.classImages", spec.dataset.class_images),
         ("spec.output.uri", spec.output.uri),
+        ("spec.evaluation.clipModel", spec.evaluation.clip_model if spec.evaluation else None),
+        ("spec.evaluation.dinoModel", spec.evaluation.dino_model if spec.evaluation else None),
         *(
             (f"spec.dataset.concepts[{i}].{field}", uri)
             for i, concept in enumerate(spec.dataset.concepts or ())
