@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,3 +163,53 @@ def run_killed_while_checkpointing(
     job: Path, tmp_path: Path, *, step: int, **env: str
 ) -> subprocess.CompletedProcess[str]:
     return run_script(KILL_WHILE_CHECKPOINTING, [str(step), "run", str(job)], tmp_path, **env)
+
+
+def killed_and_resumed(job: Path, output: Path, tmp_path: Path, *, kill_at: int, resume_from: int) -> Run:
+    """The job killed while it saves the checkpoint of step ``kill_at``, then run again: it
+    resumes from ``resume_from`` (the checkpoint before) and succeeds."""
+    killed = run_killed_while_checkpointing(job, tmp_path, step=kill_at)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    resumed = run_cli(job, output, tmp_path / "termination-log")
+    assert resumed.code == 0, resumed.summary
+    training = [e for e in resumed.events() if e["stage"] == "training"]
+    assert training[0]["message"] == f"training from step {resume_from} to {kill_at}"
+    return resumed
+
+
+def run_watching_the_export(job: Path, output: Path, root: Path, watch: Callable[[Any], None]) -> Run:
+    """``run_cli``, with ``watch`` handed the trained models (export.Trained) just before the
+    exports are made from them: what the run ended with, for a test to compare a loader's
+    result against."""
+    from finetune_trainer import export
+
+    export_all = export.export_all
+
+    def watching(trained: Any, *args: Any, **kwargs: Any) -> Any:
+        watch(trained)
+        return export_all(trained, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(export, "export_all", watching)
+        run = run_cli(job, output, root / "termination-log")
+    assert run.code == 0, run.summary
+    return run
+
+
+def sd_pipeline(model: Path) -> Any:
+    """The tiny SD pipeline in fp32, quiet."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(model, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def encoded(pipe: Any, prompt: str) -> Any:
+    """The prompt's text-encoder output as generation sees it (a learned word expanded into its
+    vectors' tokens by the pipeline's maybe_convert_prompt)."""
+    import torch
+
+    with torch.no_grad():
+        return pipe.encode_prompt(prompt, "cpu", 1, do_classifier_free_guidance=False)[0]

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from finetune_api.report import ExitCode
-from tests.trainer.conftest import Run, base_spec, manifest, run_cli, run_killed_while_checkpointing
+from tests.trainer.conftest import Run, base_spec, killed_and_resumed, manifest, run_cli
 
 STEPS, EVERY = 4, 2
 RANK, ALPHA = 4, 2.0  # alpha != rank: a loader that ignored alpha would be off by a factor of 2
@@ -247,12 +247,7 @@ def test_a_killed_run_of_each_kind_resumes_to_the_same_adapters(
     job = manifest(
         tmp_path / "job.yaml", name=f"tiny-{kind}", **kind_spec(kind, tiny_model, photos, output, merge=False)
     )
-    killed = run_killed_while_checkpointing(job, tmp_path, step=STEPS)
-    assert killed.returncode == -9, killed.stderr[-2000:]
-    resumed = run_cli(job, output, tmp_path / "termination-log")
-    assert resumed.code == 0, resumed.summary
-    training = [e for e in resumed.events() if e["stage"] == "training"]
-    assert training[0]["message"] == f"training from step {EVERY} to {STEPS}"
+    killed_and_resumed(job, output, tmp_path, kill_at=STEPS, resume_from=EVERY)
     for part in ("model.safetensors", "model_1.safetensors"):
         ours = load_file(str(output / "checkpoints" / f"checkpoint-{STEPS:06d}" / part))
         theirs = load_file(str(run.output / "checkpoints" / f"checkpoint-{STEPS:06d}" / part))

@@ -14,8 +14,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from finetune_api.report import ExitCode
-from tests.trainer.conftest import Run, base_spec, manifest, run_cli, run_killed_while_checkpointing
+from tests.trainer.conftest import (
+    Run,
+    base_spec,
+    encoded,
+    killed_and_resumed,
+    manifest,
+    run_watching_the_export,
+    sd_pipeline,
+)
 
 NAME = "tiny-pivotal"
 TOKEN, INITIALIZER, VECTORS = "<zqx>", "ball", 2
@@ -44,39 +51,20 @@ FINAL: dict[str, torch.Tensor] = {}
 
 @pytest.fixture(scope="module")
 def pivotal_run(tiny_model: Path, photos: Path, tmp_path_factory: pytest.TempPathFactory) -> Run:
-    from finetune_trainer import export, textual_inversion
+    from finetune_trainer import textual_inversion
 
     root = tmp_path_factory.mktemp("pivotal")
     output = root / "out"
     job = manifest(root / "job.yaml", name=NAME, **pivotal_spec(tiny_model, photos, output))
-    export_all = export.export_all
 
-    def keeping_the_output(trained: Any, *args: Any, **kwargs: Any) -> Any:
+    def keep_the_text_encoders_output(trained: Any) -> None:
         tokenizer, encoder = trained.base.tokenizers[0], trained.text_encoders[0]
         prompt = textual_inversion.expand(PROMPT, trained.learned.settings)
         ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
         with torch.no_grad():
             FINAL["hidden"] = encoder(ids.input_ids.to(encoder.device))[0].cpu()
-        return export_all(trained, *args, **kwargs)
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(export, "export_all", keeping_the_output)
-        run = run_cli(job, output, root / "termination-log")
-    assert run.code == ExitCode.SUCCESS, run.summary
-    return run
-
-
-def _pipeline(model: Path) -> Any:
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(model, dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@torch.no_grad()
-def _encoded(pipe: Any, prompt: str) -> torch.Tensor:
-    return pipe.encode_prompt(prompt, "cpu", 1, do_classifier_free_guidance=False)[0]
+    return run_watching_the_export(job, output, root, keep_the_text_encoders_output)
 
 
 def _checkpoint(run: Run, step: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -114,8 +102,8 @@ def test_a_pivotal_run_writes_the_adapters_and_the_word_in_both_layouts(pivotal_
     assert set(webui) == {"emb_params"}
     assert torch.equal(webui["emb_params"], load_file(str(out / "learned_embeds.safetensors"))[TOKEN])
     # The word moved from where it started (the initializer's embedding).
-    table = _pipeline(tiny_model).text_encoder.get_input_embeddings().weight
-    start = table[_pipeline(tiny_model).tokenizer.encode(INITIALIZER, add_special_tokens=False)[0]]
+    table = sd_pipeline(tiny_model).text_encoder.get_input_embeddings().weight
+    start = table[sd_pipeline(tiny_model).tokenizer.encode(INITIALIZER, add_special_tokens=False)[0]]
     assert (webui["emb_params"] - start.detach()).abs().max() > 1e-3
     card = (out / "README.md").read_text()
     assert "| pivotal tuning | word <zqx>, 2 vector(s), from 'ball', learned in the first 50% of the run |" in card
@@ -131,17 +119,17 @@ def test_adapters_and_word_load_together_in_diffusers_to_the_runs_text_encoder(
     """The LoRA file and the word's file, each layout through diffusers' own loaders, give the
     text-encoder output the run ended with; without the word the prompt is another."""
     out = pivotal_run.output
-    pipe = _pipeline(tiny_model)
+    pipe = sd_pipeline(tiny_model)
     if layout == "diffusers":
         pipe.load_lora_weights(str(out / "lora"))
         pipe.load_textual_inversion(str(out / "learned_embeds.safetensors"))
     else:
         pipe.load_lora_weights(str(out), weight_name=f"{NAME}-lora.safetensors")
         pipe.load_textual_inversion(str(out / f"{NAME}_emb.safetensors"), token=TOKEN)
-    torch.testing.assert_close(_encoded(pipe, PROMPT), FINAL["hidden"], rtol=0, atol=1e-4)
-    adapters_only = _pipeline(tiny_model)
+    torch.testing.assert_close(encoded(pipe, PROMPT), FINAL["hidden"], rtol=0, atol=1e-4)
+    adapters_only = sd_pipeline(tiny_model)
     adapters_only.load_lora_weights(str(out / "lora"))
-    assert (_encoded(adapters_only, PROMPT) - FINAL["hidden"]).abs().max() > 1e-3
+    assert (encoded(adapters_only, PROMPT) - FINAL["hidden"]).abs().max() > 1e-3
 
 
 def test_a_killed_pivotal_run_resumes_to_the_same_word_and_adapters(
@@ -149,12 +137,7 @@ def test_a_killed_pivotal_run_resumes_to_the_same_word_and_adapters(
 ) -> None:
     output = tmp_path / "out"
     job = manifest(tmp_path / "job.yaml", name=NAME, **pivotal_spec(tiny_model, photos, output))
-    killed = run_killed_while_checkpointing(job, tmp_path, step=STEPS)
-    assert killed.returncode == -9, killed.stderr[-2000:]
-    resumed = run_cli(job, output, tmp_path / "termination-log")
-    assert resumed.code == 0, resumed.summary
-    training = [e for e in resumed.events() if e["stage"] == "training"]
-    assert training[0]["message"] == f"training from step {EVERY} to {STEPS}"
+    killed_and_resumed(job, output, tmp_path, kill_at=STEPS, resume_from=EVERY)
     for name in ("learned_embeds.safetensors", f"{NAME}-lora.safetensors"):
         ours, theirs = load_file(str(output / name)), load_file(str(pivotal_run.output / name))
         assert ours.keys() == theirs.keys()

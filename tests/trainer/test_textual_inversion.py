@@ -13,7 +13,16 @@ import torch
 from safetensors.torch import load_file
 
 from finetune_api.report import ExitCode
-from tests.trainer.conftest import Run, base_spec, manifest, run_cli, run_killed_while_checkpointing
+from tests.trainer.conftest import (
+    Run,
+    base_spec,
+    encoded,
+    killed_and_resumed,
+    manifest,
+    run_cli,
+    run_watching_the_export,
+    sd_pipeline,
+)
 
 NAME = "tiny-ti"
 TOKEN, INITIALIZER, VECTORS = "<zqx>", "ball", 2
@@ -37,22 +46,14 @@ FINAL_UNET: dict[str, torch.Tensor] = {}
 
 @pytest.fixture(scope="module")
 def ti_run(tiny_model: Path, photos: Path, tmp_path_factory: pytest.TempPathFactory) -> Run:
-    from finetune_trainer import export
-
     root = tmp_path_factory.mktemp("ti")
     output = root / "out"
     job = manifest(root / "job.yaml", name=NAME, **ti_spec(tiny_model, photos, output))
-    export_all = export.export_all
 
-    def keeping_the_unet(trained: Any, *args: Any, **kwargs: Any) -> Any:
+    def keep_the_unet(trained: Any) -> None:
         FINAL_UNET.update({k: v.detach().cpu().clone() for k, v in trained.unet.state_dict().items()})
-        return export_all(trained, *args, **kwargs)
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(export, "export_all", keeping_the_unet)
-        run = run_cli(job, output, root / "termination-log")
-    assert run.code == ExitCode.SUCCESS, run.summary
-    return run
+    return run_watching_the_export(job, output, root, keep_the_unet)
 
 
 def test_the_unet_is_bit_for_bit_the_base_models_after_training(ti_run: Run, tiny_model: Path) -> None:
@@ -61,20 +62,6 @@ def test_the_unet_is_bit_for_bit_the_base_models_after_training(ti_run: Run, tin
     base = UNet2DConditionModel.from_pretrained(tiny_model / "unet").state_dict()
     assert FINAL_UNET.keys() == base.keys()
     assert all(torch.equal(FINAL_UNET[k], base[k]) for k in base)
-
-
-def _pipeline(model: Path) -> Any:
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(model, dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@torch.no_grad()
-def _encoded(pipe: Any, prompt: str) -> torch.Tensor:
-    # encode_prompt expands the word into its vectors' tokens (maybe_convert_prompt), as generation does.
-    return pipe.encode_prompt(prompt, "cpu", 1, do_classifier_free_guidance=False)[0]
 
 
 def _denoising_loss(pipe: Any, photos: Path, prompt: str) -> float:
@@ -89,7 +76,7 @@ def _denoising_loss(pipe: Any, photos: Path, prompt: str) -> float:
     generator = torch.Generator().manual_seed(7)
     with torch.no_grad():
         latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
-        hidden = _encoded(pipe, prompt).expand(len(examples), -1, -1)
+        hidden = encoded(pipe, prompt).expand(len(examples), -1, -1)
         total = 0.0
         for _ in range(8):
             noise = torch.randn(latents.shape, generator=generator)
@@ -124,25 +111,25 @@ def test_a_ti_run_writes_the_word_in_both_layouts_and_nothing_of_the_model(ti_ru
 
 def test_both_files_load_in_diffusers_to_the_same_text_encoder_output(ti_run: Run, tiny_model: Path) -> None:
     out = ti_run.output
-    base = _pipeline(tiny_model)
-    before = _encoded(base, PROMPT)
-    from_diffusers_file = _pipeline(tiny_model)
+    base = sd_pipeline(tiny_model)
+    before = encoded(base, PROMPT)
+    from_diffusers_file = sd_pipeline(tiny_model)
     from_diffusers_file.load_textual_inversion(str(out / "learned_embeds.safetensors"))
-    from_webui_file = _pipeline(tiny_model)
+    from_webui_file = sd_pipeline(tiny_model)
     from_webui_file.load_textual_inversion(str(out / f"{NAME}.safetensors"), token=TOKEN)
-    learned = _encoded(from_diffusers_file, PROMPT)
-    torch.testing.assert_close(_encoded(from_webui_file, PROMPT), learned, rtol=0, atol=0)
+    learned = encoded(from_diffusers_file, PROMPT)
+    torch.testing.assert_close(encoded(from_webui_file, PROMPT), learned, rtol=0, atol=0)
     assert (learned - before).abs().max() > 1e-3
     # A prompt without the word is the base model's, to the bit.
-    assert torch.equal(_encoded(from_diffusers_file, "a photo of a dog"), _encoded(base, "a photo of a dog"))
+    assert torch.equal(encoded(from_diffusers_file, "a photo of a dog"), encoded(base, "a photo of a dog"))
 
 
 def test_the_learned_word_lowers_the_denoising_loss_of_its_prompt(ti_run: Run, tiny_model: Path, photos: Path) -> None:
     """Against the word as it started (its vectors the initializer's embedding): the same
     UNet, the same noise; only the word's vectors differ."""
-    learned = _pipeline(tiny_model)
+    learned = sd_pipeline(tiny_model)
     learned.load_textual_inversion(str(ti_run.output / "learned_embeds.safetensors"))
-    start = _pipeline(tiny_model)
+    start = sd_pipeline(tiny_model)
     table = start.text_encoder.get_input_embeddings().weight
     initial = table[start.tokenizer.encode(INITIALIZER, add_special_tokens=False)[0]].detach()
     start.load_textual_inversion({TOKEN: initial.expand(VECTORS, -1).clone()}, token=TOKEN)
@@ -153,12 +140,7 @@ def test_the_learned_word_lowers_the_denoising_loss_of_its_prompt(ti_run: Run, t
 def test_a_killed_ti_run_resumes_to_the_same_word(ti_run: Run, tiny_model: Path, photos: Path, tmp_path: Path) -> None:
     output = tmp_path / "out"
     job = manifest(tmp_path / "job.yaml", name=NAME, **ti_spec(tiny_model, photos, output))
-    killed = run_killed_while_checkpointing(job, tmp_path, step=STEPS)
-    assert killed.returncode == -9, killed.stderr[-2000:]
-    resumed = run_cli(job, output, tmp_path / "termination-log")
-    assert resumed.code == 0, resumed.summary
-    training = [e for e in resumed.events() if e["stage"] == "training"]
-    assert training[0]["message"] == f"training from step {EVERY} to {STEPS}"
+    killed_and_resumed(job, output, tmp_path, kill_at=STEPS, resume_from=EVERY)
     ours, theirs = (
         load_file(str(output / "learned_embeds.safetensors")),
         load_file(str(ti_run.output / "learned_embeds.safetensors")),
