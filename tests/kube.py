@@ -273,6 +273,8 @@ class OperatorProcess:
             "--metrics-per-job",
             f"--report-url={self.report_url}",
             "--status-interval=1",
+            # status.usage.cost: the dev cluster's nodes' GPU product at 36 an hour, a cent a second.
+            "--gpu-hour-prices=Local-Simulated-GPU=36",
             *self.extra_args,
         ]
         with open(self.log, "ab") as log:

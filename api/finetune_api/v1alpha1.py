@@ -1248,6 +1248,32 @@ class CheckpointRef(_Model):
     )
 
 
+class PodUsage(_Model):
+    """One training pod's running time, as its container's start and end (or the newest report
+    while it runs) say."""
+
+    name: str = Field(description="The pod.")
+    seconds: float = Field(ge=0, description="How long its trainer ran.")
+
+
+class UsageStatus(_Model):
+    """What the job has used: GPU time over every attempt (time queued or pending apart) and,
+    where the operator is given prices, what it cost."""
+
+    gpus: int = Field(ge=0, description="GPUs per attempt (spec.resources.gpus).")
+    gpu_seconds: float = Field(ge=0, description="GPUs x running time, summed over attempts.")
+    gpu_product: str | None = Field(
+        default=None, description="The GPU model of the node the newest attempt ran on (its product label)."
+    )
+    cost: float | None = Field(
+        default=None, ge=0, description="gpuSeconds at the price per GPU-hour the operator has for gpuProduct."
+    )
+    currency: str | None = Field(default=None, description="The currency of cost.")
+    pods: list[PodUsage] = Field(
+        default_factory=list, max_length=64, description="Each attempt's running time, oldest first."
+    )
+
+
 class EvaluationStatus(_Model):
     """The checkpoint spec.evaluation ranks first, and by which rule."""
 
@@ -1341,6 +1367,7 @@ class FineTuneJobStatus(_Model):
     evaluation: EvaluationStatus | None = Field(
         default=None, description="The best checkpoint by spec.evaluation's scores, and the rule."
     )
+    usage: UsageStatus | None = Field(default=None, description="GPU time used over every attempt, and its cost.")
 
 
 class ObjectMeta(BaseModel):

@@ -224,6 +224,14 @@ class KubeAPI:
                 return None
             raise
 
+    async def read_node(self, name: str) -> dict[str, Any] | None:
+        try:
+            return await self.request("GET", f"/api/v1/nodes/{quote(name)}")
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
     async def patch_job(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
         await self.request(
             "PATCH",

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -42,10 +43,16 @@ class JobView:
 
 class _JobsCollector(Collector):
     def __init__(
-        self, jobs: Callable[[], Iterable[JobView]], gpu_seconds: Callable[[], dict[str, float]], *, per_job: bool
+        self,
+        jobs: Callable[[], Iterable[JobView]],
+        gpu_seconds: Callable[[], dict[str, float]],
+        used: Callable[[], UsageTotals],
+        *,
+        per_job: bool,
     ) -> None:
         self._jobs = jobs
         self._gpu_seconds = gpu_seconds
+        self._used = used
         self._per_job = per_job
 
     def collect(self) -> Iterator[Metric]:
@@ -96,9 +103,38 @@ class _JobsCollector(Collector):
         )
         for namespace, seconds in sorted(self._gpu_seconds().items()):
             gpu.add_metric([namespace], seconds)
-        yield from (by_phase, by_queue, gpu)
+        used = self._used()
+        used_seconds = CounterMetricFamily(
+            "finetune_usage_gpu_seconds",
+            "GPU-seconds of status.usage (pods' running time, every attempt), by namespace and queue.",
+            labels=["namespace", "queue"],
+        )
+        for where, seconds in sorted(used.gpu_seconds.items()):
+            used_seconds.add_metric(list(where), seconds)
+        cost = CounterMetricFamily(
+            "finetune_cost",
+            "status.usage.cost, by namespace, queue and currency.",
+            labels=["namespace", "queue", "currency"],
+        )
+        for keys, amount in sorted(used.cost.items()):
+            cost.add_metric(list(keys), amount)
+        yield from (by_phase, by_queue, gpu, used_seconds, cost)
         if self._per_job:
             yield from (info, step, total, loss, speed)
+
+
+@dataclass
+class UsageTotals:
+    """status.usage summed: GPU-seconds by (namespace, queue), cost by (namespace, queue, currency)."""
+
+    gpu_seconds: dict[tuple[str, str], float] = field(default_factory=dict)
+    cost: dict[tuple[str, str, str], float] = field(default_factory=dict)
+
+    def add(self, queue: tuple[str, str], gpu_seconds: float, cost: float | None, currency: str | None) -> None:
+        self.gpu_seconds[queue] = self.gpu_seconds.get(queue, 0.0) + gpu_seconds
+        if cost is not None and currency:
+            key = (*queue, currency)
+            self.cost[key] = self.cost.get(key, 0.0) + cost
 
 
 class Metrics:
@@ -159,7 +195,10 @@ class Metrics:
         self._gpu_seconds: dict[str, float] = {}
         self._gpu_running: dict[tuple[str, str], tuple[float, int]] = {}
         self._jobs: Callable[[], Iterable[JobView]] = list
-        r.register(_JobsCollector(self._current_jobs, self._gpu_totals, per_job=per_job))
+        # Each job's status.usage as last computed, and what jobs since deleted had used.
+        self._usage: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
+        self._retired = UsageTotals()
+        r.register(_JobsCollector(self._current_jobs, self._gpu_totals, self._usage_totals, per_job=per_job))
 
     def _current_jobs(self) -> Iterable[JobView]:
         return self._jobs()
@@ -187,6 +226,25 @@ class Metrics:
 
     def forget(self, namespace: str, name: str) -> None:
         self.gpu_running(namespace, name, 0, False)
+        gone = self._usage.pop((namespace, name), None)
+        if gone is not None:
+            self._add(self._retired, namespace, *gone)
+
+    def usage(self, namespace: str, name: str, queue: str | None, used: dict[str, Any] | None) -> None:
+        """A job's status.usage (wire form), as the status now says; ``queue`` None: as before."""
+        if used:
+            known = self._usage.get((namespace, name))
+            self._usage[(namespace, name)] = (queue if queue is not None else (known[0] if known else ""), used)
+
+    @staticmethod
+    def _add(totals: UsageTotals, namespace: str, queue: str, used: dict[str, Any]) -> None:
+        totals.add((namespace, queue), float(used.get("gpuSeconds") or 0), used.get("cost"), used.get("currency"))
+
+    def _usage_totals(self) -> UsageTotals:
+        totals = UsageTotals(dict(self._retired.gpu_seconds), dict(self._retired.cost))
+        for (namespace, _), (queue, used) in self._usage.items():
+            self._add(totals, namespace, queue, used)
+        return totals
 
 
 def prometheus_text(metrics: Metrics) -> tuple[bytes, str]:

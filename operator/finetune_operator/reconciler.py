@@ -29,7 +29,7 @@ from typing import Any
 
 from finetune_api.redact import redact
 from finetune_api.v1alpha1 import FailureReason, FineTuneJob, ManifestError, Phase, Reason, parse_manifest
-from finetune_operator import job_limits, names, queueing, requests
+from finetune_operator import job_limits, names, queueing, requests, usage
 from finetune_operator.cache import Cache, Key, controller_uid, resource_version
 from finetune_operator.events import EventEmitter
 from finetune_operator.failures import explain_rejection
@@ -168,6 +168,9 @@ class Reconciler:
             on_drop=metrics.events_dropped.inc if metrics else lambda: None,
         )
         self.positions = PendingPositions(api)
+        # Each node's GPU product (settings.gpu_product_label), read once per node; None: none.
+        self._gpu_products: dict[str, str | None] = {}
+        self.prices = usage.Prices(usage.parse_prices(settings.gpu_hour_prices), settings.currency)
         self._workers: list[asyncio.Task[None]] = []
         self.reconciles = 0
         self.own_writes_skipped = 0
@@ -409,6 +412,7 @@ class Reconciler:
             seen_pods=len(memory.seen_pods),
             workload=workload,
             position=position,
+            gpu_products=await self._products_of(pods),
         )
         result = compute_status(
             previous,
@@ -417,6 +421,7 @@ class Reconciler:
             generation=body.get("metadata", {}).get("generation"),
             job_name=job_name,
             mounts=memory.mounts,
+            prices=self.prices,
         )
         new = result.status
         # A new phase is written at once; anything else (a finer reason, progress) at most once
@@ -624,6 +629,8 @@ class Reconciler:
         if self.metrics is None or not memory.gpus:
             return
         self.metrics.gpu_running(key[0], key[1], memory.gpus, status.get("phase") in RUNNING_PHASES)
+        queue = memory.parsed.spec.run_policy.queue_name if memory.parsed is not None else None
+        self.metrics.usage(key[0], key[1], queue, status.get("usage"))
 
     async def _create(
         self,
@@ -708,6 +715,24 @@ class Reconciler:
             rendered.job["metadata"]["name"],
         )
         return ensured.obj
+
+    async def _products_of(self, pods: list[dict[str, Any]]) -> dict[str, str]:
+        """The GPU product label of each node these pods ran on, each node read once (with
+        settings.gpu_product_label; without it, or where the node cannot be read, none)."""
+        label = self.settings.gpu_product_label
+        if not label:
+            return {}
+        for pod in pods:
+            node = pod.get("spec", {}).get("nodeName")
+            if not node or node in self._gpu_products:
+                continue
+            try:
+                body = await self.api.read_node(node) or {}
+                self._gpu_products[node] = body.get("metadata", {}).get("labels", {}).get(label)
+            except ApiError as exc:
+                LOG.warning(f"cannot read node {node}'s {label} label ({exc}); status.usage has no gpuProduct")
+                self._gpu_products[node] = None
+        return {node: product for node, product in self._gpu_products.items() if product}
 
     def _create_wait(self, body: dict[str, Any], memory: JobMemory) -> float:
         """Seconds until the next try of a create that failed; 0 once due or the spec changed."""

@@ -12,7 +12,7 @@ from typing import Any
 
 from finetune_api.contract import REPORT_AUDIENCE
 from finetune_api.rules import QUANTITY_PATTERN
-from finetune_operator import __version__
+from finetune_operator import __version__, usage
 
 # A namespace's name (an RFC 1123 label): what --namespace takes.
 NAMESPACE_NAME = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
@@ -63,6 +63,10 @@ class OperatorSettings:
     # What one job may ask for here (``job_limits``); 0 and "": no limit.
     max_gpus_per_job: int = 0
     max_memory_per_job: str = ""
+    # status.usage: the node label naming a node's GPU model, and prices per GPU-hour by its value.
+    gpu_product_label: str = "nvidia.com/gpu.product"
+    gpu_hour_prices: str = ""
+    currency: str = "USD"
 
     @property
     def cluster_wide(self) -> bool:
@@ -194,6 +198,22 @@ OPTIONS: tuple[Option, ...] = (
         int,
     ),
     Option(
+        "--gpu-product-label",
+        "FINETUNE_GPU_PRODUCT_LABEL",
+        "nvidia.com/gpu.product",
+        "node label whose value names the GPU model, read from the node each training pod runs on for "
+        "status.usage.gpuProduct (needs get on nodes; NVIDIA's GPU feature discovery sets the default); "
+        "empty: not read",
+    ),
+    Option(
+        "--gpu-hour-prices",
+        "FINETUNE_GPU_HOUR_PRICES",
+        "",
+        "price of one GPU-hour by GPU product, PRODUCT=PRICE,... (e.g. NVIDIA-H100-80GB-HBM3=2.49), for "
+        "status.usage.cost; empty: no cost",
+    ),
+    Option("--currency", "FINETUNE_CURRENCY", "USD", "the currency of --gpu-hour-prices"),
+    Option(
         "--max-memory-per-job",
         "FINETUNE_MAX_MEMORY_PER_JOB",
         "",
@@ -267,6 +287,10 @@ def from_arguments(args: argparse.Namespace) -> OperatorSettings:
         )
     if args.max_memory_per_job and not re.fullmatch(QUANTITY_PATTERN, args.max_memory_per_job):
         raise SystemExit(f"--max-memory-per-job must be a quantity such as 64Gi, not {args.max_memory_per_job!r}")
+    try:
+        usage.parse_prices(args.gpu_hour_prices)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     tolerations = json.loads(args.default_tolerations or "[]")
     if not isinstance(tolerations, list):
         raise SystemExit("--default-tolerations must be a JSON list of tolerations")
@@ -300,4 +324,7 @@ def from_arguments(args: argparse.Namespace) -> OperatorSettings:
         tmp_size_limit=args.tmp_size_limit,
         max_gpus_per_job=args.max_gpus_per_job,
         max_memory_per_job=args.max_memory_per_job,
+        gpu_product_label=args.gpu_product_label,
+        gpu_hour_prices=args.gpu_hour_prices,
+        currency=args.currency,
     )

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +33,7 @@ from finetune_api.v1alpha1 import (
     Reason,
     Stage,
 )
-from finetune_operator import queueing
+from finetune_operator import queueing, usage
 from finetune_operator.claims import ClaimMount, display_uri
 from finetune_operator.failures import (
     Failure,
@@ -77,6 +77,8 @@ class Observed:
     # Kueue's Workload of the Job, and its place in the queue while it waits (where known).
     workload: dict[str, Any] | None = None
     position: queueing.Position | None = None
+    # The GPU product of each node its pods ran on (the node's product label), where read.
+    gpu_products: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -364,6 +366,7 @@ def compute_status(
     job_name: str,
     mounts: Sequence[ClaimMount] = (),
     now: dt.datetime | None = None,
+    prices: usage.Prices = usage.NO_PRICES,
 ) -> StatusResult:
     """The whole new status.  A final phase is kept as it is: nothing overwrites a result."""
     previous = previous or {}
@@ -396,6 +399,16 @@ def compute_status(
         status["attempts"] = attempts
     if job_status.get("startTime") and not status.get("start_time"):
         status["start_time"] = job_status["startTime"]
+    used = usage.usage_of(
+        previous.get("usage"),
+        observed.pods,
+        gpus=spec.resources.gpus,
+        progress=observed.progress,
+        gpu_products=observed.gpu_products,
+        prices=prices,
+    )
+    if used is not None:
+        status["usage"] = used
 
     # Progress: the newest report of the current attempt; at the end, the trainer's
     # summary (termination message) when no final report arrived.

@@ -161,6 +161,8 @@ def test_every_optional_feature_renders() -> None:
         [
             {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
             {"apiGroups": ["authorization.k8s.io"], "resources": ["subjectaccessreviews"], "verbs": ["create"]},
+            # status.usage.gpuProduct: the node a training pod runs on, read for its GPU product label.
+            {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]},
         ]
     ]
     roles = [d for d in docs if d["kind"] == "Role" and d["metadata"]["namespace"] in ("team-a", "team-b")]
@@ -492,3 +494,31 @@ def test_the_charts_job_limits_reach_the_operator() -> None:
     assert "--max-gpus-per-job=4" in limited and "--max-memory-per-job=128Gi" in limited
     refused = helm(None, "template", RELEASE, str(CHART), "--set", "jobLimits.maxMemory=lots", check=False)
     assert refused.returncode != 0 and "maxMemory" in refused.stderr
+
+
+def test_the_charts_usage_settings_reach_the_operator() -> None:
+    """status.usage: the GPU product label (and get on nodes to read it), prices per GPU-hour."""
+
+    def rendered(*values: str) -> tuple[list[str], list[dict[str, Any]]]:
+        docs = template(*values)
+        deployment = next(d for d in docs if d["kind"] == "Deployment")
+        rules = [r for d in docs if d["kind"] == "ClusterRole" for r in d.get("rules", [])]
+        return list(deployment["spec"]["template"]["spec"]["containers"][0]["args"]), rules
+
+    nodes = {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]}
+    args, rules = rendered()
+    assert "--gpu-product-label=nvidia.com/gpu.product" in args and nodes in rules
+    assert not [a for a in args if a.startswith(("--gpu-hour-prices", "--currency"))]
+    args, _ = rendered(
+        "--set-json", 'usage.gpuHourPrices={"NVIDIA-H100-80GB-HBM3": 2.49, "L4": 0.7}', "--set", "usage.currency=EUR"
+    )
+    prices = next(a for a in args if a.startswith("--gpu-hour-prices="))
+    assert set(filter(None, prices.removeprefix("--gpu-hour-prices=").split(","))) == {
+        "NVIDIA-H100-80GB-HBM3=2.49",
+        "L4=0.7",
+    }
+    assert "--currency=EUR" in args
+    args, rules = rendered("--set", "usage.gpuProductLabel=")
+    assert "--gpu-product-label=" in args and nodes not in rules
+    refused = helm(None, "template", RELEASE, str(CHART), "--set", "usage.gpuHourPrices.H100=cheap", check=False)
+    assert refused.returncode != 0 and "gpuHourPrices" in refused.stderr

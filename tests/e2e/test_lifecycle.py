@@ -162,6 +162,7 @@ def test_killed_trainer_is_retried_and_resumes_from_its_checkpoint(
 ) -> None:
     paths = prepare_claims(kube, namespace, tiny_assets)
     manifest = job_manifest("resumed", training={"maxSteps": 600}, checkpoints={"everySteps": 100, "keepLast": 10})
+    created = time.monotonic()
     kube.create_ftj(namespace, manifest)
     kube.wait_status(namespace, "resumed", lambda s: s.get("checkpoints"), timeout=180, what="a first checkpoint")
     assert kill_trainer(namespace, "resumed") >= 1
@@ -176,6 +177,15 @@ def test_killed_trainer_is_retried_and_resumes_from_its_checkpoint(
     assert status["phase"] == "Succeeded", status
     assert status["progress"]["step"] == 600
     assert status["attempts"] == 2
+    wall = time.monotonic() - created
+    # status.usage: both attempts' running time, within the time the test measured.
+    used = status["usage"]
+    assert [p["seconds"] > 0 for p in used["pods"]] == [True, True], used
+    assert used["gpuSeconds"] == pytest.approx(used["gpus"] * sum(p["seconds"] for p in used["pods"]), abs=0.2)
+    assert 0 < used["gpuSeconds"] <= used["gpus"] * wall
+    assert used["gpuProduct"] == "Local-Simulated-GPU"
+    assert used["cost"] == pytest.approx(used["gpuSeconds"] / 100, abs=0.01)
+    assert used["currency"] == "USD"
     # The retry continued from a checkpoint of the first attempt, not from step 0.
     logs = pod_logs(kube, namespace)
     assert "resuming from" in logs, logs[-2000:]
@@ -200,14 +210,24 @@ def test_suspend_mid_training_then_resume_continues_from_the_checkpoint(
     wait_for(lambda: not kube.pods(namespace, "finetune.dev/job-name=paused"), timeout=60, what="no pods")
     stopped_at = kube.status(namespace, "paused")["progress"]["step"]
     assert kube.status(namespace, "paused")["phase"] == "Suspended"
+    time.sleep(2)  # the status write of the pod's end
+    used_before = kube.status(namespace, "paused").get("usage", {}).get("gpuSeconds", 0)
+    time.sleep(5)  # suspended: no pod, so no GPU time, however long it waits
+    assert kube.status(namespace, "paused").get("usage", {}).get("gpuSeconds", 0) == used_before
 
     kube.patch_ftj(namespace, "paused", {"spec": {"runPolicy": {"suspend": False}}})
+    resumed = time.monotonic()
     kube.wait_phase(namespace, "paused", "Pending", "Initializing", "Training", "Exporting", "Succeeded", timeout=30)
     status = kube.wait_phase(namespace, "paused", "Succeeded", "Failed", timeout=600)
     assert status["phase"] == "Succeeded", status
     assert status["progress"]["step"] == 600
     assert stopped_at < 600
     assert "resuming from" in pod_logs(kube, namespace)
+    # status.usage: the suspended time is in neither attempt.
+    used = status["usage"]
+    assert len(used["pods"]) == 2 and used_before > 0, used
+    assert used["gpus"] * used["pods"][0]["seconds"] == pytest.approx(used_before, abs=0.2)
+    assert 0 < used["pods"][1]["seconds"] <= time.monotonic() - resumed
 
 
 def test_delete_mid_training_stops_it_and_keeps_what_was_written(

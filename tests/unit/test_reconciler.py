@@ -65,6 +65,9 @@ class RecordingAPI:
     async def read_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         return next(iter(self.jobs.get((namespace, name), [])), None)
 
+    async def read_node(self, name: str) -> dict[str, Any] | None:
+        return {"metadata": {"name": name, "labels": {"nvidia.com/gpu.product": "Test-GPU"}}}
+
     async def read_ftj(self, namespace: str, name: str) -> dict[str, Any] | None:
         found = self.objects.get((namespace, name))
         return copy.deepcopy(found) if found is not None else None
