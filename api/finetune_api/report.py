@@ -72,6 +72,8 @@ class ProgressEvent(_Model):
     steps_per_second: float | None = Field(default=None, ge=0)
     eta_seconds: int | None = Field(default=None, ge=0)
     peak_memory_bytes: int | None = Field(default=None, ge=0)
+    gpu_utilization: float | None = Field(default=None, ge=0, le=100, description="GPU busy, percent (NVML).")
+    gpu_memory_bytes: int | None = Field(default=None, ge=0, description="GPU memory in use (NVML).")
     message: str = Field(default="", max_length=2000)
     checkpoints: list[CheckpointRef] = Field(default_factory=list, max_length=1000)
     output_uri: str | None = None

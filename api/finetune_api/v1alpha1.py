@@ -1235,6 +1235,9 @@ class Progress(_Model):
     steps_per_second: float | None = Field(default=None, ge=0, description="Recent training speed.")
     eta_seconds: int | None = Field(default=None, ge=0, description="Estimated seconds until training ends.")
     peak_memory_bytes: int | None = Field(default=None, ge=0, description="Peak GPU memory allocated.")
+    gpu_utilization: float | None = Field(
+        default=None, ge=0, le=100, description="How busy the GPU was at the report, percent (NVML)."
+    )
     update_time: str | None = Field(default=None, description="When the trainer reported this.")
 
 

@@ -38,7 +38,10 @@ class JobView:
     loss: float | None = None
     steps_per_second: float | None = None
     gpus: int = 0
-    queue: str = ""  # the Kueue LocalQueue (spec.runPolicy.queueName), if any
+    queue: str = ""
+    gpu_utilization: float | None = (
+        None  # percent, at the newest report (NVML)  # the Kueue LocalQueue (spec.runPolicy.queueName), if any
+    )
 
 
 class _JobsCollector(Collector):
@@ -64,6 +67,11 @@ class _JobsCollector(Collector):
         loss = GaugeMetricFamily("finetune_job_loss", "Smoothed training loss.", labels=["namespace", "name"])
         speed = GaugeMetricFamily(
             "finetune_job_steps_per_second", "Recent training speed.", labels=["namespace", "name"]
+        )
+        busy = GaugeMetricFamily(
+            "finetune_job_gpu_utilization",
+            "How busy the job's GPU was at its newest report, percent (NVML).",
+            labels=["namespace", "name"],
         )
         info = GaugeMetricFamily(
             "finetune_job_info",
@@ -94,6 +102,8 @@ class _JobsCollector(Collector):
                 loss.add_metric(labels, job.loss)
             if job.steps_per_second is not None:
                 speed.add_metric(labels, job.steps_per_second)
+            if job.gpu_utilization is not None:
+                busy.add_metric(labels, job.gpu_utilization)
         for phase, count in counts.items():
             by_phase.add_metric([phase], count)
         for labels_, count in sorted(queues.items()):
@@ -120,7 +130,7 @@ class _JobsCollector(Collector):
             cost.add_metric(list(keys), amount)
         yield from (by_phase, by_queue, gpu, used_seconds, cost)
         if self._per_job:
-            yield from (info, step, total, loss, speed)
+            yield from (info, step, total, loss, speed, busy)
 
 
 @dataclass

@@ -887,6 +887,7 @@ class Reconciler:
                     steps_per_second=event.steps_per_second if event else progress.get("stepsPerSecond"),
                     gpus=gpus,
                     queue=((body.get("spec") or {}).get("runPolicy") or {}).get("queueName") or "",
+                    gpu_utilization=event.gpu_utilization if event else progress.get("gpuUtilization"),
                 )
             )
         return views

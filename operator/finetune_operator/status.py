@@ -252,6 +252,7 @@ def _progress_fields(
             steps_per_second=_rounded(event.steps_per_second),
             eta_seconds=0 if final else event.eta_seconds,
             peak_memory_bytes=event.peak_memory_bytes,
+            gpu_utilization=event.gpu_utilization,
             update_time=event.time,
         )
     else:

@@ -40,6 +40,7 @@ from finetune_api.report import (
     TrainerSummary,
 )
 from finetune_api.v1alpha1 import CheckpointRef, DatasetStatus, EvaluationStatus, OutputFile, Stage
+from finetune_trainer import gpu_load
 
 log = logging.getLogger("finetune_trainer")
 
@@ -346,6 +347,9 @@ class ProgressReporter:
         self.interval_s = interval_s
         self.enabled = enabled
         self.peak_memory = peak_memory or (lambda: None)
+        # The GPU's utilization and memory in use (gpu_load.nvml_reader), where NVML is present.
+        self.gpu_load: Callable[[], gpu_load.Reading | None] = lambda: None
+        self.idle_watch = gpu_load.IdleWatch()
         self.clock = TrainingClock()
         self.stage = Stage.STARTING
         self.step = 0
@@ -405,6 +409,12 @@ class ProgressReporter:
             # losses back as seldom as the main one.
             self._last_emit = time.monotonic()
             return None
+        reading = self.gpu_load()
+        idle = self.idle_watch.observe(
+            time.monotonic(), reading[0] if reading else None, training=self.stage == Stage.TRAINING
+        )
+        if idle is not None:
+            self.warn(idle)
         event = ProgressEvent(
             seq=self._seq,
             attempt=self.attempt[:253],
@@ -417,6 +427,8 @@ class ProgressReporter:
             steps_per_second=self.clock.steps_per_second,
             eta_seconds=self.clock.eta_seconds(self.step, self.total_steps) if self.stage == Stage.TRAINING else None,
             peak_memory_bytes=self.peak_memory(),
+            gpu_utilization=reading[0] if reading else None,
+            gpu_memory_bytes=reading[1] if reading else None,
             message=message[:2000],
             checkpoints=list(self.checkpoints),
             output_uri=self.output_uri,

@@ -80,6 +80,7 @@ from finetune_trainer import (
     evaluation,
     export,
     families,
+    gpu_load,
     layouts,
     lora,
     outputs,
@@ -232,6 +233,12 @@ class DreamBoothRecipe:
         self.reporter.enabled = accelerator.is_main_process
         if self.device_info.type == "cuda":
             self.reporter.peak_memory = lambda: int(torch.cuda.max_memory_allocated())
+            if accelerator.is_main_process:
+                index = torch.cuda.current_device()
+                uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+                read = gpu_load.nvml_reader(index, f"GPU-{uuid}" if uuid else None)
+                if read is not None:
+                    self.reporter.gpu_load = read
         self.barrier_timeout = barrier_timeout
         self._report_settings()
         for warning in warnings:
