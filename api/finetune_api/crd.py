@@ -157,6 +157,20 @@ def build_crd() -> dict[str, Any]:
         {"name": "Reason", "type": "string", "jsonPath": ".status.reason", "description": "Why it is in this phase."},
         {"name": "Queue", "type": "string", "jsonPath": ".status.queue.name", "description": "Its Kueue LocalQueue."},
         {"name": "Job", "type": "string", "jsonPath": ".status.jobName", "priority": 1},
+        {
+            "name": "Estimate",
+            "type": "string",
+            "jsonPath": ".status.estimate.durationText",
+            "description": "Expected running time, from finished jobs of the same kind.",
+            "priority": 1,
+        },
+        {
+            "name": "GPU-Seconds",
+            "type": "number",
+            "jsonPath": ".status.usage.gpuSeconds",
+            "description": "GPUs x running time over every attempt.",
+            "priority": 1,
+        },
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ]
     return {

@@ -1277,6 +1277,18 @@ class UsageStatus(_Model):
     )
 
 
+class EstimateStatus(_Model):
+    """How long and how much, before the job runs: from the measured speed of finished jobs of
+    the same kind (family, method, resolution, batch, GPUs). An estimate, never a promise."""
+
+    duration_seconds: int = Field(ge=0, description="Expected running time of the pod(s), in seconds.")
+    duration_text: str = Field(description="The same for display, e.g. 1h20m.")
+    gpu_product: str | None = Field(default=None, description="The GPU the jobs it rests on ran on.")
+    cost: float | None = Field(default=None, ge=0, description="At the operator's price per GPU-hour for gpuProduct.")
+    currency: str | None = Field(default=None, description="The currency of cost.")
+    based_on: int = Field(ge=1, description="How many finished jobs of this kind it rests on.")
+
+
 class EvaluationStatus(_Model):
     """The checkpoint spec.evaluation ranks first, and by which rule."""
 
@@ -1371,6 +1383,10 @@ class FineTuneJobStatus(_Model):
         default=None, description="The best checkpoint by spec.evaluation's scores, and the rule."
     )
     usage: UsageStatus | None = Field(default=None, description="GPU time used over every attempt, and its cost.")
+    estimate: EstimateStatus | None = Field(
+        default=None,
+        description="Before it ran: the time and cost expected from finished jobs of the same kind (with maxSteps).",
+    )
 
 
 class ObjectMeta(BaseModel):

@@ -397,6 +397,30 @@ class KubeAPI:
         base = f"/apis/coordination.k8s.io/v1/namespaces/{quote(namespace)}/leases"
         return f"{base}/{quote(name)}" if name else base
 
+    async def read_configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return await self.request("GET", f"/api/v1/namespaces/{quote(namespace)}/configmaps/{quote(name)}")
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    async def write_configmap(self, namespace: str, name: str, data: dict[str, str]) -> None:
+        """Create the ConfigMap, or replace its data (a merge patch: the last writer wins)."""
+        path = f"/api/v1/namespaces/{quote(namespace)}/configmaps"
+        try:
+            await self.request(
+                "PATCH",
+                f"{path}/{quote(name)}",
+                body={"data": data},
+                content_type=MERGE_PATCH,
+            )
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+            body = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": data}
+            await self.request("POST", path, body=body)
+
     async def read_lease(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
             return await self.request("GET", self._lease_path(namespace, name))

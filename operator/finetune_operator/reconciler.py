@@ -28,8 +28,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from finetune_api.redact import redact
-from finetune_api.v1alpha1 import FailureReason, FineTuneJob, ManifestError, Phase, Reason, parse_manifest
-from finetune_operator import job_limits, names, queueing, requests, usage
+from finetune_api.v1alpha1 import (
+    EstimateStatus,
+    FailureReason,
+    FineTuneJob,
+    ManifestError,
+    Phase,
+    Reason,
+    parse_manifest,
+)
+from finetune_operator import job_limits, names, queueing, requests, speeds, usage
 from finetune_operator.cache import Cache, Key, controller_uid, resource_version
 from finetune_operator.events import EventEmitter
 from finetune_operator.failures import explain_rejection
@@ -171,6 +179,8 @@ class Reconciler:
         # Each node's GPU product (settings.gpu_product_label), read once per node; None: none.
         self._gpu_products: dict[str, str | None] = {}
         self.prices = usage.Prices(usage.parse_prices(settings.gpu_hour_prices), settings.currency)
+        # Finished jobs' speeds (status.estimate), read from their ConfigMap at the first need.
+        self.speeds: speeds.SpeedBook | None = None
         self._workers: list[asyncio.Task[None]] = []
         self.reconciles = 0
         self.own_writes_skipped = 0
@@ -413,6 +423,7 @@ class Reconciler:
             workload=workload,
             position=position,
             gpu_products=await self._products_of(pods),
+            estimate=await self._estimate(job_model, previous),
         )
         result = compute_status(
             previous,
@@ -458,6 +469,7 @@ class Reconciler:
         )
         if new.get("phase") in FINAL:
             await self._settle_requests(key, body, new)
+            await self._record_speed(key, job_model, new)
             await self._finished(key, body, memory, new, job=job)
 
     async def _settle_requests(self, key: Key, body: dict[str, Any], status: dict[str, Any]) -> None:
@@ -715,6 +727,57 @@ class Reconciler:
             rendered.job["metadata"]["name"],
         )
         return ensured.obj
+
+    async def _speed_book(self) -> speeds.SpeedBook:
+        if self.speeds is None:
+            body = None
+            if self.settings.speeds_configmap:
+                try:
+                    body = await self.api.read_configmap(
+                        self.settings.operator_namespace, self.settings.speeds_configmap
+                    )
+                except ApiError as exc:
+                    LOG.warning(
+                        "cannot read ConfigMap %s (%s): estimates start afresh", self.settings.speeds_configmap, exc
+                    )
+            self.speeds = speeds.SpeedBook.from_data((body or {}).get("data"))
+        return self.speeds
+
+    async def _estimate(self, job_model: FineTuneJob, previous: dict[str, Any]) -> EstimateStatus | None:
+        """status.estimate for a job that has not started yet (none once it has)."""
+        if not self.settings.speeds_configmap or previous.get("attempts") or previous.get("estimate"):
+            return None
+        return (await self._speed_book()).estimate(job_model.spec, self.prices)
+
+    async def _record_speed(self, key: Key, job_model: FineTuneJob, status: dict[str, Any]) -> None:
+        """A job that has just succeeded (not stopped early): its speed, for the estimates of jobs
+        of its kind, kept in the ConfigMap."""
+        if not self.settings.speeds_configmap or status.get("phase") != Phase.SUCCEEDED.value:
+            return
+        if status.get("reason") == Reason.STOPPED_EARLY.value:
+            return
+        progress, used = status.get("progress") or {}, status.get("usage") or {}
+        book = await self._speed_book()
+        recorded = book.record(
+            job_model.spec,
+            steps=int(progress.get("totalSteps") or 0),
+            steps_per_second=float(progress.get("stepsPerSecond") or 0),
+            run_seconds=sum(float(p.get("seconds") or 0) for p in used.get("pods") or []),
+            product=used.get("gpuProduct"),
+        )
+        if not recorded:
+            return
+        try:
+            await self.api.write_configmap(
+                self.settings.operator_namespace, self.settings.speeds_configmap, book.to_data()
+            )
+        except ApiError as exc:
+            LOG.warning(
+                "cannot write ConfigMap %s (%s): %s/%s's speed is kept in memory only",
+                self.settings.speeds_configmap,
+                exc,
+                *key,
+            )
 
     async def _products_of(self, pods: list[dict[str, Any]]) -> dict[str, str]:
         """The GPU product label of each node these pods ran on, each node read once (with

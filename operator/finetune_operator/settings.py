@@ -67,6 +67,9 @@ class OperatorSettings:
     gpu_product_label: str = "nvidia.com/gpu.product"
     gpu_hour_prices: str = ""
     currency: str = "USD"
+    # status.estimate: the ConfigMap (in the operator's namespace) of finished jobs' speeds; "": none kept.
+    speeds_configmap: str = "finetune-operator-speeds"
+    operator_namespace: str = field(default_factory=lambda: os.environ.get("POD_NAMESPACE") or "default")
 
     @property
     def cluster_wide(self) -> bool:
@@ -214,6 +217,13 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("--currency", "FINETUNE_CURRENCY", "USD", "the currency of --gpu-hour-prices"),
     Option(
+        "--speeds-configmap",
+        "FINETUNE_SPEEDS_CONFIGMAP",
+        "finetune-operator-speeds",
+        "ConfigMap in the operator's namespace (POD_NAMESPACE) where finished jobs' speeds are kept for "
+        "status.estimate; empty: no estimates",
+    ),
+    Option(
         "--max-memory-per-job",
         "FINETUNE_MAX_MEMORY_PER_JOB",
         "",
@@ -327,4 +337,5 @@ def from_arguments(args: argparse.Namespace) -> OperatorSettings:
         gpu_product_label=args.gpu_product_label,
         gpu_hour_prices=args.gpu_hour_prices,
         currency=args.currency,
+        speeds_configmap=args.speeds_configmap,
     )

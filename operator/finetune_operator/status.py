@@ -22,6 +22,7 @@ from finetune_api.v1alpha1 import (
     CheckpointRef,
     Condition,
     DatasetStatus,
+    EstimateStatus,
     EvaluationStatus,
     FailureReason,
     FineTuneJobSpec,
@@ -79,6 +80,8 @@ class Observed:
     position: queueing.Position | None = None
     # The GPU product of each node its pods ran on (the node's product label), where read.
     gpu_products: Mapping[str, str] = field(default_factory=dict)
+    # What finished jobs of the same kind say this one will take (speeds.SpeedBook), if anything.
+    estimate: EstimateStatus | None = None
 
 
 @dataclass(frozen=True)
@@ -410,6 +413,9 @@ def compute_status(
     )
     if used is not None:
         status["usage"] = used
+    elif observed.estimate is not None and not attempts and "estimate" not in status:
+        # Before anything ran, once; never for a job that has started.
+        status["estimate"] = observed.estimate
 
     # Progress: the newest report of the current attempt; at the end, the trainer's
     # summary (termination message) when no final report arrived.

@@ -217,7 +217,13 @@ def installed(kube: Kube, operator: OperatorProcess, kueue: object) -> Iterator[
 
 
 def _operator_with(kubeconfig: Path, name: str) -> OperatorProcess:
-    proc = OperatorProcess(kubeconfig=kubeconfig, log_dir=ARTIFACTS / "helm" / name)
+    # As the chart's pod runs it: in the release's namespace, keeping speeds in the chart's ConfigMap.
+    proc = OperatorProcess(
+        kubeconfig=kubeconfig,
+        log_dir=ARTIFACTS / "helm" / name,
+        env={"POD_NAMESPACE": RELEASE_NAMESPACE},
+        extra_args=[f"--speeds-configmap={FULLNAME}-speeds"],
+    )
     if proc.log.exists():
         proc.log.unlink()
     return proc

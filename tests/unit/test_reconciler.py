@@ -32,6 +32,7 @@ class RecordingAPI:
         self.events: list[dict[str, Any]] = []
         self.objects: dict[tuple[str, str], dict[str, Any]] = {}
         self.refused: list[str] = []  # status writes answered 409
+        self.configmaps: dict[tuple[str, str], dict[str, Any]] = {}
 
     def _next_version(self) -> str:
         self.version += 1
@@ -64,6 +65,13 @@ class RecordingAPI:
 
     async def read_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         return next(iter(self.jobs.get((namespace, name), [])), None)
+
+    async def read_configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.configmaps.get((namespace, name))
+
+    async def write_configmap(self, namespace: str, name: str, data: dict[str, str]) -> None:
+        self.writes.append(("write configmaps", name))
+        self.configmaps[(namespace, name)] = {"data": dict(data)}
 
     async def read_node(self, name: str) -> dict[str, Any] | None:
         return {"metadata": {"name": name, "labels": {"nvidia.com/gpu.product": "Test-GPU"}}}
