@@ -38,10 +38,10 @@ class JobView:
     loss: float | None = None
     steps_per_second: float | None = None
     gpus: int = 0
-    queue: str = ""
-    gpu_utilization: float | None = (
-        None  # percent, at the newest report (NVML)  # the Kueue LocalQueue (spec.runPolicy.queueName), if any
-    )
+    queue: str = ""  # the Kueue LocalQueue (spec.runPolicy.queueName), if any
+    gpu_utilization: float | None = None  # percent, at the newest report (NVML)
+    # spec.evaluation: the best checkpoint's scores (dino, clipI, clipT).
+    best_scores: dict[str, float] = field(default_factory=dict)
 
 
 class _JobsCollector(Collector):
@@ -72,6 +72,11 @@ class _JobsCollector(Collector):
             "finetune_job_gpu_utilization",
             "How busy the job's GPU was at its newest report, percent (NVML).",
             labels=["namespace", "name"],
+        )
+        scores = GaugeMetricFamily(
+            "finetune_job_best_score",
+            "spec.evaluation: the best checkpoint's scores so far (dino, clipI, clipT).",
+            labels=["namespace", "name", "score"],
         )
         info = GaugeMetricFamily(
             "finetune_job_info",
@@ -104,6 +109,8 @@ class _JobsCollector(Collector):
                 speed.add_metric(labels, job.steps_per_second)
             if job.gpu_utilization is not None:
                 busy.add_metric(labels, job.gpu_utilization)
+            for score, value in sorted(job.best_scores.items()):
+                scores.add_metric([*labels, score], value)
         for phase, count in counts.items():
             by_phase.add_metric([phase], count)
         for labels_, count in sorted(queues.items()):
@@ -130,7 +137,7 @@ class _JobsCollector(Collector):
             cost.add_metric(list(keys), amount)
         yield from (by_phase, by_queue, gpu, used_seconds, cost)
         if self._per_job:
-            yield from (info, step, total, loss, speed, busy)
+            yield from (info, step, total, loss, speed, busy, scores)
 
 
 @dataclass

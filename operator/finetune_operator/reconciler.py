@@ -951,6 +951,11 @@ class Reconciler:
                     gpus=gpus,
                     queue=((body.get("spec") or {}).get("runPolicy") or {}).get("queueName") or "",
                     gpu_utilization=event.gpu_utilization if event else progress.get("gpuUtilization"),
+                    best_scores=dict(
+                        (event.evaluation.best_scores if event and event.evaluation else None)
+                        or (status.get("evaluation") or {}).get("bestScores")
+                        or {}
+                    ),
                 )
             )
         return views

@@ -267,6 +267,8 @@ class WebPage:
         summary["output"] = status.get("output") or {}
         summary["warnings"] = status.get("warnings") or []
         summary["conditions"] = status.get("conditions") or []
+        for field in ("usage", "estimate", "evaluation"):
+            summary[field] = status.get(field)
         try:
             events = await self.api.list_events(*key)
         except ApiError:

@@ -58,9 +58,11 @@ def test_reports_carry_the_reading_and_the_idle_warning() -> None:
 
 def test_the_metric_is_per_job() -> None:
     metrics = Metrics(per_job=True)
-    metrics.bind_jobs(lambda: [JobView(namespace="team-a", name="x", phase="Training", gpu_utilization=87.5)])
+    view = JobView(namespace="team-a", name="x", phase="Training", gpu_utilization=87.5, best_scores={"dino": 0.66})
+    metrics.bind_jobs(lambda: [view])
     text = prometheus_text(metrics)[0].decode()
     assert 'finetune_job_gpu_utilization{name="x",namespace="team-a"} 87.5' in text
+    assert 'finetune_job_best_score{name="x",namespace="team-a",score="dino"} 0.66' in text
 
 
 def test_the_status_shows_it() -> None:
