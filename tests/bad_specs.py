@@ -341,7 +341,13 @@ BAD_SPECS = [
     BadSpec(
         "evaluation-no-prompts",
         _set("evaluation", {"prompts": [], "dinoModel": "hf://facebook/dino-vits16"}),
-        "spec.evaluation.prompts",
+        "spec.evaluation",
+    ),
+    BadSpec("evaluation-nothing-to-score", _set("evaluation", {"prompts": ["a sks dog"]}), "spec.evaluation"),
+    BadSpec(
+        "evaluation-rank-by-held-out-loss-without-photos",
+        _set("evaluation", {"dinoModel": "hf://facebook/dino-vits16", "prompts": ["x"], "rankBy": "holdOutLoss"}),
+        "spec.evaluation",
     ),
     BadSpec("memory-zero", _set("resources.memory", "0"), "spec.resources.memory"),
     BadSpec("cpu-zero", _set("resources.cpu", "0.0"), "spec.resources.cpu"),

@@ -271,9 +271,24 @@ LORA = (
 # Model rules of spec.evaluation.
 EVALUATION = (
     Rule(
+        "has(self.clipModel) || has(self.dinoModel) || self.holdOut > 0",
+        "nothing to score: set dinoModel or clipModel (with prompts), or holdOut",
+        lambda e: e.clip_model is not None or e.dino_model is not None or e.hold_out > 0,
+    ),
+    Rule(
+        "size(self.prompts) > 0 || (!has(self.clipModel) && !has(self.dinoModel))",
+        "prompts: the scoring models score images rendered from prompts; give at least one",
+        lambda e: len(e.prompts) > 0 or (e.clip_model is None and e.dino_model is None),
+    ),
+    Rule(
         "self.floors.all(k, k in ['dino', 'clipI', 'clipT'])",
-        "floors: the scores are dino, clipI and clipT (e.g. clipT: 0.25)",
+        "floors: the scores with a floor are dino, clipI and clipT (e.g. clipT: 0.25)",
         lambda e: all(k in ("dino", "clipI", "clipT") for k in e.floors),
+    ),
+    Rule(
+        "self.rankBy != 'holdOutLoss' || self.holdOut > 0",
+        "rankBy: holdOutLoss needs holdOut photos (e.g. holdOut: 2)",
+        lambda e: e.rank_by != "holdOutLoss" or e.hold_out > 0,
     ),
     Rule(
         "has(self.dinoModel) || (self.rankBy != 'dino' && !('dino' in self.floors))",
@@ -282,10 +297,14 @@ EVALUATION = (
         lambda e: e.dino_model is not None or (e.rank_by != "dino" and "dino" not in e.floors),
     ),
     Rule(
-        "has(self.clipModel) || (self.rankBy == 'dino' && !('clipI' in self.floors) && !('clipT' in self.floors))",
+        "has(self.clipModel) || ((self.rankBy == 'dino' || self.rankBy == 'holdOutLoss') && "
+        "!('clipI' in self.floors) && !('clipT' in self.floors))",
         "clipModel is needed to score clipI and clipT (rankBy or floors): set clipModel (e.g. "
         "hf://openai/clip-vit-base-patch32)",
-        lambda e: e.clip_model is not None or (e.rank_by == "dino" and not {"clipI", "clipT"} & set(e.floors)),
+        lambda e: (
+            e.clip_model is not None
+            or (e.rank_by in ("dino", "holdOutLoss") and not {"clipI", "clipT"} & set(e.floors))
+        ),
     ),
 )
 

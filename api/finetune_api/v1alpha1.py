@@ -783,6 +783,7 @@ class Score(StrEnum):
     DINO = "dino"
     CLIP_I = "clipI"
     CLIP_T = "clipT"
+    HOLD_OUT_LOSS = "holdOutLoss"
 
 
 class Evaluation(_Model):
@@ -790,9 +791,12 @@ class Evaluation(_Model):
     fixed seeds, scored as the DreamBooth paper does."""
 
     prompts: list[Annotated[str, Field(min_length=1, max_length=1000)]] = Field(
-        min_length=1,
+        default_factory=list,
         max_length=32,
-        description="Prompts rendered at every checkpoint (e.g. DreamBench's: a photo of sks dog in the jungle).",
+        description=(
+            "Prompts rendered at every checkpoint and scored with the models below (e.g. DreamBench's: a photo of sks "
+            "dog in the jungle)."
+        ),
     )
     images_per_prompt: int = Field(
         default=1,
@@ -816,9 +820,22 @@ class Evaluation(_Model):
         ),
         json_schema_extra=rules.cel(rules.URI),
     )
+    hold_out: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description=(
+            "Photos kept out of training (the last ones, by concept and name; each concept keeps at least one) "
+            "whose denoising loss is measured at every checkpoint at fixed noise and timesteps: holdOutLoss, lower "
+            "is better, with no scoring model."
+        ),
+    )
     rank_by: Score = Field(
         default=Score.DINO,
-        description="The score that ranks checkpoints (higher is better), for output.select: best and the status.",
+        description=(
+            "The score that ranks checkpoints (higher is better; holdOutLoss: lower), for output.select: best and "
+            "the status."
+        ),
     )
     floors: dict[str, float] = Field(
         default_factory=dict,

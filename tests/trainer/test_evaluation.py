@@ -166,3 +166,37 @@ def test_a_run_scores_every_checkpoint_and_exports_the_best_kept_through_keep_la
     card = (output / "README.md").read_text()
     assert "This model is the checkpoint of step 2 (output.select: best)." in card
     assert "| 2 (exported) | 0.9000 |" in card
+
+
+def test_held_out_photos_are_never_trained_on_and_their_loss_ranks_the_checkpoints(
+    tiny_model: Path, photos: Path, tmp_path: Path
+) -> None:
+    output = tmp_path / "out"
+    spec = base_spec(tiny_model, photos, output, maxSteps=4, batchSize=2, learningRate=3.0e-2, seed=3)
+    spec["method"] = "LoRA"
+    spec["training"]["lora"] = {"rank": 4, "alpha": 4}
+    spec["checkpoints"] = {"everySteps": 2, "keepLast": 1}
+    spec["samples"] = {"prompts": []}
+    spec["evaluation"] = {"holdOut": 1, "rankBy": "holdOutLoss"}
+    spec["output"]["select"] = "best"
+    run = run_cli(manifest(tmp_path / "job.yaml", name="held", **spec), output, tmp_path / "termination-log")
+    assert run.code == ExitCode.SUCCESS, run.summary
+    # The last photo by name is held out: the training set is the other three.
+    held = [line for line in run.lines if line.get("event") == "held-out"]
+    assert held and "subject-03.jpg" in held[0]["message"]
+    assert run.summary["dataset"]["images"] == 3
+    assert not (output / "evaluation").exists()  # no scoring model: nothing rendered
+    losses = {c["step"]: c["scores"]["holdOutLoss"] for c in run.summary["checkpoints"]}
+    best = run.summary["evaluation"]
+    assert best["rule"] == "lowest holdOutLoss"
+    assert best["bestStep"] == min(losses, key=lambda s: (losses[s], -s))
+    assert best["bestScores"]["holdOutLoss"] == min(losses.values())
+
+
+def test_holding_out_every_photo_is_refused_naming_the_field(tiny_model: Path, photos: Path, tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    spec = base_spec(tiny_model, photos, output)
+    spec["evaluation"] = {"holdOut": 4, "rankBy": "holdOutLoss"}
+    run = run_cli(manifest(tmp_path / "job.yaml", name="all-held", **spec), output, tmp_path / "termination-log")
+    assert run.code == ExitCode.BAD_INPUT, run.summary
+    assert "spec.evaluation.holdOut" in run.summary["message"] and "at most 3" in run.summary["message"]

@@ -294,6 +294,8 @@ def generator(*parts: int, device: Any = "cpu") -> torch.Generator:
 STREAM_ORDER, STREAM_AUGMENT, STREAM_NOISE, STREAM_CACHE, STREAM_CLASS_IMAGES = 1, 2, 3, 4, 5
 # The class image beside each instance image (prior preservation) draws from streams of its own.
 STREAM_CLASS_ORDER, STREAM_CLASS_NOISE = 6, 7
+# The held-out photos' fixed noise and timesteps (spec.evaluation.holdOut).
+STREAM_HOLD_OUT = 8
 
 
 @dataclass(frozen=True)

@@ -40,9 +40,14 @@ EVALUATION_DIR = "evaluation"
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.bin"]
 
 
+# Scores where lower is better.
+LOWER_IS_BETTER = {"holdOutLoss"}
+
+
 def rule_text(settings: Evaluation) -> str:
     floors = ", ".join(f"{name} >= {value:g}" for name, value in sorted(settings.floors.items()))
-    return f"highest {settings.rank_by}" + (f" among checkpoints with {floors}" if floors else "")
+    best = "lowest" if str(settings.rank_by) in LOWER_IS_BETTER else "highest"
+    return f"{best} {settings.rank_by}" + (f" among checkpoints with {floors}" if floors else "")
 
 
 def best(
@@ -54,7 +59,8 @@ def best(
     if not scored:
         return None
     passing = [c for c in scored if all(c[1].get(k, -math.inf) >= v for k, v in settings.floors.items())]
-    return max(passing or scored, key=lambda c: (c[1][str(settings.rank_by)], c[0]))
+    sign = -1 if str(settings.rank_by) in LOWER_IS_BETTER else 1
+    return max(passing or scored, key=lambda c: (sign * c[1][str(settings.rank_by)], c[0]))
 
 
 def _features(output: Any) -> torch.Tensor:

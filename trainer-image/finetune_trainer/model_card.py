@@ -264,14 +264,15 @@ def _score_lines(
     """The scores of each checkpoint kept, the exported one marked."""
     from finetune_trainer import evaluation
 
-    names = [n for n in ("dino", "clipI", "clipT") if any(n in s for _, s in scores)]
+    names = [n for n in ("dino", "clipI", "clipT", "holdOutLoss") if any(n in s for _, s in scores)]
     top = evaluation.best(scores, settings)
     lines = [
         "## Scores",
         "",
         f"{len(settings.prompts)} prompt(s) x {settings.images_per_prompt} image(s) at each checkpoint, scored as "
         "the DreamBooth paper does (DINO and CLIP-I: each image against the instance photos; CLIP-T: against its "
-        f"prompt). Ranked by {evaluation.rule_text(settings)}" + (f": step {top[0]} first." if top else "."),
+        f"prompt); holdOutLoss: the denoising loss of {settings.hold_out} photo(s) kept out of training. "
+        f"Ranked by {evaluation.rule_text(settings)}" + (f": step {top[0]} first." if top else "."),
         f"This model is the checkpoint of step {exported} (output.select: {select}).",
         "",
         "| step | " + " | ".join(names) + " |",

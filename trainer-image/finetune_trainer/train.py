@@ -110,6 +110,8 @@ from finetune_trainer.report import ProgressReporter
 log = logging.getLogger("finetune_trainer")
 
 CHECKPOINTS_DIR = "checkpoints"
+# spec.evaluation.holdOut: noise and timestep draws per held-out photo at every checkpoint.
+HOLD_OUT_DRAWS = 4
 # The EMA's samples (spec.training.ema.samples): under samples/, and their contact sheet.
 EMA_SAMPLES_DIR = "ema"
 EMA_SAMPLES_FILE = "samples-ema.png"
@@ -284,6 +286,7 @@ class DreamBoothRecipe:
             spec.base_model, cache_dir=cache_dir(), store=self.store, options=self._load_options()
         )
         self.found = self._read_dataset()
+        self.held_out = self._hold_out()
         self.instance = self.found.examples
         self.class_examples: list[data.Example] = []
         if spec.dataset.prior_preservation:
@@ -352,13 +355,80 @@ class DreamBoothRecipe:
             prompt_inputs=self._sample_inputs if self.family.text_encoders_leave_gpu else None,
         )
 
+    def _hold_out(self) -> list[data.Example]:
+        """spec.evaluation.holdOut: photos taken out of training for the held-out loss, one at a
+        time from the end of whichever concept has the most left (each keeps at least one)."""
+        settings = self.spec.evaluation
+        wanted = settings.hold_out if settings is not None else 0
+        if not wanted:
+            return []
+        concepts = self.found.concepts
+        spare = sum(len(c.examples) - 1 for c in concepts)
+        if wanted > spare:
+            raise BadInput(
+                f"holdOut {wanted} would leave a concept without photos to train on: the dataset has "
+                f"{len(self.found.examples)} photo(s) in {len(concepts)} concept(s); hold out at most {spare}",
+                field="spec.evaluation.holdOut",
+            )
+        held: list[data.Example] = []
+        for _ in range(wanted):
+            largest = max(reversed(concepts), key=lambda c: len(c.examples))
+            held.append(largest.examples.pop())
+        log.info(
+            f"held out of training for the held-out loss: {', '.join(e.path.name for e in held)}",
+            extra={"event": "held-out"},
+        )
+        return held
+
+    def _held_out_loss(self) -> float:
+        """The denoising loss of the held-out photos at this step: each centre-cropped at its
+        size, with the same noise and timesteps at every checkpoint (HOLD_OUT_DRAWS each)."""
+        import torch
+        import torch.nn.functional as F  # noqa: N812
+
+        accelerator = self.accelerator
+        device = accelerator.device
+        unet = accelerator.unwrap_model(self.unet, keep_torch_compile=False)
+        was_training = unet.training
+        unet.eval()
+        losses: list[float] = []
+        try:
+            with torch.no_grad(), accelerator.autocast():
+                for index, example in enumerate(self.held_out):
+                    bucket = example.bucket
+                    square, crop = data.crop_at(data.fit(example.pixels, bucket), bucket, center=True, flip=False)
+                    pixels = square[None].to(device, dtype=self.vae_dtype)
+                    latent = self.base.vae.encode(pixels).latent_dist.mean.float()
+                    conditioning = self._conditioning([example.prompt])
+                    ids = self.family.time_ids(
+                        original_size=example.original_size, crop=crop, target=(bucket.height, bucket.width)
+                    )
+                    sizes = None
+                    if ids is not None:
+                        sizes = torch.tensor([ids], dtype=conditioning.hidden.dtype).to(device)
+                    for draw in range(HOLD_OUT_DRAWS):
+                        gen = data.generator(self.spec.training.seed, data.STREAM_HOLD_OUT, index, draw)
+                        noise = torch.randn(latent.shape[1:], generator=gen)[None].to(device)
+                        timestep = torch.tensor([self.objective.draw(gen, bucket)]).to(device)
+                        predicted = self.objective.predict(
+                            unet, latents=latent, noise=noise, timesteps=timestep, conditioning=conditioning,
+                            time_ids=sizes,
+                        )  # fmt: skip
+                        error = F.mse_loss(predicted.prediction.float(), predicted.target.float())
+                        if predicted.weights is not None:
+                            error = error * predicted.weights.float().mean()
+                        losses.append(float(error))
+        finally:
+            unet.train(was_training)
+        return sum(losses) / len(losses)
+
     def _set_up_evaluation(self) -> None:
         """spec.evaluation: its prompts rendered with the samples' settings, one renderer per seed,
         into evaluation/seed-N/; the scoring models read once and the instance photos embedded
         (main process, which renders and scores)."""
         settings = self.spec.evaluation
-        if settings is None:
-            return
+        if settings is None or (settings.clip_model is None and settings.dino_model is None):
+            return  # the held-out loss alone: nothing to render
         folder = self.output / evaluation.EVALUATION_DIR
         self.eval_renderers = [
             self._sampler(
@@ -393,46 +463,49 @@ class DreamBoothRecipe:
     def _evaluate(self) -> dict[str, float]:
         """Render the evaluation prompts at this step and score them (main process; {} elsewhere
         and without spec.evaluation).  With an exported EMA the average is what is scored."""
-        if self.scorer is None:
+        if self.spec.evaluation is None or not self.accelerator.is_main_process:
             return {}
+        started = time.monotonic()
+        # With an exported EMA, the average is what is scored (in the trained weights' places).
+        average = self.ema.swapped_in() if self.ema is not None and self.ema.settings.export else None
+        with average or contextlib.nullcontext():
+            scores = self._scored_images() if self.scorer is not None else {}
+            if self.held_out:
+                scores["holdOutLoss"] = round(self._held_out_loss(), 6)
+        seconds = time.monotonic() - started
+        log.info(f"scores at step {self.step}: {scores} ({seconds:.1f} s)", extra={"event": "evaluated"})
+        self._evaluation_seconds = seconds
+        return scores
+
+    def _scored_images(self) -> dict[str, float]:
+        """The evaluation prompts rendered at this step and scored by the scoring models."""
         import torch
         from PIL import Image
 
+        assert self.scorer is not None
         accelerator = self.accelerator
         stage = self.reporter.stage
         prompts = list(self.scorer.settings.prompts)
         self.reporter.set_stage(
             Stage.EVALUATING, message=f"rendering and scoring {len(prompts) * len(self.eval_renderers)} images"
         )
-        started = time.monotonic()
         encoders = [None if self.encoders_released else accelerator.unwrap_model(e) for e in self.text_encoders]
-        average = self.ema.swapped_in() if self.ema is not None and self.ema.settings.export else None
+        unet = accelerator.unwrap_model(self.unet, keep_torch_compile=False)
         images, shown, paths = [], [], []
-        with average or contextlib.nullcontext():
-            for renderer in self.eval_renderers:
-                renderer.render(
-                    self.step,
-                    unet=accelerator.unwrap_model(self.unet, keep_torch_compile=False),
-                    text_encoders=encoders,
-                )
-                for index, prompt in enumerate(prompts):
-                    path = renderer.folder / samples.sample_name(self.step, index)
-                    if path.is_file():
-                        with Image.open(path) as image:
-                            images.append(image.convert("RGB"))
-                        shown.append(prompt)
-                        paths.append(path)
+        for renderer in self.eval_renderers:
+            renderer.render(self.step, unet=unet, text_encoders=encoders)
+            for index, prompt in enumerate(prompts):
+                path = renderer.folder / samples.sample_name(self.step, index)
+                if path.is_file():
+                    with Image.open(path) as image:
+                        images.append(image.convert("RGB"))
+                    shown.append(prompt)
+                    paths.append(path)
         if self.device_info.type == "cuda":
             torch.cuda.empty_cache()  # the sampling's memory, before the scoring models come
         scores = self.scorer.score(images, shown, device=accelerator.device) if images else {}
-        seconds = time.monotonic() - started
         self._publish(paths, what="evaluation images")
-        log.info(
-            f"scores at step {self.step}: {scores} ({len(images)} images, {seconds:.1f} s)",
-            extra={"event": "evaluated"},
-        )
-        self.reporter.set_stage(stage, message=f"scores at step {self.step}: {scores}")
-        self._evaluation_seconds = seconds
+        self.reporter.set_stage(stage, message=f"{len(images)} images at step {self.step} scored: {scores}")
         return scores
 
     def _scored(self) -> list[tuple[int, dict[str, float]]]:
