@@ -269,10 +269,8 @@ def _score_lines(
     lines = [
         "## Scores",
         "",
-        f"{len(settings.prompts)} prompt(s) x {settings.images_per_prompt} image(s) at each checkpoint, scored as "
-        "the DreamBooth paper does (DINO and CLIP-I: each image against the instance photos; CLIP-T: against its "
-        f"prompt); holdOutLoss: the denoising loss of {settings.hold_out} photo(s) kept out of training. "
-        f"Ranked by {evaluation.rule_text(settings)}" + (f": step {top[0]} first." if top else "."),
+        " ".join([*_what_is_scored(settings), f"Ranked by {evaluation.rule_text(settings)}"])
+        + (f": step {top[0]} first." if top else "."),
         f"This model is the checkpoint of step {exported} (output.select: {select}).",
         "",
         "| step | " + " | ".join(names) + " |",
@@ -283,6 +281,19 @@ def _score_lines(
         cells = " | ".join(f"{values[n]:.4f}" if n in values else "" for n in names)
         lines.append(f"| {at}{mark} | {cells} |")
     return [*lines, ""]
+
+
+def _what_is_scored(settings: Evaluation) -> list[str]:
+    said = []
+    if settings.clip_model is not None or settings.dino_model is not None:
+        said.append(
+            f"{len(settings.prompts)} prompt(s) x {settings.images_per_prompt} image(s) at each checkpoint, scored as "
+            "the DreamBooth paper does (DINO and CLIP-I: each image against the instance photos; CLIP-T: against its "
+            "prompt)."
+        )
+    if settings.hold_out:
+        said.append(f"holdOutLoss: the denoising loss of {settings.hold_out} photo(s) kept out of training.")
+    return said
 
 
 def _text_encoder_trained(spec: FineTuneJobSpec) -> str:
