@@ -216,21 +216,20 @@ class KubeAPI:
             return Ensured(Outcome.ADOPTED, existing)
         return Ensured(Outcome.CONFLICT, existing)
 
-    async def read_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+    async def _read(self, path: str) -> dict[str, Any] | None:
+        """The object at ``path``, or None where there is none (404)."""
         try:
-            return await self.request("GET", f"/apis/batch/v1/namespaces/{quote(namespace)}/jobs/{quote(name)}")
+            return await self.request("GET", path)
         except ApiError as exc:
             if exc.status == 404:
                 return None
             raise
 
+    async def read_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return await self._read(f"/apis/batch/v1/namespaces/{quote(namespace)}/jobs/{quote(name)}")
+
     async def read_node(self, name: str) -> dict[str, Any] | None:
-        try:
-            return await self.request("GET", f"/api/v1/nodes/{quote(name)}")
-        except ApiError as exc:
-            if exc.status == 404:
-                return None
-            raise
+        return await self._read(f"/api/v1/nodes/{quote(name)}")
 
     async def patch_job(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
         await self.request(
@@ -263,14 +262,7 @@ class KubeAPI:
 
     async def read_ftj(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The FineTuneJob as the apiserver has it now (None when it is gone)."""
-        try:
-            return await self.request(
-                "GET", f"/apis/{GROUP}/{VERSION}/namespaces/{quote(namespace)}/{PLURAL}/{quote(name)}"
-            )
-        except ApiError as exc:
-            if exc.status == 404:
-                return None
-            raise
+        return await self._read(f"/apis/{GROUP}/{VERSION}/namespaces/{quote(namespace)}/{PLURAL}/{quote(name)}")
 
     async def patch_ftj(self, namespace: str, name: str, operations: list[dict[str, Any]]) -> bool:
         """A JSON patch of the FineTuneJob (a request annotation removed); False where the object
@@ -398,12 +390,7 @@ class KubeAPI:
         return f"{base}/{quote(name)}" if name else base
 
     async def read_configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            return await self.request("GET", f"/api/v1/namespaces/{quote(namespace)}/configmaps/{quote(name)}")
-        except ApiError as exc:
-            if exc.status == 404:
-                return None
-            raise
+        return await self._read(f"/api/v1/namespaces/{quote(namespace)}/configmaps/{quote(name)}")
 
     async def write_configmap(self, namespace: str, name: str, data: dict[str, str]) -> None:
         """Create the ConfigMap, or replace its data (a merge patch: the last writer wins)."""
@@ -422,12 +409,7 @@ class KubeAPI:
             await self.request("POST", path, body=body)
 
     async def read_lease(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            return await self.request("GET", self._lease_path(namespace, name))
-        except ApiError as exc:
-            if exc.status == 404:
-                return None
-            raise
+        return await self._read(self._lease_path(namespace, name))
 
     async def create_lease(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
         return await self.request("POST", self._lease_path(namespace), body=body)
