@@ -393,20 +393,25 @@ class KubeAPI:
         return await self._read(f"/api/v1/namespaces/{quote(namespace)}/configmaps/{quote(name)}")
 
     async def write_configmap(self, namespace: str, name: str, data: dict[str, str]) -> None:
-        """Create the ConfigMap, or replace its data (a merge patch: the last writer wins)."""
+        """Create the ConfigMap, or replace its data (a merge patch: the last writer wins).  Where
+        another writer creates it between our patch and our create, patch what they made."""
         path = f"/api/v1/namespaces/{quote(namespace)}/configmaps"
+
+        async def patch() -> None:
+            await self.request("PATCH", f"{path}/{quote(name)}", body={"data": data}, content_type=MERGE_PATCH)
+
         try:
-            await self.request(
-                "PATCH",
-                f"{path}/{quote(name)}",
-                body={"data": data},
-                content_type=MERGE_PATCH,
-            )
+            await patch()
         except ApiError as exc:
             if exc.status != 404:
                 raise
             body = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": data}
-            await self.request("POST", path, body=body)
+            try:
+                await self.request("POST", path, body=body)
+            except ApiError as created:
+                if created.status != 409:
+                    raise
+                await patch()
 
     async def read_lease(self, namespace: str, name: str) -> dict[str, Any] | None:
         return await self._read(self._lease_path(namespace, name))

@@ -181,6 +181,9 @@ class Reconciler:
         self.prices = usage.Prices(usage.parse_prices(settings.gpu_hour_prices), settings.currency)
         # Finished jobs' speeds (status.estimate), read from their ConfigMap at the first need.
         self.speeds: speeds.SpeedBook | None = None
+        # One write of the book at a time, each of the whole book as it is then: the last write
+        # holds every job's speed (two jobs that finish together would otherwise race).
+        self._speeds_written = asyncio.Lock()
         self._workers: list[asyncio.Task[None]] = []
         self.reconciles = 0
         self.own_writes_skipped = 0
@@ -768,9 +771,10 @@ class Reconciler:
         if not recorded:
             return
         try:
-            await self.api.write_configmap(
-                self.settings.operator_namespace, self.settings.speeds_configmap, book.to_data()
-            )
+            async with self._speeds_written:
+                await self.api.write_configmap(
+                    self.settings.operator_namespace, self.settings.speeds_configmap, book.to_data()
+                )
         except ApiError as exc:
             LOG.warning(
                 "cannot write ConfigMap %s (%s): %s/%s's speed is kept in memory only",

@@ -113,3 +113,26 @@ async def _until_gone(kube: Kube, namespace: str, name: str) -> None:
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"{name} still there")
+
+
+def test_two_writers_of_a_missing_configmap_both_land(
+    kube: Kube, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both find it missing and both create it: the one refused with AlreadyExists patches what
+    the other made (two jobs that finish together both keep their speeds)."""
+    monkeypatch.setenv("KUBECONFIG", str(kube.cluster.kubeconfig))
+
+    async def scenario() -> None:
+        api = KubeAPI()
+        api.configure(kopf.login_with_kubeconfig(settings=kopf.OperatorSettings(), logger=logging.getLogger("test")))
+        try:
+            for round_ in range(3):
+                name = f"speeds-{round_}"
+                writes = (api.write_configmap(namespace, name, {f"writer-{w}": "1"}) for w in range(4))
+                await asyncio.gather(*writes)
+                kept = await api.read_configmap(namespace, name)
+                assert kept is not None and sorted(kept["data"]) == [f"writer-{w}" for w in range(4)], kept
+        finally:
+            await api.close()
+
+    asyncio.run(scenario())

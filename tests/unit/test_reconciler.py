@@ -595,3 +595,31 @@ def test_a_job_beyond_the_clusters_limits_fails_before_any_job_is_made(
     assert words in status["message"]
     assert [name for what, name in world.api.writes if what == "create jobs"] == ["small"]
     assert world.server("small")["status"]["phase"] != "Failed"
+
+
+def test_two_jobs_that_finish_together_both_keep_their_speed_in_the_configmap() -> None:
+    """The first write is the slower one: unless the book's writes take turns, its copy of the
+    book (one job) would land after the second's (both) and the ConfigMap would lose a job."""
+    world = World()
+    written = world.api.write_configmap
+    delays = [2.0, 0.5]
+
+    async def slow_write(namespace: str, name: str, data: dict[str, str]) -> None:
+        await asyncio.sleep(delays.pop(0) if delays else 0)
+        await written(namespace, name, data)
+
+    world.api.write_configmap = slow_write  # type: ignore[method-assign]
+    job_model = reconciler_module.parse_manifest(good_manifest("a"))
+    succeeded = {
+        "phase": "Succeeded",
+        "progress": {"totalSteps": 40, "stepsPerSecond": 2.0},
+        "usage": {"pods": [{"seconds": 30}], "gpuProduct": "Test-GPU"},
+    }
+
+    async def main() -> None:
+        await asyncio.gather(*(world.reconciler._record_speed(("team", n), job_model, succeeded) for n in ("a", "b")))
+
+    run(main())
+    kept = world.api.configmaps[(world.reconciler.settings.operator_namespace, "finetune-operator-speeds")]
+    book = reconciler_module.speeds.SpeedBook.from_data(kept["data"])
+    assert [len(samples) for samples in book.samples.values()] == [2], book.samples
