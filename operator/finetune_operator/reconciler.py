@@ -182,8 +182,10 @@ class Reconciler:
         # Finished jobs' speeds (status.estimate), read from their ConfigMap at the first need.
         self.speeds: speeds.SpeedBook | None = None
         # One write of the book at a time, each of the whole book as it is then: the last write
-        # holds every job's speed (two jobs that finish together would otherwise race).
+        # holds every job's speed (two jobs that finish together would otherwise race), and jobs
+        # that finish while a write is under way share the next one (_speeds_unwritten).
         self._speeds_written = asyncio.Lock()
+        self._speeds_unwritten = False
         self._workers: list[asyncio.Task[None]] = []
         self.reconciles = 0
         self.own_writes_skipped = 0
@@ -770,12 +772,17 @@ class Reconciler:
         )
         if not recorded:
             return
+        self._speeds_unwritten = True
         try:
             async with self._speeds_written:
+                if not self._speeds_unwritten:
+                    return  # a write that began after this job's record has carried it
+                self._speeds_unwritten = False
                 await self.api.write_configmap(
                     self.settings.operator_namespace, self.settings.speeds_configmap, book.to_data()
                 )
         except ApiError as exc:
+            self._speeds_unwritten = True
             LOG.warning(
                 "cannot write ConfigMap %s (%s): %s/%s's speed is kept in memory only",
                 self.settings.speeds_configmap,
