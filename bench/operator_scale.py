@@ -50,6 +50,9 @@ STATE = ROOT / "bench" / ".state"
 THREADS = 16
 OPERATOR_USER = "finetune-operator"
 REPORT_INTERVAL = 5.0
+# Steady arrival: the latency goals apply at the rates where plain Jobs keep apply -> Running
+# p95 under this many seconds.
+STEADY_PLAIN_BOUND = 2.0
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -484,6 +487,19 @@ class CpuMeter:
             out[name] = float(times.user + times.system)
         return out
 
+    def idle(self, seconds: float = 5.0, **extra: int) -> dict[str, float]:
+        """Each process's CPU seconds per second while nothing is applied (leases, resyncs,
+        heartbeats): what a phase's CPU per job leaves out to count only the jobs' own."""
+        before = self.snapshot(**extra)
+        time.sleep(seconds)
+        used = self.since(before, self.snapshot(**extra))
+        return {name: value / seconds for name, value in used.items()}
+
+    @staticmethod
+    def per_job(used: dict[str, float], idle: dict[str, float], wall: float, n: int) -> dict[str, float]:
+        """Milliseconds of CPU per job, above each process's idle use over the same wall time."""
+        return {name: 1000 * max(0.0, value - idle.get(name, 0.0) * wall) / n for name, value in used.items()}
+
     @staticmethod
     def since(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
         used = {name: after[name] - before.get(name, 0.0) for name in after}
@@ -728,6 +744,118 @@ def creation_only(n: int, cluster: LocalCluster, api: client.ApiClient, meter: C
     return result
 
 
+def apply_steadily(objects: list[dict[str, Any]], create: Any, timeline: Timeline, rate: float) -> tuple[float, float]:
+    """Create the objects at ``rate`` per second (object i is sent at i / rate s, by a pool of
+    16 threads, so one slow create does not hold the next back); return the arrival phase's
+    length and the largest lag of a send behind its schedule."""
+    started = time.monotonic()
+    lag = 0.0
+
+    def one(obj: dict[str, Any]) -> None:
+        create(obj)
+        with timeline.lock:
+            timeline.applied[obj["metadata"]["name"]] = time.monotonic()
+            timeline.applied_wall[obj["metadata"]["name"]] = time.time()
+
+    with concurrent.futures.ThreadPoolExecutor(THREADS) as pool:
+        futures = []
+        for index, obj in enumerate(objects):
+            due = started + index / rate
+            wait = due - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            lag = max(lag, time.monotonic() - due)
+            futures.append(pool.submit(one, obj))
+        for future in futures:
+            future.result()
+    return time.monotonic() - started, lag
+
+
+def steady_rate(
+    rate: float, seconds: float, cluster: LocalCluster, api: client.ApiClient, meter: CpuMeter
+) -> dict[str, Any]:
+    """Plain Jobs, then FineTuneJobs (a fresh operator), arriving at ``rate`` per second for
+    ``seconds``: their latencies, and each process's CPU per job from the first arrival until
+    every one has finished (the FineTuneJobs: Succeeded on the resource)."""
+    core = client.CoreV1Api(api)
+    raw = Raw(cluster)
+    n = round(rate * seconds)
+    tag = f"{rate:g}".replace(".", "p")
+    finish_timeout = 120 + seconds + n * 0.2
+    out: dict[str, Any] = {"rate": rate, "seconds": seconds, "jobs": n}
+
+    namespace = f"bench-steady-plain-{tag}"
+    new_namespace(core, namespace)
+    plain = Timeline()
+    watcher = Watcher(raw, namespace, plain, job_key="plain-job")
+    time.sleep(1)
+    idle = meter.idle()
+    say(f"steady {rate:g}/s: {n} plain Jobs over {seconds:.0f} s")
+    cpu_before, started = meter.snapshot(), time.monotonic()
+    length, lag = apply_steadily(
+        [plain_job(namespace, f"job-{i:05d}") for i in range(n)],
+        lambda obj: raw.post(f"/apis/batch/v1/namespaces/{namespace}/jobs", obj),
+        plain,
+        rate,
+    )
+    wait_until(lambda: len(plain.finished) >= n, finish_timeout, "plain pods Succeeded")
+    used, wall = meter.since(cpu_before, meter.snapshot()), time.monotonic() - started
+    watcher.stop()
+    out["plain"] = {
+        "arrival_seconds": length,
+        "send_lag_max": lag,
+        "apply_to_running": summary(latencies(plain.applied, plain.running)),
+        "cpu_ms_per_job": CpuMeter.per_job(used, idle, wall, n),
+        "cpu_ms_per_job_with_idle": CpuMeter.per_job(used, {}, wall, n),
+    }
+    say(f"steady {rate:g}/s: plain Jobs: {json.dumps(out['plain']['apply_to_running'])}")
+    delete_namespace(core, namespace)
+
+    namespace = f"bench-steady-ftj-{tag}"
+    new_namespace(core, namespace)
+    operator = OperatorRun(cluster.user_kubeconfig(OPERATOR_USER), STATE / f"operator-steady-{tag}.log")
+    ftj = Timeline()
+    watcher = Watcher(raw, namespace, ftj, job_key="finetune.dev/job-name")
+    time.sleep(1)
+    idle = meter.idle(operator=operator.process.pid)
+    profiler = start_profiler(operator, f"profile-steady-{tag}.txt")
+    say(f"steady {rate:g}/s: {n} FineTuneJobs over {seconds:.0f} s")
+    wall_start, started = time.time(), time.monotonic()
+    cpu_before = meter.snapshot(operator=operator.process.pid)
+    length, lag = apply_steadily(
+        [spec(name) for name in ftj_names(n)],
+        lambda obj: raw.post(f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}", obj),
+        ftj,
+        rate,
+    )
+    wait_until(lambda: len(ftj.ftj_succeeded) >= n, finish_timeout, "FineTuneJobs Succeeded")
+    time.sleep(2)  # the last Events
+    used = meter.since(cpu_before, meter.snapshot(operator=operator.process.pid))
+    wall, wall_end = time.monotonic() - started, time.time()
+    watcher.stop()
+    stop_profiler(profiler)
+    operator.stop()
+    job_names = {name: names.job_name(name) for name in ftj_names(n)}
+    requests = audit_counts(read_audit(cluster.logs / "audit.log"), wall_start, wall_end)
+    out["ftj"] = {
+        "arrival_seconds": length,
+        "send_lag_max": lag,
+        "apply_to_job": summary(latencies(ftj.applied, ftj.job_seen, job_names)),
+        "apply_to_running": summary(latencies(ftj.applied, ftj.running)),
+        "cpu_ms_per_job": CpuMeter.per_job(used, idle, wall, n),
+        "cpu_ms_per_job_with_idle": CpuMeter.per_job(used, {}, wall, n),
+        "writes_per_job": {k: v / n for k, v in requests.items() if k.split(" ")[0] in WRITE_VERBS},
+    }
+    out["ftj"]["writes_per_job_total"] = sum(out["ftj"]["writes_per_job"].values())
+    out["ftj"]["operator_cpu_ms_per_job"] = out["ftj"]["cpu_ms_per_job"].get("operator", 0.0)
+    say(
+        f"steady {rate:g}/s: FineTuneJobs: {json.dumps(out['ftj']['apply_to_running'])}, "
+        f"operator {out['ftj']['operator_cpu_ms_per_job']:.1f} ms/job"
+    )
+    delete_namespace(core, namespace)
+    return out
+
+
 async def _report_loop(
     session: Any,
     *,
@@ -953,6 +1081,19 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
     if "identical_reports" in fresh:
         repeated = fresh["identical_reports"]["status_patches"]
         row("no status write for reports with nothing new", repeated, repeated == 0)
+    for rate, data in results.get("steady", {}).items():
+        plain, op = data["plain"]["apply_to_running"]["p95"] or 99.0, data["ftj"]
+        if plain < STEADY_PLAIN_BOUND:  # the latency goals hold where plain Jobs keep up
+            to_job = op["apply_to_job"]["p99"] or 99.0
+            row(f"steady {rate}/s: apply -> Job p99 <= 1 s", to_job, to_job <= 1.0)
+            running = op["apply_to_running"]["p95"] or 99.0
+            row(
+                f"steady {rate}/s: apply -> Running p95 <= plain Jobs' ({plain:.2f} s) + 1 s",
+                running,
+                running <= plain + 1,
+            )
+        cpu = op["operator_cpu_ms_per_job"]
+        row(f"steady {rate}/s: the operator's CPU per job over its life <= 5 ms", cpu, cpu <= 5.0)
     return rows
 
 
@@ -1049,6 +1190,34 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{fmt(data['status_patches_per_second'])} | {fmt(data['status_patches_per_job_per_interval'])} | "
                 f"{fmt(data['operator_cpu_percent'])} |"
             )
+    if results.get("steady"):
+        lines += [
+            "",
+            "## Steady arrival",
+            "",
+            "| per second | jobs | plain: apply -> Running p50 / p95 (s) | FineTuneJobs: apply -> Job p50 / p99 (s) "
+            "| FineTuneJobs: apply -> Running p50 / p95 (s) | CPU per job above idle, plain / FineTuneJob (ms): "
+            "apiserver; all processes | operator CPU per job above idle (with idle) (ms) | operator writes per job "
+            "| goals apply |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for rate, data in results["steady"].items():
+            plain, op = data["plain"], data["ftj"]
+            lines.append(
+                f"| {rate} | {data['jobs']} | {fmt(plain['apply_to_running']['p50'])} / "
+                f"{fmt(plain['apply_to_running']['p95'])} | {fmt(op['apply_to_job']['p50'])} / "
+                f"{fmt(op['apply_to_job']['p99'])} | {fmt(op['apply_to_running']['p50'])} / "
+                f"{fmt(op['apply_to_running']['p95'])} | {fmt(plain['cpu_ms_per_job'].get('kube-apiserver'))} / "
+                f"{fmt(op['cpu_ms_per_job'].get('kube-apiserver'))}; {fmt(plain['cpu_ms_per_job']['total'])} / "
+                f"{fmt(op['cpu_ms_per_job']['total'])} | {fmt(op['operator_cpu_ms_per_job'])} "
+                f"({fmt(op['cpu_ms_per_job_with_idle'].get('operator'))}) | "
+                f"{fmt(op['writes_per_job_total'])} | "
+                f"{'yes' if (plain['apply_to_running']['p95'] or 99) < STEADY_PLAIN_BOUND else 'no (plain Jobs lag)'} |"
+            )
+        lines += ["", "The operator's writes per job by verb and resource, at each rate:", ""]
+        for rate, data in results["steady"].items():
+            writes = data["ftj"]["writes_per_job"]
+            lines.append(f"- {rate}/s: " + ", ".join(f"{k}: {fmt(v)}" for k, v in writes.items()))
     lines += ["", "## Goals", "", "| goal | figure | met |", "|---|---|---|"]
     for row in results["goals"]:
         lines.append(f"| {row['goal']} | {fmt(row['figure'])} | {'yes' if row['met'] else 'NO'} |")
@@ -1067,11 +1236,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--creation-only", action="store_true", help="only the suspended-FineTuneJobs phase, at the largest size"
     )
+    parser.add_argument("--rates", default="2,5,10,20", help="steady arrival: jobs per second")
+    parser.add_argument("--steady-seconds", type=float, default=60, help="steady arrival: seconds at each rate")
+    parser.add_argument("--steady-only", action="store_true", help="only the steady-arrival phase")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s]
     fresh_counts = [int(s) for s in args.fresh.split(",") if s]
+    rates = [float(s) for s in args.rates.split(",") if s]
     if args.quick:
-        sizes, args.nodes, fresh_counts = [50], 20, [1, 10]
+        sizes, args.nodes, fresh_counts, rates, args.steady_seconds = [50], 20, [1, 10], [2], 10
+    partial = args.creation_only or args.steady_only
     started = time.monotonic()
     shutil.rmtree(STATE, ignore_errors=True)
     STATE.mkdir(parents=True)
@@ -1124,18 +1298,23 @@ def main(argv: list[str] | None = None) -> int:
         meter = CpuMeter(
             {p.name: p.pid for p in cluster.processes} | {"kwok": simulator.process.pid, "bench": os.getpid()}
         )
-        for n in [] if args.creation_only else sizes:
+        for n in [] if partial else sizes:
             run_size(n, cluster, api, results["scale"], meter)
-        results["creation_only"] = {str(max(sizes)): creation_only(max(sizes), cluster, api, meter)}
-        if not args.creation_only:
+        if not args.steady_only:
+            results["creation_only"] = {str(max(sizes)): creation_only(max(sizes), cluster, api, meter)}
+        if not partial:
             results["freshness"] = freshness(cluster, api, max(fresh_counts), fresh_counts)
+        if not args.creation_only:
+            results["steady"] = {
+                f"{rate:g}": steady_rate(rate, args.steady_seconds, cluster, api, meter) for rate in rates
+            }
     finally:
         simulator.stop()
         cluster.stop()
     results["goals"] = goals(results)
     results["seconds"] = time.monotonic() - started
     # A partial run (one phase, for finding where time goes) leaves the published results alone.
-    out = STATE if args.creation_only else RESULTS
+    out = STATE if partial else RESULTS
     out.mkdir(parents=True, exist_ok=True)
     (out / "operator-scale.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     (out / "operator-scale.md").write_text(markdown(results))
