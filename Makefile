@@ -61,10 +61,12 @@ lint: setup
 crds: setup
 	$(PY) -m finetune_api.crd crds/finetunejobs.finetune.dev.yaml helm/finetune-operator/crds/finetunejobs.finetune.dev.yaml
 	$(PY) -m finetune_api.policy crds/immutable-spec.finetune.dev.yaml helm/finetune-operator/crds/immutable-spec.finetune.dev.yaml
+	$(PY) -m finetune_api.job_policy crds/job-policy.finetune.dev.yaml helm/finetune-operator/crds/job-policy.finetune.dev.yaml
 
 crds-check: setup
 	$(PY) -m finetune_api.crd --check crds/finetunejobs.finetune.dev.yaml
 	$(PY) -m finetune_api.policy --check crds/immutable-spec.finetune.dev.yaml
+	$(PY) -m finetune_api.job_policy --check crds/job-policy.finetune.dev.yaml
 
 # Tests start the binaries they need; building them first keeps the build out
 # of the timed parts of the run.

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from finetune_api.contract import DATA_ROOT
+from finetune_api.job_policy import claim_uses
 from finetune_api.v1alpha1 import FineTuneJob
 from finetune_operator import names
 
@@ -34,24 +35,9 @@ def split_pvc(uri: str) -> tuple[str, str]:
 
 def claim_mounts(job: FineTuneJob) -> tuple[ClaimMount, ...]:
     """Every claim named by a pvc:// URI; read-write where the trainer writes (output, class images)."""
-    spec = job.spec
-    uses: list[tuple[str | None, bool]] = [
-        (spec.base_model.uri, False),
-        (spec.base_model.vae_uri, False),
-        # A single-file Flux transformer's text encoders, VAE and scheduler.
-        (spec.base_model.components_uri, False),
-        (spec.dataset.instance_images, False),
-        # Class images generated when missing are saved there for reuse.
-        (spec.dataset.class_images, True),
-        (spec.output.uri, True),
-    ]
-    if spec.evaluation is not None:
-        uses += [(spec.evaluation.clip_model, False), (spec.evaluation.dino_model, False)]
-    for concept in spec.dataset.concepts or ():
-        uses += [(concept.images, False), (concept.class_images, True)]
     writable: dict[str, bool] = {}
-    for uri, writes in uses:
-        if uri and uri.startswith("pvc://"):
+    for _, uri, writes in claim_uses(job.spec):
+        if uri.startswith("pvc://"):
             claim, _ = split_pvc(uri)
             writable[claim] = writable.get(claim, False) or writes
     return tuple(

@@ -26,8 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--verbose", "-v", action="store_true", help="log at debug level (default: info)")
     commands.add_parser(
         "crd",
-        help="print what to install before the operator: the FineTuneJob CRD and the admission policy that keeps "
-        "its fixed fields fixed (kubectl apply --server-side -f -)",
+        help="print what to install before the operator: the FineTuneJob CRD, the admission policy that keeps "
+        "its fixed fields fixed and the job policy's (bound by the chart to its jobPolicy) "
+        "(kubectl apply --server-side -f -)",
     )
     return parser
 
@@ -36,11 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     if args.command == "crd":
+        from finetune_api import job_policy
         from finetune_api.crd import render_crd
         from finetune_api.policy import render_policy
 
         sys.stdout.write(render_crd())
         sys.stdout.write("---\n" + render_policy())
+        sys.stdout.write("---\n" + job_policy.render_policy())
         return 0
 
     logs.configure(logging.DEBUG if args.verbose else logging.INFO, json_output=args.log_format == "json")

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from finetune_api import job_policy
 from finetune_api.redact import redact
 from finetune_api.v1alpha1 import (
     EstimateStatus,
@@ -178,6 +179,12 @@ class Reconciler:
         self.positions = PendingPositions(api)
         # Each node's GPU product (settings.gpu_product_label), read once per node; None: none.
         self._gpu_products: dict[str, str | None] = {}
+        self.policy = job_policy.JobPolicy.from_lists(
+            images=settings.allowed_images,
+            secrets=settings.allowed_secrets,
+            claims=settings.allowed_claims,
+            writable_claims=settings.allowed_writable_claims,
+        )
         self.prices = usage.Prices(usage.parse_prices(settings.gpu_hour_prices), settings.currency)
         # Finished jobs' speeds (status.estimate), read from their ConfigMap at the first need.
         self.speeds: speeds.SpeedBook | None = None
@@ -377,8 +384,14 @@ class Reconciler:
             return
         try:
             job_model = self._parse(key, body, memory)
-            problems = cluster_problems(job_model) + job_limits.problems(
-                job_model.spec, max_gpus=self.settings.max_gpus_per_job, max_memory=self.settings.max_memory_per_job
+            problems = (
+                cluster_problems(job_model)
+                + job_limits.problems(
+                    job_model.spec,
+                    max_gpus=self.settings.max_gpus_per_job,
+                    max_memory=self.settings.max_memory_per_job,
+                )
+                + job_policy.problems(job_model.spec, self.policy)
             )
             if problems:
                 raise ManifestError(problems, source=f"{namespace}/{name}")

@@ -63,6 +63,11 @@ class OperatorSettings:
     # What one job may ask for here (``job_limits``); 0 and "": no limit.
     max_gpus_per_job: int = 0
     max_memory_per_job: str = ""
+    # What one job may name here (finetune_api.job_policy): comma-separated prefixes; "": any.
+    allowed_images: str = ""
+    allowed_secrets: str = ""
+    allowed_claims: str = ""
+    allowed_writable_claims: str = ""
     # status.usage: the node label naming a node's GPU model, and prices per GPU-hour by its value.
     gpu_product_label: str = "nvidia.com/gpu.product"
     gpu_hour_prices: str = ""
@@ -217,6 +222,32 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("--currency", "FINETUNE_CURRENCY", "USD", "the currency of --gpu-hour-prices"),
     Option(
+        "--allowed-images",
+        "FINETUNE_ALLOWED_IMAGES",
+        "",
+        "prefixes, comma-separated, one of which a FineTuneJob's spec.image must start with (its default, the "
+        "trainer image, is always allowed); otherwise it fails with InvalidSpec; empty: any image",
+    ),
+    Option(
+        "--allowed-secrets",
+        "FINETUNE_ALLOWED_SECRETS",
+        "",
+        "prefixes, comma-separated, one of which spec.baseModel.credentialsSecret must start with; empty: any",
+    ),
+    Option(
+        "--allowed-claims",
+        "FINETUNE_ALLOWED_CLAIMS",
+        "",
+        "prefixes, comma-separated, one of which every claim a pvc:// URI names must start with; empty: any",
+    ),
+    Option(
+        "--allowed-writable-claims",
+        "FINETUNE_ALLOWED_WRITABLE_CLAIMS",
+        "",
+        "prefixes, comma-separated, one of which every claim the trainer writes to (output, class images) must "
+        "start with; empty: any",
+    ),
+    Option(
         "--speeds-configmap",
         "FINETUNE_SPEEDS_CONFIGMAP",
         "finetune-operator-speeds",
@@ -334,6 +365,10 @@ def from_arguments(args: argparse.Namespace) -> OperatorSettings:
         tmp_size_limit=args.tmp_size_limit,
         max_gpus_per_job=args.max_gpus_per_job,
         max_memory_per_job=args.max_memory_per_job,
+        allowed_images=args.allowed_images,
+        allowed_secrets=args.allowed_secrets,
+        allowed_claims=args.allowed_claims,
+        allowed_writable_claims=args.allowed_writable_claims,
         gpu_product_label=args.gpu_product_label,
         gpu_hour_prices=args.gpu_hour_prices,
         currency=args.currency,

@@ -14,6 +14,7 @@ import yaml
 
 from finetune_devcluster import binaries
 from finetune_devcluster.cluster import write_kubeconfig
+from tests.bad_specs import good_manifest
 from tests.conftest import ARTIFACTS, ROOT
 from tests.kube import Kube, OperatorProcess, wait_for
 
@@ -88,6 +89,7 @@ def test_chart_crd_is_the_generated_one_and_versions_match() -> None:
         == [
             "finetunejobs.finetune.dev.yaml",
             "immutable-spec.finetune.dev.yaml",
+            "job-policy.finetune.dev.yaml",
         ]
     )
     for name in chart_files:
@@ -261,6 +263,32 @@ def test_operator_under_the_charts_service_account_runs_a_job_without_denials(
         operator.stop()
     denials = [line for line in log.splitlines() if "forbidden" in line.lower() or '"403 ' in line]
     assert not denials, "RBAC denials in the operator's log:\n" + "\n".join(denials[:5])
+
+
+def test_the_charts_job_policy_admits_its_trainer_image_and_refuses_another(
+    kube: Kube, installed: Path, namespace: str
+) -> None:
+    """By default a FineTuneJob runs the chart's trainer image (spec.image empty or that
+    repository's) and no other."""
+
+    def create(image: str) -> str:
+        manifest = good_manifest(f"image-{len(image)}")
+        manifest["spec"]["image"] = image
+        return kube.kubectl(
+            "-n", namespace, "create", "--dry-run=server", "-f", "-", check=False, input=json.dumps(manifest)
+        )  # fmt: skip
+
+    # The release's binding is in force once the API server's informers have it and its ConfigMap.
+    wait_for(lambda: "is not allowed on this cluster" in create("docker.io/someone/miner:latest"), what="the binding")
+    for image in (
+        "",
+        "ghcr.io/finetune-operator/trainer:0.1.0",
+        "ghcr.io/finetune-operator/trainer@sha256:" + "a" * 64,
+    ):
+        assert "created (server dry run)" in create(image), image
+    for image in ("docker.io/someone/miner:latest", "ghcr.io/finetune-operator/trainer-evil:1"):
+        out = create(image)
+        assert f"image {image} is not allowed on this cluster" in out and "jobPolicy.images" in out, out
 
 
 def test_the_charts_service_account_runs_a_queued_job_through_kueue_without_denials(

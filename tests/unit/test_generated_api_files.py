@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import yaml
 
+from finetune_api import job_policy
 from finetune_api.crd import build_crd, render_crd
 from finetune_api.policy import NAME, build_policy, render_policy
 from finetune_api.v1alpha1 import IMMUTABLE, STARTED_IMMUTABLE
@@ -16,6 +17,17 @@ from tests.conftest import ROOT
 def test_committed_files_are_what_the_models_generate() -> None:
     assert (ROOT / "crds" / "finetunejobs.finetune.dev.yaml").read_text() == render_crd(), "run `make crds`"
     assert (ROOT / "crds" / f"{NAME}.yaml").read_text() == render_policy(), "run `make crds`"
+    assert (ROOT / "crds" / f"{job_policy.NAME}.yaml").read_text() == job_policy.render_policy(), "run `make crds`"
+
+
+def test_the_job_policy_checks_new_finetunejobs_against_its_params() -> None:
+    """CREATE only: a job admitted before a stricter policy is still updated (its annotations, by
+    the operator); the operator refuses to run it (job_policy.problems)."""
+    policy = job_policy.build_policy()
+    (rule,) = policy["spec"]["matchConstraints"]["resourceRules"]
+    assert rule["resources"] == ["finetunejobs"] and rule["operations"] == ["CREATE"]
+    assert policy["spec"]["paramKind"] == {"apiVersion": "v1", "kind": "ConfigMap"}
+    assert policy["spec"]["failurePolicy"] == "Fail"
 
 
 def test_no_crd_rule_compares_with_the_old_object() -> None:

@@ -625,3 +625,34 @@ def test_jobs_that_finish_together_all_keep_their_speed_in_the_configmap() -> No
     book = reconciler_module.speeds.SpeedBook.from_data(kept["data"])
     assert [len(samples) for samples in book.samples.values()] == [3], book.samples
     assert world.api.writes.count(("write configmaps", "finetune-operator-speeds")) == 2
+
+
+def test_a_job_naming_what_the_job_policy_refuses_fails_before_any_job_is_made() -> None:
+    """As for a FineTuneJob admitted before the admission policy, or with it bypassed."""
+    from tests.policy_cases import POLICY, REFUSED, allowed_manifest
+
+    flags = {
+        "allowed_images": POLICY["images"],
+        "allowed_secrets": POLICY["secrets"],
+        "allowed_claims": POLICY["claims"],
+        "allowed_writable_claims": POLICY["writableClaims"],
+    }
+
+    def placed(manifest: dict[str, Any]) -> dict[str, Any]:
+        body = finetunejob(manifest["metadata"]["name"])
+        body["spec"] = manifest["spec"]
+        return body
+
+    async def main() -> World:
+        world = World(**flags)
+        world.put(placed(REFUSED[0].manifest("foreign")))
+        await world.reconciler.reconcile(("team", "foreign"))
+        world.put(placed(allowed_manifest("allowed")))
+        await world.reconciler.reconcile(("team", "allowed"))
+        return world
+
+    world = run(main())
+    status = world.server("foreign")["status"]
+    assert (status["phase"], status["reason"]) == ("Failed", "InvalidSpec")
+    assert REFUSED[0].words in status["message"]
+    assert [name for what, name in world.api.writes if what == "create jobs"] == ["allowed"]

@@ -54,3 +54,14 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- $enabled -}}
 {{- end -}}
 {{- end -}}
+
+{{/*
+The image prefixes a FineTuneJob's spec.image may start with (jobPolicy), comma-separated: the
+trainer image repository and jobPolicy.images; empty where jobPolicy.anyImage allows any.
+*/}}
+{{- define "finetune-operator.allowedImages" -}}
+{{- if not .Values.jobPolicy.anyImage -}}
+{{- $trainer := .Values.trainer.image.repository -}}
+{{- join "," (concat (list (printf "%s:" $trainer) (printf "%s@" $trainer)) .Values.jobPolicy.images) -}}
+{{- end -}}
+{{- end }}

@@ -1,0 +1,225 @@
+"""What a FineTuneJob may name on this cluster, as the platform team set it: the trainer image,
+the Secret of credentials, the claims it mounts and the claims it writes to.
+
+Creating a FineTuneJob creates a pod; without a policy its author picks the pod's image, mounts
+any Secret of the namespace and writes to any claim of it.  The platform team sets four lists of
+prefixes (the chart's ``jobPolicy``); a name must start with one of its list's prefixes, and an
+empty list allows any.  The same lists are enforced twice, in the same words, from this module:
+
+- at admission, by the ValidatingAdmissionPolicy ``job-policy.finetune.dev`` (``build_policy``,
+  generated into ``crds/`` by ``make crds``), whose params are a ConfigMap holding each list
+  comma-separated under its key (the chart makes it and binds the policy to it), on CREATE;
+- by the operator before it renders a Job (``problems``, with the lists from its
+  ``--allowed-*`` flags), for a FineTuneJob admitted before the policy, or with it bypassed.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from finetune_api.crd import HEADER, LABELS, generate
+from finetune_api.v1alpha1 import GROUP, PLURAL, FineTuneJobSpec
+
+NAME = f"job-policy.{GROUP}"
+POLICY_FILE = Path("crds") / f"{NAME}.yaml"
+REASON = "Forbidden"
+
+# The params ConfigMap's keys, the chart's jobPolicy keys, and what each list holds.
+IMAGES, SECRETS, CLAIMS, WRITABLE_CLAIMS = "images", "secrets", "claims", "writableClaims"
+
+
+@dataclass(frozen=True)
+class JobPolicy:
+    """Prefixes by list; an empty tuple allows any name."""
+
+    images: tuple[str, ...] = ()
+    secrets: tuple[str, ...] = ()
+    claims: tuple[str, ...] = ()
+    writable_claims: tuple[str, ...] = ()
+
+    @classmethod
+    def from_lists(cls, **lists: str) -> JobPolicy:
+        """From comma-separated lists (the ConfigMap's values, the operator's flags)."""
+        return cls(**{key: split(value) for key, value in lists.items()})
+
+
+def split(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def refusal(what: str, name: str, allowed: Iterable[str], key: str) -> str:
+    """The one sentence both enforcers give (the admission policy builds it in CEL)."""
+    return (
+        f"{what} {name} is not allowed on this cluster: it must start with one of {','.join(allowed)} "
+        f"(the chart's jobPolicy.{key}; ask the platform team)"
+    )
+
+
+def claim_uses(spec: FineTuneJobSpec) -> list[tuple[str, str, bool]]:
+    """Every URI that may name a claim: (field, URI, whether the trainer writes there)."""
+    uses: list[tuple[str, str | None, bool]] = [
+        ("spec.baseModel.uri", spec.base_model.uri, False),
+        ("spec.baseModel.vaeUri", spec.base_model.vae_uri, False),
+        # A single-file Flux transformer's text encoders, VAE and scheduler.
+        ("spec.baseModel.componentsUri", spec.base_model.components_uri, False),
+        ("spec.dataset.instanceImages", spec.dataset.instance_images, False),
+        # Class images generated when missing are saved there for reuse.
+        ("spec.dataset.classImages", spec.dataset.class_images, True),
+        ("spec.output.uri", spec.output.uri, True),
+    ]
+    if spec.evaluation is not None:
+        uses += [
+            ("spec.evaluation.clipModel", spec.evaluation.clip_model, False),
+            ("spec.evaluation.dinoModel", spec.evaluation.dino_model, False),
+        ]
+    for index, concept in enumerate(spec.dataset.concepts or ()):
+        uses += [
+            (f"spec.dataset.concepts[{index}].images", concept.images, False),
+            (f"spec.dataset.concepts[{index}].classImages", concept.class_images, True),
+        ]
+    return [(field, uri, writes) for field, uri, writes in uses if uri]
+
+
+def claim_of(uri: str) -> str | None:
+    """``pvc://claim/path`` -> ``claim``; None for any other URI."""
+    if not uri.startswith("pvc://"):
+        return None
+    return uri[len("pvc://") :].split("/", 1)[0]
+
+
+def problems(spec: FineTuneJobSpec, policy: JobPolicy) -> list[str]:
+    """Sentences naming each field whose name the policy does not allow."""
+    found: list[str] = []
+
+    def check(field: str, what: str, name: str, allowed: tuple[str, ...], key: str) -> None:
+        if allowed and not any(name.startswith(prefix) for prefix in allowed):
+            found.append(f"{field}: {refusal(what, name, allowed, key)}")
+
+    if spec.image:
+        check("spec.image", "image", spec.image, policy.images, IMAGES)
+    if spec.base_model.credentials_secret:
+        check("spec.baseModel.credentialsSecret", "Secret", spec.base_model.credentials_secret, policy.secrets, SECRETS)
+    for field, uri, writes in claim_uses(spec):
+        claim = claim_of(uri)
+        if claim is None:
+            continue
+        check(field, "claim", claim, policy.claims, CLAIMS)
+        if writes:
+            check(field, "writable claim", claim, policy.writable_claims, WRITABLE_CLAIMS)
+    return found
+
+
+# --- the admission policy ---------------------------------------------------------------------
+
+
+def _optional(path: str) -> str:
+    """CEL: ``[object.spec.<path>]`` where it is set (each parent checked), else ``[]``."""
+    parts = path.split(".")
+    checks = " && ".join(f"has(object.spec.{'.'.join(parts[: i + 1])})" for i in range(len(parts)))
+    return f"({checks} ? [object.spec.{path}] : [])"
+
+
+def _concepts(field: str) -> str:
+    return (
+        "(has(object.spec.dataset.concepts) ? "
+        f"object.spec.dataset.concepts.filter(c, has(c.{field})).map(c, c.{field}) : [])"
+    )
+
+
+def _uris(*, writes: bool) -> str:
+    """CEL: the URIs ``claim_uses`` lists, those the trainer writes to or all of them."""
+    written = [_optional("dataset.classImages"), _optional("output.uri"), _concepts("classImages")]
+    read = [
+        _optional("baseModel.uri"),
+        _optional("baseModel.vaeUri"),
+        _optional("baseModel.componentsUri"),
+        _optional("dataset.instanceImages"),
+        _optional("evaluation.clipModel"),
+        _optional("evaluation.dinoModel"),
+        _concepts("images"),
+    ]
+    return " + ".join(written if writes else written + read)
+
+
+def _allowed(key: str) -> str:
+    """CEL: the params ConfigMap's list under ``key`` (as ``split`` reads it)."""
+    listed = f"params.data['{key}'].split(',').map(p, p.trim()).filter(p, p != '')"
+    return f"has(params.data) && '{key}' in params.data ? {listed} : []"
+
+
+def _refusal(what: str, name: str, key: str, field: str = "") -> str:
+    """CEL for ``refusal``'s sentence (``name`` a CEL string expression), after ``field: ``."""
+    return (
+        f"'{field + ': ' if field else ''}{what} ' + {name} + ' is not allowed on this cluster: it must start "
+        f"with one of ' + variables.{key}.join(',') + ' (the chart\\'s jobPolicy.{key}; ask the platform team)'"
+    )
+
+
+def validations() -> list[dict[str, str]]:
+    image, secret = "object.spec.image", "object.spec.baseModel.credentialsSecret"
+    rules = [
+        (
+            IMAGES,
+            f"{image} == '' || variables.{IMAGES}.exists(p, {image}.startsWith(p))",
+            _refusal("image", image, IMAGES, "spec.image"),
+        ),
+        (
+            SECRETS,
+            f"!has({secret}) || {secret} == '' || variables.{SECRETS}.exists(p, {secret}.startsWith(p))",
+            _refusal("Secret", secret, SECRETS, "spec.baseModel.credentialsSecret"),
+        ),
+    ]
+    for key, claims, what in ((CLAIMS, "namedClaims", "claim"), (WRITABLE_CLAIMS, "writtenClaims", "writable claim")):
+        bad = f"variables.{claims}.filter(c, !variables.{key}.exists(p, c.startsWith(p)))"
+        rules.append((key, f"size({bad}) == 0", _refusal(what, f"{bad}.join(', ')", key)))
+    return [
+        {"expression": f"size(variables.{key}) == 0 || ({ok})", "messageExpression": message, "reason": REASON}
+        for key, ok, message in rules
+    ]
+
+
+def _claims(uris: str) -> str:
+    return f"({uris}).filter(u, u.startsWith('pvc://')).map(u, u.substring(6).split('/')[0])"
+
+
+def build_policy() -> dict[str, Any]:
+    variables = [{"name": key, "expression": _allowed(key)} for key in (IMAGES, SECRETS, CLAIMS, WRITABLE_CLAIMS)]
+    variables += [
+        {"name": "namedClaims", "expression": _claims(_uris(writes=False))},
+        {"name": "writtenClaims", "expression": _claims(_uris(writes=True))},
+    ]
+    return {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicy",
+        "metadata": {"name": NAME, "labels": dict(LABELS)},
+        "spec": {
+            "failurePolicy": "Fail",
+            # The chart's ConfigMap, named by the binding (each list comma-separated under its key).
+            "paramKind": {"apiVersion": "v1", "kind": "ConfigMap"},
+            "matchConstraints": {
+                "resourceRules": [
+                    {"apiGroups": [GROUP], "apiVersions": ["*"], "operations": ["CREATE"], "resources": [PLURAL]}
+                ]
+            },
+            "variables": variables,
+            "validations": validations(),
+        },
+    }
+
+
+def render_policy() -> str:
+    return HEADER + yaml.safe_dump(build_policy(), sort_keys=False, width=100)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return generate(render_policy(), argv if argv is not None else sys.argv[1:], POLICY_FILE)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
