@@ -772,7 +772,13 @@ def apply_steadily(objects: list[dict[str, Any]], create: Any, timeline: Timelin
 
 
 def steady_rate(
-    rate: float, seconds: float, cluster: LocalCluster, api: client.ApiClient, meter: CpuMeter
+    rate: float,
+    seconds: float,
+    cluster: LocalCluster,
+    api: client.ApiClient,
+    meter: CpuMeter,
+    *,
+    idle: dict[str, float],
 ) -> dict[str, Any]:
     """Plain Jobs, then FineTuneJobs (a fresh operator), arriving at ``rate`` per second for
     ``seconds``: their latencies, and each process's CPU per job from the first arrival until
@@ -789,7 +795,6 @@ def steady_rate(
     plain = Timeline()
     watcher = Watcher(raw, namespace, plain, job_key="plain-job")
     time.sleep(1)
-    idle = meter.idle()
     say(f"steady {rate:g}/s: {n} plain Jobs over {seconds:.0f} s")
     cpu_before, started = meter.snapshot(), time.monotonic()
     length, lag = apply_steadily(
@@ -817,7 +822,9 @@ def steady_rate(
     ftj = Timeline()
     watcher = Watcher(raw, namespace, ftj, job_key="finetune.dev/job-name")
     time.sleep(1)
-    idle = meter.idle(operator=operator.process.pid)
+    before, quiet = operator.cpu(), 5.0
+    time.sleep(quiet)
+    idle = {**idle, "operator": (operator.cpu() - before) / quiet}
     profiler = start_profiler(operator, f"profile-steady-{tag}.txt")
     say(f"steady {rate:g}/s: {n} FineTuneJobs over {seconds:.0f} s")
     wall_start, started = time.time(), time.monotonic()
@@ -1214,6 +1221,13 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{fmt(op['writes_per_job_total'])} | "
                 f"{'yes' if (plain['apply_to_running']['p95'] or 99) < STEADY_PLAIN_BOUND else 'no (plain Jobs lag)'} |"
             )
+        idle = results.get("steady_idle_cpu_percent", {})
+        lines += [
+            "",
+            "Idle use left out of the CPU per job (percent of a core, measured with nothing applied): "
+            + ", ".join(f"{name} {fmt(idle[name])}" for name in CpuMeter.ORDER if name in idle)
+            + "; the operator's own, per rate, just before its jobs arrive.",
+        ]
         lines += ["", "The operator's writes per job by verb and resource, at each rate:", ""]
         for rate, data in results["steady"].items():
             writes = data["ftj"]["writes_per_job"]
@@ -1305,8 +1319,13 @@ def main(argv: list[str] | None = None) -> int:
         if not partial:
             results["freshness"] = freshness(cluster, api, max(fresh_counts), fresh_counts)
         if not args.creation_only:
+            # Each process's use with nothing applied, measured once the cluster has settled (not
+            # beside a namespace being deleted or an operator starting, which would inflate it).
+            time.sleep(10)
+            idle = meter.idle(seconds=15)
+            results["steady_idle_cpu_percent"] = {name: 100 * value for name, value in idle.items()}
             results["steady"] = {
-                f"{rate:g}": steady_rate(rate, args.steady_seconds, cluster, api, meter) for rate in rates
+                f"{rate:g}": steady_rate(rate, args.steady_seconds, cluster, api, meter, idle=idle) for rate in rates
             }
     finally:
         simulator.stop()
