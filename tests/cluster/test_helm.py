@@ -291,6 +291,33 @@ def test_the_charts_job_policy_admits_its_trainer_image_and_refuses_another(
         assert f"image {image} is not allowed on this cluster" in out and "jobPolicy.images" in out, out
 
 
+def test_the_charts_job_policy_refuses_what_its_lists_do_not_allow_in_the_operators_words(
+    kube: Kube, installed: Path, namespace: str
+) -> None:
+    """The release's ConfigMap set to tests/policy_cases.py's lists: the API server refuses each
+    case the operator refuses (tests/unit/test_job_policy.py), in the same words, and admits the
+    allowed spec.  (Through the release's binding: on Kubernetes 1.36.3 a binding made after
+    another of the policy was deleted found no params for minutes.)"""
+    from tests.policy_cases import POLICY, REFUSED, allowed_manifest
+
+    def create(manifest: dict[str, Any]) -> str:
+        return kube.kubectl(
+            "-n", namespace, "create", "--dry-run=server", "-f", "-", check=False, input=json.dumps(manifest)
+        )  # fmt: skip
+
+    configmap = f"{FULLNAME}-job-policy"
+    before = kube.core.read_namespaced_config_map(configmap, RELEASE_NAMESPACE).data
+    kube.core.patch_namespaced_config_map(configmap, RELEASE_NAMESPACE, {"data": POLICY})
+    try:
+        wait_for(lambda: REFUSED[0].words in create(REFUSED[0].manifest("probe")), what="the new lists")
+        for case in REFUSED:
+            out = create(case.manifest(f"refused-{case.id}"))
+            assert "ValidatingAdmissionPolicy 'job-policy.finetune.dev'" in out and case.words in out, (case.id, out)
+        assert "created (server dry run)" in create(allowed_manifest()), "the allowed spec was refused"
+    finally:
+        kube.core.patch_namespaced_config_map(configmap, RELEASE_NAMESPACE, {"data": before})
+
+
 def test_the_charts_service_account_runs_a_queued_job_through_kueue_without_denials(
     kube: Kube, installed: Path, namespace: str, tiny_assets: Path
 ) -> None:

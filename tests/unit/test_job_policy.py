@@ -1,6 +1,6 @@
 """The operator's side of a platform team's job policy: each refused case names its field and
 the list it breaks; the allowed spec and an empty policy pass.  (The admission policy is held to
-the same cases on the dev cluster: tests/cluster/test_job_policy.py.)"""
+the same cases on the dev cluster, through the installed chart: tests/cluster/test_helm.py.)"""
 
 from __future__ import annotations
 
