@@ -487,12 +487,12 @@ class CpuMeter:
             out[name] = float(times.user + times.system)
         return out
 
-    def idle(self, seconds: float = 5.0, **extra: int) -> dict[str, float]:
+    def idle(self, seconds: float = 5.0) -> dict[str, float]:
         """Each process's CPU seconds per second while nothing is applied (leases, resyncs,
         heartbeats): what a phase's CPU per job leaves out to count only the jobs' own."""
-        before = self.snapshot(**extra)
+        before = self.snapshot()
         time.sleep(seconds)
-        used = self.since(before, self.snapshot(**extra))
+        used = self.since(before, self.snapshot())
         return {name: value / seconds for name, value in used.items()}
 
     @staticmethod

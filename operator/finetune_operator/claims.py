@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from finetune_api.contract import DATA_ROOT
-from finetune_api.job_policy import claim_uses
+from finetune_api.job_policy import claim_of, claim_uses
 from finetune_api.v1alpha1 import FineTuneJob
 from finetune_operator import names
 
@@ -37,8 +37,7 @@ def claim_mounts(job: FineTuneJob) -> tuple[ClaimMount, ...]:
     """Every claim named by a pvc:// URI; read-write where the trainer writes (output, class images)."""
     writable: dict[str, bool] = {}
     for _, uri, writes in claim_uses(job.spec):
-        if uri.startswith("pvc://"):
-            claim, _ = split_pvc(uri)
+        if (claim := claim_of(uri)) is not None:
             writable[claim] = writable.get(claim, False) or writes
     return tuple(
         ClaimMount(claim=claim, path=f"{DATA_ROOT}/{claim}", read_only=not writes)
