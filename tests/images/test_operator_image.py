@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -22,16 +21,10 @@ from finetune_devcluster.images import PODMAN
 from tests.bad_specs import good_manifest
 from tests.cluster.test_helm import template
 from tests.images.pod import clear, image_env, in_image, podman_run
-from tests.kube import wait_for
+from tests.kube import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts" / "images"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def get(url: str) -> tuple[int, str]:
