@@ -356,6 +356,9 @@ BAD_SPECS = [
         "gpu-resource-kubernetes-io", _set("resources.gpuResource", "kubernetes.io/gpu"), "spec.resources.gpuResource"
     ),
     BadSpec("merge-lora-with-dreambooth", _set("output.mergeLoRA", True), "spec.output.mergeLoRA"),
+    BadSpec(
+        "placement-profile-name", _set("resources.placementProfile", "A100 nodes"), "spec.resources.placementProfile"
+    ),
 ]
 
 

@@ -1,10 +1,14 @@
 """What a FineTuneJob may name on this cluster, as the platform team set it: the trainer image,
-the Secret of credentials, the claims it mounts and the claims it writes to.
+the Secret of credentials, the claims it mounts and the claims it writes to, the priority class
+and where its pod may run.
 
 Creating a FineTuneJob creates a pod; without a policy its author picks the pod's image, mounts
-any Secret of the namespace and writes to any claim of it.  The platform team sets four lists of
-prefixes (the chart's ``jobPolicy``); a name must start with one of its list's prefixes, and an
-empty list allows any.  The same lists are enforced twice, in the same words, from this module:
+any Secret of the namespace, writes to any claim of it and places the pod on any node, at any
+priority.  The platform team sets five lists of prefixes (the chart's ``jobPolicy``); a name must
+start with one of its list's prefixes, and an empty list allows any.  It may also define
+placement profiles (node selector, tolerations, affinity, priority class) that a job picks by
+name, and hold jobs to them (no free placement).  The same rules are enforced twice, in the same
+words, from this module:
 
 - at admission, by the ValidatingAdmissionPolicy ``job-policy.finetune.dev`` (``build_policy``,
   generated into ``crds/`` by ``make crds``), whose params are a ConfigMap holding each list
@@ -15,16 +19,19 @@ empty list allows any.  The same lists are enforced twice, in the same words, fr
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import Field, ValidationError
 
 from finetune_api.crd import HEADER, LABELS, generate
-from finetune_api.v1alpha1 import GROUP, PLURAL, FineTuneJobSpec
+from finetune_api.v1alpha1 import GROUP, PLURAL, FineTuneJobSpec, _Model
 
 NAME = f"job-policy.{GROUP}"
 POLICY_FILE = Path("crds") / f"{NAME}.yaml"
@@ -32,21 +39,72 @@ REASON = "Forbidden"
 
 # The params ConfigMap's keys, the chart's jobPolicy keys, and what each list holds.
 IMAGES, SECRETS, CLAIMS, WRITABLE_CLAIMS = "images", "secrets", "claims", "writableClaims"
+PRIORITY_CLASSES = "priorityClasses"
+# The profiles' names, comma-separated; "false" under FREE_PLACEMENT holds jobs to them.
+PROFILES, FREE_PLACEMENT = "placementProfiles", "freePlacement"
+PREFIX_LISTS = (IMAGES, SECRETS, CLAIMS, WRITABLE_CLAIMS, PRIORITY_CLASSES)
+# What a job places its pod with itself (spec.resources), which free placement allows.
+FREE_FIELDS = (
+    ("nodeSelector", "node_selector"),
+    ("tolerations", "tolerations"),
+    ("affinity", "affinity"),
+    ("priorityClassName", "priority_class_name"),
+)
+
+
+class PlacementProfile(_Model):
+    """Where the pods of the jobs that name it run, as the platform team set it."""
+
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    affinity: dict[str, Any] = Field(default_factory=dict)
+    priority_class_name: str = ""
+
+
+def parse_profiles(text: str, source: str = "--placement-profiles") -> dict[str, PlacementProfile]:
+    """``{"name": {"nodeSelector": ..., "tolerations": [...], ...}}`` (JSON) -> profiles by name;
+    ValueError naming ``source`` and the profile."""
+    try:
+        raw = json.loads(text or "{}")
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{source} is not JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(
+            f'{source} must be a JSON object of profiles by name, e.g. {{"a100": {{"nodeSelector": ...}}}}'
+        )
+    profiles: dict[str, PlacementProfile] = {}
+    for name, body in raw.items():
+        try:
+            profiles[name] = PlacementProfile.model_validate(body)
+        except ValidationError as exc:
+            errors = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'the profile'}: {e['msg']}" for e in exc.errors())
+            raise ValueError(f"{source}: profile {name!r}: {errors}") from None
+    return profiles
 
 
 @dataclass(frozen=True)
 class JobPolicy:
-    """Prefixes by list; an empty tuple allows any name."""
+    """Prefixes by list (an empty tuple allows any name), and the placement profiles."""
 
     images: tuple[str, ...] = ()
     secrets: tuple[str, ...] = ()
     claims: tuple[str, ...] = ()
     writable_claims: tuple[str, ...] = ()
+    priority_classes: tuple[str, ...] = ()
+    profiles: Mapping[str, PlacementProfile] = dataclasses.field(default_factory=dict)
+    # False: a job's pod is placed by its profile alone (FREE_FIELDS refused).
+    free_placement: bool = True
 
     @classmethod
-    def from_lists(cls, **lists: str) -> JobPolicy:
+    def from_lists(
+        cls, *, profiles: Mapping[str, PlacementProfile] | None = None, free_placement: bool = True, **lists: str
+    ) -> JobPolicy:
         """From comma-separated lists (the ConfigMap's values, the operator's flags)."""
-        return cls(**{key: split(value) for key, value in lists.items()})
+        return cls(
+            profiles=dict(profiles or {}),
+            free_placement=free_placement,
+            **{key: split(value) for key, value in lists.items()},
+        )  # fmt: skip
 
 
 def split(value: str) -> tuple[str, ...]:
@@ -58,6 +116,26 @@ def refusal(what: str, name: str, allowed: Iterable[str], key: str) -> str:
     return (
         f"{what} {name} is not allowed on this cluster: it must start with one of {','.join(allowed)} "
         f"(the chart's jobPolicy.{key}; ask the platform team)"
+    )
+
+
+def profile_names(names: Iterable[str]) -> str:
+    return ",".join(sorted(names)) or "(none defined)"
+
+
+def unknown_profile(name: str, names: str) -> str:
+    return (
+        f"placement profile {name} is not defined on this cluster: it must be one of {names} "
+        f"(the chart's jobPolicy.{PROFILES}; ask the platform team)"
+    )
+
+
+def not_free(names: str) -> str:
+    """A job's own placement where the cluster holds jobs to its profiles."""
+    return (
+        "free placement is not allowed on this cluster: pods are placed by a profile, "
+        f"spec.resources.placementProfile, one of {names} (the chart's jobPolicy.{FREE_PLACEMENT}; "
+        "ask the platform team)"
     )
 
 
@@ -105,6 +183,15 @@ def problems(spec: FineTuneJobSpec, policy: JobPolicy) -> list[str]:
         check("spec.image", "image", spec.image, policy.images, IMAGES)
     if spec.base_model.credentials_secret:
         check("spec.baseModel.credentialsSecret", "Secret", spec.base_model.credentials_secret, policy.secrets, SECRETS)
+    resources, names = spec.resources, profile_names(policy.profiles)
+    if resources.priority_class_name:
+        check("spec.resources.priorityClassName", "priority class", resources.priority_class_name,
+              policy.priority_classes, PRIORITY_CLASSES)  # fmt: skip
+    if resources.placement_profile and resources.placement_profile not in policy.profiles:
+        found.append(f"spec.resources.placementProfile: {unknown_profile(resources.placement_profile, names)}")
+    if not policy.free_placement:
+        found += [f"spec.resources.{wire}: {not_free(names)}" for wire, name in FREE_FIELDS
+                  if getattr(resources, name)]  # fmt: skip
     for field, uri, writes in claim_uses(spec):
         claim = claim_of(uri)
         if claim is None:
@@ -163,7 +250,8 @@ def _refusal(what: str, name: str, key: str, field: str = "") -> str:
 
 def validations() -> list[dict[str, str]]:
     image, secret = "object.spec.image", "object.spec.baseModel.credentialsSecret"
-    rules = [
+    priority = "object.spec.resources.priorityClassName"
+    prefixed = [
         (
             IMAGES,
             f"{image} == '' || variables.{IMAGES}.exists(p, {image}.startsWith(p))",
@@ -174,14 +262,36 @@ def validations() -> list[dict[str, str]]:
             f"!has({secret}) || {secret} == '' || variables.{SECRETS}.exists(p, {secret}.startsWith(p))",
             _refusal("Secret", secret, SECRETS, "spec.baseModel.credentialsSecret"),
         ),
+        (
+            PRIORITY_CLASSES,
+            f"{_optional('resources.priorityClassName')}.all(n, n == '' || "
+            f"variables.{PRIORITY_CLASSES}.exists(p, n.startsWith(p)))",
+            _refusal("priority class", priority, PRIORITY_CLASSES, "spec.resources.priorityClassName"),
+        ),
     ]
     for key, claims, what in ((CLAIMS, "namedClaims", "claim"), (WRITABLE_CLAIMS, "writtenClaims", "writable claim")):
         bad = f"variables.{claims}.filter(c, !variables.{key}.exists(p, c.startsWith(p)))"
-        rules.append((key, f"size({bad}) == 0", _refusal(what, f"{bad}.join(', ')", key)))
-    return [
-        {"expression": f"size(variables.{key}) == 0 || ({ok})", "messageExpression": message, "reason": REASON}
-        for key, ok, message in rules
-    ]
+        prefixed.append((key, f"size({bad}) == 0", _refusal(what, f"{bad}.join(', ')", key)))
+    rules = [(f"size(variables.{key}) == 0 || ({ok})", message) for key, ok, message in prefixed]
+    # The sentences of unknown_profile and not_free.
+    rules.append(
+        (
+            f"{_optional('resources.placementProfile')}.all(n, n == '' || n in variables.{PROFILES})",
+            "'spec.resources.placementProfile: placement profile ' + object.spec.resources.placementProfile + "
+            "' is not defined on this cluster: it must be one of ' + variables.profileNames + "
+            f"' (the chart\\'s jobPolicy.{PROFILES}; ask the platform team)'",
+        )
+    )
+    rules += [
+        (
+            f"!variables.profilesOnly || {_optional('resources.' + wire)}.all(v, size(v) == 0)",
+            f"'spec.resources.{wire}: free placement is not allowed on this cluster: pods are placed by a profile, "
+            "spec.resources.placementProfile, one of ' + variables.profileNames + "
+            f"' (the chart\\'s jobPolicy.{FREE_PLACEMENT}; ask the platform team)'",
+        )
+        for wire, _ in FREE_FIELDS
+    ]  # fmt: skip
+    return [{"expression": rule, "messageExpression": message, "reason": REASON} for rule, message in rules]
 
 
 def _claims(uris: str) -> str:
@@ -189,8 +299,17 @@ def _claims(uris: str) -> str:
 
 
 def build_policy() -> dict[str, Any]:
-    variables = [{"name": key, "expression": _allowed(key)} for key in (IMAGES, SECRETS, CLAIMS, WRITABLE_CLAIMS)]
+    variables = [{"name": key, "expression": _allowed(key)} for key in (*PREFIX_LISTS, PROFILES)]
     variables += [
+        {
+            "name": "profileNames",
+            "expression": f"size(variables.{PROFILES}) == 0 ? '(none defined)' : variables.{PROFILES}.join(',')",
+        },
+        {
+            "name": "profilesOnly",
+            "expression": f"has(params.data) && '{FREE_PLACEMENT}' in params.data && "
+            f"params.data['{FREE_PLACEMENT}'].trim() == 'false'",
+        },
         {"name": "namedClaims", "expression": _claims(_uris(writes=False))},
         {"name": "writtenClaims", "expression": _claims(_uris(writes=True))},
     ]

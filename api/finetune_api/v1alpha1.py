@@ -953,6 +953,16 @@ class Resources(_Model):
         json_schema_extra={"type": "object", "x-kubernetes-preserve-unknown-fields": True},
     )
     priority_class_name: str = Field(default="", max_length=253, description="PriorityClass of the pod.")
+    placement_profile: str = Field(
+        default="",
+        max_length=63,
+        pattern=r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?)?$",
+        description=(
+            "A placement profile of this cluster (the chart's jobPolicy.placementProfiles): the node selector, "
+            "tolerations, affinity and priority class its platform team set for a kind of node. Where the cluster "
+            "allows free placement, this job's own are added; the profile's win where both set one."
+        ),
+    )
 
     @field_validator("gpu_resource")
     @classmethod

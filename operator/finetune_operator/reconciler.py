@@ -179,12 +179,7 @@ class Reconciler:
         self.positions = PendingPositions(api)
         # Each node's GPU product (settings.gpu_product_label), read once per node; None: none.
         self._gpu_products: dict[str, str | None] = {}
-        self.policy = job_policy.JobPolicy.from_lists(
-            images=settings.allowed_images,
-            secrets=settings.allowed_secrets,
-            claims=settings.allowed_claims,
-            writable_claims=settings.allowed_writable_claims,
-        )
+        self.policy = settings.policy()
         self.prices = usage.Prices(usage.parse_prices(settings.gpu_hour_prices), settings.currency)
         # Finished jobs' speeds (status.estimate), read from their ConfigMap at the first need.
         self.speeds: speeds.SpeedBook | None = None
@@ -678,6 +673,7 @@ class Reconciler:
             trainer_image=settings.trainer_image,
             gpu_resource=settings.gpu_resource,
             default_tolerations=settings.default_tolerations,
+            profile=self.policy.profiles.get(job_model.spec.resources.placement_profile),
             report_base_url=settings.report_url,
             report_audience=settings.report_audience,
             image_pull_policy=settings.image_pull_policy,

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from finetune_api import job_policy
 from finetune_api.contract import REPORT_AUDIENCE
 from finetune_api.rules import QUANTITY_PATTERN
 from finetune_operator import __version__, usage
@@ -68,6 +69,11 @@ class OperatorSettings:
     allowed_secrets: str = ""
     allowed_claims: str = ""
     allowed_writable_claims: str = ""
+    allowed_priority_classes: str = ""
+    # Placement profiles by name, JSON (finetune_api.job_policy.parse_profiles); and whether a job
+    # is held to them (its own node selector, tolerations, affinity, priority class refused).
+    placement_profiles: str = ""
+    placement_profiles_only: bool = False
     # status.usage: the node label naming a node's GPU model, and prices per GPU-hour by its value.
     gpu_product_label: str = "nvidia.com/gpu.product"
     gpu_hour_prices: str = ""
@@ -75,6 +81,18 @@ class OperatorSettings:
     # status.estimate: the ConfigMap (in the operator's namespace) of finished jobs' speeds; "": none kept.
     speeds_configmap: str = "finetune-operator-speeds"
     operator_namespace: str = field(default_factory=lambda: os.environ.get("POD_NAMESPACE") or "default")
+
+    def policy(self) -> job_policy.JobPolicy:
+        """What one job may name here, from the --allowed-* and placement flags."""
+        return job_policy.JobPolicy.from_lists(
+            images=self.allowed_images,
+            secrets=self.allowed_secrets,
+            claims=self.allowed_claims,
+            writable_claims=self.allowed_writable_claims,
+            priority_classes=self.allowed_priority_classes,
+            profiles=job_policy.parse_profiles(self.placement_profiles),
+            free_placement=not self.placement_profiles_only,
+        )
 
     @property
     def cluster_wide(self) -> bool:
@@ -248,6 +266,19 @@ OPTIONS: tuple[Option, ...] = (
         "start with; empty: any",
     ),
     Option(
+        "--allowed-priority-classes",
+        "FINETUNE_ALLOWED_PRIORITY_CLASSES",
+        "",
+        "prefixes, comma-separated, one of which spec.resources.priorityClassName must start with; empty: any",
+    ),
+    Option(
+        "--placement-profiles",
+        "FINETUNE_PLACEMENT_PROFILES",
+        "",
+        'placement profiles a job picks by name (spec.resources.placementProfile), JSON: {"a100": {"nodeSelector": '
+        '{...}, "tolerations": [...], "affinity": {...}, "priorityClassName": "..."}}; empty: none',
+    ),
+    Option(
         "--speeds-configmap",
         "FINETUNE_SPEEDS_CONFIGMAP",
         "finetune-operator-speeds",
@@ -272,6 +303,12 @@ SWITCHES: tuple[tuple[str, str, str], ...] = (
         "FINETUNE_METRICS_PER_JOB",
         "one series per FineTuneJob on /metrics (its namespace, name, phase, step, loss, speed): whoever reaches "
         "the port reads every namespace's jobs; off, only counts by phase, queue and namespace",
+    ),
+    (
+        "--placement-profiles-only",
+        "FINETUNE_PLACEMENT_PROFILES_ONLY",
+        "place trainer pods by their job's placement profile alone: a FineTuneJob that sets its own nodeSelector, "
+        "tolerations, affinity or priorityClassName fails with InvalidSpec",
     ),
 )
 
@@ -332,6 +369,10 @@ def from_arguments(args: argparse.Namespace) -> OperatorSettings:
         usage.parse_prices(args.gpu_hour_prices)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
+    try:
+        job_policy.parse_profiles(args.placement_profiles)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     tolerations = json.loads(args.default_tolerations or "[]")
     if not isinstance(tolerations, list):
         raise SystemExit("--default-tolerations must be a JSON list of tolerations")
@@ -369,6 +410,9 @@ def from_arguments(args: argparse.Namespace) -> OperatorSettings:
         allowed_secrets=args.allowed_secrets,
         allowed_claims=args.allowed_claims,
         allowed_writable_claims=args.allowed_writable_claims,
+        allowed_priority_classes=args.allowed_priority_classes,
+        placement_profiles=args.placement_profiles,
+        placement_profiles_only=args.placement_profiles_only,
         gpu_product_label=args.gpu_product_label,
         gpu_hour_prices=args.gpu_hour_prices,
         currency=args.currency,

@@ -117,6 +117,38 @@ def test_values_table_in_the_chart_readme_is_current() -> None:
     assert result.returncode == 0, result.stderr
 
 
+def test_the_charts_job_policy_gives_admission_and_the_operator_the_same_policy(tmp_path: Path) -> None:
+    """The ConfigMap the admission policy reads and the flags the operator reads, from one set of
+    values (tests/policy_cases.py's), say the same thing."""
+    from finetune_operator.cli import build_parser
+    from finetune_operator.settings import from_arguments
+    from tests.policy_cases import POLICY, PROFILES, PROFILES_ONLY, job_policy
+
+    values = {
+        "jobPolicy": {
+            "images": ["registry.example/finetune/"],
+            **{key: POLICY[key].split(",") for key in ("secrets", "claims", "writableClaims", "priorityClasses")},
+            "placementProfiles": PROFILES,
+            "freePlacement": False,
+        }
+    }
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump(values))
+    docs = template("-f", str(path))
+    data = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-job-policy"))["data"]
+    assert data == {
+        **POLICY,
+        **PROFILES_ONLY,
+        "images": "ghcr.io/finetune-operator/trainer:,ghcr.io/finetune-operator/trainer@,registry.example/finetune/",
+    }
+    args = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    operator = from_arguments(build_parser().parse_args(args)).policy()
+    assert operator == job_policy({**PROFILES_ONLY, "images": data["images"]})
+    # Not set, the chart lets jobs place their pods, at any priority class, and defines no profile.
+    default = next(d for d in template() if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-job-policy"))
+    assert (default["data"]["freePlacement"], default["data"]["placementProfiles"]) == ("true", "")
+
+
 @pytest.mark.parametrize(
     ("values", "complaint"),
     [({"replicaCount": "two"}, "replicaCount"), ({"replicas": 2}, "additional properties 'replicas'")],
@@ -298,7 +330,7 @@ def test_the_charts_job_policy_refuses_what_its_lists_do_not_allow_in_the_operat
     case the operator refuses (tests/unit/test_job_policy.py), in the same words, and admits the
     allowed spec.  (Through the release's binding: on Kubernetes 1.36.3 a binding made after
     another of the policy was deleted found no params for minutes.)"""
-    from tests.policy_cases import POLICY, REFUSED, allowed_manifest
+    from tests.policy_cases import POLICY, PROFILES_ONLY, REFUSED, allowed_manifest, placed_freely
 
     def create(manifest: dict[str, Any]) -> str:
         return kube.kubectl(
@@ -307,13 +339,20 @@ def test_the_charts_job_policy_refuses_what_its_lists_do_not_allow_in_the_operat
 
     configmap = f"{FULLNAME}-job-policy"
     before = kube.core.read_namespaced_config_map(configmap, RELEASE_NAMESPACE).data
-    kube.core.patch_namespaced_config_map(configmap, RELEASE_NAMESPACE, {"data": POLICY})
     try:
-        wait_for(lambda: REFUSED[0].words in create(REFUSED[0].manifest("probe")), what="the new lists")
-        for case in REFUSED:
-            out = create(case.manifest(f"refused-{case.id}"))
-            assert "ValidatingAdmissionPolicy 'job-policy.finetune.dev'" in out and case.words in out, (case.id, out)
-        assert "created (server dry run)" in create(allowed_manifest()), "the allowed spec was refused"
+        for overrides, admitted in (({}, [allowed_manifest(), placed_freely()]), (PROFILES_ONLY, [allowed_manifest()])):
+            kube.core.patch_namespaced_config_map(configmap, RELEASE_NAMESPACE, {"data": {**POLICY, **overrides}})
+            cases = [case for case in REFUSED if case.policy == overrides]
+            wait_for(lambda c=cases[-1]: c.words in create(c.manifest("probe")), what=f"the lists {overrides}")
+            for case in cases:
+                out = create(case.manifest(f"refused-{case.id.lower()}"))
+                assert "ValidatingAdmissionPolicy 'job-policy.finetune.dev'" in out, (case.id, out)
+                assert case.words in out, (case.id, out)
+                # (The claims' sentence names every refused claim at once, each field not.)
+                assert "claim" in case.words or f"{case.field}: " in out, (case.id, out)
+            for manifest in admitted:
+                out = create(manifest)
+                assert "created (server dry run)" in out, (overrides, manifest["metadata"]["name"], out)
     finally:
         kube.core.patch_namespaced_config_map(configmap, RELEASE_NAMESPACE, {"data": before})
 

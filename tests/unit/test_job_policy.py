@@ -11,16 +11,9 @@ import pytest
 from pydantic import BaseModel
 
 from finetune_api import parse_manifest, rules
-from finetune_api.job_policy import JobPolicy, claim_of, claim_uses, problems, split
+from finetune_api.job_policy import JobPolicy, claim_of, claim_uses, parse_profiles, problems, split
 from finetune_api.v1alpha1 import FineTuneJobSpec
-from tests.policy_cases import POLICY, REFUSED, Refused, allowed_manifest
-
-POLICY_OBJECT = JobPolicy.from_lists(
-    images=POLICY["images"],
-    secrets=POLICY["secrets"],
-    claims=POLICY["claims"],
-    writable_claims=POLICY["writableClaims"],
-)
+from tests.policy_cases import PROFILES_ONLY, REFUSED, Refused, allowed_manifest, job_policy, placed_freely
 
 
 def test_the_lists_read_as_the_configmap_and_flags_write_them() -> None:
@@ -29,17 +22,38 @@ def test_the_lists_read_as_the_configmap_and_flags_write_them() -> None:
     assert claim_of("pvc://team-data/nick/") == "team-data" and claim_of("s3://bucket/x") is None
 
 
-def test_the_allowed_spec_passes_and_an_empty_policy_allows_anything() -> None:
-    assert problems(parse_manifest(allowed_manifest()).spec, POLICY_OBJECT) == []
+def test_the_allowed_spec_passes_and_an_empty_policy_allows_anything_but_an_unknown_profile() -> None:
+    assert problems(parse_manifest(allowed_manifest()).spec, job_policy()) == []
+    assert problems(parse_manifest(allowed_manifest()).spec, job_policy(PROFILES_ONLY)) == []
+    assert problems(parse_manifest(placed_freely()).spec, job_policy()) == []
     for case in REFUSED:
-        assert problems(parse_manifest(case.manifest("x")).spec, JobPolicy()) == []
+        spec = parse_manifest(case.manifest("x")).spec
+        spec.resources.placement_profile = ""
+        assert problems(spec, JobPolicy()) == []
+    unknown = parse_manifest(allowed_manifest()).spec
+    assert problems(unknown, JobPolicy()) == [
+        "spec.resources.placementProfile: placement profile a100 is not defined on this cluster: it must be one of "
+        "(none defined) (the chart's jobPolicy.placementProfiles; ask the platform team)"
+    ]
 
 
 @pytest.mark.parametrize("case", REFUSED, ids=lambda c: c.id)
 def test_each_refused_name_is_named_with_its_field_and_list(case: Refused) -> None:
-    found = problems(parse_manifest(case.manifest("x")).spec, POLICY_OBJECT)
+    found = problems(parse_manifest(case.manifest("x")).spec, job_policy(case.policy))
     assert len(found) == 1, found
     assert found[0].startswith(f"{case.field}: ") and case.words in found[0], found
+
+
+def test_a_profile_with_a_typo_or_not_json_is_refused_naming_the_flag_and_profile() -> None:
+    assert parse_profiles("") == {}
+    profile = parse_profiles('{"a100": {"nodeSelector": {"gpu": "a100"}, "priorityClassName": "batch"}}')["a100"]
+    assert profile.node_selector == {"gpu": "a100"} and profile.priority_class_name == "batch"
+    with pytest.raises(ValueError, match=r"--placement-profiles: profile 'a100': nodeSelectors: Extra inputs"):
+        parse_profiles('{"a100": {"nodeSelectors": {"gpu": "a100"}}}')
+    with pytest.raises(ValueError, match="--placement-profiles is not JSON"):
+        parse_profiles("a100=gpu")
+    with pytest.raises(ValueError, match="must be a JSON object of profiles by name"):
+        parse_profiles('[{"nodeSelector": {}}]')
 
 
 def _uri_fields(model: type[BaseModel], prefix: str = "spec") -> set[str]:

@@ -33,6 +33,7 @@ class RecordingAPI:
         self.objects: dict[tuple[str, str], dict[str, Any]] = {}
         self.refused: list[str] = []  # status writes answered 409
         self.configmaps: dict[tuple[str, str], dict[str, Any]] = {}
+        self.created: list[dict[str, Any]] = []  # each Job as the operator rendered it
 
     def _next_version(self) -> str:
         self.version += 1
@@ -44,6 +45,7 @@ class RecordingAPI:
     async def ensure(self, obj: dict[str, Any], *, owner_uid: str) -> Ensured:
         self.writes.append(("create jobs", obj["metadata"]["name"]))
         created = copy.deepcopy(obj)
+        self.created.append(copy.deepcopy(obj))
         created["metadata"].update(uid=f"job-{owner_uid}", resourceVersion=self._next_version())
         self.jobs[(created["metadata"]["namespace"], created["metadata"]["name"])] = [slim_job(created)]
         return Ensured(Outcome.CREATED, created)
@@ -628,31 +630,33 @@ def test_jobs_that_finish_together_all_keep_their_speed_in_the_configmap() -> No
 
 
 def test_a_job_naming_what_the_job_policy_refuses_fails_before_any_job_is_made() -> None:
-    """As for a FineTuneJob admitted before the admission policy, or with it bypassed."""
-    from tests.policy_cases import POLICY, REFUSED, allowed_manifest
-
-    flags = {
-        "allowed_images": POLICY["images"],
-        "allowed_secrets": POLICY["secrets"],
-        "allowed_claims": POLICY["claims"],
-        "allowed_writable_claims": POLICY["writableClaims"],
-    }
+    """As for a FineTuneJob admitted before the admission policy, or with it bypassed; an allowed
+    job's pod is placed by its profile."""
+    from tests.policy_cases import PROFILES_ONLY, REFUSED, allowed_manifest, operator_settings
 
     def placed(manifest: dict[str, Any]) -> dict[str, Any]:
         body = finetunejob(manifest["metadata"]["name"])
         body["spec"] = manifest["spec"]
         return body
 
+    toleration = next(case for case in REFUSED if case.policy == PROFILES_ONLY)
+
     async def main() -> World:
-        world = World(**flags)
+        world = World(**operator_settings(PROFILES_ONLY))
         world.put(placed(REFUSED[0].manifest("foreign")))
         await world.reconciler.reconcile(("team", "foreign"))
+        world.put(placed(toleration.manifest("tolerated")))
+        await world.reconciler.reconcile(("team", "tolerated"))
         world.put(placed(allowed_manifest("allowed")))
         await world.reconciler.reconcile(("team", "allowed"))
         return world
 
     world = run(main())
-    status = world.server("foreign")["status"]
-    assert (status["phase"], status["reason"]) == ("Failed", "InvalidSpec")
-    assert REFUSED[0].words in status["message"]
+    for name, case in (("foreign", REFUSED[0]), ("tolerated", toleration)):
+        status = world.server(name)["status"]
+        assert (status["phase"], status["reason"]) == ("Failed", "InvalidSpec"), name
+        assert case.words in status["message"], status["message"]
     assert [name for what, name in world.api.writes if what == "create jobs"] == ["allowed"]
+    pod = world.api.created[0]["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
+    assert pod["priorityClassName"] == "batch-high"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -233,6 +234,28 @@ def test_placement_settings_reach_the_pod() -> None:
     assert pod["affinity"] == {"nodeAffinity": {}}
     keys = [t["key"] for t in pod["tolerations"]]
     assert keys == ["nvidia.com/gpu", "dedicated"]
+
+
+def test_a_placement_profile_places_the_pod_and_wins_over_the_jobs_own() -> None:
+    from finetune_api.job_policy import parse_profiles
+    from tests.policy_cases import PROFILES
+
+    manifest = good_manifest()
+    manifest["spec"]["resources"] = {
+        "placementProfile": "a100",
+        "nodeSelector": {"nvidia.com/gpu.product": "Tesla-T4", "zone": "b"},
+        "tolerations": [{"key": "spot", "operator": "Exists"}],
+        "priorityClassName": "batch-low",
+    }
+    profile = parse_profiles(json.dumps(PROFILES))["a100"]
+    pod = _render(manifest, default_tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists"}], profile=profile)
+    pod = pod.job["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB", "zone": "b"}
+    assert pod["priorityClassName"] == "batch-high"
+    assert [t["key"] for t in pod["tolerations"]] == ["nvidia.com/gpu", "dedicated", "spot"]
+    assert "affinity" not in pod
+    bare = _render(good_manifest(), profile=parse_profiles(json.dumps(PROFILES))["cpu"]).job["spec"]["template"]
+    assert not {"nodeSelector", "affinity", "priorityClassName"} & set(bare["spec"])
 
 
 @pytest.mark.parametrize("length", [63, 64, 100, 253])

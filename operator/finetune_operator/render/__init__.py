@@ -31,6 +31,7 @@ from finetune_api.contract import (
     REPORT_AUDIENCE,
     trainer_command,
 )
+from finetune_api.job_policy import PlacementProfile
 from finetune_api.v1alpha1 import FineTuneJob
 from finetune_operator.render.failure_policy import add_failure_policy
 from finetune_operator.render.job_file import add_job_file, resolved_manifest
@@ -82,6 +83,7 @@ def render(
     trainer_image: str,
     gpu_resource: str = DEFAULT_GPU_RESOURCE,
     default_tolerations: Sequence[dict[str, Any]] = (),
+    profile: PlacementProfile | None = None,
     report_base_url: str = "",
     report_audience: str = REPORT_AUDIENCE,
     image_pull_policy: str = "IfNotPresent",
@@ -115,7 +117,9 @@ def render(
     )
     mount_credentials(batch_job, spec.base_model.credentials_secret)
     mount_claims(batch_job, mounts)
-    place_pod(batch_job, spec.resources, gpu_resource=gpu_resource, default_tolerations=default_tolerations)
+    place_pod(
+        batch_job, spec.resources, gpu_resource=gpu_resource, default_tolerations=default_tolerations, profile=profile
+    )
     add_failure_policy(batch_job, spec.run_policy)
     restrict_pod(batch_job, trainer_uid=trainer_uid)
     queue_in_kueue(batch_job, spec.run_policy)
