@@ -9,7 +9,7 @@ operator maps mount paths back to the ``pvc://CLAIM/path`` form a person can use
 from __future__ import annotations
 
 from enum import IntEnum
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -25,7 +25,11 @@ from finetune_api.v1alpha1 import (
 )
 
 __all__ = [
+    "MAX_CHECKPOINTS_IN_EVENT",
+    "MAX_FILES_IN_EVENT",
     "MAX_REPORT_BYTES",
+    "MAX_SAMPLES_IN_EVENT",
+    "MAX_SETTINGS_IN_EVENT",
     "SUMMARY_LIMIT_BYTES",
     "ExitCode",
     "FailureReason",
@@ -37,6 +41,13 @@ __all__ = [
 
 SUMMARY_LIMIT_BYTES = 4096
 MAX_REPORT_BYTES = 256 * 1024
+# What one report may list, each far above what a trainer writes (an output folder has a few dozen
+# files): parsed, and copied into a status, a report costs the operator several times its bytes
+# until the next one, so the number of entries is bounded as well as the bytes.
+MAX_FILES_IN_EVENT = 256
+MAX_SAMPLES_IN_EVENT = 256
+MAX_CHECKPOINTS_IN_EVENT = 100
+MAX_SETTINGS_IN_EVENT = 64
 
 
 class ExitCode(IntEnum):
@@ -75,14 +86,16 @@ class ProgressEvent(_Model):
     gpu_utilization: float | None = Field(default=None, ge=0, le=100, description="GPU busy, percent (NVML).")
     gpu_memory_bytes: int | None = Field(default=None, ge=0, description="GPU memory in use (NVML).")
     message: str = Field(default="", max_length=2000)
-    checkpoints: list[CheckpointRef] = Field(default_factory=list, max_length=1000)
-    output_uri: str | None = None
-    files: list[OutputFile] = Field(default_factory=list, max_length=10000)
-    samples: list[str] = Field(default_factory=list, max_length=1000)
+    checkpoints: list[CheckpointRef] = Field(default_factory=list, max_length=MAX_CHECKPOINTS_IN_EVENT)
+    output_uri: str | None = Field(default=None, max_length=2048)
+    files: list[OutputFile] = Field(default_factory=list, max_length=MAX_FILES_IN_EVENT)
+    samples: list[Annotated[str, Field(max_length=1024)]] = Field(default_factory=list, max_length=MAX_SAMPLES_IN_EVENT)
     thumbnails: list[Thumbnail] = Field(default_factory=list, max_length=16)
-    warnings: list[str] = Field(default_factory=list, max_length=50)
-    settings: dict[str, str] = Field(
-        default_factory=dict, description="Choices the trainer made (precision, attention, compile, ...)."
+    warnings: list[Annotated[str, Field(max_length=1000)]] = Field(default_factory=list, max_length=50)
+    settings: dict[Annotated[str, Field(max_length=128)], Annotated[str, Field(max_length=1000)]] = Field(
+        default_factory=dict,
+        max_length=MAX_SETTINGS_IN_EVENT,
+        description="Choices the trainer made (precision, attention, compile, ...).",
     )
     dataset: DatasetStatus | None = None
     evaluation: EvaluationStatus | None = None

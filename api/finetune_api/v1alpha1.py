@@ -1270,7 +1270,7 @@ class Progress(_Model):
 
 class CheckpointRef(_Model):
     step: int = Field(ge=0, description="Step the checkpoint holds.")
-    uri: str = Field(description="Where it is (pvc://claim/path or an object-store URI).")
+    uri: str = Field(max_length=2048, description="Where it is (pvc://claim/path or an object-store URI).")
     size_bytes: int | None = Field(default=None, ge=0, description="Total size.")
     time: str | None = Field(default=None, description="When it was completed.")
     scores: dict[str, float] = Field(
@@ -1326,9 +1326,9 @@ class EvaluationStatus(_Model):
 
 
 class OutputFile(_Model):
-    path: str = Field(description="Path relative to the output URI.")
+    path: str = Field(min_length=1, max_length=1024, description="Path relative to the output URI.")
     size_bytes: int = Field(ge=0, description="Size in bytes.")
-    sha256: str = Field(description="SHA-256 of the content.")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the content (hex).")
 
 
 class OutputStatus(_Model):

@@ -121,6 +121,9 @@ class ProgressStore:
                 return False
             if old.attempt != event.attempt and moment < current.moment:
                 return False
+        if event.settings:
+            # Only the trainer's log and manifest need its settings; the status does not show them.
+            event = event.model_copy(update={"settings": {}})
         self._entries[key] = Entry(event, time.monotonic(), moment)
         if event.loss is not None:
             history = self._history.setdefault(key, [])

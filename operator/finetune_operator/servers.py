@@ -133,8 +133,10 @@ class ProgressHandler:
                 retry_after=max(1, math.ceil(wait)),
             )
 
+        if (request.content_length or 0) > MAX_REPORT_BYTES:
+            return self._reject(413, "TooLarge", f"a report is at most {MAX_REPORT_BYTES} bytes")
         try:
-            raw = await request.content.read(MAX_REPORT_BYTES + 1)
+            raw = await _read_at_most(request.content, MAX_REPORT_BYTES + 1)
         except ValueError:
             return self._reject(413, "TooLarge", f"a report is at most {MAX_REPORT_BYTES} bytes")
         if len(raw) > MAX_REPORT_BYTES:
@@ -223,3 +225,15 @@ def describe(settings: OperatorSettings) -> dict[str, Any]:
         "health": f"{settings.bind_address}:{settings.health_port}",
         "tls": bool(settings.tls_cert_file),
     }
+
+
+async def _read_at_most(stream: aiohttp.StreamReader, limit: int) -> bytes:
+    """The body, up to ``limit`` bytes: one read returns what has arrived so far, which for a
+    large report is a part of it."""
+    raw = bytearray()
+    while len(raw) < limit:
+        chunk = await stream.read(limit - len(raw))
+        if not chunk:
+            break
+        raw += chunk
+    return bytes(raw)

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from finetune_api.report import SUMMARY_LIMIT_BYTES, ProgressEvent, TrainerSummary
-from finetune_api.v1alpha1 import OutputFile, Stage
+from finetune_api.v1alpha1 import CheckpointRef, OutputFile, Stage
 from finetune_trainer import report
 from tests.trainer.operator_stub import Operator
 
@@ -219,25 +219,36 @@ def test_the_summary_keeps_the_newest_samples_longest() -> None:
 
 
 def test_an_event_always_fits_what_the_operator_accepts() -> None:
-    from finetune_api.report import MAX_REPORT_BYTES, Thumbnail
+    """However much a run wrote, its reports stay within the operator's bytes and counts: the
+    newest samples, the files at the top of the output and the newest checkpoints stay."""
+    from finetune_api.report import MAX_CHECKPOINTS_IN_EVENT, MAX_FILES_IN_EVENT, MAX_REPORT_BYTES, Thumbnail
 
-    samples = [
+    reporter = report.ProgressReporter(job="j", attempt="pod-a")
+    reporter.samples = [
         f"s3://a-bucket/with/a/long/prefix/nick/samples/step-{s:06d}-{i}.png" for s in range(62) for i in range(16)
     ]
-    thumbnails = [Thumbnail(name=f"step-000061-{i}.png", step=61, jpeg_base64="A" * 40000) for i in range(16)]
-    files = [
+    reporter.thumbnails = [Thumbnail(name=f"step-000061-{i}.png", step=61, jpeg_base64="A" * 40000) for i in range(16)]
+    reporter.files = [
         OutputFile(path=f"diffusers/unet/shard-{i:04d}.safetensors", size_bytes=i, sha256="a" * 64) for i in range(3000)
     ]
-    files.append(OutputFile(path="nick.safetensors", size_bytes=1, sha256="b" * 64))
-    event = ProgressEvent(
-        seq=1, time=report.now_rfc3339(), stage=Stage.DONE, samples=samples, thumbnails=thumbnails, files=files
-    )
-    fitted = report.fit_event(event)
-    assert len(json.dumps(report.wire(fitted), separators=(",", ":")).encode()) <= MAX_REPORT_BYTES
-    assert fitted.samples[-1] == samples[-1]  # the newest stay
+    reporter.files.append(OutputFile(path="nick.safetensors", size_bytes=1, sha256="b" * 64))
+    reporter.checkpoints = [CheckpointRef(step=s, uri=f"/data/out/checkpoint-{s}") for s in range(1000)]
+    reporter.settings = {f"setting-{i}": "x" * 5000 for i in range(200)}
+    reporter.warnings = ["w" * 5000] * 60
+    fitted = reporter.emit()
+    assert fitted is not None
+    body = json.dumps(report.wire(fitted), separators=(",", ":")).encode()
+    assert len(body) <= MAX_REPORT_BYTES
+    ProgressEvent.model_validate_json(body)  # as the operator reads it
+    assert fitted.samples[-1] == reporter.samples[-1]  # the newest stay
     assert "nick.safetensors" in {f.path for f in fitted.files}
-    small = _event(2)
-    assert report.fit_event(small) is small
+    assert fitted.checkpoints[-1].step == 999
+    small = report.listed_files(reporter.files[:10])
+    assert small == reporter.files[:10] and MAX_FILES_IN_EVENT < 3000 and MAX_CHECKPOINTS_IN_EVENT < 1000
+    listed = report.listed_files(reporter.files)
+    assert len(listed) == MAX_FILES_IN_EVENT and listed[-1].path == "nick.safetensors"  # in written order
+    event = _event(2)
+    assert report.fit_event(event) is event
 
 
 def test_a_silent_reporter_is_due_as_seldom_as_the_main_one() -> None:

@@ -32,7 +32,11 @@ from typing import IO, Any
 from finetune_api import contract
 from finetune_api.redact import redact
 from finetune_api.report import (
+    MAX_CHECKPOINTS_IN_EVENT,
+    MAX_FILES_IN_EVENT,
     MAX_REPORT_BYTES,
+    MAX_SAMPLES_IN_EVENT,
+    MAX_SETTINGS_IN_EVENT,
     SUMMARY_LIMIT_BYTES,
     ProgressEvent,
     ProgressReply,
@@ -48,7 +52,6 @@ DEFAULT_TERMINATION_LOG = contract.TERMINATION_LOG
 DEFAULT_TOKEN_FILE = contract.TOKEN_FILE
 # Smoothing of the reported loss (an exponential moving average); loss.png draws the same.
 SMOOTHING = 0.9
-MAX_SAMPLES_IN_EVENT = 1000
 
 
 def now_rfc3339() -> str:
@@ -430,13 +433,13 @@ class ProgressReporter:
             gpu_utilization=reading[0] if reading else None,
             gpu_memory_bytes=reading[1] if reading else None,
             message=message[:2000],
-            checkpoints=list(self.checkpoints),
+            checkpoints=self.checkpoints[-MAX_CHECKPOINTS_IN_EVENT:],
             output_uri=self.output_uri,
-            files=list(self.files),
+            files=listed_files(self.files),
             samples=self.samples[-MAX_SAMPLES_IN_EVENT:],
             thumbnails=self.thumbnails[:16],
-            warnings=self.warnings[:50],
-            settings=dict(self.settings),
+            warnings=[w[:1000] for w in self.warnings[:50]],
+            settings={k[:128]: v[:1000] for k, v in list(self.settings.items())[:MAX_SETTINGS_IN_EVENT]},
             dataset=self.dataset,
             evaluation=self.evaluation,
             done=dict(self.done),
@@ -476,6 +479,15 @@ class ProgressReporter:
                     "the final progress report did not reach the operator; the termination message carries it",
                     extra={"event": "report-undelivered"},
                 )
+
+
+def listed_files(files: list[OutputFile]) -> list[OutputFile]:
+    """The files a report lists, at most MAX_FILES_IN_EVENT, in written order: where there are
+    more, those at the top of the output (the weights people load) go before those inside folders."""
+    if len(files) <= MAX_FILES_IN_EVENT:
+        return list(files)
+    kept = {id(f) for f in sorted(files, key=lambda f: "/" in f.path)[:MAX_FILES_IN_EVENT]}
+    return [f for f in files if id(f) in kept]
 
 
 def fit_event(event: ProgressEvent, *, limit: int = MAX_REPORT_BYTES) -> ProgressEvent:
