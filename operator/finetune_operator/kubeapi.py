@@ -66,7 +66,13 @@ def _collection(obj: dict[str, Any]) -> str:
     """The collection URL path of a namespaced object."""
     group_version = obj["apiVersion"]
     namespace = obj["metadata"]["namespace"]
-    plural = {"Job": "jobs", "ConfigMap": "configmaps", "Secret": "secrets", "Event": "events"}[obj["kind"]]
+    plural = {
+        "Job": "jobs",
+        "ConfigMap": "configmaps",
+        "Secret": "secrets",
+        "Event": "events",
+        "NetworkPolicy": "networkpolicies",
+    }[obj["kind"]]
     prefix = f"/api/{group_version}" if "/" not in group_version else f"/apis/{group_version}"
     return f"{prefix}/namespaces/{quote(namespace)}/{plural}"
 

@@ -46,6 +46,7 @@ from finetune_operator.kubeapi import ApiError, KubeAPI, Outcome, describe_error
 from finetune_operator.metrics import JobView, Metrics
 from finetune_operator.positions import PendingPositions
 from finetune_operator.render import ClaimMount, claim_mounts, cluster_problems, render
+from finetune_operator.render.egress import egress_policy, parse_denied
 from finetune_operator.reports import ProgressStore
 from finetune_operator.settings import OperatorSettings
 from finetune_operator.status import Observed, compute_status, status_patch, with_phase
@@ -684,7 +685,14 @@ class Reconciler:
             report_ca=self.report_ca,
         )
         job_name = rendered.job["metadata"]["name"]
+        denied = parse_denied(settings.trainer_egress_deny)
         try:
+            if denied:
+                # Before the Job, so that no pod of it runs without the policy.
+                policy = egress_policy(
+                    name=name, job_name=job_name, namespace=namespace, uid=body["metadata"]["uid"], denied=denied
+                )
+                await self.api.ensure(policy, owner_uid=body["metadata"]["uid"])
             ensured = await self.api.ensure(rendered.job, owner_uid=body["metadata"]["uid"])
         except ApiError as exc:
             if exc.status >= 500 or exc.status == 429:

@@ -14,6 +14,7 @@ from finetune_api import job_policy
 from finetune_api.contract import REPORT_AUDIENCE
 from finetune_api.rules import QUANTITY_PATTERN
 from finetune_operator import __version__, usage
+from finetune_operator.render.egress import DEFAULT_DENIED, parse_denied
 
 # A namespace's name (an RFC 1123 label): what --namespace takes.
 NAMESPACE_NAME = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
@@ -74,6 +75,8 @@ class OperatorSettings:
     # is held to them (its own node selector, tolerations, affinity, priority class refused).
     placement_profiles: str = ""
     placement_profiles_only: bool = False
+    # Addresses trainer pods may not connect to (render.egress): comma-separated CIDRs; "": no policy.
+    trainer_egress_deny: str = ",".join(DEFAULT_DENIED)
     # status.usage: the node label naming a node's GPU model, and prices per GPU-hour by its value.
     gpu_product_label: str = "nvidia.com/gpu.product"
     gpu_hour_prices: str = ""
@@ -279,6 +282,13 @@ OPTIONS: tuple[Option, ...] = (
         '{...}, "tolerations": [...], "affinity": {...}, "priorityClassName": "..."}}; empty: none',
     ),
     Option(
+        "--trainer-egress-deny",
+        "FINETUNE_TRAINER_EGRESS_DENY",
+        ",".join(DEFAULT_DENIED),
+        "addresses (CIDRs, comma-separated) trainer pods may not connect to, by a NetworkPolicy beside each Job "
+        "(the clouds' metadata services by default: they hand out the node's credentials); empty: no NetworkPolicy",
+    ),
+    Option(
         "--speeds-configmap",
         "FINETUNE_SPEEDS_CONFIGMAP",
         "finetune-operator-speeds",
@@ -371,6 +381,7 @@ def from_arguments(args: argparse.Namespace) -> OperatorSettings:
         raise SystemExit(str(exc)) from None
     try:
         job_policy.parse_profiles(args.placement_profiles)
+        parse_denied(args.trainer_egress_deny)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
     tolerations = json.loads(args.default_tolerations or "[]")
@@ -413,6 +424,7 @@ def from_arguments(args: argparse.Namespace) -> OperatorSettings:
         allowed_priority_classes=args.allowed_priority_classes,
         placement_profiles=args.placement_profiles,
         placement_profiles_only=args.placement_profiles_only,
+        trainer_egress_deny=args.trainer_egress_deny,
         gpu_product_label=args.gpu_product_label,
         gpu_hour_prices=args.gpu_hour_prices,
         currency=args.currency,

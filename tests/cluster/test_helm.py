@@ -210,6 +210,19 @@ def test_every_optional_feature_renders() -> None:
     assert "--trainer-image-pull-secrets=regcred,mirror" in args
     # Trainer pods' /cache and /tmp are bounded by default.
     assert "--cache-size-limit=200Gi" in args and "--tmp-size-limit=20Gi" in args
+    # Trainer pods may not reach the clouds' metadata services (a NetworkPolicy beside each Job).
+    assert "--trainer-egress-deny=169.254.169.254/32,fd00:ec2::254/128" in args
+    for role in roles:
+        assert {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["get", "create"]} in (
+            role["rules"]
+        )
+    # The progress port takes trainer pods of the watched namespaces only (by the name label the
+    # API server sets), not any pod that carries a trainer's labels.
+    (policy,) = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    progress = next(rule for rule in policy["spec"]["ingress"] if {"port": "progress"} in rule["ports"])
+    assert progress["from"][0]["namespaceSelector"] == {
+        "matchExpressions": [{"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["team-a", "team-b"]}]
+    }
 
 
 @pytest.mark.parametrize("features", [[], ALL_FEATURES], ids=["defaults", "all-features"])

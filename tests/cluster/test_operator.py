@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
+from kubernetes import client
 
 from tests.bad_specs import good_manifest
 from tests.kube import Kube, OperatorProcess, wait_for
@@ -97,16 +98,24 @@ def test_deleting_the_finetunejob_removes_everything_it_owns(
     manifest["spec"]["resources"] = {"gpus": 4}
     kube.create_ftj(namespace, manifest)
     kube.wait_phase(namespace, "doomed", "Queued", timeout=60)
-    assert kube.pods(namespace, "finetune.dev/job-name=doomed")
+    (pod,) = kube.pods(namespace, "finetune.dev/job-name=doomed")
+    # The pods' egress policy (the clouds' metadata services denied) holds the job's pod.
+    networking = client.NetworkingV1Api(kube.api_client)
+    policy = kube.plain(networking.read_namespaced_network_policy("doomed", namespace))
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod.metadata.labels.items()
+    assert "169.254.169.254/32" in json.dumps(policy["spec"]["egress"])
+    assert [ref["kind"] for ref in policy["metadata"]["ownerReferences"]] == ["FineTuneJob"]
     kube.kubectl("-n", namespace, "delete", "ftj", "doomed", "--wait=true", "--timeout=30s")
 
     def gone() -> bool:
         selector = "finetune.dev/job-name=doomed"
         return not (
-            kube.batch.list_namespaced_job(namespace, label_selector=selector).items or kube.pods(namespace, selector)
+            kube.batch.list_namespaced_job(namespace, label_selector=selector).items
+            or kube.pods(namespace, selector)
+            or networking.list_namespaced_network_policy(namespace).items
         )
 
-    wait_for(gone, timeout=60, what="the garbage collector to remove the Job and its pods")
+    wait_for(gone, timeout=60, what="the garbage collector to remove the Job, its pods and its NetworkPolicy")
 
 
 def test_suspend_and_resume_follow_the_spec(kube: Kube, namespace: str, operator: OperatorProcess) -> None:

@@ -34,6 +34,8 @@ class RecordingAPI:
         self.refused: list[str] = []  # status writes answered 409
         self.configmaps: dict[tuple[str, str], dict[str, Any]] = {}
         self.created: list[dict[str, Any]] = []  # each Job as the operator rendered it
+        self.policies: list[dict[str, Any]] = []  # each NetworkPolicy it created
+        self.ensured: list[str] = []  # the kinds of what it created, in order
 
     def _next_version(self) -> str:
         self.version += 1
@@ -43,6 +45,11 @@ class RecordingAPI:
         self.objects[(body["metadata"]["namespace"], body["metadata"]["name"])] = body
 
     async def ensure(self, obj: dict[str, Any], *, owner_uid: str) -> Ensured:
+        self.ensured.append(obj["kind"])
+        if obj["kind"] == "NetworkPolicy":
+            # Kept apart from ``writes``, which the tests of status writes count.
+            self.policies.append(copy.deepcopy(obj))
+            return Ensured(Outcome.CREATED, obj)
         self.writes.append(("create jobs", obj["metadata"]["name"]))
         created = copy.deepcopy(obj)
         self.created.append(copy.deepcopy(obj))
@@ -149,13 +156,16 @@ def pod_of(job: dict[str, Any], *, node: str | None = None, phase: str = "Pendin
     }
 
 
-def test_a_new_job_costs_one_job_create_and_one_status_write_and_no_event_inline() -> None:
+def test_a_new_job_costs_its_network_policy_one_job_create_and_one_status_write_and_no_event_inline() -> None:
     async def main() -> World:
         world = World("nick")
         await world.reconciler.reconcile(("team", "nick"))
         return world
 
     world = run(main())
+    # The pods' egress policy first: no pod of the Job runs without it.
+    assert world.api.ensured == ["NetworkPolicy", "Job"]
+    assert [p["metadata"]["name"] for p in world.api.policies] == ["nick"]
     assert world.api.writes == [("create jobs", "nick"), ("patch finetunejobs/status", "nick")]
     assert world.server("nick")["status"]["jobName"] == "nick"
     assert world.api.events == []
@@ -660,3 +670,12 @@ def test_a_job_naming_what_the_job_policy_refuses_fails_before_any_job_is_made()
     pod = world.api.created[0]["spec"]["template"]["spec"]
     assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
     assert pod["priorityClassName"] == "batch-high"
+
+
+def test_without_denied_addresses_no_network_policy_is_made() -> None:
+    async def main() -> World:
+        world = World("nick", trainer_egress_deny="")
+        await world.reconciler.reconcile(("team", "nick"))
+        return world
+
+    assert run(main()).api.ensured == ["Job"]
