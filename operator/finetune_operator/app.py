@@ -102,7 +102,9 @@ async def run_operator(settings: OperatorSettings, *, stop: asyncio.Event | None
 
         runners.append(
             await serve(
-                web_app(reconciler, store, api, metrics=metrics), host=settings.bind_address, port=settings.web_port
+                web_app(reconciler, store, api, metrics=metrics, audience=settings.web_audience),
+                host=settings.bind_address,
+                port=settings.web_port,
             )
         )
 

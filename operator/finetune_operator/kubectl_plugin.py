@@ -256,7 +256,12 @@ def main(argv: list[str] | None = None) -> int:
     pictures.add_argument("-n", "--namespace", default="")
     pictures.add_argument("-o", "--output", required=True, help="directory to write the pictures to")
     pictures.add_argument("--operator-url", default="", help="the operator's web address (default: port-forward)")
-    pictures.add_argument("--token", default="", help="bearer token for the web API (default: your kubeconfig's)")
+    pictures.add_argument(
+        "--token",
+        default="",
+        help="bearer token for the web API (default: your kubeconfig's; where the page has an audience of its "
+        "own, as the chart's finetune-web, one from kubectl create token ACCOUNT --audience finetune-web)",
+    )
     pictures.add_argument("--operator-namespace", default="finetune-system")
     pictures.add_argument("--operator-service", default="finetune-operator")
     pictures.set_defaults(run=samples)

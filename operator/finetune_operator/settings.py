@@ -57,6 +57,9 @@ class OperatorSettings:
     # port shows counts by phase, queue and namespace only, so no tenant reads another's jobs.
     metrics_per_job: bool = False
     web_port: int = 8083
+    # The audience a web page token must be minted for; "": any token the apiserver takes (the
+    # chart sets finetune-web).
+    web_audience: str = ""
     workers: int = 16
     kubeconfig: str = ""
     trainer_uid: int = 1000
@@ -192,6 +195,14 @@ OPTIONS: tuple[Option, ...] = (
         "CA bundle trainers verify the progress endpoint's certificate against (copied into each job's Secret)",
     ),
     Option("--web-port", "FINETUNE_WEB_PORT", 8083, "port of the web page (with --web)", int),
+    Option(
+        "--web-audience",
+        "FINETUNE_WEB_AUDIENCE",
+        "",
+        "audience a token must be minted for to open the web page (the chart sets finetune-web: kubectl create "
+        "token ACCOUNT --audience finetune-web), so that a token given to the page is no use against the "
+        "apiserver itself; empty: any token the apiserver accepts, a person's kubeconfig token included",
+    ),
     Option(
         "--workers",
         "FINETUNE_WORKERS",
@@ -410,6 +421,7 @@ def from_arguments(args: argparse.Namespace) -> OperatorSettings:
         web=args.web,
         metrics_per_job=args.metrics_per_job,
         web_port=args.web_port,
+        web_audience=args.web_audience,
         workers=args.workers,
         kubeconfig=args.kubeconfig,
         trainer_uid=args.trainer_uid,

@@ -10,13 +10,16 @@ message) is ever parsed as HTML.
 Who sees what is Kubernetes' decision (``WebAccess``): every API request carries a bearer
 token, the apiserver says whose it is (a TokenReview) and whether they may ``list
 finetunejobs`` in the namespace asked (a SubjectAccessReview; with no ``?namespace=``, in all
-namespaces).  The HTML and script carry no data and need no token.
+namespaces).  The HTML and script carry no data and need no token.  With ``--web-audience``
+(the chart's finetune-web) the token must be minted for the page's own audience, so one given
+to the page, or read off its plain-HTTP port, is no use against the apiserver itself.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import json
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -81,9 +84,12 @@ class WebAccess:
         rate: float = 5.0,
         burst: float = 20.0,
         max_remembered: int = 10000,
+        audience: str = "",
     ) -> None:
         self.api = api
         self.metrics = metrics
+        # The audience a token must be for ("": the apiserver's own, a person's kubeconfig token).
+        self.audience = audience
         self.seconds = seconds
         self.max_concurrent = max_concurrent
         self.rate = rate
@@ -125,7 +131,7 @@ class WebAccess:
             return None
         self._in_flight += 1
         try:
-            status = await self.api.review_token(token, audience=None)
+            status = await self.api.review_token(token, audience=self.audience or None)
         finally:
             self._in_flight -= 1
         user = status.get("user") if status.get("authenticated") else None
@@ -171,6 +177,14 @@ class WebPage:
         self.store = store
         self.api = api
         self.access = access
+        audience = access.audience
+        # What a 401 says: how to get a token the page takes.
+        self.sign_in = (
+            f"send Authorization: Bearer <token>, a token for audience {audience} of a ServiceAccount that may "
+            f"list FineTuneJobs: kubectl -n NAMESPACE create token ACCOUNT --audience {audience}"
+            if audience
+            else "send Authorization: Bearer <token>: your kubeconfig's, or one from kubectl create token"
+        )
 
     async def _authorize(self, request: web.Request, namespace: str) -> None:
         """Raise the HTTP error a request without the right to list FineTuneJobs in
@@ -188,8 +202,7 @@ class WebPage:
         where = f"in namespace {namespace}" if namespace else "in all namespaces (add ?namespace=NAME)"
         if access == Access.UNAUTHENTICATED:
             raise web.HTTPUnauthorized(
-                text='{"error": "Unauthenticated", "message": "send Authorization: Bearer <token>: your '
-                "kubeconfig's, or one from kubectl create token\"}",
+                text=json.dumps({"error": "Unauthenticated", "message": self.sign_in}),
                 content_type="application/json",
                 headers={"WWW-Authenticate": "Bearer", **_headers()},
             )
@@ -309,9 +322,9 @@ def _headers() -> dict[str, str]:
 
 
 def web_app(
-    reconciler: Reconciler, store: ProgressStore, api: KubeAPI, *, metrics: Metrics | None = None
+    reconciler: Reconciler, store: ProgressStore, api: KubeAPI, *, metrics: Metrics | None = None, audience: str = ""
 ) -> web.Application:
-    page = WebPage(reconciler, store, api, WebAccess(api, metrics=metrics))
+    page = WebPage(reconciler, store, api, WebAccess(api, metrics=metrics, audience=audience))
     app = web.Application()
     app.router.add_get("/", page.index)
     app.router.add_get("/auth.js", page.script)

@@ -210,6 +210,8 @@ def test_every_optional_feature_renders() -> None:
     assert "--trainer-image-pull-secrets=regcred,mirror" in args
     # Trainer pods' /cache and /tmp are bounded by default.
     assert "--cache-size-limit=200Gi" in args and "--tmp-size-limit=20Gi" in args
+    # The web page takes tokens minted for its own audience only.
+    assert "--web-audience=finetune-web" in args
     # Trainer pods may not reach the clouds' metadata services (a NetworkPolicy beside each Job).
     assert "--trainer-egress-deny=169.254.169.254/32,fd00:ec2::254/128" in args
     for role in roles:

@@ -4,6 +4,7 @@ Kubernetes lets list that namespace's FineTuneJobs: the operator asks the apiser
 from __future__ import annotations
 
 import json
+import ssl
 import urllib.error
 import urllib.request
 from typing import Any
@@ -26,8 +27,9 @@ def get(operator: OperatorProcess, path: str, token: str | None) -> tuple[int, A
         return exc.code, json.loads(exc.read() or b"{}")
 
 
-def viewer_token(kube: Kube, namespace: str) -> str:
-    """A ServiceAccount's token that may list FineTuneJobs in ``namespace`` and nowhere else."""
+def viewer_token(kube: Kube, namespace: str, *, audience: str | None = None) -> str:
+    """A ServiceAccount's token that may list FineTuneJobs in ``namespace`` and nowhere else
+    (minted for ``audience``; None: the apiserver's own)."""
     kube.core.create_namespaced_service_account(namespace, {"metadata": {"name": "viewer"}})
     kube.rbac.create_namespaced_role(
         namespace,
@@ -44,8 +46,59 @@ def viewer_token(kube: Kube, namespace: str) -> str:
             "subjects": [{"kind": "ServiceAccount", "name": "viewer", "namespace": namespace}],
         },
     )
-    request = {"spec": {"expirationSeconds": 3600}}
+    request = {"spec": {"expirationSeconds": 3600, **({"audiences": [audience]} if audience else {})}}
     return str(kube.core.create_namespaced_service_account_token("viewer", namespace, request).status.token)
+
+
+def test_with_an_audience_the_page_takes_only_tokens_minted_for_it(
+    kube: Kube, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As the chart runs it (web.tokenAudience: finetune-web), against the real apiserver: the
+    admin's own token, and the viewer's token for the apiserver, are refused; the viewer's token
+    minted for the page's audience opens its namespace and no other.  A token the page takes is
+    refused by the apiserver itself."""
+    import asyncio
+    import logging
+
+    import kopf
+
+    from finetune_operator.kubeapi import KubeAPI
+    from finetune_operator.web import Access, WebAccess
+
+    monkeypatch.setenv("KUBECONFIG", str(kube.cluster.kubeconfig))
+    for_page = viewer_token(kube, namespace, audience="finetune-web")
+    request = {"spec": {"expirationSeconds": 3600}}
+    for_apiserver = str(kube.core.create_namespaced_service_account_token("viewer", namespace, request).status.token)
+
+    async def verdicts() -> dict[str, Access]:
+        api = KubeAPI()
+        api.configure(kopf.login_with_kubeconfig(settings=kopf.OperatorSettings(), logger=logging.getLogger("test")))
+        access = WebAccess(api, audience="finetune-web")
+        try:
+            return {
+                "admin": await access.check(kube.cluster.admin_token, namespace),
+                "for the apiserver": await access.check(for_apiserver, namespace),
+                "for the page": await access.check(for_page, namespace),
+                "for the page, all namespaces": await access.check(for_page, ""),
+            }
+        finally:
+            await api.close()
+
+    assert asyncio.run(verdicts()) == {
+        "admin": Access.UNAUTHENTICATED,
+        "for the apiserver": Access.UNAUTHENTICATED,
+        "for the page": Access.ALLOWED,
+        "for the page, all namespaces": Access.FORBIDDEN,
+    }
+    # The page's token is no use against the apiserver.
+    listing = urllib.request.Request(
+        f"{kube.cluster.server}/apis/finetune.dev/v1alpha1/namespaces/{namespace}/finetunejobs",
+        headers={"Authorization": f"Bearer {for_page}"},
+    )
+    context = ssl.create_default_context(cafile=str(kube.cluster.ca_file))
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(listing, context=context, timeout=10)
+    assert refused.value.code == 401
 
 
 def test_the_web_api_shows_a_namespace_only_to_those_who_may_list_its_jobs(

@@ -1,5 +1,6 @@
 // The pages' data comes from an API that Kubernetes' own authorization guards: every request
-// carries a bearer token (your kubeconfig's, or one from `kubectl create token`), and the
+// carries a bearer token (one from `kubectl create token ACCOUNT --audience finetune-web` where
+// the page has an audience of its own, as the chart's has; else your kubeconfig's), and the
 // operator asks the apiserver whether its holder may list FineTuneJobs in the namespace shown.
 // The token stays in this tab's session storage; an address ending in #token=... sets it.
 const TOKEN_KEY = "finetune-token";
@@ -24,7 +25,7 @@ async function apiFetch(path) {
   if (response.status === 401 || response.status === 403) {
     let message = "";
     try { message = (await response.json()).message || ""; } catch (e) { /* not JSON */ }
-    showLogin(response.status === 401 ? "Sign in with a bearer token." : message);
+    showLogin(message || "Sign in with a bearer token.");
     throw new Refused(message);
   }
   hideLogin();
