@@ -28,6 +28,7 @@ POLICY = {
     "claims": "team-",
     "writableClaims": "team-out",
     "priorityClasses": "batch-",
+    "gpuResources": "nvidia.com/",
     "placementProfiles": ",".join(sorted(PROFILES)),
     "freePlacement": "true",
 }
@@ -43,6 +44,7 @@ def job_policy(overrides: dict[str, str] | None = None) -> JobPolicy:
         claims=data["claims"],
         writable_claims=data["writableClaims"],
         priority_classes=data["priorityClasses"],
+        gpu_resources=data["gpuResources"],
         profiles=parse_profiles(json.dumps(PROFILES)),
         free_placement=data["freePlacement"] != "false",
     )
@@ -57,6 +59,7 @@ def operator_settings(overrides: dict[str, str] | None = None) -> dict[str, Any]
         "allowed_claims": data["claims"],
         "allowed_writable_claims": data["writableClaims"],
         "allowed_priority_classes": data["priorityClasses"],
+        "allowed_gpu_resources": data["gpuResources"],
         "placement_profiles": json.dumps(PROFILES),
         "placement_profiles_only": data["freePlacement"] == "false",
     }
@@ -79,6 +82,7 @@ def placed_freely(name: str = "free") -> dict[str, Any]:
     manifest = allowed_manifest(name)
     manifest["spec"]["resources"].update(
         priorityClassName="batch-low",
+        gpuResource="nvidia.com/mig-1g.10gb",
         tolerations=[{"key": "spot", "operator": "Exists", "effect": "NoSchedule"}],
         nodeSelector={"topology.kubernetes.io/zone": "eu-west-1a"},
     )
@@ -121,6 +125,9 @@ REFUSED = [
             "spec.resources.priorityClassName",
             "priority class system-cluster-critical is not allowed on this cluster: it must start with one of "
             "batch- (the chart's jobPolicy.priorityClasses"),
+    Refused("gpu-resource", _set("resources.gpuResource", "example.com/fpga"), "spec.resources.gpuResource",
+            "GPU resource example.com/fpga is not allowed on this cluster: it must start with one of nvidia.com/ "
+            "(the chart's jobPolicy.gpuResources"),
     Refused("unknown-profile", _set("resources.placementProfile", "h100"), "spec.resources.placementProfile",
             "placement profile h100 is not defined on this cluster: it must be one of a100,cpu "
             "(the chart's jobPolicy.placementProfiles"),

@@ -4,8 +4,9 @@ and where its pod may run.
 
 Creating a FineTuneJob creates a pod; without a policy its author picks the pod's image, mounts
 any Secret of the namespace, writes to any claim of it and places the pod on any node, at any
-priority.  The platform team sets five lists of prefixes (the chart's ``jobPolicy``); a name must
-start with one of its list's prefixes, and an empty list allows any.  It may also define
+priority, asking for any extended resource.  The platform team sets six lists of prefixes (the
+chart's ``jobPolicy``); a name must start with one of its list's prefixes, and an empty list
+allows any.  It may also define
 placement profiles (node selector, tolerations, affinity, priority class) that a job picks by
 name, and hold jobs to them (no free placement).  The same rules are enforced twice, in the same
 words, from this module:
@@ -31,7 +32,7 @@ import yaml
 from pydantic import Field, ValidationError
 
 from finetune_api.crd import HEADER, LABELS, generate
-from finetune_api.v1alpha1 import GROUP, PLURAL, FineTuneJobSpec, _Model
+from finetune_api.v1alpha1 import GROUP, PLURAL, FineTuneJobSpec, Resources, _Model
 
 NAME = f"job-policy.{GROUP}"
 POLICY_FILE = Path("crds") / f"{NAME}.yaml"
@@ -39,10 +40,12 @@ REASON = "Forbidden"
 
 # The params ConfigMap's keys, the chart's jobPolicy keys, and what each list holds.
 IMAGES, SECRETS, CLAIMS, WRITABLE_CLAIMS = "images", "secrets", "claims", "writableClaims"
-PRIORITY_CLASSES = "priorityClasses"
+PRIORITY_CLASSES, GPU_RESOURCES = "priorityClasses", "gpuResources"
 # The profiles' names, comma-separated; "false" under FREE_PLACEMENT holds jobs to them.
 PROFILES, FREE_PLACEMENT = "placementProfiles", "freePlacement"
-PREFIX_LISTS = (IMAGES, SECRETS, CLAIMS, WRITABLE_CLAIMS, PRIORITY_CLASSES)
+PREFIX_LISTS = (IMAGES, SECRETS, CLAIMS, WRITABLE_CLAIMS, PRIORITY_CLASSES, GPU_RESOURCES)
+# spec.resources.gpuResource unset: the operator's own (--gpu-resource), which no list holds.
+CLUSTER_GPU = Resources.model_fields["gpu_resource"].default
 # What a job places its pod with itself (spec.resources), which free placement allows.
 FREE_FIELDS = (
     ("nodeSelector", "node_selector"),
@@ -91,6 +94,7 @@ class JobPolicy:
     claims: tuple[str, ...] = ()
     writable_claims: tuple[str, ...] = ()
     priority_classes: tuple[str, ...] = ()
+    gpu_resources: tuple[str, ...] = ()
     profiles: Mapping[str, PlacementProfile] = dataclasses.field(default_factory=dict)
     # False: a job's pod is placed by its profile alone (FREE_FIELDS refused).
     free_placement: bool = True
@@ -184,6 +188,9 @@ def problems(spec: FineTuneJobSpec, policy: JobPolicy) -> list[str]:
     if spec.base_model.credentials_secret:
         check("spec.baseModel.credentialsSecret", "Secret", spec.base_model.credentials_secret, policy.secrets, SECRETS)
     resources, names = spec.resources, profile_names(policy.profiles)
+    if resources.gpu_resource != CLUSTER_GPU:
+        check("spec.resources.gpuResource", "GPU resource", resources.gpu_resource, policy.gpu_resources,
+              GPU_RESOURCES)  # fmt: skip
     if resources.priority_class_name:
         check("spec.resources.priorityClassName", "priority class", resources.priority_class_name,
               policy.priority_classes, PRIORITY_CLASSES)  # fmt: skip
@@ -267,6 +274,12 @@ def validations() -> list[dict[str, str]]:
             f"{_optional('resources.priorityClassName')}.all(n, n == '' || "
             f"variables.{PRIORITY_CLASSES}.exists(p, n.startsWith(p)))",
             _refusal("priority class", priority, PRIORITY_CLASSES, "spec.resources.priorityClassName"),
+        ),
+        (
+            GPU_RESOURCES,
+            f"{_optional('resources.gpuResource')}.all(n, n == '{CLUSTER_GPU}' || "
+            f"variables.{GPU_RESOURCES}.exists(p, n.startsWith(p)))",
+            _refusal("GPU resource", "object.spec.resources.gpuResource", GPU_RESOURCES, "spec.resources.gpuResource"),
         ),
     ]
     for key, claims, what in ((CLAIMS, "namedClaims", "claim"), (WRITABLE_CLAIMS, "writtenClaims", "writable claim")):

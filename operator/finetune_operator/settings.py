@@ -74,6 +74,7 @@ class OperatorSettings:
     allowed_claims: str = ""
     allowed_writable_claims: str = ""
     allowed_priority_classes: str = ""
+    allowed_gpu_resources: str = ""
     # Placement profiles by name, JSON (finetune_api.job_policy.parse_profiles); and whether a job
     # is held to them (its own node selector, tolerations, affinity, priority class refused).
     placement_profiles: str = ""
@@ -96,6 +97,7 @@ class OperatorSettings:
             claims=self.allowed_claims,
             writable_claims=self.allowed_writable_claims,
             priority_classes=self.allowed_priority_classes,
+            gpu_resources=self.allowed_gpu_resources,
             profiles=job_policy.parse_profiles(self.placement_profiles),
             free_placement=not self.placement_profiles_only,
         )
@@ -286,6 +288,13 @@ OPTIONS: tuple[Option, ...] = (
         "prefixes, comma-separated, one of which spec.resources.priorityClassName must start with; empty: any",
     ),
     Option(
+        "--allowed-gpu-resources",
+        "FINETUNE_ALLOWED_GPU_RESOURCES",
+        "",
+        "prefixes, comma-separated, one of which a spec.resources.gpuResource a job names itself must start with "
+        "(one it leaves unset is --gpu-resource); empty: any extended resource",
+    ),
+    Option(
         "--placement-profiles",
         "FINETUNE_PLACEMENT_PROFILES",
         "",
@@ -434,6 +443,7 @@ def from_arguments(args: argparse.Namespace) -> OperatorSettings:
         allowed_claims=args.allowed_claims,
         allowed_writable_claims=args.allowed_writable_claims,
         allowed_priority_classes=args.allowed_priority_classes,
+        allowed_gpu_resources=args.allowed_gpu_resources,
         placement_profiles=args.placement_profiles,
         placement_profiles_only=args.placement_profiles_only,
         trainer_egress_deny=args.trainer_egress_deny,

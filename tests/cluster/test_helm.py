@@ -127,7 +127,10 @@ def test_the_charts_job_policy_gives_admission_and_the_operator_the_same_policy(
     values = {
         "jobPolicy": {
             "images": ["registry.example/finetune/"],
-            **{key: POLICY[key].split(",") for key in ("secrets", "claims", "writableClaims", "priorityClasses")},
+            **{
+                key: POLICY[key].split(",")
+                for key in ("secrets", "claims", "writableClaims", "priorityClasses", "gpuResources")
+            },
             "placementProfiles": PROFILES,
             "freePlacement": False,
         }
