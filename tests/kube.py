@@ -14,7 +14,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -359,3 +359,17 @@ class Prometheus:
     def value(self, promql: str) -> float | None:
         result = self.query(promql)
         return float(result[0]["value"][1]) if result else None
+
+
+@contextlib.contextmanager
+def instead_of(shared: OperatorProcess, other: OperatorProcess) -> Iterator[OperatorProcess]:
+    """``other`` runs while the session's operator ``shared`` is stopped (two operators must not
+    act on the same jobs); ``shared`` starts again after."""
+    shared.stop()
+    if other.log.exists():
+        other.log.unlink()
+    try:
+        yield other.start()
+    finally:
+        other.stop()
+        shared.start()

@@ -105,6 +105,7 @@ async def run_operator(settings: OperatorSettings, *, stop: asyncio.Event | None
                 web_app(reconciler, store, api, metrics=metrics, audience=settings.web_audience),
                 host=settings.bind_address,
                 port=settings.web_port,
+                ssl_context=tls_context(settings) if settings.web_tls else None,
             )
         )
 

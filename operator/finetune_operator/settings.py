@@ -57,6 +57,8 @@ class OperatorSettings:
     # port shows counts by phase, queue and namespace only, so no tenant reads another's jobs.
     metrics_per_job: bool = False
     web_port: int = 8083
+    # The web page over TLS, with the progress endpoint's certificate (tls_cert_file, tls_key_file).
+    web_tls: bool = False
     # The audience a web page token must be minted for; "": any token the apiserver takes (the
     # chart sets finetune-web).
     web_audience: str = ""
@@ -335,6 +337,12 @@ SWITCHES: tuple[tuple[str, str, str], ...] = (
         "the port reads every namespace's jobs; off, only counts by phase, queue and namespace",
     ),
     (
+        "--web-tls",
+        "FINETUNE_WEB_TLS",
+        "serve the web page over TLS with --tls-cert-file and --tls-key-file (the progress endpoint's certificate, "
+        "which names the operator's Service): the bearer tokens it takes do not cross the network in the clear",
+    ),
+    (
         "--placement-profiles-only",
         "FINETUNE_PLACEMENT_PROFILES_ONLY",
         "place trainer pods by their job's placement profile alone: a FineTuneJob that sets its own nodeSelector, "
@@ -399,6 +407,9 @@ def from_arguments(args: argparse.Namespace) -> OperatorSettings:
         usage.parse_prices(args.gpu_hour_prices)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
+    if args.web_tls and not (args.tls_cert_file and args.tls_key_file):
+        raise SystemExit("--web-tls serves the page with the progress endpoint's certificate: set --tls-cert-file and "
+                         "--tls-key-file too")  # fmt: skip
     try:
         job_policy.parse_profiles(args.placement_profiles)
         parse_denied(args.trainer_egress_deny)
@@ -431,6 +442,7 @@ def from_arguments(args: argparse.Namespace) -> OperatorSettings:
         metrics_per_job=args.metrics_per_job,
         web_port=args.web_port,
         web_audience=args.web_audience,
+        web_tls=args.web_tls,
         workers=args.workers,
         kubeconfig=args.kubeconfig,
         trainer_uid=args.trainer_uid,

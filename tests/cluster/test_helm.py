@@ -33,6 +33,7 @@ ALL_FEATURES = [
     "--set", "progressTLS.enabled=true",
     "--set", "progressTLS.secretName=progress-tls",
     "--set", "web.enabled=true",
+    "--set", "web.tls=true",
     "--set", "grafanaDashboard.enabled=true",
     "--set", "watchNamespaces={team-a,team-b}",
     "--set", "imagePullSecrets[0].name=regcred",
@@ -152,6 +153,12 @@ def test_the_charts_job_policy_gives_admission_and_the_operator_the_same_policy(
     assert (default["data"]["freePlacement"], default["data"]["placementProfiles"]) == ("true", "")
 
 
+def test_the_web_pages_tls_needs_the_progress_certificate() -> None:
+    args = ("template", RELEASE, str(CHART), "--kube-version", "1.36.3", "--set", "web.enabled=true")
+    result = helm(None, *args, "--set", "web.tls=true", check=False)
+    assert result.returncode != 0 and "set progressTLS.enabled and progressTLS.secretName" in result.stderr
+
+
 @pytest.mark.parametrize(
     ("values", "complaint"),
     [({"replicaCount": "two"}, "replicaCount"), ({"replicas": 2}, "additional properties 'replicas'")],
@@ -213,8 +220,8 @@ def test_every_optional_feature_renders() -> None:
     assert "--trainer-image-pull-secrets=regcred,mirror" in args
     # Trainer pods' /cache and /tmp are bounded by default.
     assert "--cache-size-limit=200Gi" in args and "--tmp-size-limit=20Gi" in args
-    # The web page takes tokens minted for its own audience only.
-    assert "--web-audience=finetune-web" in args
+    # The web page takes tokens minted for its own audience only, over TLS with progressTLS's certificate.
+    assert "--web-audience=finetune-web" in args and "--web-tls" in args
     # Trainer pods may not reach the clouds' metadata services (a NetworkPolicy beside each Job).
     assert "--trainer-egress-deny=169.254.169.254/32,fd00:ec2::254/128" in args
     for role in roles:

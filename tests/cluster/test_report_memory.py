@@ -26,7 +26,7 @@ import yaml
 from finetune_api.report import MAX_REPORT_BYTES, ProgressEvent
 from tests.bad_specs import good_manifest
 from tests.conftest import ARTIFACTS, ROOT
-from tests.kube import Kube, OperatorProcess, wait_for
+from tests.kube import Kube, OperatorProcess, instead_of, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -107,15 +107,9 @@ def peak_rss(pid: int) -> int:
 
 @pytest.fixture
 def fresh_operator(kube: Kube, operator: OperatorProcess) -> Iterator[OperatorProcess]:
-    operator.stop()
     fresh = OperatorProcess(kubeconfig=kube.cluster.kubeconfig, log_dir=ARTIFACTS / "report-memory")
-    if fresh.log.exists():
-        fresh.log.unlink()
-    try:
-        yield fresh.start()
-    finally:
-        fresh.stop()
-        operator.start()
+    with instead_of(operator, fresh):
+        yield fresh
 
 
 def test_fifty_jobs_sending_the_largest_reports_keep_the_operator_under_its_limit(

@@ -7,12 +7,13 @@ import json
 import ssl
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.bad_specs import good_manifest
-from tests.kube import Kube, OperatorProcess, wait_for
+from tests.kube import Kube, OperatorProcess, instead_of, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -142,3 +143,23 @@ def test_the_web_api_shows_a_namespace_only_to_those_who_may_list_its_jobs(
             assert page.status == 200 and b"auth.js" in page.read()
     finally:
         kube.core.delete_namespace(other)
+
+
+def test_with_web_tls_the_page_is_served_over_tls_only(kube: Kube, operator: OperatorProcess, tmp_path: Path) -> None:
+    """--web-tls (the chart's web.tls) serves the page with the progress endpoint's certificate."""
+    from tests.certs import self_signed
+    from tests.conftest import ARTIFACTS
+
+    cert, key = self_signed(tmp_path)
+    tls = OperatorProcess(
+        kubeconfig=kube.cluster.kubeconfig,
+        log_dir=ARTIFACTS / "web-tls",
+        extra_args=[f"--tls-cert-file={cert}", f"--tls-key-file={key}", "--web-tls"],
+    )
+    with instead_of(operator, tls):
+        context = ssl.create_default_context(cafile=cert)
+        with urllib.request.urlopen(f"https://127.0.0.1:{tls.web_port}/", context=context, timeout=10) as page:
+            assert page.status == 200 and b"FineTuneJobs" in page.read()
+        # Plain HTTP gets no page.
+        with pytest.raises((urllib.error.URLError, ConnectionError)):
+            urllib.request.urlopen(f"http://127.0.0.1:{tls.web_port}/", timeout=10).read()

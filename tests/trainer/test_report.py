@@ -13,6 +13,7 @@ import pytest
 from finetune_api.report import SUMMARY_LIMIT_BYTES, ProgressEvent, TrainerSummary
 from finetune_api.v1alpha1 import CheckpointRef, OutputFile, Stage
 from finetune_trainer import report
+from tests.certs import self_signed
 from tests.trainer.operator_stub import Operator
 
 pytestmark = pytest.mark.trainer
@@ -153,41 +154,8 @@ def test_the_token_file_is_read_again_for_each_push(operator: Operator, tmp_path
     assert [auth for _, auth in operator.received] == ["Bearer first", "Bearer rotated"]
 
 
-def _self_signed(tmp_path: Any) -> tuple[str, str]:
-    """A certificate for 127.0.0.1 and its key, as PEM files."""
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "finetune-operator")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = tmp_path / "tls.crt", tmp_path / "tls.key"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return str(cert_file), str(key_file)
-
-
 def test_https_pushes_verify_the_operator_against_the_ca_file(tmp_path: Any, monkeypatch: Any) -> None:
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed(tmp_path)
     server = Operator(tls=(cert, key))
     try:
         monkeypatch.setenv("FINETUNE_REPORT_URL", server.url)

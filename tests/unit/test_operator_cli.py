@@ -82,3 +82,16 @@ def test_job_limits_are_numbers_and_quantities() -> None:
     assert (chosen.max_gpus_per_job, chosen.max_memory_per_job) == (4, "128Gi")
     with pytest.raises(SystemExit, match="--max-memory-per-job must be a quantity such as 64Gi, not 'lots'"):
         settings.from_arguments(_run_parser().parse_args(["--max-memory-per-job", "lots"]))
+
+
+@pytest.mark.parametrize(
+    ("args", "complaint"),
+    [
+        (["--web-tls"], "--web-tls serves the page with the progress endpoint's certificate"),
+        (["--placement-profiles", "a100=gpu"], "--placement-profiles is not JSON"),
+        (["--trainer-egress-deny", "metadata"], "--trainer-egress-deny: 'metadata' is not an address or CIDR"),
+    ],
+)
+def test_a_setting_that_cannot_work_stops_the_operator_naming_the_flag(args: list[str], complaint: str) -> None:
+    with pytest.raises(SystemExit, match=re.escape(complaint)):
+        settings.from_arguments(_run_parser().parse_args(args))
