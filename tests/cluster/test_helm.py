@@ -153,6 +153,17 @@ def test_the_charts_job_policy_gives_admission_and_the_operator_the_same_policy(
     assert (default["data"]["freePlacement"], default["data"]["placementProfiles"]) == ("true", "")
 
 
+def test_digests_pin_the_operator_and_trainer_images() -> None:
+    digest = "sha256:" + "0123456789abcdef" * 4
+    docs = template("--set", f"image.digest={digest}", "--set", f"trainer.image.digest={digest}")
+    container = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == f"ghcr.io/finetune-operator/operator@{digest}"
+    assert f"--trainer-image=ghcr.io/finetune-operator/trainer@{digest}" in container["args"]
+    # The job policy admits the pinned trainer image (its repository, by tag or digest).
+    assert any(a == "--allowed-images=ghcr.io/finetune-operator/trainer:,ghcr.io/finetune-operator/trainer@"
+               for a in container["args"])  # fmt: skip
+
+
 def test_the_web_pages_tls_needs_the_progress_certificate() -> None:
     args = ("template", RELEASE, str(CHART), "--kube-version", "1.36.3", "--set", "web.enabled=true")
     result = helm(None, *args, "--set", "web.tls=true", check=False)
@@ -161,7 +172,11 @@ def test_the_web_pages_tls_needs_the_progress_certificate() -> None:
 
 @pytest.mark.parametrize(
     ("values", "complaint"),
-    [({"replicaCount": "two"}, "replicaCount"), ({"replicas": 2}, "additional properties 'replicas'")],
+    [
+        ({"replicaCount": "two"}, "replicaCount"),
+        ({"replicas": 2}, "additional properties 'replicas'"),
+        ({"image": {"digest": "latest"}}, "/image/digest"),
+    ],
 )
 def test_schema_rejects_wrong_types_and_unknown_keys(tmp_path: Path, values: dict[str, Any], complaint: str) -> None:
     path = tmp_path / "values.yaml"

@@ -34,11 +34,19 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end -}}
 
 {{- define "finetune-operator.image" -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
 {{- end -}}
 
 {{- define "finetune-operator.trainerImage" -}}
+{{- if .Values.trainer.image.digest -}}
+{{- printf "%s@%s" .Values.trainer.image.repository .Values.trainer.image.digest -}}
+{{- else -}}
 {{- printf "%s:%s" .Values.trainer.image.repository (default .Chart.AppVersion .Values.trainer.image.tag) -}}
+{{- end -}}
 {{- end -}}
 
 {{- define "finetune-operator.reportURL" -}}
