@@ -29,6 +29,8 @@ POLICY = {
     "writableClaims": "team-out",
     "priorityClasses": "batch-",
     "gpuResources": "nvidia.com/",
+    "maxGPUs": "4",
+    "maxMemory": "64Gi",
     "placementProfiles": ",".join(sorted(PROFILES)),
     "freePlacement": "true",
 }
@@ -45,6 +47,8 @@ def job_policy(overrides: dict[str, str] | None = None) -> JobPolicy:
         writable_claims=data["writableClaims"],
         priority_classes=data["priorityClasses"],
         gpu_resources=data["gpuResources"],
+        max_gpus=int(data["maxGPUs"]),
+        max_memory=data["maxMemory"],
         profiles=parse_profiles(json.dumps(PROFILES)),
         free_placement=data["freePlacement"] != "false",
     )
@@ -60,6 +64,8 @@ def operator_settings(overrides: dict[str, str] | None = None) -> dict[str, Any]
         "allowed_writable_claims": data["writableClaims"],
         "allowed_priority_classes": data["priorityClasses"],
         "allowed_gpu_resources": data["gpuResources"],
+        "max_gpus_per_job": int(data["maxGPUs"]),
+        "max_memory_per_job": data["maxMemory"],
         "placement_profiles": json.dumps(PROFILES),
         "placement_profiles_only": data["freePlacement"] == "false",
     }
@@ -128,6 +134,12 @@ REFUSED = [
     Refused("gpu-resource", _set("resources.gpuResource", "example.com/fpga"), "spec.resources.gpuResource",
             "GPU resource example.com/fpga is not allowed on this cluster: it must start with one of nvidia.com/ "
             "(the chart's jobPolicy.gpuResources"),
+    Refused("gpus", _set("resources.gpus", 8), "spec.resources.gpus",
+            "spec.resources.gpus: 8 is more than a job may ask for on this cluster (at most 4: the operator's "
+            "--max-gpus-per-job, the chart's jobLimits.maxGPUs); ask for fewer"),
+    Refused("memory", _set("resources.memory", "0.125Ti"), "spec.resources.memory",
+            "spec.resources.memory: 0.125Ti is more than a job may ask for on this cluster (at most 64Gi: the "
+            "operator's --max-memory-per-job, the chart's jobLimits.maxMemory); ask for less"),
     Refused("unknown-profile", _set("resources.placementProfile", "h100"), "spec.resources.placementProfile",
             "placement profile h100 is not defined on this cluster: it must be one of a100,cpu "
             "(the chart's jobPolicy.placementProfiles"),

@@ -32,6 +32,7 @@ import yaml
 from pydantic import Field, ValidationError
 
 from finetune_api.crd import HEADER, LABELS, generate
+from finetune_api.rules import quantity_value
 from finetune_api.v1alpha1 import GROUP, PLURAL, FineTuneJobSpec, Resources, _Model
 
 NAME = f"job-policy.{GROUP}"
@@ -41,6 +42,8 @@ REASON = "Forbidden"
 # The params ConfigMap's keys, the chart's jobPolicy keys, and what each list holds.
 IMAGES, SECRETS, CLAIMS, WRITABLE_CLAIMS = "images", "secrets", "claims", "writableClaims"
 PRIORITY_CLASSES, GPU_RESOURCES = "priorityClasses", "gpuResources"
+# The most one job may ask for (the chart's jobLimits): a number of GPUs and a quantity; "0", "": none.
+MAX_GPUS, MAX_MEMORY = "maxGPUs", "maxMemory"
 # The profiles' names, comma-separated; "false" under FREE_PLACEMENT holds jobs to them.
 PROFILES, FREE_PLACEMENT = "placementProfiles", "freePlacement"
 PREFIX_LISTS = (IMAGES, SECRETS, CLAIMS, WRITABLE_CLAIMS, PRIORITY_CLASSES, GPU_RESOURCES)
@@ -98,15 +101,26 @@ class JobPolicy:
     profiles: Mapping[str, PlacementProfile] = dataclasses.field(default_factory=dict)
     # False: a job's pod is placed by its profile alone (FREE_FIELDS refused).
     free_placement: bool = True
+    # The most one job may ask for; 0 and "": no limit.
+    max_gpus: int = 0
+    max_memory: str = ""
 
     @classmethod
     def from_lists(
-        cls, *, profiles: Mapping[str, PlacementProfile] | None = None, free_placement: bool = True, **lists: str
+        cls,
+        *,
+        profiles: Mapping[str, PlacementProfile] | None = None,
+        free_placement: bool = True,
+        max_gpus: int = 0,
+        max_memory: str = "",
+        **lists: str,
     ) -> JobPolicy:
         """From comma-separated lists (the ConfigMap's values, the operator's flags)."""
         return cls(
             profiles=dict(profiles or {}),
             free_placement=free_placement,
+            max_gpus=max_gpus,
+            max_memory=max_memory,
             **{key: split(value) for key, value in lists.items()},
         )  # fmt: skip
 
@@ -131,6 +145,14 @@ def unknown_profile(name: str, names: str) -> str:
     return (
         f"placement profile {name} is not defined on this cluster: it must be one of {names} "
         f"(the chart's jobPolicy.{PROFILES}; ask the platform team)"
+    )
+
+
+def too_much(asked: str, most: str, flag: str, key: str, less: str) -> str:
+    """A job asking for more than the cluster lets one job have."""
+    return (
+        f"{asked} is more than a job may ask for on this cluster (at most {most}: the operator's {flag}, "
+        f"the chart's jobLimits.{key}); ask for {less}"
     )
 
 
@@ -188,6 +210,12 @@ def problems(spec: FineTuneJobSpec, policy: JobPolicy) -> list[str]:
     if spec.base_model.credentials_secret:
         check("spec.baseModel.credentialsSecret", "Secret", spec.base_model.credentials_secret, policy.secrets, SECRETS)
     resources, names = spec.resources, profile_names(policy.profiles)
+    if policy.max_gpus and resources.gpus > policy.max_gpus:
+        found.append("spec.resources.gpus: " + too_much(str(resources.gpus), str(policy.max_gpus),
+                                                         "--max-gpus-per-job", MAX_GPUS, "fewer"))  # fmt: skip
+    if policy.max_memory and quantity_value(resources.memory) > quantity_value(policy.max_memory):
+        found.append("spec.resources.memory: " + too_much(resources.memory, policy.max_memory,
+                                                           "--max-memory-per-job", MAX_MEMORY, "less"))  # fmt: skip
     if resources.gpu_resource != CLUSTER_GPU:
         check("spec.resources.gpuResource", "GPU resource", resources.gpu_resource, policy.gpu_resources,
               GPU_RESOURCES)  # fmt: skip
@@ -286,6 +314,23 @@ def validations() -> list[dict[str, str]]:
         bad = f"variables.{claims}.filter(c, !variables.{key}.exists(p, c.startsWith(p)))"
         prefixed.append((key, f"size({bad}) == 0", _refusal(what, f"{bad}.join(', ')", key)))
     rules = [(f"size(variables.{key}) == 0 || ({ok})", message) for key, ok, message in prefixed]
+    # The sentences of too_much.
+    gpus, memory = "object.spec.resources.gpus", "object.spec.resources.memory"
+    rules += [
+        (
+            f"variables.{MAX_GPUS} == 0 || {_optional('resources.gpus')}.all(n, n <= variables.{MAX_GPUS})",
+            f"'spec.resources.gpus: ' + string({gpus}) + ' is more than a job may ask for on this cluster (at most ' "
+            f"+ string(variables.{MAX_GPUS}) + ': the operator\\'s --max-gpus-per-job, the chart\\'s "
+            f"jobLimits.{MAX_GPUS}); ask for fewer'",
+        ),
+        (
+            f"variables.{MAX_MEMORY} == '' || {_optional('resources.memory')}.all(m, !isQuantity(m) || "
+            f"quantity(m).compareTo(quantity(variables.{MAX_MEMORY})) <= 0)",
+            f"'spec.resources.memory: ' + {memory} + ' is more than a job may ask for on this cluster (at most ' "
+            f"+ variables.{MAX_MEMORY} + ': the operator\\'s --max-memory-per-job, the chart\\'s "
+            f"jobLimits.{MAX_MEMORY}); ask for less'",
+        ),
+    ]
     # The sentences of unknown_profile and not_free.
     rules.append(
         (
@@ -313,7 +358,18 @@ def _claims(uris: str) -> str:
 
 def build_policy() -> dict[str, Any]:
     variables = [{"name": key, "expression": _allowed(key)} for key in (*PREFIX_LISTS, PROFILES)]
+    param = "params.data['{}'].trim()"
     variables += [
+        {
+            "name": MAX_GPUS,
+            "expression": f"has(params.data) && '{MAX_GPUS}' in params.data && {param.format(MAX_GPUS)}"
+            f".matches('^[0-9]+$') ? int({param.format(MAX_GPUS)}) : 0",
+        },
+        {
+            "name": MAX_MEMORY,
+            "expression": f"has(params.data) && '{MAX_MEMORY}' in params.data && isQuantity({param.format(MAX_MEMORY)})"
+            f" ? {param.format(MAX_MEMORY)} : ''",
+        },
         {
             "name": "profileNames",
             "expression": f"size(variables.{PROFILES}) == 0 ? '(none defined)' : variables.{PROFILES}.join(',')",

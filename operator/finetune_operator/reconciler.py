@@ -38,7 +38,7 @@ from finetune_api.v1alpha1 import (
     Reason,
     parse_manifest,
 )
-from finetune_operator import job_limits, names, queueing, requests, speeds, usage
+from finetune_operator import names, queueing, requests, speeds, usage
 from finetune_operator.cache import Cache, Key, controller_uid, resource_version
 from finetune_operator.events import EventEmitter
 from finetune_operator.failures import explain_rejection
@@ -380,15 +380,7 @@ class Reconciler:
             return
         try:
             job_model = self._parse(key, body, memory)
-            problems = (
-                cluster_problems(job_model)
-                + job_limits.problems(
-                    job_model.spec,
-                    max_gpus=self.settings.max_gpus_per_job,
-                    max_memory=self.settings.max_memory_per_job,
-                )
-                + job_policy.problems(job_model.spec, self.policy)
-            )
+            problems = cluster_problems(job_model) + job_policy.problems(job_model.spec, self.policy)
             if problems:
                 raise ManifestError(problems, source=f"{namespace}/{name}")
         except ManifestError as exc:

@@ -67,7 +67,7 @@ class OperatorSettings:
     trainer_uid: int = 1000
     cache_size_limit: str = DEFAULT_CACHE_SIZE_LIMIT
     tmp_size_limit: str = DEFAULT_TMP_SIZE_LIMIT
-    # What one job may ask for here (``job_limits``); 0 and "": no limit.
+    # What one job may ask for here (finetune_api.job_policy, with the lists below); 0 and "": no limit.
     max_gpus_per_job: int = 0
     max_memory_per_job: str = ""
     # What one job may name here (finetune_api.job_policy): comma-separated prefixes; "": any.
@@ -92,7 +92,7 @@ class OperatorSettings:
     operator_namespace: str = field(default_factory=lambda: os.environ.get("POD_NAMESPACE") or "default")
 
     def policy(self) -> job_policy.JobPolicy:
-        """What one job may name here, from the --allowed-* and placement flags."""
+        """What one job may name and ask for here, from the --allowed-*, placement and --max-* flags."""
         return job_policy.JobPolicy.from_lists(
             images=self.allowed_images,
             secrets=self.allowed_secrets,
@@ -102,6 +102,8 @@ class OperatorSettings:
             gpu_resources=self.allowed_gpu_resources,
             profiles=job_policy.parse_profiles(self.placement_profiles),
             free_placement=not self.placement_profiles_only,
+            max_gpus=self.max_gpus_per_job,
+            max_memory=self.max_memory_per_job,
         )
 
     @property

@@ -134,7 +134,8 @@ def test_the_charts_job_policy_gives_admission_and_the_operator_the_same_policy(
             },
             "placementProfiles": PROFILES,
             "freePlacement": False,
-        }
+        },
+        "jobLimits": {"maxGPUs": int(POLICY["maxGPUs"]), "maxMemory": POLICY["maxMemory"]},
     }
     path = tmp_path / "values.yaml"
     path.write_text(yaml.safe_dump(values))
