@@ -9,7 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from finetune_api.job_policy import JobPolicy, parse_profiles
+from finetune_api.job_policy import JobPolicy
+from finetune_operator.settings import OperatorSettings
 from tests.bad_specs import _set, good_manifest
 
 # The placement profiles, as the chart's values define them (the operator gets them whole).
@@ -37,23 +38,6 @@ POLICY = {
 PROFILES_ONLY = {"freePlacement": "false"}
 
 
-def job_policy(overrides: dict[str, str] | None = None) -> JobPolicy:
-    """The operator's JobPolicy for POLICY with ``overrides``, as its flags give it."""
-    data = {**POLICY, **(overrides or {})}
-    return JobPolicy.from_lists(
-        images=data["images"],
-        secrets=data["secrets"],
-        claims=data["claims"],
-        writable_claims=data["writableClaims"],
-        priority_classes=data["priorityClasses"],
-        gpu_resources=data["gpuResources"],
-        max_gpus=int(data["maxGPUs"]),
-        max_memory=data["maxMemory"],
-        profiles=parse_profiles(json.dumps(PROFILES)),
-        free_placement=data["freePlacement"] != "false",
-    )
-
-
 def operator_settings(overrides: dict[str, str] | None = None) -> dict[str, Any]:
     """The operator's settings for POLICY with ``overrides`` (what the chart's flags set)."""
     data = {**POLICY, **(overrides or {})}
@@ -69,6 +53,11 @@ def operator_settings(overrides: dict[str, str] | None = None) -> dict[str, Any]
         "placement_profiles": json.dumps(PROFILES),
         "placement_profiles_only": data["freePlacement"] == "false",
     }
+
+
+def job_policy(overrides: dict[str, str] | None = None) -> JobPolicy:
+    """The operator's JobPolicy for POLICY with ``overrides``, as its flags give it."""
+    return OperatorSettings(**operator_settings(overrides)).policy()
 
 
 def allowed_manifest(name: str = "allowed") -> dict[str, Any]:

@@ -181,6 +181,8 @@ class Reconciler:
         # Each node's GPU product (settings.gpu_product_label), read once per node; None: none.
         self._gpu_products: dict[str, str | None] = {}
         self.policy = settings.policy()
+        # What trainer pods may not reach (a NetworkPolicy beside each Job); (): none made.
+        self.egress_denied = parse_denied(settings.trainer_egress_deny)
         self.prices = usage.Prices(usage.parse_prices(settings.gpu_hour_prices), settings.currency)
         # Finished jobs' speeds (status.estimate), read from their ConfigMap at the first need.
         self.speeds: speeds.SpeedBook | None = None
@@ -677,12 +679,15 @@ class Reconciler:
             report_ca=self.report_ca,
         )
         job_name = rendered.job["metadata"]["name"]
-        denied = parse_denied(settings.trainer_egress_deny)
         try:
-            if denied:
+            if self.egress_denied:
                 # Before the Job, so that no pod of it runs without the policy.
                 policy = egress_policy(
-                    name=name, job_name=job_name, namespace=namespace, uid=body["metadata"]["uid"], denied=denied
+                    name=name,
+                    job_name=job_name,
+                    namespace=namespace,
+                    uid=body["metadata"]["uid"],
+                    denied=self.egress_denied,
                 )
                 await self.api.ensure(policy, owner_uid=body["metadata"]["uid"])
             ensured = await self.api.ensure(rendered.job, owner_uid=body["metadata"]["uid"])
